@@ -1,0 +1,494 @@
+//! The HTTP API: synchronous reads from the projection, asynchronous commands.
+//!
+//! A command handler validates what it can without state (shapes, lengths, ranges),
+//! fingerprints the request, stores the command under its idempotency key, waits for
+//! the shared fsync and only then answers 202: the 202 is a durable promise. What
+//! depends on state (does the task exist, is `base_version` current) is the consumer's
+//! job at apply time, reported as `command:failed`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use dashmap::DashMap;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::faults::{FaultSettings, FaultUpdate};
+use crate::model::{
+    unix_ms, CommandBody, CommandRecord, CommandStatus, CommandView, Task, NOTES_MAX_CHARS, TITLE_MAX_CHARS,
+};
+use crate::store::Accepted;
+use crate::AppState;
+
+/// Largest accepted request body.
+pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
+/// Longest idempotency key, in characters (all visible ASCII).
+pub const IDEMPOTENCY_KEY_MAX: usize = 255;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/health", get(health))
+        .route("/api/tasks", get(tasks_list).post(tasks_create))
+        .route(
+            "/api/tasks/{id}",
+            get(tasks_get).patch(tasks_update).delete(tasks_delete),
+        )
+        .route("/api/tasks/{id}/counts", get(tasks_counts))
+        .route("/api/tasks/{id}/likes", post(tasks_like))
+        .route("/api/commands/{command_id}", get(commands_get))
+        .route("/api/dead-letters", get(dead_letters_list))
+        .route("/api/faults", get(faults_get).put(faults_update))
+        .route("/api/metrics", get(metrics_json))
+        .route("/metrics", get(metrics_openmetrics))
+}
+
+// ----- extractors -------------------------------------------------------------------
+
+/// A JSON body whose rejections are problem+json (400 syntax, 415 media type,
+/// 413 size, 422 shape).
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct AppJson<T>(pub T);
+
+/// A path parameter whose rejection is a 400 problem.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct AppPath<T>(pub T);
+
+/// The `Idempotency-Key` header (draft-ietf-httpapi-idempotency-key-header): 1 to 255
+/// visible ASCII characters, bare or as an RFC 8941 string (`"abc"` is the key `abc`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdempotencyKey(pub String);
+
+impl IdempotencyKey {
+    /// # Errors
+    /// A message saying what is wrong with the value.
+    pub fn parse(raw: &[u8]) -> Result<Self, String> {
+        let key = if raw.first() == Some(&b'"') {
+            match sfv::Parser::parse_item(raw) {
+                Ok(item) => match item.bare_item {
+                    sfv::BareItem::String(text) if item.params.is_empty() => text,
+                    _ => return Err("a quoted key must be a plain RFC 8941 string".to_owned()),
+                },
+                Err(err) => return Err(format!("not a valid RFC 8941 string: {err}")),
+            }
+        } else {
+            String::from_utf8(raw.to_vec()).map_err(|_| "the key must be visible ASCII".to_owned())?
+        };
+        if key.is_empty() || key.len() > IDEMPOTENCY_KEY_MAX {
+            return Err(format!(
+                "the key must be 1 to {IDEMPOTENCY_KEY_MAX} characters, got {}",
+                key.len()
+            ));
+        }
+        if !key.bytes().all(|byte| byte.is_ascii_graphic()) {
+            return Err("the key must be visible ASCII (no spaces or control characters)".to_owned());
+        }
+        Ok(Self(key))
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let mut values = parts.headers.get_all("idempotency-key").iter();
+        let value = values.next().ok_or_else(|| {
+            ApiError::BadIdempotencyKey("every command needs an Idempotency-Key header".to_owned())
+        })?;
+        if values.next().is_some() {
+            return Err(ApiError::BadIdempotencyKey(
+                "send exactly one Idempotency-Key header".to_owned(),
+            ));
+        }
+        Self::parse(value.as_bytes())
+            .map_err(|why| ApiError::BadIdempotencyKey(format!("malformed Idempotency-Key: {why}")))
+    }
+}
+
+// ----- inputs -----------------------------------------------------------------------
+
+/// `POST /api/tasks`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTask {
+    /// Chosen by the client so an optimistic UI has a stable id; generated if absent.
+    #[serde(default)]
+    pub id: Option<Uuid>,
+    pub title: String,
+    #[serde(default)]
+    pub notes: Option<String>,
+}
+
+/// `PATCH /api/tasks/{id}`: at least one of title, notes, done.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTask {
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub notes: Option<String>,
+    #[serde(default)]
+    pub done: Option<bool>,
+    #[serde(default)]
+    pub base_version: Option<u64>,
+}
+
+/// `DELETE /api/tasks/{id}`'s optional body.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteTask {
+    #[serde(default)]
+    pub base_version: Option<u64>,
+}
+
+/// `POST /api/tasks/{id}/likes`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LikeTask {
+    pub delta: i64,
+}
+
+fn valid_title(title: &str) -> Result<String, ApiError> {
+    let trimmed = title.trim();
+    let chars = trimmed.chars().count();
+    if chars == 0 || chars > TITLE_MAX_CHARS {
+        return Err(ApiError::Invalid(format!(
+            "title must be 1 to {TITLE_MAX_CHARS} characters after trimming, got {chars}"
+        )));
+    }
+    Ok(trimmed.to_owned())
+}
+
+fn valid_notes(notes: &str) -> Result<String, ApiError> {
+    let chars = notes.chars().count();
+    if chars > NOTES_MAX_CHARS {
+        return Err(ApiError::Invalid(format!(
+            "notes must be at most {NOTES_MAX_CHARS} characters, got {chars}"
+        )));
+    }
+    Ok(notes.to_owned())
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(Ok(value)) = headers.get(header::CONTENT_TYPE).map(|v| v.to_str()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// A body that may be empty; when present it must be JSON.
+fn optional_json<T: DeserializeOwned + Default>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(rejection.body_text())
+        } else {
+            ApiError::BadRequest(rejection.body_text())
+        }
+    })?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    if !is_json(headers) {
+        return Err(ApiError::UnsupportedMediaType(
+            "Expected request with `Content-Type: application/json`".to_owned(),
+        ));
+    }
+    let Json(value) = Json::<T>::from_bytes(&body)?;
+    Ok(value)
+}
+
+// ----- reads ------------------------------------------------------------------------
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+}
+
+async fn health() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+#[derive(Serialize)]
+struct TaskList {
+    tasks: Vec<Task>,
+    /// The id of the last event whose effect the list includes: open the stream here.
+    watermark: u64,
+}
+
+async fn tasks_list(State(state): State<AppState>) -> Json<TaskList> {
+    let (tasks, watermark) = state.store.snapshot();
+    Json(TaskList { tasks, watermark })
+}
+
+fn task_not_found(id: Uuid) -> ApiError {
+    ApiError::NotFound(format!("task {id} does not exist"))
+}
+
+async fn tasks_get(State(state): State<AppState>, AppPath(id): AppPath<Uuid>) -> Result<Json<Task>, ApiError> {
+    state.store.task(id).map(Json).ok_or_else(|| task_not_found(id))
+}
+
+#[derive(Serialize)]
+struct TaskCounts {
+    id: Uuid,
+    likes: i64,
+    version: u64,
+}
+
+async fn tasks_counts(
+    State(state): State<AppState>,
+    AppPath(id): AppPath<Uuid>,
+) -> Result<Json<TaskCounts>, ApiError> {
+    let task = state.store.task(id).ok_or_else(|| task_not_found(id))?;
+    Ok(Json(TaskCounts {
+        id: task.id,
+        likes: task.likes,
+        version: task.version,
+    }))
+}
+
+async fn commands_get(
+    State(state): State<AppState>,
+    AppPath(command_id): AppPath<Uuid>,
+) -> Result<Json<CommandView>, ApiError> {
+    state
+        .store
+        .command_by_id(command_id)?
+        .map(|record| Json(record.view()))
+        .ok_or_else(|| ApiError::NotFound(format!("command {command_id} is unknown (or past its retention)")))
+}
+
+#[derive(Serialize)]
+struct DeadLetters {
+    dead_letters: Vec<CommandView>,
+}
+
+async fn dead_letters_list(State(state): State<AppState>) -> Result<Json<DeadLetters>, ApiError> {
+    let dead_letters = state.store.dead_letters()?.iter().map(CommandRecord::view).collect();
+    Ok(Json(DeadLetters { dead_letters }))
+}
+
+async fn faults_get(State(state): State<AppState>) -> Json<FaultSettings> {
+    Json(state.faults.settings())
+}
+
+async fn faults_update(
+    State(state): State<AppState>,
+    AppJson(update): AppJson<FaultUpdate>,
+) -> Result<Json<FaultSettings>, ApiError> {
+    update.validate().map_err(ApiError::Invalid)?;
+    let settings = state.faults.update(update);
+    tracing::info!(?settings, "fault settings changed");
+    Ok(Json(settings))
+}
+
+async fn metrics_json(State(state): State<AppState>) -> Json<crate::metrics::MetricsReport> {
+    Json(state.metrics.report())
+}
+
+async fn metrics_openmetrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.openmetrics(),
+    )
+        .into_response()
+}
+
+// ----- commands ---------------------------------------------------------------------
+
+async fn tasks_create(
+    State(state): State<AppState>,
+    key: IdempotencyKey,
+    AppJson(input): AppJson<CreateTask>,
+) -> Result<Response, ApiError> {
+    let title = valid_title(&input.title)?;
+    let notes = valid_notes(input.notes.as_deref().unwrap_or(""))?;
+    let fingerprint = fingerprint(&Method::POST, "/api/tasks", &input)?;
+    let task_id = input.id.unwrap_or_else(Uuid::now_v7);
+    submit(&state, key, fingerprint, task_id, CommandBody::Create { title, notes }).await
+}
+
+async fn tasks_update(
+    State(state): State<AppState>,
+    AppPath(id): AppPath<Uuid>,
+    key: IdempotencyKey,
+    AppJson(input): AppJson<UpdateTask>,
+) -> Result<Response, ApiError> {
+    if input.title.is_none() && input.notes.is_none() && input.done.is_none() {
+        return Err(ApiError::Invalid(
+            "nothing to change: send at least one of title, notes, done".to_owned(),
+        ));
+    }
+    let body = CommandBody::Update {
+        title: input.title.as_deref().map(valid_title).transpose()?,
+        notes: input.notes.as_deref().map(valid_notes).transpose()?,
+        done: input.done,
+        base_version: input.base_version,
+    };
+    let fingerprint = fingerprint(&Method::PATCH, &format!("/api/tasks/{id}"), &input)?;
+    submit(&state, key, fingerprint, id, body).await
+}
+
+async fn tasks_delete(
+    State(state): State<AppState>,
+    AppPath(id): AppPath<Uuid>,
+    key: IdempotencyKey,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let input: DeleteTask = optional_json(&headers, body)?;
+    let fingerprint = fingerprint(&Method::DELETE, &format!("/api/tasks/{id}"), &input)?;
+    let body = CommandBody::Delete {
+        base_version: input.base_version,
+    };
+    submit(&state, key, fingerprint, id, body).await
+}
+
+async fn tasks_like(
+    State(state): State<AppState>,
+    AppPath(id): AppPath<Uuid>,
+    key: IdempotencyKey,
+    AppJson(input): AppJson<LikeTask>,
+) -> Result<Response, ApiError> {
+    if input.delta != 1 && input.delta != -1 {
+        return Err(ApiError::Invalid(format!("delta must be 1 or -1, got {}", input.delta)));
+    }
+    let fingerprint = fingerprint(&Method::POST, &format!("/api/tasks/{id}/likes"), &input)?;
+    submit(&state, key, fingerprint, id, CommandBody::Like { delta: input.delta }).await
+}
+
+/// Hash of method, path and the parsed body: the same key with another request is
+/// refused. The parsed body, not the bytes, so formatting differences do not matter.
+fn fingerprint<T: Serialize>(method: &Method, path: &str, input: &T) -> Result<String, ApiError> {
+    let body = serde_json::to_vec(input).map_err(|err| ApiError::Internal(err.into()))?;
+    let mut hasher = Sha256::new();
+    hasher.update(method.as_str().as_bytes());
+    hasher.update(b"\n");
+    hasher.update(path.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(&body);
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect())
+}
+
+/// Keys whose first request is between its fingerprint check and its durable 202.
+pub type InFlight = Arc<DashMap<String, ()>>;
+
+/// Releases an in-flight key however the request ends.
+struct InFlightGuard<'a> {
+    in_flight: &'a InFlight,
+    key: &'a str,
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.in_flight.remove(self.key);
+    }
+}
+
+async fn submit(
+    state: &AppState,
+    IdempotencyKey(key): IdempotencyKey,
+    fingerprint: String,
+    task_id: Uuid,
+    body: CommandBody,
+) -> Result<Response, ApiError> {
+    if state.shutdown.is_cancelled() {
+        return Err(ApiError::ShuttingDown);
+    }
+    // The draft's answer to a duplicate that races the original: 409, retry later.
+    if state.in_flight.insert(key.clone(), ()).is_some() {
+        return Err(ApiError::KeyInFlight(
+            "the first request with this key is still being accepted; retry shortly".to_owned(),
+        ));
+    }
+    let _guard = InFlightGuard {
+        in_flight: &state.in_flight,
+        key: &key,
+    };
+    let store = &state.store;
+    let accepted_at = OffsetDateTime::now_utc();
+    let due_at_ms = unix_ms(accepted_at) + millis(state.faults.command_delay());
+    let record = CommandRecord {
+        command_id: Uuid::now_v7(),
+        task_id,
+        idempotency_key: key.clone(),
+        seq: store.next_seq()?,
+        fingerprint,
+        body,
+        status: CommandStatus::Pending,
+        accepted_at,
+        due_at_ms,
+        settled_at: None,
+        event_id: None,
+        error: None,
+    };
+    match store.accept(&record)? {
+        Accepted::New(record) => {
+            store.wait_durable().await;
+            state.metrics.command_accepted();
+            state.consumer.schedule(&record).await;
+            tracing::debug!(command_id = %record.command_id, kind = ?record.kind(), %task_id, "command accepted");
+            Ok(accepted(&record, false))
+        }
+        Accepted::Replay(existing) => {
+            // The original may have been written a moment ago: its 202 waits for the
+            // fsync, and so does this one.
+            store.wait_durable().await;
+            state.metrics.command_deduplicated();
+            let age = accepted_at - existing.accepted_at;
+            let overdue = existing.status == CommandStatus::Pending
+                && age >= state.redeliver_after
+                && unix_ms(accepted_at) >= existing.due_at_ms;
+            if overdue {
+                state.consumer.redeliver(&existing).await;
+            }
+            tracing::debug!(command_id = %existing.command_id, overdue, "idempotent replay");
+            Ok(accepted(&existing, true))
+        }
+        Accepted::KeyReused(existing) => Err(ApiError::KeyReused(format!(
+            "Idempotency-Key {key:?} was used for another request (command {})",
+            existing.command_id
+        ))),
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn accepted(record: &CommandRecord, replayed: bool) -> Response {
+    let location = format!("/api/commands/{}", record.command_id);
+    let mut response = (StatusCode::ACCEPTED, Json(record.accepted_response())).into_response();
+    let headers = response.headers_mut();
+    if let Ok(location) = HeaderValue::from_str(&location) {
+        headers.insert(header::LOCATION, location);
+    }
+    if replayed {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}

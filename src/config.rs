@@ -1,0 +1,97 @@
+//! Command-line and environment configuration. Every flag has an env var
+//! (`SETTLE_<FLAG>`), and every default is a named const.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+pub const DEFAULT_ADDR: &str = "127.0.0.1:3000";
+pub const DEFAULT_DATA_DIR: &str = "./data";
+/// The consistency window the whole project is about.
+pub const DEFAULT_DELAY_MS: u64 = 700;
+pub const DEFAULT_REDELIVER_AFTER_MS: u64 = 5_000;
+/// How many events the durable log keeps for `Last-Event-ID` resumes.
+pub const DEFAULT_EVENT_RETENTION: u64 = 100_000;
+/// How long finished command records (the idempotency table) are kept, in hours.
+/// The idempotency draft and Stripe keep keys for at least 24 hours.
+pub const DEFAULT_COMMAND_RETENTION_HOURS: u64 = 24;
+/// Upper bound of the live fault knobs' delays.
+pub const MAX_DELAY_MS: u64 = 60_000;
+
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "settle",
+    version,
+    about = "A task server whose writes are asynchronous: 202 Accepted, applied ~700 ms later, reconciled over SSE."
+)]
+pub struct Config {
+    /// Address to listen on; port 0 picks a free port (logged as `listening on http://ADDR`).
+    #[arg(long, env = "SETTLE_ADDR", default_value = DEFAULT_ADDR)]
+    pub addr: SocketAddr,
+
+    /// Directory of the embedded sled store.
+    #[arg(long, env = "SETTLE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+
+    /// Accept-to-apply delay of every command, in milliseconds (at most 60000).
+    #[arg(long, env = "SETTLE_DELAY_MS", default_value_t = DEFAULT_DELAY_MS,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_DELAY_MS))]
+    pub delay_ms: u64,
+
+    /// Extra uniform random delay in 0..=jitter per command, in milliseconds (at most 60000).
+    #[arg(long, env = "SETTLE_JITTER_MS", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_DELAY_MS))]
+    pub jitter_ms: u64,
+
+    /// Probability in [0, 1] that the consumer rejects a command (reason `injected`).
+    #[arg(long, env = "SETTLE_FAILURE_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    pub failure_rate: f64,
+
+    /// Probability in [0, 1] that one delivery is silently lost (no apply, no event).
+    #[arg(long, env = "SETTLE_DROP_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    pub drop_rate: f64,
+
+    /// Probability in [0, 1] that one apply attempt hits a simulated transient fault
+    /// (retried with backoff, dead-lettered after 5 attempts).
+    #[arg(long, env = "SETTLE_TRANSIENT_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    pub transient_rate: f64,
+
+    /// Redelivery timeout for lost deliveries, in milliseconds (a broker's ack timeout).
+    #[arg(long, env = "SETTLE_REDELIVER_AFTER_MS", default_value_t = DEFAULT_REDELIVER_AFTER_MS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub redeliver_after_ms: u64,
+
+    /// Seeds the fault RNG so runs are reproducible; random when absent.
+    #[arg(long, env = "SETTLE_SEED")]
+    pub seed: Option<u64>,
+
+    /// How many of the newest events the log keeps for resuming streams.
+    #[arg(long, env = "SETTLE_EVENT_RETENTION", default_value_t = DEFAULT_EVENT_RETENTION,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub event_retention: u64,
+
+    /// How long finished command records are kept, in hours (at least 24).
+    #[arg(long, env = "SETTLE_COMMAND_RETENTION_HOURS", default_value_t = DEFAULT_COMMAND_RETENTION_HOURS,
+          value_parser = clap::value_parser!(u64).range(24..))]
+    pub command_retention_hours: u64,
+}
+
+impl Config {
+    /// The defaults with another data directory and port 0: what tests start from.
+    pub fn for_tests(data_dir: impl Into<PathBuf>) -> Self {
+        let mut config = Self::parse_from(["settle"]);
+        config.addr = "127.0.0.1:0".parse().expect("a valid literal address");
+        config.data_dir = data_dir.into();
+        config
+    }
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let rate: f64 = text.parse().map_err(|err| format!("{err}"))?;
+    if rate.is_finite() && (0.0..=1.0).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(format!("{rate} is not a probability in [0, 1]"))
+    }
+}

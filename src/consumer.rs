@@ -1,0 +1,453 @@
+//! The consumer: applies each accepted command when it falls due, or fails it.
+//!
+//! One task owns all scheduling state, so no lock guards it:
+//! - a due-time queue (`DelayQueue`), one timer per command: a burst of thousands of
+//!   commands fires together one delay later instead of queueing behind each other;
+//! - per task, the seqs of its unapplied commands: only the oldest may apply, so a
+//!   command whose jitter made it due early waits for its predecessors;
+//! - the due set: commands whose timer fired and that wait for their turn.
+//!
+//! Each step ([`Consumer::process_once`]) takes every applicable command, draws its
+//! faults, applies the batch in one blocking call (one sled transaction each), waits
+//! for one shared fsync, then updates the projection and publishes the events in id
+//! order. Publishing after durability is what lets a client trust `projection:settled`.
+//!
+//! Faults, as a broker would show them: a lost delivery leaves the command pending
+//! with a redelivery timer (`--redeliver-after-ms`); a transient fault (an I/O error,
+//! a panic while applying, or the simulated `transient_rate`) is retried with backoff
+//! and dead-lettered after [`MAX_ATTEMPTS`]. Whatever is redelivered applies at most
+//! once: the store refuses a command that is no longer pending.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::time::{delay_queue, DelayQueue};
+use uuid::Uuid;
+
+use crate::faults::Faults;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::model::{unix_ms, CommandRecord, FailureReason};
+use crate::store::{Applied, Decision, Store, StoreError};
+
+/// How many scheduling messages may wait for the consumer. When it is full, accepting
+/// handlers wait for room (backpressure); their commands are already durable.
+pub const INBOX_CAPACITY: usize = 16_384;
+/// Attempts before a command with transient faults is dead-lettered.
+pub const MAX_ATTEMPTS: u32 = 5;
+/// Backoff before the second attempt; it doubles for each further one.
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Most commands applied in one step, so one fsync never waits on an unbounded batch.
+pub const MAX_BATCH: usize = 2_048;
+
+/// What the consumer needs to know about a command to schedule it.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub seq: u64,
+    pub key: String,
+    pub task_id: Uuid,
+    pub command_id: Uuid,
+    pub due_at_ms: u64,
+}
+
+impl From<&CommandRecord> for Delivery {
+    fn from(record: &CommandRecord) -> Self {
+        Self {
+            seq: record.seq,
+            key: record.idempotency_key.clone(),
+            task_id: record.task_id,
+            command_id: record.command_id,
+            due_at_ms: record.due_at_ms,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Message {
+    /// A newly accepted command.
+    Schedule(Delivery),
+    /// A client retried a command that is still pending past the redelivery timeout.
+    Redeliver(Delivery),
+}
+
+/// Cheap `Clone` sender side, held by the API.
+#[derive(Clone)]
+pub struct ConsumerHandle {
+    sender: mpsc::Sender<Message>,
+}
+
+impl ConsumerHandle {
+    /// Hands a durable command to the consumer. If the consumer is gone (shutdown),
+    /// the command stays in the durable queue and resumes on the next start.
+    pub async fn schedule(&self, record: &CommandRecord) {
+        if self.sender.send(Message::Schedule(record.into())).await.is_err() {
+            tracing::debug!(command_id = %record.command_id, "consumer stopped; command resumes on restart");
+        }
+    }
+
+    /// Asks for an immediate redelivery of a command whose delivery was lost.
+    pub async fn redeliver(&self, record: &CommandRecord) {
+        if self.sender.send(Message::Redeliver(record.into())).await.is_err() {
+            tracing::debug!(command_id = %record.command_id, "consumer stopped; command resumes on restart");
+        }
+    }
+}
+
+struct Scheduled {
+    delivery: Delivery,
+    /// Apply attempts that hit a transient fault so far.
+    failed_attempts: u32,
+    /// Set after a lost delivery: the pending timer is a redelivery, which a client
+    /// retry may bring forward.
+    lost: bool,
+    /// Set when the attempts are exhausted: the next step records the dead letter.
+    gave_up: Option<String>,
+    timer: Option<delay_queue::Key>,
+}
+
+/// The background applier. Build it with [`Consumer::new`], then `run` it, or drive
+/// it step by step with [`Consumer::process_once`] in tests.
+pub struct Consumer {
+    store: Store,
+    hub: Hub,
+    faults: Faults,
+    metrics: Metrics,
+    redeliver_after: Duration,
+    inbox: mpsc::Receiver<Message>,
+    timers: DelayQueue<u64>,
+    scheduled: HashMap<u64, Scheduled>,
+    per_task: HashMap<Uuid, BTreeSet<u64>>,
+    due: HashSet<u64>,
+}
+
+/// One command's fate in a batch, decided before the blocking apply.
+struct Attempt {
+    seq: u64,
+    command_id: Uuid,
+    key: String,
+    decision: Decision,
+}
+
+enum Outcome {
+    Applied(Box<Applied>),
+    AlreadyDone,
+    Transient(String),
+}
+
+impl Consumer {
+    /// Creates the consumer and the handle the API sends new commands through.
+    pub fn new(
+        store: Store,
+        hub: Hub,
+        faults: Faults,
+        metrics: Metrics,
+        redeliver_after: Duration,
+    ) -> (Self, ConsumerHandle) {
+        let (sender, inbox) = mpsc::channel(INBOX_CAPACITY);
+        let consumer = Self {
+            store,
+            hub,
+            faults,
+            metrics,
+            redeliver_after,
+            inbox,
+            timers: DelayQueue::new(),
+            scheduled: HashMap::new(),
+            per_task: HashMap::new(),
+            due: HashSet::new(),
+        };
+        (consumer, ConsumerHandle { sender })
+    }
+
+    /// Schedules every accepted but unapplied command found in the store, at its due
+    /// time or now if that has passed. Returns how many.
+    ///
+    /// # Errors
+    /// When the durable queue cannot be read.
+    pub fn resume(&mut self) -> Result<usize, StoreError> {
+        let unapplied = self.store.unapplied()?;
+        let count = unapplied.len();
+        for record in &unapplied {
+            self.schedule(Delivery::from(record));
+        }
+        if count > 0 {
+            tracing::info!(count, "resumed unapplied commands");
+        }
+        self.metrics.commands_resumed(count);
+        Ok(count)
+    }
+
+    /// Runs until `shutdown`: wait for a message or a timer, then apply what is due.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            while self.process_once().await > 0 {}
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                message = self.inbox.recv() => match message {
+                    Some(message) => self.handle(message),
+                    None => break,
+                },
+                Some(expired) = self.timers.next(), if !self.timers.is_empty() => {
+                    self.fire(expired.into_inner());
+                }
+            }
+            self.drain_ready();
+        }
+        tracing::info!(pending = self.scheduled.len(), "consumer stopped");
+    }
+
+    /// Takes in every message and timer that is ready now, without waiting.
+    fn drain_ready(&mut self) {
+        while let Ok(message) = self.inbox.try_recv() {
+            self.handle(message);
+        }
+        while !self.timers.is_empty() {
+            match self.timers.next().now_or_never() {
+                Some(Some(expired)) => self.fire(expired.into_inner()),
+                _ => break,
+            }
+        }
+    }
+
+    fn handle(&mut self, message: Message) {
+        match message {
+            Message::Schedule(delivery) => self.schedule(delivery),
+            Message::Redeliver(delivery) => {
+                let seq = delivery.seq;
+                let Some(entry) = self.scheduled.get_mut(&seq) else {
+                    // Not known here (it may have applied meanwhile): schedule it; the
+                    // store refuses it if it is no longer pending.
+                    self.schedule(delivery);
+                    return;
+                };
+                if entry.lost {
+                    if let Some(timer) = entry.timer.take() {
+                        self.timers.remove(&timer);
+                    }
+                    entry.lost = false;
+                    tracing::info!(command_id = %entry.delivery.command_id, "redelivering at once on client retry");
+                    self.due.insert(seq);
+                }
+            }
+        }
+    }
+
+    fn schedule(&mut self, delivery: Delivery) {
+        let seq = delivery.seq;
+        if self.scheduled.contains_key(&seq) {
+            return;
+        }
+        let wait = Duration::from_millis(delivery.due_at_ms.saturating_sub(unix_ms(OffsetDateTime::now_utc())));
+        let timer = self.timers.insert_at(seq, Instant::now() + wait);
+        self.per_task.entry(delivery.task_id).or_default().insert(seq);
+        self.scheduled.insert(
+            seq,
+            Scheduled {
+                delivery,
+                failed_attempts: 0,
+                lost: false,
+                gave_up: None,
+                timer: Some(timer),
+            },
+        );
+    }
+
+    fn fire(&mut self, seq: u64) {
+        if let Some(entry) = self.scheduled.get_mut(&seq) {
+            entry.timer = None;
+            entry.lost = false;
+            self.due.insert(seq);
+        }
+    }
+
+    fn retry_later(&mut self, seq: u64, after: Duration, lost: bool) {
+        if let Some(entry) = self.scheduled.get_mut(&seq) {
+            entry.lost = lost;
+            entry.timer = Some(self.timers.insert(seq, after));
+        }
+    }
+
+    fn forget(&mut self, seq: u64) {
+        if let Some(entry) = self.scheduled.remove(&seq) {
+            if let Some(timer) = entry.timer {
+                self.timers.remove(&timer);
+            }
+            let task_id = entry.delivery.task_id;
+            if let Some(seqs) = self.per_task.get_mut(&task_id) {
+                seqs.remove(&seq);
+                if seqs.is_empty() {
+                    self.per_task.remove(&task_id);
+                }
+            }
+        }
+        self.due.remove(&seq);
+    }
+
+    /// Due commands that are the oldest unapplied one of their task, in seq order.
+    fn applicable(&self) -> Vec<u64> {
+        let mut seqs: Vec<u64> = self
+            .due
+            .iter()
+            .copied()
+            .filter(|seq| {
+                self.scheduled.get(seq).is_some_and(|entry| {
+                    self.per_task
+                        .get(&entry.delivery.task_id)
+                        .and_then(|seqs| seqs.first())
+                        == Some(seq)
+                })
+            })
+            .collect();
+        seqs.sort_unstable();
+        seqs.truncate(MAX_BATCH);
+        seqs
+    }
+
+    /// Applies every command that may apply now. Returns how many left the due set
+    /// (applied, failed, dropped or put back for a retry); 0 means nothing was ready.
+    pub async fn process_once(&mut self) -> usize {
+        let seqs = self.applicable();
+        if seqs.is_empty() {
+            return 0;
+        }
+        let mut attempts = Vec::with_capacity(seqs.len());
+        for seq in &seqs {
+            self.due.remove(seq);
+            let Some(entry) = self.scheduled.get(seq) else { continue };
+            let command_id = entry.delivery.command_id;
+            let decision = if let Some(cause) = &entry.gave_up {
+                // Recording the dead letter is not subject to injected faults.
+                Decision::Fail(
+                    FailureReason::DeadLettered,
+                    format!("gave up after {} attempts; last fault: {cause}", entry.failed_attempts),
+                )
+            } else if self.faults.drop_delivery() {
+                tracing::info!(%command_id, "delivery lost (drop_rate); redelivery scheduled");
+                self.retry_later(*seq, self.redeliver_after, true);
+                continue;
+            } else if self.faults.transient_fault() {
+                self.transient(*seq, "simulated transient fault (transient_rate)".to_owned());
+                continue;
+            } else if self.faults.inject_failure() {
+                Decision::Fail(
+                    FailureReason::Injected,
+                    "the consumer rejected this command (injected failure)".to_owned(),
+                )
+            } else {
+                Decision::Apply
+            };
+            attempts.push(Attempt {
+                seq: *seq,
+                command_id,
+                key: entry.delivery.key.clone(),
+                decision,
+            });
+        }
+        let processed = seqs.len();
+        if attempts.is_empty() {
+            return processed;
+        }
+
+        let store = self.store.clone();
+        let outcomes = tokio::task::spawn_blocking(move || {
+            attempts
+                .into_iter()
+                .map(|attempt| {
+                    let outcome = apply_one(&store, &attempt);
+                    (attempt, outcome)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .expect("every apply runs under catch_unwind");
+
+        if outcomes.iter().any(|(_, outcome)| matches!(outcome, Outcome::Applied(_))) {
+            self.store.wait_durable().await;
+        }
+        // In event-id order: the batch applied in this order, one transaction each.
+        for (attempt, outcome) in outcomes {
+            match outcome {
+                Outcome::Applied(applied) => {
+                    self.store.project(&applied);
+                    self.settle(&applied);
+                    self.hub.publish(applied.frame.clone());
+                    self.forget(attempt.seq);
+                }
+                Outcome::AlreadyDone => {
+                    tracing::debug!(command_id = %attempt.command_id, "already applied; delivery ignored");
+                    self.forget(attempt.seq);
+                }
+                Outcome::Transient(cause) => self.transient(attempt.seq, cause),
+            }
+        }
+        processed
+    }
+
+    /// A transient fault: retry with exponential backoff, and after the last attempt
+    /// schedule the command to be recorded as dead-lettered.
+    fn transient(&mut self, seq: u64, cause: String) {
+        let Some(entry) = self.scheduled.get_mut(&seq) else { return };
+        let command_id = entry.delivery.command_id;
+        if entry.gave_up.is_some() {
+            // Even recording the dead letter failed: storage trouble; keep trying.
+            tracing::error!(%command_id, %cause, "could not record dead letter; retrying");
+            self.retry_later(seq, FIRST_BACKOFF * 2u32.pow(MAX_ATTEMPTS), false);
+            return;
+        }
+        entry.failed_attempts += 1;
+        let failed = entry.failed_attempts;
+        if failed >= MAX_ATTEMPTS {
+            tracing::warn!(%command_id, attempts = failed, %cause, "dead-lettering command");
+            entry.gave_up = Some(cause);
+            self.due.insert(seq);
+            return;
+        }
+        let backoff = FIRST_BACKOFF * 2u32.pow(failed - 1);
+        tracing::info!(%command_id, attempt = failed, ?backoff, %cause, "transient fault; retrying");
+        self.retry_later(seq, backoff, false);
+    }
+
+    /// Counts and logs a committed, durable outcome.
+    fn settle(&self, applied: &Applied) {
+        let record = &applied.record;
+        let command_id = record.command_id;
+        let event_id = applied.frame.id;
+        match &record.error {
+            None => {
+                let window_ms = unix_ms(OffsetDateTime::now_utc()).saturating_sub(unix_ms(record.accepted_at));
+                self.metrics.command_settled(window_ms);
+                tracing::debug!(%command_id, event_id, window_ms, "command settled");
+            }
+            Some(error) => {
+                let dead_lettered = error.reason == FailureReason::DeadLettered;
+                self.metrics.command_failed(dead_lettered);
+                tracing::info!(%command_id, event_id, reason = ?error.reason, message = %error.message, "command failed");
+            }
+        }
+    }
+}
+
+/// Applies one command, turning storage errors and panics into transient faults.
+fn apply_one(store: &Store, attempt: &Attempt) -> Outcome {
+    let now = OffsetDateTime::now_utc();
+    match catch_unwind(AssertUnwindSafe(|| store.apply(&attempt.key, &attempt.decision, now))) {
+        Ok(Ok(Some(applied))) => Outcome::Applied(Box::new(applied)),
+        Ok(Ok(None)) => Outcome::AlreadyDone,
+        Ok(Err(err)) => Outcome::Transient(err.to_string()),
+        Err(panic) => {
+            let cause = panic
+                .downcast_ref::<&str>()
+                .map(|text| (*text).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            Outcome::Transient(format!("panic while applying: {cause}"))
+        }
+    }
+}

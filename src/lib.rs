@@ -1,0 +1,156 @@
+//! settle: a task server whose every write is an asynchronous command.
+//!
+//! A write answers 202 Accepted as soon as the command is durable under its
+//! idempotency key; the consumer applies it about 700 ms later (or fails it) and the
+//! hub pushes `projection:settled` / `command:failed` to every SSE subscriber, so a
+//! client closes its consistency window on the event, never on a timer.
+//!
+//! Layout:
+//! - `config`: flags and env vars, with their defaults.
+//! - `model`: tasks, commands and events; the JSON contract.
+//! - `store`: sled trees (commands, queue, tasks, event log), group commit, projection.
+//! - `consumer`: the due-time queue that applies commands in per-task order, with faults.
+//! - `faults`: the live fault knobs and their seeded RNG.
+//! - `hub`: the in-memory broadcast of finished SSE frames.
+//! - `sse`: `GET /api/events`, replay from the log then live, resumable by id.
+//! - `api`: reads, commands, idempotency keys, faults and metrics routes.
+//! - `metrics`: counters and the window histogram (JSON and OpenMetrics).
+//! - `assets`: the embedded browser app and the 404 fallback.
+//! - `error`: the problem+json error boundary.
+
+pub mod api;
+pub mod assets;
+pub mod config;
+pub mod consumer;
+pub mod error;
+pub mod faults;
+pub mod hub;
+pub mod metrics;
+pub mod model;
+pub mod sse;
+pub mod store;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::DefaultBodyLimit;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+use crate::api::InFlight;
+use crate::config::Config;
+use crate::consumer::{Consumer, ConsumerHandle};
+use crate::error::ApiError;
+use crate::faults::Faults;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// How often the janitor trims the event log and expired command records.
+pub const COMPACTION_PERIOD: Duration = Duration::from_secs(60);
+
+/// Everything a handler needs; every field is a cheap handle.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub hub: Hub,
+    pub faults: Faults,
+    pub metrics: Metrics,
+    pub consumer: ConsumerHandle,
+    pub in_flight: InFlight,
+    /// A client retry of a command pending longer than this re-enqueues it at once.
+    pub redeliver_after: Duration,
+    /// Cancelled when shutdown starts: event streams end on it.
+    pub shutdown: CancellationToken,
+}
+
+/// The whole HTTP surface, for `serve` and for in-process tests.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .merge(api::router())
+        .merge(sse::router())
+        .fallback(assets::serve)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(api::BODY_LIMIT_BYTES))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+}
+
+/// Runs the server on an already bound listener until `shutdown` is cancelled, then
+/// drains: streams end, the consumer finishes its step, the last writes are flushed.
+///
+/// # Errors
+/// When the store cannot be opened or the listener fails.
+pub async fn serve(listener: TcpListener, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let store = Store::open(&config.data_dir)
+        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    let hub = Hub::new();
+    let faults = Faults::from_config(&config);
+    let metrics = Metrics::new();
+
+    // The flusher outlives everything that waits on it, so it has its own token.
+    let flusher_stop = CancellationToken::new();
+    let flusher = tokio::spawn(store.clone().run_flusher(flusher_stop.clone()));
+
+    let redeliver_after = Duration::from_millis(config.redeliver_after_ms);
+    let (mut consumer, consumer_handle) =
+        Consumer::new(store.clone(), hub.clone(), faults.clone(), metrics.clone(), redeliver_after);
+    consumer.resume().context("resuming unapplied commands")?;
+    let consumer = tokio::spawn(consumer.run(shutdown.clone()));
+    let janitor = tokio::spawn(run_janitor(store.clone(), config.clone(), shutdown.clone()));
+
+    let state = AppState {
+        store,
+        hub,
+        faults,
+        metrics,
+        consumer: consumer_handle,
+        in_flight: InFlight::default(),
+        redeliver_after,
+        shutdown: shutdown.clone(),
+    };
+    let addr = listener.local_addr().context("reading the bound address")?;
+    tracing::info!("listening on http://{addr}");
+    let served = axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+    // However serving ended, stop and drain the background tasks.
+    shutdown.cancel();
+    if let Err(err) = consumer.await {
+        tracing::error!(error = %err, "consumer task failed");
+    }
+    let _ = janitor.await;
+    flusher_stop.cancel();
+    if let Err(err) = flusher.await {
+        tracing::error!(error = %err, "flusher task failed");
+    }
+    tracing::info!("shut down");
+    served.context("serving HTTP")
+}
+
+/// Trims the event log to its retention and drops expired command records.
+async fn run_janitor(store: Store, config: Config, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(COMPACTION_PERIOD);
+    let retention = time::Duration::hours(i64::try_from(config.command_retention_hours).unwrap_or(i64::MAX));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        let store = store.clone();
+        let keep_events = config.event_retention;
+        let cutoff = time::OffsetDateTime::now_utc() - retention;
+        match tokio::task::spawn_blocking(move || store.compact(keep_events, cutoff)).await {
+            Ok(Ok((0, 0))) => {}
+            Ok(Ok((events, commands))) => tracing::info!(events, commands, "compacted"),
+            Ok(Err(err)) => tracing::error!(error = %err, "compaction failed"),
+            Err(err) => tracing::error!(error = %err, "compaction task failed"),
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The domain: tasks, the commands that change them, and the events that settle those
+//! commands. Pure data with serde shapes that are the public JSON contract; no I/O.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// Longest task title, in characters, after trimming.
+pub const TITLE_MAX_CHARS: usize = 200;
+/// Longest notes field, in characters.
+pub const NOTES_MAX_CHARS: usize = 10_000;
+
+/// A task as clients see it: the projection's row.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: Uuid,
+    pub title: String,
+    pub notes: String,
+    pub done: bool,
+    /// A commutative counter: likes never conflict, they add up.
+    pub likes: i64,
+    /// 1 on create, +1 per applied change (likes included).
+    pub version: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// What a command does, as named in command records and events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandKind {
+    Create,
+    Update,
+    Delete,
+    Like,
+}
+
+/// The validated intent of a command, stored with it and applied by the consumer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum CommandBody {
+    Create {
+        title: String,
+        notes: String,
+    },
+    Update {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        title: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        notes: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        done: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        base_version: Option<u64>,
+    },
+    Delete {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        base_version: Option<u64>,
+    },
+    Like {
+        delta: i64,
+    },
+}
+
+impl CommandBody {
+    pub fn kind(&self) -> CommandKind {
+        match self {
+            CommandBody::Create { .. } => CommandKind::Create,
+            CommandBody::Update { .. } => CommandKind::Update,
+            CommandBody::Delete { .. } => CommandKind::Delete,
+            CommandBody::Like { .. } => CommandKind::Like,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandStatus {
+    Pending,
+    Settled,
+    Failed,
+}
+
+/// Why a command failed. Serialized as the `reason` of `command:failed`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureReason {
+    /// The task does not exist (any more) when the command applies.
+    NotFound,
+    /// `base_version` is not the current version, or a create reuses an existing id.
+    Conflict,
+    /// The fault injector rejected it (`failure_rate`).
+    Injected,
+    /// Transient faults exhausted every attempt.
+    DeadLettered,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandError {
+    pub reason: FailureReason,
+    pub message: String,
+}
+
+/// A command as stored under its idempotency key: everything needed to answer a
+/// retry with the stored response, to apply it, and to report its status.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommandRecord {
+    pub command_id: Uuid,
+    pub task_id: Uuid,
+    pub idempotency_key: String,
+    /// Global acceptance order; commands for one task apply in this order.
+    pub seq: u64,
+    /// Hash of method, path and body: the same key with another request is refused.
+    pub fingerprint: String,
+    pub body: CommandBody,
+    pub status: CommandStatus,
+    #[serde(with = "time::serde::rfc3339")]
+    pub accepted_at: OffsetDateTime,
+    /// When the consumer should apply it: accepted_at + delay + jitter, in Unix ms.
+    pub due_at_ms: u64,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub settled_at: Option<OffsetDateTime>,
+    #[serde(default)]
+    pub event_id: Option<u64>,
+    #[serde(default)]
+    pub error: Option<CommandError>,
+}
+
+impl CommandRecord {
+    pub fn kind(&self) -> CommandKind {
+        self.body.kind()
+    }
+
+    /// The body of the 202 answer, identical for the first request and every replay.
+    pub fn accepted_response(&self) -> AcceptedResponse {
+        AcceptedResponse {
+            command_id: self.command_id,
+            task_id: self.task_id,
+            status: CommandStatus::Pending,
+            accepted_at: self.accepted_at,
+        }
+    }
+
+    /// The public view served at `GET /api/commands/{command_id}`.
+    pub fn view(&self) -> CommandView {
+        CommandView {
+            command_id: self.command_id,
+            task_id: self.task_id,
+            idempotency_key: self.idempotency_key.clone(),
+            kind: self.kind(),
+            status: self.status,
+            accepted_at: self.accepted_at,
+            settled_at: self.settled_at,
+            event_id: self.event_id,
+            error: self.error.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AcceptedResponse {
+    pub command_id: Uuid,
+    pub task_id: Uuid,
+    pub status: CommandStatus,
+    #[serde(with = "time::serde::rfc3339")]
+    pub accepted_at: OffsetDateTime,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommandView {
+    pub command_id: Uuid,
+    pub task_id: Uuid,
+    pub idempotency_key: String,
+    pub kind: CommandKind,
+    pub status: CommandStatus,
+    #[serde(with = "time::serde::rfc3339")]
+    pub accepted_at: OffsetDateTime,
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub settled_at: Option<OffsetDateTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<CommandError>,
+}
+
+/// SSE event name of a settled command.
+pub const EVENT_SETTLED: &str = "projection:settled";
+/// SSE event name of a failed command.
+pub const EVENT_FAILED: &str = "command:failed";
+/// SSE event name telling a client its history is gone and it must refetch.
+pub const EVENT_RESET: &str = "reset";
+
+/// Data of `projection:settled`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SettledEvent {
+    pub command_id: Uuid,
+    pub idempotency_key: String,
+    pub task_id: Uuid,
+    pub kind: CommandKind,
+    pub version: u64,
+    /// The row after the change; `null` after a delete.
+    pub task: Option<Task>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub accepted_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub settled_at: OffsetDateTime,
+    pub window_ms: u64,
+}
+
+/// Data of `command:failed`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FailedEvent {
+    pub command_id: Uuid,
+    pub idempotency_key: String,
+    pub task_id: Uuid,
+    pub kind: CommandKind,
+    pub reason: FailureReason,
+    pub message: String,
+    /// The row as it is now, so a client can snap to ground truth without a fetch.
+    pub current: Option<Task>,
+}
+
+/// Unix time in milliseconds.
+pub fn unix_ms(at: OffsetDateTime) -> u64 {
+    u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}

@@ -1,0 +1,174 @@
+//! `GET /api/events`: the event stream clients close their consistency window on.
+//!
+//! Each event is the frame stored in the durable log (see `hub`), so replayed and live
+//! events are byte-identical. The seam between them (DESIGN.md): subscribe to the
+//! broadcast first, then replay the log up to the projection's watermark, then take
+//! live frames, skipping ids already sent. A subscriber that lags behind the broadcast,
+//! or sees a gap, reads the missing ids back from the log: nothing is skipped silently.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use async_stream::stream;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::MissedTickBehavior;
+
+use crate::error::ApiError;
+use crate::hub::EventFrame;
+use crate::model::EVENT_RESET;
+use crate::AppState;
+
+/// Keep-alive comment period: below the idle timeouts of common proxies.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// The reconnection delay the stream suggests to clients, in milliseconds.
+pub const RETRY_MS: u64 = 1_000;
+/// Events read from the log per catch-up step.
+const REPLAY_CHUNK: usize = 512;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/events", get(events_stream))
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    last_event_id: Option<String>,
+}
+
+/// Data of `event: reset`.
+#[derive(Serialize)]
+struct ResetEvent {
+    /// The snapshot to refetch includes every event up to this id.
+    watermark: u64,
+    reason: &'static str,
+}
+
+fn parse_event_id(text: &str, source: &str) -> Result<u64, ApiError> {
+    text.trim()
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("{source} must be a non-negative integer event id, got {text:?}")))
+}
+
+/// Streams every event after `Last-Event-ID` (or `?last_event_id=`), then live ones;
+/// without either, live events only.
+///
+/// # Errors
+/// 400 when the event id is not a number.
+async fn events_stream(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query?;
+    let last_event_id = match headers.get("last-event-id") {
+        Some(value) => {
+            let text = value
+                .to_str()
+                .map_err(|_| ApiError::BadRequest("Last-Event-ID is not visible ASCII".to_owned()))?;
+            Some(parse_event_id(text, "Last-Event-ID")?)
+        }
+        None => match query.last_event_id.as_deref() {
+            Some(text) => Some(parse_event_id(text, "last_event_id")?),
+            None => None,
+        },
+    };
+
+    let AppState {
+        store,
+        hub,
+        metrics,
+        shutdown,
+        ..
+    } = state;
+    // Subscribe before reading the watermark: nothing published after it is missed.
+    let mut live = hub.subscribe();
+    let head = store.watermark();
+    let oldest = store.oldest_event_id()?;
+
+    let body = stream! {
+        let _subscriber = metrics.subscriber();
+        yield Ok::<Bytes, Infallible>(Bytes::from(format!(": settle\nretry: {RETRY_MS}\n\n")));
+
+        let mut sent = head;
+        if let Some(last) = last_event_id {
+            // History is gone when the client is ahead of us (another data dir) or the
+            // first event it needs was compacted away.
+            let gone = last > head || (last < head && oldest.is_none_or(|oldest| last + 1 < oldest));
+            if gone {
+                let reset = ResetEvent {
+                    watermark: head,
+                    reason: if last > head { "unknown_event_id" } else { "history_compacted" },
+                };
+                if let Ok(frame) = EventFrame::encode(head, EVENT_RESET, &reset) {
+                    yield Ok(frame.bytes);
+                }
+            } else {
+                sent = last;
+            }
+        }
+
+        let mut keep_alive = tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
+        keep_alive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Catch up to `target` from the log, then go live.
+        let mut target = head;
+        loop {
+            while sent < target {
+                match store.events_after(sent, target, REPLAY_CHUNK) {
+                    Ok(frames) if !frames.is_empty() => {
+                        for frame in frames {
+                            sent = frame.id;
+                            yield Ok(frame.bytes);
+                        }
+                    }
+                    Ok(_) => {
+                        // Compacted while we read: the client must refetch.
+                        tracing::warn!(sent, target, "event log no longer holds a lagging subscriber's events");
+                        if let Ok(frame) = EventFrame::encode(target, EVENT_RESET, &ResetEvent { watermark: target, reason: "history_compacted" }) {
+                            yield Ok(frame.bytes);
+                        }
+                        sent = target;
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "event log read failed; closing stream");
+                        return;
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                received = live.recv() => match received {
+                    Ok(frame) if frame.id <= sent => {}
+                    Ok(frame) if frame.id == sent + 1 => {
+                        sent = frame.id;
+                        yield Ok(frame.bytes.clone());
+                    }
+                    Ok(frame) => {
+                        // A gap: the missing ids are in the log; this one comes after them.
+                        target = frame.id;
+                    }
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::debug!(missed, "subscriber lagged; catching up from the log");
+                        target = store.watermark();
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+                _ = keep_alive.tick() => yield Ok(Bytes::from_static(b": keep-alive\n\n")),
+            }
+        }
+    };
+
+    let mut response = Body::from_stream(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
