@@ -27,7 +27,8 @@ use uuid::Uuid;
 use crate::error::ApiError;
 use crate::faults::{FaultSettings, FaultUpdate};
 use crate::model::{
-    unix_ms, CommandBody, CommandRecord, CommandStatus, CommandView, Task, NOTES_MAX_CHARS, TITLE_MAX_CHARS,
+    unix_ms, CommandBody, CommandRecord, CommandStatus, CommandView, Task, NOTES_MAX_CHARS,
+    TITLE_MAX_CHARS,
 };
 use crate::store::Accepted;
 use crate::AppState;
@@ -85,7 +86,8 @@ impl IdempotencyKey {
                 Err(err) => return Err(format!("not a valid RFC 8941 string: {err}")),
             }
         } else {
-            String::from_utf8(raw.to_vec()).map_err(|_| "the key must be visible ASCII".to_owned())?
+            String::from_utf8(raw.to_vec())
+                .map_err(|_| "the key must be visible ASCII".to_owned())?
         };
         if key.is_empty() || key.len() > IDEMPOTENCY_KEY_MAX {
             return Err(format!(
@@ -94,7 +96,9 @@ impl IdempotencyKey {
             ));
         }
         if !key.bytes().all(|byte| byte.is_ascii_graphic()) {
-            return Err("the key must be visible ASCII (no spaces or control characters)".to_owned());
+            return Err(
+                "the key must be visible ASCII (no spaces or control characters)".to_owned(),
+            );
         }
         Ok(Self(key))
     }
@@ -186,8 +190,14 @@ fn is_json(headers: &HeaderMap) -> bool {
     let Some(Ok(value)) = headers.get(header::CONTENT_TYPE).map(|v| v.to_str()) else {
         return false;
     };
-    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 /// A body that may be empty; when present it must be JSON.
@@ -241,8 +251,15 @@ fn task_not_found(id: Uuid) -> ApiError {
     ApiError::NotFound(format!("task {id} does not exist"))
 }
 
-async fn tasks_get(State(state): State<AppState>, AppPath(id): AppPath<Uuid>) -> Result<Json<Task>, ApiError> {
-    state.store.task(id).map(Json).ok_or_else(|| task_not_found(id))
+async fn tasks_get(
+    State(state): State<AppState>,
+    AppPath(id): AppPath<Uuid>,
+) -> Result<Json<Task>, ApiError> {
+    state
+        .store
+        .task(id)
+        .map(Json)
+        .ok_or_else(|| task_not_found(id))
 }
 
 #[derive(Serialize)]
@@ -272,7 +289,11 @@ async fn commands_get(
         .store
         .command_by_id(command_id)?
         .map(|record| Json(record.view()))
-        .ok_or_else(|| ApiError::NotFound(format!("command {command_id} is unknown (or past its retention)")))
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "command {command_id} is unknown (or past its retention)"
+            ))
+        })
 }
 
 #[derive(Serialize)]
@@ -281,7 +302,12 @@ struct DeadLetters {
 }
 
 async fn dead_letters_list(State(state): State<AppState>) -> Result<Json<DeadLetters>, ApiError> {
-    let dead_letters = state.store.dead_letters()?.iter().map(CommandRecord::view).collect();
+    let dead_letters = state
+        .store
+        .dead_letters()?
+        .iter()
+        .map(CommandRecord::view)
+        .collect();
     Ok(Json(DeadLetters { dead_letters }))
 }
 
@@ -325,7 +351,14 @@ async fn tasks_create(
     let notes = valid_notes(input.notes.as_deref().unwrap_or(""))?;
     let fingerprint = fingerprint(&Method::POST, "/api/tasks", &input)?;
     let task_id = input.id.unwrap_or_else(Uuid::now_v7);
-    submit(&state, key, fingerprint, task_id, CommandBody::Create { title, notes }).await
+    submit(
+        &state,
+        key,
+        fingerprint,
+        task_id,
+        CommandBody::Create { title, notes },
+    )
+    .await
 }
 
 async fn tasks_update(
@@ -371,10 +404,20 @@ async fn tasks_like(
     AppJson(input): AppJson<LikeTask>,
 ) -> Result<Response, ApiError> {
     if input.delta != 1 && input.delta != -1 {
-        return Err(ApiError::Invalid(format!("delta must be 1 or -1, got {}", input.delta)));
+        return Err(ApiError::Invalid(format!(
+            "delta must be 1 or -1, got {}",
+            input.delta
+        )));
     }
     let fingerprint = fingerprint(&Method::POST, &format!("/api/tasks/{id}/likes"), &input)?;
-    submit(&state, key, fingerprint, id, CommandBody::Like { delta: input.delta }).await
+    submit(
+        &state,
+        key,
+        fingerprint,
+        id,
+        CommandBody::Like { delta: input.delta },
+    )
+    .await
 }
 
 /// Hash of method, path and the parsed body: the same key with another request is

@@ -86,14 +86,24 @@ impl ConsumerHandle {
     /// Hands a durable command to the consumer. If the consumer is gone (shutdown),
     /// the command stays in the durable queue and resumes on the next start.
     pub async fn schedule(&self, record: &CommandRecord) {
-        if self.sender.send(Message::Schedule(record.into())).await.is_err() {
+        if self
+            .sender
+            .send(Message::Schedule(record.into()))
+            .await
+            .is_err()
+        {
             tracing::debug!(command_id = %record.command_id, "consumer stopped; command resumes on restart");
         }
     }
 
     /// Asks for an immediate redelivery of a command whose delivery was lost.
     pub async fn redeliver(&self, record: &CommandRecord) {
-        if self.sender.send(Message::Redeliver(record.into())).await.is_err() {
+        if self
+            .sender
+            .send(Message::Redeliver(record.into()))
+            .await
+            .is_err()
+        {
             tracing::debug!(command_id = %record.command_id, "consumer stopped; command resumes on restart");
         }
     }
@@ -244,9 +254,16 @@ impl Consumer {
         if self.scheduled.contains_key(&seq) {
             return;
         }
-        let wait = Duration::from_millis(delivery.due_at_ms.saturating_sub(unix_ms(OffsetDateTime::now_utc())));
+        let wait = Duration::from_millis(
+            delivery
+                .due_at_ms
+                .saturating_sub(unix_ms(OffsetDateTime::now_utc())),
+        );
         let timer = self.timers.insert_at(seq, Instant::now() + wait);
-        self.per_task.entry(delivery.task_id).or_default().insert(seq);
+        self.per_task
+            .entry(delivery.task_id)
+            .or_default()
+            .insert(seq);
         self.scheduled.insert(
             seq,
             Scheduled {
@@ -320,20 +337,28 @@ impl Consumer {
         let mut attempts = Vec::with_capacity(seqs.len());
         for seq in &seqs {
             self.due.remove(seq);
-            let Some(entry) = self.scheduled.get(seq) else { continue };
+            let Some(entry) = self.scheduled.get(seq) else {
+                continue;
+            };
             let command_id = entry.delivery.command_id;
             let decision = if let Some(cause) = &entry.gave_up {
                 // Recording the dead letter is not subject to injected faults.
                 Decision::Fail(
                     FailureReason::DeadLettered,
-                    format!("gave up after {} attempts; last fault: {cause}", entry.failed_attempts),
+                    format!(
+                        "gave up after {} attempts; last fault: {cause}",
+                        entry.failed_attempts
+                    ),
                 )
             } else if self.faults.drop_delivery() {
                 tracing::info!(%command_id, "delivery lost (drop_rate); redelivery scheduled");
                 self.retry_later(*seq, self.redeliver_after, true);
                 continue;
             } else if self.faults.transient_fault() {
-                self.transient(*seq, "simulated transient fault (transient_rate)".to_owned());
+                self.transient(
+                    *seq,
+                    "simulated transient fault (transient_rate)".to_owned(),
+                );
                 continue;
             } else if self.faults.inject_failure() {
                 Decision::Fail(
@@ -368,7 +393,10 @@ impl Consumer {
         .await
         .expect("every apply runs under catch_unwind");
 
-        if outcomes.iter().any(|(_, outcome)| matches!(outcome, Outcome::Applied(_))) {
+        if outcomes
+            .iter()
+            .any(|(_, outcome)| matches!(outcome, Outcome::Applied(_)))
+        {
             self.store.wait_durable().await;
         }
         // In event-id order: the batch applied in this order, one transaction each.
@@ -393,7 +421,9 @@ impl Consumer {
     /// A transient fault: retry with exponential backoff, and after the last attempt
     /// schedule the command to be recorded as dead-lettered.
     fn transient(&mut self, seq: u64, cause: String) {
-        let Some(entry) = self.scheduled.get_mut(&seq) else { return };
+        let Some(entry) = self.scheduled.get_mut(&seq) else {
+            return;
+        };
         let command_id = entry.delivery.command_id;
         if entry.gave_up.is_some() {
             // Even recording the dead letter failed: storage trouble; keep trying.
@@ -421,7 +451,8 @@ impl Consumer {
         let event_id = applied.frame.id;
         match &record.error {
             None => {
-                let window_ms = unix_ms(OffsetDateTime::now_utc()).saturating_sub(unix_ms(record.accepted_at));
+                let window_ms =
+                    unix_ms(OffsetDateTime::now_utc()).saturating_sub(unix_ms(record.accepted_at));
                 self.metrics.command_settled(window_ms);
                 tracing::debug!(%command_id, event_id, window_ms, "command settled");
             }
@@ -437,7 +468,9 @@ impl Consumer {
 /// Applies one command, turning storage errors and panics into transient faults.
 fn apply_one(store: &Store, attempt: &Attempt) -> Outcome {
     let now = OffsetDateTime::now_utc();
-    match catch_unwind(AssertUnwindSafe(|| store.apply(&attempt.key, &attempt.decision, now))) {
+    match catch_unwind(AssertUnwindSafe(|| {
+        store.apply(&attempt.key, &attempt.decision, now)
+    })) {
         Ok(Ok(Some(applied))) => Outcome::Applied(Box::new(applied)),
         Ok(Ok(None)) => Outcome::AlreadyDone,
         Ok(Err(err)) => Outcome::Transient(err.to_string()),

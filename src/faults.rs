@@ -42,7 +42,9 @@ impl FaultUpdate {
         let mut problems = Vec::new();
         for (name, value) in [("delay_ms", self.delay_ms), ("jitter_ms", self.jitter_ms)] {
             if let Some(value) = value.filter(|v| *v > MAX_DELAY_MS) {
-                problems.push(format!("{name} must be at most {MAX_DELAY_MS}, got {value}"));
+                problems.push(format!(
+                    "{name} must be at most {MAX_DELAY_MS}, got {value}"
+                ));
             }
         }
         for (name, value) in [

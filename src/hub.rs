@@ -62,7 +62,12 @@ impl Default for Hub {
 
 impl Hub {
     pub fn new() -> Self {
-        let (sender, _) = broadcast::channel(HUB_CAPACITY);
+        Self::with_capacity(HUB_CAPACITY)
+    }
+
+    /// A hub whose broadcast holds `capacity` events (tests use a tiny one to force lag).
+    pub fn with_capacity(capacity: usize) -> Self {
+        let (sender, _) = broadcast::channel(capacity);
         Self { sender }
     }
 

@@ -87,7 +87,11 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
 ///
 /// # Errors
 /// When the store cannot be opened or the listener fails.
-pub async fn serve(listener: TcpListener, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let store = Store::open(&config.data_dir)
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
     let hub = Hub::new();
@@ -99,8 +103,13 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: Cancellation
     let flusher = tokio::spawn(store.clone().run_flusher(flusher_stop.clone()));
 
     let redeliver_after = Duration::from_millis(config.redeliver_after_ms);
-    let (mut consumer, consumer_handle) =
-        Consumer::new(store.clone(), hub.clone(), faults.clone(), metrics.clone(), redeliver_after);
+    let (mut consumer, consumer_handle) = Consumer::new(
+        store.clone(),
+        hub.clone(),
+        faults.clone(),
+        metrics.clone(),
+        redeliver_after,
+    );
     consumer.resume().context("resuming unapplied commands")?;
     let consumer = tokio::spawn(consumer.run(shutdown.clone()));
     let janitor = tokio::spawn(run_janitor(store.clone(), config.clone(), shutdown.clone()));
@@ -137,7 +146,8 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: Cancellation
 /// Trims the event log to its retention and drops expired command records.
 async fn run_janitor(store: Store, config: Config, shutdown: CancellationToken) {
     let mut ticks = tokio::time::interval(COMPACTION_PERIOD);
-    let retention = time::Duration::hours(i64::try_from(config.command_retention_hours).unwrap_or(i64::MAX));
+    let retention =
+        time::Duration::hours(i64::try_from(config.command_retention_hours).unwrap_or(i64::MAX));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -78,9 +78,21 @@ impl Metrics {
         let pending = Gauge::default();
         let subscribers = Gauge::default();
         let window_seconds = Histogram::new(WINDOW_BUCKETS_SECONDS);
-        registry.register("commands_accepted", "Commands accepted (202, new key)", accepted.clone());
-        registry.register("commands_settled", "Commands applied and settled", settled.clone());
-        registry.register("commands_failed", "Commands failed at apply time (any reason)", failed.clone());
+        registry.register(
+            "commands_accepted",
+            "Commands accepted (202, new key)",
+            accepted.clone(),
+        );
+        registry.register(
+            "commands_settled",
+            "Commands applied and settled",
+            settled.clone(),
+        );
+        registry.register(
+            "commands_failed",
+            "Commands failed at apply time (any reason)",
+            failed.clone(),
+        );
         registry.register(
             "commands_deduplicated",
             "Requests answered from the idempotency table",
@@ -91,15 +103,19 @@ impl Metrics {
             "Commands that exhausted their attempts",
             dead_lettered.clone(),
         );
-        registry.register("commands_pending", "Accepted commands not applied yet", pending.clone());
+        registry.register(
+            "commands_pending",
+            "Accepted commands not applied yet",
+            pending.clone(),
+        );
         registry.register("sse_subscribers", "Open event streams", subscribers.clone());
         registry.register(
             "window_seconds",
             "Consistency window per settled command, accept to readable",
             window_seconds.clone(),
         );
-        let window_ms =
-            HdrHistogram::new_with_bounds(1, WINDOW_MAX_MS, 3).expect("static histogram bounds are valid");
+        let window_ms = HdrHistogram::new_with_bounds(1, WINDOW_MAX_MS, 3)
+            .expect("static histogram bounds are valid");
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -127,14 +143,20 @@ impl Metrics {
 
     /// Commands found unapplied at start: they are pending without a new accept.
     pub fn commands_resumed(&self, count: usize) {
-        self.inner.pending.inc_by(i64::try_from(count).unwrap_or(i64::MAX));
+        self.inner
+            .pending
+            .inc_by(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     pub fn command_settled(&self, window_ms: u64) {
         self.inner.settled.inc();
         self.inner.pending.dec();
         self.inner.window_seconds.observe(window_ms as f64 / 1000.0);
-        let mut window = self.inner.window_ms.lock().expect("window histogram lock poisoned");
+        let mut window = self
+            .inner
+            .window_ms
+            .lock()
+            .expect("window histogram lock poisoned");
         window.saturating_record(window_ms.clamp(1, WINDOW_MAX_MS));
     }
 
@@ -156,7 +178,10 @@ impl Metrics {
 
     pub fn report(&self) -> MetricsReport {
         let inner = &self.inner;
-        let window = inner.window_ms.lock().expect("window histogram lock poisoned");
+        let window = inner
+            .window_ms
+            .lock()
+            .expect("window histogram lock poisoned");
         let (p50, p90, p99, max) = if window.is_empty() {
             (0, 0, 0, 0)
         } else {

@@ -17,13 +17,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
+use futures::Stream;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
-use crate::hub::EventFrame;
+use crate::hub::{EventFrame, Hub};
+use crate::metrics::Metrics;
 use crate::model::EVENT_RESET;
+use crate::store::{Store, StoreError};
 use crate::AppState;
 
 /// Keep-alive comment period: below the idle timeouts of common proxies.
@@ -51,9 +55,11 @@ struct ResetEvent {
 }
 
 fn parse_event_id(text: &str, source: &str) -> Result<u64, ApiError> {
-    text.trim()
-        .parse()
-        .map_err(|_| ApiError::BadRequest(format!("{source} must be a non-negative integer event id, got {text:?}")))
+    text.trim().parse().map_err(|_| {
+        ApiError::BadRequest(format!(
+            "{source} must be a non-negative integer event id, got {text:?}"
+        ))
+    })
 }
 
 /// Streams every event after `Last-Event-ID` (or `?last_event_id=`), then live ones;
@@ -69,9 +75,9 @@ async fn events_stream(
     let Query(query) = query?;
     let last_event_id = match headers.get("last-event-id") {
         Some(value) => {
-            let text = value
-                .to_str()
-                .map_err(|_| ApiError::BadRequest("Last-Event-ID is not visible ASCII".to_owned()))?;
+            let text = value.to_str().map_err(|_| {
+                ApiError::BadRequest("Last-Event-ID is not visible ASCII".to_owned())
+            })?;
             Some(parse_event_id(text, "Last-Event-ID")?)
         }
         None => match query.last_event_id.as_deref() {
@@ -87,12 +93,37 @@ async fn events_stream(
         shutdown,
         ..
     } = state;
+    let body = event_stream(store, hub, metrics, shutdown, last_event_id)?;
+    let mut response = Body::from_stream(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+/// The SSE byte stream after `last_event_id` (live only when `None`): a `retry:` hint,
+/// a `reset` when that history is gone, the log replay, then live events, keep-alive
+/// comments, and the end when `shutdown` is cancelled.
+///
+/// # Errors
+/// When the log's oldest id cannot be read.
+pub fn event_stream(
+    store: Store,
+    hub: Hub,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+    last_event_id: Option<u64>,
+) -> Result<impl Stream<Item = Result<Bytes, Infallible>>, StoreError> {
     // Subscribe before reading the watermark: nothing published after it is missed.
     let mut live = hub.subscribe();
     let head = store.watermark();
     let oldest = store.oldest_event_id()?;
 
-    let body = stream! {
+    Ok(stream! {
         let _subscriber = metrics.subscriber();
         yield Ok::<Bytes, Infallible>(Bytes::from(format!(": settle\nretry: {RETRY_MS}\n\n")));
 
@@ -163,12 +194,5 @@ async fn events_stream(
                 _ = keep_alive.tick() => yield Ok(Bytes::from_static(b": keep-alive\n\n")),
             }
         }
-    };
-
-    let mut response = Body::from_stream(body).into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    })
 }

@@ -30,8 +30,8 @@ use uuid::Uuid;
 
 use crate::hub::EventFrame;
 use crate::model::{
-    unix_ms, CommandBody, CommandError, CommandRecord, CommandStatus, FailedEvent,
-    FailureReason, SettledEvent, Task, EVENT_FAILED, EVENT_SETTLED,
+    unix_ms, CommandBody, CommandError, CommandRecord, CommandStatus, FailedEvent, FailureReason,
+    SettledEvent, Task, EVENT_FAILED, EVENT_SETTLED,
 };
 
 const LAST_EVENT_ID: &[u8] = b"last_event_id";
@@ -125,7 +125,6 @@ struct Inner {
     projection: RwLock<Projection>,
     commit: GroupCommit,
 }
-
 
 fn abort(err: impl Into<StoreError>) -> ConflictableTransactionError<StoreError> {
     ConflictableTransactionError::Abort(err.into())
@@ -263,7 +262,9 @@ impl Store {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
-            commit.durable.send_modify(|flushed| *flushed = (*flushed).max(covered));
+            commit
+                .durable
+                .send_modify(|flushed| *flushed = (*flushed).max(covered));
         }
         if let Err(err) = self.inner.db.flush() {
             tracing::error!(error = %err, "final flush failed");
@@ -386,21 +387,27 @@ impl Store {
                             message,
                             current: current.map(|row| row.task),
                         };
-                        let frame = EventFrame::encode(event_id, EVENT_FAILED, &event).map_err(abort)?;
+                        let frame =
+                            EventFrame::encode(event_id, EVENT_FAILED, &event).map_err(abort)?;
                         (frame, RowChange::None)
                     }
                     Outcome::Changed(change) => {
                         record.status = CommandStatus::Settled;
                         let (version, task) = match &change {
                             RowChange::Upsert(row) => {
-                                tasks.insert(row.task.id.as_bytes(), serde_json::to_vec(row).map_err(abort)?)?;
+                                tasks.insert(
+                                    row.task.id.as_bytes(),
+                                    serde_json::to_vec(row).map_err(abort)?,
+                                )?;
                                 (row.task.version, Some(row.task.clone()))
                             }
                             RowChange::Remove(id) => {
                                 tasks.remove(id.as_bytes())?;
                                 (current.as_ref().map_or(0, |row| row.task.version) + 1, None)
                             }
-                            RowChange::None => (current.as_ref().map_or(0, |row| row.task.version), None),
+                            RowChange::None => {
+                                (current.as_ref().map_or(0, |row| row.task.version), None)
+                            }
                         };
                         let event = SettledEvent {
                             command_id: record.command_id,
@@ -413,7 +420,8 @@ impl Store {
                             settled_at: now,
                             window_ms: unix_ms(now).saturating_sub(unix_ms(record.accepted_at)),
                         };
-                        let frame = EventFrame::encode(event_id, EVENT_SETTLED, &event).map_err(abort)?;
+                        let frame =
+                            EventFrame::encode(event_id, EVENT_SETTLED, &event).map_err(abort)?;
                         (frame, change)
                     }
                 };
@@ -434,7 +442,11 @@ impl Store {
     /// Makes a durable apply visible to readers. Call in event-id order, after
     /// [`Store::wait_durable`] and before publishing the event.
     pub fn project(&self, applied: &Applied) {
-        let mut projection = self.inner.projection.write().expect("projection lock poisoned");
+        let mut projection = self
+            .inner
+            .projection
+            .write()
+            .expect("projection lock poisoned");
         match &applied.change {
             RowChange::None => {}
             RowChange::Upsert(row) => {
@@ -452,7 +464,11 @@ impl Store {
 
     /// Every task in creation order, and the id of the last event the list includes.
     pub fn snapshot(&self) -> (Vec<Task>, u64) {
-        let projection = self.inner.projection.read().expect("projection lock poisoned");
+        let projection = self
+            .inner
+            .projection
+            .read()
+            .expect("projection lock poisoned");
         let tasks = projection
             .order
             .values()
@@ -463,13 +479,21 @@ impl Store {
     }
 
     pub fn task(&self, id: Uuid) -> Option<Task> {
-        let projection = self.inner.projection.read().expect("projection lock poisoned");
+        let projection = self
+            .inner
+            .projection
+            .read()
+            .expect("projection lock poisoned");
         projection.rows.get(&id).map(|row| row.task.clone())
     }
 
     /// The id of the newest event that readers can see.
     pub fn watermark(&self) -> u64 {
-        self.inner.projection.read().expect("projection lock poisoned").watermark
+        self.inner
+            .projection
+            .read()
+            .expect("projection lock poisoned")
+            .watermark
     }
 
     /// The id of the oldest event still in the log, if any.
@@ -484,7 +508,12 @@ impl Store {
     ///
     /// # Errors
     /// On storage failure.
-    pub fn events_after(&self, after: u64, up_to: u64, limit: usize) -> Result<Vec<EventFrame>, StoreError> {
+    pub fn events_after(
+        &self,
+        after: u64,
+        up_to: u64,
+        limit: usize,
+    ) -> Result<Vec<EventFrame>, StoreError> {
         if after >= up_to {
             return Ok(Vec::new());
         }
@@ -504,7 +533,11 @@ impl Store {
     ///
     /// # Errors
     /// On storage failure or a corrupt record.
-    pub fn compact(&self, keep_events: u64, commands_before: OffsetDateTime) -> Result<(usize, usize), StoreError> {
+    pub fn compact(
+        &self,
+        keep_events: u64,
+        commands_before: OffsetDateTime,
+    ) -> Result<(usize, usize), StoreError> {
         let inner = &*self.inner;
         let mut events_removed = 0;
         let head = self.watermark();
@@ -566,18 +599,20 @@ fn decide(record: &CommandRecord, current: Option<&TaskRow>, now: OffsetDateTime
             FailureReason::Conflict,
             format!("task {} already exists", record.task_id),
         ),
-        (CommandBody::Create { title, notes }, None) => Outcome::Changed(RowChange::Upsert(TaskRow {
-            seq: record.seq,
-            task: Task {
-                id: record.task_id,
-                title: title.clone(),
-                notes: notes.clone(),
-                done: false,
-                likes: 0,
-                version: 1,
-                updated_at: now,
-            },
-        })),
+        (CommandBody::Create { title, notes }, None) => {
+            Outcome::Changed(RowChange::Upsert(TaskRow {
+                seq: record.seq,
+                task: Task {
+                    id: record.task_id,
+                    title: title.clone(),
+                    notes: notes.clone(),
+                    done: false,
+                    likes: 0,
+                    version: 1,
+                    updated_at: now,
+                },
+            }))
+        }
         (_, None) => missing(),
         (
             CommandBody::Update {

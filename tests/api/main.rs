@@ -1,0 +1,10 @@
+//! Integration tests: the real server on port 0, asserted from outside over HTTP and
+//! SSE (with the `eventsource-client` crate), the way a Rust client would use it.
+
+mod helpers;
+
+mod commands;
+mod events;
+mod faults;
+mod restart;
+mod validation;

@@ -1,0 +1,377 @@
+//! Commands settle on the event, once per key, in per-task order, together in bursts.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use reqwest::Method;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::helpers::{spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn a_command_settles_after_about_the_delay_and_is_readable_then() {
+    let app = spawn_app().await;
+    let mut events = app.events(None).await;
+
+    let sent = Instant::now();
+    let response = app
+        .create_task("create-1", json!({ "title": "  write the tests  " }))
+        .await;
+    assert_eq!(response.status(), 202);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let accepted: crate::helpers::Accepted = response.json().await.unwrap();
+    assert_eq!(location, format!("/api/commands/{}", accepted.command_id));
+    assert_eq!(accepted.status, "pending");
+
+    // Inside the window the projection does not show it yet, and says so honestly.
+    let (status, _) = app
+        .get_json(&format!("/api/tasks/{}", accepted.task_id))
+        .await;
+    assert_eq!(status, 404, "not readable before it settles");
+    let (_, command) = app.get_json(&location).await;
+    assert_eq!(command["status"], "pending");
+
+    let (event, before) = events.until_command(accepted.command_id).await;
+    let waited = sent.elapsed();
+    assert!(before.is_empty(), "no other event came first: {before:?}");
+    assert_eq!(event.name, "projection:settled");
+    assert!(
+        waited >= Duration::from_millis(600),
+        "settled after about the 700 ms delay, not {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "settled in time, not after {waited:?}"
+    );
+    assert_eq!(event.data["kind"], "create");
+    assert_eq!(event.data["idempotency_key"], "create-1");
+    assert_eq!(event.data["version"], 1);
+    assert_eq!(event.data["accepted_at"], accepted.accepted_at.as_str());
+    assert_eq!(
+        event.data["task"]["title"], "write the tests",
+        "the title is trimmed"
+    );
+    assert!(event.data["window_ms"].as_u64().unwrap() >= 650);
+
+    // Readable the moment the event is seen.
+    let (status, task) = app
+        .get_json(&format!("/api/tasks/{}", accepted.task_id))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(task, event.data["task"]);
+    let (_, list) = app.get_json("/api/tasks").await;
+    assert!(list["watermark"].as_u64().unwrap() >= event.id);
+    let (_, command) = app.get_json(&location).await;
+    assert_eq!(command["status"], "settled");
+    assert_eq!(command["event_id"], event.id);
+    assert_eq!(command["kind"], "create");
+    assert!(command["settled_at"].is_string());
+    let (_, counts) = app
+        .get_json(&format!("/api/tasks/{}/counts", accepted.task_id))
+        .await;
+    assert_eq!(
+        counts,
+        json!({ "id": accepted.task_id, "likes": 0, "version": 1 })
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn every_kind_of_command_applies_and_bumps_the_version() {
+    let app = spawn_app_with(|config| config.delay_ms = 50).await;
+    let mut events = app.events(None).await;
+    let id = Uuid::now_v7();
+    let created = app
+        .accepted(
+            Method::POST,
+            "/api/tasks",
+            "c",
+            json!({ "id": id, "title": "a", "notes": "n" }),
+        )
+        .await;
+    assert_eq!(created.task_id, id, "the client's id is kept");
+    let path = format!("/api/tasks/{id}");
+    let likes = format!("/api/tasks/{id}/likes");
+    app.accepted(
+        Method::PATCH,
+        &path,
+        "u",
+        json!({ "title": "b", "done": true }),
+    )
+    .await;
+    app.accepted(Method::POST, &likes, "l1", json!({ "delta": 1 }))
+        .await;
+    app.accepted(Method::POST, &likes, "l2", json!({ "delta": 1 }))
+        .await;
+    app.accepted(Method::POST, &likes, "l3", json!({ "delta": -1 }))
+        .await;
+    let settled = events.take(5).await;
+    let versions: Vec<_> = settled
+        .iter()
+        .map(|e| e.data["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, [1, 2, 3, 4, 5]);
+    let (_, task) = app.get_json(&path).await;
+    assert_eq!(
+        (task["title"].as_str(), task["notes"].as_str()),
+        (Some("b"), Some("n"))
+    );
+    assert_eq!(
+        (task["done"].as_bool(), task["likes"].as_i64()),
+        (Some(true), Some(1))
+    );
+
+    let deleted = app
+        .accepted(Method::DELETE, &path, "d", json!({ "base_version": 5 }))
+        .await;
+    let (event, _) = events.until_command(deleted.command_id).await;
+    assert_eq!(event.name, "projection:settled");
+    assert!(
+        event.data["task"].is_null(),
+        "a delete settles with task null"
+    );
+    assert_eq!(event.data["version"], 6);
+    assert_eq!(app.get_json(&path).await.0, 404);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_duplicates_with_one_key_create_one_row() {
+    let app = spawn_app_with(|config| config.delay_ms = 200).await;
+    let mut events = app.events(None).await;
+    let requests = (0..24).map(|_| app.create_task("double-submit", json!({ "title": "once" })));
+    let responses = join_all(requests).await;
+    let mut command_ids = HashSet::new();
+    for response in responses {
+        match response.status().as_u16() {
+            202 => {
+                let body: serde_json::Value = response.json().await.unwrap();
+                command_ids.insert(body["command_id"].as_str().unwrap().to_owned());
+            }
+            409 => {} // raced the first one's accept: allowed, and retryable
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(command_ids.len(), 1, "every 202 names the same command");
+
+    // A retry after the fact gets the stored response, marked as a replay.
+    let replay = app
+        .create_task("double-submit", json!({ "title": "once" }))
+        .await;
+    assert_eq!(replay.status(), 202);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+
+    let first = events.next().await;
+    assert_eq!(first.name, "projection:settled");
+    assert!(
+        events
+            .next_within(Duration::from_millis(700))
+            .await
+            .is_none(),
+        "exactly one effect"
+    );
+    let (_, list) = app.get_json("/api/tasks").await;
+    assert_eq!(list["tasks"].as_array().unwrap().len(), 1);
+    let (_, metrics) = app.get_json("/api/metrics").await;
+    assert_eq!(metrics["accepted"], 1);
+    assert_eq!(metrics["settled"], 1);
+    assert!(metrics["deduplicated"].as_u64().unwrap() >= 1);
+
+    // Replays of a settled command still answer with the same command.
+    let late = app
+        .create_task("double-submit", json!({ "title": "once" }))
+        .await;
+    let late: serde_json::Value = late.json().await.unwrap();
+    assert!(command_ids.contains(late["command_id"].as_str().unwrap()));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_reused_for_another_request_is_refused() {
+    let app = spawn_app().await;
+    app.accepted(Method::POST, "/api/tasks", "k", json!({ "title": "one" }))
+        .await;
+    let other_body = app.create_task("k", json!({ "title": "two" })).await;
+    crate::helpers::assert_problem(other_body, 422, "same key, other body").await;
+    let id = Uuid::now_v7();
+    let other_path = app
+        .command(
+            Method::POST,
+            &format!("/api/tasks/{id}/likes"),
+            "k",
+            json!({ "delta": 1 }),
+        )
+        .await;
+    crate::helpers::assert_problem(other_path, 422, "same key, other path").await;
+    // A quoted key is the same key.
+    let quoted = app.create_task("\"k\"", json!({ "title": "one" })).await;
+    assert_eq!(quoted.status(), 202);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_stale_base_version_fails_with_conflict_and_the_current_row() {
+    let app = spawn_app_with(|config| config.delay_ms = 50).await;
+    let mut events = app.events(None).await;
+    let created = app.create("shared").await;
+    events.until_command(created.command_id).await;
+    let path = format!("/api/tasks/{}", created.task_id);
+
+    let theirs = app
+        .accepted(
+            Method::PATCH,
+            &path,
+            "theirs",
+            json!({ "title": "theirs", "base_version": 1 }),
+        )
+        .await;
+    let mine = app
+        .accepted(
+            Method::PATCH,
+            &path,
+            "mine",
+            json!({ "title": "mine", "base_version": 1 }),
+        )
+        .await;
+    let (event, _) = events.until_command(theirs.command_id).await;
+    assert_eq!(event.name, "projection:settled");
+    let (event, _) = events.until_command(mine.command_id).await;
+    assert_eq!(event.name, "command:failed");
+    assert_eq!(event.data["reason"], "conflict");
+    assert_eq!(event.data["current"]["title"], "theirs");
+    assert_eq!(event.data["current"]["version"], 2);
+    assert!(event.data["message"]
+        .as_str()
+        .unwrap()
+        .contains("base_version"));
+    let (_, task) = app.get_json(&path).await;
+    assert_eq!(task["title"], "theirs", "no silent overwrite");
+
+    let (_, command) = app
+        .get_json(&format!("/api/commands/{}", mine.command_id))
+        .await;
+    assert_eq!(command["status"], "failed");
+    assert_eq!(command["error"]["reason"], "conflict");
+
+    // A stale delete conflicts too, and a likes delta never does.
+    let likes = format!("/api/tasks/{}/likes", created.task_id);
+    let like = app
+        .accepted(Method::POST, &likes, "like", json!({ "delta": 1 }))
+        .await;
+    let delete = app
+        .accepted(Method::DELETE, &path, "del", json!({ "base_version": 1 }))
+        .await;
+    assert_eq!(
+        events.until_command(like.command_id).await.0.name,
+        "projection:settled"
+    );
+    let (event, _) = events.until_command(delete.command_id).await;
+    assert_eq!(event.data["reason"], "conflict");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn commands_on_a_missing_task_fail_with_not_found() {
+    let app = spawn_app_with(|config| config.delay_ms = 50).await;
+    let mut events = app.events(None).await;
+    let ghost = Uuid::now_v7();
+    let patch = app
+        .accepted(
+            Method::PATCH,
+            &format!("/api/tasks/{ghost}"),
+            "p",
+            json!({ "done": true }),
+        )
+        .await;
+    let (event, _) = events.until_command(patch.command_id).await;
+    assert_eq!(event.name, "command:failed");
+    assert_eq!(event.data["reason"], "not_found");
+    assert!(event.data["current"].is_null());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn commands_on_one_task_apply_in_acceptance_order_under_jitter() {
+    let app = spawn_app_with(|config| {
+        config.delay_ms = 20;
+        config.jitter_ms = 400;
+    })
+    .await;
+    let mut events = app.events(None).await;
+    let created = app.create("v0").await;
+    let path = format!("/api/tasks/{}", created.task_id);
+    let mut command_ids = vec![created.command_id];
+    for n in 1..=20 {
+        let patch = app
+            .accepted(
+                Method::PATCH,
+                &path,
+                &format!("rename-{n}"),
+                json!({ "title": format!("v{n}") }),
+            )
+            .await;
+        command_ids.push(patch.command_id);
+    }
+    let settled = events.take(21).await;
+    let order: Vec<_> = settled.iter().map(|e| e.command_id().unwrap()).collect();
+    assert_eq!(order, command_ids, "applied in acceptance order");
+    let titles: Vec<_> = settled
+        .iter()
+        .map(|e| e.data["task"]["title"].as_str().unwrap().to_owned())
+        .collect();
+    let expected: Vec<_> = (0..=20).map(|n| format!("v{n}")).collect();
+    assert_eq!(titles, expected);
+    let (_, task) = app.get_json(&path).await;
+    assert_eq!(
+        (task["title"].as_str(), task["version"].as_u64()),
+        (Some("v20"), Some(21))
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_burst_settles_together_not_one_after_another() {
+    const BURST: usize = 400;
+    let app = spawn_app().await;
+    let mut events = app.events(None).await;
+    let started = Instant::now();
+    let creates = (0..BURST).map(|n| {
+        let app = &app;
+        async move {
+            let key = format!("burst-{n}");
+            app.accepted(Method::POST, "/api/tasks", &key, json!({ "title": key }))
+                .await
+        }
+    });
+    let accepted = join_all(creates).await;
+    let accept_span = started.elapsed();
+
+    let settled = events.take(BURST).await;
+    let settle_span = started.elapsed();
+    assert!(settled.iter().all(|e| e.name == "projection:settled"));
+    let ids: HashSet<_> = settled.iter().map(|e| e.command_id().unwrap()).collect();
+    assert_eq!(
+        ids,
+        accepted
+            .iter()
+            .map(|a| a.command_id)
+            .collect::<HashSet<_>>()
+    );
+    // Applied one after another, 400 commands would take 400 x 700 ms. On a timer
+    // each, they all land about one delay after their own accept.
+    let limit = accept_span + Duration::from_millis(700 + 1_500);
+    assert!(
+        settle_span < limit,
+        "burst settled within {settle_span:?}, limit {limit:?}"
+    );
+    for event in &settled {
+        let window = event.data["window_ms"].as_u64().unwrap();
+        assert!(
+            (690..2_500).contains(&window),
+            "window {window} ms is about the delay"
+        );
+    }
+    app.stop().await;
+}

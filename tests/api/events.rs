@@ -1,0 +1,275 @@
+//! The event stream: durable ids, resume without gap or duplicate, reset when history
+//! is gone, lagging subscribers caught up from the log, streams that end at shutdown.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::json;
+use settle::hub::Hub;
+use settle::metrics::Metrics;
+use settle::model::{CommandBody, CommandRecord, CommandStatus};
+use settle::store::{Decision, Store};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::helpers::{assert_problem, spawn_app_with, Events};
+
+#[tokio::test]
+async fn resuming_with_last_event_id_replays_every_later_event_without_gap_or_duplicate() {
+    let app = spawn_app_with(|config| config.delay_ms = 30).await;
+    let mut live = app.events(None).await;
+    for n in 0..5 {
+        app.create(&format!("task {n}")).await;
+    }
+    let first = live.take(5).await;
+    assert_eq!(
+        first.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5],
+        "ids start at 1"
+    );
+
+    // Resume after 2 while new commands keep settling: the seam between the log and
+    // the live broadcast must neither drop nor repeat an event.
+    let writer = {
+        let http = app.http.clone();
+        let url = app.url("/api/tasks");
+        tokio::spawn(async move {
+            for n in 0..20 {
+                http.post(&url)
+                    .header("Idempotency-Key", format!("during-{n}"))
+                    .json(&json!({ "title": format!("during {n}") }))
+                    .send()
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let mut resumed = app.events(Some(2)).await;
+    writer.await.unwrap();
+    let events = resumed.take(23).await;
+    let ids: Vec<_> = events.iter().map(|e| e.id).collect();
+    assert_eq!(ids, (3..=25).collect::<Vec<_>>());
+    assert!(
+        resumed
+            .next_within(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "no duplicate"
+    );
+    // The replayed part is byte-for-byte what live subscribers got.
+    assert_eq!(events[0].data, first[2].data);
+
+    // Last-Event-ID: 0 replays the whole retained log; the query form works too.
+    let mut everything = app.events(Some(0)).await;
+    let all = everything.take(25).await;
+    assert_eq!(
+        all.iter().map(|e| e.id).collect::<Vec<_>>(),
+        (1..=25).collect::<Vec<_>>()
+    );
+    let mut by_query = Events::open(&app.url("/api/events?last_event_id=24"), None).await;
+    assert_eq!(by_query.next().await.id, 25);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn event_ids_keep_increasing_across_restarts() {
+    let app = spawn_app_with(|config| config.delay_ms = 20).await;
+    let mut events = app.events(None).await;
+    app.create("before").await;
+    assert_eq!(events.next().await.id, 1);
+    drop(events);
+    let app = app.restart(|_| {}).await;
+    let mut events = app.events(Some(0)).await;
+    assert_eq!(events.next().await.id, 1, "the log survived the restart");
+    app.create("after").await;
+    let next = events.next().await;
+    assert_eq!(next.id, 2, "never reused");
+    assert_eq!(next.data["task"]["title"], "after");
+    let (_, list) = app.get_json("/api/tasks").await;
+    assert_eq!(list["watermark"], 2);
+    assert_eq!(list["tasks"].as_array().unwrap().len(), 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_resume_from_before_the_retained_log_starts_with_reset() {
+    let app = spawn_app_with(|config| {
+        config.delay_ms = 10;
+        config.event_retention = 3;
+    })
+    .await;
+    let mut events = app.events(None).await;
+    for n in 0..6 {
+        app.create(&format!("t{n}")).await;
+    }
+    events.take(6).await;
+    drop(events);
+    // The janitor trims the log when it starts.
+    let app = app.restart(|_| {}).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut stale = app.events(Some(1)).await;
+    let reset = stale.next().await;
+    assert_eq!(reset.name, "reset");
+    assert_eq!(reset.id, 6);
+    assert_eq!(reset.data["watermark"], 6);
+    app.create("fresh").await;
+    assert_eq!(stale.next().await.id, 7, "live events follow the reset");
+
+    // Within the retained log there is no reset.
+    let mut recent = app.events(Some(4)).await;
+    assert_eq!(recent.next().await.id, 5);
+
+    // A client ahead of the server (another data dir) is told to refetch, too.
+    let mut ahead = app.events(Some(999)).await;
+    let reset = ahead.next().await;
+    assert_eq!((reset.name.as_str(), reset.id), ("reset", 7));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_malformed_last_event_id_is_a_problem() {
+    let app = spawn_app_with(|_| {}).await;
+    let response = app
+        .http
+        .get(app.url("/api/events"))
+        .header("Last-Event-ID", "yesterday")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 400, "Last-Event-ID").await;
+    let response = app
+        .http
+        .get(app.url("/api/events?last_event_id=-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 400, "last_event_id").await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_stream_sends_a_retry_hint_and_counts_its_subscriber() {
+    let app = spawn_app_with(|_| {}).await;
+    let response = app.http.get(app.url("/api/events")).send().await.unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&first);
+    assert!(text.contains("retry: "), "a retry hint first: {text:?}");
+    let (_, metrics) = app.get_json("/api/metrics").await;
+    assert_eq!(metrics["subscribers"], 1);
+    drop(body);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, metrics) = app.get_json("/api/metrics").await;
+    assert_eq!(metrics["subscribers"], 0);
+    app.stop().await;
+}
+
+/// Accepts and applies a create directly through the store, as the consumer would.
+fn settle_one(store: &Store, n: u64) -> settle::hub::EventFrame {
+    let now = OffsetDateTime::now_utc();
+    let record = CommandRecord {
+        command_id: Uuid::now_v7(),
+        task_id: Uuid::now_v7(),
+        idempotency_key: format!("k{n}"),
+        seq: store.next_seq().unwrap(),
+        fingerprint: format!("f{n}"),
+        body: CommandBody::Create {
+            title: format!("t{n}"),
+            notes: String::new(),
+        },
+        status: CommandStatus::Pending,
+        accepted_at: now,
+        due_at_ms: 0,
+        settled_at: None,
+        event_id: None,
+        error: None,
+    };
+    store.accept(&record).unwrap();
+    let applied = store
+        .apply(&record.idempotency_key, &Decision::Apply, now)
+        .unwrap()
+        .unwrap();
+    store.project(&applied);
+    applied.frame
+}
+
+/// Reads SSE bytes into `text` until the event with `id` is in it.
+async fn read_until<S>(stream: &mut S, text: &mut String, id: u64)
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, std::convert::Infallible>> + Unpin,
+{
+    let needle = format!("id: {id}\n");
+    while !text.contains(&needle) {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("the stream keeps up")
+            .expect("the stream is open")
+            .expect("infallible");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+#[tokio::test]
+async fn a_subscriber_that_falls_behind_the_broadcast_catches_up_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let hub = Hub::with_capacity(2);
+    let shutdown = CancellationToken::new();
+    let stream = settle::sse::event_stream(
+        store.clone(),
+        hub.clone(),
+        Metrics::new(),
+        shutdown.clone(),
+        Some(0),
+    )
+    .unwrap();
+    futures::pin_mut!(stream);
+    // The stream is created but not polled while 50 events go out: its receiver
+    // lags far past the broadcast's capacity.
+    for n in 0..50 {
+        hub.publish(settle_one(&store, n));
+    }
+    let mut text = String::new();
+    read_until(&mut stream, &mut text, 50).await;
+    // Caught up: nothing else is due, in particular no stale broadcast frame again.
+    let extra = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
+    assert!(extra.is_err(), "nothing after the catch-up: {extra:?}");
+    // Live, one at a time.
+    for n in 51..=55 {
+        hub.publish(settle_one(&store, n));
+        read_until(&mut stream, &mut text, n).await;
+    }
+    // Behind again.
+    for n in 56..=60 {
+        hub.publish(settle_one(&store, n));
+    }
+    read_until(&mut stream, &mut text, 60).await;
+    let ids: Vec<u64> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("id: "))
+        .map(|id| id.parse().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        (1..=60).collect::<Vec<_>>(),
+        "every event once, in order"
+    );
+    shutdown.cancel();
+    let rest = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap();
+    assert!(rest.is_none(), "the stream ends at shutdown");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_ends_open_streams() {
+    let app = spawn_app_with(|_| {}).await;
+    let mut events = app.events(None).await;
+    let _second = app.events(Some(0)).await;
+    app.stop().await; // times out (and fails) if a stream holds the server open
+    assert!(events.next_within(Duration::from_secs(2)).await.is_none());
+}

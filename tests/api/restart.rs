@@ -1,0 +1,164 @@
+//! A 202 is a promise that survives kill -9: run the real binary, kill it inside the
+//! window, start it again on the same data dir, and count every command's effect.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::future::join_all;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::helpers::{http_client, Events, EVENT_TIMEOUT};
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(data_dir: &std::path::Path, delay_ms: u64) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_settle"))
+            .args([
+                "--addr",
+                "127.0.0.1:0",
+                "--delay-ms",
+                &delay_ms.to_string(),
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .env("RUST_LOG", "settle=info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the settle binary starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let base = loop {
+            let line = lines
+                .next()
+                .expect("the server logs its address before anything else ends")
+                .expect("readable stdout");
+            if let Some((_, addr)) = line.split_once("listening on ") {
+                break addr.trim().to_owned();
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, base }
+    }
+
+    fn kill_9(mut self) {
+        self.child.kill().expect("SIGKILL delivered");
+        self.child.wait().expect("the child is reaped");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn kill_9_inside_the_window_then_restart_settles_every_accepted_command_exactly_once() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let http = http_client();
+
+    // Some history first, so event ids must continue after the crash.
+    let server = Server::start(data_dir.path(), 50);
+    let mut events = Events::open(&format!("{}/api/events", server.base), None).await;
+    let seed_task = Uuid::now_v7();
+    let response = http
+        .post(format!("{}/api/tasks", server.base))
+        .header("Idempotency-Key", "seed")
+        .json(&json!({ "id": seed_task, "title": "seed" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    assert_eq!(events.next().await.id, 1);
+    drop(events);
+
+    // Accept a mixed batch with a long window, then kill -9 inside it.
+    http.put(format!("{}/api/faults", server.base))
+        .json(&json!({ "delay_ms": 3_000 }))
+        .send()
+        .await
+        .unwrap();
+    let requests = (0..60).map(|n| {
+        let http = http.clone();
+        let base = server.base.clone();
+        async move {
+            let (path, body) = if n % 3 == 0 {
+                (
+                    format!("/api/tasks/{seed_task}/likes"),
+                    json!({ "delta": 1 }),
+                )
+            } else {
+                (
+                    "/api/tasks".to_owned(),
+                    json!({ "title": format!("crash {n}") }),
+                )
+            };
+            let response = http
+                .post(format!("{base}{path}"))
+                .header("Idempotency-Key", format!("crash-{n}"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 202);
+            let body: serde_json::Value = response.json().await.unwrap();
+            body["command_id"].as_str().unwrap().to_owned()
+        }
+    });
+    let accepted: Vec<String> = join_all(requests).await;
+    server.kill_9();
+
+    let server = Server::start(data_dir.path(), 50);
+    let mut events = Events::open(&format!("{}/api/events", server.base), Some(0)).await;
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    let mut ids = Vec::new();
+    while ids.len() < 61 {
+        let event = events
+            .next_within(EVENT_TIMEOUT)
+            .await
+            .expect("every accepted command settles after the restart");
+        ids.push(event.id);
+        *seen
+            .entry(event.data["command_id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+        assert_eq!(event.name, "projection:settled");
+    }
+    assert!(
+        events.next_within(Duration::from_secs(1)).await.is_none(),
+        "nothing settles twice"
+    );
+    assert_eq!(
+        ids,
+        (1..=61).collect::<Vec<_>>(),
+        "ids continue without reuse or gap"
+    );
+    for command_id in &accepted {
+        assert_eq!(
+            seen.get(command_id),
+            Some(&1),
+            "command {command_id} settled exactly once"
+        );
+    }
+    let tasks: serde_json::Value = http
+        .get(format!("{}/api/tasks", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let tasks = tasks["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 1 + 40);
+    assert_eq!(tasks[0]["likes"], 20, "each like counted once");
+    server.kill_9();
+}
