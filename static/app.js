@@ -1,0 +1,567 @@
+// The thin view: renders the core's snapshot into the page and turns clicks into intents.
+//
+// Rules it keeps:
+// - text goes in with textContent, never innerHTML: a task titled
+//   `<img src=x onerror=alert(1)>` is shown as those characters;
+// - one DOM node per task, kept in a Map and updated in place, so settling an item never
+//   remounts it (no flicker, focus stays where it was);
+// - every decision (what is pending, stuck, in conflict) is the core's; this file only draws.
+
+import { createCore } from './core.js';
+import { createTransport } from './transport.js';
+import { createSync } from './sync.js';
+import { rollingPercentiles, linePath, niceCeiling, percentile } from './stats.js';
+
+// ---- configuration from the URL: ?stuck_ms=5000&sync_ms=800 -----------------------------
+
+function numberParam(params, name, fallback) {
+  const value = Number(params.get(name));
+  return params.has(name) && Number.isFinite(value) && value >= 0 ? value : fallback;
+}
+
+const params = new URLSearchParams(location.search);
+const STUCK_MS = numberParam(params, 'stuck_ms', 5000);
+const SYNC_MS = numberParam(params, 'sync_ms', 800);
+/** How often the server's metrics are polled for the chart. */
+const METRICS_POLL_MS = 2000;
+/** How much history the chart shows. */
+const CHART_SPAN_MS = 120_000;
+/** Likes are a toggle per browser: which tasks this browser currently likes. */
+const LIKED_STORAGE_KEY = 'settle.liked.v1';
+
+const core = createCore({ now: Date.now, stuckMs: STUCK_MS, syncMs: SYNC_MS });
+const transport = createTransport();
+const sync = createSync({
+  core,
+  transport,
+  storage: safeStorage(() => sessionStorage),
+  tickMs: Math.max(20, Math.min(100, SYNC_MS / 4)),
+  log: (message, error) => console.warn(`settle: ${message}`, error ?? ''),
+});
+// A handle for the console and for end-to-end tests that need to poke the machinery.
+window.settle = { core, sync, transport };
+
+function safeStorage(get) {
+  try {
+    return get();
+  } catch {
+    return null; // storage disabled: pending ops then live only as long as the page
+  }
+}
+
+// ---- small DOM helpers -------------------------------------------------------------------
+
+function element(tag, attributes = {}, text) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+/** Set text only when it differs, so unchanged nodes see no mutation at all. */
+function setText(node, text) {
+  if (node.textContent !== text) node.textContent = text;
+}
+
+function setAttr(node, name, value) {
+  if (node.getAttribute(name) !== value) node.setAttribute(name, value);
+}
+
+const $ = (id) => document.getElementById(id);
+
+// ---- likes as a toggle -------------------------------------------------------------------
+
+const liked = new Set(JSON.parse(safeStorage(() => localStorage.getItem(LIKED_STORAGE_KEY)) ?? '[]'));
+
+function saveLiked() {
+  safeStorage(() => localStorage.setItem(LIKED_STORAGE_KEY, JSON.stringify([...liked])));
+}
+
+function toggleLike(taskId) {
+  const delta = liked.has(taskId) ? -1 : 1;
+  if (delta > 0) liked.add(taskId);
+  else liked.delete(taskId);
+  saveLiked();
+  sync.like(taskId, delta);
+}
+
+// A like that failed, was refused or was discarded is not shown any more: the toggle goes
+// back with the count.
+const handledNotices = new Set();
+core.subscribe(() => {
+  for (const notice of core.getSnapshot().notices) {
+    if (handledNotices.has(notice.id)) continue;
+    handledNotices.add(notice.id);
+    if (notice.op_kind !== 'like') continue;
+    if (notice.delta > 0) liked.delete(notice.task_id);
+    else liked.add(notice.task_id);
+    saveLiked();
+  }
+});
+
+// ---- the task list -------------------------------------------------------------------------
+
+const list = $('task-list');
+/** task id -> the parts of its list item, reused across every render. */
+const taskNodes = new Map();
+/** task id -> the idempotency key of the open editor: one editing session = one intent. */
+const editorKeys = new Map();
+
+function createTaskNode(taskId) {
+  const li = element('li', { class: 'task', 'data-testid': 'task', 'data-id': taskId });
+  const row = element('div', { class: 'row' });
+  const done = element('input', { type: 'checkbox', 'data-testid': 'done', class: 'done' });
+  const title = element('span', { class: 'title', 'data-testid': 'title' });
+  const marker = element('span', { class: 'marker', 'data-testid': 'pending-marker' });
+  const likeButton = element('button', { type: 'button', class: 'like', 'data-testid': 'like', 'aria-pressed': 'false' });
+  const likes = element('span', { class: 'likes', 'data-testid': 'likes' });
+  const rename = element('button', { type: 'button', class: 'rename', 'data-testid': 'rename' }, 'Rename');
+  const remove = element('button', { type: 'button', class: 'delete', 'data-testid': 'delete' }, 'Delete');
+  row.append(done, title, marker, likeButton, likes, rename, remove);
+
+  const notes = element('p', { class: 'notes', 'data-testid': 'notes' });
+  notes.hidden = true;
+
+  const editor = element('form', { class: 'editor', 'data-testid': 'editor' });
+  const titleLabel = element('label', {}, 'Title ');
+  const titleInput = element('input', { 'data-testid': 'rename-input', name: 'title', maxlength: '200' });
+  titleLabel.append(titleInput);
+  const notesLabel = element('label', {}, 'Notes ');
+  const notesInput = element('textarea', { 'data-testid': 'notes-input', name: 'notes', rows: '2' });
+  notesLabel.append(notesInput);
+  const save = element('button', { type: 'submit', 'data-testid': 'save' }, 'Save');
+  const cancel = element('button', { type: 'button', 'data-testid': 'cancel' }, 'Cancel');
+  editor.append(titleLabel, notesLabel, save, cancel);
+  editor.hidden = true;
+
+  const stuck = element('div', { class: 'stuck-list' });
+  const conflict = element('div', { class: 'conflict', 'data-testid': 'conflict', role: 'group', 'aria-label': 'Conflict: yours or theirs' });
+  conflict.hidden = true;
+
+  li.append(row, notes, editor, stuck, conflict);
+
+  done.addEventListener('change', () => sync.setDone(taskId, done.checked));
+  likeButton.addEventListener('click', () => toggleLike(taskId));
+  remove.addEventListener('click', () => sync.deleteTask(taskId));
+  rename.addEventListener('click', () => openEditor(taskId));
+  cancel.addEventListener('click', () => closeEditor(taskId));
+  editor.addEventListener('keydown', (event) => {
+    if (event.key === 'Escape') closeEditor(taskId);
+  });
+  editor.addEventListener('submit', (event) => {
+    event.preventDefault();
+    submitEditor(taskId);
+  });
+
+  const parts = {
+    li, done, title, marker, likeButton, likes, rename, remove, notes, editor, titleInput, notesInput,
+    stuck, stuckRows: new Map(), conflict, conflictFor: null, item: null,
+  };
+  taskNodes.set(taskId, parts);
+  return parts;
+}
+
+function openEditor(taskId) {
+  const parts = taskNodes.get(taskId);
+  const task = parts?.item?.task;
+  if (!task) return;
+  if (!editorKeys.has(taskId)) editorKeys.set(taskId, sync.newId());
+  parts.titleInput.value = task.title;
+  parts.notesInput.value = task.notes ?? '';
+  parts.editor.hidden = false;
+  parts.titleInput.focus();
+  parts.titleInput.select();
+}
+
+function closeEditor(taskId) {
+  editorKeys.delete(taskId);
+  const parts = taskNodes.get(taskId);
+  if (!parts) return;
+  parts.editor.hidden = true;
+  parts.rename.focus();
+}
+
+function submitEditor(taskId) {
+  const parts = taskNodes.get(taskId);
+  const key = editorKeys.get(taskId);
+  const task = parts?.item?.task;
+  if (!parts || !key || !task) return; // already submitted: a second Enter finds no open editor
+  const patch = {};
+  const title = parts.titleInput.value.trim();
+  if (title && title !== task.title) patch.title = title;
+  if (parts.notesInput.value !== (task.notes ?? '')) patch.notes = parts.notesInput.value;
+  if (Object.keys(patch).length) sync.editTask(taskId, patch, key);
+  closeEditor(taskId);
+}
+
+function updateTaskNode(parts, item) {
+  const { task } = item;
+  const stuckOps = item.ops.filter((op) => op.state === 'stuck');
+  const state = item.conflict ? 'conflict' : stuckOps.length ? 'stuck' : item.pending ? 'pending' : 'settled';
+  setAttr(parts.li, 'data-pending', String(item.pending));
+  setAttr(parts.li, 'data-state', state);
+  setAttr(parts.li, 'data-version', String(item.confirmed?.version ?? 0));
+  setAttr(parts.li, 'aria-busy', String(item.pending));
+  parts.li.classList.toggle('pending', item.pending);
+  parts.li.classList.toggle('stuck', stuckOps.length > 0);
+  parts.li.classList.toggle('is-done', task.done);
+  parts.li.classList.toggle('has-conflict', Boolean(item.conflict));
+  parts.li.classList.toggle('deleting', item.deleting);
+  setAttr(parts.li, 'data-deleting', String(item.deleting));
+
+  setText(parts.title, task.title);
+  if (parts.done.checked !== task.done) parts.done.checked = task.done;
+  setAttr(parts.done, 'aria-label', `Done: ${task.title}`);
+  setText(parts.likes, String(task.likes));
+  const isLiked = liked.has(item.id);
+  setAttr(parts.likeButton, 'aria-pressed', String(isLiked));
+  setText(parts.likeButton, isLiked ? '♥ Liked' : '♡ Like');
+  setAttr(parts.rename, 'aria-label', `Rename ${task.title}`);
+  setAttr(parts.remove, 'aria-label', `Delete ${task.title}`);
+  setText(parts.notes, task.notes ?? '');
+  parts.notes.hidden = !task.notes;
+
+  parts.marker.hidden = !item.pending;
+  // The stuck row below carries the "still processing" wording; the marker stays terse so
+  // that text appears once per stuck operation.
+  setText(parts.marker, stuckOps.length ? 'not confirmed' : 'saving…');
+  setAttr(parts.marker, 'title', item.ops.map((op) => `${op.description}: ${op.state}`).join('\n'));
+
+  renderStuckRows(parts, item.id, stuckOps);
+  renderConflict(parts, item);
+  parts.item = item;
+}
+
+/** One row per stuck op, keyed by its idempotency key: Retry sends it again, same key. */
+function renderStuckRows(parts, taskId, stuckOps) {
+  const keys = new Set(stuckOps.map((op) => op.key));
+  for (const [key, row] of parts.stuckRows) {
+    if (!keys.has(key)) {
+      row.remove();
+      parts.stuckRows.delete(key);
+    }
+  }
+  for (const op of stuckOps) {
+    if (parts.stuckRows.has(op.key)) continue;
+    const row = element('div', { class: 'stuck-row', 'data-testid': 'stuck', 'data-key': op.key, role: 'alert' });
+    const text = element('span', {}, `${op.description}: still processing. The server has not confirmed it yet.`);
+    const retry = element('button', { type: 'button', 'data-testid': 'retry' }, 'Retry');
+    const discard = element('button', { type: 'button', 'data-testid': 'discard' }, 'Discard');
+    retry.addEventListener('click', () => sync.retry(op.key));
+    discard.addEventListener('click', () => sync.discard(op.key));
+    row.append(text, retry, discard);
+    parts.stuck.append(row);
+    parts.stuckRows.set(op.key, row);
+  }
+}
+
+const FIELD_LABELS = { title: 'Title', notes: 'Notes', done: 'Done', deleted: 'Deleted' };
+
+function fieldText(field, value) {
+  if (field === 'done' || field === 'deleted') return value ? 'yes' : 'no';
+  return value === '' ? '(empty)' : String(value);
+}
+
+/** The inline yours / theirs view of a refused edit; rebuilt only when the conflict changes. */
+function renderConflict(parts, item) {
+  const { conflict } = item;
+  parts.conflict.hidden = !conflict;
+  if (parts.conflictFor === conflict) return;
+  parts.conflictFor = conflict;
+  parts.conflict.replaceChildren();
+  if (!conflict) return;
+  const heading = element('p', { class: 'conflict-heading' }, 'Someone else changed this task before your edit applied. Nothing was overwritten: choose.');
+  const table = element('div', { class: 'conflict-sides' });
+  const yours = element('div', { class: 'side yours', 'data-testid': 'conflict-yours' });
+  const theirs = element('div', { class: 'side theirs', 'data-testid': 'conflict-theirs' });
+  yours.append(element('strong', {}, 'Yours'));
+  theirs.append(element('strong', {}, 'Theirs'));
+  for (const [field, value] of Object.entries(conflict.yours)) {
+    const label = FIELD_LABELS[field] ?? field;
+    yours.append(element('div', { 'data-field': field }, `${label}: ${fieldText(field, value)}`));
+    const current = field === 'deleted' ? false : conflict.theirs[field];
+    theirs.append(element('div', { 'data-field': field }, `${label}: ${fieldText(field, current)}`));
+  }
+  table.append(yours, theirs);
+  const keep = element('button', { type: 'button', 'data-testid': 'keep-mine' }, 'Keep mine');
+  const take = element('button', { type: 'button', 'data-testid': 'take-theirs' }, 'Take theirs');
+  keep.addEventListener('click', () => sync.keepMine(item.id));
+  take.addEventListener('click', () => sync.takeTheirs(item.id));
+  parts.conflict.append(heading, table, keep, take);
+}
+
+function renderList(items) {
+  const visible = new Set(items.map((item) => item.id));
+  for (const [taskId, parts] of taskNodes) {
+    if (!visible.has(taskId)) {
+      parts.li.remove();
+      taskNodes.delete(taskId);
+      editorKeys.delete(taskId);
+    }
+  }
+  items.forEach((item, index) => {
+    const parts = taskNodes.get(item.id) ?? createTaskNode(item.id);
+    if (parts.item !== item) updateTaskNode(parts, item);
+    // Move a node only when it is out of place: moving detaches it, which drops focus.
+    const atIndex = list.children[index];
+    if (atIndex !== parts.li) list.insertBefore(parts.li, atIndex ?? null);
+  });
+  $('empty').hidden = items.length > 0;
+}
+
+// ---- notices ------------------------------------------------------------------------------
+
+const noticeNodes = new Map();
+
+function renderNotices(notices) {
+  const ids = new Set(notices.map((notice) => notice.id));
+  for (const [id, node] of noticeNodes) {
+    if (!ids.has(id)) {
+      node.remove();
+      noticeNodes.delete(id);
+    }
+  }
+  for (const notice of notices) {
+    if (noticeNodes.has(notice.id)) continue;
+    const node = element('div', {
+      class: `notice ${notice.level}`,
+      'data-testid': 'notice',
+      'data-reason': notice.reason ?? '',
+      'data-task-id': notice.task_id ?? '',
+    });
+    if (notice.level === 'error') node.setAttribute('role', 'alert');
+    const dismiss = element('button', { type: 'button', class: 'dismiss', 'aria-label': 'Dismiss notice' }, '×');
+    dismiss.addEventListener('click', () => sync.dismissNotice(notice.id));
+    node.append(element('span', {}, notice.text), dismiss);
+    $('notices').append(node);
+    noticeNodes.set(notice.id, node);
+  }
+}
+
+// ---- chrome: sync indicator and connection -------------------------------------------------
+
+let syncDot = null;
+
+function syncDescription(syncState) {
+  const ageSeconds = ((Date.now() - syncState.oldest_issued_at) / 1000).toFixed(1);
+  const changes = syncState.count === 1 ? '1 change' : `${syncState.count} changes`;
+  return `${changes} waiting for the server, the oldest for ${ageSeconds} s`;
+}
+
+/** The dot exists only while some pending op is older than sync_ms: absent, not hidden. */
+function renderSync(syncState) {
+  if (syncState.count === 0) {
+    syncDot?.remove();
+    syncDot = null;
+    return;
+  }
+  if (!syncDot) {
+    syncDot = element('span', { class: 'sync-indicator', 'data-testid': 'sync-indicator', role: 'img', tabindex: '0' });
+    syncDot.append(element('span', { class: 'sync-dot' }), element('span', { class: 'sync-tooltip', 'data-testid': 'sync-tooltip' }));
+    $('sync-slot').append(syncDot);
+  }
+  refreshSyncText(syncState);
+}
+
+function refreshSyncText(syncState) {
+  if (!syncDot) return;
+  const text = syncDescription(syncState);
+  setAttr(syncDot, 'title', text);
+  setAttr(syncDot, 'aria-label', text);
+  setAttr(syncDot, 'data-count', String(syncState.count));
+  setText(syncDot.lastChild, text);
+}
+
+const CONNECTION_TEXT = { connecting: 'connecting…', live: 'live', reconnecting: 'reconnecting…' };
+
+function renderConnection(state) {
+  const node = $('connection');
+  setAttr(node, 'data-state', state);
+  setText(node, CONNECTION_TEXT[state] ?? state);
+}
+
+// ---- the consistency-window chart ------------------------------------------------------------
+
+const SVG_NS = 'http://www.w3.org/2000/svg';
+const CHART = { width: 300, height: 130, left: 16, top: 8 };
+let serverSeries = [];
+
+function svg(tag, attributes = {}) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+  return node;
+}
+
+function formatMs(value) {
+  return value == null ? '–' : `${Math.round(value)} ms`;
+}
+
+function renderChart(samples) {
+  const clientSeries = rollingPercentiles(samples);
+  const to = Date.now();
+  const from = to - CHART_SPAN_MS;
+  const inRange = (point) => point.at >= from;
+  const peak = Math.max(0, ...[...clientSeries, ...serverSeries].filter(inRange).flatMap((point) => [point.p99 ?? 0]));
+  const maxMs = niceCeiling(peak);
+  const box = { from, to, maxMs, width: CHART.width, height: CHART.height };
+  const chart = $('window-chart');
+  const plot = svg('g', { transform: `translate(${CHART.left},${CHART.top})` });
+  plot.append(svg('rect', { class: 'plot-area', x: '0', y: '0', width: String(CHART.width), height: String(CHART.height) }));
+  for (const fraction of [0.5, 1]) {
+    const y = String(CHART.height - fraction * CHART.height);
+    plot.append(svg('line', { class: 'grid', x1: '0', x2: String(CHART.width), y1: y, y2: y }));
+    const label = svg('text', { class: 'axis', x: '2', y: String(Number(y) + 10) });
+    label.textContent = `${Math.round(fraction * maxMs)} ms`;
+    plot.append(label);
+  }
+  const series = [
+    ['client-p50', clientSeries, (point) => point.p50],
+    ['client-p99', clientSeries, (point) => point.p99],
+    ['server-p50', serverSeries, (point) => point.p50],
+    ['server-p99', serverSeries, (point) => point.p99],
+  ];
+  for (const [name, points, pick] of series) {
+    const d = linePath(points, pick, box);
+    if (d) plot.append(svg('path', { class: `series ${name}`, 'data-series': name, d }));
+  }
+  chart.replaceChildren(plot);
+
+  const recent = samples.map((sample) => sample.ms);
+  setText($('client-figures'), recent.length
+    ? `p50 ${formatMs(percentile(recent, 50))}, p99 ${formatMs(percentile(recent, 99))} over ${recent.length} settled`
+    : 'no sample yet');
+}
+
+async function pollMetrics() {
+  try {
+    const metrics = await transport.fetchMetrics();
+    const window = metrics.window_ms ?? {};
+    if (window.count > 0) {
+      serverSeries = [...serverSeries, { at: Date.now(), p50: window.p50, p99: window.p99 }].slice(-200);
+    }
+    setText($('server-figures'), window.count > 0
+      ? `p50 ${formatMs(window.p50)}, p99 ${formatMs(window.p99)}, max ${formatMs(window.max)} over ${window.count}`
+      : 'no settled command yet');
+    setText($('server-counts'), `accepted ${metrics.accepted}, settled ${metrics.settled}, failed ${metrics.failed}, `
+      + `deduplicated ${metrics.deduplicated}, pending ${metrics.pending}`);
+    renderChart(core.getSnapshot().window_samples);
+  } catch (error) {
+    setText($('server-figures'), `unavailable (${error.message})`);
+  }
+}
+
+// ---- the fault panel ------------------------------------------------------------------------
+
+const FAULT_FIELDS = ['delay_ms', 'jitter_ms', 'failure_rate', 'drop_rate', 'transient_rate'];
+/** PUTs go out one after the other, so the server ends with the last thing the user set. */
+let faultChain = Promise.resolve();
+
+function showFaults(settings) {
+  const form = $('faults');
+  for (const field of FAULT_FIELDS) {
+    const input = form.elements[field];
+    // Never overwrite what the user is typing.
+    if (input && settings[field] !== undefined && input !== document.activeElement) input.value = String(settings[field]);
+  }
+}
+
+function readFaults(fields) {
+  const form = $('faults');
+  const update = {};
+  for (const field of fields) {
+    const raw = form.elements[field]?.value.trim() ?? '';
+    if (raw !== '') update[field] = Number(raw);
+  }
+  return update;
+}
+
+/** PUT a subset of the settings (the server accepts any subset) and report the outcome. */
+function applyFaults(update) {
+  const status = $('fault-status');
+  faultChain = faultChain.then(async () => {
+    try {
+      showFaults(await transport.putFaults(update));
+      status.setAttribute('role', 'status');
+      status.className = 'fault-status ok';
+      setText(status, 'Applied.');
+    } catch (error) {
+      status.setAttribute('role', 'alert');
+      status.className = 'fault-status error';
+      setText(status, `Refused: ${error.message}`);
+    }
+  });
+  return faultChain;
+}
+
+function bindFaultPanel() {
+  const form = $('faults');
+  form.addEventListener('submit', (event) => {
+    event.preventDefault();
+    applyFaults(readFaults(FAULT_FIELDS));
+  });
+  // A changed field applies on its own too: only that field, so it never resets the others.
+  form.addEventListener('change', (event) => applyFaults(readFaults([event.target.name])));
+  transport.fetchFaults().then((settings) => settings && showFaults(settings)).catch(() => {});
+}
+
+// ---- the new-task form ------------------------------------------------------------------------
+
+/**
+ * The draft being typed owns one task id and one idempotency key: submitting the same draft
+ * twice (double Enter, double click) is the same intent, and the core keeps one op.
+ */
+let draft = null;
+
+function bindNewTaskForm() {
+  const form = $('new-task');
+  const input = $('new-title');
+  input.addEventListener('input', () => {
+    draft = null;
+  });
+  form.addEventListener('submit', (event) => {
+    event.preventDefault();
+    const title = input.value.trim();
+    if (!title) return;
+    if (!draft || draft.title !== title) draft = { title, id: sync.newId(), key: sync.newId() };
+    sync.createTask({ title, id: draft.id, key: draft.key });
+    input.value = '';
+  });
+}
+
+// ---- rendering loop -------------------------------------------------------------------------------
+
+let rendered = null;
+let renderQueued = false;
+
+function render() {
+  renderQueued = false;
+  const snapshot = core.getSnapshot();
+  if (snapshot === rendered) return;
+  if (snapshot.items !== rendered?.items) renderList(snapshot.items);
+  if (snapshot.notices !== rendered?.notices) renderNotices(snapshot.notices);
+  if (snapshot.sync !== rendered?.sync) renderSync(snapshot.sync);
+  if (snapshot.connection !== rendered?.connection) renderConnection(snapshot.connection);
+  if (snapshot.window_samples !== rendered?.window_samples) renderChart(snapshot.window_samples);
+  rendered = snapshot;
+}
+
+/** Changes often come in bursts (an event, then its re-fetch): draw once, still before paint. */
+function scheduleRender() {
+  if (renderQueued) return;
+  renderQueued = true;
+  queueMicrotask(render);
+}
+
+function main() {
+  core.subscribe(scheduleRender);
+  bindNewTaskForm();
+  bindFaultPanel();
+  render();
+  sync.start();
+  setInterval(pollMetrics, METRICS_POLL_MS);
+  pollMetrics();
+  // The tooltip's "how old" moves with time even when the core does not.
+  setInterval(() => refreshSyncText(core.getSnapshot().sync), 250);
+}
+
+main();

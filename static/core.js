@@ -1,0 +1,670 @@
+// The client core: confirmed state + a per-task stack of pending operations.
+//
+// Pure and framework-agnostic: no DOM, no fetch, no timers. Time comes from the injected
+// `now()`, identifiers (task ids, idempotency keys) come from the caller. The transport and
+// the view drive it; a React app would bind it with
+// `useSyncExternalStore(core.subscribe, core.getSnapshot)`.
+//
+// The model (see DESIGN.md, "Client: the core's state"):
+//   base:      Map<task_id, Task>   confirmed, from the snapshot and settled events
+//   pending:   Map<task_id, Op[]>   the user's operations in issue order, not yet settled
+//   watermark: id of the last event whose effect `base` includes
+//   view(id) = pending[id] folded over base[id]
+//
+// Why a stack and not one optimistic value per task: rapid like/unlike/like must compose,
+// acknowledgements may arrive in any order, and a failure must remove exactly one
+// operation and leave the others standing. Folding the remaining ops over the confirmed
+// base gives all three for free.
+
+/** Operation kinds, as the server names them in command records and events. */
+export const KINDS = Object.freeze(['create', 'update', 'delete', 'like']);
+
+/**
+ * Life of an operation on the client:
+ * - `sending`:  issued, no 202 yet (or being re-sent by Retry);
+ * - `pending`:  202 received, waiting for its event;
+ * - `checking`: no event after `stuckMs`, the command's status endpoint is being asked;
+ * - `stuck`:    still pending on the server after the check, or never accepted:
+ *               the view offers Retry (same key) and Discard.
+ * A settled or failed operation leaves the stack; it has no state of its own.
+ */
+export const OP_STATES = Object.freeze(['sending', 'pending', 'checking', 'stuck']);
+
+export const EVENT_SETTLED = 'projection:settled';
+export const EVENT_FAILED = 'command:failed';
+export const EVENT_RESET = 'reset';
+
+const REASON_TEXT = Object.freeze({
+  not_found: 'the task no longer exists',
+  conflict: 'someone else changed it first',
+  injected: 'the server rejected it (injected failure)',
+  dead_lettered: 'the server gave up after repeated faults',
+});
+
+/** How many notices stay on screen; older ones drop off. */
+const MAX_NOTICES = 6;
+/** How many client-measured windows are kept for the chart. */
+const MAX_WINDOW_SAMPLES = 500;
+/** The stack of a task with no pending op: one shared object, so memoized items stay equal. */
+const NO_OPS = Object.freeze([]);
+
+/**
+ * The HTTP request that carries an operation. Deterministic: a retry under the same
+ * idempotency key must send the very same body, or the server answers 422.
+ * @returns {{method: string, path: string, body: object | null}}
+ */
+export function commandRequest(op) {
+  const taskPath = `/api/tasks/${encodeURIComponent(op.task_id)}`;
+  switch (op.kind) {
+    case 'create': {
+      const body = { id: op.task_id, title: op.title };
+      if (op.notes) body.notes = op.notes;
+      return { method: 'POST', path: '/api/tasks', body };
+    }
+    case 'update': {
+      const body = { ...op.patch };
+      if (op.base_version != null) body.base_version = op.base_version;
+      return { method: 'PATCH', path: taskPath, body };
+    }
+    case 'delete':
+      return {
+        method: 'DELETE',
+        path: taskPath,
+        body: op.base_version != null ? { base_version: op.base_version } : null,
+      };
+    case 'like':
+      return { method: 'POST', path: `${taskPath}/likes`, body: { delta: op.delta } };
+    default:
+      throw new Error(`unknown operation kind ${op.kind}`);
+  }
+}
+
+/** One pending operation applied to a task (or to its absence, `null`). */
+export function applyOp(task, op) {
+  switch (op.kind) {
+    case 'create':
+      // A create whose row is already confirmed (its event or a snapshot came first)
+      // predicts nothing more.
+      return task ?? {
+        id: op.task_id,
+        title: op.title,
+        notes: op.notes ?? '',
+        done: false,
+        likes: 0,
+        version: 0,
+        updated_at: null,
+      };
+    case 'update':
+      return task && { ...task, ...op.patch };
+    case 'delete':
+      return null;
+    case 'like':
+      return task && { ...task, likes: task.likes + op.delta };
+    default:
+      return task;
+  }
+}
+
+/** view(id): the pending operations folded, in issue order, over the confirmed task. */
+export function fold(confirmed, ops) {
+  let task = confirmed ?? null;
+  for (const op of ops) task = applyOp(task, op);
+  return task;
+}
+
+/** A short human description of an operation, for notices and the stuck view. */
+export function describeOp(op, title) {
+  const name = `“${title ?? op.title ?? 'task'}”`;
+  switch (op.kind) {
+    case 'create':
+      return `Create ${name}`;
+    case 'update': {
+      const parts = [];
+      if ('title' in op.patch) parts.push(`rename ${name} to “${op.patch.title}”`);
+      if ('notes' in op.patch) parts.push(`edit the notes of ${name}`);
+      if ('done' in op.patch) parts.push(`mark ${name} ${op.patch.done ? 'done' : 'not done'}`);
+      const text = parts.join(', ') || `edit ${name}`;
+      return text[0].toUpperCase() + text.slice(1);
+    }
+    case 'delete':
+      return `Delete ${name}`;
+    case 'like':
+      return `${op.delta > 0 ? 'Like' : 'Unlike'} ${name}`;
+    default:
+      return `Change ${name}`;
+  }
+}
+
+/** The fields of an operation that survive a page reload (see `restore`). */
+const PERSISTED_FIELDS = [
+  'key', 'command_id', 'task_id', 'kind', 'title', 'notes', 'patch', 'delta', 'base_version',
+  'issued_at',
+];
+
+/**
+ * Create a client core.
+ * @param {{now?: () => number, stuckMs?: number, syncMs?: number}} options
+ *   `now` in milliseconds (Date.now by default, so issue times survive a reload);
+ *   `stuckMs`: age since the last send after which an op is checked and offered Retry;
+ *   `syncMs`: age since issue after which an op lights the sync indicator.
+ */
+export function createCore({ now = Date.now, stuckMs = 5000, syncMs = 800 } = {}) {
+  /** @type {Map<string, object>} confirmed tasks, frozen */
+  let base = new Map();
+  /** @type {string[]} display order: the snapshot's creation order, then later creates */
+  let order = [];
+  /** @type {Map<string, object[]>} task id -> frozen ops in issue order (arrays replaced, never mutated) */
+  const pending = new Map();
+  /** @type {Map<string, string>} idempotency key -> task id, to find an op by key */
+  const keyIndex = new Map();
+  /** Tasks whose delete settled: a late re-fetch must not bring them back. */
+  const deleted = new Set();
+  /** @type {Map<string, object>} task id -> open conflict (yours vs theirs) */
+  const conflicts = new Map();
+  let watermark = 0;
+  let notices = [];
+  let nextNoticeId = 1;
+  let windowSamples = [];
+  let connection = 'connecting';
+  /** Ops older than syncMs, as of the last tick: what the sync indicator shows. */
+  let sync = Object.freeze({ count: 0, oldest_issued_at: null });
+
+  const listeners = new Set();
+  let snapshot = null;
+  /** Per-task memo so unchanged items keep their identity across snapshots. */
+  const itemMemo = new Map();
+
+  function changed() {
+    refreshSync(now());
+    snapshot = null;
+    for (const listener of [...listeners]) listener();
+  }
+
+  /** Recount the ops older than syncMs; true when the figures moved. */
+  function refreshSync(at) {
+    let count = 0;
+    let oldest = null;
+    for (const ops of pending.values()) {
+      for (const op of ops) {
+        if (at - op.issued_at >= syncMs) {
+          count += 1;
+          if (oldest === null || op.issued_at < oldest) oldest = op.issued_at;
+        }
+      }
+    }
+    if (count === sync.count && oldest === sync.oldest_issued_at) return false;
+    sync = Object.freeze({ count, oldest_issued_at: oldest });
+    return true;
+  }
+
+  // ---- lookups -------------------------------------------------------------------
+
+  function findOp(key) {
+    const taskId = keyIndex.get(key);
+    return taskId === undefined ? null : pending.get(taskId)?.find((op) => op.key === key) ?? null;
+  }
+
+  function findOpByCommandId(commandId) {
+    if (!commandId) return null;
+    for (const ops of pending.values()) {
+      const op = ops.find((candidate) => candidate.command_id === commandId);
+      if (op) return op;
+    }
+    return null;
+  }
+
+  /** An event names its op by idempotency key (known from the click on), else by command id. */
+  function opOfEvent(event) {
+    return (event.idempotency_key && findOp(event.idempotency_key)) || findOpByCommandId(event.command_id);
+  }
+
+  /** The title to name an op by: the confirmed one, else the predicted one (a create). */
+  function titleOf(op) {
+    return base.get(op.task_id)?.title ?? fold(null, pending.get(op.task_id) ?? [])?.title ?? op.title;
+  }
+
+  // ---- mutations of the stacks -----------------------------------------------------
+
+  function replaceOp(op, changes) {
+    const ops = pending.get(op.task_id);
+    const next = Object.freeze({ ...op, ...changes });
+    pending.set(op.task_id, Object.freeze(ops.map((candidate) => (candidate === op ? next : candidate))));
+    return next;
+  }
+
+  function removeOp(op) {
+    const ops = pending.get(op.task_id) ?? [];
+    const rest = ops.filter((candidate) => candidate !== op);
+    if (rest.length) pending.set(op.task_id, Object.freeze(rest));
+    else pending.delete(op.task_id);
+    keyIndex.delete(op.key);
+    // A failed or discarded create leaves no orphan row in the order.
+    if (!base.has(op.task_id) && !pending.has(op.task_id)) order = order.filter((id) => id !== op.task_id);
+  }
+
+  function pushOp(op) {
+    pending.set(op.task_id, Object.freeze([...(pending.get(op.task_id) ?? []), op]));
+    keyIndex.set(op.key, op.task_id);
+    if (op.kind === 'create' && !order.includes(op.task_id)) order = [...order, op.task_id];
+  }
+
+  /** Confirmed state moves forward only: a newer version, never an older one. */
+  function confirm(task) {
+    if (!task || deleted.has(task.id)) return false;
+    const known = base.get(task.id);
+    if (known && known.version >= task.version) return false;
+    base.set(task.id, Object.freeze({ ...task }));
+    if (!order.includes(task.id)) order = [...order, task.id];
+    return true;
+  }
+
+  function forget(taskId, { tombstone }) {
+    base.delete(taskId);
+    if (tombstone) deleted.add(taskId);
+    conflicts.delete(taskId);
+    if (!pending.has(taskId)) order = order.filter((id) => id !== taskId);
+  }
+
+  function addNotice(notice) {
+    notices = [...notices, Object.freeze({ id: nextNoticeId++, at: now(), ...notice })].slice(-MAX_NOTICES);
+  }
+
+  /**
+   * An op of ours failed: remove it alone, snap the task to ground truth (`current`),
+   * say why, and open a conflict record when the server refused a stale edit.
+   */
+  function failOp(op, { reason, message, current }) {
+    const title = titleOf(op);
+    removeOp(op);
+    if (current) confirm(current);
+    else if (reason === 'not_found') forget(op.task_id, { tombstone: false });
+    const why = REASON_TEXT[reason] ?? reason;
+    addNotice({
+      level: 'error',
+      task_id: op.task_id,
+      op_kind: op.kind,
+      delta: op.delta,
+      reason,
+      text: `${describeOp(op, title)} failed: ${why}.${message ? ` (${message})` : ''}`,
+    });
+    const theirs = current ?? base.get(op.task_id);
+    if (reason === 'conflict' && theirs && (op.kind === 'update' || op.kind === 'delete')) {
+      conflicts.set(op.task_id, Object.freeze({
+        task_id: op.task_id,
+        kind: op.kind,
+        yours: Object.freeze(op.kind === 'update' ? { ...op.patch } : { deleted: true }),
+        theirs: Object.freeze({ ...theirs }),
+        failed_key: op.key,
+      }));
+    }
+  }
+
+  // ---- the public API ----------------------------------------------------------------
+
+  /**
+   * Push a user intent onto its task's stack; the view shows it at once.
+   * Issuing a key that is already pending returns the existing op unchanged: one intent,
+   * one key, one effect, however many times the user clicks.
+   * @param {{kind: string, key: string, task_id: string, title?: string, notes?: string,
+   *          patch?: object, delta?: number, base_version?: number}} intent
+   * @returns {object} the (frozen) op
+   */
+  function issue(intent) {
+    const existing = findOp(intent.key);
+    if (existing) return existing;
+    if (!KINDS.includes(intent.kind)) throw new Error(`unknown operation kind ${intent.kind}`);
+    if (!intent.key || !intent.task_id) throw new Error('an operation needs a key and a task id');
+    const issuedAt = now();
+    const op = Object.freeze({
+      key: intent.key,
+      command_id: null,
+      task_id: intent.task_id,
+      kind: intent.kind,
+      title: intent.kind === 'create' ? intent.title : undefined,
+      notes: intent.kind === 'create' ? intent.notes ?? '' : undefined,
+      patch: intent.kind === 'update' ? Object.freeze({ ...intent.patch }) : undefined,
+      delta: intent.kind === 'like' ? intent.delta : undefined,
+      base_version: intent.base_version ?? undefined,
+      issued_at: issuedAt,
+      sent_at: issuedAt,
+      state: 'sending',
+    });
+    pushOp(op);
+    changed();
+    return op;
+  }
+
+  /** The server answered 202: the op is durable and waits for its event. */
+  function accepted(key, { command_id }) {
+    const op = findOp(key);
+    if (!op) return;
+    replaceOp(op, { command_id, state: op.state === 'checking' ? 'checking' : 'pending' });
+    changed();
+  }
+
+  /** Retry: the op is being sent again under its own key; its timeout starts over. */
+  function resending(key) {
+    const op = findOp(key);
+    if (!op) return;
+    replaceOp(op, { state: 'sending', sent_at: now() });
+    changed();
+  }
+
+  /** The server refused the command before accepting it (a 4xx): it never becomes pending. */
+  function rejected(key, { status, detail }) {
+    const op = findOp(key);
+    if (!op) return;
+    const title = titleOf(op);
+    removeOp(op);
+    addNotice({
+      level: 'error',
+      task_id: op.task_id,
+      op_kind: op.kind,
+      delta: op.delta,
+      reason: `http_${status}`,
+      text: `${describeOp(op, title)} was refused: ${detail || `HTTP ${status}`}.`,
+    });
+    changed();
+  }
+
+  /**
+   * Apply one SSE event. Events at or below the watermark are already in `base` and are
+   * ignored, so a replay at a resume seam never applies twice.
+   * @param {{id: number, type: string, data: object}} event
+   * @returns {{applied: boolean, op: object | null}} `op` is ours when the event settles one
+   */
+  function applyEvent({ id, type, data }) {
+    if (!(id > watermark)) return { applied: false, op: null };
+    watermark = id;
+    const op = opOfEvent(data);
+    if (type === EVENT_SETTLED) {
+      if (data.task) confirm(data.task);
+      else if (data.kind === 'delete') forget(data.task_id, { tombstone: true });
+      if (op) {
+        removeOp(op);
+        const at = now();
+        windowSamples = [...windowSamples, Object.freeze({ at, ms: Math.max(0, at - op.issued_at) })]
+          .slice(-MAX_WINDOW_SAMPLES);
+      }
+    } else if (type === EVENT_FAILED) {
+      if (op) failOp(op, data);
+      else if (data.current) confirm(data.current);
+    }
+    changed();
+    return { applied: true, op };
+  }
+
+  /**
+   * Replace the confirmed state with a snapshot and keep every pending op folded on top
+   * (read-your-own-writes across a refresh).
+   *
+   * `outcomes` are the status-endpoint answers for pending ops, read after the snapshot:
+   * an op whose event is already inside the snapshot (event_id <= its watermark) will
+   * never be streamed to us, so it is settled (or failed) here, in the same step as the
+   * snapshot, with no frame showing it applied twice (a like counted double) or not at all.
+   *
+   * A snapshot older than what we hold is refused unless `force` (the stream was closed
+   * while it was fetched, or the server said `reset`).
+   * @returns {boolean} whether it was loaded
+   */
+  function loadSnapshot({ tasks, watermark: snapshotWatermark }, { outcomes = [], force = false } = {}) {
+    if (!force && snapshotWatermark < watermark) return false;
+    base = new Map(tasks.filter((task) => !deleted.has(task.id)).map((task) => [task.id, Object.freeze({ ...task })]));
+    const optimisticCreates = order.filter((id) => !base.has(id) && pending.get(id)?.some((op) => op.kind === 'create'));
+    order = [...base.keys(), ...optimisticCreates];
+    watermark = snapshotWatermark;
+    for (const outcome of outcomes) {
+      const op = findOp(outcome.key);
+      if (!op || outcome.event_id == null || outcome.event_id > snapshotWatermark) continue;
+      if (outcome.status === 'settled') removeOp(op);
+      else if (outcome.status === 'failed') {
+        failOp(op, { ...outcome.error, current: base.get(op.task_id) ?? null });
+      }
+    }
+    changed();
+    return true;
+  }
+
+  /**
+   * Advance time: ops without an event after `stuckMs` since their last send go to
+   * `checking` (or straight to `stuck` when no 202 ever came, as there is nothing to ask),
+   * and the sync indicator's figures are recomputed.
+   * @returns {object[]} ops that just entered `checking`: ask their status endpoint
+   */
+  function tick() {
+    const at = now();
+    const toCheck = [];
+    let stateChanged = false;
+    for (const ops of [...pending.values()]) {
+      for (const op of ops) {
+        if ((op.state === 'sending' || op.state === 'pending') && at - op.sent_at >= stuckMs) {
+          const next = replaceOp(op, { state: op.command_id ? 'checking' : 'stuck' });
+          if (next.state === 'checking') toCheck.push(next);
+          stateChanged = true;
+        }
+      }
+    }
+    const syncChanged = refreshSync(at);
+    if (stateChanged || syncChanged) changed();
+    return toCheck;
+  }
+
+  /**
+   * What the status endpoint said about an overdue op (`command` is its JSON, or null when
+   * it could not be asked), with the task re-fetched when the command is no longer pending
+   * (`task`: the row, or null on 404). Pending -> `stuck`: the view offers Retry/Discard.
+   */
+  function statusChecked(key, command, task) {
+    const op = findOp(key);
+    if (!op) return;
+    if (command?.status === 'settled') {
+      if (task) confirm(task);
+      else if (task === null && op.kind === 'delete') forget(op.task_id, { tombstone: true });
+      removeOp(op);
+    } else if (command?.status === 'failed') {
+      failOp(op, { ...(command.error ?? { reason: 'failed' }), current: task ?? null });
+    } else {
+      replaceOp(op, { state: 'stuck' });
+    }
+    changed();
+  }
+
+  /** Discard: stop waiting for an op. The server may still apply it; then it shows as any change would. */
+  function discard(key) {
+    const op = findOp(key);
+    if (!op) return;
+    const title = titleOf(op);
+    removeOp(op);
+    addNotice({
+      level: 'info',
+      task_id: op.task_id,
+      op_kind: op.kind,
+      delta: op.delta,
+      reason: 'discarded',
+      text: `${describeOp(op, title)}: stopped waiting. If the server applies it later, it will show up.`,
+    });
+    changed();
+  }
+
+  /** Ground truth from GET /api/tasks/{id} (`null` on 404). Only moves forward. */
+  function taskFetched(taskId, task) {
+    if (task) {
+      if (confirm(task)) changed();
+    } else if (base.has(taskId)) {
+      forget(taskId, { tombstone: false });
+      changed();
+    }
+  }
+
+  /**
+   * Ground truth from the counts fragment GET /api/tasks/{id}/counts.
+   * @returns {'applied'|'stale'|'newer'|'missing'} `newer`: the row moved on, fetch it whole
+   *   (copying likes alone would leave an older title under a newer version).
+   */
+  function countsFetched({ id, likes, version }) {
+    const known = base.get(id);
+    if (!known) return 'missing';
+    if (version < known.version) return 'stale';
+    if (version > known.version) return 'newer';
+    if (known.likes !== likes) {
+      base.set(id, Object.freeze({ ...known, likes }));
+      changed();
+    }
+    return 'applied';
+  }
+
+  /**
+   * Close a conflict. `mine` returns the intent to re-submit the user's change on the
+   * current version (the caller gives it a new key: it is a new intent); `theirs` drops it.
+   */
+  function resolveConflict(taskId, choice) {
+    const conflict = conflicts.get(taskId);
+    if (!conflict) return null;
+    conflicts.delete(taskId);
+    changed();
+    if (choice !== 'mine') return null;
+    const intent = { kind: conflict.kind, task_id: taskId, base_version: expectedVersion(taskId) };
+    if (conflict.kind === 'update') intent.patch = { ...conflict.yours };
+    return intent;
+  }
+
+  /**
+   * The version the task will have once every pending op of ours has applied: every
+   * applied change, likes included, bumps it by one. An edit sends it as `base_version`
+   * so that only someone else's change in between makes it conflict, never our own.
+   */
+  function expectedVersion(taskId) {
+    return (base.get(taskId)?.version ?? 0) + (pending.get(taskId)?.length ?? 0);
+  }
+
+  function dismissNotice(id) {
+    const rest = notices.filter((notice) => notice.id !== id);
+    if (rest.length !== notices.length) {
+      notices = rest;
+      changed();
+    }
+  }
+
+  function setConnection(state) {
+    if (state !== connection) {
+      connection = state;
+      changed();
+    }
+  }
+
+  /** Every pending op, in issue order across tasks, in the shape `restore` takes back. */
+  function persistedOps() {
+    return [...pending.values()].flat()
+      .sort((a, b) => a.issued_at - b.issued_at)
+      .map((op) => Object.fromEntries(PERSISTED_FIELDS.filter((field) => op[field] !== undefined).map((field) => [field, op[field]])));
+  }
+
+  /**
+   * Put back ops persisted before a reload. Their timeouts start over now; an op that had
+   * its 202 is `pending`, one that had not is `sending` (the caller re-sends it, same key).
+   */
+  function restore(saved) {
+    const at = now();
+    for (const fields of saved) {
+      if (!fields?.key || !fields.task_id || !KINDS.includes(fields.kind) || findOp(fields.key)) continue;
+      pushOp(Object.freeze({
+        ...fields,
+        patch: fields.patch && Object.freeze({ ...fields.patch }),
+        command_id: fields.command_id ?? null,
+        state: fields.command_id ? 'pending' : 'sending',
+        sent_at: at,
+      }));
+    }
+    changed();
+  }
+
+  function buildItem(id) {
+    const confirmed = base.get(id) ?? null;
+    const ops = pending.get(id) ?? NO_OPS;
+    const conflict = conflicts.get(id) ?? null;
+    const memo = itemMemo.get(id);
+    if (memo && memo.confirmed === confirmed && memo.ops === ops && memo.conflict === conflict) return memo.item;
+    let task = fold(confirmed, ops);
+    // A delete the server has not confirmed after the timeout must stay reachable: the
+    // item shows again, marked as being deleted, so its Retry and Discard can be offered.
+    const stuckDelete = ops.some((op) => op.kind === 'delete' && op.state === 'stuck');
+    if (!task && stuckDelete) task = fold(confirmed, ops.filter((op) => op.kind !== 'delete'));
+    const item = task && Object.freeze({
+      id,
+      task: Object.freeze(task),
+      confirmed,
+      deleting: Boolean(stuckDelete && task),
+      pending: ops.length > 0,
+      ops: Object.freeze(ops.map((op) => Object.freeze({
+        key: op.key,
+        kind: op.kind,
+        state: op.state,
+        issued_at: op.issued_at,
+        description: describeOp(op, confirmed?.title ?? task.title),
+      }))),
+      conflict,
+    });
+    itemMemo.set(id, { confirmed, ops, conflict, item });
+    return item;
+  }
+
+  /**
+   * The immutable state for rendering. Same object until something changes, as
+   * useSyncExternalStore requires.
+   */
+  function getSnapshot() {
+    if (snapshot) return snapshot;
+    const items = [];
+    for (const id of order) {
+      const item = buildItem(id);
+      if (item) items.push(item);
+    }
+    for (const id of itemMemo.keys()) if (!base.has(id) && !pending.has(id) && !conflicts.has(id)) itemMemo.delete(id);
+    const opsCount = [...pending.values()].reduce((sum, ops) => sum + ops.length, 0);
+    snapshot = Object.freeze({
+      items: Object.freeze(items),
+      notices,
+      sync,
+      watermark,
+      connection,
+      pending_count: opsCount,
+      window_samples: windowSamples,
+    });
+    return snapshot;
+  }
+
+  function subscribe(listener) {
+    listeners.add(listener);
+    return () => listeners.delete(listener);
+  }
+
+  return {
+    subscribe,
+    getSnapshot,
+    issue,
+    accepted,
+    resending,
+    rejected,
+    applyEvent,
+    loadSnapshot,
+    tick,
+    statusChecked,
+    discard,
+    taskFetched,
+    countsFetched,
+    resolveConflict,
+    expectedVersion,
+    dismissNotice,
+    setConnection,
+    persistedOps,
+    restore,
+    getOp: (key) => findOp(key),
+    /** Every pending op, flat (for the transport: re-send, status checks). */
+    pendingOps: () => [...pending.values()].flat(),
+    get watermark() {
+      return watermark;
+    },
+    /** The confirmed (not predicted) task, for tests and re-fetch decisions. */
+    confirmedTask: (taskId) => base.get(taskId) ?? null,
+  };
+}

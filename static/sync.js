@@ -1,0 +1,276 @@
+// The sync engine: turns user intents into core operations plus commands, feeds events,
+// snapshots and status answers back into the core, runs the clock, and keeps pending
+// operations across a reload. No DOM: the view calls these methods and renders the core.
+//
+// Time, ids, storage and the interval are injected so this layer runs under node too.
+
+import { commandRequest, EVENT_FAILED, EVENT_RESET } from './core.js';
+
+/** Where pending ops survive a reload. Per tab (sessionStorage): each tab owns its ops. */
+export const STORAGE_KEY = 'settle.pending-ops.v1';
+/** Longest wait between two attempts to re-open a closed stream. */
+const MAX_RECONNECT_DELAY_MS = 10_000;
+
+/**
+ * @param {{core: object, transport: object, newId?: () => string, storage?: Storage | null,
+ *          tickMs?: number, setInterval?: Function, clearInterval?: Function,
+ *          setTimeout?: Function, log?: (message: string, error?: unknown) => void}} options
+ */
+export function createSync({
+  core,
+  transport,
+  newId = () => crypto.randomUUID(),
+  storage = null,
+  tickMs = 100,
+  setInterval: startInterval = globalThis.setInterval,
+  clearInterval: stopInterval = globalThis.clearInterval,
+  setTimeout: later = globalThis.setTimeout,
+  log = () => {},
+}) {
+  let stream = null;
+  let resyncing = null;
+  let reconnectAttempts = 0;
+  let tickHandle = null;
+  let stopped = false;
+  /** Keys with a request on the wire, so a resync does not send them twice at once. */
+  const sendingKeys = new Set();
+  /** Per-task promise chain: a task's commands reach the server in issue order. */
+  const sendChains = new Map();
+  let lastPersisted = null;
+
+  // ---- commands ----------------------------------------------------------------------
+
+  async function send(op) {
+    sendingKeys.add(op.key);
+    try {
+      const result = await transport.sendCommand(commandRequest(op), op.key);
+      if (result.outcome === 'accepted') core.accepted(op.key, result);
+      else if (result.outcome === 'rejected') core.rejected(op.key, result);
+      else log(`command ${op.key} not sent: ${result.detail}`);
+      // 'unavailable': the op stays `sending`; the clock turns it `stuck` and the user decides.
+    } finally {
+      sendingKeys.delete(op.key);
+    }
+  }
+
+  /** Queue a send behind the task's earlier sends (202s are quick; this keeps their order). */
+  function enqueueSend(op) {
+    const previous = sendChains.get(op.task_id) ?? Promise.resolve();
+    const next = previous.then(() => send(op)).catch((error) => log('send failed', error));
+    sendChains.set(op.task_id, next);
+    next.then(() => {
+      if (sendChains.get(op.task_id) === next) sendChains.delete(op.task_id);
+    });
+    return next;
+  }
+
+  function issue(intent) {
+    const known = core.getOp(intent.key);
+    if (known) return known; // the same intent again (double click, double Enter): one key, one effect
+    const op = core.issue(intent);
+    enqueueSend(op);
+    return op;
+  }
+
+  // ---- events and ground truth ---------------------------------------------------------
+
+  /** After a failure, snap to ground truth: the counts fragment for likes, the task otherwise. */
+  async function refetchGroundTruth(op) {
+    try {
+      if (op.kind === 'like') {
+        const counts = await transport.fetchCounts(op.task_id);
+        if (!counts) return core.taskFetched(op.task_id, null);
+        if (core.countsFetched(counts) !== 'newer') return undefined;
+      }
+      core.taskFetched(op.task_id, await transport.fetchTask(op.task_id));
+    } catch (error) {
+      log('re-fetch after failure failed', error);
+    }
+    return undefined;
+  }
+
+  function onEvent(event) {
+    if (event.type === EVENT_RESET) {
+      resync();
+      return;
+    }
+    if (!event.data || !Number.isFinite(event.id)) return;
+    const { applied, op } = core.applyEvent(event);
+    if (applied && op && event.type === EVENT_FAILED) refetchGroundTruth(op);
+  }
+
+  function openStream() {
+    stream?.close();
+    stream = transport.openEvents(core.watermark, {
+      onEvent,
+      onOpen: () => {
+        reconnectAttempts = 0;
+        core.setConnection('live');
+      },
+      onError: ({ closed }) => {
+        core.setConnection('reconnecting');
+        // While CONNECTING the browser resumes by itself with Last-Event-ID. Once CLOSED
+        // (the server answered with an error) it is ours to do: snapshot, then reopen.
+        if (closed) {
+          const delay = Math.min(MAX_RECONNECT_DELAY_MS, 500 * 2 ** reconnectAttempts);
+          reconnectAttempts += 1;
+          later(() => resync(), delay);
+        }
+      },
+    });
+  }
+
+  /** Ask the status endpoint about pending ops; the answers go into `loadSnapshot`. */
+  async function commandOutcomes(ops) {
+    const outcomes = await Promise.all(ops.map(async (op) => {
+      try {
+        const command = await transport.fetchCommand(op.command_id);
+        return command && { key: op.key, status: command.status, event_id: command.event_id, error: command.error };
+      } catch {
+        return null;
+      }
+    }));
+    return outcomes.filter(Boolean);
+  }
+
+  /**
+   * Snapshot, then stream from its watermark. Pending ops survive and stay folded on top.
+   * Ops restored from storage that never got their 202 are sent again under their key;
+   * ops whose event is already inside the snapshot are settled by their status answer.
+   */
+  function resync() {
+    if (resyncing) return resyncing;
+    resyncing = (async () => {
+      stream?.close();
+      stream = null;
+      core.setConnection('connecting');
+      let snapshot = null;
+      for (let attempt = 0; !snapshot && !stopped; attempt += 1) {
+        try {
+          snapshot = await transport.fetchSnapshot();
+        } catch (error) {
+          log('snapshot failed', error);
+          await new Promise((resolve) => later(resolve, Math.min(MAX_RECONNECT_DELAY_MS, 500 * 2 ** attempt)));
+        }
+      }
+      if (stopped) return;
+      const unsent = core.pendingOps().filter((op) => !op.command_id && !sendingKeys.has(op.key));
+      await Promise.all(unsent.map(enqueueSend));
+      const outcomes = await commandOutcomes(core.pendingOps().filter((op) => op.command_id));
+      core.loadSnapshot(snapshot, { outcomes, force: true });
+      openStream();
+    })().finally(() => {
+      resyncing = null;
+    });
+    return resyncing;
+  }
+
+  // ---- the clock -------------------------------------------------------------------------
+
+  /** An op overdue for its event: ask the server what became of it before offering Retry. */
+  async function checkStatus(op) {
+    let command = null;
+    let task;
+    try {
+      command = await transport.fetchCommand(op.command_id);
+      if (command && command.status !== 'pending') task = await transport.fetchTask(op.task_id);
+    } catch (error) {
+      log('status check failed', error);
+    }
+    core.statusChecked(op.key, command, task);
+  }
+
+  function tick() {
+    for (const op of core.tick()) checkStatus(op);
+  }
+
+  // ---- persistence -------------------------------------------------------------------------
+
+  function persist() {
+    if (!storage) return;
+    const serialized = JSON.stringify(core.persistedOps());
+    if (serialized === lastPersisted) return;
+    lastPersisted = serialized;
+    try {
+      storage.setItem(STORAGE_KEY, serialized);
+    } catch (error) {
+      log('cannot persist pending operations', error);
+    }
+  }
+
+  function restore() {
+    if (!storage) return;
+    try {
+      const saved = JSON.parse(storage.getItem(STORAGE_KEY) ?? '[]');
+      if (Array.isArray(saved) && saved.length) core.restore(saved);
+    } catch (error) {
+      log('ignoring unreadable persisted operations', error);
+    }
+  }
+
+  // ---- the public API ------------------------------------------------------------------------
+
+  const unsubscribePersist = core.subscribe(persist);
+
+  return {
+    /** Restore pending ops, load the snapshot, open the stream, start the clock. */
+    start() {
+      restore();
+      tickHandle = startInterval(tick, tickMs);
+      return resync();
+    },
+    stop() {
+      stopped = true;
+      stopInterval(tickHandle);
+      stream?.close();
+      unsubscribePersist();
+    },
+    resync,
+    /** A fresh identifier for a task or an intent's key. */
+    newId,
+
+    /**
+     * Create a task. The caller passes the draft's `id` and `key` so that submitting the
+     * same draft twice is the same intent.
+     */
+    createTask({ title, notes = '', id = newId(), key = newId() }) {
+      return issue({ kind: 'create', key, task_id: id, title, notes });
+    },
+    /** Edit title and/or notes: on the version we expect, so only someone else's change conflicts. */
+    editTask(taskId, patch, key = newId()) {
+      return issue({ kind: 'update', key, task_id: taskId, patch, base_version: core.expectedVersion(taskId) });
+    },
+    /** Set done: a set-to-value intent, last writer wins by design (no base_version). */
+    setDone(taskId, done, key = newId()) {
+      return issue({ kind: 'update', key, task_id: taskId, patch: { done } });
+    },
+    deleteTask(taskId, key = newId()) {
+      return issue({ kind: 'delete', key, task_id: taskId });
+    },
+    /** A counter delta (+1 / -1): commutes, never conflicts. */
+    like(taskId, delta, key = newId()) {
+      return issue({ kind: 'like', key, task_id: taskId, delta });
+    },
+    /** Send a stuck op again under its own key: the server answers a replay, never a second effect. */
+    retry(key) {
+      const op = core.getOp(key);
+      if (!op || sendingKeys.has(key)) return undefined;
+      core.resending(key);
+      return send(core.getOp(key));
+    },
+    discard(key) {
+      core.discard(key);
+    },
+    /** Keep mine: the user's change again, on the current version, as a NEW intent (new key). */
+    keepMine(taskId) {
+      const intent = core.resolveConflict(taskId, 'mine');
+      return intent ? issue({ ...intent, key: newId() }) : undefined;
+    },
+    takeTheirs(taskId) {
+      core.resolveConflict(taskId, 'theirs');
+    },
+    dismissNotice(id) {
+      core.dismissNotice(id);
+    },
+  };
+}

@@ -1,0 +1,135 @@
+// The transport: commands over fetch with idempotency keys, the snapshot, the status and
+// read endpoints, and the event stream over EventSource. It knows HTTP, not the core:
+// `sync.js` wires the two together. `fetch`, `EventSource` and `sleep` are injectable so
+// the retry policy can be exercised without a browser.
+
+/** Attempts of one send before the op is left for the user's Retry. */
+const SEND_ATTEMPTS = 4;
+/** First backoff between attempts; doubles each time. */
+const SEND_BACKOFF_MS = 250;
+
+const defaultSleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Read a problem+json (RFC 9457) body's detail, or fall back to the status text. */
+async function problemDetail(response) {
+  try {
+    const problem = await response.json();
+    return problem.detail || problem.title || response.statusText;
+  } catch {
+    return response.statusText || `HTTP ${response.status}`;
+  }
+}
+
+/**
+ * @param {{baseUrl?: string, fetch?: typeof fetch, EventSource?: typeof EventSource,
+ *          sleep?: (ms: number) => Promise<void>}} options
+ */
+export function createTransport({
+  baseUrl = '',
+  fetch: fetchImpl = globalThis.fetch.bind(globalThis),
+  EventSource: EventSourceImpl = globalThis.EventSource,
+  sleep = defaultSleep,
+} = {}) {
+  async function getJson(path) {
+    const response = await fetchImpl(baseUrl + path, { headers: { Accept: 'application/json' }, cache: 'no-store' });
+    if (response.status === 404) return null;
+    if (!response.ok) throw new Error(`GET ${path}: ${response.status} ${await problemDetail(response)}`);
+    return response.json();
+  }
+
+  /**
+   * Send one command under its idempotency key. Network errors, 5xx and 409 (the same key
+   * is being accepted right now) are retried with backoff under the SAME key: the server
+   * answers a replay with the stored 202, so the user's intent has one effect whatever
+   * happens to the packets.
+   * @param {{method: string, path: string, body: object | null}} request
+   * @param {string} key
+   * @returns {Promise<{outcome: 'accepted', command_id: string, accepted_at: string, replayed: boolean}
+   *   | {outcome: 'rejected', status: number, detail: string}
+   *   | {outcome: 'unavailable', detail: string}>}
+   */
+  async function sendCommand({ method, path, body }, key, { attempts = SEND_ATTEMPTS } = {}) {
+    const headers = { 'Idempotency-Key': key, Accept: 'application/json' };
+    if (body) headers['Content-Type'] = 'application/json';
+    const payload = body ? JSON.stringify(body) : undefined;
+    let lastProblem = 'no answer';
+    for (let attempt = 0; attempt < attempts; attempt += 1) {
+      if (attempt > 0) await sleep(SEND_BACKOFF_MS * 2 ** (attempt - 1));
+      let response;
+      try {
+        response = await fetchImpl(baseUrl + path, { method, headers, body: payload });
+      } catch (error) {
+        lastProblem = `network error: ${error.message}`;
+        continue;
+      }
+      if (response.status === 202 || response.ok) {
+        const accepted = await response.json();
+        return {
+          outcome: 'accepted',
+          command_id: accepted.command_id,
+          accepted_at: accepted.accepted_at,
+          replayed: response.headers.get('Idempotent-Replayed') === 'true',
+        };
+      }
+      if (response.status === 409 || response.status >= 500) {
+        lastProblem = `${response.status}: ${await problemDetail(response)}`;
+        continue;
+      }
+      return { outcome: 'rejected', status: response.status, detail: await problemDetail(response) };
+    }
+    return { outcome: 'unavailable', detail: lastProblem };
+  }
+
+  /**
+   * Open the event stream at `lastEventId` (the snapshot's watermark). EventSource itself
+   * reconnects after a dropped connection and sends `Last-Event-ID`, so the server resumes
+   * with no gap; `onEvent` gets `{id, type, data}` with a numeric id.
+   * @returns {{close: () => void}}
+   */
+  function openEvents(lastEventId, { onEvent, onOpen, onError }) {
+    const source = new EventSourceImpl(`${baseUrl}/api/events?last_event_id=${encodeURIComponent(lastEventId)}`);
+    const forward = (type) => (message) => {
+      let data = null;
+      try {
+        data = message.data ? JSON.parse(message.data) : null;
+      } catch {
+        return; // Not ours to interpret; the next snapshot will carry the truth.
+      }
+      onEvent({ id: Number(message.lastEventId), type, data });
+    };
+    for (const type of ['projection:settled', 'command:failed', 'reset']) source.addEventListener(type, forward(type));
+    source.addEventListener('open', () => onOpen?.());
+    source.addEventListener('error', () => onError?.({ closed: source.readyState === EventSourceImpl.CLOSED }));
+    return { close: () => source.close() };
+  }
+
+  async function putFaults(settings) {
+    const response = await fetchImpl(`${baseUrl}/api/faults`, {
+      method: 'PUT',
+      headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
+      body: JSON.stringify(settings),
+    });
+    if (!response.ok) throw new Error(await problemDetail(response));
+    return response.json();
+  }
+
+  return {
+    sendCommand,
+    openEvents,
+    /** `{tasks, watermark}` */
+    fetchSnapshot: async () => {
+      const snapshot = await getJson('/api/tasks');
+      if (!snapshot) throw new Error('GET /api/tasks: 404');
+      return snapshot;
+    },
+    /** The task, or null on 404. */
+    fetchTask: (id) => getJson(`/api/tasks/${encodeURIComponent(id)}`),
+    /** `{id, likes, version}`, or null on 404. */
+    fetchCounts: (id) => getJson(`/api/tasks/${encodeURIComponent(id)}/counts`),
+    /** The command's status record, or null when the server does not know it. */
+    fetchCommand: (commandId) => getJson(`/api/commands/${encodeURIComponent(commandId)}`),
+    fetchMetrics: () => getJson('/api/metrics'),
+    fetchFaults: () => getJson('/api/faults'),
+    putFaults,
+  };
+}

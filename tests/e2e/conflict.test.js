@@ -1,0 +1,83 @@
+// Legible conflicts: an edit refused with `conflict` opens an inline yours / theirs view.
+// Keep mine re-submits on the current version under a new key; Take theirs sends nothing.
+// No silent overwrite either way.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+
+import {
+  startServer, launchBrowser, openApp, eventually, renameViaUi, shown, taskItem, recordCommands, waitSettled,
+} from './helpers.js';
+
+let browser;
+before(async () => { browser = await launchBrowser(); });
+after(async () => { await browser?.close(); });
+
+/** Another writer's rename, accepted before the UI's so that it applies first. */
+async function secondWriterRenames(server, taskId, title, baseVersion) {
+  await server.api.command('PATCH', `/api/tasks/${taskId}`, { title, base_version: baseVersion });
+}
+
+test('a conflicting rename shows yours and theirs; Keep mine re-submits on the current version', async () => {
+  const server = await startServer(['--delay-ms', '1500']);
+  try {
+    const task = await server.api.createSettled('shared');
+    const { page, pageErrors } = await openApp(browser, server.url);
+    const commands = recordCommands(page);
+    const item = taskItem(page, task.id);
+    await item.waitFor();
+
+    await secondWriterRenames(server, task.id, 'theirs', 1);
+    await renameViaUi(page, task.id, 'mine');
+    assert.equal((await shown(page, task.id)).title, 'mine');
+
+    const conflict = item.getByTestId('conflict');
+    await conflict.waitFor();
+    assert.match(await conflict.getByTestId('conflict-yours').textContent(), /Title: mine/);
+    assert.match(await conflict.getByTestId('conflict-theirs').textContent(), /Title: theirs/);
+    assert.equal((await shown(page, task.id)).title, 'theirs', 'the item shows what the server has');
+    await page.getByTestId('notice').filter({ hasText: 'someone else changed it first' }).waitFor();
+
+    await conflict.getByRole('button', { name: 'Keep mine' }).click();
+    assert.equal(await conflict.isVisible(), false);
+    assert.equal((await shown(page, task.id)).title, 'mine', 'keep mine predicts at once');
+    await waitSettled(page, task.id);
+    assert.equal((await shown(page, task.id)).title, 'mine');
+    assert.equal((await server.api.task(task.id)).title, 'mine');
+
+    const patches = commands.filter((command) => command.method === 'PATCH');
+    assert.equal(patches.length, 2);
+    assert.deepEqual(patches.map((command) => command.body), [
+      { title: 'mine', base_version: 1 },
+      { title: 'mine', base_version: 2 },
+    ]);
+    assert.notEqual(patches[1].key, patches[0].key, 'keep mine is a new intent: a new key');
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});
+
+test('Take theirs closes the conflict, keeps their value and sends nothing', async () => {
+  const server = await startServer(['--delay-ms', '1500']);
+  try {
+    const task = await server.api.createSettled('shared');
+    const { page } = await openApp(browser, server.url);
+    const commands = recordCommands(page);
+    const item = taskItem(page, task.id);
+    await item.waitFor();
+
+    await secondWriterRenames(server, task.id, 'theirs', 1);
+    await renameViaUi(page, task.id, 'mine');
+    await item.getByTestId('conflict').waitFor();
+    await item.getByRole('button', { name: 'Take theirs' }).click();
+
+    assert.equal(await item.getByTestId('conflict').isVisible(), false);
+    assert.deepEqual(await shown(page, task.id), { title: 'theirs', likes: 0, done: false, pending: false, state: 'settled' });
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    assert.equal(commands.length, 1, 'only the original rename was ever sent');
+    await eventually(async () => assert.equal((await server.api.task(task.id)).title, 'theirs'));
+  } finally {
+    await server.stop();
+  }
+});

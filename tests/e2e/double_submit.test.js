@@ -1,0 +1,74 @@
+// Keyed retries: one user intent = one idempotency key. A double Enter, a double click or
+// a network-level retry produce exactly one row on the server.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+
+import {
+  startServer, launchBrowser, openApp, eventually, recordCommands, taskByTitle, waitSettled,
+} from './helpers.js';
+
+let browser;
+before(async () => { browser = await launchBrowser(); });
+after(async () => { await browser?.close(); });
+
+async function titlesOnServer(server) {
+  return (await server.api.tasks()).tasks.map((task) => task.title);
+}
+
+test('double Enter and double click on one draft create exactly one row each', async () => {
+  const server = await startServer(['--delay-ms', '300']);
+  try {
+    const { page } = await openApp(browser, server.url);
+    const commands = recordCommands(page);
+    const input = page.getByTestId('new-title');
+
+    await input.fill('entered twice');
+    await input.press('Enter');
+    await input.press('Enter');
+    await input.fill('clicked twice');
+    await page.getByTestId('add').dblclick();
+
+    await eventually(async () => assert.deepEqual(await titlesOnServer(server), ['entered twice', 'clicked twice']));
+    for (const title of ['entered twice', 'clicked twice']) {
+      assert.equal(await taskByTitle(page, title).count(), 1, `one item for “${title}”`);
+      await waitSettled(page, await taskByTitle(page, title).getAttribute('data-id'));
+    }
+    const creates = commands.filter((command) => command.method === 'POST');
+    assert.equal(new Set(creates.map((command) => command.key)).size, 2, 'one key per intent');
+  } finally {
+    await server.stop();
+  }
+});
+
+test('a create whose 202 is lost on the network is retried with the same key: one row', async () => {
+  const server = await startServer(['--delay-ms', '300']);
+  try {
+    const { page } = await openApp(browser, server.url);
+    const commands = recordCommands(page);
+    let lostAnswers = 0;
+    // The first POST reaches the server, which accepts it; its answer is then lost.
+    await page.route('**/api/tasks', async (route) => {
+      if (route.request().method() === 'POST' && lostAnswers === 0) {
+        lostAnswers += 1;
+        await route.fetch();
+        await route.abort('connectionreset');
+        return;
+      }
+      await route.continue();
+    });
+
+    await page.getByTestId('new-title').fill('answer lost');
+    await page.getByTestId('new-title').press('Enter');
+    const item = taskByTitle(page, 'answer lost');
+    await waitSettled(page, await item.getAttribute('data-id'));
+
+    const creates = commands.filter((command) => command.method === 'POST');
+    assert.ok(creates.length >= 2, 'the transport retried');
+    assert.equal(new Set(creates.map((command) => command.key)).size, 1, 'every attempt carries the same key');
+    assert.deepEqual(await titlesOnServer(server), ['answer lost'], 'the server applied it once');
+    assert.equal(await item.count(), 1);
+  } finally {
+    await server.stop();
+  }
+});

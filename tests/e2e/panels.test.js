@@ -1,0 +1,63 @@
+// The side panels: the fault panel is bound to GET/PUT /api/faults, and the consistency
+// window chart draws the client-measured p50/p99 beside the server's /api/metrics.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+
+import { startServer, launchBrowser, openApp, eventually, createViaUi, waitSettled } from './helpers.js';
+
+let browser;
+before(async () => { browser = await launchBrowser(); });
+after(async () => { await browser?.close(); });
+
+async function faultsOnServer(server) {
+  return (await fetch(`${server.url}/api/faults`)).json();
+}
+
+test('the fault panel shows the live settings, applies changes and reports refused values', async () => {
+  const server = await startServer(['--delay-ms', '250', '--jitter-ms', '10']);
+  try {
+    const { page } = await openApp(browser, server.url);
+    await eventually(async () => {
+      assert.equal(await page.getByTestId('fault-delay-ms').inputValue(), '250');
+      assert.equal(await page.getByTestId('fault-jitter-ms').inputValue(), '10');
+    });
+
+    await page.getByTestId('fault-failure-rate').fill('0.3');
+    await page.getByTestId('fault-drop-rate').fill('0.1');
+    await page.getByTestId('fault-apply').click();
+    await eventually(async () => assert.equal(await page.getByTestId('fault-status').textContent(), 'Applied.'));
+    const applied = await faultsOnServer(server);
+    assert.deepEqual([applied.delay_ms, applied.jitter_ms, applied.failure_rate, applied.drop_rate], [250, 10, 0.3, 0.1]);
+
+    await page.getByTestId('fault-failure-rate').fill('2');
+    await page.getByTestId('fault-apply').click();
+    await eventually(async () => assert.match(await page.getByTestId('fault-status').textContent(), /^Refused: /));
+    assert.equal((await faultsOnServer(server)).failure_rate, 0.3, 'a refused value changes nothing');
+  } finally {
+    await server.stop();
+  }
+});
+
+test('the chart draws the client-measured window beside the server metrics', async () => {
+  const server = await startServer(['--delay-ms', '400']);
+  try {
+    const { page } = await openApp(browser, server.url);
+    const id = await createViaUi(page, 'measured');
+    await waitSettled(page, id);
+
+    const chart = page.getByTestId('window-chart');
+    await chart.locator('[data-series="client-p50"]').waitFor({ state: 'attached' });
+    assert.match(await chart.locator('[data-series="client-p99"]').getAttribute('d'), /^M\d/);
+    const clientText = await page.getByTestId('client-window').textContent();
+    const clientP50 = Number(/p50 (\d+) ms/.exec(clientText)[1]);
+    assert.ok(clientP50 >= 400, `click -> settled (${clientP50} ms) is at least the server delay`);
+
+    await eventually(async () => {
+      assert.match(await page.getByTestId('server-window').textContent(), /^p50 \d+ ms, p99 \d+ ms, max \d+ ms over 1$/);
+      await chart.locator('[data-series="server-p50"]').waitFor({ state: 'attached', timeout: 100 });
+    });
+  } finally {
+    await server.stop();
+  }
+});

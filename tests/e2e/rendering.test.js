@@ -1,0 +1,89 @@
+// Rendering: titles are text (no XSS), items keep their DOM node and focus across settle,
+// and two tabs see each other's changes live.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+
+import {
+  startServer, launchBrowser, openApp, openTab, eventually, createViaUi, renameViaUi, shown, listedTitles, taskItem,
+  waitSettled,
+} from './helpers.js';
+
+let browser;
+before(async () => { browser = await launchBrowser(); });
+after(async () => { await browser?.close(); });
+
+const XSS_TITLE = '<img src=x onerror=alert(1)>';
+const XSS_FROM_ELSEWHERE = '<script>alert(2)</script><b onmouseover=alert(3)>bold</b>';
+
+test('an XSS title, typed here or written by someone else, renders as text', async () => {
+  const server = await startServer(['--delay-ms', '300']);
+  try {
+    const { page, dialogs, pageErrors } = await openApp(browser, server.url);
+    const id = await createViaUi(page, XSS_TITLE);
+    assert.equal((await shown(page, id)).title, XSS_TITLE, 'the prediction is text');
+    await waitSettled(page, id);
+    const other = await server.api.createSettled(XSS_FROM_ELSEWHERE);
+    await eventually(async () => assert.deepEqual(await listedTitles(page), [XSS_TITLE, XSS_FROM_ELSEWHERE]));
+    await taskItem(page, other.id).getByTestId('title').hover();
+
+    const list = page.getByTestId('task-list');
+    assert.equal(await list.locator('img, script, b').count(), 0, 'no element was created from a title');
+    await page.waitForTimeout(300); // an injected onerror would fire by now
+    assert.deepEqual(dialogs, []);
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});
+
+test('an item keeps its DOM node and its focus from prediction through settle', async () => {
+  const server = await startServer(['--delay-ms', '800']);
+  try {
+    const { page } = await openApp(browser, server.url);
+    const id = await createViaUi(page, 'stable node');
+    const item = taskItem(page, id);
+    await item.evaluate((li) => { li.stableMarker = 'set while the create was pending'; });
+    await waitSettled(page, id);
+
+    const like = item.getByTestId('like');
+    await like.focus();
+    await page.keyboard.press('Enter'); // like from the keyboard: focus stays on the button
+    assert.equal((await shown(page, id)).pending, true);
+    await waitSettled(page, id);
+
+    assert.equal(await item.evaluate((li) => li.stableMarker), 'set while the create was pending', 'never remounted');
+    assert.equal(await like.evaluate((button) => document.activeElement === button), true, 'focus kept');
+    assert.equal((await shown(page, id)).likes, 1);
+  } finally {
+    await server.stop();
+  }
+});
+
+test('two tabs see each other’s changes live', async () => {
+  const server = await startServer(['--delay-ms', '300']);
+  try {
+    const { page: tabA, context } = await openApp(browser, server.url);
+    const { page: tabB } = await openTab(context, server.url);
+
+    const id = await createViaUi(tabA, 'from tab A');
+    await eventually(async () => assert.deepEqual(await shown(tabB, id), {
+      title: 'from tab A', likes: 0, done: false, pending: false, state: 'settled',
+    }));
+
+    // The user switches tabs before clicking (a background tab gets no animation frames).
+    await tabB.bringToFront();
+    await taskItem(tabB, id).getByTestId('done').click();
+    await renameViaUi(tabB, id, 'renamed in tab B');
+    await eventually(async () => assert.deepEqual(await shown(tabA, id), {
+      title: 'renamed in tab B', likes: 0, done: true, pending: false, state: 'settled',
+    }));
+
+    await tabA.bringToFront();
+    await taskItem(tabA, id).getByTestId('delete').click();
+    await eventually(async () => assert.equal(await shown(tabB, id), null));
+    assert.equal(await server.api.task(id), null);
+  } finally {
+    await server.stop();
+  }
+});

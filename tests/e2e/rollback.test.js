@@ -1,0 +1,77 @@
+// A failed optimistic write rolls back to the pre-mutation state: no orphaned prediction,
+// a notice that says what failed and why, a failed delete back in its place.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+
+import {
+  startServer, launchBrowser, openApp, eventually, createViaUi, renameViaUi, shown, listedTitles, taskItem,
+} from './helpers.js';
+
+let browser;
+before(async () => { browser = await launchBrowser(); });
+after(async () => { await browser?.close(); });
+
+test('a failed create shows at once, then disappears with a notice and leaves no row', async () => {
+  const server = await startServer(['--failure-rate', '1', '--delay-ms', '400']);
+  try {
+    const { page, pageErrors } = await openApp(browser, server.url);
+    const id = await createViaUi(page, 'doomed task');
+    assert.equal((await shown(page, id)).pending, true, 'predicted at once, marked pending');
+
+    await eventually(async () => assert.equal(await shown(page, id), null, 'the prediction is gone'));
+    const notice = page.getByTestId('notice').filter({ hasText: 'Create “doomed task” failed' });
+    await notice.waitFor();
+    assert.match(await notice.textContent(), /injected/);
+    assert.equal(await page.locator('[data-testid="task"]').count(), 0, 'no orphaned row');
+    assert.equal((await server.api.tasks()).tasks.length, 0);
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});
+
+test('a failed rename, like and delete snap back to the confirmed state, the delete in its place', async () => {
+  const server = await startServer(['--delay-ms', '400']);
+  try {
+    const first = await server.api.createSettled('first');
+    const middle = await server.api.createSettled('middle');
+    await server.api.createSettled('last');
+    const { page, pageErrors } = await openApp(browser, server.url);
+    await eventually(async () => assert.deepEqual(await listedTitles(page), ['first', 'middle', 'last']));
+    await server.api.setFaults({ failure_rate: 1 });
+
+    await renameViaUi(page, middle.id, 'renamed');
+    await taskItem(page, middle.id).getByTestId('like').click();
+    assert.deepEqual(
+      { ...(await shown(page, middle.id)), state: undefined },
+      { title: 'renamed', likes: 1, done: false, pending: true, state: undefined },
+      'both predictions show at once',
+    );
+    await eventually(async () => assert.deepEqual(
+      await shown(page, middle.id),
+      { title: 'middle', likes: 0, done: false, pending: false, state: 'settled' },
+    ));
+    assert.equal(await taskItem(page, middle.id).getByTestId('like').getAttribute('aria-pressed'), 'false',
+      'the like toggle rolled back with the count');
+    await eventually(async () => assert.equal(await page.getByTestId('notice').count(), 2));
+
+    await taskItem(page, first.id).getByTestId('done').click();
+    await taskItem(page, middle.id).getByTestId('delete').click();
+    assert.deepEqual(await listedTitles(page), ['first', 'last'], 'the delete shows at once');
+    assert.equal((await shown(page, first.id)).done, true);
+    await eventually(async () => {
+      assert.deepEqual(await listedTitles(page), ['first', 'middle', 'last'], 'back in its place');
+      assert.equal((await shown(page, first.id)).done, false);
+      assert.equal(await page.locator('[data-testid="task"][data-pending="true"]').count(), 0);
+    });
+    await page.getByTestId('notice').filter({ hasText: 'Delete “middle” failed' }).waitFor();
+
+    const serverState = await server.api.tasks();
+    assert.deepEqual(serverState.tasks.map((task) => [task.title, task.likes, task.done]),
+      [['first', 0, false], ['middle', 0, false], ['last', 0, false]]);
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});

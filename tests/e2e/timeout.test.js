@@ -1,0 +1,90 @@
+// Honest pending with a timeout: when the consumer never confirms (drop rate 1), the
+// pending state resolves to "still processing" with Retry and Discard, after asking the
+// command's status endpoint. Retry re-sends under the same Idempotency-Key.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+
+import {
+  startServer, launchBrowser, openApp, eventually, createViaUi, shown, taskItem, recordCommands, waitSettled,
+} from './helpers.js';
+
+let browser;
+before(async () => { browser = await launchBrowser(); });
+after(async () => { await browser?.close(); });
+
+const DROP_EVERYTHING = ['--drop-rate', '1', '--delay-ms', '200', '--redeliver-after-ms', '1000'];
+
+test('with drop rate 1 a create ends in "still processing" with Retry, which re-sends the same key', async () => {
+  const server = await startServer(DROP_EVERYTHING);
+  try {
+    const { page, pageErrors } = await openApp(browser, server.url, '?stuck_ms=1500');
+    const commands = recordCommands(page);
+    const statusChecks = [];
+    page.on('request', (request) => {
+      if (new URL(request.url()).pathname.startsWith('/api/commands/')) statusChecks.push(request.url());
+    });
+    const acceptedBodies = [];
+    page.on('response', async (response) => {
+      if (response.request().method() === 'POST' && new URL(response.url()).pathname === '/api/tasks') {
+        acceptedBodies.push({ replayed: response.headers()['idempotent-replayed'], body: await response.json() });
+      }
+    });
+
+    const id = await createViaUi(page, 'lost in the pipe');
+    const item = taskItem(page, id);
+    assert.equal((await shown(page, id)).state, 'pending');
+
+    await item.getByTestId('stuck').waitFor();
+    assert.match(await item.getByTestId('stuck').textContent(), /still processing/);
+    assert.equal(await item.getAttribute('data-state'), 'stuck');
+    assert.ok(await item.getByRole('button', { name: 'Retry' }).isVisible());
+    assert.ok(await item.getByRole('button', { name: 'Discard' }).isVisible());
+    assert.ok(statusChecks.length >= 1, 'the status endpoint was asked before offering Retry');
+
+    await item.getByRole('button', { name: 'Retry' }).click();
+    await eventually(() => assert.equal(acceptedBodies.length, 2));
+    const creates = commands.filter((command) => command.method === 'POST');
+    assert.equal(creates.length, 2);
+    assert.equal(creates[1].key, creates[0].key, 'Retry reuses the Idempotency-Key');
+    assert.deepEqual(creates[1].body, creates[0].body, 'and the very same body');
+    assert.equal(acceptedBodies[1].replayed, 'true');
+    assert.equal(acceptedBodies[1].body.command_id, acceptedBodies[0].body.command_id, 'one command on the server');
+
+    // Still dropped: after Retry the op waits again, then says so again. It never spins.
+    await item.getByTestId('stuck').waitFor();
+
+    await server.api.setFaults({ drop_rate: 0 });
+    await waitSettled(page, id);
+    assert.equal(await item.getByTestId('stuck').count(), 0);
+    const { tasks } = await server.api.tasks();
+    assert.deepEqual(tasks.map((task) => task.title), ['lost in the pipe']);
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});
+
+test('Discard drops a stuck prediction and says the server may still apply it', async () => {
+  const server = await startServer(DROP_EVERYTHING);
+  try {
+    const confirmed = await (async () => {
+      await server.api.setFaults({ drop_rate: 0 });
+      const task = await server.api.createSettled('confirmed title');
+      await server.api.setFaults({ drop_rate: 1 });
+      return task;
+    })();
+    const { page } = await openApp(browser, server.url, '?stuck_ms=1000');
+    const item = taskItem(page, confirmed.id);
+    await item.getByTestId('like').click();
+    assert.equal((await shown(page, confirmed.id)).likes, 1);
+
+    await item.getByRole('button', { name: 'Discard' }).click();
+    assert.deepEqual(await shown(page, confirmed.id), {
+      title: 'confirmed title', likes: 0, done: false, pending: false, state: 'settled',
+    });
+    await page.getByTestId('notice').filter({ hasText: 'stopped waiting' }).waitFor();
+  } finally {
+    await server.stop();
+  }
+});

@@ -1,0 +1,420 @@
+// Unit tests of the pure client core: composition, acknowledgements in any order,
+// rollback of one op among several, rebase over snapshots, watermark, timeouts, conflicts,
+// snapshot identity.
+
+import { test, describe } from 'node:test';
+import assert from 'node:assert/strict';
+
+import { createCore, commandRequest, fold, EVENT_SETTLED, EVENT_FAILED } from '../../static/core.js';
+
+/** A controllable clock. */
+function clock(start = 1_000_000) {
+  let time = start;
+  return { now: () => time, advance: (ms) => { time += ms; } };
+}
+
+function task(id, fields = {}) {
+  return { id, title: `task ${id}`, notes: '', done: false, likes: 0, version: 1, updated_at: '2025-01-01T00:00:00Z', ...fields };
+}
+
+/** A core with tasks a, b, c confirmed at watermark 10. */
+function setup(options = {}) {
+  const time = clock();
+  const core = createCore({ now: time.now, stuckMs: 5000, syncMs: 800, ...options });
+  core.loadSnapshot({ tasks: [task('a'), task('b', { likes: 3, version: 4 }), task('c')], watermark: 10 });
+  return { core, time };
+}
+
+let nextEventId = 11;
+function settled(op, taskAfter, { id = nextEventId++ } = {}) {
+  return {
+    id,
+    type: EVENT_SETTLED,
+    data: {
+      command_id: op.command_id ?? `cmd-${op.key}`,
+      idempotency_key: op.key,
+      task_id: op.task_id,
+      kind: op.kind,
+      version: taskAfter?.version ?? 0,
+      task: taskAfter,
+      window_ms: 700,
+    },
+  };
+}
+function failed(op, reason, current, { id = nextEventId++ } = {}) {
+  return {
+    id,
+    type: EVENT_FAILED,
+    data: {
+      command_id: op.command_id ?? `cmd-${op.key}`,
+      idempotency_key: op.key,
+      task_id: op.task_id,
+      kind: op.kind,
+      reason,
+      message: `it ${reason}`,
+      current,
+    },
+  };
+}
+
+const item = (core, id) => core.getSnapshot().items.find((candidate) => candidate.id === id);
+const ids = (core) => core.getSnapshot().items.map((candidate) => candidate.id);
+
+describe('composition of pending operations over the confirmed base', () => {
+  test('a create shows at once, pending, appended after the snapshot order', () => {
+    const { core } = setup();
+    core.issue({ kind: 'create', key: 'k1', task_id: 'n', title: 'new one' });
+    assert.deepEqual(ids(core), ['a', 'b', 'c', 'n']);
+    const created = item(core, 'n');
+    assert.equal(created.task.title, 'new one');
+    assert.equal(created.pending, true);
+    assert.equal(created.confirmed, null);
+  });
+
+  test('rapid like, unlike, like compose deltas over the base', () => {
+    const { core } = setup();
+    core.issue({ kind: 'like', key: 'l1', task_id: 'b', delta: 1 });
+    core.issue({ kind: 'like', key: 'l2', task_id: 'b', delta: -1 });
+    core.issue({ kind: 'like', key: 'l3', task_id: 'b', delta: 1 });
+    assert.equal(item(core, 'b').task.likes, 4);
+    assert.equal(item(core, 'b').confirmed.likes, 3);
+  });
+
+  test('patches fold in issue order and delete hides the item', () => {
+    const { core } = setup();
+    core.issue({ kind: 'update', key: 'u1', task_id: 'a', patch: { title: 'first' } });
+    core.issue({ kind: 'update', key: 'u2', task_id: 'a', patch: { title: 'second', done: true } });
+    assert.equal(item(core, 'a').task.title, 'second');
+    assert.equal(item(core, 'a').task.done, true);
+    core.issue({ kind: 'delete', key: 'd1', task_id: 'c' });
+    assert.deepEqual(ids(core), ['a', 'b']);
+  });
+
+  test('fold ignores edits of a task that does not exist', () => {
+    assert.equal(fold(null, [{ kind: 'update', task_id: 'x', patch: { title: 't' } }]), null);
+    assert.equal(fold(null, [{ kind: 'like', task_id: 'x', delta: 1 }]), null);
+  });
+
+  test('issuing the same key twice is one operation (double click, double Enter)', () => {
+    const { core } = setup();
+    const first = core.issue({ kind: 'create', key: 'same', task_id: 'n', title: 'once' });
+    const second = core.issue({ kind: 'create', key: 'same', task_id: 'n', title: 'once' });
+    assert.equal(first, second);
+    assert.equal(core.pendingOps().length, 1);
+    assert.deepEqual(ids(core), ['a', 'b', 'c', 'n']);
+  });
+});
+
+describe('acknowledgements', () => {
+  test('settle events in any order leave the confirmed end state', () => {
+    const { core } = setup();
+    const ops = [1, -1, 1].map((delta, index) => core.issue({ kind: 'like', key: `l${index}`, task_id: 'b', delta }));
+    // The server applied them in order: likes 4 (v5), 3 (v6), 4 (v7); the events reach us reordered
+    // only in the sense of which op they settle, ids stay increasing.
+    core.applyEvent(settled(ops[2], task('b', { likes: 4, version: 7 }), { id: 20 }));
+    assert.equal(item(core, 'b').task.likes, 4 + 1 - 1 + 0, 'two ops still pending over base 4');
+    core.applyEvent(settled(ops[0], task('b', { likes: 4, version: 5 }), { id: 21 }));
+    assert.equal(item(core, 'b').confirmed.version, 7, 'an older version never overwrites a newer base');
+    assert.equal(item(core, 'b').task.likes, 3, 'the remaining unlike still folds');
+    core.applyEvent(settled(ops[1], task('b', { likes: 3, version: 6 }), { id: 22 }));
+    const final = item(core, 'b');
+    assert.equal(final.pending, false);
+    assert.equal(final.task.likes, 4);
+    assert.equal(core.pendingOps().length, 0);
+  });
+
+  test('a settled event matches its op by idempotency key even before the 202 arrives', () => {
+    const { core } = setup();
+    const op = core.issue({ kind: 'create', key: 'early', task_id: 'n', title: 'fast' });
+    core.applyEvent(settled(op, task('n', { title: 'fast' })));
+    assert.equal(item(core, 'n').pending, false);
+    core.accepted('early', { command_id: 'late-202' }); // no op any more: a no-op
+    assert.equal(core.pendingOps().length, 0);
+  });
+
+  test('events from others update the base and append creates', () => {
+    const { core } = setup();
+    core.applyEvent(settled({ key: 'theirs', task_id: 'z', kind: 'create' }, task('z', { title: 'from tab 2' })));
+    assert.deepEqual(ids(core), ['a', 'b', 'c', 'z']);
+    assert.equal(item(core, 'z').pending, false);
+  });
+
+  test('a settled delete removes the task for good, even against a late re-fetch', () => {
+    const { core } = setup();
+    const op = core.issue({ kind: 'delete', key: 'd', task_id: 'a' });
+    core.applyEvent(settled(op, null));
+    assert.deepEqual(ids(core), ['b', 'c']);
+    core.taskFetched('a', task('a', { version: 1 }));
+    assert.deepEqual(ids(core), ['b', 'c']);
+  });
+});
+
+describe('failure removes only the failed operation', () => {
+  test('one failed like among several: the others survive and recompose', () => {
+    const { core } = setup();
+    const ops = [1, 1, 1].map((delta, index) => core.issue({ kind: 'like', key: `l${index}`, task_id: 'b', delta }));
+    assert.equal(item(core, 'b').task.likes, 6);
+    core.applyEvent(failed(ops[1], 'injected', task('b', { likes: 3, version: 4 })));
+    assert.equal(item(core, 'b').task.likes, 5);
+    assert.deepEqual(item(core, 'b').ops.map((op) => op.key), ['l0', 'l2']);
+    const [notice] = core.getSnapshot().notices;
+    assert.match(notice.text, /Like “task b” failed: the server rejected it/);
+    assert.equal(notice.reason, 'injected');
+  });
+
+  test('a failed create disappears with no orphan; a failed delete comes back in its place', () => {
+    const { core } = setup();
+    const create = core.issue({ kind: 'create', key: 'c1', task_id: 'n', title: 'doomed' });
+    const remove = core.issue({ kind: 'delete', key: 'd1', task_id: 'b' });
+    assert.deepEqual(ids(core), ['a', 'c', 'n']);
+    core.applyEvent(failed(create, 'injected', null));
+    core.applyEvent(failed(remove, 'injected', task('b', { likes: 3, version: 4 })));
+    assert.deepEqual(ids(core), ['a', 'b', 'c']);
+    assert.equal(item(core, 'b').pending, false);
+    assert.equal(core.getSnapshot().notices.length, 2);
+  });
+
+  test('a failed rename snaps back to the confirmed title', () => {
+    const { core } = setup();
+    const op = core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'new' } });
+    core.applyEvent(failed(op, 'injected', task('a')));
+    assert.equal(item(core, 'a').task.title, 'task a');
+    assert.equal(item(core, 'a').pending, false);
+  });
+
+  test('a command refused with a 4xx never becomes pending and says why', () => {
+    const { core } = setup();
+    core.issue({ kind: 'create', key: 'bad', task_id: 'n', title: 'x'.repeat(300) });
+    core.rejected('bad', { status: 422, detail: 'title must be 1 to 200 characters' });
+    assert.deepEqual(ids(core), ['a', 'b', 'c']);
+    assert.match(core.getSnapshot().notices[0].text, /refused: title must be 1 to 200/);
+  });
+
+  test('a failed like re-fetched from the counts fragment: same version applies, newer asks for the row', () => {
+    const { core } = setup();
+    assert.equal(core.countsFetched({ id: 'b', likes: 3, version: 4 }), 'applied');
+    assert.equal(core.countsFetched({ id: 'b', likes: 9, version: 8 }), 'newer');
+    assert.equal(core.countsFetched({ id: 'b', likes: 1, version: 2 }), 'stale');
+    assert.equal(item(core, 'b').task.likes, 3);
+  });
+});
+
+describe('snapshots and the watermark', () => {
+  test('pending ops are re-folded over a new snapshot (read-your-own-writes)', () => {
+    const { core } = setup();
+    core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'mine' } });
+    core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });
+    core.issue({ kind: 'create', key: 'c', task_id: 'n', title: 'new' });
+    core.loadSnapshot({ tasks: [task('a', { title: 'old', version: 2 }), task('b', { likes: 10, version: 9 }), task('c')], watermark: 30 });
+    assert.equal(item(core, 'a').task.title, 'mine');
+    assert.equal(item(core, 'b').task.likes, 11);
+    assert.deepEqual(ids(core), ['a', 'b', 'c', 'n']);
+    assert.equal(core.watermark, 30);
+  });
+
+  test('ops whose event is inside the snapshot settle with it, not twice', () => {
+    const { core } = setup();
+    core.issue({ kind: 'like', key: 'in', task_id: 'b', delta: 1 });
+    core.issue({ kind: 'like', key: 'after', task_id: 'b', delta: 1 });
+    core.accepted('in', { command_id: 'c-in' });
+    core.accepted('after', { command_id: 'c-after' });
+    core.loadSnapshot({ tasks: [task('b', { likes: 4, version: 5 })], watermark: 40 }, {
+      outcomes: [
+        { key: 'in', status: 'settled', event_id: 39 },
+        { key: 'after', status: 'settled', event_id: 41 }, // still to come on the stream
+      ],
+    });
+    assert.equal(item(core, 'b').task.likes, 5, 'base 4 (includes "in") + pending "after"');
+    assert.deepEqual(item(core, 'b').ops.map((op) => op.key), ['after']);
+  });
+
+  test('events at or below the watermark are ignored', () => {
+    const { core } = setup();
+    const op = core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'x' } });
+    const result = core.applyEvent(settled(op, task('a', { title: 'x', version: 2 }), { id: 10 }));
+    assert.equal(result.applied, false);
+    assert.equal(item(core, 'a').pending, true);
+    assert.equal(core.applyEvent(settled(op, task('a', { title: 'x', version: 2 }), { id: 50 })).applied, true);
+    assert.equal(core.applyEvent(settled(op, task('a', { title: 'x', version: 2 }), { id: 50 })).applied, false);
+  });
+
+  test('an older snapshot is refused unless forced', () => {
+    const { core } = setup();
+    assert.equal(core.loadSnapshot({ tasks: [], watermark: 5 }), false);
+    assert.deepEqual(ids(core), ['a', 'b', 'c']);
+    assert.equal(core.loadSnapshot({ tasks: [], watermark: 5 }, { force: true }), true);
+    assert.deepEqual(ids(core), []);
+  });
+
+  test('pending ops survive a reload through persistedOps / restore', () => {
+    const { core } = setup();
+    core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'mine' }, base_version: 1 });
+    core.accepted('u', { command_id: 'cmd-u' });
+    core.issue({ kind: 'create', key: 'c', task_id: 'n', title: 'unsent' });
+    const saved = JSON.parse(JSON.stringify(core.persistedOps()));
+
+    const reloaded = createCore({ now: () => 2_000_000 });
+    reloaded.restore(saved);
+    reloaded.loadSnapshot({ tasks: [task('a')], watermark: 12 }, { force: true });
+    assert.equal(item(reloaded, 'a').task.title, 'mine');
+    assert.deepEqual(reloaded.pendingOps().map((op) => [op.key, op.state, op.command_id]), [
+      ['u', 'pending', 'cmd-u'],
+      ['c', 'sending', null],
+    ]);
+    assert.deepEqual(commandRequest(reloaded.getOp('u')), commandRequest(core.getOp('u')), 'same request under the same key');
+  });
+});
+
+describe('timeouts and the sync indicator', () => {
+  test('an op without its event turns checking after stuckMs, then stuck when still pending', () => {
+    const { core, time } = setup();
+    core.issue({ kind: 'like', key: 'l', task_id: 'a', delta: 1 });
+    core.accepted('l', { command_id: 'cmd-l' });
+    time.advance(4999);
+    assert.deepEqual(core.tick(), []);
+    time.advance(1);
+    const due = core.tick();
+    assert.deepEqual(due.map((op) => op.key), ['l']);
+    assert.equal(core.getOp('l').state, 'checking');
+    assert.deepEqual(core.tick(), [], 'checked once, not on every tick');
+    core.statusChecked('l', { status: 'pending' });
+    assert.equal(item(core, 'a').ops[0].state, 'stuck');
+  });
+
+  test('an op that never got its 202 goes straight to stuck; Retry restarts its clock', () => {
+    const { core, time } = setup();
+    core.issue({ kind: 'create', key: 'c', task_id: 'n', title: 'lost' });
+    time.advance(6000);
+    assert.deepEqual(core.tick(), []);
+    assert.equal(core.getOp('c').state, 'stuck');
+    core.resending('c');
+    assert.equal(core.getOp('c').state, 'sending');
+    time.advance(1000);
+    core.tick();
+    assert.equal(core.getOp('c').state, 'sending');
+  });
+
+  test('the status endpoint settles or fails an overdue op', () => {
+    const { core, time } = setup();
+    core.issue({ kind: 'update', key: 's', task_id: 'a', patch: { title: 'done already' } });
+    core.issue({ kind: 'update', key: 'f', task_id: 'c', patch: { title: 'refused' } });
+    core.accepted('s', { command_id: 'cs' });
+    core.accepted('f', { command_id: 'cf' });
+    time.advance(5000);
+    core.tick();
+    core.statusChecked('s', { status: 'settled', event_id: 99 }, task('a', { title: 'done already', version: 2 }));
+    core.statusChecked('f', { status: 'failed', error: { reason: 'injected', message: 'boom' } }, task('c'));
+    assert.equal(item(core, 'a').task.title, 'done already');
+    assert.equal(item(core, 'a').pending, false);
+    assert.equal(item(core, 'c').task.title, 'task c');
+    assert.equal(core.getSnapshot().notices.length, 1);
+  });
+
+  test('a stuck delete brings its item back, marked deleting, so Retry and Discard are reachable', () => {
+    const { core, time } = setup();
+    core.issue({ kind: 'delete', key: 'd', task_id: 'b' });
+    assert.deepEqual(ids(core), ['a', 'c']);
+    time.advance(5000);
+    core.tick(); // never accepted: straight to stuck
+    assert.deepEqual(ids(core), ['a', 'b', 'c']);
+    assert.equal(item(core, 'b').deleting, true);
+    assert.equal(item(core, 'b').ops[0].state, 'stuck');
+    core.resending('d');
+    assert.deepEqual(ids(core), ['a', 'c'], 'sent again: predicted deleted again');
+  });
+
+  test('discard drops the op and says so', () => {
+    const { core } = setup();
+    core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'never mind' } });
+    core.discard('u');
+    assert.equal(item(core, 'a').task.title, 'task a');
+    assert.equal(core.getSnapshot().notices[0].level, 'info');
+  });
+
+  test('the sync figures count ops older than syncMs and clear on settle', () => {
+    const { core, time } = setup();
+    const op = core.issue({ kind: 'like', key: 'l', task_id: 'a', delta: 1 });
+    const issuedAt = time.now();
+    time.advance(799);
+    core.tick();
+    assert.equal(core.getSnapshot().sync.count, 0);
+    time.advance(1);
+    core.tick();
+    assert.deepEqual({ ...core.getSnapshot().sync }, { count: 1, oldest_issued_at: issuedAt });
+    core.applyEvent(settled(op, task('a', { likes: 1, version: 2 })));
+    assert.equal(core.getSnapshot().sync.count, 0);
+    const [sample] = core.getSnapshot().window_samples;
+    assert.equal(sample.ms, 800, 'client-measured window: issue to settled event');
+  });
+});
+
+describe('conflicts', () => {
+  test('a conflicting edit opens yours / theirs; keep mine re-submits on the current version', () => {
+    const { core } = setup();
+    const op = core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'mine' }, base_version: 1 });
+    const theirs = task('a', { title: 'theirs', version: 2 });
+    core.applyEvent(failed(op, 'conflict', theirs));
+    const { conflict, task: shown } = item(core, 'a');
+    assert.equal(shown.title, 'theirs', 'the item shows ground truth, nothing overwritten');
+    assert.deepEqual({ ...conflict.yours }, { title: 'mine' });
+    assert.equal(conflict.theirs.title, 'theirs');
+    const intent = core.resolveConflict('a', 'mine');
+    assert.deepEqual(intent, { kind: 'update', task_id: 'a', base_version: 2, patch: { title: 'mine' } });
+    assert.equal(item(core, 'a').conflict, null);
+  });
+
+  test('take theirs closes the conflict and sends nothing', () => {
+    const { core } = setup();
+    const op = core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'mine' }, base_version: 1 });
+    core.applyEvent(failed(op, 'conflict', task('a', { title: 'theirs', version: 2 })));
+    assert.equal(core.resolveConflict('a', 'theirs'), null);
+    assert.equal(item(core, 'a').conflict, null);
+    assert.equal(item(core, 'a').task.title, 'theirs');
+  });
+
+  test('expectedVersion counts our own pending ops so they never conflict with each other', () => {
+    const { core } = setup();
+    core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });
+    assert.equal(core.expectedVersion('b'), 5);
+    core.issue({ kind: 'update', key: 'u', task_id: 'b', patch: { title: 't' }, base_version: core.expectedVersion('b') });
+    assert.equal(commandRequest(core.getOp('u')).body.base_version, 5);
+  });
+});
+
+describe('snapshot identity', () => {
+  test('getSnapshot returns the same object until something changes', () => {
+    const { core, time } = setup();
+    const first = core.getSnapshot();
+    assert.equal(core.getSnapshot(), first);
+    core.tick();
+    assert.equal(core.getSnapshot(), first, 'a tick that changes nothing keeps identity');
+    time.advance(10);
+    core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });
+    const second = core.getSnapshot();
+    assert.notEqual(second, first);
+    assert.equal(second.items[0], first.items[0], 'untouched items keep their identity');
+    assert.notEqual(second.items[1], first.items[1]);
+    assert.ok(Object.isFrozen(second) && Object.isFrozen(second.items) && Object.isFrozen(second.items[1].task));
+  });
+
+  test('subscribers hear every change and can unsubscribe', () => {
+    const { core } = setup();
+    let calls = 0;
+    const unsubscribe = core.subscribe(() => { calls += 1; });
+    core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });
+    unsubscribe();
+    core.issue({ kind: 'like', key: 'm', task_id: 'b', delta: 1 });
+    assert.equal(calls, 1);
+  });
+});
+
+describe('command requests', () => {
+  test('each kind maps to its endpoint and a stable body', () => {
+    const { core } = setup();
+    const make = (intent) => commandRequest(core.issue({ key: `${intent.kind}-${intent.task_id}`, ...intent }));
+    assert.deepEqual(make({ kind: 'create', task_id: 'n', title: 'hi' }), { method: 'POST', path: '/api/tasks', body: { id: 'n', title: 'hi' } });
+    assert.deepEqual(make({ kind: 'update', task_id: 'a', patch: { done: true } }), { method: 'PATCH', path: '/api/tasks/a', body: { done: true } });
+    assert.deepEqual(make({ kind: 'delete', task_id: 'c' }), { method: 'DELETE', path: '/api/tasks/c', body: null });
+    assert.deepEqual(make({ kind: 'like', task_id: 'b', delta: -1 }), { method: 'POST', path: '/api/tasks/b/likes', body: { delta: -1 } });
+  });
+});

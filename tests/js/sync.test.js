@@ -1,0 +1,242 @@
+// Unit tests of the sync engine and the transport's retry policy, with fake HTTP.
+
+import { test, describe } from 'node:test';
+import assert from 'node:assert/strict';
+
+import { createCore } from '../../static/core.js';
+import { createSync, STORAGE_KEY } from '../../static/sync.js';
+import { createTransport } from '../../static/transport.js';
+
+function task(id, fields = {}) {
+  return { id, title: `task ${id}`, notes: '', done: false, likes: 0, version: 1, updated_at: '2025-01-01T00:00:00Z', ...fields };
+}
+
+function memoryStorage(initial = {}) {
+  const values = new Map(Object.entries(initial));
+  return { getItem: (key) => values.get(key) ?? null, setItem: (key, value) => values.set(key, value) };
+}
+
+const flush = () => new Promise((resolve) => setImmediate(resolve));
+
+/** A fake transport recording calls; behaviour overridable per test. */
+function fakeTransport(overrides = {}) {
+  const calls = [];
+  let commandCount = 0;
+  const transport = {
+    calls,
+    streams: [],
+    sendCommand: async (request, key) => {
+      calls.push(['send', request.method, request.path, key]);
+      commandCount += 1;
+      return { outcome: 'accepted', command_id: `cmd-${key}`, accepted_at: 'now', replayed: false };
+    },
+    fetchSnapshot: async () => ({ tasks: [task('a')], watermark: 5 }),
+    fetchCommand: async (commandId) => {
+      calls.push(['status', commandId]);
+      return { command_id: commandId, status: 'pending' };
+    },
+    fetchTask: async (id) => {
+      calls.push(['task', id]);
+      return task(id);
+    },
+    fetchCounts: async (id) => {
+      calls.push(['counts', id]);
+      return { id, likes: 0, version: 1 };
+    },
+    openEvents(lastEventId, handlers) {
+      const stream = { lastEventId, handlers, closed: false, close() { this.closed = true; } };
+      transport.streams.push(stream);
+      handlers.onOpen?.();
+      return stream;
+    },
+    get commandCount() { return commandCount; },
+    ...overrides,
+  };
+  return transport;
+}
+
+function setup({ transport = fakeTransport(), storage = memoryStorage(), now = () => 1_000_000 } = {}) {
+  const core = createCore({ now, stuckMs: 5000, syncMs: 800 });
+  let tick = null;
+  let id = 0;
+  const sync = createSync({
+    core,
+    transport,
+    storage,
+    newId: () => `id-${(id += 1)}`,
+    setInterval: (fn) => { tick = fn; return 1; },
+    clearInterval: () => {},
+  });
+  return { core, sync, transport, storage, tick: () => tick() };
+}
+
+describe('the sync engine', () => {
+  test('start loads the snapshot and opens the stream at its watermark', async () => {
+    const { core, sync, transport } = setup();
+    await sync.start();
+    assert.equal(core.getSnapshot().items.length, 1);
+    assert.equal(transport.streams[0].lastEventId, 5);
+    assert.equal(core.getSnapshot().connection, 'live');
+  });
+
+  test('the same intent twice sends one command', async () => {
+    const { sync, transport } = setup();
+    await sync.start();
+    sync.createTask({ title: 'once', id: 'n', key: 'k' });
+    sync.createTask({ title: 'once', id: 'n', key: 'k' });
+    await flush();
+    assert.deepEqual(transport.calls.filter((call) => call[0] === 'send'), [['send', 'POST', '/api/tasks', 'k']]);
+  });
+
+  test("a task's commands are sent one after the other, in issue order", async () => {
+    const order = [];
+    let releaseFirst;
+    const transport = fakeTransport({
+      sendCommand: async (request, key) => {
+        order.push(`start ${key}`);
+        if (key === 'first') await new Promise((resolve) => { releaseFirst = resolve; });
+        order.push(`end ${key}`);
+        return { outcome: 'accepted', command_id: `cmd-${key}` };
+      },
+    });
+    const { sync } = setup({ transport });
+    await sync.start();
+    sync.like('a', 1, 'first');
+    sync.like('a', -1, 'second');
+    await flush();
+    assert.deepEqual(order, ['start first']);
+    releaseFirst();
+    await flush();
+    await flush();
+    assert.deepEqual(order, ['start first', 'end first', 'start second', 'end second']);
+  });
+
+  test('pending ops persist, and after a reload they are reconciled against the snapshot', async () => {
+    const first = setup();
+    await first.sync.start();
+    first.sync.like('a', 1, 'in-snapshot');
+    first.sync.like('a', 1, 'still-coming');
+    await flush();
+    const saved = JSON.parse(first.storage.getItem(STORAGE_KEY));
+    assert.deepEqual(saved.map((op) => [op.key, op.command_id]), [
+      ['in-snapshot', 'cmd-in-snapshot'],
+      ['still-coming', 'cmd-still-coming'],
+    ]);
+    saved.push({ key: 'never-sent', task_id: 'a', kind: 'update', patch: { title: 'x' }, issued_at: 1 });
+
+    const transport = fakeTransport({
+      fetchSnapshot: async () => ({ tasks: [task('a', { likes: 1, version: 2 })], watermark: 10 }),
+      fetchCommand: async (commandId) => ({
+        command_id: commandId,
+        status: commandId === 'cmd-in-snapshot' ? 'settled' : 'pending',
+        event_id: commandId === 'cmd-in-snapshot' ? 9 : undefined,
+      }),
+    });
+    const reloaded = setup({ transport, storage: memoryStorage({ [STORAGE_KEY]: JSON.stringify(saved) }) });
+    await reloaded.sync.start();
+    const [item] = reloaded.core.getSnapshot().items;
+    assert.deepEqual(item.ops.map((op) => op.key), ['still-coming', 'never-sent']);
+    assert.equal(item.task.likes, 2, 'base 1 (includes the settled like) + the one still coming');
+    assert.equal(item.task.title, 'x');
+    assert.deepEqual(transport.calls.filter((call) => call[0] === 'send'), [['send', 'PATCH', '/api/tasks/a', 'never-sent']],
+      'only the op that never got its 202 is sent again, under its key');
+  });
+
+  test('a failed like snaps to the counts fragment; a newer row is fetched whole', async () => {
+    const transport = fakeTransport({
+      fetchCounts: async (id) => {
+        transport.calls.push(['counts', id]);
+        return { id, likes: 7, version: 3 };
+      },
+      fetchTask: async (id) => {
+        transport.calls.push(['task', id]);
+        return task(id, { title: 'moved on', likes: 7, version: 3 });
+      },
+    });
+    const { core, sync } = setup({ transport });
+    await sync.start();
+    const op = sync.like('a', 1, 'l');
+    await flush();
+    transport.streams[0].handlers.onEvent({
+      id: 6,
+      type: 'command:failed',
+      data: { command_id: 'cmd-l', idempotency_key: op.key, task_id: 'a', kind: 'like', reason: 'injected', message: '', current: null },
+    });
+    await flush();
+    await flush();
+    assert.deepEqual(transport.calls.filter((call) => call[0] !== 'send'), [['counts', 'a'], ['task', 'a']]);
+    assert.equal(core.getSnapshot().items[0].task.title, 'moved on');
+  });
+
+  test('an overdue op is checked on the status endpoint, then Retry re-sends its key', async () => {
+    let time = 1_000_000;
+    const { core, sync, transport, tick } = setup({ now: () => time });
+    await sync.start();
+    sync.like('a', 1, 'slow');
+    await flush();
+    time += 5000;
+    tick();
+    await flush();
+    assert.deepEqual(transport.calls.filter((call) => call[0] === 'status'), [['status', 'cmd-slow']]);
+    assert.equal(core.getOp('slow').state, 'stuck');
+    await sync.retry('slow');
+    assert.deepEqual(transport.calls.filter((call) => call[0] === 'send').map((call) => call[3]), ['slow', 'slow']);
+    assert.equal(core.getOp('slow').state, 'pending');
+  });
+
+  test('a reset event refetches the snapshot and reopens the stream', async () => {
+    const { sync, transport } = setup();
+    await sync.start();
+    transport.streams[0].handlers.onEvent({ id: Number.NaN, type: 'reset', data: null });
+    await flush();
+    await flush();
+    assert.equal(transport.streams.length, 2);
+    assert.equal(transport.streams[0].closed, true);
+  });
+});
+
+describe('the transport', () => {
+  function fakeFetch(answers) {
+    const requests = [];
+    const fetch = async (url, init) => {
+      requests.push({ url, ...init });
+      const answer = answers.shift();
+      if (answer instanceof Error) throw answer;
+      return new Response(JSON.stringify(answer.body), { status: answer.status, headers: answer.headers });
+    };
+    return { fetch, requests };
+  }
+  const request = { method: 'POST', path: '/api/tasks', body: { id: 'n', title: 't' } };
+  const accepted = { status: 202, body: { command_id: 'c1', task_id: 'n', status: 'pending', accepted_at: 'now' } };
+
+  test('network errors, 409 and 5xx are retried under the same key', async () => {
+    const { fetch, requests } = fakeFetch([new TypeError('offline'), { status: 409, body: { detail: 'in flight' } },
+      { status: 503, body: {} }, accepted]);
+    const transport = createTransport({ fetch, sleep: async () => {} });
+    const result = await transport.sendCommand(request, 'key-1');
+    assert.equal(result.outcome, 'accepted');
+    assert.equal(result.command_id, 'c1');
+    assert.deepEqual(requests.map((sent) => sent.headers['Idempotency-Key']), ['key-1', 'key-1', 'key-1', 'key-1']);
+    assert.equal(new Set(requests.map((sent) => sent.body)).size, 1, 'the very same body every time');
+  });
+
+  test('a 4xx is a rejection carrying the problem detail', async () => {
+    const { fetch } = fakeFetch([{ status: 422, body: { type: 'invalid', title: 'Invalid', status: 422, detail: 'title too long' } }]);
+    const result = await createTransport({ fetch, sleep: async () => {} }).sendCommand(request, 'k');
+    assert.deepEqual(result, { outcome: 'rejected', status: 422, detail: 'title too long' });
+  });
+
+  test('after the last attempt the command is reported unavailable, not failed', async () => {
+    const { fetch, requests } = fakeFetch([new TypeError('x'), new TypeError('x'), new TypeError('x'), new TypeError('x')]);
+    const result = await createTransport({ fetch, sleep: async () => {} }).sendCommand(request, 'k');
+    assert.equal(result.outcome, 'unavailable');
+    assert.equal(requests.length, 4);
+  });
+
+  test('a body-less DELETE sends no content type', async () => {
+    const { fetch, requests } = fakeFetch([accepted]);
+    await createTransport({ fetch, sleep: async () => {} }).sendCommand({ method: 'DELETE', path: '/api/tasks/n', body: null }, 'k');
+    assert.equal(requests[0].body, undefined);
+    assert.equal(requests[0].headers['Content-Type'], undefined);
+  });
+});
