@@ -1,0 +1,340 @@
+//! Phase 2, durable accept throughput: how many commands per second the server answers
+//! 202 (each durable, fsync shared by group commit), beside the rate of a no-op route
+//! (`GET /api/health`) on the same server and connections: the ceiling that HTTP
+//! handling alone allows on this machine.
+//!
+//! Closed loop: `--concurrency` workers, each with its own keep-alive connection and
+//! one request in flight, for `--duration` seconds per route. Each command creates a
+//! new task, so the consumer applies them in full batches meanwhile, as in steady
+//! state: its CPU is part of what the accept rate pays for.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::Args;
+use hyper::StatusCode;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::client::{self, Conn};
+use crate::commands;
+use crate::report::{self, PhaseReport, TargetCheck};
+use crate::stats::{round3, CpuMeter, CpuUsage, Summary};
+use crate::Ctx;
+
+const TARGET_RATE: f64 = 20_000.0;
+const TARGET_RATIO: f64 = 0.5;
+const TARGET_CONCURRENCY: usize = 64;
+/// Pause between the two routes, so the first one's tail does not overlap the second.
+const PAUSE: Duration = Duration::from_secs(1);
+const ERROR_SAMPLES: usize = 5;
+
+#[derive(Args, Clone, Debug)]
+pub struct AcceptArgs {
+    /// Concurrent keep-alive connections, each with one request in flight.
+    #[arg(long, default_value_t = TARGET_CONCURRENCY)]
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct Parameters {
+    concurrency: usize,
+    duration_s_per_route: u64,
+    noop_route: &'static str,
+    command_route: &'static str,
+}
+
+/// One route's closed-loop run.
+#[derive(Debug, Serialize)]
+struct RouteResult {
+    /// Answers with the expected status (200 for the no-op, 202 for commands).
+    ok: u64,
+    /// Other statuses and transport errors.
+    errors: u64,
+    error_samples: Vec<String>,
+    elapsed_s: f64,
+    rate_per_s: f64,
+    latency_ms: Option<Summary>,
+}
+
+#[derive(Debug, Serialize)]
+struct Results {
+    noop: RouteResult,
+    accept: RouteResult,
+    /// accept rate / no-op rate.
+    ratio: f64,
+    /// `GET /api/metrics` after the run: the server's own counts.
+    server_accepted: Option<u64>,
+    server_settled: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct ServerMetrics {
+    accepted: u64,
+    settled: u64,
+}
+
+/// One worker's tally.
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    errors: u64,
+    error_samples: Vec<String>,
+    latencies_ms: Vec<f64>,
+}
+
+/// Runs the accept phase.
+///
+/// # Errors
+/// When the server cannot be started or connections cannot be opened.
+pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
+    let duration_s = ctx.duration_s(10);
+    let concurrency = args.concurrency.max(1);
+    let server = ctx.server().await?;
+    let addr = server.info.addr;
+    let run = Arc::new(commands::run_id());
+
+    let mut conns = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        conns.push(client::connect(addr, None, None).await?);
+    }
+
+    let noop_cpu = CpuMeter::start(server.info.pid, &[]);
+    let (noop, conns) = closed_loop(conns, addr, duration_s, StatusCode::OK, |conn, _, _| {
+        Box::pin(async move { conn.get("/api/health").await })
+    })
+    .await;
+    let noop_cpu = noop_cpu.finish();
+    tokio::time::sleep(PAUSE).await;
+
+    let accept_cpu = CpuMeter::start(server.info.pid, &[]);
+    let (accept, conns) = closed_loop(conns, addr, duration_s, StatusCode::ACCEPTED, {
+        let run = run.clone();
+        move |conn, worker, index| {
+            let key = format!("{run}-{worker}-{index}");
+            Box::pin(async move {
+                conn.command(
+                    "/api/tasks",
+                    &key,
+                    Bytes::from_static(br#"{"title":"accept bench"}"#),
+                )
+                .await
+            })
+        }
+    })
+    .await;
+    let accept_cpu = accept_cpu.finish();
+
+    let server_metrics = match conns.into_iter().next() {
+        Some(mut conn) => conn
+            .get("/api/metrics")
+            .await
+            .ok()
+            .and_then(|(_, body)| serde_json::from_slice::<ServerMetrics>(&body).ok()),
+        None => None,
+    };
+    let ratio = if noop.rate_per_s > 0.0 {
+        round3(accept.rate_per_s / noop.rate_per_s)
+    } else {
+        0.0
+    };
+    let results = Results {
+        ratio,
+        server_accepted: server_metrics.as_ref().map(|m| m.accepted),
+        server_settled: server_metrics.as_ref().map(|m| m.settled),
+        noop,
+        accept,
+    };
+
+    let mut problems = Vec::new();
+    if results.noop.ok == 0 || results.accept.ok == 0 {
+        problems.push("a route answered no request successfully".to_owned());
+    }
+    if results.noop.errors + results.accept.errors > 0 {
+        problems.push(format!(
+            "{} no-op and {} command requests failed or got an unexpected status",
+            results.noop.errors, results.accept.errors
+        ));
+    }
+    if let Some(server_accepted) = results.server_accepted {
+        if server_accepted < results.accept.ok {
+            problems.push(format!(
+                "the server counts {server_accepted} accepted commands, the bench {}",
+                results.accept.ok
+            ));
+        }
+    }
+
+    let applies = concurrency == TARGET_CONCURRENCY && !ctx.smoke;
+    let targets = vec![
+        TargetCheck::new(
+            format!(
+                "durable accept >= {TARGET_RATE:.0} commands/s at concurrency {TARGET_CONCURRENCY}"
+            ),
+            format!("{:.0} commands/s", results.accept.rate_per_s),
+            applies.then_some(results.accept.rate_per_s >= TARGET_RATE && problems.is_empty()),
+        ),
+        TargetCheck::new(
+            format!("durable accept >= {TARGET_RATIO} of the no-op route's rate"),
+            format!(
+                "{ratio:.3} ({:.0} / {:.0} requests/s)",
+                results.accept.rate_per_s, results.noop.rate_per_s
+            ),
+            applies.then_some(ratio >= TARGET_RATIO && problems.is_empty()),
+        ),
+    ];
+    let route_row = |label: &str, route: &RouteResult| {
+        (
+            label.to_owned(),
+            format!(
+                "{:.0}/s ({} ok, {} errors in {:.2} s; latency p50/p99/max {})",
+                route.rate_per_s,
+                route.ok,
+                route.errors,
+                route.elapsed_s,
+                Summary::brief(route.latency_ms.as_ref())
+            ),
+        )
+    };
+    let rows = vec![
+        report::server_row(&server.info),
+        (
+            "parameters".to_owned(),
+            format!("concurrency {concurrency}, {duration_s} s per route, keep-alive"),
+        ),
+        route_row("no-op GET /api/health", &results.noop),
+        route_row("accept POST /api/tasks (202)", &results.accept),
+        ("ratio accept / no-op".to_owned(), format!("{ratio:.3}")),
+        (
+            "server's counts after".to_owned(),
+            format!(
+                "accepted {}, settled {}",
+                results
+                    .server_accepted
+                    .map_or("?".to_owned(), |v| v.to_string()),
+                results
+                    .server_settled
+                    .map_or("?".to_owned(), |v| v.to_string())
+            ),
+        ),
+    ];
+    let parameters = Parameters {
+        concurrency,
+        duration_s_per_route: duration_s,
+        noop_route: "GET /api/health",
+        command_route: "POST /api/tasks {\"title\":...} (a new task per command)",
+    };
+    let info = server.info.clone();
+    server.stop().await?;
+    Ok(PhaseReport {
+        phase: "accept",
+        parameters: serde_json::to_value(parameters)?,
+        server: info,
+        results: serde_json::to_value(results)?,
+        cpu: vec![
+            ("no-op route".to_owned(), noop_cpu),
+            ("accept route".to_owned(), accept_cpu),
+        ] as Vec<(String, CpuUsage)>,
+        targets,
+        problems,
+        rows,
+    })
+}
+
+type Exchange<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = anyhow::Result<(StatusCode, Bytes)>> + Send + 'a>,
+>;
+
+/// Every connection sends requests back to back until `duration_s` is over. Returns
+/// the tally and the connections (a broken one is replaced, or left out).
+async fn closed_loop<F>(
+    conns: Vec<Conn>,
+    addr: SocketAddr,
+    duration_s: u64,
+    expected: StatusCode,
+    request: F,
+) -> (RouteResult, Vec<Conn>)
+where
+    F: for<'a> Fn(&'a mut Conn, usize, u64) -> Exchange<'a> + Clone + Send + Sync + 'static,
+{
+    let start = Instant::now();
+    let end = start + Duration::from_secs(duration_s);
+    let mut workers = Vec::with_capacity(conns.len());
+    for (worker, mut conn) in conns.into_iter().enumerate() {
+        let request = request.clone();
+        workers.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            let mut index = 0u64;
+            while Instant::now() < end {
+                let sent_at = Instant::now();
+                let outcome = request(&mut conn, worker, index).await;
+                index += 1;
+                match outcome {
+                    Ok((status, _)) if status == expected => {
+                        tally.ok += 1;
+                        tally
+                            .latencies_ms
+                            .push(sent_at.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    Ok((status, body)) => {
+                        tally.error(format!("{status}: {}", String::from_utf8_lossy(&body)));
+                    }
+                    Err(err) => {
+                        tally.error(format!("{err:#}"));
+                        match client::connect(addr, None, None)
+                            .await
+                            .context("reconnecting")
+                        {
+                            Ok(fresh) => conn = fresh,
+                            Err(err) => {
+                                tally.error(format!("{err:#}"));
+                                return (tally, None);
+                            }
+                        }
+                    }
+                }
+            }
+            (tally, Some(conn))
+        }));
+    }
+    let mut total = Tally::default();
+    let mut conns = Vec::new();
+    for worker in workers {
+        match worker.await {
+            Ok((tally, conn)) => {
+                total.ok += tally.ok;
+                total.errors += tally.errors;
+                for sample in tally.error_samples {
+                    if total.error_samples.len() < ERROR_SAMPLES {
+                        total.error_samples.push(sample);
+                    }
+                }
+                total.latencies_ms.extend(tally.latencies_ms);
+                conns.extend(conn);
+            }
+            Err(err) => total.error(format!("worker task failed: {err}")),
+        }
+    }
+    let elapsed_s = start.elapsed().as_secs_f64();
+    let result = RouteResult {
+        ok: total.ok,
+        errors: total.errors,
+        error_samples: total.error_samples,
+        elapsed_s: round3(elapsed_s),
+        rate_per_s: round3(total.ok as f64 / elapsed_s.max(1e-9)),
+        latency_ms: Summary::of(&mut total.latencies_ms),
+    };
+    (result, conns)
+}
+
+impl Tally {
+    fn error(&mut self, message: String) {
+        self.errors += 1;
+        if self.error_samples.len() < ERROR_SAMPLES {
+            self.error_samples.push(message);
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! settle-bench: the load generator of issue 4. It measures what the server adds to
+//! the consistency window (`overhead`), how many durable commands per second it
+//! accepts beside a no-op route (`accept`), and how it fans one event out to many SSE
+//! subscribers and what an idle subscriber costs (`fanout`); `all` runs the three.
+//!
+//! ```text
+//! cargo build --release --bins
+//! target/release/settle-bench all                 # the full run (a few minutes)
+//! target/release/settle-bench all --smoke         # seconds, for CI
+//! target/release/settle-bench fanout --subscribers 15000 --json fanout.json
+//! ```
+//!
+//! By default every phase starts its own `settle` (the binary next to this one) on a
+//! loopback port with a fresh data directory and stops it afterwards; `--target` points
+//! the bench at a running server instead. Every loop is bounded in count and time.
+//! Each run prints the machine, versions and parameters, a table per phase, and one
+//! JSON document (also written with `--json PATH`). The exit status is 0 when every
+//! phase measured what it meant to (no lost command, no missing event), 1 otherwise,
+//! 2 when the bench could not run; targets that are not met do not change it.
+//!
+//! Layout:
+//! - `client`: one keep-alive hyper HTTP/1.1 connection per socket, optional source IP.
+//! - `sse`: the SSE parser, the id-only scanner, the observing subscriber.
+//! - `commands`: the bench's commands and how their events are recognised.
+//! - `server`: starting, describing and stopping the server under test.
+//! - `overhead`, `accept`, `fanout`: the three phases (`fanout` also holds the
+//!   subscriber worker processes).
+//! - `stats`: percentiles and CPU accounting; `sys`: /proc and rlimits;
+//!   `report`: the tables and the JSON document.
+
+mod accept;
+mod client;
+mod commands;
+mod fanout;
+mod overhead;
+mod report;
+mod server;
+mod sse;
+mod stats;
+mod sys;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::accept::AcceptArgs;
+use crate::fanout::worker::WorkerArgs;
+use crate::fanout::FanoutArgs;
+use crate::overhead::OverheadArgs;
+use crate::report::{Document, PhaseReport, Versions};
+use crate::server::Server;
+use crate::sys::Machine;
+
+/// The server's delay in a smoke run: short, so the run takes seconds.
+const SMOKE_DELAY_MS: u64 = 200;
+/// The server's delay otherwise: the project's default window.
+const DEFAULT_DELAY_MS: u64 = 700;
+
+#[derive(Parser)]
+#[command(
+    name = "settle-bench",
+    version,
+    about = "Benchmarks a settle server: window overhead, durable accept throughput, SSE fan-out."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Settle overhead: event arrival - 202 - delay, at a steady command rate.
+    Overhead {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        args: OverheadArgs,
+    },
+    /// Durable accept throughput at a concurrency, beside a no-op route's rate.
+    Accept {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        args: AcceptArgs,
+    },
+    /// SSE fan-out: memory per idle subscriber, time for one event to reach all.
+    Fanout {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        args: FanoutArgs,
+    },
+    /// overhead, accept and fanout in sequence (each with a fresh server).
+    All {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        overhead: OverheadArgs,
+        #[command(flatten)]
+        accept: AcceptArgs,
+        #[command(flatten)]
+        fanout: FanoutArgs,
+    },
+    /// Internal: holds fan-out subscribers for the `fanout` phase.
+    #[command(hide = true)]
+    FanoutWorker(WorkerArgs),
+}
+
+#[derive(Args, Clone, Debug)]
+struct CommonArgs {
+    /// Measure a running server at this loopback URL (http://127.0.0.1:PORT) instead
+    /// of starting one per phase.
+    #[arg(long)]
+    target: Option<String>,
+    /// The PID of the --target server, for its memory and CPU (read from /proc).
+    #[arg(long, requires = "target")]
+    server_pid: Option<u32>,
+    /// The settle binary to start [default: `settle` beside this executable].
+    #[arg(long, conflicts_with = "target")]
+    server_bin: Option<PathBuf>,
+    /// --delay-ms of the started server [default: 700; 200 with --smoke]. A --target
+    /// server's own setting is read from GET /api/faults.
+    #[arg(long, conflicts_with = "target")]
+    delay_ms: Option<u64>,
+    /// Seconds each timed phase runs [default: overhead 30, accept 10 per route;
+    /// 2 with --smoke].
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Also write the JSON document to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// A seconds-long run for CI: small defaults for every parameter not given.
+    #[arg(long)]
+    smoke: bool,
+}
+
+/// What every phase shares: the resolved common flags.
+pub struct Ctx {
+    pub smoke: bool,
+    duration: Option<u64>,
+    target: Option<SocketAddr>,
+    server_pid: Option<u32>,
+    server_bin: Option<PathBuf>,
+    delay_ms: u64,
+}
+
+impl Ctx {
+    fn new(common: &CommonArgs) -> anyhow::Result<Self> {
+        let target = common
+            .target
+            .as_deref()
+            .map(server::parse_target)
+            .transpose()?;
+        let server_bin = match (&target, &common.server_bin) {
+            (Some(_), _) => None,
+            (None, Some(path)) => Some(path.clone()),
+            (None, None) => Some(server::default_server_binary()?),
+        };
+        let delay_ms = common.delay_ms.unwrap_or(if common.smoke {
+            SMOKE_DELAY_MS
+        } else {
+            DEFAULT_DELAY_MS
+        });
+        Ok(Self {
+            smoke: common.smoke,
+            duration: common.duration,
+            target,
+            server_pid: common.server_pid,
+            server_bin,
+            delay_ms,
+        })
+    }
+
+    /// An explicit flag, else the smoke or the full default.
+    pub fn pick<T>(&self, explicit: Option<T>, smoke: T, full: T) -> T {
+        explicit.unwrap_or(if self.smoke { smoke } else { full })
+    }
+
+    /// `--duration`, else 2 s for a smoke run, else the phase's default.
+    pub fn duration_s(&self, full: u64) -> u64 {
+        self.pick(self.duration, 2, full).max(1)
+    }
+
+    /// A fresh server for one phase, or the `--target`.
+    ///
+    /// # Errors
+    /// When the server cannot be started or does not answer.
+    pub async fn server(&self) -> anyhow::Result<Server> {
+        match (&self.target, &self.server_bin) {
+            (Some(addr), _) => Server::attach(*addr, self.server_pid).await,
+            (None, Some(binary)) => Server::start(binary, self.delay_ms).await,
+            (None, None) => anyhow::bail!("no server to measure"),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        // A worker is one of many processes on a small machine: one thread each.
+        Command::FanoutWorker(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("building the worker runtime")
+            .and_then(|runtime| runtime.block_on(fanout::worker::run(args)))
+            .map(|()| true),
+        command => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("building the runtime")
+            .and_then(|runtime| runtime.block_on(run(command))),
+    };
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(err) => {
+            eprintln!("settle-bench: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs the phases of one command; `Ok(false)` when a phase found problems.
+async fn run(command: Command) -> anyhow::Result<bool> {
+    let nofile = match sys::raise_nofile_limit() {
+        Ok(limits) => Some(limits),
+        Err(err) => {
+            eprintln!("settle-bench: cannot raise the open-file limit: {err:#}");
+            None
+        }
+    };
+    let common = match &command {
+        Command::Overhead { common, .. }
+        | Command::Accept { common, .. }
+        | Command::Fanout { common, .. }
+        | Command::All { common, .. } => common.clone(),
+        Command::FanoutWorker(_) => unreachable!("workers run in their own runtime"),
+    };
+    let ctx = Ctx::new(&common)?;
+    let mut document = Document {
+        tool: "settle-bench",
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        date: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        machine: Machine::describe(nofile),
+        versions: Versions::collect(),
+        phases: Vec::new(),
+        errors: Vec::new(),
+        ok: true,
+    };
+    document.print_header();
+
+    type Phase<'a> =
+        std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<PhaseReport>> + 'a>>;
+    let phases: Vec<(&str, Phase)> = match &command {
+        Command::Overhead { args, .. } => vec![("overhead", Box::pin(overhead::run(&ctx, args)))],
+        Command::Accept { args, .. } => vec![("accept", Box::pin(accept::run(&ctx, args)))],
+        Command::Fanout { args, .. } => vec![("fanout", Box::pin(fanout::run(&ctx, args)))],
+        Command::All {
+            overhead: overhead_args,
+            accept: accept_args,
+            fanout: fanout_args,
+            ..
+        } => vec![
+            ("overhead", Box::pin(overhead::run(&ctx, overhead_args))),
+            ("accept", Box::pin(accept::run(&ctx, accept_args))),
+            ("fanout", Box::pin(fanout::run(&ctx, fanout_args))),
+        ],
+        Command::FanoutWorker(_) => unreachable!("workers run in their own runtime"),
+    };
+    // One after the other: each phase needs the machine to itself.
+    for (name, phase) in phases {
+        match phase.await {
+            Ok(report) => {
+                report.print_table();
+                document.ok &= report.problems.is_empty();
+                document.phases.push(report);
+            }
+            Err(err) => {
+                eprintln!("settle-bench: the {name} phase failed: {err:#}");
+                document.errors.push(format!("{name}: {err:#}"));
+            }
+        }
+    }
+    document.ok &= document.errors.is_empty();
+
+    let json = serde_json::to_string_pretty(&document).context("encoding the JSON document")?;
+    println!("\n{json}");
+    if let Some(path) = &common.json {
+        std::fs::write(path, format!("{json}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("(written to {})", path.display());
+    }
+    if document.phases.is_empty() {
+        anyhow::bail!("no phase could run");
+    }
+    Ok(document.ok)
+}

@@ -1,0 +1,459 @@
+//! Phase 1, overhead: what the server adds to the configured delay.
+//!
+//! Commands go out at a steady rate, each under its own idempotency key; one SSE
+//! subscriber in this process receives the events. Per command,
+//! `overhead = (settled event received) - (202 received) - delay`, all on this
+//! process's monotonic clock. The server starts the delay when it accepts, before the
+//! accept's fsync and the 202, so the figure can be slightly negative; the overhead
+//! from when the request was *sent* is reported beside it as an upper bound.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use hyper::StatusCode;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::client::{self, Conn};
+use crate::commands::{self, LIKE_BODY};
+use crate::report::{self, PhaseReport, TargetCheck};
+use crate::sse::Observer;
+use crate::stats::{round3, CpuMeter, Summary};
+use crate::Ctx;
+
+/// The issue's target: p99 at most this, at this rate.
+const TARGET_P99_MS: f64 = 5.0;
+const TARGET_RATE: u64 = 1000;
+/// How long after the last command its event may take beyond delay + jitter.
+const SETTLE_GRACE: Duration = Duration::from_secs(10);
+/// Error messages kept in the report (the count has them all).
+const ERROR_SAMPLES: usize = 5;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Workload {
+    /// Each command creates a new task: no two commands share a task.
+    Create,
+    /// Each command likes one of `--tasks` pre-created tasks, round robin, so some
+    /// commands queue behind earlier ones on the same task (per-task order).
+    Like,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct OverheadArgs {
+    /// Commands per second [default: 1000; 200 with --smoke].
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Most commands awaiting their 202 at once; also the number of keep-alive
+    /// connections the commands go over.
+    #[arg(long, default_value_t = 64)]
+    pub max_in_flight: usize,
+    /// What each overhead command is.
+    #[arg(long, value_enum, default_value_t = Workload::Like)]
+    pub workload: Workload,
+    /// How many tasks `--workload like` spreads its likes over.
+    #[arg(long, default_value_t = 100)]
+    pub tasks: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct Parameters {
+    rate: u64,
+    duration_s: u64,
+    max_in_flight: usize,
+    workload: Workload,
+    tasks: Option<usize>,
+    pacing: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct Results {
+    sent: u64,
+    accepted: usize,
+    errors: usize,
+    error_samples: Vec<String>,
+    settled: usize,
+    failed: usize,
+    unsettled: usize,
+    /// Commands answered 202 per second of the sending interval.
+    achieved_rate: f64,
+    /// How far the sender fell behind its schedule at worst.
+    max_schedule_lag_ms: f64,
+    /// The figure of the issue: event received - 202 received - delay.
+    overhead_from_202_ms: Option<Summary>,
+    /// Event received - request sent - delay: an upper bound that includes the accept.
+    overhead_from_send_ms: Option<Summary>,
+    /// The server's own `window_ms` (accept to readable, whole ms) - delay.
+    server_window_minus_delay_ms: Option<Summary>,
+    /// Request sent to 202 received.
+    accept_latency_ms: Option<Summary>,
+}
+
+/// One command that got its 202.
+struct Sent {
+    command_id: String,
+    sent_at: Instant,
+    accepted_at: Instant,
+}
+
+/// What the sending tasks record; a std lock, held only to push.
+#[derive(Default)]
+struct Ledger {
+    sent: Vec<Sent>,
+    errors: usize,
+    error_samples: Vec<String>,
+}
+
+impl Ledger {
+    fn error(&mut self, message: String) {
+        self.errors += 1;
+        if self.error_samples.len() < ERROR_SAMPLES {
+            self.error_samples.push(message);
+        }
+    }
+}
+
+/// Runs the overhead phase.
+///
+/// # Errors
+/// When the server cannot be started or the setup fails.
+pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> {
+    let rate = ctx.pick(args.rate, 200, TARGET_RATE).max(1);
+    let duration_s = ctx.duration_s(30);
+    let server = ctx.server().await?;
+    let addr = server.info.addr;
+    let delay = Duration::from_millis(server.info.delay_ms);
+    let settle_timeout = delay + Duration::from_millis(server.info.jitter_ms) + SETTLE_GRACE;
+    let run = commands::run_id();
+
+    let mut observer = Observer::connect(addr).await?;
+    let mut pool = Vec::with_capacity(args.max_in_flight);
+    for _ in 0..args.max_in_flight.max(1) {
+        pool.push(client::connect(addr, None, None).await?);
+    }
+    let tasks = match args.workload {
+        Workload::Like => {
+            commands::create_tasks(
+                &mut pool[0],
+                &mut observer,
+                args.tasks.max(1),
+                &run,
+                settle_timeout,
+            )
+            .await?
+        }
+        Workload::Create => Vec::new(),
+    };
+
+    let connections = pool.len();
+    let permits = Arc::new(Semaphore::new(connections));
+    let lost = Arc::new(AtomicUsize::new(0));
+    let pool = Arc::new(Mutex::new(pool));
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let cpu = CpuMeter::start(server.info.pid, &[]);
+
+    // Pacing: a 1 ms tick sends every command the schedule (`rate` per second from
+    // `start`) owes by now. Missed ticks are skipped (MissedTickBehavior::Skip) but the
+    // commands they owed go out at the next tick, so the average rate holds; when all
+    // `max_in_flight` connections are busy the sender waits, falls behind, and the
+    // lag is reported. Sending stops when the duration is over.
+    let start = Instant::now();
+    let end = start + Duration::from_secs(duration_s);
+    let mut ticker = tokio::time::interval(Duration::from_millis(1));
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut issued: u64 = 0;
+    let mut max_lag = Duration::ZERO;
+    'pacing: loop {
+        ticker.tick().await;
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        let owed = ((now - start).as_secs_f64() * rate as f64) as u64;
+        while issued < owed {
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .context("the connection semaphore closed")?;
+            if Instant::now() >= end {
+                break 'pacing;
+            }
+            let scheduled = start + Duration::from_secs_f64(issued as f64 / rate as f64);
+            max_lag = max_lag.max(Instant::now().saturating_duration_since(scheduled));
+            let conn = pool
+                .lock()
+                .expect("pool lock poisoned")
+                .pop()
+                .expect("every permit stands for a pooled connection");
+            let (path, body) = match args.workload {
+                Workload::Like => (
+                    commands::like_path(tasks[(issued as usize) % tasks.len()]),
+                    Bytes::from_static(LIKE_BODY),
+                ),
+                Workload::Create => (
+                    "/api/tasks".to_owned(),
+                    Bytes::from(format!(r#"{{"title":"overhead {issued}"}}"#)),
+                ),
+            };
+            let key = format!("{run}-{issued}");
+            let (pool, ledger, lost) = (pool.clone(), ledger.clone(), lost.clone());
+            tokio::spawn(async move {
+                let conn = send_one(conn, addr, &path, &key, body, &ledger).await;
+                match conn {
+                    Some(conn) => pool.lock().expect("pool lock poisoned").push(conn),
+                    // The connection broke and could not be replaced: one permit fewer.
+                    None => {
+                        lost.fetch_add(1, Ordering::SeqCst);
+                        permit.forget();
+                    }
+                }
+            });
+            issued += 1;
+        }
+    }
+    let sending_s = start.elapsed().as_secs_f64();
+    // Wait for every 202: each permit back, or forgotten with its broken connection.
+    // Bounded: every request times out after REQUEST_TIMEOUT.
+    let drained_by = Instant::now() + client::REQUEST_TIMEOUT + Duration::from_secs(1);
+    while permits.available_permits() + lost.load(Ordering::SeqCst) < connections
+        && Instant::now() < drained_by
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    let (sent, errors, error_samples) = {
+        let mut ledger = ledger.lock().expect("ledger lock poisoned");
+        (
+            std::mem::take(&mut ledger.sent),
+            ledger.errors,
+            ledger.error_samples.clone(),
+        )
+    };
+    let pending: HashSet<String> = sent.iter().map(|s| s.command_id.clone()).collect();
+    let events =
+        commands::wait_for_events(&mut observer, pending, Instant::now() + settle_timeout).await;
+    let cpu = cpu.finish();
+
+    let delay_ms = delay.as_secs_f64() * 1000.0;
+    let mut from_202 = Vec::with_capacity(sent.len());
+    let mut from_send = Vec::with_capacity(sent.len());
+    let mut server_window = Vec::with_capacity(sent.len());
+    let mut accept_latency = Vec::with_capacity(sent.len());
+    let (mut settled, mut failed) = (0, 0);
+    let mut failure_reason = None;
+    for command in &sent {
+        accept_latency.push(ms(command.accepted_at - command.sent_at));
+        let Some(event) = events.get(&command.command_id) else {
+            continue;
+        };
+        if !event.settled {
+            failed += 1;
+            failure_reason = failure_reason.or(event.data.reason.clone());
+            continue;
+        }
+        settled += 1;
+        let received = event.observed.at;
+        from_202.push(signed_ms(received, command.accepted_at) - delay_ms);
+        from_send.push(signed_ms(received, command.sent_at) - delay_ms);
+        if let Some(window) = event.data.window_ms {
+            server_window.push(window as f64 - delay_ms);
+        }
+    }
+    let accepted = sent.len();
+    let results = Results {
+        sent: issued,
+        accepted,
+        errors,
+        error_samples,
+        settled,
+        failed,
+        unsettled: accepted - settled - failed,
+        achieved_rate: round3(accepted as f64 / sending_s.max(1e-9)),
+        max_schedule_lag_ms: round3(max_lag.as_secs_f64() * 1000.0),
+        overhead_from_202_ms: Summary::of(&mut from_202),
+        overhead_from_send_ms: Summary::of(&mut from_send),
+        server_window_minus_delay_ms: Summary::of(&mut server_window),
+        accept_latency_ms: Summary::of(&mut accept_latency),
+    };
+
+    let mut problems = Vec::new();
+    if results.accepted == 0 {
+        problems.push("no command was accepted".to_owned());
+    }
+    if results.errors > 0 {
+        problems.push(format!("{} commands were not answered 202", results.errors));
+    }
+    if results.failed > 0 {
+        problems.push(format!(
+            "{} commands failed (command:failed, reason {})",
+            results.failed,
+            failure_reason.as_deref().unwrap_or("?")
+        ));
+    }
+    if results.unsettled > 0 {
+        problems.push(format!(
+            "{} accepted commands had no event within {settle_timeout:?} of the last send",
+            results.unsettled
+        ));
+    }
+    if server.info.jitter_ms > 0 {
+        problems.push(format!(
+            "the server adds up to {} ms of jitter, which counts as overhead here",
+            server.info.jitter_ms
+        ));
+    }
+
+    let p99 = results.overhead_from_202_ms.map(|s| s.p99);
+    let applies = rate >= TARGET_RATE && !ctx.smoke;
+    let target = TargetCheck::new(
+        format!("overhead p99 <= {TARGET_P99_MS} ms at {TARGET_RATE} commands/s"),
+        format!(
+            "p99 {} ms at {:.0} commands/s achieved",
+            p99.map_or("?".to_owned(), |p| format!("{p:.2}")),
+            results.achieved_rate
+        ),
+        applies.then(|| {
+            p99.is_some_and(|p| p <= TARGET_P99_MS)
+                && results.achieved_rate >= 0.99 * TARGET_RATE as f64
+                && problems.is_empty()
+        }),
+    );
+
+    let rows = vec![
+        report::server_row(&server.info),
+        (
+            "parameters".to_owned(),
+            format!(
+                "{rate} commands/s for {duration_s} s, {:?} workload{}, at most {} in flight",
+                args.workload,
+                if args.workload == Workload::Like {
+                    format!(" over {} tasks", tasks.len())
+                } else {
+                    String::new()
+                },
+                args.max_in_flight
+            ),
+        ),
+        (
+            "commands".to_owned(),
+            format!(
+                "{} sent, {} accepted (202), {} errors, {} settled, {} failed, {} without event",
+                results.sent,
+                results.accepted,
+                results.errors,
+                results.settled,
+                results.failed,
+                results.unsettled
+            ),
+        ),
+        (
+            "achieved rate".to_owned(),
+            format!(
+                "{:.1} commands/s (max lag behind schedule {:.2} ms)",
+                results.achieved_rate, results.max_schedule_lag_ms
+            ),
+        ),
+        (
+            "overhead from 202 p50/p99/max".to_owned(),
+            Summary::brief(results.overhead_from_202_ms.as_ref()),
+        ),
+        (
+            "overhead from send p50/p99/max".to_owned(),
+            Summary::brief(results.overhead_from_send_ms.as_ref()),
+        ),
+        (
+            "server window - delay p50/p99/max".to_owned(),
+            Summary::brief(results.server_window_minus_delay_ms.as_ref()),
+        ),
+        (
+            "202 latency p50/p99/max".to_owned(),
+            Summary::brief(results.accept_latency_ms.as_ref()),
+        ),
+    ];
+    let parameters = Parameters {
+        rate,
+        duration_s,
+        max_in_flight: args.max_in_flight,
+        workload: args.workload,
+        tasks: (args.workload == Workload::Like).then_some(tasks.len()),
+        pacing: "1 ms tokio interval, MissedTickBehavior::Skip, sends what the schedule owes at each tick",
+    };
+    let info = server.info.clone();
+    drop(observer);
+    server.stop().await?;
+    Ok(PhaseReport {
+        phase: "overhead",
+        parameters: serde_json::to_value(parameters)?,
+        server: info,
+        results: serde_json::to_value(results)?,
+        cpu: vec![("whole phase".to_owned(), cpu)],
+        targets: vec![target],
+        problems,
+        rows,
+    })
+}
+
+/// Sends one command and records its 202. Returns the connection for reuse, a new one
+/// if it broke, or `None` if no new one could be opened.
+async fn send_one(
+    mut conn: Conn,
+    addr: std::net::SocketAddr,
+    path: &str,
+    key: &str,
+    body: Bytes,
+    ledger: &Mutex<Ledger>,
+) -> Option<Conn> {
+    let sent_at = Instant::now();
+    let outcome = conn.command(path, key, body).await;
+    let accepted_at = Instant::now();
+    match outcome {
+        Ok((StatusCode::ACCEPTED, body)) => {
+            let record = commands::accepted_command_id(&body).map(|command_id| Sent {
+                command_id,
+                sent_at,
+                accepted_at,
+            });
+            let mut ledger = ledger.lock().expect("ledger lock poisoned");
+            match record {
+                Ok(record) => ledger.sent.push(record),
+                Err(err) => ledger.error(format!("{err:#}")),
+            }
+            Some(conn)
+        }
+        Ok((status, body)) => {
+            ledger
+                .lock()
+                .expect("ledger lock poisoned")
+                .error(format!("{status}: {}", String::from_utf8_lossy(&body)));
+            Some(conn)
+        }
+        Err(err) => {
+            ledger
+                .lock()
+                .expect("ledger lock poisoned")
+                .error(format!("{err:#}"));
+            drop(conn);
+            client::connect(addr, None, None).await.ok()
+        }
+    }
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+/// `later - earlier` in milliseconds, negative if `later` is earlier.
+fn signed_ms(later: Instant, earlier: Instant) -> f64 {
+    if later >= earlier {
+        ms(later - earlier)
+    } else {
+        -ms(earlier - later)
+    }
+}

@@ -1,0 +1,176 @@
+//! The bench's output: a human table per phase and one JSON document for the run.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::server::ServerInfo;
+use crate::stats::CpuUsage;
+use crate::sys::{self, Machine};
+
+/// One target of issue 4, checked against one run.
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetCheck {
+    pub target: String,
+    pub measured: String,
+    /// `None` when the run's parameters are not the target's (a smoke run, fewer
+    /// subscribers, another rate): then it says nothing about the target.
+    pub met: Option<bool>,
+}
+
+impl TargetCheck {
+    pub fn new(target: impl Into<String>, measured: impl Into<String>, met: Option<bool>) -> Self {
+        Self {
+            target: target.into(),
+            measured: measured.into(),
+            met,
+        }
+    }
+}
+
+/// What one phase (overhead, accept, fanout) measured.
+#[derive(Debug, Serialize)]
+pub struct PhaseReport {
+    pub phase: &'static str,
+    pub parameters: Value,
+    pub server: ServerInfo,
+    pub results: Value,
+    /// CPU use during the measured interval(s), by who used it.
+    pub cpu: Vec<(String, CpuUsage)>,
+    pub targets: Vec<TargetCheck>,
+    /// Why the run is not a valid measurement (lost commands, failed subscribers...).
+    /// Any problem makes the bench exit non-zero.
+    pub problems: Vec<String>,
+    /// Label and value rows of the human table.
+    #[serde(skip)]
+    pub rows: Vec<(String, String)>,
+}
+
+impl PhaseReport {
+    pub fn print_table(&self) {
+        println!("\n== {} ==", self.phase);
+        let mut rows = self.rows.clone();
+        for (label, usage) in &self.cpu {
+            rows.push((format!("cpu ({label})"), usage.brief()));
+        }
+        for check in &self.targets {
+            let verdict = match check.met {
+                Some(true) => "MET",
+                Some(false) => "NOT MET",
+                None => "n/a (other parameters)",
+            };
+            rows.push((
+                format!("target: {}", check.target),
+                format!("{verdict}: {}", check.measured),
+            ));
+        }
+        for problem in &self.problems {
+            rows.push(("PROBLEM".to_owned(), problem.clone()));
+        }
+        let width = rows.iter().map(|(label, _)| label.len()).max().unwrap_or(0);
+        for (label, value) in rows {
+            println!("  {label:<width$}  {value}");
+        }
+    }
+}
+
+/// Versions of what was measured.
+#[derive(Debug, Serialize)]
+pub struct Versions {
+    pub settle_bench: &'static str,
+    /// `rustc -V` of the toolchain on PATH (normally the one that built the bench).
+    pub rustc: Option<String>,
+    /// The commit of the source tree the bench was built from, `-dirty` if changed.
+    pub git: Option<String>,
+    pub bench_profile: &'static str,
+}
+
+impl Versions {
+    pub fn collect() -> Self {
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let git = sys::command_line_output("git", &["rev-parse", "--short", "HEAD"], Some(repo))
+            .map(|commit| {
+                let dirty = std::process::Command::new("git")
+                    .args(["status", "--porcelain", "--untracked-files=no"])
+                    .current_dir(repo)
+                    .output()
+                    .map(|out| !out.stdout.is_empty())
+                    .unwrap_or(false);
+                if dirty {
+                    format!("{commit}-dirty")
+                } else {
+                    commit
+                }
+            });
+        Self {
+            settle_bench: env!("CARGO_PKG_VERSION"),
+            rustc: sys::command_line_output("rustc", &["-V"], None),
+            git,
+            bench_profile: if cfg!(debug_assertions) {
+                "debug (figures are not representative: use --release)"
+            } else {
+                "release"
+            },
+        }
+    }
+}
+
+/// The whole run, as written with `--json`.
+#[derive(Debug, Serialize)]
+pub struct Document {
+    pub tool: &'static str,
+    pub command: String,
+    pub date: String,
+    pub machine: Machine,
+    pub versions: Versions,
+    pub phases: Vec<PhaseReport>,
+    /// Phases that could not run to the end, with why.
+    pub errors: Vec<String>,
+    /// Every phase ran, and without problems.
+    pub ok: bool,
+}
+
+impl Document {
+    pub fn print_header(&self) {
+        let m = &self.machine;
+        let v = &self.versions;
+        println!("settle-bench {} ({})", v.settle_bench, v.bench_profile);
+        println!("  command  {}", self.command);
+        println!("  date     {}", self.date);
+        println!(
+            "  machine  {} cores, {}, {}, {} MiB, open files {}/{}",
+            m.cores,
+            m.cpu_model,
+            m.kernel,
+            m.memory_mib.map_or("?".to_owned(), |v| v.to_string()),
+            m.nofile_soft.map_or("?".to_owned(), |v| v.to_string()),
+            m.nofile_hard.map_or("?".to_owned(), |v| v.to_string()),
+        );
+        println!(
+            "  versions {}, git {}",
+            v.rustc.as_deref().unwrap_or("rustc ?"),
+            v.git.as_deref().unwrap_or("?")
+        );
+    }
+}
+
+/// `server <addr> (pid, version, fd limits, delay)` for the human table.
+pub fn server_row(info: &ServerInfo) -> (String, String) {
+    let origin = if info.started_by_bench {
+        "started by the bench"
+    } else {
+        "--target"
+    };
+    (
+        "server".to_owned(),
+        format!(
+            "{} ({origin}, pid {}, {}, open files {}/{}, delay {} ms, jitter {} ms)",
+            info.addr,
+            info.pid.map_or("?".to_owned(), |pid| pid.to_string()),
+            info.version.as_deref().unwrap_or("version ?"),
+            info.nofile_soft.as_deref().unwrap_or("?"),
+            info.nofile_hard.as_deref().unwrap_or("?"),
+            info.delay_ms,
+            info.jitter_ms,
+        ),
+    )
+}

@@ -1,0 +1,314 @@
+//! The server under test: a `settle` process the bench starts on a loopback port with
+//! a fresh data directory (and stops again), or one already running (`--target`).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::client;
+use crate::sys;
+
+/// How long a started server may take to log its address.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopped server may take to drain before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Server log lines kept to explain a failure.
+const LOG_TAIL_LINES: usize = 40;
+
+/// What the bench knows about the server it measures.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServerInfo {
+    pub addr: SocketAddr,
+    /// `None` for a `--target` without `--server-pid`: no memory or CPU figures then.
+    pub pid: Option<u32>,
+    pub started_by_bench: bool,
+    pub binary: Option<String>,
+    pub version: Option<String>,
+    /// The server's own `Max open files` (soft, hard), from /proc/PID/limits.
+    pub nofile_soft: Option<String>,
+    pub nofile_hard: Option<String>,
+    /// The consumer's live settings, from `GET /api/faults`.
+    pub delay_ms: u64,
+    pub jitter_ms: u64,
+}
+
+/// `GET /api/faults`.
+#[derive(Debug, Deserialize)]
+struct FaultSettings {
+    delay_ms: u64,
+    jitter_ms: u64,
+    failure_rate: f64,
+    drop_rate: f64,
+    #[serde(default)]
+    transient_rate: f64,
+}
+
+/// A server under test. A started one is stopped by [`Server::stop`], or killed when
+/// dropped (the child is spawned with `kill_on_drop`), so the bench never leaves one.
+pub struct Server {
+    pub info: ServerInfo,
+    child: Option<Child>,
+    log_tail: Arc<Mutex<VecDeque<String>>>,
+    // Removed when the server is dropped; after the child, so after it stopped.
+    _data_dir: Option<tempfile::TempDir>,
+}
+
+/// Where the bench finds `settle`: beside its own executable (both are in
+/// target/release after `cargo build --release --bins`).
+///
+/// # Errors
+/// When the bench's own path is unknown or no `settle` is there.
+pub fn default_server_binary() -> anyhow::Result<PathBuf> {
+    let bench = std::env::current_exe().context("locating the settle-bench executable")?;
+    let dir = bench
+        .parent()
+        .context("the settle-bench executable has no directory")?;
+    let candidate = dir.join(format!("settle{}", std::env::consts::EXE_SUFFIX));
+    if !candidate.is_file() {
+        bail!(
+            "no server binary at {} (build it with `cargo build --release --bins`, or pass --server-bin)",
+            candidate.display()
+        );
+    }
+    Ok(candidate)
+}
+
+/// Parses a `--target` URL. Only `http://` with a loopback IP literal: the bench never
+/// sends load off this machine.
+///
+/// # Errors
+/// For anything else.
+pub fn parse_target(url: &str) -> anyhow::Result<SocketAddr> {
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("--target must start with http://, got {url:?}"))?;
+    let authority = rest.trim_end_matches('/');
+    let addr: SocketAddr = authority.parse().with_context(|| {
+        format!("--target must be http://IP:PORT with a loopback IP, got {url:?}")
+    })?;
+    if !addr.ip().is_loopback() {
+        bail!("--target must be a loopback address (the bench binds loopback only), got {addr}");
+    }
+    Ok(addr)
+}
+
+impl Server {
+    /// Starts `binary --addr 127.0.0.1:0 --data-dir <fresh temp dir> --delay-ms D` and
+    /// waits for its `listening on http://ADDR` line.
+    ///
+    /// # Errors
+    /// When it cannot start, exits, or does not log its address in time.
+    pub async fn start(binary: &Path, delay_ms: u64) -> anyhow::Result<Self> {
+        let data_dir = tempfile::Builder::new()
+            .prefix("settle-bench-")
+            .tempdir()
+            .context("creating a temporary data directory")?;
+        let mut child = Command::new(binary)
+            .arg("--addr")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .arg("--delay-ms")
+            .arg(delay_ms.to_string())
+            // Info level logs the address and little else: no log line per request.
+            .env("RUST_LOG", "settle=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let pid = child.id().context("the server exited at once")?;
+        let log_tail = Arc::new(Mutex::new(VecDeque::new()));
+        let stdout = child.stdout.take().context("server stdout")?;
+        let stderr = child.stderr.take().context("server stderr")?;
+        tokio::spawn(drain(stderr, log_tail.clone(), None));
+        let (addr_sender, addr_receiver) = tokio::sync::oneshot::channel();
+        tokio::spawn(drain(stdout, log_tail.clone(), Some(addr_sender)));
+        let addr = match tokio::time::timeout(START_TIMEOUT, addr_receiver).await {
+            Ok(Ok(addr)) => addr,
+            _ => {
+                let _ = child.start_kill();
+                bail!(
+                    "the server did not log `listening on http://ADDR` within {START_TIMEOUT:?}; its last lines:\n{}",
+                    tail_text(&log_tail)
+                );
+            }
+        };
+        let version = sys::command_line_output(&binary.to_string_lossy(), &["--version"], None);
+        let mut server = Self {
+            info: ServerInfo {
+                addr,
+                pid: Some(pid),
+                started_by_bench: true,
+                binary: Some(binary.display().to_string()),
+                version,
+                nofile_soft: None,
+                nofile_hard: None,
+                delay_ms,
+                jitter_ms: 0,
+            },
+            child: Some(child),
+            log_tail,
+            _data_dir: Some(data_dir),
+        };
+        server.describe().await?;
+        Ok(server)
+    }
+
+    /// A server that is already running; the bench neither starts nor stops it.
+    ///
+    /// # Errors
+    /// When it does not answer `GET /api/faults`.
+    pub async fn attach(addr: SocketAddr, pid: Option<u32>) -> anyhow::Result<Self> {
+        let mut server = Self {
+            info: ServerInfo {
+                addr,
+                pid,
+                started_by_bench: false,
+                binary: None,
+                version: None,
+                nofile_soft: None,
+                nofile_hard: None,
+                delay_ms: 0,
+                jitter_ms: 0,
+            },
+            child: None,
+            log_tail: Arc::default(),
+            _data_dir: None,
+        };
+        server.describe().await?;
+        Ok(server)
+    }
+
+    /// Reads the consumer settings and the fd limits, and checks the fault knobs are
+    /// off: injected failures or drops would make the figures meaningless.
+    async fn describe(&mut self) -> anyhow::Result<()> {
+        let mut conn = client::connect(self.info.addr, None, None).await?;
+        let (status, body) = conn.get("/api/faults").await?;
+        if !status.is_success() {
+            bail!("GET /api/faults answered {status}");
+        }
+        let faults: FaultSettings =
+            serde_json::from_slice(&body).context("parsing GET /api/faults")?;
+        if faults.failure_rate > 0.0 || faults.drop_rate > 0.0 || faults.transient_rate > 0.0 {
+            bail!(
+                "the server injects faults (failure_rate {}, drop_rate {}, transient_rate {}): set them to 0 first",
+                faults.failure_rate,
+                faults.drop_rate,
+                faults.transient_rate
+            );
+        }
+        self.info.delay_ms = faults.delay_ms;
+        self.info.jitter_ms = faults.jitter_ms;
+        if let Some((soft, hard)) = self.info.pid.and_then(sys::nofile_limits) {
+            self.info.nofile_soft = Some(soft);
+            self.info.nofile_hard = Some(hard);
+        }
+        Ok(())
+    }
+
+    /// The server's resident memory in KiB, when its PID is known.
+    pub fn rss_kib(&self) -> Option<u64> {
+        self.info.pid.and_then(|pid| sys::rss_kib(Some(pid)).ok())
+    }
+
+    /// The last lines the server logged (empty for a `--target`).
+    pub fn log_tail(&self) -> String {
+        tail_text(&self.log_tail)
+    }
+
+    /// Stops a started server with SIGTERM (graceful shutdown), killing it if it does
+    /// not exit in time. Does nothing to a `--target`.
+    ///
+    /// # Errors
+    /// When the server had already exited with a failure, or could not be stopped.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!(
+                "the server exited during the run ({status}); its last lines:\n{}",
+                self.log_tail()
+            );
+        }
+        if let Some(pid) = self.info.pid {
+            sys::terminate(pid).context("stopping the server")?;
+        }
+        match tokio::time::timeout(STOP_TIMEOUT, child.wait()).await {
+            Ok(Ok(status)) if status.success() => Ok(()),
+            Ok(Ok(status)) => bail!(
+                "the server exited with {status} on SIGTERM; its last lines:\n{}",
+                self.log_tail()
+            ),
+            Ok(Err(err)) => Err(err).context("waiting for the server"),
+            Err(_) => {
+                child.kill().await.context("killing the server")?;
+                bail!("the server did not stop within {STOP_TIMEOUT:?} of SIGTERM (killed)");
+            }
+        }
+    }
+}
+
+/// Reads a server output stream to its end, keeping the last lines, and reports the
+/// bound address from the `listening on http://ADDR` line. Draining matters: a full
+/// pipe would block the server's logging.
+async fn drain(
+    stream: impl AsyncRead + Unpin,
+    log_tail: Arc<Mutex<VecDeque<String>>>,
+    mut addr_sender: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(sender) = addr_sender.take_if(|_| line.contains("listening on http://")) {
+            let addr = line
+                .rsplit("listening on http://")
+                .next()
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|text| text.parse().ok());
+            match addr {
+                Some(addr) => {
+                    let _ = sender.send(addr);
+                }
+                None => addr_sender = Some(sender),
+            }
+        }
+        if let Ok(mut tail) = log_tail.lock() {
+            if tail.len() == LOG_TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    }
+}
+
+fn tail_text(log_tail: &Mutex<VecDeque<String>>) -> String {
+    log_tail
+        .lock()
+        .map(|tail| tail.iter().cloned().collect::<Vec<_>>().join("\n"))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_must_be_loopback_http() {
+        assert!(parse_target("http://127.0.0.1:3000").is_ok());
+        assert!(parse_target("http://127.0.0.1:3000/").is_ok());
+        assert!(parse_target("http://[::1]:3000").is_ok());
+        assert!(parse_target("http://10.0.0.1:3000").is_err());
+        assert!(parse_target("https://127.0.0.1:3000").is_err());
+        assert!(parse_target("http://localhost:3000").is_err());
+    }
+}

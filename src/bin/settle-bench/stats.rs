@@ -1,0 +1,178 @@
+//! Percentile summaries and CPU accounting for one measured interval.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::sys;
+
+/// Percentiles of a set of samples, in milliseconds.
+///
+/// Computed exactly from the sorted samples (nearest rank) rather than with a
+/// histogram: some samples are signed (an overhead can be slightly negative, see
+/// `overhead`), and every run holds at most a few hundred thousand of them.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Summary {
+    pub count: usize,
+    pub min: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl Summary {
+    /// `None` when there is no sample.
+    pub fn of(samples: &mut [f64]) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_by(f64::total_cmp);
+        let rank = |quantile: f64| {
+            // Nearest rank: the smallest sample with at least `quantile` of them at or below it.
+            let position = (quantile * samples.len() as f64).ceil() as usize;
+            round3(samples[position.clamp(1, samples.len()) - 1])
+        };
+        Some(Self {
+            count: samples.len(),
+            min: round3(samples[0]),
+            p50: rank(0.50),
+            p90: rank(0.90),
+            p99: rank(0.99),
+            max: round3(samples[samples.len() - 1]),
+            mean: round3(samples.iter().sum::<f64>() / samples.len() as f64),
+        })
+    }
+
+    /// `p50 / p99 / max` for the human table.
+    pub fn brief(summary: Option<&Self>) -> String {
+        match summary {
+            Some(s) => format!("{:.2} / {:.2} / {:.2} ms", s.p50, s.p99, s.max),
+            None => "no samples".to_owned(),
+        }
+    }
+}
+
+/// Milliseconds with microsecond precision are enough for every figure here.
+pub fn round3(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}
+
+/// CPU used over one interval, in cores (1.0 = one core busy the whole time), split
+/// into the server, this bench (with its worker processes) and everything else. The
+/// "other" share is how noisy the machine was.
+#[derive(Clone, Debug, Serialize)]
+pub struct CpuUsage {
+    pub wall_s: f64,
+    /// `None` when the server's PID is unknown (`--target` without `--server-pid`).
+    pub server_cores: Option<f64>,
+    pub bench_cores: f64,
+    pub other_cores: Option<f64>,
+    pub loadavg_before: String,
+}
+
+/// Starts a CPU measurement; `finish` closes it.
+pub struct CpuMeter {
+    started: Instant,
+    server_pid: Option<u32>,
+    worker_pids: Vec<u32>,
+    server: Option<u64>,
+    own: u64,
+    workers: u64,
+    system: Option<u64>,
+    loadavg: String,
+}
+
+impl CpuMeter {
+    pub fn start(server_pid: Option<u32>, worker_pids: &[u32]) -> Self {
+        Self {
+            started: Instant::now(),
+            server_pid,
+            worker_pids: worker_pids.to_vec(),
+            server: server_pid.and_then(|pid| sys::cpu_ticks(Some(pid)).ok()),
+            own: sys::cpu_ticks(None).unwrap_or(0),
+            workers: worker_ticks(worker_pids),
+            system: sys::system_busy_ticks().ok(),
+            loadavg: sys::loadavg(),
+        }
+    }
+
+    pub fn finish(&self) -> CpuUsage {
+        let wall_s = self.started.elapsed().as_secs_f64();
+        let per_second = sys::clock_ticks_per_second();
+        let cores = |ticks: u64| round3(ticks as f64 / per_second / wall_s.max(1e-9));
+        let server = match (self.server_pid, self.server) {
+            (Some(pid), Some(before)) => sys::cpu_ticks(Some(pid))
+                .ok()
+                .map(|after| after.saturating_sub(before)),
+            _ => None,
+        };
+        let own = sys::cpu_ticks(None)
+            .unwrap_or(self.own)
+            .saturating_sub(self.own);
+        let workers = worker_ticks(&self.worker_pids).saturating_sub(self.workers);
+        let system = match self.system {
+            Some(before) => sys::system_busy_ticks()
+                .ok()
+                .map(|after| after.saturating_sub(before)),
+            None => None,
+        };
+        let other = match (system, server) {
+            (Some(system), Some(server)) => {
+                Some(cores(system.saturating_sub(server + own + workers)))
+            }
+            _ => None,
+        };
+        CpuUsage {
+            wall_s: round3(wall_s),
+            server_cores: server.map(cores),
+            bench_cores: cores(own + workers),
+            other_cores: other,
+            loadavg_before: self.loadavg.clone(),
+        }
+    }
+}
+
+fn worker_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|&pid| sys::cpu_ticks(Some(pid)).ok())
+        .sum()
+}
+
+impl CpuUsage {
+    pub fn brief(&self) -> String {
+        let show = |value: Option<f64>| value.map_or("?".to_owned(), |v| format!("{v:.2}"));
+        format!(
+            "server {} / bench {:.2} / other {} cores over {:.1} s (loadavg before: {})",
+            show(self.server_cores),
+            self.bench_cores,
+            show(self.other_cores),
+            self.wall_s,
+            self.loadavg_before
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles_of_one_to_a_hundred() {
+        let mut samples: Vec<f64> = (1..=100).map(f64::from).collect();
+        let summary = Summary::of(&mut samples).expect("samples");
+        assert_eq!(summary.p50, 50.0);
+        assert_eq!(summary.p99, 99.0);
+        assert_eq!(summary.max, 100.0);
+        assert_eq!(summary.min, 1.0);
+    }
+
+    #[test]
+    fn a_single_sample_is_every_percentile() {
+        let mut samples = vec![-1.5];
+        let summary = Summary::of(&mut samples).expect("samples");
+        assert_eq!(summary.p50, -1.5);
+        assert_eq!(summary.p99, -1.5);
+    }
+}

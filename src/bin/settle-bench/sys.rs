@@ -1,0 +1,243 @@
+//! What the bench reads from the operating system: the file-descriptor limit, process
+//! memory and CPU time from /proc, the machine's description, wall-clock nanoseconds.
+//!
+//! Linux only, like the targets it checks: every reader says what it could not read
+//! instead of guessing.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+
+/// Raises this process's soft RLIMIT_NOFILE to its hard limit and returns both.
+///
+/// # Errors
+/// When the limits cannot be read or set.
+pub fn raise_nofile_limit() -> anyhow::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read or write the struct we pass by pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
+        }
+    }
+    Ok((limit.rlim_cur, limit.rlim_max))
+}
+
+/// Nanoseconds since the Unix epoch on the wall clock. Used where two processes (the
+/// server's `settled_at`, the fan-out workers' arrivals) must share one time line; they
+/// run on one machine, so they read one clock.
+pub fn wall_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+        })
+}
+
+fn proc_path(pid: Option<u32>, file: &str) -> String {
+    match pid {
+        Some(pid) => format!("/proc/{pid}/{file}"),
+        None => format!("/proc/self/{file}"),
+    }
+}
+
+/// Resident set size (`VmRSS`) of a process (`None`: this one), in KiB.
+///
+/// # Errors
+/// When /proc/PID/status cannot be read or has no VmRSS line.
+pub fn rss_kib(pid: Option<u32>) -> anyhow::Result<u64> {
+    let path = proc_path(pid, "status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS in {path}"))
+}
+
+/// User plus system CPU time of a process (`None`: this one), in clock ticks.
+///
+/// # Errors
+/// When /proc/PID/stat cannot be read or parsed.
+pub fn cpu_ticks(pid: Option<u32>) -> anyhow::Result<u64> {
+    let path = proc_path(pid, "stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name (field 2) may contain spaces: fields are counted after its ')'.
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("malformed {path}"))?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // After the name: state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    let field = |index: usize| -> anyhow::Result<u64> {
+        fields
+            .get(index)
+            .and_then(|text| text.parse().ok())
+            .with_context(|| format!("malformed {path}"))
+    };
+    Ok(field(11)? + field(12)?)
+}
+
+/// Busy CPU time of the whole machine (all cores; idle and iowait excluded), in ticks.
+///
+/// # Errors
+/// When /proc/stat cannot be read or parsed.
+pub fn system_busy_ticks() -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|line| line.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|value| value.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let busy = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .map(|&index| values.get(index).copied().unwrap_or(0))
+        .sum();
+    Ok(busy)
+}
+
+/// Clock ticks per second, the unit of [`cpu_ticks`] and [`system_busy_ticks`].
+pub fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no memory effects.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
+}
+
+/// The 1, 5 and 15 minute load averages, as /proc/loadavg shows them.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// Kernel slab memory machine-wide (`Slab:` in /proc/meminfo), in KiB. A TCP
+/// connection's kernel structures (socket, inode, file, epoll item, at both ends)
+/// live there, outside any process's RSS; their buffers are empty while idle.
+pub fn kernel_slab_kib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("Slab:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The soft and hard "Max open files" of a process, from /proc/PID/limits.
+pub fn nofile_limits(pid: u32) -> Option<(String, String)> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))?;
+    let mut values = line.trim_start_matches("Max open files").split_whitespace();
+    Some((values.next()?.to_owned(), values.next()?.to_owned()))
+}
+
+/// The machine a result was measured on.
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub memory_mib: Option<u64>,
+    /// This process's open-file limits after raising the soft one.
+    pub nofile_soft: Option<u64>,
+    pub nofile_hard: Option<u64>,
+}
+
+impl Machine {
+    pub fn describe(nofile: Option<(u64, u64)>) -> Self {
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix("model name"))
+                    .map(|rest| rest.trim_start_matches([' ', '\t', ':']).trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".to_owned());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|text| format!("Linux {}", text.trim()))
+            .unwrap_or_else(|_| std::env::consts::OS.to_owned());
+        let memory_mib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix("MemTotal:"))
+                    .and_then(|rest| {
+                        rest.trim()
+                            .trim_end_matches("kB")
+                            .trim()
+                            .parse::<u64>()
+                            .ok()
+                    })
+                    .map(|kib| kib / 1024)
+            });
+        Self {
+            cores: std::thread::available_parallelism().map_or(1, |cores| cores.get()),
+            cpu_model,
+            kernel,
+            memory_mib,
+            nofile_soft: nofile.map(|(soft, _)| soft),
+            nofile_hard: nofile.map(|(_, hard)| hard),
+        }
+    }
+}
+
+/// Runs a command and returns its first output line, or `None` if it cannot run.
+pub fn command_line_output(program: &str, args: &[&str], dir: Option<&Path>) -> Option<String> {
+    let mut command = std::process::Command::new(program);
+    command.args(args);
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
+    let output = command.output().ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    Some(text.lines().next().unwrap_or("").trim().to_owned())
+}
+
+/// Sends SIGTERM to a process.
+///
+/// # Errors
+/// When the signal cannot be sent (the process is gone, or not ours).
+pub fn terminate(pid: u32) -> anyhow::Result<()> {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        bail!("pid {pid} out of range");
+    };
+    // SAFETY: kill has no memory effects; the pid is one of our own children.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("sending SIGTERM");
+    }
+    Ok(())
+}
+
+/// How many file descriptors a process has open (entries of /proc/PID/fd).
+pub fn open_fds(pid: u32) -> Option<usize> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|entries| entries.count())
+}
