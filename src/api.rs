@@ -30,7 +30,7 @@ use crate::model::{
     unix_ms, CommandBody, CommandRecord, CommandStatus, CommandView, Task, NOTES_MAX_CHARS,
     TITLE_MAX_CHARS,
 };
-use crate::store::Accepted;
+use crate::store::{Accepted, IntakeError};
 use crate::AppState;
 
 /// Largest accepted request body.
@@ -489,7 +489,11 @@ async fn submit(
         event_id: None,
         error: None,
     };
-    match store.accept(&record)? {
+    let accepted_now = state.intake.accept(record).await.map_err(|err| match err {
+        IntakeError::Store(err) => ApiError::from(err),
+        IntakeError::Stopped => ApiError::ShuttingDown,
+    })?;
+    match accepted_now {
         Accepted::New(record) => {
             store.wait_durable().await;
             state.metrics.command_accepted();

@@ -8,7 +8,7 @@
 //! - the due set: commands whose timer fired and that wait for their turn.
 //!
 //! Each step ([`Consumer::process_once`]) takes every applicable command, draws its
-//! faults, applies the batch in one blocking call (one sled transaction each), waits
+//! faults, applies the batch in one blocking call (one sled transaction), waits
 //! for one shared fsync, then updates the projection and publishes the events in id
 //! order. Publishing after durability is what lets a client trust `projection:settled`.
 //!
@@ -381,17 +381,9 @@ impl Consumer {
         }
 
         let store = self.store.clone();
-        let outcomes = tokio::task::spawn_blocking(move || {
-            attempts
-                .into_iter()
-                .map(|attempt| {
-                    let outcome = apply_one(&store, &attempt);
-                    (attempt, outcome)
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .expect("every apply runs under catch_unwind");
+        let outcomes = tokio::task::spawn_blocking(move || apply_all(&store, attempts))
+            .await
+            .expect("every apply runs under catch_unwind");
 
         if outcomes
             .iter()
@@ -465,22 +457,64 @@ impl Consumer {
     }
 }
 
-/// Applies one command, turning storage errors and panics into transient faults.
-fn apply_one(store: &Store, attempt: &Attempt) -> Outcome {
+/// Applies a batch in one transaction. If that fails (a storage error, a panic), each
+/// command is tried alone, so one bad command becomes its own transient fault instead
+/// of holding back the whole batch.
+fn apply_all(store: &Store, attempts: Vec<Attempt>) -> Vec<(Attempt, Outcome)> {
     let now = OffsetDateTime::now_utc();
-    match catch_unwind(AssertUnwindSafe(|| {
-        store.apply(&attempt.key, &attempt.decision, now)
-    })) {
-        Ok(Ok(Some(applied))) => Outcome::Applied(Box::new(applied)),
-        Ok(Ok(None)) => Outcome::AlreadyDone,
-        Ok(Err(err)) => Outcome::Transient(err.to_string()),
+    let batch: Vec<(&str, &Decision)> = attempts
+        .iter()
+        .map(|attempt| (attempt.key.as_str(), &attempt.decision))
+        .collect();
+    let applied = match guarded(|| store.apply_batch(&batch, now)) {
+        Ok(applied) => applied,
+        Err(cause) if attempts.len() > 1 => {
+            tracing::warn!(%cause, count = attempts.len(), "batch apply failed; applying one by one");
+            return attempts
+                .into_iter()
+                .map(|attempt| {
+                    let single = [(attempt.key.as_str(), &attempt.decision)];
+                    let outcome = match guarded(|| store.apply_batch(&single, now)) {
+                        Ok(mut applied) => outcome_of(applied.pop().flatten()),
+                        Err(cause) => Outcome::Transient(cause),
+                    };
+                    (attempt, outcome)
+                })
+                .collect();
+        }
+        Err(cause) => {
+            return attempts
+                .into_iter()
+                .map(|attempt| (attempt, Outcome::Transient(cause.clone())))
+                .collect()
+        }
+    };
+    attempts
+        .into_iter()
+        .zip(applied)
+        .map(|(attempt, applied)| (attempt, outcome_of(applied)))
+        .collect()
+}
+
+fn outcome_of(applied: Option<Applied>) -> Outcome {
+    match applied {
+        Some(applied) => Outcome::Applied(Box::new(applied)),
+        None => Outcome::AlreadyDone,
+    }
+}
+
+/// Runs a store call, turning its error or its panic into a transient fault's cause.
+fn guarded<T>(apply: impl FnOnce() -> Result<T, StoreError>) -> Result<T, String> {
+    match catch_unwind(AssertUnwindSafe(apply)) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) => Err(err.to_string()),
         Err(panic) => {
             let cause = panic
                 .downcast_ref::<&str>()
                 .map(|text| (*text).to_owned())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".to_owned());
-            Outcome::Transient(format!("panic while applying: {cause}"))
+            Err(format!("panic while applying: {cause}"))
         }
     }
 }

@@ -8,12 +8,14 @@
 //! Layout:
 //! - `config`: flags and env vars, with their defaults.
 //! - `model`: tasks, commands and events; the JSON contract.
-//! - `store`: sled trees (commands, queue, tasks, event log), group commit, projection.
+//! - `store`: sled trees (commands, queue, tasks, event log), group commit (batched
+//!   transactions, shared fsyncs), the read projection.
 //! - `consumer`: the due-time queue that applies commands in per-task order, with faults.
 //! - `faults`: the live fault knobs and their seeded RNG.
 //! - `hub`: the in-memory broadcast of finished SSE frames.
 //! - `sse`: `GET /api/events`, replay from the log then live, resumable by id.
 //! - `api`: reads, commands, idempotency keys, faults and metrics routes.
+//! - `net`: the HTTP/1.1 accept loop (TCP_NODELAY, graceful drain), the file limit.
 //! - `metrics`: counters and the window histogram (JSON and OpenMetrics).
 //! - `assets`: the embedded browser app and the 404 fallback.
 //! - `error`: the problem+json error boundary.
@@ -27,6 +29,7 @@ pub mod faults;
 pub mod hub;
 pub mod metrics;
 pub mod model;
+pub mod net;
 pub mod sse;
 pub mod store;
 
@@ -46,7 +49,7 @@ use crate::error::ApiError;
 use crate::faults::Faults;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Intake, Store};
 
 /// How often the janitor trims the event log and expired command records.
 pub const COMPACTION_PERIOD: Duration = Duration::from_secs(60);
@@ -55,6 +58,8 @@ pub const COMPACTION_PERIOD: Duration = Duration::from_secs(60);
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
+    /// Where handlers accept commands: batched into shared transactions.
+    pub intake: Intake,
     pub hub: Hub,
     pub faults: Faults,
     pub metrics: Metrics,
@@ -86,7 +91,7 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
 /// drains: streams end, the consumer finishes its step, the last writes are flushed.
 ///
 /// # Errors
-/// When the store cannot be opened or the listener fails.
+/// When the store cannot be opened, or the listener has no local address.
 pub async fn serve(
     listener: TcpListener,
     config: Config,
@@ -98,9 +103,13 @@ pub async fn serve(
     let faults = Faults::from_config(&config);
     let metrics = Metrics::new();
 
-    // The flusher outlives everything that waits on it, so it has its own token.
+    // The flusher outlives everything that waits on it, and the intake writer every
+    // handler, so each has its own token, cancelled once those are done.
     let flusher_stop = CancellationToken::new();
     let flusher = tokio::spawn(store.clone().run_flusher(flusher_stop.clone()));
+    let (intake, intake_writer) = Intake::new(store.clone());
+    let intake_stop = CancellationToken::new();
+    let intake_writer = tokio::spawn(intake_writer.run(intake_stop.clone()));
 
     let redeliver_after = Duration::from_millis(config.redeliver_after_ms);
     let (mut consumer, consumer_handle) = Consumer::new(
@@ -116,6 +125,7 @@ pub async fn serve(
 
     let state = AppState {
         store,
+        intake,
         hub,
         faults,
         metrics,
@@ -126,11 +136,12 @@ pub async fn serve(
     };
     let addr = listener.local_addr().context("reading the bound address")?;
     tracing::info!("listening on http://{addr}");
-    let served = axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
-    // However serving ended, stop and drain the background tasks.
-    shutdown.cancel();
+    net::serve(listener, state, shutdown.clone()).await;
+    // Every handler is done: stop and drain the background tasks.
+    intake_stop.cancel();
+    if let Err(err) = intake_writer.await {
+        tracing::error!(error = %err, "intake writer failed");
+    }
     if let Err(err) = consumer.await {
         tracing::error!(error = %err, "consumer task failed");
     }
@@ -140,7 +151,7 @@ pub async fn serve(
         tracing::error!(error = %err, "flusher task failed");
     }
     tracing::info!("shut down");
-    served.context("serving HTTP")
+    Ok(())
 }
 
 /// Trims the event log to its retention and drops expired command records.

@@ -17,6 +17,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let config = Config::parse();
+    match settle::net::raise_open_file_limit() {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(err) => tracing::warn!(error = %err, "cannot raise the open file limit"),
+    }
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await
         .with_context(|| format!("binding {}", config.addr))?;

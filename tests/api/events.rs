@@ -188,11 +188,13 @@ fn settle_one(store: &Store, n: u64) -> settle::hub::EventFrame {
         event_id: None,
         error: None,
     };
-    store.accept(&record).unwrap();
+    store.accept_batch(std::slice::from_ref(&record)).unwrap();
     let applied = store
-        .apply(&record.idempotency_key, &Decision::Apply, now)
+        .apply_batch(&[(&record.idempotency_key, &Decision::Apply)], now)
         .unwrap()
-        .unwrap();
+        .pop()
+        .flatten()
+        .expect("a pending command applies");
     store.project(&applied);
     applied.frame
 }
@@ -272,4 +274,101 @@ async fn graceful_shutdown_ends_open_streams() {
     let _second = app.events(Some(0)).await;
     app.stop().await; // times out (and fails) if a stream holds the server open
     assert!(events.next_within(Duration::from_secs(2)).await.is_none());
+}
+
+/// Reads from a raw connection until `needle` has arrived; returns everything read.
+async fn read_raw_until(stream: &mut tokio::net::TcpStream, text: &mut String, needle: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    while !text.contains(needle) {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{needle:?} within 10 s; got {text:?}"))
+            .expect("readable");
+        assert!(read > 0, "closed before {needle:?}; got {text:?}");
+        text.push_str(&String::from_utf8_lossy(&buf[..read]));
+    }
+}
+
+#[tokio::test]
+async fn a_stream_opened_first_or_after_another_request_carries_the_same_events() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with(|config| config.delay_ms = 20).await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let events_request = "GET /api/events?last_event_id=0 HTTP/1.1\r\nHost: t\r\n\r\n";
+
+    // First request on its connection: served on the socket, close-delimited.
+    let mut direct = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    direct.write_all(events_request.as_bytes()).await.unwrap();
+    let mut direct_text = String::new();
+    read_raw_until(&mut direct, &mut direct_text, "retry: ").await;
+
+    // After another request on a keep-alive connection: served by hyper, chunked.
+    let mut routed = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    routed
+        .write_all(b"GET /api/health HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut routed_text = String::new();
+    read_raw_until(&mut routed, &mut routed_text, "{\"status\":\"ok\"}").await;
+    routed_text.clear();
+    routed.write_all(events_request.as_bytes()).await.unwrap();
+    read_raw_until(&mut routed, &mut routed_text, "retry: ").await;
+
+    let created = app.create("seen by both").await;
+    for (text, stream) in [
+        (&mut direct_text, &mut direct),
+        (&mut routed_text, &mut routed),
+    ] {
+        read_raw_until(stream, text, &created.command_id.to_string()).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
+        assert!(
+            text.contains("content-type: text/event-stream\r\n"),
+            "{text:?}"
+        );
+        assert!(
+            text.contains("id: 1\nevent: projection:settled\ndata: {"),
+            "{text:?}"
+        );
+    }
+    assert!(
+        direct_text.contains("connection: close\r\n"),
+        "{direct_text:?}"
+    );
+    assert!(
+        !direct_text.contains("transfer-encoding"),
+        "{direct_text:?}"
+    );
+    assert!(
+        routed_text.contains("transfer-encoding: chunked\r\n"),
+        "{routed_text:?}"
+    );
+
+    // A malformed resume point is the same problem on the direct path.
+    let mut bad = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    bad.write_all(b"GET /api/events?last_event_id=x HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut bad_text = String::new();
+    read_raw_until(&mut bad, &mut bad_text, "\"status\":400").await;
+    assert!(
+        bad_text.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{bad_text:?}"
+    );
+    assert!(bad_text.contains("content-type: application/problem+json\r\n"));
+
+    // Hanging up ends the subscription at once, also when no event is due.
+    drop(direct);
+    drop(routed);
+    let mut subscribers = None;
+    for _ in 0..50 {
+        let (_, metrics) = app.get_json("/api/metrics").await;
+        subscribers = metrics["subscribers"].as_u64();
+        if subscribers == Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(subscribers, Some(0));
+    app.stop().await;
 }

@@ -5,12 +5,19 @@
 //! broadcast first, then replay the log up to the projection's watermark, then take
 //! live frames, skipping ids already sent. A subscriber that lags behind the broadcast,
 //! or sees a gap, reads the missing ids back from the log: nothing is skipped silently.
+//!
+//! Two ways in, one response: the axum route below, and `direct`, which serves a
+//! connection whose first request is an event stream on the socket itself (no HTTP
+//! connection object and its buffers per subscriber). Both call [`events_response`].
+
+pub mod direct;
 
 use std::convert::Infallible;
 use std::time::Duration;
 
 use async_stream::stream;
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -41,8 +48,9 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/api/events", get(events_stream))
 }
 
+/// The query of `GET /api/events`.
 #[derive(Deserialize)]
-struct EventsQuery {
+pub struct EventsQuery {
     last_event_id: Option<String>,
 }
 
@@ -62,15 +70,29 @@ fn parse_event_id(text: &str, source: &str) -> Result<u64, ApiError> {
     })
 }
 
-/// Streams every event after `Last-Event-ID` (or `?last_event_id=`), then live ones;
-/// without either, live events only.
-///
-/// # Errors
-/// 400 when the event id is not a number.
 async fn events_stream(
     State(state): State<AppState>,
     headers: HeaderMap,
-    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Response {
+    events_response(state, &headers, query)
+}
+
+/// The answer to `GET /api/events`: every event after `Last-Event-ID` (or
+/// `?last_event_id=`), then live ones; without either, live events only. A malformed
+/// event id is a 400 problem.
+pub fn events_response(
+    state: AppState,
+    headers: &HeaderMap,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Response {
+    open_stream(state, headers, query).unwrap_or_else(IntoResponse::into_response)
+}
+
+fn open_stream(
+    state: AppState,
+    headers: &HeaderMap,
+    query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
     let last_event_id = match headers.get("last-event-id") {

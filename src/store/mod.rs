@@ -12,21 +12,31 @@
 //!
 //! Accepting writes the command, its id index and its queue entry in one transaction;
 //! applying writes the row, the command's status, the event and the queue removal in
-//! another. Neither returns to the caller as "done" before [`Store::wait_durable`]: one
-//! fsync is shared by every write that happened before it started (group commit).
+//! another. Both take whole batches (see `commit`), and neither returns to the caller as
+//! "done" before [`Store::wait_durable`]: one fsync is shared by every write that
+//! happened before it started (group commit).
+//!
+//! Layout: `commit` (group commit: the intake batcher and the fsync flusher),
+//! `projection` (the read side).
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+mod commit;
+mod projection;
+
+pub use commit::{Intake, IntakeError, IntakeWriter, INTAKE_BATCH_MAX, INTAKE_CAPACITY};
+
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::transaction::{
+    ConflictableTransactionError, ConflictableTransactionResult, TransactionError,
+    TransactionalTree,
+};
 use sled::Transactional;
 use time::OffsetDateTime;
-use tokio::sync::{watch, Notify};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use self::commit::GroupCommit;
+use self::projection::Projection;
 
 use crate::hub::EventFrame;
 use crate::model::{
@@ -87,25 +97,6 @@ pub enum RowChange {
     Remove(Uuid),
 }
 
-/// Reads come from here: a copy of the `tasks` tree in creation order, plus the id
-/// of the last event whose effect it includes. Updated only after the apply that
-/// changed it is durable, and before that event is published.
-#[derive(Default)]
-struct Projection {
-    order: BTreeMap<u64, Uuid>,
-    rows: HashMap<Uuid, TaskRow>,
-    watermark: u64,
-}
-
-/// Shares fsyncs among concurrent writers. A writer takes a ticket after its write;
-/// the flusher records the highest ticket before it flushes and publishes it after,
-/// so every writer whose ticket is covered knows its write is on disk.
-struct GroupCommit {
-    tickets: AtomicU64,
-    wake: Notify,
-    durable: watch::Sender<u64>,
-}
-
 /// Cheap `Clone` handle to the store; cloning is shallow (an `Arc`).
 #[derive(Clone)]
 pub struct Store {
@@ -164,22 +155,14 @@ impl Store {
             dead_letters: tree("dead_letters")?,
             meta: tree("meta")?,
             projection: RwLock::new(Projection::default()),
-            commit: GroupCommit {
-                tickets: AtomicU64::new(0),
-                wake: Notify::new(),
-                durable: watch::Sender::new(0),
-            },
+            commit: GroupCommit::new(),
             db,
         };
-        let mut projection = Projection {
-            watermark: inner.meta.get(LAST_EVENT_ID)?.map_or(0, |v| read_u64(&v)),
-            ..Projection::default()
-        };
+        let mut projection = Projection::default();
+        projection.watermark = inner.meta.get(LAST_EVENT_ID)?.map_or(0, |v| read_u64(&v));
         for entry in inner.tasks.iter() {
             let (_, value) = entry?;
-            let row: TaskRow = serde_json::from_slice(&value)?;
-            projection.order.insert(row.seq, row.task.id);
-            projection.rows.insert(row.task.id, row);
+            projection.insert(serde_json::from_slice(&value)?);
         }
         *inner.projection.write().expect("projection lock poisoned") = projection;
         Ok(Self {
@@ -195,83 +178,53 @@ impl Store {
         Ok(self.inner.db.generate_id()?)
     }
 
-    /// Stores a new command under its idempotency key, or finds the one already there.
-    /// Not durable yet: await [`Store::wait_durable`] before promising anything.
+    /// Stores each new command under its idempotency key, or finds the one already
+    /// there, all in one transaction. One answer per record, in order. Not durable yet:
+    /// await [`Store::wait_durable`] before promising anything. Request handlers go
+    /// through [`Intake`], which gathers concurrent accepts into one call.
     ///
     /// # Errors
-    /// On storage failure.
-    pub fn accept(&self, record: &CommandRecord) -> Result<Accepted, StoreError> {
+    /// On storage failure or a corrupt record; nothing is written then.
+    pub fn accept_batch(&self, records: &[CommandRecord]) -> Result<Vec<Accepted>, StoreError> {
         let inner = &*self.inner;
-        let key = record.idempotency_key.as_bytes();
-        let value = serde_json::to_vec(record)?;
-        let existing = (&inner.commands, &inner.command_ids, &inner.queue)
+        let values = records
+            .iter()
+            .map(serde_json::to_vec)
+            .collect::<Result<Vec<_>, _>>()?;
+        let found = (&inner.commands, &inner.command_ids, &inner.queue)
             .transaction(|(commands, ids, queue)| {
-                if let Some(existing) = commands.get(key)? {
-                    return Ok(Some(existing));
+                let mut found = Vec::with_capacity(records.len());
+                for (record, value) in records.iter().zip(&values) {
+                    let key = record.idempotency_key.as_bytes();
+                    // Reads this transaction's own writes too: a key twice in one batch
+                    // is one command.
+                    if let Some(existing) = commands.get(key)? {
+                        found.push(Some(existing));
+                        continue;
+                    }
+                    commands.insert(key, value.as_slice())?;
+                    ids.insert(record.command_id.as_bytes(), key)?;
+                    queue.insert(&record.seq.to_be_bytes(), key)?;
+                    found.push(None);
                 }
-                commands.insert(key, value.as_slice())?;
-                ids.insert(record.command_id.as_bytes(), key)?;
-                queue.insert(&record.seq.to_be_bytes(), key)?;
-                Ok(None)
+                Ok(found)
             })
             .map_err(flatten)?;
-        let Some(existing) = existing else {
-            return Ok(Accepted::New(record.clone()));
-        };
-        let existing: CommandRecord = serde_json::from_slice(&existing)?;
-        if existing.fingerprint == record.fingerprint {
-            Ok(Accepted::Replay(existing))
-        } else {
-            Ok(Accepted::KeyReused(existing))
-        }
-    }
-
-    /// Waits until every write made before this call is on disk.
-    pub async fn wait_durable(&self) {
-        let commit = &self.inner.commit;
-        let ticket = commit.tickets.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut durable = commit.durable.subscribe();
-        commit.wake.notify_one();
-        // The sender lives as long as `self`, so this only ends when the ticket is covered.
-        let _ = durable.wait_for(|flushed| *flushed >= ticket).await;
-    }
-
-    /// The group-commit loop: one fsync per wake-up, however many writers wait on it.
-    /// Runs until `shutdown`, then flushes once more.
-    pub async fn run_flusher(self, shutdown: CancellationToken) {
-        let commit = &self.inner.commit;
-        loop {
-            tokio::select! {
-                _ = commit.wake.notified() => {}
-                _ = shutdown.cancelled() => break,
-            }
-            let covered = commit.tickets.load(Ordering::SeqCst);
-            let db = self.inner.db.clone();
-            let mut backoff = Duration::from_millis(10);
-            loop {
-                match tokio::task::spawn_blocking({
-                    let db = db.clone();
-                    move || db.flush()
+        records
+            .iter()
+            .zip(found)
+            .map(|(record, existing)| {
+                let Some(existing) = existing else {
+                    return Ok(Accepted::New(record.clone()));
+                };
+                let existing: CommandRecord = serde_json::from_slice(&existing)?;
+                Ok(if existing.fingerprint == record.fingerprint {
+                    Accepted::Replay(existing)
+                } else {
+                    Accepted::KeyReused(existing)
                 })
-                .await
-                {
-                    Ok(Ok(_)) => break,
-                    Ok(Err(err)) => tracing::error!(error = %err, "flush failed; retrying"),
-                    Err(err) => tracing::error!(error = %err, "flush task failed; retrying"),
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
-            commit
-                .durable
-                .send_modify(|flushed| *flushed = (*flushed).max(covered));
-        }
-        if let Err(err) = self.inner.db.flush() {
-            tracing::error!(error = %err, "final flush failed");
-        }
-        commit
-            .durable
-            .send_modify(|flushed| *flushed = commit.tickets.load(Ordering::SeqCst));
+            })
+            .collect()
     }
 
     /// # Errors
@@ -328,18 +281,19 @@ impl Store {
         Ok(records)
     }
 
-    /// Applies one due command in one transaction: the row change, the command's new
-    /// status, the event appended to the log, the queue entry removed. Returns `None`
-    /// when the command is no longer pending (applied before: at most once).
+    /// Applies a batch of due commands in one transaction: for each, the row change,
+    /// the command's new status, the event appended to the log under the next id, the
+    /// queue entry removed. One answer per command, in order: `None` when it is no
+    /// longer pending (applied before: at most once). Call with at most one command per
+    /// task, the oldest unapplied one (the consumer's per-task order).
     ///
     /// # Errors
-    /// On storage failure or a corrupt record; nothing is written then.
-    pub fn apply(
+    /// On storage failure or a corrupt record; nothing of the batch is written then.
+    pub fn apply_batch(
         &self,
-        key: &str,
-        decision: &Decision,
+        batch: &[(&str, &Decision)],
         now: OffsetDateTime,
-    ) -> Result<Option<Applied>, StoreError> {
+    ) -> Result<Vec<Option<Applied>>, StoreError> {
         let inner = &*self.inner;
         (
             &inner.commands,
@@ -350,150 +304,26 @@ impl Store {
             &inner.dead_letters,
         )
             .transaction(|(commands, queue, tasks, events, meta, dead_letters)| {
-                let Some(bytes) = commands.get(key.as_bytes())? else {
-                    return Ok(None);
+                let trees = ApplyTrees {
+                    commands,
+                    queue,
+                    tasks,
+                    events,
+                    dead_letters,
                 };
-                let mut record: CommandRecord = serde_json::from_slice(&bytes).map_err(abort)?;
-                if record.status != CommandStatus::Pending {
-                    return Ok(None);
+                let mut last_event_id = meta.get(LAST_EVENT_ID)?.map_or(0, |v| read_u64(&v));
+                let mut applied = Vec::with_capacity(batch.len());
+                for (key, decision) in batch {
+                    let outcome = trees.apply(key, decision, now, last_event_id + 1)?;
+                    if outcome.is_some() {
+                        last_event_id += 1;
+                    }
+                    applied.push(outcome);
                 }
-                let current = match tasks.get(record.task_id.as_bytes())? {
-                    Some(bytes) => Some(serde_json::from_slice::<TaskRow>(&bytes).map_err(abort)?),
-                    None => None,
-                };
-                let event_id = meta.get(LAST_EVENT_ID)?.map_or(0, |v| read_u64(&v)) + 1;
-                meta.insert(LAST_EVENT_ID, &event_id.to_be_bytes())?;
-
-                let outcome = match decision {
-                    Decision::Apply => decide(&record, current.as_ref(), now),
-                    Decision::Fail(reason, message) => Outcome::Failed(*reason, message.clone()),
-                };
-                let (frame, change) = match outcome {
-                    Outcome::Failed(reason, message) => {
-                        record.status = CommandStatus::Failed;
-                        record.error = Some(CommandError {
-                            reason,
-                            message: message.clone(),
-                        });
-                        if reason == FailureReason::DeadLettered {
-                            dead_letters.insert(&record.seq.to_be_bytes(), key.as_bytes())?;
-                        }
-                        let event = FailedEvent {
-                            command_id: record.command_id,
-                            idempotency_key: record.idempotency_key.clone(),
-                            task_id: record.task_id,
-                            kind: record.kind(),
-                            reason,
-                            message,
-                            current: current.map(|row| row.task),
-                        };
-                        let frame =
-                            EventFrame::encode(event_id, EVENT_FAILED, &event).map_err(abort)?;
-                        (frame, RowChange::None)
-                    }
-                    Outcome::Changed(change) => {
-                        record.status = CommandStatus::Settled;
-                        let (version, task) = match &change {
-                            RowChange::Upsert(row) => {
-                                tasks.insert(
-                                    row.task.id.as_bytes(),
-                                    serde_json::to_vec(row).map_err(abort)?,
-                                )?;
-                                (row.task.version, Some(row.task.clone()))
-                            }
-                            RowChange::Remove(id) => {
-                                tasks.remove(id.as_bytes())?;
-                                (current.as_ref().map_or(0, |row| row.task.version) + 1, None)
-                            }
-                            RowChange::None => {
-                                (current.as_ref().map_or(0, |row| row.task.version), None)
-                            }
-                        };
-                        let event = SettledEvent {
-                            command_id: record.command_id,
-                            idempotency_key: record.idempotency_key.clone(),
-                            task_id: record.task_id,
-                            kind: record.kind(),
-                            version,
-                            task,
-                            accepted_at: record.accepted_at,
-                            settled_at: now,
-                            window_ms: unix_ms(now).saturating_sub(unix_ms(record.accepted_at)),
-                        };
-                        let frame =
-                            EventFrame::encode(event_id, EVENT_SETTLED, &event).map_err(abort)?;
-                        (frame, change)
-                    }
-                };
-                record.settled_at = Some(now);
-                record.event_id = Some(event_id);
-                commands.insert(key.as_bytes(), serde_json::to_vec(&record).map_err(abort)?)?;
-                queue.remove(&record.seq.to_be_bytes())?;
-                events.insert(&event_id.to_be_bytes(), frame.bytes.as_ref())?;
-                Ok(Some(Applied {
-                    record,
-                    frame,
-                    change,
-                }))
+                meta.insert(LAST_EVENT_ID, &last_event_id.to_be_bytes())?;
+                Ok(applied)
             })
             .map_err(flatten)
-    }
-
-    /// Makes a durable apply visible to readers. Call in event-id order, after
-    /// [`Store::wait_durable`] and before publishing the event.
-    pub fn project(&self, applied: &Applied) {
-        let mut projection = self
-            .inner
-            .projection
-            .write()
-            .expect("projection lock poisoned");
-        match &applied.change {
-            RowChange::None => {}
-            RowChange::Upsert(row) => {
-                projection.order.insert(row.seq, row.task.id);
-                projection.rows.insert(row.task.id, row.clone());
-            }
-            RowChange::Remove(id) => {
-                if let Some(row) = projection.rows.remove(id) {
-                    projection.order.remove(&row.seq);
-                }
-            }
-        }
-        projection.watermark = projection.watermark.max(applied.frame.id);
-    }
-
-    /// Every task in creation order, and the id of the last event the list includes.
-    pub fn snapshot(&self) -> (Vec<Task>, u64) {
-        let projection = self
-            .inner
-            .projection
-            .read()
-            .expect("projection lock poisoned");
-        let tasks = projection
-            .order
-            .values()
-            .filter_map(|id| projection.rows.get(id))
-            .map(|row| row.task.clone())
-            .collect();
-        (tasks, projection.watermark)
-    }
-
-    pub fn task(&self, id: Uuid) -> Option<Task> {
-        let projection = self
-            .inner
-            .projection
-            .read()
-            .expect("projection lock poisoned");
-        projection.rows.get(&id).map(|row| row.task.clone())
-    }
-
-    /// The id of the newest event that readers can see.
-    pub fn watermark(&self) -> u64 {
-        self.inner
-            .projection
-            .read()
-            .expect("projection lock poisoned")
-            .watermark
     }
 
     /// The id of the oldest event still in the log, if any.
@@ -568,6 +398,109 @@ impl Store {
             }
         }
         Ok((events_removed, commands_removed))
+    }
+}
+
+/// The trees one apply writes, inside its transaction.
+struct ApplyTrees<'a> {
+    commands: &'a TransactionalTree,
+    queue: &'a TransactionalTree,
+    tasks: &'a TransactionalTree,
+    events: &'a TransactionalTree,
+    dead_letters: &'a TransactionalTree,
+}
+
+impl ApplyTrees<'_> {
+    /// Applies one command as event `event_id`, or answers `None` when it is no longer
+    /// pending.
+    fn apply(
+        &self,
+        key: &str,
+        decision: &Decision,
+        now: OffsetDateTime,
+        event_id: u64,
+    ) -> ConflictableTransactionResult<Option<Applied>, StoreError> {
+        let Some(bytes) = self.commands.get(key.as_bytes())? else {
+            return Ok(None);
+        };
+        let mut record: CommandRecord = serde_json::from_slice(&bytes).map_err(abort)?;
+        if record.status != CommandStatus::Pending {
+            return Ok(None);
+        }
+        let current = match self.tasks.get(record.task_id.as_bytes())? {
+            Some(bytes) => Some(serde_json::from_slice::<TaskRow>(&bytes).map_err(abort)?),
+            None => None,
+        };
+        let outcome = match decision {
+            Decision::Apply => decide(&record, current.as_ref(), now),
+            Decision::Fail(reason, message) => Outcome::Failed(*reason, message.clone()),
+        };
+        let (frame, change) = match outcome {
+            Outcome::Failed(reason, message) => {
+                record.status = CommandStatus::Failed;
+                record.error = Some(CommandError {
+                    reason,
+                    message: message.clone(),
+                });
+                if reason == FailureReason::DeadLettered {
+                    self.dead_letters
+                        .insert(&record.seq.to_be_bytes(), key.as_bytes())?;
+                }
+                let event = FailedEvent {
+                    command_id: record.command_id,
+                    idempotency_key: record.idempotency_key.clone(),
+                    task_id: record.task_id,
+                    kind: record.kind(),
+                    reason,
+                    message,
+                    current: current.map(|row| row.task),
+                };
+                let frame = EventFrame::encode(event_id, EVENT_FAILED, &event).map_err(abort)?;
+                (frame, RowChange::None)
+            }
+            Outcome::Changed(change) => {
+                record.status = CommandStatus::Settled;
+                let (version, task) = match &change {
+                    RowChange::Upsert(row) => {
+                        self.tasks.insert(
+                            row.task.id.as_bytes(),
+                            serde_json::to_vec(row).map_err(abort)?,
+                        )?;
+                        (row.task.version, Some(row.task.clone()))
+                    }
+                    RowChange::Remove(id) => {
+                        self.tasks.remove(id.as_bytes())?;
+                        (current.as_ref().map_or(0, |row| row.task.version) + 1, None)
+                    }
+                    RowChange::None => (current.as_ref().map_or(0, |row| row.task.version), None),
+                };
+                let event = SettledEvent {
+                    command_id: record.command_id,
+                    idempotency_key: record.idempotency_key.clone(),
+                    task_id: record.task_id,
+                    kind: record.kind(),
+                    version,
+                    task,
+                    accepted_at: record.accepted_at,
+                    settled_at: now,
+                    window_ms: unix_ms(now).saturating_sub(unix_ms(record.accepted_at)),
+                };
+                let frame = EventFrame::encode(event_id, EVENT_SETTLED, &event).map_err(abort)?;
+                (frame, change)
+            }
+        };
+        record.settled_at = Some(now);
+        record.event_id = Some(event_id);
+        self.commands
+            .insert(key.as_bytes(), serde_json::to_vec(&record).map_err(abort)?)?;
+        self.queue.remove(&record.seq.to_be_bytes())?;
+        self.events
+            .insert(&event_id.to_be_bytes(), frame.bytes.as_ref())?;
+        Ok(Some(Applied {
+            record,
+            frame,
+            change,
+        }))
     }
 }
 
@@ -647,5 +580,85 @@ fn decide(record: &CommandRecord, current: Option<&TaskRow>, now: OffsetDateTime
             row.task.updated_at = now;
             Outcome::Changed(RowChange::Upsert(row))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::CommandBody;
+
+    fn create(key: &str, fingerprint: &str, store: &Store) -> CommandRecord {
+        CommandRecord {
+            command_id: Uuid::now_v7(),
+            task_id: Uuid::now_v7(),
+            idempotency_key: key.to_owned(),
+            seq: store.next_seq().expect("an id"),
+            fingerprint: fingerprint.to_owned(),
+            body: CommandBody::Create {
+                title: key.to_owned(),
+                notes: String::new(),
+            },
+            status: CommandStatus::Pending,
+            accepted_at: OffsetDateTime::now_utc(),
+            due_at_ms: 0,
+            settled_at: None,
+            event_id: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_key_twice_in_one_accept_batch_is_one_command() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let first = create("k", "same", &store);
+        let replay = create("k", "same", &store);
+        let other = create("k", "different", &store);
+        let answers = store
+            .accept_batch(&[first.clone(), replay, other])
+            .expect("accepted");
+        assert!(matches!(&answers[0], Accepted::New(r) if r.command_id == first.command_id));
+        assert!(matches!(&answers[1], Accepted::Replay(r) if r.command_id == first.command_id));
+        assert!(matches!(&answers[2], Accepted::KeyReused(r) if r.command_id == first.command_id));
+        assert_eq!(store.unapplied().expect("readable").len(), 1);
+    }
+
+    #[test]
+    fn a_batch_apply_numbers_its_events_densely_and_applies_each_command_once() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let records: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|key| create(key, key, &store))
+            .collect();
+        store.accept_batch(&records).expect("accepted");
+        let fail = Decision::Fail(FailureReason::Injected, "no".to_owned());
+        let batch = [
+            ("a", &Decision::Apply),
+            ("b", &fail),
+            ("c", &Decision::Apply),
+        ];
+        let now = OffsetDateTime::now_utc();
+        let applied = store.apply_batch(&batch, now).expect("applied");
+        let ids: Vec<_> = applied
+            .iter()
+            .map(|applied| applied.as_ref().map(|a| a.frame.id))
+            .collect();
+        assert_eq!(ids, [Some(1), Some(2), Some(3)]);
+        assert_eq!(
+            applied[1].as_ref().map(|a| a.record.status),
+            Some(CommandStatus::Failed)
+        );
+        // Redelivered: nothing applies twice, and no event id is spent on it.
+        let again = store.apply_batch(&batch, now).expect("applied");
+        assert!(again.iter().all(Option::is_none));
+        let more = create("d", "d", &store);
+        store.accept_batch(&[more]).expect("accepted");
+        let next = store
+            .apply_batch(&[("d", &Decision::Apply)], now)
+            .expect("applied");
+        assert_eq!(next[0].as_ref().map(|a| a.frame.id), Some(4));
+        assert!(store.unapplied().expect("readable").is_empty());
     }
 }

@@ -1,0 +1,187 @@
+//! The direct path of `GET /api/events`: a connection whose first request is an event
+//! stream is answered on the socket itself, without an HTTP connection object.
+//!
+//! Why: hyper keeps a read buffer and a write buffer (8 KiB each) and its connection
+//! state for a connection's whole life, because the connection may carry another
+//! request. An SSE subscriber never sends one: its connection is a single response that
+//! lasts for hours, and at ten thousand subscribers those buffers are most of the
+//! server's memory. Here a subscriber costs its task, its broadcast receiver and its
+//! keep-alive timer, a few KiB.
+//!
+//! Only an unambiguous request takes this path: its whole head arrived in the first
+//! read, parses as HTTP/1.1 (httparse), is `GET /api/events` with no body and no
+//! upgrade. Anything else, and every connection that has served another request first,
+//! goes to hyper untouched: [`sniff`] only peeks. The answer is the same response as the
+//! routed handler's ([`events_response`]), status line and headers written as they are,
+//! with `Connection: close` and a close-delimited body, which every SSE client reads.
+
+use std::io;
+
+use axum::extract::Query;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use axum::response::Response;
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::events_response;
+use crate::AppState;
+
+/// The path this module serves.
+const EVENTS_PATH: &str = "/api/events";
+/// How much of a connection's first bytes are looked at. A request head longer than
+/// this goes to hyper.
+const PEEK_LIMIT: usize = 4096;
+/// Most request headers considered; a request with more goes to hyper.
+const MAX_HEADERS: usize = 32;
+
+/// A parsed `GET /api/events` request head, not yet consumed from the socket.
+pub struct EventsRequest {
+    head_len: usize,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+/// Peeks at the first bytes of a new connection: an event-stream request that this
+/// module can answer, or `None` for hyper. Consumes nothing.
+///
+/// # Errors
+/// When the socket fails or the peer closed it before sending anything.
+pub async fn sniff(stream: &TcpStream) -> io::Result<Option<EventsRequest>> {
+    let mut head = vec![0; PEEK_LIMIT];
+    let peeked = stream.peek(&mut head).await?;
+    if peeked == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(parse(&head[..peeked]))
+}
+
+fn parse(bytes: &[u8]) -> Option<EventsRequest> {
+    // A cheap look first: nearly every connection is something else.
+    let prefix = format!("GET {EVENTS_PATH}");
+    if !bytes.starts_with(prefix.as_bytes()) {
+        return None;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let httparse::Status::Complete(head_len) = request.parse(bytes).ok()? else {
+        return None;
+    };
+    if request.method != Some("GET") || request.version != Some(1) {
+        return None;
+    }
+    let uri: Uri = request.path?.parse().ok()?;
+    if uri.path() != EVENTS_PATH {
+        return None;
+    }
+    let mut header_map = HeaderMap::with_capacity(request.headers.len());
+    for header in request.headers.iter() {
+        let name = HeaderName::from_bytes(header.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(header.value).ok()?;
+        header_map.append(name, value);
+    }
+    let has_body = header_map.contains_key("transfer-encoding")
+        || header_map
+            .get("content-length")
+            .is_some_and(|length| length.as_bytes() != b"0");
+    if has_body || header_map.contains_key("upgrade") {
+        return None;
+    }
+    Some(EventsRequest {
+        head_len,
+        uri,
+        headers: header_map,
+    })
+}
+
+/// Answers the request on the socket: the response head, then the body until it ends
+/// (shutdown), the client goes away, or a write fails.
+///
+/// # Errors
+/// When the socket fails; the stream is over then.
+pub async fn serve(
+    mut stream: TcpStream,
+    request: EventsRequest,
+    state: AppState,
+) -> io::Result<()> {
+    // The head was peeked whole, so this returns at once.
+    let mut head = vec![0; request.head_len];
+    stream.read_exact(&mut head).await?;
+    drop(head);
+
+    let query = Query::try_from_uri(&request.uri);
+    let response = events_response(state, &request.headers, query);
+    let (mut reader, mut writer) = stream.split();
+    writer.write_all(&response_head(&response)).await?;
+    let mut body = response.into_body().into_data_stream();
+    let mut scratch = [0u8; 64];
+    loop {
+        tokio::select! {
+            chunk = body.next() => match chunk {
+                Some(Ok(bytes)) => writer.write_all(&bytes).await?,
+                Some(Err(err)) => return Err(io::Error::other(err)),
+                None => break,
+            },
+            // The client sends nothing more; a read returns only when it hangs up.
+            read = reader.read(&mut scratch) => {
+                if read? == 0 {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    writer.shutdown().await
+}
+
+/// The status line and headers of `response`, for a body delimited by closing the
+/// connection (RFC 9112, section 6.3).
+fn response_head(response: &Response) -> Vec<u8> {
+    let status = response.status();
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or("")
+    )
+    .into_bytes();
+    for (name, value) in response.headers() {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"connection: close\r\n\r\n");
+    head
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_stream_request_is_recognised_with_its_resume_point() {
+        let head =
+            b"GET /api/events?last_event_id=7 HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 9\r\n\r\n";
+        let mut bytes = head.to_vec();
+        bytes.extend_from_slice(b"pipelined bytes are not part of the head");
+        let request = parse(&bytes).expect("an events request");
+        assert_eq!(request.uri.query(), Some("last_event_id=7"));
+        assert_eq!(request.headers["last-event-id"], "9");
+        assert_eq!(request.head_len, head.len());
+    }
+
+    #[test]
+    fn anything_unusual_is_left_to_hyper() {
+        for head in [
+            &b"GET /api/events HTTP/1.1\r\nHost: x\r\n"[..],
+            b"GET /api/eventsource HTTP/1.1\r\n\r\n",
+            b"GET /api/events/ HTTP/1.1\r\n\r\n",
+            b"GET /api/events HTTP/1.0\r\n\r\n",
+            b"POST /api/events HTTP/1.1\r\n\r\n",
+            b"GET /api/events HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+            b"GET /api/events HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            b"GET /api/tasks HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(parse(head).is_none(), "{}", String::from_utf8_lossy(head));
+        }
+    }
+}
