@@ -125,6 +125,10 @@ struct CommonArgs {
     /// server's own setting is read from GET /api/faults.
     #[arg(long, conflicts_with = "target")]
     delay_ms: Option<u64>,
+    /// Where the started server's fresh data directory is made [default: the system's
+    /// temporary directory]. `/dev/shm` takes the disk out of the measurement.
+    #[arg(long, conflicts_with = "target")]
+    data_parent: Option<PathBuf>,
     /// Seconds each timed phase runs [default: overhead 30, accept 10 per route;
     /// 2 with --smoke].
     #[arg(long)]
@@ -145,6 +149,7 @@ pub struct Ctx {
     server_pid: Option<u32>,
     server_bin: Option<PathBuf>,
     delay_ms: u64,
+    data_parent: Option<PathBuf>,
 }
 
 impl Ctx {
@@ -171,6 +176,7 @@ impl Ctx {
             server_pid: common.server_pid,
             server_bin,
             delay_ms,
+            data_parent: common.data_parent.clone(),
         })
     }
 
@@ -191,7 +197,9 @@ impl Ctx {
     pub async fn server(&self) -> anyhow::Result<Server> {
         match (&self.target, &self.server_bin) {
             (Some(addr), _) => Server::attach(*addr, self.server_pid).await,
-            (None, Some(binary)) => Server::start(binary, self.delay_ms).await,
+            (None, Some(binary)) => {
+                Server::start(binary, self.delay_ms, self.data_parent.as_deref()).await
+            }
             (None, None) => anyhow::bail!("no server to measure"),
         }
     }

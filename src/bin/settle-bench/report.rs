@@ -163,7 +163,7 @@ pub fn server_row(info: &ServerInfo) -> (String, String) {
     (
         "server".to_owned(),
         format!(
-            "{} ({origin}, pid {}, {}, open files {}/{}, delay {} ms, jitter {} ms)",
+            "{} ({origin}, pid {}, {}, open files {}/{}, delay {} ms, jitter {} ms{})",
             info.addr,
             info.pid.map_or("?".to_owned(), |pid| pid.to_string()),
             info.version.as_deref().unwrap_or("version ?"),
@@ -171,6 +171,9 @@ pub fn server_row(info: &ServerInfo) -> (String, String) {
             info.nofile_hard.as_deref().unwrap_or("?"),
             info.delay_ms,
             info.jitter_ms,
+            info.data_dir
+                .as_deref()
+                .map_or(String::new(), |dir| format!(", data in {dir}")),
         ),
     )
 }

@@ -38,6 +38,8 @@ pub struct ServerInfo {
     /// The consumer's live settings, from `GET /api/faults`.
     pub delay_ms: u64,
     pub jitter_ms: u64,
+    /// The data directory of a server the bench started.
+    pub data_dir: Option<String>,
 }
 
 /// `GET /api/faults`.
@@ -102,15 +104,23 @@ pub fn parse_target(url: &str) -> anyhow::Result<SocketAddr> {
 
 impl Server {
     /// Starts `binary --addr 127.0.0.1:0 --data-dir <fresh temp dir> --delay-ms D` and
-    /// waits for its `listening on http://ADDR` line.
+    /// waits for its `listening on http://ADDR` line. The temp dir is made in
+    /// `data_parent`, else in the system's temporary directory.
     ///
     /// # Errors
     /// When it cannot start, exits, or does not log its address in time.
-    pub async fn start(binary: &Path, delay_ms: u64) -> anyhow::Result<Self> {
-        let data_dir = tempfile::Builder::new()
-            .prefix("settle-bench-")
-            .tempdir()
-            .context("creating a temporary data directory")?;
+    pub async fn start(
+        binary: &Path,
+        delay_ms: u64,
+        data_parent: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("settle-bench-");
+        let data_dir = match data_parent {
+            Some(parent) => builder.tempdir_in(parent),
+            None => builder.tempdir(),
+        }
+        .context("creating a temporary data directory")?;
         let mut child = Command::new(binary)
             .arg("--addr")
             .arg("127.0.0.1:0")
@@ -155,6 +165,7 @@ impl Server {
                 nofile_hard: None,
                 delay_ms,
                 jitter_ms: 0,
+                data_dir: Some(data_dir.path().display().to_string()),
             },
             child: Some(child),
             log_tail,
@@ -180,6 +191,7 @@ impl Server {
                 nofile_hard: None,
                 delay_ms: 0,
                 jitter_ms: 0,
+                data_dir: None,
             },
             child: None,
             log_tail: Arc::default(),
