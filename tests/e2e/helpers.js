@@ -23,7 +23,35 @@ const ANSI = /\x1b\[[0-9;]*[A-Za-z]/g;
  */
 export async function startServer(flags = []) {
   const dataDir = await mkdtemp(path.join(tmpdir(), 'settle-e2e-'));
-  const child = spawn(settleBin, ['--addr', '127.0.0.1:0', '--data-dir', dataDir, ...flags], {
+  let child;
+  let url;
+  ({ child, url } = await spawnSettle(['--addr', '127.0.0.1:0', '--data-dir', dataDir, ...flags]));
+  return {
+    url,
+    api: apiClient(url),
+    /** kill -9, then start again on the same address and data dir. */
+    async crashAndRestart() {
+      const exited = new Promise((resolve) => child.once('exit', resolve));
+      child.kill('SIGKILL');
+      await exited;
+      ({ child } = await spawnSettle(['--addr', new URL(url).host, '--data-dir', dataDir, ...flags]));
+    },
+    async stop() {
+      if (child.exitCode === null && child.signalCode === null) {
+        const exited = new Promise((resolve) => child.once('exit', resolve));
+        child.kill('SIGTERM');
+        const killTimer = setTimeout(() => child.kill('SIGKILL'), 5_000);
+        await exited;
+        clearTimeout(killTimer);
+      }
+      await rm(dataDir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Spawn the binary and wait for its `listening on http://ADDR` line. */
+async function spawnSettle(args) {
+  const child = spawn(settleBin, args, {
     env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'settle=info', NO_COLOR: '1' },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -49,20 +77,7 @@ export async function startServer(flags = []) {
   // Keep draining the pipes so a chatty server never blocks on a full buffer.
   child.stdout.resume();
   child.stderr.resume();
-  return {
-    url,
-    api: apiClient(url),
-    async stop() {
-      if (child.exitCode === null) {
-        const exited = new Promise((resolve) => child.once('exit', resolve));
-        child.kill('SIGTERM');
-        const killTimer = setTimeout(() => child.kill('SIGKILL'), 5_000);
-        await exited;
-        clearTimeout(killTimer);
-      }
-      await rm(dataDir, { recursive: true, force: true });
-    },
-  };
+  return { child, url };
 }
 
 /** Direct HTTP access to the server, for the "second writer" and for checking effects. */

@@ -90,3 +90,40 @@ test('rapid like, unlike, like compose and settle to one like, never flickering 
     await server.stop();
   }
 });
+
+test('a rename made just before the server is killed stays visible through the stream reconnect and settles from it', async () => {
+  const server = await startServer(['--delay-ms', '3000']);
+  try {
+    const task = await server.api.createSettled('before');
+    const { page, context, pageErrors } = await openApp(browser, server.url);
+    await context.addInitScript(recordDisplayed, task.id);
+    await page.reload();
+    await waitForLive(page);
+    const streamRequests = [];
+    page.on('request', (request) => {
+      if (new URL(request.url()).pathname === '/api/events') streamRequests.push(request.url());
+    });
+
+    await renameViaUi(page, task.id, 'after');
+    // The 202 is in: the command is durable, whatever happens to the process now.
+    await eventually(async () => assert.ok(
+      await page.evaluate(() => window.settle.core.pendingOps().length === 1
+        && window.settle.core.pendingOps().every((op) => op.command_id)),
+    ));
+    await server.crashAndRestart();
+    assert.equal((await shown(page, task.id)).title, 'after', 'the change stays while the stream is down');
+
+    // EventSource reconnects by itself, resuming after the last event it had; the
+    // resumed command settles and its event closes the window.
+    await waitSettled(page, task.id);
+    assert.ok(streamRequests.length >= 1, 'the stream was opened again');
+    assert.equal(await page.evaluate(() => window.settle.core.getSnapshot().window_samples.length), 1,
+      'settled by its event on the resumed stream, not by the status check of the timeout path');
+    assert.deepEqual(await shown(page, task.id), { title: 'after', likes: 0, done: false, pending: false, state: 'settled' });
+    assert.deepEqual(await displayed(page), ['before|0', 'after|0'], 'never back to the old title');
+    assert.equal((await server.api.task(task.id)).title, 'after');
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});
