@@ -40,6 +40,8 @@ const REASON_TEXT = Object.freeze({
   injected: 'the server rejected it (injected failure)',
   dead_lettered: 'the server gave up after repeated faults',
 });
+/** Reasons whose server message says more than REASON_TEXT (which versions, which fault). */
+const REASON_WITH_DETAIL = new Set(['conflict', 'dead_lettered']);
 
 /** How many notices stay on screen; older ones drop off. */
 const MAX_NOTICES = 6;
@@ -161,6 +163,11 @@ export function createCore({ now = Date.now, stuckMs = 5000, syncMs = 800 } = {}
   const deleted = new Set();
   /** @type {Map<string, object>} task id -> open conflict (yours vs theirs) */
   const conflicts = new Map();
+  /**
+   * Task id -> title of a create that failed while later ops on the predicted task were
+   * still pending: they fail too (`not_found`), and their notices name the task and say why.
+   */
+  const failedCreates = new Map();
   let watermark = 0;
   let notices = [];
   let nextNoticeId = 1;
@@ -220,7 +227,8 @@ export function createCore({ now = Date.now, stuckMs = 5000, syncMs = 800 } = {}
 
   /** The title to name an op by: the confirmed one, else the predicted one (a create). */
   function titleOf(op) {
-    return base.get(op.task_id)?.title ?? fold(null, pending.get(op.task_id) ?? [])?.title ?? op.title;
+    return base.get(op.task_id)?.title ?? fold(null, pending.get(op.task_id) ?? [])?.title
+      ?? failedCreates.get(op.task_id) ?? op.title;
   }
 
   // ---- mutations of the stacks -----------------------------------------------------
@@ -278,14 +286,20 @@ export function createCore({ now = Date.now, stuckMs = 5000, syncMs = 800 } = {}
     removeOp(op);
     if (current) confirm(current);
     else if (reason === 'not_found') forget(op.task_id, { tombstone: false });
+    const orphaned = reason === 'not_found' && failedCreates.has(op.task_id);
+    if (op.kind === 'create' && pending.has(op.task_id)) failedCreates.set(op.task_id, title);
+    if (!pending.has(op.task_id)) failedCreates.delete(op.task_id);
     const why = REASON_TEXT[reason] ?? reason;
+    const detail = message && (REASON_WITH_DETAIL.has(reason) || !REASON_TEXT[reason]) ? ` (${message})` : '';
     addNotice({
       level: 'error',
       task_id: op.task_id,
       op_kind: op.kind,
       delta: op.delta,
       reason,
-      text: `${describeOp(op, title)} failed: ${why}.${message ? ` (${message})` : ''}`,
+      text: orphaned
+        ? `${describeOp(op, title)} was dropped: creating the task failed.`
+        : `${describeOp(op, title)} failed: ${why}.${detail}`,
     });
     const theirs = current ?? base.get(op.task_id);
     if (reason === 'conflict' && theirs && (op.kind === 'update' || op.kind === 'delete')) {

@@ -162,6 +162,30 @@ describe('failure removes only the failed operation', () => {
     assert.equal(notice.reason, 'injected');
   });
 
+  test('ops on a task whose create failed are named by its title and say why they were dropped', () => {
+    const { core } = setup();
+    const create = core.issue({ kind: 'create', key: 'c1', task_id: 'n', title: 'doomed' });
+    const like = core.issue({ kind: 'like', key: 'l1', task_id: 'n', delta: 1 });
+    core.applyEvent(failed(create, 'injected', null));
+    assert.equal(item(core, 'n'), undefined, 'the predicted row is gone with its create');
+    core.applyEvent(failed(like, 'not_found', null));
+    assert.deepEqual(core.getSnapshot().notices.map((notice) => notice.text), [
+      'Create “doomed” failed: the server rejected it (injected failure).',
+      'Like “doomed” was dropped: creating the task failed.',
+    ]);
+    // Only while its ops are pending: a later, unrelated not_found reads as usual.
+    const other = core.issue({ kind: 'like', key: 'l2', task_id: 'n', delta: 1 });
+    core.applyEvent(failed(other, 'not_found', null));
+    assert.match(core.getSnapshot().notices.at(-1).text, /failed: the task no longer exists\.$/);
+  });
+
+  test('the server message is shown where it says more than the reason', () => {
+    const { core } = setup();
+    const edit = core.issue({ kind: 'update', key: 'u1', task_id: 'a', patch: { title: 'x' }, base_version: 1 });
+    core.applyEvent(failed(edit, 'conflict', task('a', { version: 2 })));
+    assert.match(core.getSnapshot().notices.at(-1).text, /someone else changed it first\. \(it conflict\)$/);
+  });
+
   test('a failed create disappears with no orphan; a failed delete comes back in its place', () => {
     const { core } = setup();
     const create = core.issue({ kind: 'create', key: 'c1', task_id: 'n', title: 'doomed' });
