@@ -30,15 +30,21 @@ function recordDisplayed(taskId) {
 
 const displayed = (page) => page.evaluate(() => window.displayed);
 
+/** The app in a fresh context, recording what the item of `taskId` displays. */
+async function openRecording(url, taskId) {
+  const opened = await openApp(browser, url);
+  await opened.context.addInitScript(recordDisplayed, taskId);
+  await opened.page.reload();
+  await waitForLive(opened.page);
+  return opened;
+}
+
 test('a rename and a like stay visible through the window, a snapshot refresh and a reload', async () => {
   // A long window so that the refresh and the reload both land inside it.
   const server = await startServer(['--delay-ms', '4000']);
   try {
     const task = await server.api.createSettled('before');
-    const { page, context, pageErrors } = await openApp(browser, server.url);
-    await context.addInitScript(recordDisplayed, task.id);
-    await page.reload();
-    await waitForLive(page);
+    const { page, pageErrors } = await openRecording(server.url, task.id);
     await eventually(async () => assert.deepEqual(await displayed(page), ['before|0']));
 
     await renameViaUi(page, task.id, 'after');
@@ -72,10 +78,7 @@ test('rapid like, unlike, like compose and settle to one like, never flickering 
   const server = await startServer(['--delay-ms', '1000']);
   try {
     const task = await server.api.createSettled('counter');
-    const { page, context } = await openApp(browser, server.url);
-    await context.addInitScript(recordDisplayed, task.id);
-    await page.reload();
-    await waitForLive(page);
+    const { page } = await openRecording(server.url, task.id);
     const like = taskItem(page, task.id).getByTestId('like');
     await like.click();
     await like.click();
@@ -95,10 +98,7 @@ test('a rename made just before the server is killed stays visible through the s
   const server = await startServer(['--delay-ms', '3000']);
   try {
     const task = await server.api.createSettled('before');
-    const { page, context, pageErrors } = await openApp(browser, server.url);
-    await context.addInitScript(recordDisplayed, task.id);
-    await page.reload();
-    await waitForLive(page);
+    const { page, pageErrors } = await openRecording(server.url, task.id);
     const streamRequests = [];
     page.on('request', (request) => {
       if (new URL(request.url()).pathname === '/api/events') streamRequests.push(request.url());
