@@ -66,8 +66,9 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let state = state.clone();
+        let shutdown = shutdown.clone();
         connections.spawn(async move {
-            match sniff(&stream).await {
+            match sniff(&stream, &shutdown).await {
                 Some(Some(request)) => {
                     if let Err(err) = direct::serve(stream, request, state).await {
                         tracing::debug!(error = %err, "event stream ended with an error");
@@ -99,15 +100,23 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
 
 /// Waits for a new connection's first bytes (as long as hyper would wait for a request
 /// head) and tells whether it opens with an event-stream request. `None`: the client
-/// sent nothing in time, or hung up.
-async fn sniff(stream: &TcpStream) -> Option<Option<direct::EventsRequest>> {
-    match tokio::time::timeout(HEADER_READ_TIMEOUT, direct::sniff(stream)).await {
-        Ok(Ok(sniffed)) => Some(sniffed),
-        Ok(Err(err)) => {
-            tracing::debug!(error = %err, "connection closed before its first request");
-            None
-        }
-        Err(_) => None,
+/// sent nothing in time or hung up, or shutdown started first (an idle connection must
+/// not hold up the drain).
+async fn sniff(
+    stream: &TcpStream,
+    shutdown: &CancellationToken,
+) -> Option<Option<direct::EventsRequest>> {
+    let first_bytes = tokio::time::timeout(HEADER_READ_TIMEOUT, direct::sniff(stream));
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        sniffed = first_bytes => match sniffed {
+            Ok(Ok(sniffed)) => Some(sniffed),
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err, "connection closed before its first request");
+                None
+            }
+            Err(_) => None,
+        },
     }
 }
 
