@@ -52,7 +52,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/dead-letters", get(dead_letters_list))
         .route("/api/faults", get(faults_get).put(faults_update))
         .route("/api/metrics", get(metrics_json))
-        .route("/metrics", get(metrics_openmetrics))
+        .route("/metrics", get(metrics_text))
 }
 
 // ----- extractors -------------------------------------------------------------------
@@ -329,15 +329,33 @@ async fn metrics_json(State(state): State<AppState>) -> Json<crate::metrics::Met
     Json(state.metrics.report())
 }
 
-async fn metrics_openmetrics(State(state): State<AppState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.openmetrics(),
-    )
-        .into_response()
+/// `GET /metrics`: OpenMetrics for a client that asks for it (Prometheus does), the
+/// classic Prometheus text format otherwise.
+async fn metrics_text(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let wants_openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|value| value.contains("application/openmetrics-text"));
+    if wants_openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            state.metrics.openmetrics(),
+        )
+            .into_response()
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            state.metrics.prometheus_text(),
+        )
+            .into_response()
+    }
 }
 
 // ----- commands ---------------------------------------------------------------------

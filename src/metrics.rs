@@ -217,6 +217,34 @@ impl Metrics {
         let _ = encode(&mut text, &self.inner.registry);
         text
     }
+
+    /// The same figures in the classic Prometheus text format (0.0.4), for scrapers and
+    /// people that do not ask for OpenMetrics. The two differ in two details only: a
+    /// counter family is named after its `_total` sample, and there is no `# EOF`.
+    pub fn prometheus_text(&self) -> String {
+        let openmetrics = self.openmetrics();
+        let counters: Vec<&str> = openmetrics
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .filter_map(|rest| rest.strip_suffix(" counter"))
+            .collect();
+        let mut text = String::with_capacity(openmetrics.len());
+        for line in openmetrics.lines() {
+            if line == "# EOF" || line.starts_with("# UNIT ") {
+                continue;
+            }
+            let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+                let rest = line.strip_prefix(prefix)?;
+                let (name, tail) = rest.split_once(' ')?;
+                counters
+                    .contains(&name)
+                    .then(|| format!("{prefix}{name}_total {tail}"))
+            });
+            text.push_str(renamed.as_deref().unwrap_or(line));
+            text.push('\n');
+        }
+        text
+    }
 }
 
 /// Decrements the subscriber gauge when a stream ends, however it ends.

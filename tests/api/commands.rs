@@ -375,3 +375,51 @@ async fn a_burst_settles_together_not_one_after_another() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_are_served_as_prometheus_text_or_openmetrics_on_request() {
+    let app = spawn_app_with(|config| config.delay_ms = 20).await;
+    let mut events = app.events(None).await;
+    app.create("counted").await;
+    assert_eq!(events.next().await.name, "projection:settled");
+
+    let classic = app.http.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(
+        classic.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = classic.text().await.unwrap();
+    for line in [
+        "# TYPE settle_commands_accepted_total counter",
+        "settle_commands_accepted_total 1",
+        "settle_commands_settled_total 1",
+        "# TYPE settle_window_seconds histogram",
+        "settle_window_seconds_count 1",
+        "settle_window_seconds_bucket{le=\"+Inf\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line:?} in {text}");
+    }
+    assert!(!text.contains("# EOF"), "{text}");
+
+    let open = app
+        .http
+        .get(app.url("/metrics"))
+        .header(
+            "Accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(open.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    let text = open.text().await.unwrap();
+    assert!(
+        text.contains("# TYPE settle_commands_accepted counter\n"),
+        "{text}"
+    );
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    app.stop().await;
+}
