@@ -13,13 +13,25 @@ let browser;
 before(async () => { browser = await launchBrowser(); });
 after(async () => { await browser?.close(); });
 
-/** Another writer's rename, accepted before the UI's so that it applies first. */
+/**
+ * Another writer's rename, accepted before the UI's so that it applies first. The window
+ * (3 s) is long enough for the UI to issue its rename before it has seen this one settle,
+ * even on a slow machine; the tests check that it did (base_version 1).
+ */
 async function secondWriterRenames(server, taskId, title, baseVersion) {
   await server.api.command('PATCH', `/api/tasks/${taskId}`, { title, base_version: baseVersion });
 }
 
+/** The UI's rename went out on the version it had seen before the other writer's. */
+async function sentOnVersionOne(commands) {
+  await eventually(() => assert.deepEqual(
+    commands.filter((command) => command.method === 'PATCH').map((command) => command.body.base_version),
+    [1],
+  ));
+}
+
 test('a conflicting rename shows yours and theirs; Keep mine re-submits on the current version', async () => {
-  const server = await startServer(['--delay-ms', '1500']);
+  const server = await startServer(['--delay-ms', '3000']);
   try {
     const task = await server.api.createSettled('shared');
     const { page, pageErrors } = await openApp(browser, server.url);
@@ -30,6 +42,7 @@ test('a conflicting rename shows yours and theirs; Keep mine re-submits on the c
     await secondWriterRenames(server, task.id, 'theirs', 1);
     await renameViaUi(page, task.id, 'mine');
     assert.equal((await shown(page, task.id)).title, 'mine');
+    await sentOnVersionOne(commands);
 
     const conflict = item.getByTestId('conflict');
     await conflict.waitFor();
@@ -59,7 +72,7 @@ test('a conflicting rename shows yours and theirs; Keep mine re-submits on the c
 });
 
 test('Take theirs closes the conflict, keeps their value and sends nothing', async () => {
-  const server = await startServer(['--delay-ms', '1500']);
+  const server = await startServer(['--delay-ms', '3000']);
   try {
     const task = await server.api.createSettled('shared');
     const { page } = await openApp(browser, server.url);
@@ -69,6 +82,7 @@ test('Take theirs closes the conflict, keeps their value and sends nothing', asy
 
     await secondWriterRenames(server, task.id, 'theirs', 1);
     await renameViaUi(page, task.id, 'mine');
+    await sentOnVersionOne(commands);
     await item.getByTestId('conflict').waitFor();
     await item.getByRole('button', { name: 'Take theirs' }).click();
 
