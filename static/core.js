@@ -246,6 +246,7 @@ export function createCore({ now = Date.now, stuckMs = 5000, syncMs = 800 } = {}
     if (rest.length) pending.set(op.task_id, Object.freeze(rest));
     else pending.delete(op.task_id);
     keyIndex.delete(op.key);
+    if (!pending.has(op.task_id)) failedCreates.delete(op.task_id);
     // A failed or discarded create leaves no orphan row in the order.
     if (!base.has(op.task_id) && !pending.has(op.task_id)) order = order.filter((id) => id !== op.task_id);
   }
@@ -283,12 +284,11 @@ export function createCore({ now = Date.now, stuckMs = 5000, syncMs = 800 } = {}
    */
   function failOp(op, { reason, message, current }) {
     const title = titleOf(op);
+    const orphaned = reason === 'not_found' && failedCreates.has(op.task_id);
     removeOp(op);
     if (current) confirm(current);
     else if (reason === 'not_found') forget(op.task_id, { tombstone: false });
-    const orphaned = reason === 'not_found' && failedCreates.has(op.task_id);
     if (op.kind === 'create' && pending.has(op.task_id)) failedCreates.set(op.task_id, title);
-    if (!pending.has(op.task_id)) failedCreates.delete(op.task_id);
     const why = REASON_TEXT[reason] ?? reason;
     const detail = message && (REASON_WITH_DETAIL.has(reason) || !REASON_TEXT[reason]) ? ` (${message})` : '';
     addNotice({

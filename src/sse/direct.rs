@@ -27,8 +27,9 @@ use tokio::net::TcpStream;
 use super::events_response;
 use crate::AppState;
 
-/// The path this module serves.
+/// The path this module serves, and the first bytes of a request for it.
 const EVENTS_PATH: &str = "/api/events";
+const EVENTS_REQUEST_PREFIX: &[u8] = b"GET /api/events";
 /// How much of a connection's first bytes are looked at. A request head longer than
 /// this goes to hyper.
 const PEEK_LIMIT: usize = 4096;
@@ -58,8 +59,7 @@ pub async fn sniff(stream: &TcpStream) -> io::Result<Option<EventsRequest>> {
 
 fn parse(bytes: &[u8]) -> Option<EventsRequest> {
     // A cheap look first: nearly every connection is something else.
-    let prefix = format!("GET {EVENTS_PATH}");
-    if !bytes.starts_with(prefix.as_bytes()) {
+    if !bytes.starts_with(EVENTS_REQUEST_PREFIX) {
         return None;
     }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];

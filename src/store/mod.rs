@@ -22,7 +22,7 @@
 mod commit;
 mod projection;
 
-pub use commit::{Intake, IntakeError, IntakeWriter, INTAKE_BATCH_MAX, INTAKE_CAPACITY};
+pub use commit::{Intake, IntakeError, IntakeWriter};
 
 use std::sync::{Arc, RwLock};
 

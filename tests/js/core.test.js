@@ -179,6 +179,17 @@ describe('failure removes only the failed operation', () => {
     assert.match(core.getSnapshot().notices.at(-1).text, /failed: the task no longer exists\.$/);
   });
 
+  test('a discarded op of a failed create leaves no trace that would rename later failures', () => {
+    const { core } = setup();
+    const create = core.issue({ kind: 'create', key: 'c1', task_id: 'n', title: 'doomed' });
+    const like = core.issue({ kind: 'like', key: 'l1', task_id: 'n', delta: 1 });
+    core.applyEvent(failed(create, 'injected', null));
+    core.discard(like.key);
+    const later = core.issue({ kind: 'like', key: 'l2', task_id: 'n', delta: 1 });
+    core.applyEvent(failed(later, 'not_found', null));
+    assert.match(core.getSnapshot().notices.at(-1).text, /failed: the task no longer exists\.$/);
+  });
+
   test('the server message is shown where it says more than the reason', () => {
     const { core } = setup();
     const edit = core.issue({ kind: 'update', key: 'u1', task_id: 'a', patch: { title: 'x' }, base_version: 1 });

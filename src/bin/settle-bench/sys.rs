@@ -15,22 +15,9 @@ use serde::Serialize;
 /// # Errors
 /// When the limits cannot be read or set.
 pub fn raise_nofile_limit() -> anyhow::Result<(u64, u64)> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read or write the struct we pass by pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
-    }
-    if limit.rlim_cur < limit.rlim_max {
-        limit.rlim_cur = limit.rlim_max;
-        // SAFETY: as above.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
-        }
-    }
-    Ok((limit.rlim_cur, limit.rlim_max))
+    // The server raises its own limit the same way (`settle::net`).
+    rlimit::increase_nofile_limit(u64::MAX).context("raising RLIMIT_NOFILE")?;
+    rlimit::getrlimit(rlimit::Resource::NOFILE).context("reading RLIMIT_NOFILE")
 }
 
 /// Nanoseconds since the Unix epoch on the wall clock. Used where two processes (the
