@@ -511,18 +511,14 @@ async fn submit(
         IntakeError::Store(err) => ApiError::from(err),
         IntakeError::Stopped => ApiError::ShuttingDown,
     })?;
+    // The intake answers once the command (or the original of a replay) is durable;
+    // a new one is already counted and scheduled.
     match accepted_now {
         Accepted::New(record) => {
-            store.wait_durable().await;
-            state.metrics.command_accepted();
-            state.consumer.schedule(&record).await;
             tracing::debug!(command_id = %record.command_id, kind = ?record.kind(), %task_id, "command accepted");
             Ok(accepted(&record, false))
         }
         Accepted::Replay(existing) => {
-            // The original may have been written a moment ago: its 202 waits for the
-            // fsync, and so does this one.
-            store.wait_durable().await;
             state.metrics.command_deduplicated();
             let age = accepted_at - existing.accepted_at;
             let overdue = existing.status == CommandStatus::Pending

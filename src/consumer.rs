@@ -8,9 +8,10 @@
 //! - the due set: commands whose timer fired and that wait for their turn.
 //!
 //! Each step ([`Consumer::process_once`]) takes every applicable command, draws its
-//! faults, applies the batch in one blocking call (one sled transaction), waits
-//! for one shared fsync, then updates the projection and publishes the events in id
-//! order. Publishing after durability is what lets a client trust `projection:settled`.
+//! faults, applies the batch in one blocking call (one sled transaction and one
+//! flush), then lets the commands leave the intake log's pending table, updates the
+//! projection and publishes the events in id order. Publishing after
+//! durability is what lets a client trust `projection:settled`.
 //!
 //! Faults, as a broker would show them: a lost delivery leaves the command pending
 //! with a redelivery timer (`--redeliver-after-ms`); a transient fault (an I/O error,
@@ -36,8 +37,9 @@ use crate::metrics::Metrics;
 use crate::model::{unix_ms, CommandRecord, FailureReason};
 use crate::store::{Applied, Decision, Store, StoreError};
 
-/// How many scheduling messages may wait for the consumer. When it is full, accepting
-/// handlers wait for room (backpressure); their commands are already durable.
+/// How many scheduling messages (an intake batch or a redelivery each) may wait for the
+/// consumer. When it is full, the intake writer waits for room, and so accepting
+/// handlers wait too (backpressure); the commands are already durable.
 pub const INBOX_CAPACITY: usize = 16_384;
 /// Attempts before a command with transient faults is dead-lettered.
 pub const MAX_ATTEMPTS: u32 = 5;
@@ -70,8 +72,8 @@ impl From<&CommandRecord> for Delivery {
 
 #[derive(Debug)]
 enum Message {
-    /// A newly accepted command.
-    Schedule(Delivery),
+    /// Newly accepted commands: one intake batch.
+    Schedule(Vec<Delivery>),
     /// A client retried a command that is still pending past the redelivery timeout.
     Redeliver(Delivery),
 }
@@ -83,16 +85,20 @@ pub struct ConsumerHandle {
 }
 
 impl ConsumerHandle {
-    /// Hands a durable command to the consumer. If the consumer is gone (shutdown),
-    /// the command stays in the durable queue and resumes on the next start.
-    pub async fn schedule(&self, record: &CommandRecord) {
+    /// Hands durable commands to the consumer, from a thread outside the runtime (the
+    /// intake writer); waits for room when the inbox is full. If the consumer is gone
+    /// (shutdown), the commands stay in the intake log and resume on the next start.
+    pub fn schedule_blocking(&self, records: &[CommandRecord]) {
+        let deliveries = records.iter().map(Delivery::from).collect();
         if self
             .sender
-            .send(Message::Schedule(record.into()))
-            .await
+            .blocking_send(Message::Schedule(deliveries))
             .is_err()
         {
-            tracing::debug!(command_id = %record.command_id, "consumer stopped; command resumes on restart");
+            tracing::debug!(
+                count = records.len(),
+                "consumer stopped; commands resume on restart"
+            );
         }
     }
 
@@ -139,8 +145,7 @@ pub struct Consumer {
 /// One command's fate in a batch, decided before the blocking apply.
 struct Attempt {
     seq: u64,
-    command_id: Uuid,
-    key: String,
+    record: CommandRecord,
     decision: Decision,
 }
 
@@ -177,11 +182,8 @@ impl Consumer {
 
     /// Schedules every accepted but unapplied command found in the store, at its due
     /// time or now if that has passed. Returns how many.
-    ///
-    /// # Errors
-    /// When the durable queue cannot be read.
-    pub fn resume(&mut self) -> Result<usize, StoreError> {
-        let unapplied = self.store.unapplied()?;
+    pub fn resume(&mut self) -> usize {
+        let unapplied = self.store.unapplied();
         let count = unapplied.len();
         for record in &unapplied {
             self.schedule(Delivery::from(record));
@@ -190,7 +192,7 @@ impl Consumer {
             tracing::info!(count, "resumed unapplied commands");
         }
         self.metrics.commands_resumed(count);
-        Ok(count)
+        count
     }
 
     /// Runs until `shutdown`: wait for a message or a timer, then apply what is due.
@@ -228,7 +230,11 @@ impl Consumer {
 
     fn handle(&mut self, message: Message) {
         match message {
-            Message::Schedule(delivery) => self.schedule(delivery),
+            Message::Schedule(deliveries) => {
+                for delivery in deliveries {
+                    self.schedule(delivery);
+                }
+            }
             Message::Redeliver(delivery) => {
                 let seq = delivery.seq;
                 let Some(entry) = self.scheduled.get_mut(&seq) else {
@@ -341,6 +347,12 @@ impl Consumer {
                 continue;
             };
             let command_id = entry.delivery.command_id;
+            let Some(record) = self.store.pending_command(&entry.delivery.key) else {
+                // Finished already (a redelivery of an applied command): at most once.
+                tracing::debug!(%command_id, "no longer pending; delivery ignored");
+                self.forget(*seq);
+                continue;
+            };
             let decision = if let Some(cause) = &entry.gave_up {
                 // Recording the dead letter is not subject to injected faults.
                 Decision::Fail(
@@ -370,8 +382,7 @@ impl Consumer {
             };
             attempts.push(Attempt {
                 seq: *seq,
-                command_id,
-                key: entry.delivery.key.clone(),
+                record,
                 decision,
             });
         }
@@ -385,23 +396,22 @@ impl Consumer {
             .await
             .expect("every apply runs under catch_unwind");
 
-        if outcomes
-            .iter()
-            .any(|(_, outcome)| matches!(outcome, Outcome::Applied(_)))
-        {
-            self.store.wait_durable().await;
-        }
-        // In event-id order: the batch applied in this order, one transaction each.
+        // Durable now (`apply_all` flushed). In event-id order: the batch applied in this order, one transaction each.
         for (attempt, outcome) in outcomes {
+            let record = &attempt.record;
             match outcome {
                 Outcome::Applied(applied) => {
+                    self.store
+                        .finish(&record.idempotency_key, record.command_id);
                     self.store.project(&applied);
                     self.settle(&applied);
                     self.hub.publish(applied.frame.clone());
                     self.forget(attempt.seq);
                 }
                 Outcome::AlreadyDone => {
-                    tracing::debug!(command_id = %attempt.command_id, "already applied; delivery ignored");
+                    tracing::debug!(command_id = %record.command_id, "already applied; delivery ignored");
+                    self.store
+                        .finish(&record.idempotency_key, record.command_id);
                     self.forget(attempt.seq);
                 }
                 Outcome::Transient(cause) => self.transient(attempt.seq, cause),
@@ -457,14 +467,27 @@ impl Consumer {
     }
 }
 
+/// Applies a batch (see [`apply_each`]) and makes what it wrote durable, in one
+/// blocking call: no hand-off to another thread between the two.
+fn apply_all(store: &Store, attempts: Vec<Attempt>) -> Vec<(Attempt, Outcome)> {
+    let outcomes = apply_each(store, attempts);
+    if outcomes
+        .iter()
+        .any(|(_, outcome)| !matches!(outcome, Outcome::Transient(_)))
+    {
+        store.flush_durable();
+    }
+    outcomes
+}
+
 /// Applies a batch in one transaction. If that fails (a storage error, a panic), each
 /// command is tried alone, so one bad command becomes its own transient fault instead
 /// of holding back the whole batch.
-fn apply_all(store: &Store, attempts: Vec<Attempt>) -> Vec<(Attempt, Outcome)> {
+fn apply_each(store: &Store, attempts: Vec<Attempt>) -> Vec<(Attempt, Outcome)> {
     let now = OffsetDateTime::now_utc();
-    let batch: Vec<(&str, &Decision)> = attempts
+    let batch: Vec<(&CommandRecord, &Decision)> = attempts
         .iter()
-        .map(|attempt| (attempt.key.as_str(), &attempt.decision))
+        .map(|attempt| (&attempt.record, &attempt.decision))
         .collect();
     let applied = match guarded(|| store.apply_batch(&batch, now)) {
         Ok(applied) => applied,
@@ -473,7 +496,7 @@ fn apply_all(store: &Store, attempts: Vec<Attempt>) -> Vec<(Attempt, Outcome)> {
             return attempts
                 .into_iter()
                 .map(|attempt| {
-                    let single = [(attempt.key.as_str(), &attempt.decision)];
+                    let single = [(&attempt.record, &attempt.decision)];
                     let outcome = match guarded(|| store.apply_batch(&single, now)) {
                         Ok(mut applied) => outcome_of(applied.pop().flatten()),
                         Err(cause) => Outcome::Transient(cause),

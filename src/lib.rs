@@ -8,8 +8,9 @@
 //! Layout:
 //! - `config`: flags and env vars, with their defaults.
 //! - `model`: tasks, commands and events; the JSON contract.
-//! - `store`: sled trees (commands, queue, tasks, event log), group commit (batched
-//!   transactions, shared fsyncs), the read projection.
+//! - `store`: the intake log of accepted commands (one writer thread, group-committed
+//!   fdatasync), sled trees for everything applied (commands, tasks, event log) with a
+//!   shared flush, the read projection.
 //! - `consumer`: the due-time queue that applies commands in per-task order, with faults.
 //! - `faults`: the live fault knobs and their seeded RNG.
 //! - `hub`: the in-memory broadcast of finished SSE frames.
@@ -58,7 +59,7 @@ pub const COMPACTION_PERIOD: Duration = Duration::from_secs(60);
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
-    /// Where handlers accept commands: batched into shared transactions.
+    /// Where handlers accept commands: the intake log's writer, one fsync per batch.
     pub intake: Intake,
     pub hub: Hub,
     pub faults: Faults,
@@ -103,14 +104,6 @@ pub async fn serve(
     let faults = Faults::from_config(&config);
     let metrics = Metrics::new();
 
-    // The flusher outlives everything that waits on it, and the intake writer every
-    // handler, so each has its own token, cancelled once those are done.
-    let flusher_stop = CancellationToken::new();
-    let flusher = tokio::spawn(store.clone().run_flusher(flusher_stop.clone()));
-    let (intake, intake_writer) = Intake::new(store.clone());
-    let intake_stop = CancellationToken::new();
-    let intake_writer = tokio::spawn(intake_writer.run(intake_stop.clone()));
-
     let redeliver_after = Duration::from_millis(config.redeliver_after_ms);
     let (mut consumer, consumer_handle) = Consumer::new(
         store.clone(),
@@ -119,13 +112,25 @@ pub async fn serve(
         metrics.clone(),
         redeliver_after,
     );
-    consumer.resume().context("resuming unapplied commands")?;
+    consumer.resume();
     let consumer = tokio::spawn(consumer.run(shutdown.clone()));
+    // The intake writer hands each batch's new commands on once they are durable,
+    // whether or not their requests are still there to be answered.
+    let on_durable = {
+        let metrics = metrics.clone();
+        let consumer = consumer_handle.clone();
+        move |records: &[model::CommandRecord]| {
+            metrics.commands_accepted(records.len());
+            consumer.schedule_blocking(records);
+        }
+    };
+    let (intake, intake_writer) =
+        Intake::start(store.clone(), Box::new(on_durable)).context("starting the intake log")?;
     let janitor = tokio::spawn(run_janitor(store.clone(), config.clone(), shutdown.clone()));
 
     let state = AppState {
         store,
-        intake,
+        intake: intake.clone(),
         hub,
         faults,
         metrics,
@@ -138,18 +143,11 @@ pub async fn serve(
     tracing::info!("listening on http://{addr}");
     net::serve(listener, state, shutdown.clone()).await;
     // Every handler is done: stop and drain the background tasks.
-    intake_stop.cancel();
-    if let Err(err) = intake_writer.await {
-        tracing::error!(error = %err, "intake writer failed");
-    }
+    intake.stop(intake_writer).await;
     if let Err(err) = consumer.await {
         tracing::error!(error = %err, "consumer task failed");
     }
     let _ = janitor.await;
-    flusher_stop.cancel();
-    if let Err(err) = flusher.await {
-        tracing::error!(error = %err, "flusher task failed");
-    }
     tracing::info!("shut down");
     Ok(())
 }

@@ -132,9 +132,13 @@ impl Metrics {
         }
     }
 
-    pub fn command_accepted(&self) {
-        self.inner.accepted.inc();
-        self.inner.pending.inc();
+    /// New commands, durable and handed to the consumer.
+    pub fn commands_accepted(&self, count: usize) {
+        let count = u64::try_from(count).unwrap_or(u64::MAX);
+        self.inner.accepted.inc_by(count);
+        self.inner
+            .pending
+            .inc_by(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     pub fn command_deduplicated(&self) {

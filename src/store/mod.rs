@@ -1,30 +1,42 @@
-//! The durable store (sled) and the in-memory projection that serves reads.
+//! The durable store: the intake log of accepted commands, sled for everything
+//! applied, and the in-memory projection that serves reads.
 //!
-//! Trees, all values JSON unless said otherwise:
-//! - `commands`: idempotency key -> [`CommandRecord`]; the idempotency table.
+//! A command's life in the store:
+//! 1. Accepted: appended to the intake log (`intake`) and held in the pending table,
+//!    durable (one fdatasync per batch) before its 202.
+//! 2. Applied: one sled transaction per batch of due commands writes, for each, the
+//!    finished command record, the row change and the event; after
+//!    [`Store::flush_durable`] (one sled flush per batch) the command leaves the
+//!    pending table ([`Store::finish`]) and the projection moves.
+//!
+//! sled trees, all values JSON unless said otherwise:
+//! - `commands`: idempotency key -> [`CommandRecord`] of a finished command; with the
+//!   pending table, the idempotency table.
 //! - `command_ids`: command id (16 bytes) -> idempotency key.
-//! - `queue`: seq (u64 big-endian) -> idempotency key, one entry per unapplied command;
-//!   the consumer rebuilds its timers from it on start.
 //! - `tasks`: task id (16 bytes) -> [`TaskRow`].
 //! - `events`: event id (u64 big-endian) -> the finished SSE frame.
 //! - `dead_letters`: seq (u64 big-endian) -> idempotency key.
 //! - `meta`: `last_event_id` -> u64 big-endian, so ids are never reused.
 //!
-//! Accepting writes the command, its id index and its queue entry in one transaction;
-//! applying writes the row, the command's status, the event and the queue removal in
-//! another. Both take whole batches (see `commit`), and neither returns to the caller as
-//! "done" before [`Store::wait_durable`]: one fsync is shared by every write that
-//! happened before it started (group commit).
+//! Two costs dominate a durable write in sled 0.34, and both are paid per call, not per
+//! byte: every transaction takes the process-wide write lock and seals the log buffer
+//! (a synchronous `sync_file_range`) before and after its batch, and every `flush` is an
+//! fsync. So neither is paid per command: accepts do not touch sled, and the consumer
+//! applies each step's batch in one transaction and one flush.
 //!
-//! Layout: `commit` (group commit: the intake batcher and the fsync flusher),
+//! Layout: `intake` (the accept log, its writer thread and the pending table),
 //! `projection` (the read side).
 
-mod commit;
+mod intake;
 mod projection;
 
-pub use commit::{Intake, IntakeError, IntakeWriter};
+pub use intake::{
+    Intake, IntakeError, IntakeThread, OnDurable, INTAKE_BATCH_MAX, INTAKE_CAPACITY, SEGMENT_BYTES,
+};
 
-use std::sync::{Arc, RwLock};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::{
@@ -35,7 +47,7 @@ use sled::Transactional;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use self::commit::GroupCommit;
+use self::intake::PendingTable;
 use self::projection::Projection;
 
 use crate::hub::EventFrame;
@@ -45,6 +57,11 @@ use crate::model::{
 };
 
 const LAST_EVENT_ID: &[u8] = b"last_event_id";
+/// The intake log's directory, inside the data directory.
+const INTAKE_DIR: &str = "intake";
+/// First pause after a failed sled flush; it doubles up to [`FLUSH_BACKOFF_MAX`].
+const FLUSH_BACKOFF: Duration = Duration::from_millis(10);
+const FLUSH_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -52,6 +69,8 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("corrupt record: {0}")]
     Corrupt(#[from] serde_json::Error),
+    #[error("intake log: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// A task row as stored: the task plus the seq of the create command, which orders the
@@ -107,14 +126,15 @@ struct Inner {
     db: sled::Db,
     commands: sled::Tree,
     command_ids: sled::Tree,
-    queue: sled::Tree,
     tasks: sled::Tree,
     events: sled::Tree,
     dead_letters: sled::Tree,
     meta: sled::Tree,
     // A std lock: held only to copy rows in or out, never across an await.
     projection: RwLock<Projection>,
-    commit: GroupCommit,
+    // A std lock, for the same reason: every critical section is a map operation.
+    pending: Mutex<PendingTable>,
+    intake_dir: PathBuf,
 }
 
 fn abort(err: impl Into<StoreError>) -> ConflictableTransactionError<StoreError> {
@@ -136,26 +156,31 @@ fn read_u64(bytes: &[u8]) -> u64 {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir` and loads the projection.
+    /// Opens (or creates) the store in `dir`, loads the projection and reads the
+    /// intake log back (every accepted, unapplied command is pending again).
     ///
     /// # Errors
-    /// When sled cannot open the directory or a stored row does not parse.
+    /// When sled cannot open the directory, the intake log cannot be read, or a stored
+    /// record does not parse.
     pub fn open(dir: &std::path::Path) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             .open()?;
         let tree = |name: &str| db.open_tree(name);
+        let commands = tree("commands")?;
+        let intake_dir = dir.join(INTAKE_DIR);
+        let pending = Self::recover_intake(&intake_dir, &commands)?;
         let inner = Inner {
-            commands: tree("commands")?,
+            commands,
             command_ids: tree("command_ids")?,
-            queue: tree("queue")?,
             tasks: tree("tasks")?,
             events: tree("events")?,
             dead_letters: tree("dead_letters")?,
             meta: tree("meta")?,
             projection: RwLock::new(Projection::default()),
-            commit: GroupCommit::new(),
+            pending: Mutex::new(pending),
+            intake_dir,
             db,
         };
         let mut projection = Projection::default();
@@ -170,6 +195,19 @@ impl Store {
         })
     }
 
+    /// Blocks until every sled write made before this call is on disk (one fsync),
+    /// retrying a failed flush with backoff: nothing may be published, and no command
+    /// may leave the intake log, before its apply is durable. The consumer is sled's
+    /// only writer on the command path, so there is no one to share the flush with.
+    pub fn flush_durable(&self) {
+        let mut backoff = FLUSH_BACKOFF;
+        while let Err(err) = self.inner.db.flush() {
+            tracing::error!(error = %err, "sled flush failed; retrying");
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(FLUSH_BACKOFF_MAX);
+        }
+    }
+
     /// A new sequence number: unique and increasing, also across restarts.
     ///
     /// # Errors
@@ -178,67 +216,27 @@ impl Store {
         Ok(self.inner.db.generate_id()?)
     }
 
-    /// Stores each new command under its idempotency key, or finds the one already
-    /// there, all in one transaction. One answer per record, in order. Not durable yet:
-    /// await [`Store::wait_durable`] before promising anything. Request handlers go
-    /// through [`Intake`], which gathers concurrent accepts into one call.
+    /// The finished (applied or failed) command under `key`, from sled.
     ///
     /// # Errors
-    /// On storage failure or a corrupt record; nothing is written then.
-    pub fn accept_batch(&self, records: &[CommandRecord]) -> Result<Vec<Accepted>, StoreError> {
-        let inner = &*self.inner;
-        let values = records
-            .iter()
-            .map(serde_json::to_vec)
-            .collect::<Result<Vec<_>, _>>()?;
-        let found = (&inner.commands, &inner.command_ids, &inner.queue)
-            .transaction(|(commands, ids, queue)| {
-                let mut found = Vec::with_capacity(records.len());
-                for (record, value) in records.iter().zip(&values) {
-                    let key = record.idempotency_key.as_bytes();
-                    // Reads this transaction's own writes too: a key twice in one batch
-                    // is one command.
-                    if let Some(existing) = commands.get(key)? {
-                        found.push(Some(existing));
-                        continue;
-                    }
-                    commands.insert(key, value.as_slice())?;
-                    ids.insert(record.command_id.as_bytes(), key)?;
-                    queue.insert(&record.seq.to_be_bytes(), key)?;
-                    found.push(None);
-                }
-                Ok(found)
-            })
-            .map_err(flatten)?;
-        records
-            .iter()
-            .zip(found)
-            .map(|(record, existing)| {
-                let Some(existing) = existing else {
-                    return Ok(Accepted::New(record.clone()));
-                };
-                let existing: CommandRecord = serde_json::from_slice(&existing)?;
-                Ok(if existing.fingerprint == record.fingerprint {
-                    Accepted::Replay(existing)
-                } else {
-                    Accepted::KeyReused(existing)
-                })
-            })
-            .collect()
-    }
-
-    /// # Errors
     /// On storage failure or a corrupt record.
-    pub fn command_by_key(&self, key: &str) -> Result<Option<CommandRecord>, StoreError> {
+    pub fn finished_command(&self, key: &str) -> Result<Option<CommandRecord>, StoreError> {
         match self.inner.commands.get(key.as_bytes())? {
             Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
             None => Ok(None),
         }
     }
 
+    /// The command with this id, pending or finished. Pending first: a command leaves
+    /// the pending table only once its sled record is durable, so one of the two looks
+    /// finds it.
+    ///
     /// # Errors
     /// On storage failure or a corrupt record.
     pub fn command_by_id(&self, command_id: Uuid) -> Result<Option<CommandRecord>, StoreError> {
+        if let Some(record) = self.pending_by_id(command_id) {
+            return Ok(Some(record));
+        }
         match self.inner.command_ids.get(command_id.as_bytes())? {
             Some(key) => match self.inner.commands.get(key)? {
                 Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
@@ -246,24 +244,6 @@ impl Store {
             },
             None => Ok(None),
         }
-    }
-
-    /// Every accepted command not yet applied, in acceptance order.
-    ///
-    /// # Errors
-    /// On storage failure or a corrupt record.
-    pub fn unapplied(&self) -> Result<Vec<CommandRecord>, StoreError> {
-        let mut records = Vec::new();
-        for entry in self.inner.queue.iter() {
-            let (_, key) = entry?;
-            if let Some(bytes) = self.inner.commands.get(key)? {
-                let record: CommandRecord = serde_json::from_slice(&bytes)?;
-                if record.status == CommandStatus::Pending {
-                    records.push(record);
-                }
-            }
-        }
-        Ok(records)
     }
 
     /// Dead-lettered commands, oldest first.
@@ -274,7 +254,7 @@ impl Store {
         let mut records = Vec::new();
         for entry in self.inner.dead_letters.iter() {
             let (_, key) = entry?;
-            if let Some(record) = self.command_by_key(&String::from_utf8_lossy(&key))? {
+            if let Some(record) = self.finished_command(&String::from_utf8_lossy(&key))? {
                 records.push(record);
             }
         }
@@ -282,47 +262,51 @@ impl Store {
     }
 
     /// Applies a batch of due commands in one transaction: for each, the row change,
-    /// the command's new status, the event appended to the log under the next id, the
-    /// queue entry removed. One answer per command, in order: `None` when it is no
-    /// longer pending (applied before: at most once). Call with at most one command per
-    /// task, the oldest unapplied one (the consumer's per-task order).
+    /// the finished command record (keyed by its idempotency key) with its id index,
+    /// and the event appended to the log under the next id. One answer per command, in
+    /// order: `None` when its key already has a finished record (applied before: at most
+    /// once). Call with pending records, at most one per task, the oldest unapplied one
+    /// (the consumer's per-task order); after [`Store::flush_durable`], [`Store::finish`]
+    /// each of them.
     ///
     /// # Errors
     /// On storage failure or a corrupt record; nothing of the batch is written then.
     pub fn apply_batch(
         &self,
-        batch: &[(&str, &Decision)],
+        batch: &[(&CommandRecord, &Decision)],
         now: OffsetDateTime,
     ) -> Result<Vec<Option<Applied>>, StoreError> {
         let inner = &*self.inner;
         (
             &inner.commands,
-            &inner.queue,
+            &inner.command_ids,
             &inner.tasks,
             &inner.events,
             &inner.meta,
             &inner.dead_letters,
         )
-            .transaction(|(commands, queue, tasks, events, meta, dead_letters)| {
-                let trees = ApplyTrees {
-                    commands,
-                    queue,
-                    tasks,
-                    events,
-                    dead_letters,
-                };
-                let mut last_event_id = meta.get(LAST_EVENT_ID)?.map_or(0, |v| read_u64(&v));
-                let mut applied = Vec::with_capacity(batch.len());
-                for (key, decision) in batch {
-                    let outcome = trees.apply(key, decision, now, last_event_id + 1)?;
-                    if outcome.is_some() {
-                        last_event_id += 1;
+            .transaction(
+                |(commands, command_ids, tasks, events, meta, dead_letters)| {
+                    let trees = ApplyTrees {
+                        commands,
+                        command_ids,
+                        tasks,
+                        events,
+                        dead_letters,
+                    };
+                    let mut last_event_id = meta.get(LAST_EVENT_ID)?.map_or(0, |v| read_u64(&v));
+                    let mut applied = Vec::with_capacity(batch.len());
+                    for (record, decision) in batch {
+                        let outcome = trees.apply(record, decision, now, last_event_id + 1)?;
+                        if outcome.is_some() {
+                            last_event_id += 1;
+                        }
+                        applied.push(outcome);
                     }
-                    applied.push(outcome);
-                }
-                meta.insert(LAST_EVENT_ID, &last_event_id.to_be_bytes())?;
-                Ok(applied)
-            })
+                    meta.insert(LAST_EVENT_ID, &last_event_id.to_be_bytes())?;
+                    Ok(applied)
+                },
+            )
             .map_err(flatten)
     }
 
@@ -404,7 +388,7 @@ impl Store {
 /// The trees one apply writes, inside its transaction.
 struct ApplyTrees<'a> {
     commands: &'a TransactionalTree,
-    queue: &'a TransactionalTree,
+    command_ids: &'a TransactionalTree,
     tasks: &'a TransactionalTree,
     events: &'a TransactionalTree,
     dead_letters: &'a TransactionalTree,
@@ -415,18 +399,17 @@ impl ApplyTrees<'_> {
     /// pending.
     fn apply(
         &self,
-        key: &str,
+        pending: &CommandRecord,
         decision: &Decision,
         now: OffsetDateTime,
         event_id: u64,
     ) -> ConflictableTransactionResult<Option<Applied>, StoreError> {
-        let Some(bytes) = self.commands.get(key.as_bytes())? else {
-            return Ok(None);
-        };
-        let mut record: CommandRecord = serde_json::from_slice(&bytes).map_err(abort)?;
-        if record.status != CommandStatus::Pending {
+        let key = pending.idempotency_key.as_str();
+        // Reads this transaction's own writes too: a key twice in one batch applies once.
+        if self.commands.get(key.as_bytes())?.is_some() {
             return Ok(None);
         }
+        let mut record = pending.clone();
         let current = match self.tasks.get(record.task_id.as_bytes())? {
             Some(bytes) => Some(serde_json::from_slice::<TaskRow>(&bytes).map_err(abort)?),
             None => None,
@@ -493,7 +476,8 @@ impl ApplyTrees<'_> {
         record.event_id = Some(event_id);
         self.commands
             .insert(key.as_bytes(), serde_json::to_vec(&record).map_err(abort)?)?;
-        self.queue.remove(&record.seq.to_be_bytes())?;
+        self.command_ids
+            .insert(record.command_id.as_bytes(), key.as_bytes())?;
         self.events
             .insert(&event_id.to_be_bytes(), frame.bytes.as_ref())?;
         Ok(Some(Applied {
@@ -608,20 +592,141 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_key_twice_in_one_accept_batch_is_one_command() {
+    /// Accepts every record through the intake writer, sending them all before the
+    /// writer answers any, so they can share a batch. Returns the answers in order and
+    /// the commands the writer handed on as durable.
+    async fn accept_all(store: &Store, records: &[CommandRecord]) -> (Vec<Accepted>, Vec<Uuid>) {
+        let durable = Arc::new(Mutex::new(Vec::new()));
+        let handed_on = durable.clone();
+        let (intake, thread) = Intake::start(
+            store.clone(),
+            Box::new(move |records| {
+                let ids = records.iter().map(|record| record.command_id);
+                handed_on.lock().unwrap().extend(ids);
+            }),
+        )
+        .expect("an intake writer");
+        let answers =
+            futures::future::join_all(records.iter().map(|record| intake.accept(record.clone())))
+                .await
+                .into_iter()
+                .map(|answer| answer.expect("accepted"))
+                .collect();
+        intake.stop(thread).await;
+        let durable = durable.lock().unwrap().clone();
+        (answers, durable)
+    }
+
+    #[tokio::test]
+    async fn a_key_twice_in_one_intake_batch_is_one_command() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = Store::open(dir.path()).expect("a store");
         let first = create("k", "same", &store);
         let replay = create("k", "same", &store);
         let other = create("k", "different", &store);
-        let answers = store
-            .accept_batch(&[first.clone(), replay, other])
-            .expect("accepted");
+        let (answers, durable) = accept_all(&store, &[first.clone(), replay, other]).await;
         assert!(matches!(&answers[0], Accepted::New(r) if r.command_id == first.command_id));
         assert!(matches!(&answers[1], Accepted::Replay(r) if r.command_id == first.command_id));
         assert!(matches!(&answers[2], Accepted::KeyReused(r) if r.command_id == first.command_id));
-        assert_eq!(store.unapplied().expect("readable").len(), 1);
+        assert_eq!(durable, [first.command_id], "one command handed on");
+        assert_eq!(store.unapplied().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn accepted_commands_survive_a_reopen_until_they_finish() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let records = {
+            let store = Store::open(dir.path()).expect("a store");
+            let records: Vec<_> = ["a", "b", "c"]
+                .iter()
+                .map(|key| create(key, key, &store))
+                .collect();
+            accept_all(&store, &records).await;
+            records
+        };
+
+        // Reopened: all three pending, in acceptance order, findable by id.
+        let store = Store::open(dir.path()).expect("reopened");
+        let unapplied: Vec<_> = store.unapplied().iter().map(|r| r.command_id).collect();
+        let ids: Vec<_> = records.iter().map(|r| r.command_id).collect();
+        assert_eq!(unapplied, ids);
+        assert_eq!(
+            store.command_by_id(ids[1]).unwrap().map(|r| r.status),
+            Some(CommandStatus::Pending)
+        );
+        // A replay of a recovered command is a replay, not a second command.
+        let (answers, durable) = accept_all(&store, &records[..1]).await;
+        assert!(matches!(&answers[0], Accepted::Replay(r) if r.command_id == ids[0]));
+        assert!(durable.is_empty());
+
+        // Two of them apply; the third stays pending across the next reopen.
+        let now = OffsetDateTime::now_utc();
+        let batch = [
+            (&records[0], &Decision::Apply),
+            (&records[1], &Decision::Apply),
+        ];
+        store.apply_batch(&batch, now).expect("applied");
+        store.flush_durable();
+        for record in &records[..2] {
+            store.finish(&record.idempotency_key, record.command_id);
+        }
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopened again");
+        let unapplied: Vec<_> = store.unapplied().iter().map(|r| r.command_id).collect();
+        assert_eq!(unapplied, [ids[2]]);
+        assert_eq!(
+            store.command_by_id(ids[0]).unwrap().map(|r| r.status),
+            Some(CommandStatus::Settled)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_segment_is_recycled_once_all_its_commands_finished() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let record = create("only", "only", &store);
+        accept_all(&store, std::slice::from_ref(&record)).await;
+        drop(store);
+        let files = |suffix: &str| {
+            let mut names: Vec<_> = std::fs::read_dir(dir.path().join(INTAKE_DIR))
+                .unwrap()
+                .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+                .filter(|name| name.ends_with(suffix))
+                .collect();
+            names.sort();
+            names
+        };
+        // The reopen starts a new active segment beside the old one, which still holds
+        // an unfinished command.
+        let store = Store::open(dir.path()).expect("reopened");
+        let (intake, thread) = Intake::start(store.clone(), Box::new(|_| {})).expect("a writer");
+        assert_eq!(files(".log").len(), 2);
+        store
+            .apply_batch(&[(&record, &Decision::Apply)], OffsetDateTime::now_utc())
+            .expect("applied");
+        store.flush_durable();
+        store.finish(&record.idempotency_key, record.command_id);
+        assert_eq!(files(".log").len(), 1, "only the active segment is left");
+        assert_eq!(
+            files(".spare").len(),
+            1,
+            "the finished one is kept for reuse"
+        );
+        intake.stop(thread).await;
+        drop(store);
+
+        // Next start: the last run's (empty) active segment is released too, then a
+        // spare becomes the new active segment; the old record in it (of another
+        // segment number) is not read as a pending command.
+        let store = Store::open(dir.path()).expect("reopened again");
+        assert!(store.unapplied().is_empty());
+        assert_eq!((files(".log").len(), files(".spare").len()), (0, 2));
+        let (intake, thread) = Intake::start(store.clone(), Box::new(|_| {})).expect("a writer");
+        assert_eq!((files(".log").len(), files(".spare").len()), (1, 1));
+        intake.stop(thread).await;
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopened a third time");
+        assert!(store.unapplied().is_empty());
     }
 
     #[test]
@@ -632,12 +737,11 @@ mod tests {
             .iter()
             .map(|key| create(key, key, &store))
             .collect();
-        store.accept_batch(&records).expect("accepted");
         let fail = Decision::Fail(FailureReason::Injected, "no".to_owned());
         let batch = [
-            ("a", &Decision::Apply),
-            ("b", &fail),
-            ("c", &Decision::Apply),
+            (&records[0], &Decision::Apply),
+            (&records[1], &fail),
+            (&records[2], &Decision::Apply),
         ];
         let now = OffsetDateTime::now_utc();
         let applied = store.apply_batch(&batch, now).expect("applied");
@@ -654,11 +758,9 @@ mod tests {
         let again = store.apply_batch(&batch, now).expect("applied");
         assert!(again.iter().all(Option::is_none));
         let more = create("d", "d", &store);
-        store.accept_batch(&[more]).expect("accepted");
         let next = store
-            .apply_batch(&[("d", &Decision::Apply)], now)
+            .apply_batch(&[(&more, &Decision::Apply)], now)
             .expect("applied");
         assert_eq!(next[0].as_ref().map(|a| a.frame.id), Some(4));
-        assert!(store.unapplied().expect("readable").is_empty());
     }
 }

@@ -168,7 +168,7 @@ async fn the_stream_sends_a_retry_hint_and_counts_its_subscriber() {
     app.stop().await;
 }
 
-/// Accepts and applies a create directly through the store, as the consumer would.
+/// Applies a create directly through the store, as the consumer would.
 fn settle_one(store: &Store, n: u64) -> settle::hub::EventFrame {
     let now = OffsetDateTime::now_utc();
     let record = CommandRecord {
@@ -188,9 +188,8 @@ fn settle_one(store: &Store, n: u64) -> settle::hub::EventFrame {
         event_id: None,
         error: None,
     };
-    store.accept_batch(std::slice::from_ref(&record)).unwrap();
     let applied = store
-        .apply_batch(&[(&record.idempotency_key, &Decision::Apply)], now)
+        .apply_batch(&[(&record, &Decision::Apply)], now)
         .unwrap()
         .pop()
         .flatten()

@@ -1,0 +1,649 @@
+//! The intake log: where an accepted command becomes durable before its 202.
+//!
+//! Why not a sled transaction per accept batch (the first design): measured under load
+//! (BENCHMARKS.md), it cost about a third of the server's CPU per command: B-tree
+//! inserts into three trees, a log buffer sealed per transaction and written by sled's
+//! I/O threads. A command that has only been accepted needs none of that. It needs to be
+//! on disk, findable by its idempotency key, and resumable after a crash. So:
+//!
+//! - One thread ([`IntakeWriter`]) owns the log. It takes every request waiting (up to
+//!   [`INTAKE_BATCH_MAX`]), looks each key up (the pending table, then the finished
+//!   commands in sled), appends the new commands, and makes the batch durable with one
+//!   write and one `fdatasync` (group commit). Its cycle is the pipeline's latency, so
+//!   finished segments are recycled (renamed and overwritten, as PostgreSQL recycles
+//!   WAL files): overwriting allocated blocks leaves `fdatasync` no file size or extent
+//!   to journal, which measured about 40% faster here with a much shorter tail. Only then does it answer every request of
+//!   the batch and hand the new commands on (to the consumer, through a hook). Because
+//!   one thread decides every key, a key twice in a batch, or a duplicate that races
+//!   the original, is one command.
+//! - Accepted but unapplied commands are held in memory, in the pending table, for
+//!   lookups by key and id and for the consumer. The consumer writes the finished
+//!   command record to sled, keyed by its idempotency key, in the same transaction
+//!   that changes the row and appends the event; once that is durable it calls
+//!   [`Store::finish`], and a closed segment whose commands have all finished becomes
+//!   a spare (or is deleted when there are enough spares).
+//! - On start, every segment is read back: a command that has no finished record in
+//!   sled is pending again, in acceptance order.
+//!
+//! Format: `intake/{segment:020}.log` in the data directory (spares:
+//! `{old segment:020}.spare`), a sequence of records `[payload length: u32 LE]
+//! [CRC-32 of the segment number (u64 LE) and the payload: u32 LE][payload:
+//! CommandRecord JSON]`. Keying the checksum by the segment number makes the stale
+//! records of a recycled file invalid in its new life. A batch is acknowledged only
+//! after its fsync, so a torn record (a crash mid-write) can only be at the end of the
+//! written part and was never acknowledged: recovery stops reading a segment at the
+//! first record that is short, empty or fails its checksum.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::thread;
+
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::{Accepted, Store, StoreError};
+use crate::model::CommandRecord;
+
+/// Most accepts written in one batch. Larger batches amortize the fsync further, but
+/// every request in a batch waits for the whole batch.
+pub const INTAKE_BATCH_MAX: usize = 512;
+/// How many accepts may wait for the writer. When it is full, handlers wait for room
+/// (backpressure); nothing is dropped.
+pub const INTAKE_CAPACITY: usize = 8_192;
+/// A segment is closed and a new one started once it holds this many bytes. Small
+/// enough that segments finish (and can be recycled) soon after they close.
+pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+/// Finished segments kept for reuse; more are deleted.
+pub const SPARE_SEGMENTS: usize = 4;
+
+const SEGMENT_SUFFIX: &str = ".log";
+const SPARE_SUFFIX: &str = ".spare";
+/// Length and checksum before each payload.
+const FRAME_HEADER: usize = 8;
+
+/// Accepted commands not yet applied: the part of the idempotency table that lives in
+/// the intake log instead of sled.
+#[derive(Default)]
+pub(super) struct PendingTable {
+    by_key: HashMap<String, Pending>,
+    key_by_id: HashMap<Uuid, String>,
+    /// Unfinished commands per segment; a closed segment at zero is deleted.
+    unfinished: BTreeMap<u64, usize>,
+    /// The segment the writer appends to; never released while it is active.
+    active: u64,
+    /// Spare files, by the segment number they last had (and their records carry).
+    spares: Vec<u64>,
+}
+
+struct Pending {
+    record: CommandRecord,
+    segment: u64,
+}
+
+impl PendingTable {
+    fn insert(&mut self, record: CommandRecord, segment: u64) {
+        *self.unfinished.entry(segment).or_default() += 1;
+        self.key_by_id
+            .insert(record.command_id, record.idempotency_key.clone());
+        self.by_key
+            .insert(record.idempotency_key.clone(), Pending { record, segment });
+    }
+
+    /// Removes a command; answers the segment to delete, if it was the last one of a
+    /// closed segment.
+    fn remove(&mut self, key: &str, command_id: Uuid) -> Option<u64> {
+        if self.by_key.get(key)?.record.command_id != command_id {
+            return None;
+        }
+        let pending = self.by_key.remove(key)?;
+        self.key_by_id.remove(&command_id);
+        let left = self.unfinished.get_mut(&pending.segment)?;
+        *left -= 1;
+        (*left == 0 && pending.segment != self.active).then(|| {
+            self.unfinished.remove(&pending.segment);
+            pending.segment
+        })
+    }
+}
+
+fn segment_path(dir: &Path, segment: u64) -> PathBuf {
+    dir.join(format!("{segment:020}{SEGMENT_SUFFIX}"))
+}
+
+fn spare_path(dir: &Path, segment: u64) -> PathBuf {
+    dir.join(format!("{segment:020}{SPARE_SUFFIX}"))
+}
+
+/// The numbers of the files in `dir` with this suffix, in order.
+fn list_files(dir: &Path, suffix: &str) -> io::Result<Vec<u64>> {
+    let mut segments = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let number = name
+            .to_str()
+            .and_then(|name| name.strip_suffix(suffix))
+            .and_then(|stem| stem.parse::<u64>().ok());
+        if let Some(number) = number {
+            segments.push(number);
+        }
+    }
+    segments.sort_unstable();
+    Ok(segments)
+}
+
+fn checksum(segment: u64, payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&segment.to_le_bytes());
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+/// Appends one framed record of `segment` to `buffer`.
+fn encode_frame(
+    buffer: &mut Vec<u8>,
+    segment: u64,
+    record: &CommandRecord,
+) -> Result<(), StoreError> {
+    let start = buffer.len();
+    buffer.extend_from_slice(&[0; FRAME_HEADER]);
+    serde_json::to_writer(&mut *buffer, record)?;
+    let payload = &buffer[start + FRAME_HEADER..];
+    let length = u32::try_from(payload.len()).expect("a command record is far below 4 GiB");
+    let checksum = checksum(segment, payload);
+    buffer[start..start + 4].copy_from_slice(&length.to_le_bytes());
+    buffer[start + 4..start + FRAME_HEADER].copy_from_slice(&checksum.to_le_bytes());
+    Ok(())
+}
+
+/// The intact records of `segment`, in order, and the length they cover: the first
+/// short, empty or damaged frame (or one of an earlier life of the file) ends it.
+fn decode_frames(bytes: &[u8], segment: u64) -> (Vec<&[u8]>, usize) {
+    let mut payloads = Vec::new();
+    let mut offset = 0;
+    while let Some(header) = bytes.get(offset..offset + FRAME_HEADER) {
+        let length = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+        let checksum = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+        let start = offset + FRAME_HEADER;
+        let Some(payload) = bytes.get(start..start + length) else {
+            break;
+        };
+        if length == 0 || self::checksum(segment, payload) != checksum {
+            break;
+        }
+        payloads.push(payload);
+        offset = start + length;
+    }
+    (payloads, offset)
+}
+
+/// Makes a new or removed directory entry durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Store {
+    /// Reads the intake log back: every command without a finished record in sled is
+    /// pending again. Deletes the segments that hold nothing unfinished, and makes the
+    /// next segment number the active one.
+    pub(super) fn recover_intake(
+        dir: &Path,
+        commands: &sled::Tree,
+    ) -> Result<PendingTable, StoreError> {
+        fs::create_dir_all(dir)?;
+        let mut table = PendingTable::default();
+        let segments = list_files(dir, SEGMENT_SUFFIX)?;
+        let spares = list_files(dir, SPARE_SUFFIX)?;
+        for &segment in &segments {
+            let path = segment_path(dir, segment);
+            let bytes = fs::read(&path)?;
+            // What follows the intact part is a torn record (never acknowledged) or a
+            // recycled file's stale records.
+            let (payloads, _) = decode_frames(&bytes, segment);
+            for payload in payloads {
+                let record: CommandRecord = serde_json::from_slice(payload)?;
+                let finished = match commands.get(record.idempotency_key.as_bytes())? {
+                    Some(bytes) => {
+                        let stored: CommandRecord = serde_json::from_slice(&bytes)?;
+                        if stored.command_id != record.command_id {
+                            tracing::warn!(command_id = %record.command_id, stored = %stored.command_id,
+                                "intake record's key belongs to another command; skipping it");
+                        }
+                        true
+                    }
+                    None => false,
+                };
+                if !finished && !table.by_key.contains_key(&record.idempotency_key) {
+                    table.insert(record, segment);
+                }
+            }
+        }
+        // Numbers are never reused, spares' included: a spare's records carry its
+        // last number, so its next one must differ.
+        let newest = segments.iter().chain(&spares).max().copied().unwrap_or(0);
+        table.active = newest + 1;
+        for spare in spares {
+            if table.spares.len() < SPARE_SEGMENTS {
+                table.spares.push(spare);
+            } else {
+                fs::remove_file(spare_path(dir, spare))?;
+            }
+        }
+        for &segment in &segments {
+            if !table.unfinished.contains_key(&segment) {
+                release_segment(dir, &mut table, segment)?;
+            }
+        }
+        sync_dir(dir)?;
+        Ok(table)
+    }
+
+    fn pending_table(&self) -> std::sync::MutexGuard<'_, PendingTable> {
+        self.inner
+            .pending
+            .lock()
+            .expect("pending table lock poisoned")
+    }
+
+    /// The accepted, unapplied command under `key`, if any.
+    pub fn pending_command(&self, key: &str) -> Option<CommandRecord> {
+        self.pending_table()
+            .by_key
+            .get(key)
+            .map(|pending| pending.record.clone())
+    }
+
+    pub(super) fn pending_by_id(&self, command_id: Uuid) -> Option<CommandRecord> {
+        let table = self.pending_table();
+        let key = table.key_by_id.get(&command_id)?;
+        table.by_key.get(key).map(|pending| pending.record.clone())
+    }
+
+    /// Every accepted command not yet applied, in acceptance order.
+    pub fn unapplied(&self) -> Vec<CommandRecord> {
+        let mut records: Vec<_> = self
+            .pending_table()
+            .by_key
+            .values()
+            .map(|pending| pending.record.clone())
+            .collect();
+        records.sort_unstable_by_key(|record| record.seq);
+        records
+    }
+
+    /// Marks a pending command finished: its record is in sled and durable (call after
+    /// [`Store::flush_durable`]). Deletes its log segment if nothing else in it is
+    /// unfinished.
+    pub fn finish(&self, key: &str, command_id: Uuid) {
+        let mut table = self.pending_table();
+        let Some(segment) = table.remove(key, command_id) else {
+            return;
+        };
+        // Under the lock, so the writer cannot take this spare before it exists: one
+        // rename or unlink, no fsync (after a crash the file is found finished again).
+        if let Err(err) = release_segment(&self.inner.intake_dir, &mut table, segment) {
+            tracing::warn!(error = %err, segment, "cannot release a finished intake segment");
+        }
+    }
+}
+
+/// Turns a closed segment whose commands have all finished into a spare, or deletes it
+/// when there are enough spares.
+fn release_segment(dir: &Path, table: &mut PendingTable, segment: u64) -> io::Result<()> {
+    if table.spares.len() < SPARE_SEGMENTS {
+        fs::rename(segment_path(dir, segment), spare_path(dir, segment))?;
+        table.spares.push(segment);
+        Ok(())
+    } else {
+        fs::remove_file(segment_path(dir, segment))
+    }
+}
+
+/// Why an accept did not reach the log.
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The writer has stopped (the server is shutting down) or dropped the request.
+    #[error("the intake writer did not take the command")]
+    Stopped,
+}
+
+type Reply = oneshot::Sender<Result<Accepted, StoreError>>;
+
+// Every message but the last is an accept: boxing it would add an allocation per
+// command to save space in a channel of accepts.
+#[allow(clippy::large_enum_variant)]
+enum Request {
+    Accept(CommandRecord, Reply),
+    /// Finish what was sent before, then exit.
+    Stop,
+}
+
+/// Called by the writer with each batch's new commands once they are durable, before
+/// their requests are answered: it must not block for long.
+pub type OnDurable = Box<dyn FnMut(&[CommandRecord]) + Send>;
+
+/// Cheap `Clone` handle through which request handlers accept commands.
+#[derive(Clone)]
+pub struct Intake {
+    sender: mpsc::Sender<Request>,
+}
+
+/// The writer thread; stop it with [`Intake::stop`].
+pub struct IntakeThread(thread::JoinHandle<()>);
+
+/// The thread that owns the intake log.
+struct IntakeWriter {
+    store: Store,
+    inbox: mpsc::Receiver<Request>,
+    on_durable: OnDurable,
+    file: File,
+    segment: u64,
+    /// Bytes of the active segment that are durable.
+    written: u64,
+    buffer: Vec<u8>,
+}
+
+impl Intake {
+    /// Opens the active log segment and starts the writer thread. `on_durable` sees
+    /// the new commands of each batch once they are durable (the consumer schedules it there, so a
+    /// command whose client went away is not forgotten).
+    ///
+    /// # Errors
+    /// When the segment cannot be created.
+    pub fn start(store: Store, on_durable: OnDurable) -> Result<(Self, IntakeThread), StoreError> {
+        let segment = store.pending_table().active;
+        let file = open_segment(&store, segment)?;
+        let (sender, inbox) = mpsc::channel(INTAKE_CAPACITY);
+        let writer = IntakeWriter {
+            store,
+            inbox,
+            on_durable,
+            file,
+            segment,
+            written: 0,
+            buffer: Vec::with_capacity(64 * 1024),
+        };
+        let handle = thread::Builder::new()
+            .name("settle-intake".to_owned())
+            .spawn(move || writer.run())?;
+        Ok((Self { sender }, IntakeThread(handle)))
+    }
+
+    /// Stores a new command under its idempotency key, or finds the command already
+    /// there. Answers once the answer is durable: a new command is on disk, and so is
+    /// the original of a replay.
+    ///
+    /// # Errors
+    /// When the log cannot be written, or the writer has stopped.
+    pub async fn accept(&self, record: CommandRecord) -> Result<Accepted, IntakeError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send(Request::Accept(record, reply))
+            .await
+            .map_err(|_| IntakeError::Stopped)?;
+        Ok(answer.await.map_err(|_| IntakeError::Stopped)??)
+    }
+
+    /// Lets the writer finish every request sent before, then waits for its thread.
+    /// Call once no handler can call [`Intake::accept`] any more (after the HTTP server
+    /// has drained), so that no accepted request is left without an answer.
+    pub async fn stop(&self, thread: IntakeThread) {
+        let _ = self.sender.send(Request::Stop).await;
+        if tokio::task::spawn_blocking(move || thread.0.join())
+            .await
+            .map_or(true, |joined| joined.is_err())
+        {
+            tracing::error!("intake writer panicked");
+        }
+    }
+}
+
+/// Opens segment `segment` for writing from its start: a spare renamed, or a new file.
+fn open_segment(store: &Store, segment: u64) -> Result<File, StoreError> {
+    let dir = &store.inner.intake_dir;
+    let path = segment_path(dir, segment);
+    let spare = store.pending_table().spares.pop();
+    if let Some(spare) = spare {
+        if let Err(err) = fs::rename(spare_path(dir, spare), &path) {
+            tracing::warn!(error = %err, spare, "cannot reuse a spare intake segment");
+        }
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+impl IntakeWriter {
+    fn run(mut self) {
+        let mut requests = Vec::with_capacity(INTAKE_BATCH_MAX);
+        let mut stopping = false;
+        while !stopping {
+            let Some(first) = self.inbox.blocking_recv() else {
+                break;
+            };
+            requests.push(first);
+            while requests.len() < INTAKE_BATCH_MAX {
+                match self.inbox.try_recv() {
+                    Ok(request) => requests.push(request),
+                    Err(_) => break,
+                }
+            }
+            let mut batch = Vec::with_capacity(requests.len());
+            for request in requests.drain(..) {
+                match request {
+                    Request::Accept(record, reply) => batch.push((record, reply)),
+                    Request::Stop => stopping = true,
+                }
+            }
+            if !batch.is_empty() {
+                self.write_batch(batch);
+            }
+        }
+        tracing::debug!("intake writer stopped");
+    }
+
+    /// Decides, writes and syncs one batch, then answers it.
+    fn write_batch(&mut self, batch: Vec<(CommandRecord, Reply)>) {
+        self.buffer.clear();
+        let mut answers: Vec<_> = batch
+            .into_iter()
+            .map(|(record, reply)| (reply, self.admit(record)))
+            .collect();
+        if !self.buffer.is_empty() {
+            if let Err(err) = self.append() {
+                tracing::error!(error = %err, segment = self.segment, "intake write failed; the batch is refused");
+                for (_, answer) in &mut answers {
+                    if let Ok(Accepted::New(record)) = answer {
+                        self.store
+                            .pending_table()
+                            .remove(&record.idempotency_key, record.command_id);
+                        *answer = Err(StoreError::Io(io::Error::new(err.kind(), err.to_string())));
+                    }
+                }
+            }
+        }
+        let durable: Vec<_> = answers
+            .iter()
+            .filter_map(|(_, answer)| match answer {
+                Ok(Accepted::New(record)) => Some(record.clone()),
+                _ => None,
+            })
+            .collect();
+        if !durable.is_empty() {
+            (self.on_durable)(&durable);
+        }
+        for (reply, answer) in answers {
+            // The handler may have gone (client disconnected): the command is stored
+            // all the same and answers its key's retry.
+            let _ = reply.send(answer);
+        }
+        if self.written >= SEGMENT_BYTES {
+            if let Err(err) = self.rotate() {
+                tracing::error!(error = %err, "cannot start a new intake segment; appending to the old one");
+            }
+        }
+    }
+
+    /// The answer for one record: the command already under its key, or a new command
+    /// appended to the batch's buffer and entered in the pending table.
+    fn admit(&mut self, record: CommandRecord) -> Result<Accepted, StoreError> {
+        let key = &record.idempotency_key;
+        let known = match self.store.pending_command(key) {
+            Some(pending) => Some(pending),
+            None => self.store.finished_command(key)?,
+        };
+        if let Some(existing) = known {
+            return Ok(if existing.fingerprint == record.fingerprint {
+                Accepted::Replay(existing)
+            } else {
+                Accepted::KeyReused(existing)
+            });
+        }
+        encode_frame(&mut self.buffer, self.segment, &record)?;
+        self.store
+            .pending_table()
+            .insert(record.clone(), self.segment);
+        Ok(Accepted::New(record))
+    }
+
+    /// Writes the buffer and syncs it. On failure, cuts the segment back to its last
+    /// durable length, so that a refused batch cannot come back after a restart.
+    fn append(&mut self) -> io::Result<()> {
+        let result = self
+            .file
+            .write_all_at(&self.buffer, self.written)
+            .and_then(|()| self.file.sync_data());
+        match result {
+            Ok(()) => {
+                self.written += self.buffer.len() as u64;
+                Ok(())
+            }
+            Err(err) => {
+                if let Err(cut) = self
+                    .file
+                    .set_len(self.written)
+                    .and_then(|()| self.file.sync_data())
+                {
+                    tracing::error!(error = %cut, "cannot cut the intake segment back");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Closes the active segment and starts the next one; releases the closed one at
+    /// once if everything in it has finished.
+    fn rotate(&mut self) -> Result<(), StoreError> {
+        let next = self.segment + 1;
+        self.file = open_segment(&self.store, next)?;
+        let closed = std::mem::replace(&mut self.segment, next);
+        self.written = 0;
+        let mut table = self.store.pending_table();
+        table.active = next;
+        if table.unfinished.get(&closed).is_none_or(|&left| left == 0) {
+            table.unfinished.remove(&closed);
+            release_segment(&self.store.inner.intake_dir, &mut table, closed)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(key: &str) -> CommandRecord {
+        CommandRecord {
+            command_id: Uuid::now_v7(),
+            task_id: Uuid::now_v7(),
+            idempotency_key: key.to_owned(),
+            seq: 1,
+            fingerprint: key.to_owned(),
+            body: crate::model::CommandBody::Like { delta: 1 },
+            status: crate::model::CommandStatus::Pending,
+            accepted_at: time::OffsetDateTime::now_utc(),
+            due_at_ms: 0,
+            settled_at: None,
+            event_id: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn frames_round_trip_and_a_torn_or_damaged_tail_ends_the_segment() {
+        let mut bytes = Vec::new();
+        for key in ["a", "b", "c"] {
+            encode_frame(&mut bytes, 7, &record(key)).expect("encodable");
+        }
+        let whole = bytes.len();
+        let (payloads, intact) = decode_frames(&bytes, 7);
+        assert_eq!(payloads.len(), 3);
+        assert_eq!(intact, whole);
+
+        // A crash in the middle of the third record's write.
+        let (payloads, intact) = decode_frames(&bytes[..whole - 5], 7);
+        assert_eq!(payloads.len(), 2);
+        assert!(intact < whole - 5);
+
+        // A flipped bit in the second record: nothing from there on is trusted.
+        let second = intact - payloads[1].len() - 2;
+        bytes[second] ^= 0x20;
+        let (payloads, _) = decode_frames(&bytes, 7);
+        assert_eq!(payloads.len(), 1);
+    }
+
+    #[test]
+    fn a_recycled_file_shows_none_of_its_earlier_records() {
+        let mut old_life = Vec::new();
+        for key in ["a", "b", "c"] {
+            encode_frame(&mut old_life, 3, &record(key)).expect("encodable");
+        }
+        // Reused as segment 9: one new record overwrites the start.
+        let mut file = Vec::new();
+        encode_frame(&mut file, 9, &record("new")).expect("encodable");
+        let new_length = file.len();
+        file.extend_from_slice(&old_life[new_length.min(old_life.len())..]);
+        file.extend_from_slice(&old_life);
+        let (payloads, intact) = decode_frames(&file, 9);
+        assert_eq!(payloads.len(), 1);
+        assert_eq!(intact, new_length);
+        assert!(decode_frames(&old_life, 9).0.is_empty());
+        assert!(
+            decode_frames(&[0; 64], 9).0.is_empty(),
+            "zeros end a segment"
+        );
+    }
+
+    #[test]
+    fn a_closed_segment_is_released_with_its_last_unfinished_command() {
+        let mut table = PendingTable {
+            active: 2,
+            ..PendingTable::default()
+        };
+        let (a, b, c) = (record("a"), record("b"), record("c"));
+        table.insert(a.clone(), 1);
+        table.insert(b.clone(), 1);
+        table.insert(c.clone(), 2);
+        assert_eq!(
+            table.remove("a", b.command_id),
+            None,
+            "another command's id"
+        );
+        assert_eq!(table.remove("a", a.command_id), None);
+        assert_eq!(table.remove("b", b.command_id), Some(1));
+        assert_eq!(
+            table.remove("c", c.command_id),
+            None,
+            "the active segment stays"
+        );
+        assert!(table.by_key.is_empty() && table.key_by_id.is_empty());
+    }
+}
