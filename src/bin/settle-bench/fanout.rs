@@ -47,6 +47,8 @@ const EVENT_PAUSE: Duration = Duration::from_millis(300);
 const SETTLE_GRACE: Duration = Duration::from_secs(10);
 /// Worker source addresses are 127.0.0.2 to 127.0.0.254.
 const MAX_WORKERS: usize = 253;
+/// Well under the server's idle timeout for a keep-alive connection (30 s).
+const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Args, Clone, Debug)]
 pub struct FanoutArgs {
@@ -238,8 +240,27 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
         workers.push(WorkerProcess::spawn(&exe, addr, count, source, args)?);
     }
     let ready_timeout = Duration::from_secs(args.connect_seconds + 30);
-    let readies =
-        futures::future::join_all(workers.iter_mut().map(|w| w.receive(ready_timeout))).await;
+    let readies = {
+        let all_ready =
+            futures::future::join_all(workers.iter_mut().map(|w| w.receive(ready_timeout)));
+        tokio::pin!(all_ready);
+        // Connecting can outlast the server's idle timeout for a keep-alive connection
+        // (near the file limit, the last subscribers wait for a descriptor): keep the
+        // bench's own connection in use, so that it still holds its descriptor when the
+        // events are published.
+        let mut keep_alive = tokio::time::interval(KEEP_ALIVE_EVERY);
+        keep_alive.tick().await;
+        loop {
+            tokio::select! {
+                readies = &mut all_ready => break readies,
+                _ = keep_alive.tick() => {
+                    conn.get("/api/health")
+                        .await
+                        .context("keeping the publishing connection alive while subscribers connect")?;
+                }
+            }
+        }
+    };
     let connect_s = connect_started.elapsed().as_secs_f64();
     let (mut connected, mut failed) = (0, 0);
     let mut connect_error_samples = Vec::new();
