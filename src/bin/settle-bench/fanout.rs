@@ -47,8 +47,9 @@ const EVENT_PAUSE: Duration = Duration::from_millis(300);
 const SETTLE_GRACE: Duration = Duration::from_secs(10);
 /// Worker source addresses are 127.0.0.2 to 127.0.0.254.
 const MAX_WORKERS: usize = 253;
-/// Well under the server's idle timeout for a keep-alive connection (30 s).
-const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(10);
+/// Well under the server's idle timeout for a keep-alive connection.
+const KEEP_ALIVE_EVERY: Duration =
+    Duration::from_secs(settle::net::HEADER_READ_TIMEOUT.as_secs() / 3);
 
 #[derive(Args, Clone, Debug)]
 pub struct FanoutArgs {
