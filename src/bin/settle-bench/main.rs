@@ -14,9 +14,10 @@
 //! loopback port with a fresh data directory and stops it afterwards; `--target` points
 //! the bench at a running server instead. Every loop is bounded in count and time.
 //! Each run prints the machine, versions and parameters, a table per phase, and one
-//! JSON document (also written with `--json PATH`). The exit status is 0 when every
-//! phase measured what it meant to (no lost command, no missing event), 1 otherwise,
-//! 2 when the bench could not run; targets that are not met do not change it.
+//! JSON document (also written with `--json PATH`; with `--json -` the document alone
+//! goes to stdout and the rest to stderr). The exit status is 0 when every phase
+//! measured what it meant to (no lost command, no missing event), 1 otherwise, 2 when
+//! the bench could not run; targets that are not met do not change it.
 //!
 //! Layout:
 //! - `client`: one keep-alive hyper HTTP/1.1 connection per socket, optional source IP.
@@ -39,8 +40,9 @@ mod sse;
 mod stats;
 mod sys;
 
+use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -133,7 +135,8 @@ struct CommonArgs {
     /// 2 with --smoke].
     #[arg(long)]
     duration: Option<u64>,
-    /// Also write the JSON document to this file.
+    /// Also write the JSON document to this file; `-`: the JSON document alone on
+    /// stdout (for `jq`), the human report on stderr.
     #[arg(long)]
     json: Option<PathBuf>,
     /// A seconds-long run for CI: small defaults for every parameter not given.
@@ -260,7 +263,16 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         errors: Vec::new(),
         ok: true,
     };
-    document.print_header();
+    // With `--json -` stdout carries the JSON document alone.
+    let json_on_stdout = common.json.as_deref() == Some(Path::new("-"));
+    let mut human: Box<dyn Write> = if json_on_stdout {
+        Box::new(io::stderr())
+    } else {
+        Box::new(io::stdout())
+    };
+    document
+        .print_header(&mut *human)
+        .context("writing the report")?;
 
     type Phase<'a> =
         std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<PhaseReport>> + 'a>>;
@@ -284,7 +296,9 @@ async fn run(command: Command) -> anyhow::Result<bool> {
     for (name, phase) in phases {
         match phase.await {
             Ok(report) => {
-                report.print_table();
+                report
+                    .print_table(&mut *human)
+                    .context("writing the report")?;
                 document.ok &= report.problems.is_empty();
                 document.phases.push(report);
             }
@@ -297,11 +311,15 @@ async fn run(command: Command) -> anyhow::Result<bool> {
     document.ok &= document.errors.is_empty();
 
     let json = serde_json::to_string_pretty(&document).context("encoding the JSON document")?;
-    println!("\n{json}");
-    if let Some(path) = &common.json {
-        std::fs::write(path, format!("{json}\n"))
-            .with_context(|| format!("writing {}", path.display()))?;
-        println!("(written to {})", path.display());
+    match &common.json {
+        Some(_) if json_on_stdout => println!("{json}"),
+        Some(path) => {
+            println!("\n{json}");
+            std::fs::write(path, format!("{json}\n"))
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("(written to {})", path.display());
+        }
+        None => println!("\n{json}"),
     }
     if document.phases.is_empty() {
         anyhow::bail!("no phase could run");

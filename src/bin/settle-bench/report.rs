@@ -1,5 +1,7 @@
 //! The bench's output: a human table per phase and one JSON document for the run.
 
+use std::io::{self, Write};
+
 use serde::Serialize;
 use serde_json::Value;
 
@@ -46,8 +48,12 @@ pub struct PhaseReport {
 }
 
 impl PhaseReport {
-    pub fn print_table(&self) {
-        println!("\n== {} ==", self.phase);
+    /// Writes the phase's human table.
+    ///
+    /// # Errors
+    /// When `out` cannot be written.
+    pub fn print_table(&self, out: &mut dyn Write) -> io::Result<()> {
+        writeln!(out, "\n== {} ==", self.phase)?;
         let mut rows = self.rows.clone();
         for (label, usage) in &self.cpu {
             rows.push((format!("cpu ({label})"), usage.brief()));
@@ -68,8 +74,9 @@ impl PhaseReport {
         }
         let width = rows.iter().map(|(label, _)| label.len()).max().unwrap_or(0);
         for (label, value) in rows {
-            println!("  {label:<width$}  {value}");
+            writeln!(out, "  {label:<width$}  {value}")?;
         }
+        Ok(())
     }
 }
 
@@ -130,13 +137,18 @@ pub struct Document {
 }
 
 impl Document {
-    pub fn print_header(&self) {
+    /// Writes what was measured, where and with what, above the tables.
+    ///
+    /// # Errors
+    /// When `out` cannot be written.
+    pub fn print_header(&self, out: &mut dyn Write) -> io::Result<()> {
         let m = &self.machine;
         let v = &self.versions;
-        println!("settle-bench {} ({})", v.settle_bench, v.bench_profile);
-        println!("  command  {}", self.command);
-        println!("  date     {}", self.date);
-        println!(
+        writeln!(out, "settle-bench {} ({})", v.settle_bench, v.bench_profile)?;
+        writeln!(out, "  command  {}", self.command)?;
+        writeln!(out, "  date     {}", self.date)?;
+        writeln!(
+            out,
             "  machine  {} cores, {}, {}, {} MiB, open files {}/{}",
             m.cores,
             m.cpu_model,
@@ -144,12 +156,13 @@ impl Document {
             m.memory_mib.map_or("?".to_owned(), |v| v.to_string()),
             m.nofile_soft.map_or("?".to_owned(), |v| v.to_string()),
             m.nofile_hard.map_or("?".to_owned(), |v| v.to_string()),
-        );
-        println!(
+        )?;
+        writeln!(
+            out,
             "  versions {}, git {}",
             v.rustc.as_deref().unwrap_or("rustc ?"),
             v.git.as_deref().unwrap_or("?")
-        );
+        )
     }
 }
 

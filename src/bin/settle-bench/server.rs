@@ -2,6 +2,7 @@
 //! a fresh data directory (and stops again), or one already running (`--target`).
 
 use std::collections::VecDeque;
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -66,13 +67,20 @@ pub struct Server {
 /// Where the bench finds `settle`: beside its own executable (both are in
 /// target/release after `cargo build --release --bins`).
 ///
+/// Started by `cargo run` (which sets `CARGO`), the bench first has cargo build `settle`
+/// in the bench's own profile: `cargo run --bin settle-bench` builds the bench alone,
+/// and would otherwise leave a fresh clone without a server, or measure a stale one.
+///
 /// # Errors
-/// When the bench's own path is unknown or no `settle` is there.
+/// When the bench's own path is unknown, building fails, or no `settle` is there.
 pub fn default_server_binary() -> anyhow::Result<PathBuf> {
     let bench = std::env::current_exe().context("locating the settle-bench executable")?;
     let dir = bench
         .parent()
         .context("the settle-bench executable has no directory")?;
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        build_server(&cargo, dir)?;
+    }
     let candidate = dir.join(format!("settle{}", std::env::consts::EXE_SUFFIX));
     if !candidate.is_file() {
         bail!(
@@ -81,6 +89,35 @@ pub fn default_server_binary() -> anyhow::Result<PathBuf> {
         );
     }
     Ok(candidate)
+}
+
+/// `cargo build --bin settle` in the profile whose output directory is `dir`
+/// (`target/debug` is the `dev` profile; any other directory is named after its
+/// profile). Cargo's progress goes to stderr, so that stdout stays the bench's.
+fn build_server(cargo: &OsStr, dir: &Path) -> anyhow::Result<()> {
+    let profile = match dir.file_name().and_then(|name| name.to_str()) {
+        Some("debug") | None => "dev",
+        Some(name) => name,
+    };
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    eprintln!("settle-bench: cargo build --profile {profile} --bin settle (the server under test)");
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--profile",
+            profile,
+            "--bin",
+            "settle",
+            "--manifest-path",
+            manifest,
+        ])
+        .stdout(Stdio::from(std::io::stderr()))
+        .status()
+        .context("running cargo to build the server")?;
+    if !status.success() {
+        bail!("building the server failed (cargo {status})");
+    }
+    Ok(())
 }
 
 /// Parses a `--target` URL. Only `http://` with a loopback IP literal: the bench never
