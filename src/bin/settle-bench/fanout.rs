@@ -249,8 +249,10 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
         // (near the file limit, the last subscribers wait for a descriptor): keep the
         // bench's own connection in use, so that it still holds its descriptor when the
         // events are published.
-        let mut keep_alive = tokio::time::interval(KEEP_ALIVE_EVERY);
-        keep_alive.tick().await;
+        let mut keep_alive = tokio::time::interval_at(
+            tokio::time::Instant::now() + KEEP_ALIVE_EVERY,
+            KEEP_ALIVE_EVERY,
+        );
         loop {
             tokio::select! {
                 readies = &mut all_ready => break readies,

@@ -311,15 +311,15 @@ async fn run(command: Command) -> anyhow::Result<bool> {
     document.ok &= document.errors.is_empty();
 
     let json = serde_json::to_string_pretty(&document).context("encoding the JSON document")?;
-    match &common.json {
-        Some(_) if json_on_stdout => println!("{json}"),
-        Some(path) => {
-            println!("\n{json}");
+    if json_on_stdout {
+        println!("{json}");
+    } else {
+        println!("\n{json}");
+        if let Some(path) = &common.json {
             std::fs::write(path, format!("{json}\n"))
                 .with_context(|| format!("writing {}", path.display()))?;
             println!("(written to {})", path.display());
         }
-        None => println!("\n{json}"),
     }
     if document.phases.is_empty() {
         anyhow::bail!("no phase could run");
