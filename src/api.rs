@@ -30,7 +30,7 @@ use crate::model::{
     unix_ms, CommandBody, CommandRecord, CommandStatus, CommandView, Task, NOTES_MAX_CHARS,
     TITLE_MAX_CHARS,
 };
-use crate::store::{Accepted, IntakeError};
+use crate::store::{Accepted, IntakeError, Store};
 use crate::AppState;
 
 /// Largest accepted request body.
@@ -287,7 +287,8 @@ async fn commands_get(
 ) -> Result<Json<CommandView>, ApiError> {
     state
         .store
-        .command_by_id(command_id)?
+        .read_blocking(move |store| store.command_by_id(command_id))
+        .await?
         .map(|record| Json(record.view()))
         .ok_or_else(|| {
             ApiError::NotFound(format!(
@@ -304,7 +305,8 @@ struct DeadLetters {
 async fn dead_letters_list(State(state): State<AppState>) -> Result<Json<DeadLetters>, ApiError> {
     let dead_letters = state
         .store
-        .dead_letters()?
+        .read_blocking(Store::dead_letters)
+        .await?
         .iter()
         .map(CommandRecord::view)
         .collect();
@@ -490,14 +492,14 @@ async fn submit(
         in_flight: &state.in_flight,
         key: &key,
     };
-    let store = &state.store;
     let accepted_at = OffsetDateTime::now_utc();
     let due_at_ms = unix_ms(accepted_at) + millis(state.faults.command_delay());
     let record = CommandRecord {
         command_id: Uuid::now_v7(),
         task_id,
         idempotency_key: key.clone(),
-        seq: store.next_seq()?,
+        // Given by the intake writer, in the order it logs new commands.
+        seq: 0,
         fingerprint,
         body,
         status: CommandStatus::Pending,

@@ -108,7 +108,8 @@ pub struct CommandRecord {
     pub command_id: Uuid,
     pub task_id: Uuid,
     pub idempotency_key: String,
-    /// Global acceptance order; commands for one task apply in this order.
+    /// Global acceptance order (the intake log's order, also across restarts); commands
+    /// for one task apply in this order.
     pub seq: u64,
     /// Hash of method, path and body: the same key with another request is refused.
     pub fingerprint: String,

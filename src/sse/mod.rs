@@ -34,7 +34,7 @@ use crate::error::ApiError;
 use crate::hub::{EventFrame, Hub};
 use crate::metrics::Metrics;
 use crate::model::EVENT_RESET;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use crate::AppState;
 
 /// Keep-alive comment period: below the idle timeouts of common proxies.
@@ -115,7 +115,7 @@ fn open_stream(
         shutdown,
         ..
     } = state;
-    let body = event_stream(store, hub, metrics, shutdown, last_event_id)?;
+    let body = event_stream(store, hub, metrics, shutdown, last_event_id);
     let mut response = Body::from_stream(body).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -129,28 +129,33 @@ fn open_stream(
 
 /// The SSE byte stream after `last_event_id` (live only when `None`): a `retry:` hint,
 /// a `reset` when that history is gone, the log replay, then live events, keep-alive
-/// comments, and the end when `shutdown` is cancelled.
-///
-/// # Errors
-/// When the log's oldest id cannot be read.
+/// comments, and the end when `shutdown` is cancelled. The log is read on the blocking
+/// pool ([`Store::read_blocking`]); if a read fails, the stream ends (the client
+/// reconnects after `retry`).
 pub fn event_stream(
     store: Store,
     hub: Hub,
     metrics: Metrics,
     shutdown: CancellationToken,
     last_event_id: Option<u64>,
-) -> Result<impl Stream<Item = Result<Bytes, Infallible>>, StoreError> {
+) -> impl Stream<Item = Result<Bytes, Infallible>> {
     // Subscribe before reading the watermark: nothing published after it is missed.
     let mut live = hub.subscribe();
     let head = store.watermark();
-    let oldest = store.oldest_event_id()?;
 
-    Ok(stream! {
+    stream! {
         let _subscriber = metrics.subscriber();
         yield Ok::<Bytes, Infallible>(Bytes::from(format!(": settle\nretry: {RETRY_MS}\n\n")));
 
         let mut sent = head;
         if let Some(last) = last_event_id {
+            let oldest = match store.read_blocking(Store::oldest_event_id).await {
+                Ok(oldest) => oldest,
+                Err(err) => {
+                    tracing::error!(error = %err, "event log read failed; closing stream");
+                    return;
+                }
+            };
             // History is gone when the client is ahead of us (another data dir) or the
             // first event it needs was compacted away.
             let gone = last > head || (last < head && oldest.is_none_or(|oldest| last + 1 < oldest));
@@ -173,7 +178,9 @@ pub fn event_stream(
         let mut target = head;
         loop {
             while sent < target {
-                match store.events_after(sent, target, REPLAY_CHUNK) {
+                let (after, upto) = (sent, target);
+                let read = store.read_blocking(move |store| store.events_after(after, upto, REPLAY_CHUNK));
+                match read.await {
                     Ok(frames) if !frames.is_empty() => {
                         for frame in frames {
                             sent = frame.id;
@@ -216,5 +223,5 @@ pub fn event_stream(
                 _ = keep_alive.tick() => yield Ok(Bytes::from_static(b": keep-alive\n\n")),
             }
         }
-    })
+    }
 }

@@ -8,12 +8,13 @@
 //!
 //! - One thread ([`IntakeWriter`]) owns the log. It takes every request waiting (up to
 //!   [`INTAKE_BATCH_MAX`]), looks each key up (the pending table, then the finished
-//!   commands in sled), appends the new commands, and makes the batch durable with one
-//!   write and one `fdatasync` (group commit). Its cycle is the pipeline's latency, so
-//!   finished segments are recycled (renamed and overwritten, as PostgreSQL recycles
-//!   WAL files): overwriting allocated blocks leaves `fdatasync` no file size or extent
-//!   to journal, which measured about 40% faster here with a much shorter tail. Only then does it answer every request of
-//!   the batch and hand the new commands on (to the consumer, through a hook). Because
+//!   commands), gives each new command its seq, appends the new commands, and makes
+//!   the batch durable with one write and one `fdatasync` (group commit). Its cycle is
+//!   the pipeline's latency, so finished segments are recycled (renamed and
+//!   overwritten, as PostgreSQL recycles WAL files): overwriting allocated blocks leaves
+//!   `fdatasync` no file size or extent to journal, which measured about 40% faster
+//!   here with a much shorter tail. Only then does it answer every request of the
+//!   batch and hand the new commands on (to the consumer, through a hook). Because
 //!   one thread decides every key, a key twice in a batch, or a duplicate that races
 //!   the original, is one command.
 //! - Accepted but unapplied commands are held in memory, in the pending table, for
@@ -22,6 +23,14 @@
 //!   that changes the row and appends the event; once that is durable it calls
 //!   [`Store::finish`], and a closed segment whose commands have all finished becomes
 //!   a spare (or is deleted when there are enough spares).
+//! - The finished commands are in sled, but the writer must not read sled for every new
+//!   key: a sled read waits for the consumer's running apply transaction (see the
+//!   store's module docs), and with it every accept of the batch. So the pending table
+//!   also counts the finished keys by hash (filled from sled on start, counted up by
+//!   [`Store::finish`], down by compaction): a key whose hash is not there has no
+//!   finished record, and only a key whose hash is there (a retry, or one collision in
+//!   2^64) is looked up in sled. It costs a few tens of bytes of memory per finished
+//!   command within its retention.
 //! - On start, every segment is read back: a command that has no finished record in
 //!   sled is pending again, in acceptance order.
 //!
@@ -36,6 +45,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
+use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -76,6 +86,10 @@ pub(super) struct PendingTable {
     active: u64,
     /// Spare files, by the segment number they last had (and their records carry).
     spares: Vec<u64>,
+    /// How many finished records (in sled) each idempotency key hash stands for.
+    finished: HashMap<u64, u32>,
+    /// Seeded per process, so no client can choose keys that collide.
+    key_hasher: RandomState,
 }
 
 struct Pending {
@@ -92,20 +106,58 @@ impl PendingTable {
             .insert(record.idempotency_key.clone(), Pending { record, segment });
     }
 
-    /// Removes a command; answers the segment to delete, if it was the last one of a
-    /// closed segment.
+    /// Removes a command that will not finish (its batch was refused); answers the
+    /// segment to release, if it was the last one of a closed segment.
     fn remove(&mut self, key: &str, command_id: Uuid) -> Option<u64> {
+        self.take(key, command_id).flatten()
+    }
+
+    /// Removes a command whose finished record is now durable in sled and counts its
+    /// key as finished; answers the segment to release, as [`PendingTable::remove`].
+    fn finish(&mut self, key: &str, command_id: Uuid) -> Option<u64> {
+        let release = self.take(key, command_id)?;
+        self.count_finished(key.as_bytes());
+        release
+    }
+
+    /// `None` when the command is not pending (under this id); otherwise removes it
+    /// and answers the segment to release, if any.
+    fn take(&mut self, key: &str, command_id: Uuid) -> Option<Option<u64>> {
         if self.by_key.get(key)?.record.command_id != command_id {
             return None;
         }
         let pending = self.by_key.remove(key)?;
         self.key_by_id.remove(&command_id);
-        let left = self.unfinished.get_mut(&pending.segment)?;
+        let Some(left) = self.unfinished.get_mut(&pending.segment) else {
+            return Some(None);
+        };
         *left -= 1;
-        (*left == 0 && pending.segment != self.active).then(|| {
+        let release = (*left == 0 && pending.segment != self.active).then(|| {
             self.unfinished.remove(&pending.segment);
             pending.segment
-        })
+        });
+        Some(release)
+    }
+
+    fn count_finished(&mut self, key: &[u8]) {
+        let hash = self.key_hasher.hash_one(key);
+        *self.finished.entry(hash).or_default() += 1;
+    }
+
+    /// A finished record under `key` was removed from sled (compaction).
+    pub(super) fn forget_finished(&mut self, key: &[u8]) {
+        let hash = self.key_hasher.hash_one(key);
+        if let Some(count) = self.finished.get_mut(&hash) {
+            *count -= 1;
+            if *count == 0 {
+                self.finished.remove(&hash);
+            }
+        }
+    }
+
+    /// False when `key` certainly has no finished record in sled.
+    fn may_be_finished(&self, key: &[u8]) -> bool {
+        self.finished.contains_key(&self.key_hasher.hash_one(key))
     }
 }
 
@@ -220,6 +272,9 @@ impl Store {
                 }
             }
         }
+        for key in commands.iter().keys() {
+            table.count_finished(&key?);
+        }
         // Numbers are never reused, spares' included: a spare's records carry its
         // last number, so its next one must differ.
         let newest = segments.iter().chain(&spares).max().copied().unwrap_or(0);
@@ -240,7 +295,7 @@ impl Store {
         Ok(table)
     }
 
-    fn pending_table(&self) -> std::sync::MutexGuard<'_, PendingTable> {
+    pub(super) fn pending_table(&self) -> std::sync::MutexGuard<'_, PendingTable> {
         self.inner
             .pending
             .lock()
@@ -278,7 +333,7 @@ impl Store {
     /// unfinished.
     pub fn finish(&self, key: &str, command_id: Uuid) {
         let mut table = self.pending_table();
-        let Some(segment) = table.remove(key, command_id) else {
+        let Some(segment) = table.finish(key, command_id) else {
             return;
         };
         // Under the lock, so the writer cannot take this spare before it exists: one
@@ -493,25 +548,38 @@ impl IntakeWriter {
     }
 
     /// The answer for one record: the command already under its key, or a new command
-    /// appended to the batch's buffer and entered in the pending table.
-    fn admit(&mut self, record: CommandRecord) -> Result<Accepted, StoreError> {
-        let key = &record.idempotency_key;
-        let known = match self.store.pending_command(key) {
-            Some(pending) => Some(pending),
-            None => self.store.finished_command(key)?,
-        };
-        if let Some(existing) = known {
+    /// (given its seq) appended to the batch's buffer and entered in the pending table.
+    fn admit(&mut self, mut record: CommandRecord) -> Result<Accepted, StoreError> {
+        if let Some(existing) = self.known_command(&record.idempotency_key)? {
             return Ok(if existing.fingerprint == record.fingerprint {
                 Accepted::Replay(existing)
             } else {
                 Accepted::KeyReused(existing)
             });
         }
+        record.seq = self.store.next_seq()?;
         encode_frame(&mut self.buffer, self.segment, &record)?;
         self.store
             .pending_table()
             .insert(record.clone(), self.segment);
         Ok(Accepted::New(record))
+    }
+
+    /// The command already under `key`: pending, or finished (in sled, read only when
+    /// the finished keys' hashes say it may be there).
+    fn known_command(&self, key: &str) -> Result<Option<CommandRecord>, StoreError> {
+        let may_be_finished = {
+            let table = self.store.pending_table();
+            if let Some(pending) = table.by_key.get(key) {
+                return Ok(Some(pending.record.clone()));
+            }
+            table.may_be_finished(key.as_bytes())
+        };
+        if may_be_finished {
+            self.store.finished_command(key)
+        } else {
+            Ok(None)
+        }
     }
 
     /// Writes the buffer and syncs it. On failure, cuts the segment back to its last

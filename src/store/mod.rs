@@ -16,13 +16,23 @@
 //! - `tasks`: task id (16 bytes) -> [`TaskRow`].
 //! - `events`: event id (u64 big-endian) -> the finished SSE frame.
 //! - `dead_letters`: seq (u64 big-endian) -> idempotency key.
-//! - `meta`: `last_event_id` -> u64 big-endian, so ids are never reused.
+//! - `meta`: `last_event_id` -> u64 big-endian, so ids are never reused;
+//!   `seq_reserved` -> u64 big-endian, the end of the block of seqs handed out from
+//!   memory ([`Store::next_seq`]).
 //!
 //! Two costs dominate a durable write in sled 0.34, and both are paid per call, not per
 //! byte: every transaction takes the process-wide write lock and seals the log buffer
 //! (a synchronous `sync_file_range`) before and after its batch, and every `flush` is an
 //! fsync. So neither is paid per command: accepts do not touch sled, and the consumer
 //! applies each step's batch in one transaction and one flush.
+//!
+//! That write lock has a second cost: once any transaction has run, every other sled
+//! call (a `get`, an iterator step, `generate_id`) takes its read side, and so waits
+//! for whatever transaction is running, a whole apply batch. Nothing on the accept path
+//! may make such a call: seqs come from memory ([`Store::next_seq`]), and the intake
+//! writer asks sled for a key's finished record only when an in-memory set of the
+//! finished keys' hashes says it may be there, that is for the retry of a finished
+//! command and almost never otherwise.
 //!
 //! Layout: `intake` (the accept log, its writer thread and the pending table),
 //! `projection` (the read side).
@@ -57,6 +67,9 @@ use crate::model::{
 };
 
 const LAST_EVENT_ID: &[u8] = b"last_event_id";
+const SEQ_RESERVED: &[u8] = b"seq_reserved";
+/// Seqs reserved (and persisted) at a time; the reservation is one sled write and flush.
+const SEQ_BLOCK: u64 = 1 << 16;
 /// The intake log's directory, inside the data directory.
 const INTAKE_DIR: &str = "intake";
 /// First pause after a failed sled flush; it doubles up to [`FLUSH_BACKOFF_MAX`].
@@ -71,6 +84,8 @@ pub enum StoreError {
     Corrupt(#[from] serde_json::Error),
     #[error("intake log: {0}")]
     Io(#[from] std::io::Error),
+    #[error("storage read: {0}")]
+    Read(#[from] tokio::task::JoinError),
 }
 
 /// A task row as stored: the task plus the seq of the create command, which orders the
@@ -134,7 +149,15 @@ struct Inner {
     projection: RwLock<Projection>,
     // A std lock, for the same reason: every critical section is a map operation.
     pending: Mutex<PendingTable>,
+    seqs: Mutex<Seqs>,
     intake_dir: PathBuf,
+}
+
+/// The seq allocator: `next` up to `reserved` may be handed out; `reserved` is durable
+/// in `meta`, so after a restart every new seq is above every one ever handed out.
+struct Seqs {
+    next: u64,
+    reserved: u64,
 }
 
 fn abort(err: impl Into<StoreError>) -> ConflictableTransactionError<StoreError> {
@@ -171,15 +194,26 @@ impl Store {
         let commands = tree("commands")?;
         let intake_dir = dir.join(INTAKE_DIR);
         let pending = Self::recover_intake(&intake_dir, &commands)?;
+        let meta = tree("meta")?;
+        let first_seq = match meta.get(SEQ_RESERVED)? {
+            Some(reserved) => read_u64(&reserved),
+            // A data directory from before the allocator: its seqs came from sled's
+            // generator, which answers above all of them.
+            None => db.generate_id()?,
+        };
         let inner = Inner {
             commands,
             command_ids: tree("command_ids")?,
             tasks: tree("tasks")?,
             events: tree("events")?,
             dead_letters: tree("dead_letters")?,
-            meta: tree("meta")?,
+            meta,
             projection: RwLock::new(Projection::default()),
             pending: Mutex::new(pending),
+            seqs: Mutex::new(Seqs {
+                next: first_seq,
+                reserved: first_seq,
+            }),
             intake_dir,
             db,
         };
@@ -208,12 +242,41 @@ impl Store {
         }
     }
 
-    /// A new sequence number: unique and increasing, also across restarts.
+    /// A new sequence number: unique and increasing, also across restarts. From memory,
+    /// except once per [`SEQ_BLOCK`] seqs, when the next block's end is written to sled
+    /// and flushed before any seq of it is handed out. (sled's `generate_id` would take
+    /// sled's global lock on every call, and so wait for any running apply batch.)
     ///
     /// # Errors
-    /// When sled cannot persist its id counter.
+    /// When the next block cannot be reserved durably.
     pub fn next_seq(&self) -> Result<u64, StoreError> {
-        Ok(self.inner.db.generate_id()?)
+        let mut seqs = self.inner.seqs.lock().expect("seq lock poisoned");
+        if seqs.next == seqs.reserved {
+            let reserved = seqs.reserved + SEQ_BLOCK;
+            self.inner
+                .meta
+                .insert(SEQ_RESERVED, &reserved.to_be_bytes())?;
+            self.inner.db.flush()?;
+            seqs.reserved = reserved;
+        }
+        let seq = seqs.next;
+        seqs.next += 1;
+        Ok(seq)
+    }
+
+    /// Runs `read` (sled reads) on the blocking pool and waits for it: a sled read
+    /// waits for any running apply transaction (see the module docs), which an async
+    /// worker, serving many connections, must not.
+    ///
+    /// # Errors
+    /// `read`'s error, or [`StoreError::Read`] if it panicked.
+    pub async fn read_blocking<T, F>(&self, read: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || read(&store)).await?
     }
 
     /// The finished (applied or failed) command under `key`, from sled.
@@ -378,6 +441,7 @@ impl Store {
                         Ok::<_, ConflictableTransactionError<StoreError>>(())
                     })
                     .map_err(flatten)?;
+                self.pending_table().forget_finished(&key);
                 commands_removed += 1;
             }
         }
@@ -727,6 +791,74 @@ mod tests {
         drop(store);
         let store = Store::open(dir.path()).expect("reopened a third time");
         assert!(store.unapplied().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_finished_key_answers_its_retries_also_after_a_reopen_until_compacted() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let (answers, _) = accept_all(&store, &[create("k", "f", &store)]).await;
+        let Accepted::New(accepted) = &answers[0] else {
+            panic!("a new key is a new command");
+        };
+        store
+            .apply_batch(&[(accepted, &Decision::Apply)], OffsetDateTime::now_utc())
+            .expect("applied");
+        store.flush_durable();
+        store.finish("k", accepted.command_id);
+        assert!(store.unapplied().is_empty(), "no longer pending");
+
+        // The retry finds the finished command, not a free key.
+        let retries = [create("k", "f", &store), create("k", "other", &store)];
+        let (answers, durable) = accept_all(&store, &retries).await;
+        assert!(matches!(&answers[0], Accepted::Replay(r)
+            if r.command_id == accepted.command_id && r.status == CommandStatus::Settled));
+        assert!(
+            matches!(&answers[1], Accepted::KeyReused(r) if r.command_id == accepted.command_id)
+        );
+        assert!(durable.is_empty());
+        drop(store);
+
+        // So does a retry after a restart; a new key is still new.
+        let store = Store::open(dir.path()).expect("reopened");
+        let (answers, _) = accept_all(
+            &store,
+            &[create("k", "f", &store), create("j", "f", &store)],
+        )
+        .await;
+        assert!(matches!(&answers[0], Accepted::Replay(r) if r.command_id == accepted.command_id));
+        assert!(matches!(&answers[1], Accepted::New(_)));
+
+        // Past its retention the key is free again.
+        let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        assert_eq!(store.compact(u64::MAX, later).expect("compacted").1, 1);
+        let (answers, _) = accept_all(&store, &[create("k", "f", &store)]).await;
+        assert!(matches!(&answers[0], Accepted::New(r) if r.command_id != accepted.command_id));
+    }
+
+    #[tokio::test]
+    async fn the_intake_writer_numbers_new_commands_above_every_earlier_seq() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let last = {
+            let store = Store::open(dir.path()).expect("a store");
+            // Across a reserved block's end: still dense.
+            let seqs: Vec<_> = (0..=SEQ_BLOCK)
+                .map(|_| store.next_seq().expect("a seq"))
+                .collect();
+            assert!(seqs.windows(2).all(|pair| pair[1] == pair[0] + 1));
+            seqs[seqs.len() - 1]
+        };
+        let store = Store::open(dir.path()).expect("reopened");
+        let records = [create("a", "a", &store), create("b", "b", &store)];
+        let (answers, _) = accept_all(&store, &records).await;
+        let seqs: Vec<_> = answers
+            .iter()
+            .map(|answer| match answer {
+                Accepted::New(record) => record.seq,
+                _ => panic!("new keys"),
+            })
+            .collect();
+        assert!(seqs[0] > last && seqs[1] > seqs[0], "{seqs:?} after {last}");
     }
 
     #[test]

@@ -226,8 +226,7 @@ async fn a_subscriber_that_falls_behind_the_broadcast_catches_up_from_the_log() 
         Metrics::new(),
         shutdown.clone(),
         Some(0),
-    )
-    .unwrap();
+    );
     futures::pin_mut!(stream);
     // The stream is created but not polled while 50 events go out: its receiver
     // lags far past the broadcast's capacity.
