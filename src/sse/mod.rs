@@ -149,16 +149,19 @@ pub fn event_stream(
 
         let mut sent = head;
         if let Some(last) = last_event_id {
-            let oldest = match store.read_blocking(Store::oldest_event_id).await {
-                Ok(oldest) => oldest,
-                Err(err) => {
-                    tracing::error!(error = %err, "event log read failed; closing stream");
-                    return;
-                }
-            };
             // History is gone when the client is ahead of us (another data dir) or the
             // first event it needs was compacted away.
-            let gone = last > head || (last < head && oldest.is_none_or(|oldest| last + 1 < oldest));
+            let gone = if last < head {
+                match store.read_blocking(Store::oldest_event_id).await {
+                    Ok(oldest) => oldest.is_none_or(|oldest| last + 1 < oldest),
+                    Err(err) => {
+                        tracing::error!(error = %err, "event log read failed; closing stream");
+                        return;
+                    }
+                }
+            } else {
+                last > head
+            };
             if gone {
                 let reset = ResetEvent {
                     watermark: head,
@@ -181,7 +184,9 @@ pub fn event_stream(
                 let (after, upto) = (sent, target);
                 let read = store.read_blocking(move |store| store.events_after(after, upto, REPLAY_CHUNK));
                 match read.await {
-                    Ok(frames) if !frames.is_empty() => {
+                    // Contiguous with what was sent (compaction can cut the log under
+                    // a replay; then the arm below resets).
+                    Ok(frames) if frames.first().is_some_and(|frame| frame.id == sent + 1) => {
                         for frame in frames {
                             sent = frame.id;
                             yield Ok(frame.bytes);

@@ -26,13 +26,15 @@
 //! - The finished commands are in sled, but the writer must not read sled for every new
 //!   key: a sled read waits for the consumer's running apply transaction (see the
 //!   store's module docs), and with it every accept of the batch. So the pending table
-//!   also counts the finished keys by hash (filled from sled on start, counted up by
+//!   also counts the finished keys by hash (filled on start by a scan of sled's
+//!   finished records, so a start takes time in proportion to them; counted up by
 //!   [`Store::finish`], down by compaction): a key whose hash is not there has no
-//!   finished record, and only a key whose hash is there (a retry, or one collision in
-//!   2^64) is looked up in sled. It costs a few tens of bytes of memory per finished
-//!   command within its retention.
+//!   finished record, and only a key whose hash is there (a retry, or a collision:
+//!   about n in 2^64 for n finished keys) is looked up in sled. It costs a few tens of
+//!   bytes of memory per finished command within its retention.
 //! - On start, every segment is read back: a command that has no finished record in
-//!   sled is pending again, in acceptance order.
+//!   sled is pending again, in acceptance order (and one whose key has another
+//!   command's record wins over it: see [`Store::recover_intake`]).
 //!
 //! Format: `intake/{segment:020}.log` in the data directory (spares:
 //! `{old segment:020}.spare`), a sequence of records `[payload length: u32 LE]
@@ -43,7 +45,7 @@
 //! written part and was never acknowledged: recovery stops reading a segment at the
 //! first record that is short, empty or fails its checksum.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, RandomState};
 use std::io;
@@ -54,7 +56,7 @@ use std::thread;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{Accepted, Store, StoreError};
+use super::{Accepted, FinishedTrees, Store, StoreError};
 use crate::model::CommandRecord;
 
 /// Most accepts written in one batch. Larger batches amortize the fsync further, but
@@ -80,7 +82,8 @@ const FRAME_HEADER: usize = 8;
 pub(super) struct PendingTable {
     by_key: HashMap<String, Pending>,
     key_by_id: HashMap<Uuid, String>,
-    /// Unfinished commands per segment; a closed segment at zero is deleted.
+    /// Unfinished commands per segment; a closed segment at zero is released (kept as a
+    /// spare or deleted).
     unfinished: BTreeMap<u64, usize>,
     /// The segment the writer appends to; never released while it is active.
     active: u64,
@@ -240,12 +243,19 @@ impl Store {
     /// Reads the intake log back: every command without a finished record in sled is
     /// pending again. Deletes the segments that hold nothing unfinished, and makes the
     /// next segment number the active one.
+    ///
+    /// A logged command whose key has another command's finished record in sled wins
+    /// over it, and that record is deleted: the writer admits a key only when it has no
+    /// record, so the record must be one whose removal by compaction (not flushed
+    /// before a crash) came back.
     pub(super) fn recover_intake(
         dir: &Path,
-        commands: &sled::Tree,
+        trees: &FinishedTrees<'_>,
     ) -> Result<PendingTable, StoreError> {
+        let commands = trees.commands;
         fs::create_dir_all(dir)?;
         let mut table = PendingTable::default();
+        let mut stale_removed = false;
         let segments = list_files(dir, SEGMENT_SUFFIX)?;
         let spares = list_files(dir, SPARE_SUFFIX)?;
         for &segment in &segments {
@@ -259,11 +269,15 @@ impl Store {
                 let finished = match commands.get(record.idempotency_key.as_bytes())? {
                     Some(bytes) => {
                         let stored: CommandRecord = serde_json::from_slice(&bytes)?;
-                        if stored.command_id != record.command_id {
-                            tracing::warn!(command_id = %record.command_id, stored = %stored.command_id,
-                                "intake record's key belongs to another command; skipping it");
+                        if stored.command_id == record.command_id {
+                            true
+                        } else {
+                            tracing::warn!(command_id = %record.command_id, stale = %stored.command_id,
+                                "an expired command's record came back under a logged command's key; deleting it");
+                            trees.remove(&stored)?;
+                            stale_removed = true;
+                            false
                         }
-                        true
                     }
                     None => false,
                 };
@@ -271,6 +285,9 @@ impl Store {
                     table.insert(record, segment);
                 }
             }
+        }
+        if stale_removed {
+            commands.flush()?;
         }
         for key in commands.iter().keys() {
             table.count_finished(&key?);
@@ -515,12 +532,28 @@ impl IntakeWriter {
         if !self.buffer.is_empty() {
             if let Err(err) = self.append() {
                 tracing::error!(error = %err, segment = self.segment, "intake write failed; the batch is refused");
-                for (_, answer) in &mut answers {
+                let mut refused = HashSet::new();
+                for (_, answer) in &answers {
                     if let Ok(Accepted::New(record)) = answer {
                         self.store
                             .pending_table()
                             .remove(&record.idempotency_key, record.command_id);
-                        *answer = Err(StoreError::Io(io::Error::new(err.kind(), err.to_string())));
+                        refused.insert(record.command_id);
+                    }
+                }
+                // A replay, in the same batch, of a refused command is refused too: it
+                // refers to nothing durable.
+                for (_, answer) in &mut answers {
+                    if let Ok(
+                        Accepted::New(record)
+                        | Accepted::Replay(record)
+                        | Accepted::KeyReused(record),
+                    ) = answer
+                    {
+                        if refused.contains(&record.command_id) {
+                            *answer =
+                                Err(StoreError::Io(io::Error::new(err.kind(), err.to_string())));
+                        }
                     }
                 }
             }

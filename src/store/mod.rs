@@ -23,16 +23,19 @@
 //! Two costs dominate a durable write in sled 0.34, and both are paid per call, not per
 //! byte: every transaction takes the process-wide write lock and seals the log buffer
 //! (a synchronous `sync_file_range`) before and after its batch, and every `flush` is an
-//! fsync. So neither is paid per command: accepts do not touch sled, and the consumer
-//! applies each step's batch in one transaction and one flush.
+//! fsync. So neither is paid per command: accepts do not write to sled (but once per
+//! block of seqs, below), and the consumer applies each step's batch in one
+//! transaction and one flush.
 //!
 //! That write lock has a second cost: once any transaction has run, every other sled
 //! call (a `get`, an iterator step, `generate_id`) takes its read side, and so waits
-//! for whatever transaction is running, a whole apply batch. Nothing on the accept path
-//! may make such a call: seqs come from memory ([`Store::next_seq`]), and the intake
-//! writer asks sled for a key's finished record only when an in-memory set of the
+//! for whatever transaction is running, a whole apply batch. So the accept path makes
+//! such a call only where it cannot be avoided: seqs come from memory
+//! ([`Store::next_seq`]; one sled write and flush per 65536 of them), and the intake
+//! writer asks sled for a key's finished record only when an in-memory count of the
 //! finished keys' hashes says it may be there, that is for the retry of a finished
-//! command and almost never otherwise.
+//! command (and a hash collision, about n in 2^64 for n finished keys). Handlers read
+//! sled on the blocking pool ([`Store::read_blocking`]).
 //!
 //! Layout: `intake` (the accept log, its writer thread and the pending table),
 //! `projection` (the read side).
@@ -96,7 +99,7 @@ pub struct TaskRow {
     pub task: Task,
 }
 
-/// What [`Store::accept`] found under the idempotency key.
+/// What [`Intake::accept`] found under the idempotency key.
 #[derive(Debug)]
 pub enum Accepted {
     /// The key was new: this record is now durable.
@@ -192,8 +195,17 @@ impl Store {
             .open()?;
         let tree = |name: &str| db.open_tree(name);
         let commands = tree("commands")?;
+        let command_ids = tree("command_ids")?;
+        let dead_letters = tree("dead_letters")?;
         let intake_dir = dir.join(INTAKE_DIR);
-        let pending = Self::recover_intake(&intake_dir, &commands)?;
+        let pending = Self::recover_intake(
+            &intake_dir,
+            &FinishedTrees {
+                commands: &commands,
+                command_ids: &command_ids,
+                dead_letters: &dead_letters,
+            },
+        )?;
         let meta = tree("meta")?;
         let first_seq = match meta.get(SEQ_RESERVED)? {
             Some(reserved) => read_u64(&reserved),
@@ -203,10 +215,10 @@ impl Store {
         };
         let inner = Inner {
             commands,
-            command_ids: tree("command_ids")?,
+            command_ids,
             tasks: tree("tasks")?,
             events: tree("events")?,
-            dead_letters: tree("dead_letters")?,
+            dead_letters,
             meta,
             projection: RwLock::new(Projection::default()),
             pending: Mutex::new(pending),
@@ -242,10 +254,14 @@ impl Store {
         }
     }
 
-    /// A new sequence number: unique and increasing, also across restarts. From memory,
-    /// except once per [`SEQ_BLOCK`] seqs, when the next block's end is written to sled
-    /// and flushed before any seq of it is handed out. (sled's `generate_id` would take
+    /// A new sequence number: unique and increasing, also across restarts. From
+    /// memory, except once per `SEQ_BLOCK` (65536) seqs, when the next block's end is
+    /// written to sled and flushed before any seq of it is handed out. (sled's `generate_id` would take
     /// sled's global lock on every call, and so wait for any running apply batch.)
+    ///
+    /// One way: an older build, which took seqs from sled's generator, must not open a
+    /// data directory this one has written (the generator was not advanced past the
+    /// blocks handed out here).
     ///
     /// # Errors
     /// When the next block cannot be reserved durably.
@@ -427,25 +443,49 @@ impl Store {
             }
         }
         let mut commands_removed = 0;
+        let trees = FinishedTrees {
+            commands: &inner.commands,
+            command_ids: &inner.command_ids,
+            dead_letters: &inner.dead_letters,
+        };
         for entry in inner.commands.iter() {
             let (key, bytes) = entry?;
             let record: CommandRecord = serde_json::from_slice(&bytes)?;
             let expired = record.status != CommandStatus::Pending
                 && record.settled_at.is_some_and(|at| at < commands_before);
             if expired {
-                (&inner.commands, &inner.command_ids, &inner.dead_letters)
-                    .transaction(|(commands, ids, dead_letters)| {
-                        commands.remove(&key)?;
-                        ids.remove(record.command_id.as_bytes())?;
-                        dead_letters.remove(&record.seq.to_be_bytes())?;
-                        Ok::<_, ConflictableTransactionError<StoreError>>(())
-                    })
-                    .map_err(flatten)?;
+                trees.remove(&record)?;
                 self.pending_table().forget_finished(&key);
                 commands_removed += 1;
             }
         }
+        if commands_removed > 0 {
+            // A key is free for a new command once its record is gone; the sooner that
+            // is durable, the less recovery has to repair (`recover_intake`).
+            inner.db.flush()?;
+        }
         Ok((events_removed, commands_removed))
+    }
+}
+
+/// The trees that hold a finished command.
+struct FinishedTrees<'a> {
+    commands: &'a sled::Tree,
+    command_ids: &'a sled::Tree,
+    dead_letters: &'a sled::Tree,
+}
+
+impl FinishedTrees<'_> {
+    /// Deletes a finished command: its record, its id index, its dead letter.
+    fn remove(&self, record: &CommandRecord) -> Result<(), StoreError> {
+        (self.commands, self.command_ids, self.dead_letters)
+            .transaction(|(commands, ids, dead_letters)| {
+                commands.remove(record.idempotency_key.as_bytes())?;
+                ids.remove(record.command_id.as_bytes())?;
+                dead_letters.remove(&record.seq.to_be_bytes())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(flatten)
     }
 }
 
@@ -834,6 +874,50 @@ mod tests {
         assert_eq!(store.compact(u64::MAX, later).expect("compacted").1, 1);
         let (answers, _) = accept_all(&store, &[create("k", "f", &store)]).await;
         assert!(matches!(&answers[0], Accepted::New(r) if r.command_id != accepted.command_id));
+    }
+
+    #[tokio::test]
+    async fn a_logged_command_wins_over_an_expired_record_whose_removal_was_lost() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let (answers, _) = accept_all(&store, &[create("k", "f", &store)]).await;
+        let Accepted::New(old) = &answers[0] else {
+            panic!("a new key is a new command");
+        };
+        store
+            .apply_batch(&[(old, &Decision::Apply)], OffsetDateTime::now_utc())
+            .expect("applied");
+        store.flush_durable();
+        store.finish("k", old.command_id);
+        let old_bytes = store.inner.commands.get("k").unwrap().expect("finished");
+
+        // Compaction frees the key, a new command takes it; then the removal is lost
+        // (as in a crash before sled flushed it): the old record is back.
+        let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        store.compact(u64::MAX, later).expect("compacted");
+        let (answers, _) = accept_all(&store, &[create("k", "f", &store)]).await;
+        let Accepted::New(new) = &answers[0] else {
+            panic!("the freed key is a new command");
+        };
+        store.inner.commands.insert("k", old_bytes).unwrap();
+        store
+            .inner
+            .command_ids
+            .insert(old.command_id.as_bytes(), "k")
+            .unwrap();
+        store.flush_durable();
+        drop(store);
+
+        let store = Store::open(dir.path()).expect("reopened");
+        let unapplied: Vec<_> = store.unapplied().iter().map(|r| r.command_id).collect();
+        assert_eq!(
+            unapplied,
+            [new.command_id],
+            "the 202'd command is pending again"
+        );
+        assert!(store.command_by_id(old.command_id).unwrap().is_none());
+        let (answers, _) = accept_all(&store, &[create("k", "f", &store)]).await;
+        assert!(matches!(&answers[0], Accepted::Replay(r) if r.command_id == new.command_id));
     }
 
     #[tokio::test]
