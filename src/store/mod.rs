@@ -721,6 +721,40 @@ mod tests {
         (answers, durable)
     }
 
+    /// Opens the store in `dir` again. sled lets go of its directory lock only when its
+    /// last background thread drops the last handle, a moment after the test's own
+    /// handle: wait for that (bounded), as a restarted process would not have to.
+    fn reopen(dir: &std::path::Path) -> Store {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match Store::open(dir) {
+                Ok(store) => return store,
+                Err(StoreError::Sled(sled::Error::Io(err)))
+                    if err.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(err) => panic!("cannot reopen the store: {err}"),
+            }
+        }
+    }
+
+    /// Accepts a new command under `key` and applies it, as the consumer would: it is
+    /// finished, its record durable in sled.
+    async fn accept_and_apply(store: &Store, key: &str, fingerprint: &str) -> CommandRecord {
+        let (answers, _) = accept_all(store, &[create(key, fingerprint, store)]).await;
+        let Some(Accepted::New(record)) = answers.into_iter().next() else {
+            panic!("a new key is a new command");
+        };
+        store
+            .apply_batch(&[(&record, &Decision::Apply)], OffsetDateTime::now_utc())
+            .expect("applied");
+        store.flush_durable();
+        store.finish(key, record.command_id);
+        record
+    }
+
     #[tokio::test]
     async fn a_key_twice_in_one_intake_batch_is_one_command() {
         let dir = tempfile::tempdir().expect("a temp dir");
@@ -750,7 +784,7 @@ mod tests {
         };
 
         // Reopened: all three pending, in acceptance order, findable by id.
-        let store = Store::open(dir.path()).expect("reopened");
+        let store = reopen(dir.path());
         let unapplied: Vec<_> = store.unapplied().iter().map(|r| r.command_id).collect();
         let ids: Vec<_> = records.iter().map(|r| r.command_id).collect();
         assert_eq!(unapplied, ids);
@@ -775,7 +809,7 @@ mod tests {
             store.finish(&record.idempotency_key, record.command_id);
         }
         drop(store);
-        let store = Store::open(dir.path()).expect("reopened again");
+        let store = reopen(dir.path());
         let unapplied: Vec<_> = store.unapplied().iter().map(|r| r.command_id).collect();
         assert_eq!(unapplied, [ids[2]]);
         assert_eq!(
@@ -802,7 +836,7 @@ mod tests {
         };
         // The reopen starts a new active segment beside the old one, which still holds
         // an unfinished command.
-        let store = Store::open(dir.path()).expect("reopened");
+        let store = reopen(dir.path());
         let (intake, thread) = Intake::start(store.clone(), Box::new(|_| {})).expect("a writer");
         assert_eq!(files(".log").len(), 2);
         store
@@ -822,14 +856,14 @@ mod tests {
         // Next start: the last run's (empty) active segment is released too, then a
         // spare becomes the new active segment; the old record in it (of another
         // segment number) is not read as a pending command.
-        let store = Store::open(dir.path()).expect("reopened again");
+        let store = reopen(dir.path());
         assert!(store.unapplied().is_empty());
         assert_eq!((files(".log").len(), files(".spare").len()), (0, 2));
         let (intake, thread) = Intake::start(store.clone(), Box::new(|_| {})).expect("a writer");
         assert_eq!((files(".log").len(), files(".spare").len()), (1, 1));
         intake.stop(thread).await;
         drop(store);
-        let store = Store::open(dir.path()).expect("reopened a third time");
+        let store = reopen(dir.path());
         assert!(store.unapplied().is_empty());
     }
 
@@ -837,15 +871,7 @@ mod tests {
     async fn a_finished_key_answers_its_retries_also_after_a_reopen_until_compacted() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = Store::open(dir.path()).expect("a store");
-        let (answers, _) = accept_all(&store, &[create("k", "f", &store)]).await;
-        let Accepted::New(accepted) = &answers[0] else {
-            panic!("a new key is a new command");
-        };
-        store
-            .apply_batch(&[(accepted, &Decision::Apply)], OffsetDateTime::now_utc())
-            .expect("applied");
-        store.flush_durable();
-        store.finish("k", accepted.command_id);
+        let accepted = &accept_and_apply(&store, "k", "f").await;
         assert!(store.unapplied().is_empty(), "no longer pending");
 
         // The retry finds the finished command, not a free key.
@@ -860,7 +886,7 @@ mod tests {
         drop(store);
 
         // So does a retry after a restart; a new key is still new.
-        let store = Store::open(dir.path()).expect("reopened");
+        let store = reopen(dir.path());
         let (answers, _) = accept_all(
             &store,
             &[create("k", "f", &store), create("j", "f", &store)],
@@ -880,15 +906,7 @@ mod tests {
     async fn a_logged_command_wins_over_an_expired_record_whose_removal_was_lost() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = Store::open(dir.path()).expect("a store");
-        let (answers, _) = accept_all(&store, &[create("k", "f", &store)]).await;
-        let Accepted::New(old) = &answers[0] else {
-            panic!("a new key is a new command");
-        };
-        store
-            .apply_batch(&[(old, &Decision::Apply)], OffsetDateTime::now_utc())
-            .expect("applied");
-        store.flush_durable();
-        store.finish("k", old.command_id);
+        let old = &accept_and_apply(&store, "k", "f").await;
         let old_bytes = store.inner.commands.get("k").unwrap().expect("finished");
 
         // Compaction frees the key, a new command takes it; then the removal is lost
@@ -908,7 +926,7 @@ mod tests {
         store.flush_durable();
         drop(store);
 
-        let store = Store::open(dir.path()).expect("reopened");
+        let store = reopen(dir.path());
         let unapplied: Vec<_> = store.unapplied().iter().map(|r| r.command_id).collect();
         assert_eq!(
             unapplied,
@@ -932,7 +950,7 @@ mod tests {
             assert!(seqs.windows(2).all(|pair| pair[1] == pair[0] + 1));
             seqs[seqs.len() - 1]
         };
-        let store = Store::open(dir.path()).expect("reopened");
+        let store = reopen(dir.path());
         let records = [create("a", "a", &store), create("b", "b", &store)];
         let (answers, _) = accept_all(&store, &records).await;
         let seqs: Vec<_> = answers
