@@ -421,8 +421,8 @@ struct IntakeWriter {
 
 impl Intake {
     /// Opens the active log segment and starts the writer thread. `on_durable` sees
-    /// the new commands of each batch once they are durable (the consumer schedules it there, so a
-    /// command whose client went away is not forgotten).
+    /// the new commands of each batch once they are durable (the consumer schedules
+    /// them there, so a command whose client went away is not forgotten).
     ///
     /// # Errors
     /// When the segment cannot be created.

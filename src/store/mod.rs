@@ -256,8 +256,9 @@ impl Store {
 
     /// A new sequence number: unique and increasing, also across restarts. From
     /// memory, except once per `SEQ_BLOCK` (65536) seqs, when the next block's end is
-    /// written to sled and flushed before any seq of it is handed out. (sled's `generate_id` would take
-    /// sled's global lock on every call, and so wait for any running apply batch.)
+    /// written to sled and flushed before any seq of it is handed out. (sled's
+    /// `generate_id` would take sled's global lock on every call, and so wait for any
+    /// running apply batch.)
     ///
     /// One way: an older build, which took seqs from sled's generator, must not open a
     /// data directory this one has written (the generator was not advanced past the
