@@ -287,7 +287,7 @@ async fn commands_get(
 ) -> Result<Json<CommandView>, ApiError> {
     state
         .store
-        .read_blocking(move |store| store.command_by_id(command_id))
+        .blocking(move |store| store.command_by_id(command_id))
         .await?
         .map(|record| Json(record.view()))
         .ok_or_else(|| {
@@ -305,7 +305,7 @@ struct DeadLetters {
 async fn dead_letters_list(State(state): State<AppState>) -> Result<Json<DeadLetters>, ApiError> {
     let dead_letters = state
         .store
-        .read_blocking(Store::dead_letters)
+        .blocking(Store::dead_letters)
         .await?
         .iter()
         .map(CommandRecord::view)

@@ -162,14 +162,15 @@ async fn run_janitor(store: Store, config: Config, shutdown: CancellationToken) 
             _ = shutdown.cancelled() => break,
             _ = ticks.tick() => {}
         }
-        let store = store.clone();
         let keep_events = config.event_retention;
         let cutoff = time::OffsetDateTime::now_utc() - retention;
-        match tokio::task::spawn_blocking(move || store.compact(keep_events, cutoff)).await {
-            Ok(Ok((0, 0))) => {}
-            Ok(Ok((events, commands))) => tracing::info!(events, commands, "compacted"),
-            Ok(Err(err)) => tracing::error!(error = %err, "compaction failed"),
-            Err(err) => tracing::error!(error = %err, "compaction task failed"),
+        match store
+            .blocking(move |store| store.compact(keep_events, cutoff))
+            .await
+        {
+            Ok((0, 0)) => {}
+            Ok((events, commands)) => tracing::info!(events, commands, "compacted"),
+            Err(err) => tracing::error!(error = %err, "compaction failed"),
         }
     }
 }

@@ -130,7 +130,7 @@ fn open_stream(
 /// The SSE byte stream after `last_event_id` (live only when `None`): a `retry:` hint,
 /// a `reset` when that history is gone, the log replay, then live events, keep-alive
 /// comments, and the end when `shutdown` is cancelled. The log is read on the blocking
-/// pool ([`Store::read_blocking`]); if a read fails, the stream ends (the client
+/// pool ([`Store::blocking`]); if a read fails, the stream ends (the client
 /// reconnects after `retry`).
 pub fn event_stream(
     store: Store,
@@ -152,7 +152,7 @@ pub fn event_stream(
             // History is gone when the client is ahead of us (another data dir) or the
             // first event it needs was compacted away.
             let gone = if last < head {
-                match store.read_blocking(Store::oldest_event_id).await {
+                match store.blocking(Store::oldest_event_id).await {
                     Ok(oldest) => oldest.is_none_or(|oldest| last + 1 < oldest),
                     Err(err) => {
                         tracing::error!(error = %err, "event log read failed; closing stream");
@@ -182,7 +182,7 @@ pub fn event_stream(
         loop {
             while sent < target {
                 let (after, upto) = (sent, target);
-                let read = store.read_blocking(move |store| store.events_after(after, upto, REPLAY_CHUNK));
+                let read = store.blocking(move |store| store.events_after(after, upto, REPLAY_CHUNK));
                 match read.await {
                     // Contiguous with what was sent (compaction can cut the log under
                     // a replay; then the arm below resets).

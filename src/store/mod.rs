@@ -35,7 +35,7 @@
 //! writer asks sled for a key's finished record only when an in-memory count of the
 //! finished keys' hashes says it may be there, that is for the retry of a finished
 //! command (and a hash collision, about n in 2^64 for n finished keys). Handlers read
-//! sled on the blocking pool ([`Store::read_blocking`]).
+//! sled on the blocking pool ([`Store::blocking`]).
 //!
 //! Layout: `intake` (the accept log, its writer thread and the pending table),
 //! `projection` (the read side).
@@ -87,8 +87,8 @@ pub enum StoreError {
     Corrupt(#[from] serde_json::Error),
     #[error("intake log: {0}")]
     Io(#[from] std::io::Error),
-    #[error("storage read: {0}")]
-    Read(#[from] tokio::task::JoinError),
+    #[error("storage task: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// A task row as stored: the task plus the seq of the create command, which orders the
@@ -281,19 +281,19 @@ impl Store {
         Ok(seq)
     }
 
-    /// Runs `read` (sled reads) on the blocking pool and waits for it: a sled read
-    /// waits for any running apply transaction (see the module docs), which an async
+    /// Runs `work` (sled calls) on the blocking pool and waits for it: any sled call
+    /// waits for a running apply transaction (see the module docs), which an async
     /// worker, serving many connections, must not.
     ///
     /// # Errors
-    /// `read`'s error, or [`StoreError::Read`] if it panicked.
-    pub async fn read_blocking<T, F>(&self, read: F) -> Result<T, StoreError>
+    /// `work`'s error, or [`StoreError::Task`] if it panicked.
+    pub async fn blocking<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || read(&store)).await?
+        tokio::task::spawn_blocking(move || work(&store)).await?
     }
 
     /// The finished (applied or failed) command under `key`, from sled.
