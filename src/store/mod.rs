@@ -16,9 +16,15 @@
 //! - `tasks`: task id (16 bytes) -> [`TaskRow`].
 //! - `events`: event id (u64 big-endian) -> the finished SSE frame.
 //! - `dead_letters`: seq (u64 big-endian) -> idempotency key.
+//! - `expiries`: settled time (unix ms, u64 big-endian) and seq (u64 big-endian) ->
+//!   idempotency key: the finished records in the order they expire, so compaction
+//!   reads only what it removes. Applies append at its end.
 //! - `meta`: `last_event_id` -> u64 big-endian, so ids are never reused;
 //!   `seq_reserved` -> u64 big-endian, the end of the block of seqs handed out from
-//!   memory ([`Store::next_seq`]).
+//!   memory ([`Store::next_seq`]); `expiries_indexed`, present once every finished
+//!   record is in `expiries` (data directories from before that tree are indexed once,
+//!   on open; like the seq allocator this is one way: records an older build writes
+//!   afterwards have no entry and would never expire).
 //!
 //! Two costs dominate a durable write in sled 0.34, and both are paid per call, not per
 //! byte: every transaction takes the process-wide write lock and seals the log buffer
@@ -47,6 +53,7 @@ pub use intake::{
     Intake, IntakeError, IntakeThread, OnDurable, INTAKE_BATCH_MAX, INTAKE_CAPACITY, SEGMENT_BYTES,
 };
 
+use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -71,6 +78,12 @@ use crate::model::{
 
 const LAST_EVENT_ID: &[u8] = b"last_event_id";
 const SEQ_RESERVED: &[u8] = b"seq_reserved";
+const EXPIRIES_INDEXED: &[u8] = b"expiries_indexed";
+/// Most expired commands removed in one transaction by compaction. Each transaction
+/// holds sled's global lock, so applies wait for it: small chunks keep that wait to a
+/// few milliseconds, and cost no more per record than large ones (chunks of 1024 took
+/// slightly longer per record when tried).
+const COMPACT_CHUNK: usize = 64;
 /// Seqs reserved (and persisted) at a time; the reservation is one sled write and flush.
 const SEQ_BLOCK: u64 = 1 << 16;
 /// The intake log's directory, inside the data directory.
@@ -147,6 +160,7 @@ struct Inner {
     tasks: sled::Tree,
     events: sled::Tree,
     dead_letters: sled::Tree,
+    expiries: sled::Tree,
     meta: sled::Tree,
     // A std lock: held only to copy rows in or out, never across an await.
     projection: RwLock<Projection>,
@@ -197,16 +211,17 @@ impl Store {
         let commands = tree("commands")?;
         let command_ids = tree("command_ids")?;
         let dead_letters = tree("dead_letters")?;
-        let intake_dir = dir.join(INTAKE_DIR);
-        let pending = Self::recover_intake(
-            &intake_dir,
-            &FinishedTrees {
-                commands: &commands,
-                command_ids: &command_ids,
-                dead_letters: &dead_letters,
-            },
-        )?;
+        let expiries = tree("expiries")?;
         let meta = tree("meta")?;
+        let finished = FinishedTrees {
+            commands: &commands,
+            command_ids: &command_ids,
+            dead_letters: &dead_letters,
+            expiries: &expiries,
+        };
+        finished.index_expiries(&meta)?;
+        let intake_dir = dir.join(INTAKE_DIR);
+        let pending = Self::recover_intake(&intake_dir, &finished)?;
         let first_seq = match meta.get(SEQ_RESERVED)? {
             Some(reserved) => read_u64(&reserved),
             // A data directory from before the allocator: its seqs came from sled's
@@ -219,6 +234,7 @@ impl Store {
             tasks: tree("tasks")?,
             events: tree("events")?,
             dead_letters,
+            expiries,
             meta,
             projection: RwLock::new(Projection::default()),
             pending: Mutex::new(pending),
@@ -364,15 +380,17 @@ impl Store {
             &inner.events,
             &inner.meta,
             &inner.dead_letters,
+            &inner.expiries,
         )
             .transaction(
-                |(commands, command_ids, tasks, events, meta, dead_letters)| {
+                |(commands, command_ids, tasks, events, meta, dead_letters, expiries)| {
                     let trees = ApplyTrees {
                         commands,
                         command_ids,
                         tasks,
                         events,
                         dead_letters,
+                        expiries,
                     };
                     let mut last_event_id = meta.get(LAST_EVENT_ID)?.map_or(0, |v| read_u64(&v));
                     let mut applied = Vec::with_capacity(batch.len());
@@ -425,6 +443,11 @@ impl Store {
     /// settled before `commands_before` (pending ones are never dropped). Returns how
     /// many of each went.
     ///
+    /// Both read only what they remove: events by id, records by the `expiries` index,
+    /// whose time is whole milliseconds (a record settled within the millisecond before
+    /// `commands_before` may stay until the next compaction). Records go in
+    /// transactions of [`COMPACT_CHUNK`].
+    ///
     /// # Errors
     /// On storage failure or a corrupt record.
     pub fn compact(
@@ -443,21 +466,46 @@ impl Store {
                 events_removed += 1;
             }
         }
-        let mut commands_removed = 0;
         let trees = FinishedTrees {
             commands: &inner.commands,
             command_ids: &inner.command_ids,
             dead_letters: &inner.dead_letters,
+            expiries: &inner.expiries,
         };
-        for entry in inner.commands.iter() {
-            let (key, bytes) = entry?;
-            let record: CommandRecord = serde_json::from_slice(&bytes)?;
-            let expired = record.status != CommandStatus::Pending
-                && record.settled_at.is_some_and(|at| at < commands_before);
-            if expired {
-                trees.remove(&record)?;
-                self.pending_table().forget_finished(&key);
-                commands_removed += 1;
+        let cut = sled::IVec::from(&unix_ms(commands_before).to_be_bytes());
+        let mut commands_removed = 0;
+        // Each chunk starts after the last entry of the one before: a sure end.
+        let mut after = Bound::Unbounded;
+        loop {
+            let mut expired = Vec::with_capacity(COMPACT_CHUNK);
+            let range = (after.clone(), Bound::Excluded(cut.clone()));
+            for entry in inner.expiries.range(range).take(COMPACT_CHUNK) {
+                let (index_key, key) = entry?;
+                // Only the record this entry stands for (its settled time, its seq);
+                // an entry without one is deleted alone.
+                let record = match inner.commands.get(key)? {
+                    Some(bytes) => {
+                        Some(serde_json::from_slice::<CommandRecord>(&bytes)?).filter(|record| {
+                            record
+                                .settled_at
+                                .is_some_and(|at| index_key == expiry_key_for(at, record.seq)[..])
+                        })
+                    }
+                    None => None,
+                };
+                expired.push((Some(index_key), record));
+            }
+            let Some((Some(last), _)) = expired.last() else {
+                break;
+            };
+            after = Bound::Excluded(last.clone());
+            trees.remove_expired(&expired)?;
+            let mut pending = self.pending_table();
+            for (_, record) in &expired {
+                if let Some(record) = record {
+                    pending.forget_finished(record.idempotency_key.as_bytes());
+                    commands_removed += 1;
+                }
             }
         }
         if commands_removed > 0 {
@@ -469,24 +517,81 @@ impl Store {
     }
 }
 
+/// The `expiries` key of the record of command `seq`, settled at `settled_at`.
+fn expiry_key_for(settled_at: OffsetDateTime, seq: u64) -> [u8; 16] {
+    let mut index_key = [0; 16];
+    index_key[..8].copy_from_slice(&unix_ms(settled_at).to_be_bytes());
+    index_key[8..].copy_from_slice(&seq.to_be_bytes());
+    index_key
+}
+
 /// The trees that hold a finished command.
 struct FinishedTrees<'a> {
     commands: &'a sled::Tree,
     command_ids: &'a sled::Tree,
     dead_letters: &'a sled::Tree,
+    expiries: &'a sled::Tree,
 }
 
 impl FinishedTrees<'_> {
-    /// Deletes a finished command: its record, its id index, its dead letter.
+    /// Deletes a finished command: its record, its id index, its dead letter, its
+    /// expiry.
     fn remove(&self, record: &CommandRecord) -> Result<(), StoreError> {
-        (self.commands, self.command_ids, self.dead_letters)
-            .transaction(|(commands, ids, dead_letters)| {
-                commands.remove(record.idempotency_key.as_bytes())?;
-                ids.remove(record.command_id.as_bytes())?;
-                dead_letters.remove(&record.seq.to_be_bytes())?;
+        let index_key = record.settled_at.map(|at| expiry_key_for(at, record.seq));
+        self.remove_expired(&[(index_key.map(|key| key[..].into()), Some(record.clone()))])
+    }
+
+    /// Deletes, in one transaction, each `expiries` entry and the finished command it
+    /// stands for (`None`: an entry whose record is gone or newer, deleted alone).
+    fn remove_expired(
+        &self,
+        expired: &[(Option<sled::IVec>, Option<CommandRecord>)],
+    ) -> Result<(), StoreError> {
+        (
+            self.commands,
+            self.command_ids,
+            self.dead_letters,
+            self.expiries,
+        )
+            .transaction(|(commands, ids, dead_letters, expiries)| {
+                for (index_key, record) in expired {
+                    if let Some(index_key) = index_key {
+                        expiries.remove(index_key)?;
+                    }
+                    if let Some(record) = record {
+                        commands.remove(record.idempotency_key.as_bytes())?;
+                        ids.remove(record.command_id.as_bytes())?;
+                        dead_letters.remove(&record.seq.to_be_bytes())?;
+                    }
+                }
                 Ok::<_, ConflictableTransactionError<StoreError>>(())
             })
             .map_err(flatten)
+    }
+
+    /// Indexes every finished record by its expiry, once: a data directory from before
+    /// the `expiries` tree has records without an entry. Marked done in `meta`, after
+    /// the entries are durable; interrupted, it starts over (the entries are the same).
+    fn index_expiries(&self, meta: &sled::Tree) -> Result<(), StoreError> {
+        if meta.contains_key(EXPIRIES_INDEXED)? {
+            return Ok(());
+        }
+        let mut indexed = 0_usize;
+        for entry in self.commands.iter() {
+            let (key, bytes) = entry?;
+            let record: CommandRecord = serde_json::from_slice(&bytes)?;
+            if let Some(at) = record.settled_at {
+                self.expiries.insert(expiry_key_for(at, record.seq), key)?;
+                indexed += 1;
+            }
+        }
+        self.expiries.flush()?;
+        meta.insert(EXPIRIES_INDEXED, &[])?;
+        meta.flush()?;
+        if indexed > 0 {
+            tracing::info!(indexed, "indexed the finished commands by expiry");
+        }
+        Ok(())
     }
 }
 
@@ -497,6 +602,7 @@ struct ApplyTrees<'a> {
     tasks: &'a TransactionalTree,
     events: &'a TransactionalTree,
     dead_letters: &'a TransactionalTree,
+    expiries: &'a TransactionalTree,
 }
 
 impl ApplyTrees<'_> {
@@ -581,6 +687,8 @@ impl ApplyTrees<'_> {
         record.event_id = Some(event_id);
         self.commands
             .insert(key.as_bytes(), serde_json::to_vec(&record).map_err(abort)?)?;
+        self.expiries
+            .insert(&expiry_key_for(now, record.seq), key.as_bytes())?;
         self.command_ids
             .insert(record.command_id.as_bytes(), key.as_bytes())?;
         self.events
@@ -744,16 +852,47 @@ mod tests {
     /// Accepts a new command under `key` and applies it, as the consumer would: it is
     /// finished, its record durable in sled.
     async fn accept_and_apply(store: &Store, key: &str, fingerprint: &str) -> CommandRecord {
-        let (answers, _) = accept_all(store, &[create(key, fingerprint, store)]).await;
-        let Some(Accepted::New(record)) = answers.into_iter().next() else {
-            panic!("a new key is a new command");
-        };
-        store
-            .apply_batch(&[(&record, &Decision::Apply)], OffsetDateTime::now_utc())
-            .expect("applied");
+        let record = create(key, fingerprint, store);
+        let mut applied = accept_and_apply_all(
+            store,
+            &[(record, Decision::Apply)],
+            OffsetDateTime::now_utc(),
+        )
+        .await;
+        applied.remove(0).1
+    }
+
+    /// Accepts each new command and applies them, each as decided, as one batch at
+    /// `now`, as the consumer would. Answers each record as accepted and as finished.
+    async fn accept_and_apply_all(
+        store: &Store,
+        commands: &[(CommandRecord, Decision)],
+        now: OffsetDateTime,
+    ) -> Vec<(CommandRecord, CommandRecord)> {
+        let records: Vec<_> = commands.iter().map(|(record, _)| record.clone()).collect();
+        let (answers, _) = accept_all(store, &records).await;
+        let accepted: Vec<_> = answers
+            .into_iter()
+            .map(|answer| match answer {
+                Accepted::New(record) => record,
+                other => panic!("a new key is a new command, not {other:?}"),
+            })
+            .collect();
+        let batch: Vec<_> = accepted
+            .iter()
+            .zip(commands)
+            .map(|(record, (_, decision))| (record, decision))
+            .collect();
+        let applied = store.apply_batch(&batch, now).expect("applied");
         store.flush_durable();
-        store.finish(key, record.command_id);
-        record
+        accepted
+            .into_iter()
+            .zip(applied)
+            .map(|(record, applied)| {
+                store.finish(&record.idempotency_key, record.command_id);
+                (record, applied.expect("pending, so applied").record)
+            })
+            .collect()
     }
 
     #[tokio::test]
@@ -937,6 +1076,106 @@ mod tests {
         assert!(store.command_by_id(old.command_id).unwrap().is_none());
         let (answers, _) = accept_all(&store, &[create("k", "f", &store)]).await;
         assert!(matches!(&answers[0], Accepted::Replay(r) if r.command_id == new.command_id));
+    }
+
+    #[tokio::test]
+    async fn compaction_removes_exactly_the_records_settled_before_the_cutoff() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let now = OffsetDateTime::now_utc();
+        // More than two removal chunks, one of them dead-lettered.
+        let dead = || Decision::Fail(FailureReason::DeadLettered, "gave up".to_owned());
+        let old_keys: Vec<String> = (0..2 * COMPACT_CHUNK + 5)
+            .map(|i| format!("old-{i}"))
+            .collect();
+        let old_commands: Vec<_> = old_keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| {
+                let decision = if i == 0 { dead() } else { Decision::Apply };
+                (create(key, "f", &store), decision)
+            })
+            .collect();
+        let old = accept_and_apply_all(&store, &old_commands, now - time::Duration::hours(2)).await;
+        let recent_commands = [
+            (create("new-0", "f", &store), dead()),
+            (create("new-1", "f", &store), Decision::Apply),
+        ];
+        let recent = accept_and_apply_all(&store, &recent_commands, now).await;
+        assert_eq!(store.dead_letters().expect("listed").len(), 2);
+
+        let removed = store.compact(u64::MAX, now - time::Duration::hours(1));
+        assert_eq!(removed.expect("compacted"), (0, old.len()));
+        assert_eq!(
+            store
+                .compact(u64::MAX, now - time::Duration::hours(1))
+                .expect("compacted"),
+            (0, 0)
+        );
+
+        // The old commands are gone under every index; the recent ones stay.
+        let inner = &store.inner;
+        let left = [
+            &inner.commands,
+            &inner.command_ids,
+            &inner.dead_letters,
+            &inner.expiries,
+        ];
+        assert_eq!(left.map(|tree| tree.len()), [2, 2, 1, 2]);
+        for (_, finished) in &old {
+            assert!(store.command_by_id(finished.command_id).unwrap().is_none());
+        }
+        for (_, finished) in &recent {
+            assert!(store.command_by_id(finished.command_id).unwrap().is_some());
+        }
+        let dead: Vec<_> = store
+            .dead_letters()
+            .expect("listed")
+            .iter()
+            .map(|r| r.command_id)
+            .collect();
+        assert_eq!(dead, [recent[0].1.command_id]);
+        // An old key is free for a new command; a recent one still answers its retry.
+        let (answers, _) = accept_all(
+            &store,
+            &[
+                create(&old_keys[0], "f", &store),
+                create(&old_keys[old_keys.len() - 1], "f", &store),
+                create("new-1", "f", &store),
+            ],
+        )
+        .await;
+        assert!(matches!(&answers[0], Accepted::New(_)));
+        assert!(matches!(&answers[1], Accepted::New(_)));
+        assert!(
+            matches!(&answers[2], Accepted::Replay(r) if r.command_id == recent[1].0.command_id)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_data_directory_from_before_the_expiry_index_is_indexed_on_open() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let settled = OffsetDateTime::now_utc() - time::Duration::hours(2);
+        let commands = ["a", "b"].map(|key| (create(key, "f", &store), Decision::Apply));
+        let old = accept_and_apply_all(&store, &commands, settled).await;
+        // As an older build left it: finished records, no expiry entries, no mark.
+        store.inner.expiries.clear().unwrap();
+        store.inner.meta.remove(EXPIRIES_INDEXED).unwrap();
+        store.flush_durable();
+        drop(store);
+
+        let store = reopen(dir.path());
+        assert_eq!(
+            store.compact(u64::MAX, settled).expect("compacted"),
+            (0, 0),
+            "not yet expired"
+        );
+        let removed = store.compact(u64::MAX, settled + time::Duration::hours(1));
+        assert_eq!(removed.expect("compacted"), (0, 2));
+        assert!(store.command_by_id(old[1].1.command_id).unwrap().is_none());
+        let (answers, _) = accept_all(&store, &[create("b", "f", &store)]).await;
+        assert!(matches!(&answers[0], Accepted::New(_)));
     }
 
     #[tokio::test]

@@ -1,0 +1,132 @@
+//! What the janitor's compaction costs, at the store level: fills a fresh store with
+//! finished commands settled two hours ago (each transaction a millisecond after the
+//! one before, as the consumer's steps would), then times `Store::compact` with nothing
+//! expired (what every minute of a long-running node costs) and with all of them
+//! expired (what removing a minute's worth costs, per record).
+//!
+//! ```sh
+//! cargo run --release --example compaction -- --records 300000
+//! ```
+//!
+//! Not a test: BENCHMARKS.md records its figures with the command that made them.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use settle::model::{CommandBody, CommandRecord, CommandStatus};
+use settle::store::{Decision, Store};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// Times the janitor's compaction over a store of finished commands.
+#[derive(Parser)]
+struct Args {
+    /// Finished commands in the store.
+    #[arg(long, default_value_t = 100_000)]
+    records: usize,
+    /// Where the store's fresh directory is made [default: the system's temp dir].
+    #[arg(long)]
+    data_parent: Option<PathBuf>,
+    /// Commands per apply transaction while filling (the consumer's largest batch).
+    #[arg(long, default_value_t = settle::consumer::MAX_BATCH)]
+    batch: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = match &args.data_parent {
+        Some(parent) => tempfile::tempdir_in(parent),
+        None => tempfile::tempdir(),
+    }
+    .context("making the store's directory")?;
+    let store = Store::open(dir.path()).context("opening the store")?;
+    println!(
+        "compaction of {} finished commands, store in {}",
+        args.records,
+        dir.path().display()
+    );
+
+    let settled = OffsetDateTime::now_utc() - time::Duration::hours(2);
+    let started = Instant::now();
+    let mut filled = 0;
+    let mut step = 0;
+    while filled < args.records {
+        let records = (0..args.batch.min(args.records - filled))
+            .map(|_| finished_command(&store, settled))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let batch: Vec<_> = records
+            .iter()
+            .map(|record| (record, &Decision::Apply))
+            .collect();
+        let at = settled + time::Duration::milliseconds(step);
+        store.apply_batch(&batch, at).context("applying")?;
+        filled += records.len();
+        step += 1;
+    }
+    store.flush_durable();
+    let fill = started.elapsed();
+    println!(
+        "  fill             {filled} applied in transactions of {}: {} s ({} µs per command)",
+        args.batch,
+        seconds(fill),
+        per_record_us(fill, filled)
+    );
+
+    let not_yet = settled - time::Duration::hours(1);
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let (_, removed) = store.compact(u64::MAX, not_yet).context("compacting")?;
+        anyhow::ensure!(removed == 0, "nothing had expired, yet {removed} went");
+        idle.push(format!(
+            "{:.3} ms",
+            started.elapsed().as_secs_f64() * 1000.0
+        ));
+    }
+    println!("  nothing expired  {} (3 runs)", idle.join(" / "));
+
+    let started = Instant::now();
+    let (_, removed) = store
+        .compact(u64::MAX, settled + time::Duration::hours(1))
+        .context("compacting")?;
+    let removal = started.elapsed();
+    anyhow::ensure!(removed == filled, "{filled} had expired, {removed} went");
+    println!(
+        "  all expired      {removed} removed: {} s ({} µs per command)",
+        seconds(removal),
+        per_record_us(removal, removed)
+    );
+    Ok(())
+}
+
+/// A new create command, as the intake would have accepted it.
+fn finished_command(store: &Store, accepted_at: OffsetDateTime) -> anyhow::Result<CommandRecord> {
+    let task_id = Uuid::now_v7();
+    Ok(CommandRecord {
+        command_id: Uuid::now_v7(),
+        task_id,
+        idempotency_key: Uuid::new_v4().to_string(),
+        seq: store.next_seq().context("a seq")?,
+        fingerprint: "0".repeat(64),
+        body: CommandBody::Create {
+            title: format!("task {task_id}"),
+            notes: String::new(),
+        },
+        status: CommandStatus::Pending,
+        accepted_at,
+        due_at_ms: 0,
+        settled_at: None,
+        event_id: None,
+        error: None,
+    })
+}
+
+fn seconds(elapsed: Duration) -> String {
+    format!("{:.2}", elapsed.as_secs_f64())
+}
+
+fn per_record_us(elapsed: Duration, records: usize) -> String {
+    format!("{:.1}", elapsed.as_secs_f64() * 1e6 / records.max(1) as f64)
+}
