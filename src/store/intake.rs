@@ -159,7 +159,7 @@ impl PendingTable {
     }
 
     /// False when `key` certainly has no finished record in sled.
-    fn may_be_finished(&self, key: &[u8]) -> bool {
+    pub(super) fn may_be_finished(&self, key: &[u8]) -> bool {
         self.finished.contains_key(&self.key_hasher.hash_one(key))
     }
 }
@@ -274,7 +274,7 @@ impl Store {
                         } else {
                             tracing::warn!(command_id = %record.command_id, stale = %stored.command_id,
                                 "an expired command's record came back under a logged command's key; deleting it");
-                            trees.remove(&stored)?;
+                            trees.remove_record(&stored)?;
                             stale_removed = true;
                             false
                         }

@@ -44,16 +44,16 @@
 //! sled on the blocking pool ([`Store::blocking`]).
 //!
 //! Layout: `intake` (the accept log, its writer thread and the pending table),
-//! `projection` (the read side).
+//! `projection` (the read side), `retention` (compaction and the `expiries` index).
 
 mod intake;
 mod projection;
+mod retention;
 
 pub use intake::{
     Intake, IntakeError, IntakeThread, OnDurable, INTAKE_BATCH_MAX, INTAKE_CAPACITY, SEGMENT_BYTES,
 };
 
-use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -69,6 +69,7 @@ use uuid::Uuid;
 
 use self::intake::PendingTable;
 use self::projection::Projection;
+use self::retention::{expiry_key_for, FinishedTrees};
 
 use crate::hub::EventFrame;
 use crate::model::{
@@ -78,12 +79,6 @@ use crate::model::{
 
 const LAST_EVENT_ID: &[u8] = b"last_event_id";
 const SEQ_RESERVED: &[u8] = b"seq_reserved";
-const EXPIRIES_INDEXED: &[u8] = b"expiries_indexed";
-/// Most expired commands removed in one transaction by compaction. Each transaction
-/// holds sled's global lock, so applies wait for it: small chunks keep that wait to a
-/// few milliseconds, and cost no more per record than large ones (chunks of 1024 took
-/// slightly longer per record when tried).
-const COMPACT_CHUNK: usize = 64;
 /// Seqs reserved (and persisted) at a time; the reservation is one sled write and flush.
 const SEQ_BLOCK: u64 = 1 << 16;
 /// The intake log's directory, inside the data directory.
@@ -438,161 +433,6 @@ impl Store {
         }
         Ok(frames)
     }
-
-    /// Drops events beyond the newest `keep_events`, and finished command records
-    /// settled before `commands_before` (pending ones are never dropped). Returns how
-    /// many of each went.
-    ///
-    /// Both read only what they remove: events by id, records by the `expiries` index,
-    /// whose time is whole milliseconds (a record settled within the millisecond before
-    /// `commands_before` may stay until the next compaction). Records go in
-    /// transactions of [`COMPACT_CHUNK`].
-    ///
-    /// # Errors
-    /// On storage failure or a corrupt record.
-    pub fn compact(
-        &self,
-        keep_events: u64,
-        commands_before: OffsetDateTime,
-    ) -> Result<(usize, usize), StoreError> {
-        let inner = &*self.inner;
-        let mut events_removed = 0;
-        let head = self.watermark();
-        if head > keep_events {
-            let cut = (head - keep_events + 1).to_be_bytes();
-            for entry in inner.events.range(..cut) {
-                let (id, _) = entry?;
-                inner.events.remove(id)?;
-                events_removed += 1;
-            }
-        }
-        let trees = FinishedTrees {
-            commands: &inner.commands,
-            command_ids: &inner.command_ids,
-            dead_letters: &inner.dead_letters,
-            expiries: &inner.expiries,
-        };
-        let cut = sled::IVec::from(&unix_ms(commands_before).to_be_bytes());
-        let mut commands_removed = 0;
-        // Each chunk starts after the last entry of the one before: a sure end.
-        let mut after = Bound::Unbounded;
-        loop {
-            let mut expired = Vec::with_capacity(COMPACT_CHUNK);
-            let range = (after.clone(), Bound::Excluded(cut.clone()));
-            for entry in inner.expiries.range(range).take(COMPACT_CHUNK) {
-                let (index_key, key) = entry?;
-                // Only the record this entry stands for (its settled time, its seq);
-                // an entry without one is deleted alone.
-                let record = match inner.commands.get(key)? {
-                    Some(bytes) => {
-                        Some(serde_json::from_slice::<CommandRecord>(&bytes)?).filter(|record| {
-                            record
-                                .settled_at
-                                .is_some_and(|at| index_key == expiry_key_for(at, record.seq)[..])
-                        })
-                    }
-                    None => None,
-                };
-                expired.push((Some(index_key), record));
-            }
-            let Some((Some(last), _)) = expired.last() else {
-                break;
-            };
-            after = Bound::Excluded(last.clone());
-            trees.remove_expired(&expired)?;
-            let mut pending = self.pending_table();
-            for (_, record) in &expired {
-                if let Some(record) = record {
-                    pending.forget_finished(record.idempotency_key.as_bytes());
-                    commands_removed += 1;
-                }
-            }
-        }
-        if commands_removed > 0 {
-            // A key is free for a new command once its record is gone; the sooner that
-            // is durable, the less recovery has to repair (`recover_intake`).
-            inner.db.flush()?;
-        }
-        Ok((events_removed, commands_removed))
-    }
-}
-
-/// The `expiries` key of the record of command `seq`, settled at `settled_at`.
-fn expiry_key_for(settled_at: OffsetDateTime, seq: u64) -> [u8; 16] {
-    let mut index_key = [0; 16];
-    index_key[..8].copy_from_slice(&unix_ms(settled_at).to_be_bytes());
-    index_key[8..].copy_from_slice(&seq.to_be_bytes());
-    index_key
-}
-
-/// The trees that hold a finished command.
-struct FinishedTrees<'a> {
-    commands: &'a sled::Tree,
-    command_ids: &'a sled::Tree,
-    dead_letters: &'a sled::Tree,
-    expiries: &'a sled::Tree,
-}
-
-impl FinishedTrees<'_> {
-    /// Deletes a finished command: its record, its id index, its dead letter, its
-    /// expiry.
-    fn remove(&self, record: &CommandRecord) -> Result<(), StoreError> {
-        let index_key = record.settled_at.map(|at| expiry_key_for(at, record.seq));
-        self.remove_expired(&[(index_key.map(|key| key[..].into()), Some(record.clone()))])
-    }
-
-    /// Deletes, in one transaction, each `expiries` entry and the finished command it
-    /// stands for (`None`: an entry whose record is gone or newer, deleted alone).
-    fn remove_expired(
-        &self,
-        expired: &[(Option<sled::IVec>, Option<CommandRecord>)],
-    ) -> Result<(), StoreError> {
-        (
-            self.commands,
-            self.command_ids,
-            self.dead_letters,
-            self.expiries,
-        )
-            .transaction(|(commands, ids, dead_letters, expiries)| {
-                for (index_key, record) in expired {
-                    if let Some(index_key) = index_key {
-                        expiries.remove(index_key)?;
-                    }
-                    if let Some(record) = record {
-                        commands.remove(record.idempotency_key.as_bytes())?;
-                        ids.remove(record.command_id.as_bytes())?;
-                        dead_letters.remove(&record.seq.to_be_bytes())?;
-                    }
-                }
-                Ok::<_, ConflictableTransactionError<StoreError>>(())
-            })
-            .map_err(flatten)
-    }
-
-    /// Indexes every finished record by its expiry, once: a data directory from before
-    /// the `expiries` tree has records without an entry. Marked done in `meta`, after
-    /// the entries are durable; interrupted, it starts over (the entries are the same).
-    fn index_expiries(&self, meta: &sled::Tree) -> Result<(), StoreError> {
-        if meta.contains_key(EXPIRIES_INDEXED)? {
-            return Ok(());
-        }
-        let mut indexed = 0_usize;
-        for entry in self.commands.iter() {
-            let (key, bytes) = entry?;
-            let record: CommandRecord = serde_json::from_slice(&bytes)?;
-            if let Some(at) = record.settled_at {
-                self.expiries.insert(expiry_key_for(at, record.seq), key)?;
-                indexed += 1;
-            }
-        }
-        self.expiries.flush()?;
-        meta.insert(EXPIRIES_INDEXED, &[])?;
-        meta.flush()?;
-        if indexed > 0 {
-            tracing::info!(indexed, "indexed the finished commands by expiry");
-        }
-        Ok(())
-    }
 }
 
 /// The trees one apply writes, inside its transaction.
@@ -782,6 +622,7 @@ fn decide(record: &CommandRecord, current: Option<&TaskRow>, now: OffsetDateTime
 
 #[cfg(test)]
 mod tests {
+    use super::retention::{COMPACT_CHUNK, EXPIRIES_INDEXED};
     use super::*;
     use crate::model::CommandBody;
 
@@ -1057,12 +898,16 @@ mod tests {
         let Accepted::New(new) = &answers[0] else {
             panic!("the freed key is a new command");
         };
+        // The old record's expiry entry too: it went in the same transaction.
+        let old_entry = expiry_key_for(old.settled_at.expect("settled"), old.seq);
+        assert!(!store.inner.expiries.contains_key(old_entry).unwrap());
         store.inner.commands.insert("k", old_bytes).unwrap();
         store
             .inner
             .command_ids
             .insert(old.command_id.as_bytes(), "k")
             .unwrap();
+        store.inner.expiries.insert(old_entry, "k").unwrap();
         store.flush_durable();
         drop(store);
 
@@ -1074,6 +919,7 @@ mod tests {
             "the 202'd command is pending again"
         );
         assert!(store.command_by_id(old.command_id).unwrap().is_none());
+        assert!(!store.inner.expiries.contains_key(old_entry).unwrap());
         let (answers, _) = accept_all(&store, &[create("k", "f", &store)]).await;
         assert!(matches!(&answers[0], Accepted::Replay(r) if r.command_id == new.command_id));
     }
@@ -1083,49 +929,58 @@ mod tests {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = Store::open(dir.path()).expect("a store");
         let now = OffsetDateTime::now_utc();
-        // More than two removal chunks, one of them dead-lettered.
-        let dead = || Decision::Fail(FailureReason::DeadLettered, "gave up".to_owned());
-        let old_keys: Vec<String> = (0..2 * COMPACT_CHUNK + 5)
-            .map(|i| format!("old-{i}"))
-            .collect();
-        let old_commands: Vec<_> = old_keys
-            .iter()
-            .enumerate()
-            .map(|(i, key)| {
-                let decision = if i == 0 { dead() } else { Decision::Apply };
-                (create(key, "f", &store), decision)
-            })
-            .collect();
-        let old = accept_and_apply_all(&store, &old_commands, now - time::Duration::hours(2)).await;
-        let recent_commands = [
-            (create("new-0", "f", &store), dead()),
-            (create("new-1", "f", &store), Decision::Apply),
-        ];
-        let recent = accept_and_apply_all(&store, &recent_commands, now).await;
+        let cutoff = now - time::Duration::hours(1);
+        let ms = time::Duration::milliseconds(1);
+        let dead_lettered = || Decision::Fail(FailureReason::DeadLettered, "gave up".to_owned());
+        let commands = |prefix: &str, count: usize, dead: bool| -> Vec<_> {
+            (0..count)
+                .map(|i| {
+                    let record = create(&format!("{prefix}-{i}"), "f", &store);
+                    let decision = if dead && i == 0 {
+                        dead_lettered()
+                    } else {
+                        Decision::Apply
+                    };
+                    (record, decision)
+                })
+                .collect()
+        };
+        // More than two removal chunks, one of them dead-lettered; then one just before
+        // the cutoff; these go. One at the cutoff, one after it, and two now stay.
+        let mut gone = accept_and_apply_all(
+            &store,
+            &commands("old", 2 * COMPACT_CHUNK + 5, true),
+            now - time::Duration::hours(2),
+        )
+        .await;
+        gone.extend(accept_and_apply_all(&store, &commands("before", 1, false), cutoff - ms).await);
+        let mut kept = accept_and_apply_all(&store, &commands("at", 1, false), cutoff).await;
+        kept.extend(accept_and_apply_all(&store, &commands("after", 1, false), cutoff + ms).await);
+        kept.extend(accept_and_apply_all(&store, &commands("new", 2, true), now).await);
         assert_eq!(store.dead_letters().expect("listed").len(), 2);
 
-        let removed = store.compact(u64::MAX, now - time::Duration::hours(1));
-        assert_eq!(removed.expect("compacted"), (0, old.len()));
         assert_eq!(
-            store
-                .compact(u64::MAX, now - time::Duration::hours(1))
-                .expect("compacted"),
-            (0, 0)
+            store.compact(u64::MAX, cutoff).expect("compacted"),
+            (0, gone.len())
         );
+        assert_eq!(store.compact(u64::MAX, cutoff).expect("compacted"), (0, 0));
 
-        // The old commands are gone under every index; the recent ones stay.
+        // Gone under every index, and from the count of finished keys; the rest stay.
         let inner = &store.inner;
-        let left = [
+        let trees = [
             &inner.commands,
             &inner.command_ids,
             &inner.dead_letters,
             &inner.expiries,
         ];
-        assert_eq!(left.map(|tree| tree.len()), [2, 2, 1, 2]);
-        for (_, finished) in &old {
+        assert_eq!(trees.map(|tree| tree.len()), [4, 4, 1, 4]);
+        for (accepted, finished) in &gone {
             assert!(store.command_by_id(finished.command_id).unwrap().is_none());
+            assert!(!store
+                .pending_table()
+                .may_be_finished(accepted.idempotency_key.as_bytes()));
         }
-        for (_, finished) in &recent {
+        for (_, finished) in &kept {
             assert!(store.command_by_id(finished.command_id).unwrap().is_some());
         }
         let dead: Vec<_> = store
@@ -1134,21 +989,62 @@ mod tests {
             .iter()
             .map(|r| r.command_id)
             .collect();
-        assert_eq!(dead, [recent[0].1.command_id]);
-        // An old key is free for a new command; a recent one still answers its retry.
-        let (answers, _) = accept_all(
-            &store,
-            &[
-                create(&old_keys[0], "f", &store),
-                create(&old_keys[old_keys.len() - 1], "f", &store),
-                create("new-1", "f", &store),
-            ],
-        )
-        .await;
+        assert_eq!(dead, [kept[2].1.command_id]);
+        // A removed key is free for a new command; a kept one still answers its retry.
+        let retries = [&gone[0], &gone[gone.len() - 1], &kept[0]]
+            .map(|(accepted, _)| create(&accepted.idempotency_key, "f", &store));
+        let (answers, _) = accept_all(&store, &retries).await;
         assert!(matches!(&answers[0], Accepted::New(_)));
         assert!(matches!(&answers[1], Accepted::New(_)));
+        assert!(matches!(&answers[2], Accepted::Replay(r) if r.command_id == kept[0].0.command_id));
+    }
+
+    #[tokio::test]
+    async fn an_expiry_entry_removes_only_the_record_it_was_written_for() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let now = OffsetDateTime::now_utc();
+        let current = accept_and_apply(&store, "k", "f").await;
+        // An entry from long ago under the same key: not this record's (another time,
+        // another seq), as an older build could have left behind.
+        let stale = expiry_key_for(now - time::Duration::hours(3), current.seq + 1);
+        store.inner.expiries.insert(stale, "k").unwrap();
+
+        assert_eq!(
+            store
+                .compact(u64::MAX, now - time::Duration::hours(1))
+                .expect("compacted"),
+            (0, 0)
+        );
         assert!(
-            matches!(&answers[2], Accepted::Replay(r) if r.command_id == recent[1].0.command_id)
+            !store.inner.expiries.contains_key(stale).unwrap(),
+            "the stale entry goes"
+        );
+        assert!(
+            store.command_by_id(current.command_id).unwrap().is_some(),
+            "the record stays"
+        );
+
+        // A removal that finds the record already gone (and its key taken by a new
+        // command) removes nothing of the new one.
+        let trees = store.finished_trees();
+        assert_eq!(
+            trees
+                .remove(&[], std::slice::from_ref(&current))
+                .expect("removed"),
+            [true]
+        );
+        let newer = accept_and_apply(&store, "k", "f").await;
+        assert_eq!(
+            trees
+                .remove(&[], std::slice::from_ref(&current))
+                .expect("removed"),
+            [false]
+        );
+        assert!(store.command_by_id(newer.command_id).unwrap().is_some());
+        assert_eq!(
+            store.finished_command("k").unwrap().map(|r| r.command_id),
+            Some(newer.command_id)
         );
     }
 

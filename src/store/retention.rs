@@ -1,0 +1,241 @@
+//! Retention: the janitor's compaction of the event log and of finished commands, and
+//! the `expiries` index it reads.
+//!
+//! The apply transaction that finishes a command also writes its `expiries` entry,
+//! (settled time in unix ms, seq) -> idempotency key, so the entries are in the order
+//! the records expire and applies append at the end. Expiry is a range scan below the
+//! cutoff: it reads only what it removes, where a scan of every record would cost a
+//! long-running node time in proportion to its whole retention, every minute
+//! (BENCHMARKS.md, section 4).
+
+use std::ops::Bound;
+
+use sled::transaction::ConflictableTransactionError;
+use sled::{IVec, Transactional};
+use time::OffsetDateTime;
+
+use super::{flatten, Store, StoreError};
+use crate::model::{unix_ms, CommandRecord};
+
+/// `meta` key, present once every finished record has its `expiries` entry.
+pub(super) const EXPIRIES_INDEXED: &[u8] = b"expiries_indexed";
+/// Most expired commands removed in one transaction. Each transaction holds sled's
+/// global lock, so applies wait for it: small chunks keep that wait to a few
+/// milliseconds, and cost no more per record than large ones (chunks of 1024 took
+/// slightly longer per record when tried).
+pub(super) const COMPACT_CHUNK: usize = 64;
+/// Entries written per batch when an older data directory is indexed.
+const INDEX_BATCH: usize = 4096;
+
+/// The `expiries` key of the record of command `seq`, settled at `settled_at`.
+pub(super) fn expiry_key_for(settled_at: OffsetDateTime, seq: u64) -> [u8; 16] {
+    let mut entry = [0; 16];
+    entry[..8].copy_from_slice(&unix_ms(settled_at).to_be_bytes());
+    entry[8..].copy_from_slice(&seq.to_be_bytes());
+    entry
+}
+
+/// The trees that hold a finished command.
+pub(super) struct FinishedTrees<'a> {
+    pub commands: &'a sled::Tree,
+    pub command_ids: &'a sled::Tree,
+    pub dead_letters: &'a sled::Tree,
+    pub expiries: &'a sled::Tree,
+}
+
+impl FinishedTrees<'_> {
+    /// Deletes, in one transaction, the `expiries` entries and each finished record
+    /// that is still under its key, with its id index and dead letter. Answers, per
+    /// record, whether it was deleted.
+    ///
+    /// The records were read before the transaction. If one was removed meanwhile (by
+    /// another compaction) and its key taken by a new command, the new command's
+    /// record must stay: so a record is deleted only while its own command id is still
+    /// indexed, and that index entry goes with the record.
+    pub(super) fn remove(
+        &self,
+        entries: &[IVec],
+        records: &[CommandRecord],
+    ) -> Result<Vec<bool>, StoreError> {
+        (
+            self.commands,
+            self.command_ids,
+            self.dead_letters,
+            self.expiries,
+        )
+            .transaction(|(commands, ids, dead_letters, expiries)| {
+                for entry in entries {
+                    expiries.remove(entry)?;
+                }
+                let mut deleted = Vec::with_capacity(records.len());
+                for record in records {
+                    let current = ids.remove(record.command_id.as_bytes())?.is_some();
+                    if current {
+                        commands.remove(record.idempotency_key.as_bytes())?;
+                        dead_letters.remove(&record.seq.to_be_bytes())?;
+                    }
+                    deleted.push(current);
+                }
+                Ok::<_, ConflictableTransactionError<StoreError>>(deleted)
+            })
+            .map_err(flatten)
+    }
+
+    /// Deletes one finished record and its `expiries` entry.
+    pub(super) fn remove_record(&self, record: &CommandRecord) -> Result<(), StoreError> {
+        let entries: Vec<IVec> = record
+            .settled_at
+            .map(|at| IVec::from(&expiry_key_for(at, record.seq)))
+            .into_iter()
+            .collect();
+        self.remove(&entries, std::slice::from_ref(record))
+            .map(drop)
+    }
+
+    /// Indexes every finished record by its expiry, once: a data directory from before
+    /// the `expiries` tree has records without an entry. Marked done in `meta` after
+    /// the entries are durable; interrupted, it starts over (the entries are the same).
+    pub(super) fn index_expiries(&self, meta: &sled::Tree) -> Result<(), StoreError> {
+        if meta.contains_key(EXPIRIES_INDEXED)? {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        let mut in_batch = 0;
+        let mut indexed = 0_usize;
+        for entry in self.commands.iter() {
+            let (key, bytes) = entry?;
+            let record: CommandRecord = serde_json::from_slice(&bytes)?;
+            let Some(at) = record.settled_at else {
+                continue;
+            };
+            batch.insert(&expiry_key_for(at, record.seq), key);
+            in_batch += 1;
+            indexed += 1;
+            if in_batch == INDEX_BATCH {
+                self.expiries.apply_batch(std::mem::take(&mut batch))?;
+                in_batch = 0;
+            }
+        }
+        self.expiries.apply_batch(batch)?;
+        self.expiries.flush()?;
+        meta.insert(EXPIRIES_INDEXED, &[])?;
+        meta.flush()?;
+        if indexed > 0 {
+            tracing::info!(indexed, "indexed the finished commands by expiry");
+        }
+        Ok(())
+    }
+}
+
+impl Store {
+    pub(super) fn finished_trees(&self) -> FinishedTrees<'_> {
+        let inner = &*self.inner;
+        FinishedTrees {
+            commands: &inner.commands,
+            command_ids: &inner.command_ids,
+            dead_letters: &inner.dead_letters,
+            expiries: &inner.expiries,
+        }
+    }
+
+    /// Drops events beyond the newest `keep_events`, and finished command records
+    /// settled before `commands_before` (pending ones are never dropped). Returns how
+    /// many of each went.
+    ///
+    /// Both read only what they remove: events by id, records by their `expiries`
+    /// entries, whose time is whole milliseconds (a record settled within the
+    /// millisecond before `commands_before` may stay until the next compaction).
+    /// Records go in transactions of [`COMPACT_CHUNK`]. Meant for one caller at a time,
+    /// the janitor; a second one would find less to do, never remove too much.
+    ///
+    /// # Errors
+    /// On storage failure.
+    pub fn compact(
+        &self,
+        keep_events: u64,
+        commands_before: OffsetDateTime,
+    ) -> Result<(usize, usize), StoreError> {
+        let events = self.trim_events(keep_events)?;
+        let commands = self.expire_commands(commands_before)?;
+        Ok((events, commands))
+    }
+
+    fn trim_events(&self, keep_events: u64) -> Result<usize, StoreError> {
+        let head = self.watermark();
+        if head <= keep_events {
+            return Ok(0);
+        }
+        let cut = (head - keep_events + 1).to_be_bytes();
+        let mut removed = 0;
+        for entry in self.inner.events.range(..cut) {
+            let (id, _) = entry?;
+            self.inner.events.remove(id)?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    fn expire_commands(&self, before: OffsetDateTime) -> Result<usize, StoreError> {
+        let trees = self.finished_trees();
+        let cut = IVec::from(&unix_ms(before).to_be_bytes());
+        let mut removed = 0;
+        // Each chunk starts after the last entry of the one before: a sure end.
+        let mut after = Bound::Unbounded;
+        loop {
+            let range = (after.clone(), Bound::Excluded(cut.clone()));
+            let mut entries = Vec::with_capacity(COMPACT_CHUNK);
+            let mut records = Vec::with_capacity(COMPACT_CHUNK);
+            for entry in self.inner.expiries.range(range).take(COMPACT_CHUNK) {
+                let (entry, key) = entry?;
+                if let Some(record) = self.expired_record(&entry, &key)? {
+                    records.push(record);
+                }
+                entries.push(entry);
+            }
+            let Some(last) = entries.last() else {
+                break;
+            };
+            after = Bound::Excluded(last.clone());
+            let deleted = trees.remove(&entries, &records)?;
+            let mut pending = self.pending_table();
+            for (record, deleted) in records.iter().zip(deleted) {
+                if deleted {
+                    pending.forget_finished(record.idempotency_key.as_bytes());
+                    removed += 1;
+                }
+            }
+        }
+        if removed > 0 {
+            // A key is free for a new command once its record is gone; the sooner that
+            // is durable, the less recovery has to repair (`recover_intake`).
+            self.inner.db.flush()?;
+        }
+        Ok(removed)
+    }
+
+    /// The finished record an `expiries` entry stands for: the one under its key with
+    /// its settled time and seq. `None` for an entry without one (it is deleted alone)
+    /// and for a record that does not parse (kept and logged, so that expiry goes on
+    /// past it).
+    fn expired_record(
+        &self,
+        entry: &[u8],
+        key: &[u8],
+    ) -> Result<Option<CommandRecord>, StoreError> {
+        let Some(bytes) = self.inner.commands.get(key)? else {
+            return Ok(None);
+        };
+        let record: CommandRecord = match serde_json::from_slice(&bytes) {
+            Ok(record) => record,
+            Err(err) => {
+                tracing::error!(key = %String::from_utf8_lossy(key), error = %err,
+                    "a finished command record does not parse; it is kept, not expired");
+                return Ok(None);
+            }
+        };
+        let indexed = record
+            .settled_at
+            .is_some_and(|at| entry == expiry_key_for(at, record.seq));
+        Ok(indexed.then_some(record))
+    }
+}
