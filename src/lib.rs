@@ -52,6 +52,8 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::store::{Intake, Store};
 
+/// How long a start waits for the data directory's lock (see [`Store::open_waiting`]).
+pub const STORE_LOCK_WAIT: Duration = Duration::from_secs(5);
 /// How often the janitor trims the event log and expired command records.
 pub const COMPACTION_PERIOD: Duration = Duration::from_secs(60);
 
@@ -98,8 +100,11 @@ pub async fn serve(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let store = Store::open(&config.data_dir)
-        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    let data_dir = config.data_dir.clone();
+    let store =
+        tokio::task::spawn_blocking(move || Store::open_waiting(&data_dir, STORE_LOCK_WAIT))
+            .await?
+            .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
     let hub = Hub::new();
     let faults = Faults::from_config(&config);
     let metrics = Metrics::new();

@@ -86,6 +86,8 @@ const INTAKE_DIR: &str = "intake";
 /// First pause after a failed sled flush; it doubles up to [`FLUSH_BACKOFF_MAX`].
 const FLUSH_BACKOFF: Duration = Duration::from_millis(10);
 const FLUSH_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Pause between attempts to open a locked directory ([`Store::open_waiting`]).
+const LOCK_RETRY: Duration = Duration::from_millis(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -183,6 +185,12 @@ fn flatten(err: TransactionError<StoreError>) -> StoreError {
     }
 }
 
+/// Whether sled could not open a directory because its lock is held. sled 0.34 says
+/// so only in the message.
+fn is_locked(err: &std::io::Error) -> bool {
+    err.kind() == std::io::ErrorKind::Other && err.to_string().contains("could not acquire lock")
+}
+
 fn read_u64(bytes: &[u8]) -> u64 {
     let mut buf = [0u8; 8];
     let len = bytes.len().min(8);
@@ -191,6 +199,28 @@ fn read_u64(bytes: &[u8]) -> u64 {
 }
 
 impl Store {
+    /// [`Store::open`], but while the directory is locked it tries again for up to
+    /// `wait`. sled lets go of its lock only when its last background thread drops
+    /// the last handle, a moment after the owner's own handle, so a store reopened in
+    /// the same process (a restart in the tests) can find it still locked. A lock that
+    /// another process holds is reported once `wait` has passed.
+    ///
+    /// # Errors
+    /// As [`Store::open`].
+    pub fn open_waiting(dir: &std::path::Path, wait: Duration) -> Result<Self, StoreError> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match Self::open(dir) {
+                Err(StoreError::Sled(sled::Error::Io(err)))
+                    if is_locked(&err) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(LOCK_RETRY);
+                }
+                opened => return opened,
+            }
+        }
+    }
+
     /// Opens (or creates) the store in `dir`, loads the projection and reads the
     /// intake log back (every accepted, unapplied command is pending again).
     ///
@@ -671,23 +701,9 @@ mod tests {
         (answers, durable)
     }
 
-    /// Opens the store in `dir` again. sled lets go of its directory lock only when its
-    /// last background thread drops the last handle, a moment after the test's own
-    /// handle: wait for that (bounded), as a restarted process would not have to.
+    /// Opens the store in `dir` again, once sled's threads have let go of it.
     fn reopen(dir: &std::path::Path) -> Store {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            match Store::open(dir) {
-                Ok(store) => return store,
-                Err(StoreError::Sled(sled::Error::Io(err)))
-                    if err.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(err) => panic!("cannot reopen the store: {err}"),
-            }
-        }
+        Store::open_waiting(dir, Duration::from_secs(10)).expect("the store reopens")
     }
 
     /// Accepts a new command under `key` and applies it, as the consumer would: it is
@@ -1097,6 +1113,23 @@ mod tests {
             })
             .collect();
         assert!(seqs[0] > last && seqs[1] > seqs[0], "{seqs:?} after {last}");
+    }
+
+    #[test]
+    fn a_locked_directory_is_waited_for_and_then_reported() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let held = Store::open(dir.path()).expect("a store");
+        let locked = Store::open_waiting(dir.path(), Duration::from_millis(50));
+        assert!(
+            matches!(&locked, Err(StoreError::Sled(sled::Error::Io(err))) if is_locked(err)),
+            "still held after the wait"
+        );
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(held);
+        });
+        Store::open_waiting(dir.path(), Duration::from_secs(10)).expect("opens once let go");
+        release.join().expect("released");
     }
 
     #[test]
