@@ -7,7 +7,7 @@
 //! accept's fsync and the 202, so the figure can be slightly negative; the overhead
 //! from when the request was *sent* is reported beside it as an upper bound.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -133,14 +133,17 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
     let run = commands::run_id();
 
     let mut observer = Observer::connect(addr).await?;
-    let mut pool = Vec::with_capacity(args.max_in_flight);
+    // Used in turn (first out, last back in), so that no connection sits idle long
+    // enough for the server to close it (hyper's 30 s header-read timeout), as the
+    // bottom of a stack would while a steady rate needs only its top.
+    let mut pool = VecDeque::with_capacity(args.max_in_flight);
     for _ in 0..args.max_in_flight.max(1) {
-        pool.push(client::connect(addr, None, None).await?);
+        pool.push_back(client::connect(addr, None, None).await?);
     }
     let tasks = match args.workload {
         Workload::Like => {
             commands::create_tasks(
-                &mut pool[0],
+                pool.front_mut().expect("at least one connection"),
                 &mut observer,
                 args.tasks.max(1),
                 &run,
@@ -190,7 +193,7 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
             let conn = pool
                 .lock()
                 .expect("pool lock poisoned")
-                .pop()
+                .pop_front()
                 .expect("every permit stands for a pooled connection");
             let (path, body) = match args.workload {
                 Workload::Like => (
@@ -207,7 +210,7 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
             tokio::spawn(async move {
                 let conn = send_one(conn, addr, &path, &key, body, &ledger).await;
                 match conn {
-                    Some(conn) => pool.lock().expect("pool lock poisoned").push(conn),
+                    Some(conn) => pool.lock().expect("pool lock poisoned").push_back(conn),
                     // The connection broke and could not be replaced: one permit fewer.
                     None => {
                         lost.fetch_add(1, Ordering::SeqCst);
