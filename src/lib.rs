@@ -10,7 +10,7 @@
 //! - `model`: tasks, commands and events; the JSON contract.
 //! - `store`: the intake log of accepted commands (one writer thread, group-committed
 //!   fdatasync), sled trees for everything applied (commands, tasks, event log) with a
-//!   shared flush, the read projection.
+//!   shared flush, the read projection, retention (compaction by an expiry index).
 //! - `consumer`: the due-time queue that applies commands in per-task order, with faults.
 //! - `faults`: the live fault knobs and their seeded RNG.
 //! - `hub`: the in-memory broadcast of finished SSE frames.
