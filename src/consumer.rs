@@ -392,9 +392,12 @@ impl Consumer {
         }
 
         let store = self.store.clone();
-        let outcomes = tokio::task::spawn_blocking(move || apply_all(&store, attempts))
+        let commands = attempts.len();
+        let (outcomes, timing) = tokio::task::spawn_blocking(move || apply_all(&store, attempts))
             .await
             .expect("every apply runs under catch_unwind");
+        self.metrics
+            .apply_step(commands, timing.transaction, timing.flush);
 
         // Durable now (`apply_all` flushed). In event-id order: the batch applied in this order, one transaction each.
         for (attempt, outcome) in outcomes {
@@ -467,17 +470,28 @@ impl Consumer {
     }
 }
 
+/// How long a step's transaction and flush took.
+struct StepTiming {
+    transaction: Duration,
+    /// `None` when nothing was written: every attempt was a transient fault.
+    flush: Option<Duration>,
+}
+
 /// Applies a batch (see [`apply_each`]) and makes what it wrote durable, in one
 /// blocking call: no hand-off to another thread between the two.
-fn apply_all(store: &Store, attempts: Vec<Attempt>) -> Vec<(Attempt, Outcome)> {
+fn apply_all(store: &Store, attempts: Vec<Attempt>) -> (Vec<(Attempt, Outcome)>, StepTiming) {
+    let started = std::time::Instant::now();
     let outcomes = apply_each(store, attempts);
-    if outcomes
+    let transaction = started.elapsed();
+    let wrote = outcomes
         .iter()
-        .any(|(_, outcome)| !matches!(outcome, Outcome::Transient(_)))
-    {
+        .any(|(_, outcome)| !matches!(outcome, Outcome::Transient(_)));
+    let flush = wrote.then(|| {
+        let started = std::time::Instant::now();
         store.flush_durable();
-    }
-    outcomes
+        started.elapsed()
+    });
+    (outcomes, StepTiming { transaction, flush })
 }
 
 /// Applies a batch in one transaction. If that fails (a storage error, a panic), each

@@ -1,8 +1,11 @@
 //! Counters and the consistency-window distribution, served as JSON at `/api/metrics`
 //! and in OpenMetrics text at `/metrics`. The window is measured per settled command
 //! from accept to readable (the projection updated, just before the event goes out).
+//! The consumer's apply steps are timed too, the transaction and the flush apart: they
+//! are most of what the server adds to the configured delay.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hdrhistogram::Histogram as HdrHistogram;
 use prometheus_client::encoding::text::encode;
@@ -18,6 +21,16 @@ const WINDOW_BUCKETS_SECONDS: [f64; 16] = [
 ];
 /// Largest window the percentile histogram records exactly; longer ones are clamped.
 const WINDOW_MAX_MS: u64 = 3_600_000;
+/// Apply step buckets in seconds (transaction, flush): sub-millisecond on a fast disk,
+/// tens of milliseconds when a flush waits on a busy one.
+const STEP_BUCKETS_SECONDS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+/// Largest step time the percentile histograms record, in microseconds.
+const STEP_MAX_US: u64 = 60_000_000;
+/// Largest step size the percentile histogram records (a step holds at most the
+/// consumer's `MAX_BATCH`).
+const STEP_MAX_COMMANDS: u64 = 1 << 16;
 
 /// Cheap `Clone` handle to every metric; cloning is shallow.
 #[derive(Clone)]
@@ -37,6 +50,17 @@ struct Inner {
     window_seconds: Histogram,
     // A std lock: one record or one percentile read at a time, never across an await.
     window_ms: Mutex<HdrHistogram<u64>>,
+    transaction_seconds: Histogram,
+    flush_seconds: Histogram,
+    // One lock for the three step histograms: the consumer records a step at a time.
+    steps: Mutex<StepHistograms>,
+}
+
+/// Per apply step: commands in it, transaction and flush time in microseconds.
+struct StepHistograms {
+    commands: HdrHistogram<u64>,
+    transaction_us: HdrHistogram<u64>,
+    flush_us: HdrHistogram<u64>,
 }
 
 /// `GET /api/metrics`.
@@ -49,11 +73,24 @@ pub struct MetricsReport {
     pub dead_lettered: u64,
     pub pending: i64,
     pub subscribers: i64,
-    pub window_ms: WindowReport,
+    pub window_ms: Distribution,
+    pub apply_steps: StepsReport,
 }
 
+/// The consumer's apply steps since start: each one transaction and one flush.
 #[derive(Clone, Debug, Serialize)]
-pub struct WindowReport {
+pub struct StepsReport {
+    /// Commands per step.
+    pub commands: Distribution,
+    pub transaction_us: Distribution,
+    /// Steps with nothing to make durable (every attempt a transient fault) have no
+    /// flush.
+    pub flush_us: Distribution,
+}
+
+/// Percentiles of one histogram; all 0 while it is empty.
+#[derive(Clone, Debug, Serialize)]
+pub struct Distribution {
     pub count: u64,
     pub p50: u64,
     pub p90: u64,
@@ -114,8 +151,29 @@ impl Metrics {
             "Consistency window per settled command, accept to readable",
             window_seconds.clone(),
         );
-        let window_ms = HdrHistogram::new_with_bounds(1, WINDOW_MAX_MS, 3)
-            .expect("static histogram bounds are valid");
+        let transaction_seconds = Histogram::new(STEP_BUCKETS_SECONDS);
+        registry.register(
+            "apply_transaction_seconds",
+            "The consumer's apply transaction per step (a batch of due commands)",
+            transaction_seconds.clone(),
+        );
+        let flush_seconds = Histogram::new(STEP_BUCKETS_SECONDS);
+        registry.register(
+            "apply_flush_seconds",
+            "The flush that makes an apply step durable, before its events go out",
+            flush_seconds.clone(),
+        );
+        let histogram = |max, digits| {
+            HdrHistogram::new_with_bounds(1, max, digits)
+                .expect("static histogram bounds are valid")
+        };
+        let window_ms = histogram(WINDOW_MAX_MS, 3);
+        // Two significant digits are plenty for step times, and a tenth of the memory.
+        let steps = StepHistograms {
+            commands: histogram(STEP_MAX_COMMANDS, 2),
+            transaction_us: histogram(STEP_MAX_US, 2),
+            flush_us: histogram(STEP_MAX_US, 2),
+        };
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -128,6 +186,9 @@ impl Metrics {
                 subscribers,
                 window_seconds,
                 window_ms: Mutex::new(window_ms),
+                transaction_seconds,
+                flush_seconds,
+                steps: Mutex::new(steps),
             }),
         }
     }
@@ -172,6 +233,22 @@ impl Metrics {
         }
     }
 
+    /// One apply step of `commands` commands: its transaction, and its flush if it had
+    /// anything to make durable.
+    pub fn apply_step(&self, commands: usize, transaction: Duration, flush: Option<Duration>) {
+        let inner = &self.inner;
+        inner.transaction_seconds.observe(transaction.as_secs_f64());
+        let mut steps = inner.steps.lock().expect("step histograms lock poisoned");
+        steps
+            .commands
+            .saturating_record(u64::try_from(commands).unwrap_or(u64::MAX).max(1));
+        steps.transaction_us.saturating_record(micros(transaction));
+        if let Some(flush) = flush {
+            inner.flush_seconds.observe(flush.as_secs_f64());
+            steps.flush_us.saturating_record(micros(flush));
+        }
+    }
+
     /// Counts an open stream until the returned guard drops.
     pub fn subscriber(&self) -> SubscriberGuard {
         self.inner.subscribers.inc();
@@ -182,19 +259,19 @@ impl Metrics {
 
     pub fn report(&self) -> MetricsReport {
         let inner = &self.inner;
-        let window = inner
-            .window_ms
-            .lock()
-            .expect("window histogram lock poisoned");
-        let (p50, p90, p99, max) = if window.is_empty() {
-            (0, 0, 0, 0)
-        } else {
-            (
-                window.value_at_quantile(0.50),
-                window.value_at_quantile(0.90),
-                window.value_at_quantile(0.99),
-                window.max(),
-            )
+        let window_ms = Distribution::of(
+            &inner
+                .window_ms
+                .lock()
+                .expect("window histogram lock poisoned"),
+        );
+        let apply_steps = {
+            let steps = inner.steps.lock().expect("step histograms lock poisoned");
+            StepsReport {
+                commands: Distribution::of(&steps.commands),
+                transaction_us: Distribution::of(&steps.transaction_us),
+                flush_us: Distribution::of(&steps.flush_us),
+            }
         };
         MetricsReport {
             accepted: inner.accepted.get(),
@@ -204,13 +281,8 @@ impl Metrics {
             dead_lettered: inner.dead_lettered.get(),
             pending: inner.pending.get(),
             subscribers: inner.subscribers.get(),
-            window_ms: WindowReport {
-                count: window.len(),
-                p50,
-                p90,
-                p99,
-                max,
-            },
+            window_ms,
+            apply_steps,
         }
     }
 
@@ -249,6 +321,34 @@ impl Metrics {
         }
         text
     }
+}
+
+impl Distribution {
+    fn of(histogram: &HdrHistogram<u64>) -> Self {
+        if histogram.is_empty() {
+            return Self {
+                count: 0,
+                p50: 0,
+                p90: 0,
+                p99: 0,
+                max: 0,
+            };
+        }
+        Self {
+            count: histogram.len(),
+            p50: histogram.value_at_quantile(0.50),
+            p90: histogram.value_at_quantile(0.90),
+            p99: histogram.value_at_quantile(0.99),
+            max: histogram.max(),
+        }
+    }
+}
+
+/// Whole microseconds, at least 1 (the histograms' lowest value).
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros())
+        .unwrap_or(u64::MAX)
+        .clamp(1, STEP_MAX_US)
 }
 
 /// Decrements the subscriber gauge when a stream ends, however it ends.

@@ -178,6 +178,14 @@ async fn concurrent_duplicates_with_one_key_create_one_row() {
     assert_eq!(metrics["accepted"], 1);
     assert_eq!(metrics["settled"], 1);
     assert!(metrics["deduplicated"].as_u64().unwrap() >= 1);
+    // One apply step, timed: its transaction and its flush.
+    let steps = &metrics["apply_steps"];
+    assert_eq!(steps["commands"]["count"], 1);
+    assert_eq!(steps["commands"]["max"], 1);
+    for part in ["transaction_us", "flush_us"] {
+        assert_eq!(steps[part]["count"], 1, "{part}");
+        assert!(steps[part]["max"].as_u64().unwrap() >= 1, "{part}");
+    }
 
     // Replays of a settled command still answer with the same command.
     let late = app
@@ -396,6 +404,9 @@ async fn metrics_are_served_as_prometheus_text_or_openmetrics_on_request() {
         "# TYPE settle_window_seconds histogram",
         "settle_window_seconds_count 1",
         "settle_window_seconds_bucket{le=\"+Inf\"} 1",
+        "# TYPE settle_apply_transaction_seconds histogram",
+        "settle_apply_transaction_seconds_count 1",
+        "settle_apply_flush_seconds_count 1",
     ] {
         assert!(text.lines().any(|l| l == line), "{line:?} in {text}");
     }

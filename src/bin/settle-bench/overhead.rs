@@ -16,7 +16,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use hyper::StatusCode;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -93,6 +93,58 @@ struct Results {
     server_window_minus_delay_ms: Option<Summary>,
     /// Request sent to 202 received.
     accept_latency_ms: Option<Summary>,
+    /// The server's own timing of its apply steps since it started (so with a started
+    /// server, this phase and its setup): where most of the overhead goes.
+    server_apply_steps: Option<ApplySteps>,
+}
+
+/// `apply_steps` of `GET /api/metrics`.
+#[derive(Debug, Deserialize, Serialize)]
+struct ApplySteps {
+    commands: Quantiles,
+    transaction_us: Quantiles,
+    flush_us: Quantiles,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct Quantiles {
+    count: u64,
+    p50: u64,
+    p90: u64,
+    p99: u64,
+    max: u64,
+}
+
+impl ApplySteps {
+    /// Asks the server; `None` if it does not say (an older server, a broken connection).
+    async fn fetch(addr: std::net::SocketAddr) -> Option<Self> {
+        #[derive(Deserialize)]
+        struct Metrics {
+            apply_steps: ApplySteps,
+        }
+        let mut conn = client::connect(addr, None, None).await.ok()?;
+        let (_, body) = conn.get("/api/metrics").await.ok()?;
+        serde_json::from_slice::<Metrics>(&body)
+            .ok()
+            .map(|metrics| metrics.apply_steps)
+    }
+
+    fn brief(&self) -> String {
+        let ms = |us: u64| us as f64 / 1000.0;
+        let (t, f) = (&self.transaction_us, &self.flush_us);
+        format!(
+            "{} steps of {} / {} commands (p50 / max); transaction {:.2} / {:.2} / {:.2} ms, flush {:.2} / {:.2} / {:.2} ms (p50 / p99 / max)",
+            self.commands.count,
+            self.commands.p50,
+            self.commands.max,
+            ms(t.p50),
+            ms(t.p99),
+            ms(t.max),
+            ms(f.p50),
+            ms(f.p99),
+            ms(f.max),
+        )
+    }
 }
 
 /// One command that got its 202.
@@ -243,6 +295,7 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
     let events =
         commands::wait_for_events(&mut observer, pending, Instant::now() + settle_timeout).await;
     let cpu = cpu.finish();
+    let server_apply_steps = ApplySteps::fetch(addr).await;
 
     let delay_ms = delay.as_secs_f64() * 1000.0;
     let mut from_202 = Vec::with_capacity(sent.len());
@@ -284,6 +337,7 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
         overhead_from_send_ms: Summary::of(&mut from_send),
         server_window_minus_delay_ms: Summary::of(&mut server_window),
         accept_latency_ms: Summary::of(&mut accept_latency),
+        server_apply_steps,
     };
 
     let mut problems = Vec::new();
@@ -378,6 +432,13 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
         (
             "202 latency p50/p99/max".to_owned(),
             Summary::brief(results.accept_latency_ms.as_ref()),
+        ),
+        (
+            "server apply steps (since start)".to_owned(),
+            results
+                .server_apply_steps
+                .as_ref()
+                .map_or_else(|| "not reported".to_owned(), ApplySteps::brief),
         ),
     ];
     let parameters = Parameters {
