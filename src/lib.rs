@@ -17,7 +17,8 @@
 //! - `sse`: `GET /api/events`, replay from the log then live, resumable by id.
 //! - `api`: reads, commands, idempotency keys, faults and metrics routes.
 //! - `net`: the HTTP/1.1 accept loop (TCP_NODELAY, graceful drain), the file limit.
-//! - `metrics`: counters and the window histogram (JSON and OpenMetrics).
+//! - `metrics`: counters, the window histogram and the apply step timings (JSON and
+//!   OpenMetrics).
 //! - `assets`: the embedded browser app and the 404 fallback.
 //! - `error`: the problem+json error boundary.
 
@@ -50,7 +51,7 @@ use crate::error::ApiError;
 use crate::faults::Faults;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::store::{Intake, Store};
+use crate::store::{Intake, Store, StoreError};
 
 /// How long a start waits for the data directory's lock (see [`Store::open_waiting`]).
 pub const STORE_LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -100,10 +101,14 @@ pub async fn serve(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // On the blocking pool: opening reads the store back (recovery, the projection),
+    // and may wait for the directory's lock.
     let data_dir = config.data_dir.clone();
     let store =
         tokio::task::spawn_blocking(move || Store::open_waiting(&data_dir, STORE_LOCK_WAIT))
-            .await?
+            .await
+            .map_err(StoreError::from)
+            .and_then(|opened| opened)
             .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
     let hub = Hub::new();
     let faults = Faults::from_config(&config);

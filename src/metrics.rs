@@ -28,9 +28,9 @@ const STEP_BUCKETS_SECONDS: [f64; 12] = [
 ];
 /// Largest step time the percentile histograms record, in microseconds.
 const STEP_MAX_US: u64 = 60_000_000;
-/// Largest step size the percentile histogram records (a step holds at most the
-/// consumer's `MAX_BATCH`).
-const STEP_MAX_COMMANDS: u64 = 1 << 16;
+/// Largest step size the percentile histogram records: a step holds at most the
+/// consumer's batch.
+const STEP_MAX_COMMANDS: u64 = crate::consumer::MAX_BATCH as u64;
 
 /// Cheap `Clone` handle to every metric; cloning is shallow.
 #[derive(Clone)]
@@ -89,7 +89,7 @@ pub struct StepsReport {
 }
 
 /// Percentiles of one histogram; all 0 while it is empty.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Distribution {
     pub count: u64,
     pub p50: u64,
@@ -238,13 +238,15 @@ impl Metrics {
     pub fn apply_step(&self, commands: usize, transaction: Duration, flush: Option<Duration>) {
         let inner = &self.inner;
         inner.transaction_seconds.observe(transaction.as_secs_f64());
+        if let Some(flush) = flush {
+            inner.flush_seconds.observe(flush.as_secs_f64());
+        }
         let mut steps = inner.steps.lock().expect("step histograms lock poisoned");
         steps
             .commands
-            .saturating_record(u64::try_from(commands).unwrap_or(u64::MAX).max(1));
+            .saturating_record(u64::try_from(commands).unwrap_or(u64::MAX));
         steps.transaction_us.saturating_record(micros(transaction));
         if let Some(flush) = flush {
-            inner.flush_seconds.observe(flush.as_secs_f64());
             steps.flush_us.saturating_record(micros(flush));
         }
     }
@@ -326,13 +328,7 @@ impl Metrics {
 impl Distribution {
     fn of(histogram: &HdrHistogram<u64>) -> Self {
         if histogram.is_empty() {
-            return Self {
-                count: 0,
-                p50: 0,
-                p90: 0,
-                p99: 0,
-                max: 0,
-            };
+            return Self::default();
         }
         Self {
             count: histogram.len(),

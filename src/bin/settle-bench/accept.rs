@@ -129,11 +129,7 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
     let accept_cpu = accept_cpu.finish();
 
     let server_metrics = match conns.into_iter().next() {
-        Some(mut conn) => conn
-            .get("/api/metrics")
-            .await
-            .ok()
-            .and_then(|(_, body)| serde_json::from_slice::<ServerMetrics>(&body).ok()),
+        Some(mut conn) => conn.metrics::<ServerMetrics>().await,
         None => None,
     };
     let ratio = if noop.rate_per_s > 0.0 {

@@ -15,6 +15,7 @@ use hyper::client::conn::http1;
 use hyper::header::{ACCEPT, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
 use tokio::net::TcpSocket;
 use tokio::task::JoinHandle;
 
@@ -154,6 +155,19 @@ impl Conn {
             .context("reading the body")?
             .to_bytes();
         Ok((status, body))
+    }
+
+    /// Whether the connection is gone (the server closed it, as it does with one idle
+    /// past its header-read timeout); a request on it would fail unsent.
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    /// `GET /api/metrics`, as the part of it that `T` reads; `None` when the request
+    /// fails or the body does not parse as `T`.
+    pub async fn metrics<T: DeserializeOwned>(&mut self) -> Option<T> {
+        let (_, body) = self.get("/api/metrics").await.ok()?;
+        serde_json::from_slice(&body).ok()
     }
 
     /// `GET path`.

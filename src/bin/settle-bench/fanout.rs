@@ -291,10 +291,8 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
     let slab_after = sys::kernel_slab_kib();
     let server_fds = server.info.pid.and_then(sys::open_fds);
     let server_subscribers = conn
-        .get("/api/metrics")
+        .metrics::<ServerMetrics>()
         .await
-        .ok()
-        .and_then(|(_, body)| serde_json::from_slice::<ServerMetrics>(&body).ok())
         .map(|metrics| metrics.subscribers);
     let per_subscriber = |before: Option<u64>, after: Option<u64>| match (before, after) {
         (Some(before), Some(after)) if connected > 0 => {

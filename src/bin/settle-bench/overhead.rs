@@ -117,15 +117,13 @@ struct Quantiles {
 
 impl ApplySteps {
     /// Asks the server; `None` if it does not say (an older server, a broken connection).
-    async fn fetch(addr: std::net::SocketAddr) -> Option<Self> {
+    async fn fetch(conn: &mut Conn) -> Option<Self> {
         #[derive(Deserialize)]
         struct Metrics {
             apply_steps: ApplySteps,
         }
-        let mut conn = client::connect(addr, None, None).await.ok()?;
-        let (_, body) = conn.get("/api/metrics").await.ok()?;
-        serde_json::from_slice::<Metrics>(&body)
-            .ok()
+        conn.metrics::<Metrics>()
+            .await
             .map(|metrics| metrics.apply_steps)
     }
 
@@ -185,9 +183,10 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
     let run = commands::run_id();
 
     let mut observer = Observer::connect(addr).await?;
-    // Used in turn (first out, last back in), so that no connection sits idle long
-    // enough for the server to close it (hyper's 30 s header-read timeout), as the
-    // bottom of a stack would while a steady rate needs only its top.
+    // Used in turn (first out, last back in): at the default rate no connection sits
+    // idle long enough for the server to close it (`settle::net::HEADER_READ_TIMEOUT`),
+    // as the bottom of a stack would while a steady rate needs only its top. At rates
+    // too low for that, `send_one` replaces a closed connection before sending.
     let mut pool = VecDeque::with_capacity(args.max_in_flight);
     for _ in 0..args.max_in_flight.max(1) {
         pool.push_back(client::connect(addr, None, None).await?);
@@ -295,7 +294,10 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
     let events =
         commands::wait_for_events(&mut observer, pending, Instant::now() + settle_timeout).await;
     let cpu = cpu.finish();
-    let server_apply_steps = ApplySteps::fetch(addr).await;
+    let server_apply_steps = match client::connect(addr, None, None).await {
+        Ok(mut conn) => ApplySteps::fetch(&mut conn).await,
+        Err(_) => None,
+    };
 
     let delay_ms = delay.as_secs_f64() * 1000.0;
     let mut from_202 = Vec::with_capacity(sent.len());
@@ -474,6 +476,18 @@ async fn send_one(
     body: Bytes,
     ledger: &Mutex<Ledger>,
 ) -> Option<Conn> {
+    if conn.is_closed() {
+        conn = match client::connect(addr, None, None).await {
+            Ok(fresh) => fresh,
+            Err(err) => {
+                ledger
+                    .lock()
+                    .expect("ledger lock poisoned")
+                    .error(format!("{err:#}"));
+                return None;
+            }
+        };
+    }
     let sent_at = Instant::now();
     let outcome = conn.command(path, key, body).await;
     let accepted_at = Instant::now();
