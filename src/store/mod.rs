@@ -99,6 +99,8 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("storage task: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("{0} is in use: another process holds its lock (is another settle running on it?)")]
+    Locked(PathBuf),
 }
 
 /// A task row as stored: the task plus the seq of the create command, which orders the
@@ -206,14 +208,16 @@ impl Store {
     /// another process holds is reported once `wait` has passed.
     ///
     /// # Errors
-    /// As [`Store::open`].
+    /// [`StoreError::Locked`] when the lock is still held after `wait`; otherwise as
+    /// [`Store::open`].
     pub fn open_waiting(dir: &std::path::Path, wait: Duration) -> Result<Self, StoreError> {
         let deadline = std::time::Instant::now() + wait;
         loop {
             match Self::open(dir) {
-                Err(StoreError::Sled(sled::Error::Io(err)))
-                    if is_locked(&err) && std::time::Instant::now() < deadline =>
-                {
+                Err(StoreError::Sled(sled::Error::Io(err))) if is_locked(&err) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StoreError::Locked(dir.to_owned()));
+                    }
                     std::thread::sleep(LOCK_RETRY);
                 }
                 opened => return opened,
@@ -1121,7 +1125,7 @@ mod tests {
         let held = Store::open(dir.path()).expect("a store");
         let locked = Store::open_waiting(dir.path(), Duration::from_millis(50));
         assert!(
-            matches!(&locked, Err(StoreError::Sled(sled::Error::Io(err))) if is_locked(err)),
+            matches!(&locked, Err(StoreError::Locked(path)) if path == dir.path()),
             "still held after the wait"
         );
         let release = std::thread::spawn(move || {
