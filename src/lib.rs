@@ -11,7 +11,8 @@
 //! - `store`: the intake log of accepted commands (one writer thread, group-committed
 //!   fdatasync), sled trees for everything applied (commands, tasks, event log) with a
 //!   shared flush, the read projection, retention (compaction by an expiry index).
-//! - `consumer`: the due-time queue that applies commands in per-task order, with faults.
+//! - `consumer`: the due-time queue that applies commands in per-task order, with faults
+//!   (one thread with a runtime of its own).
 //! - `faults`: the live fault knobs and their seeded RNG.
 //! - `hub`: the in-memory broadcast of finished SSE frames.
 //! - `sse`: `GET /api/events`, replay from the log then live, resumable by id.
@@ -123,7 +124,9 @@ pub async fn serve(
         redeliver_after,
     );
     consumer.resume();
-    let consumer = tokio::spawn(consumer.run(shutdown.clone()));
+    let consumer = consumer
+        .start(shutdown.clone())
+        .context("starting the consumer")?;
     // The intake writer hands each batch's new commands on once they are durable,
     // whether or not their requests are still there to be answered.
     let on_durable = {
@@ -154,9 +157,7 @@ pub async fn serve(
     net::serve(listener, state, shutdown.clone()).await;
     // Every handler is done: stop and drain the background tasks.
     intake.stop(intake_writer).await;
-    if let Err(err) = consumer.await {
-        tracing::error!(error = %err, "consumer task failed");
-    }
+    consumer.join().await;
     let _ = janitor.await;
     tracing::info!("shut down");
     Ok(())
@@ -182,5 +183,15 @@ async fn run_janitor(store: Store, config: Config, shutdown: CancellationToken) 
             Ok((events, commands)) => tracing::info!(events, commands, "compacted"),
             Err(err) => tracing::error!(error = %err, "compaction failed"),
         }
+    }
+}
+
+/// Waits for a thread of the server's on the blocking pool, logging its panic.
+pub(crate) async fn join_thread(thread: std::thread::JoinHandle<()>, name: &str) {
+    if tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .map_or(true, |joined| joined.is_err())
+    {
+        tracing::error!("the {name} thread panicked");
     }
 }

@@ -465,12 +465,7 @@ impl Intake {
     /// has drained), so that no accepted request is left without an answer.
     pub async fn stop(&self, thread: IntakeThread) {
         let _ = self.sender.send(Request::Stop).await;
-        if tokio::task::spawn_blocking(move || thread.0.join())
-            .await
-            .map_or(true, |joined| joined.is_err())
-        {
-            tracing::error!("intake writer panicked");
-        }
+        crate::join_thread(thread.0, "intake writer").await;
     }
 }
 
