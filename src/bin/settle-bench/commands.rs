@@ -44,12 +44,33 @@ pub struct EventData {
     /// Server-side accept-to-readable time (settled events only).
     #[serde(default)]
     pub window_ms: Option<u64>,
+    /// When the server accepted the command (settled events only), RFC 3339.
+    #[serde(default)]
+    pub accepted_at: Option<String>,
     /// When the consumer applied the command (settled events only), RFC 3339.
     #[serde(default)]
     pub settled_at: Option<String>,
     /// Why it failed (failed events only).
     #[serde(default)]
     pub reason: Option<String>,
+}
+
+impl EventData {
+    /// `accepted_at` in ns since the Unix epoch, if present and readable.
+    pub fn accepted_at_ns(&self) -> Option<u64> {
+        self.accepted_at.as_deref().and_then(unix_ns)
+    }
+
+    /// `settled_at` in ns since the Unix epoch, if present and readable.
+    pub fn settled_at_ns(&self) -> Option<u64> {
+        self.settled_at.as_deref().and_then(unix_ns)
+    }
+}
+
+fn unix_ns(rfc3339: &str) -> Option<u64> {
+    let at = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .ok()?;
+    u64::try_from(at.unix_timestamp_nanos()).ok()
 }
 
 /// An event of one of the bench's commands, as the observer received it.

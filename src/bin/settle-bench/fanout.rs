@@ -347,13 +347,7 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
             .context("a settled event without an id")?;
         let settled_at_ns = event
             .data
-            .settled_at
-            .as_deref()
-            .and_then(|text| {
-                time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .and_then(|at| u64::try_from(at.unix_timestamp_nanos()).ok())
+            .settled_at_ns()
             .context("a settled event without a readable settled_at")?;
 
         let command = WorkerCommand::Report {

@@ -91,6 +91,13 @@ struct Results {
     overhead_from_send_ms: Option<Summary>,
     /// The server's own `window_ms` (accept to readable, whole ms) - delay.
     server_window_minus_delay_ms: Option<Summary>,
+    /// The first part of the overhead, on the server's clock: the event's `settled_at`
+    /// (its apply step began) - `accepted_at` - delay. The timer's tick and the wait
+    /// for the step running when the command fell due.
+    due_to_step_ms: Option<Summary>,
+    /// The rest, across the two processes' shared wall clock: event received -
+    /// `settled_at`. The step's transaction and flush, the publish and the delivery.
+    step_to_received_ms: Option<Summary>,
     /// Request sent to 202 received.
     accept_latency_ms: Option<Summary>,
     /// The server's own timing of its apply steps since it started (so with a started
@@ -303,6 +310,8 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
     let mut from_202 = Vec::with_capacity(sent.len());
     let mut from_send = Vec::with_capacity(sent.len());
     let mut server_window = Vec::with_capacity(sent.len());
+    let mut due_to_step = Vec::with_capacity(sent.len());
+    let mut step_to_received = Vec::with_capacity(sent.len());
     let mut accept_latency = Vec::with_capacity(sent.len());
     let (mut settled, mut failed) = (0, 0);
     let mut failure_reason = None;
@@ -323,6 +332,12 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
         if let Some(window) = event.data.window_ms {
             server_window.push(window as f64 - delay_ms);
         }
+        if let (Some(accepted_ns), Some(step_ns)) =
+            (event.data.accepted_at_ns(), event.data.settled_at_ns())
+        {
+            due_to_step.push(ns_ms(step_ns, accepted_ns) - delay_ms);
+            step_to_received.push(ns_ms(event.observed.wall_ns, step_ns));
+        }
     }
     let accepted = sent.len();
     let results = Results {
@@ -338,6 +353,8 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
         overhead_from_202_ms: Summary::of(&mut from_202),
         overhead_from_send_ms: Summary::of(&mut from_send),
         server_window_minus_delay_ms: Summary::of(&mut server_window),
+        due_to_step_ms: Summary::of(&mut due_to_step),
+        step_to_received_ms: Summary::of(&mut step_to_received),
         accept_latency_ms: Summary::of(&mut accept_latency),
         server_apply_steps,
     };
@@ -430,6 +447,14 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
         (
             "server window - delay p50/p99/max".to_owned(),
             Summary::brief(results.server_window_minus_delay_ms.as_ref()),
+        ),
+        (
+            "  of which due -> step began (server)".to_owned(),
+            Summary::brief(results.due_to_step_ms.as_ref()),
+        ),
+        (
+            "  of which step began -> received".to_owned(),
+            Summary::brief(results.step_to_received_ms.as_ref()),
         ),
         (
             "202 latency p50/p99/max".to_owned(),
@@ -528,6 +553,12 @@ fn ms(duration: Duration) -> f64 {
 }
 
 /// `later - earlier` in milliseconds, negative if `later` is earlier.
+/// `later - earlier` in ms, for ns timestamps on one clock; negative when `later` is
+/// earlier.
+fn ns_ms(later: u64, earlier: u64) -> f64 {
+    (i128::from(later) - i128::from(earlier)) as f64 / 1e6
+}
+
 fn signed_ms(later: Instant, earlier: Instant) -> f64 {
     if later >= earlier {
         ms(later - earlier)
