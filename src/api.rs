@@ -27,8 +27,8 @@ use uuid::Uuid;
 use crate::error::ApiError;
 use crate::faults::{FaultSettings, FaultUpdate};
 use crate::model::{
-    unix_ms, CommandBody, CommandRecord, CommandStatus, CommandView, Task, NOTES_MAX_CHARS,
-    TITLE_MAX_CHARS,
+    unix_ms, unix_ms_ceil, CommandBody, CommandRecord, CommandStatus, CommandView, Task,
+    NOTES_MAX_CHARS, TITLE_MAX_CHARS,
 };
 use crate::store::{Accepted, IntakeError, Store};
 use crate::AppState;
@@ -493,7 +493,7 @@ async fn submit(
         key: &key,
     };
     let accepted_at = OffsetDateTime::now_utc();
-    let due_at_ms = unix_ms(accepted_at) + millis(state.faults.command_delay());
+    let due_at_ms = unix_ms_ceil(accepted_at) + millis(state.faults.command_delay());
     let record = CommandRecord {
         command_id: Uuid::now_v7(),
         task_id,

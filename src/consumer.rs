@@ -16,9 +16,7 @@
 //! The consumer runs on a thread of its own with a single-threaded runtime
 //! ([`Consumer::start`]), and applies each step inline there. Its timers then fire on a
 //! runtime that no HTTP connection keeps busy, and a step crosses no thread between
-//! its timer and its publish. (On the HTTP runtime, with the apply on the blocking
-//! pool, 1000 commands/s settled with a p99 of 8–12 ms over the delay on one machine,
-//! and 4–9 ms this way: BENCHMARKS.md, section 1.)
+//! its timer and its publish (BENCHMARKS.md, section 1a).
 //!
 //! Faults, as a broker would show them: a lost delivery leaves the command pending
 //! with a redelivery timer (`--redeliver-after-ms`); a transient fault (an I/O error,
@@ -135,7 +133,7 @@ struct Scheduled {
 }
 
 /// The background applier. Build it with [`Consumer::new`], then [`Consumer::start`]
-/// it, or drive it step by step with [`Consumer::process_once`].
+/// it.
 pub struct Consumer {
     store: Store,
     hub: Hub,
@@ -154,9 +152,9 @@ pub struct ConsumerThread(std::thread::JoinHandle<()>);
 
 impl ConsumerThread {
     /// Waits, off the runtime, for the consumer to finish its step and stop; call after
-    /// its `shutdown` token is cancelled.
-    pub async fn join(self) {
-        crate::join_thread(self.0, "consumer").await;
+    /// its `shutdown` token is cancelled. `false` when it panicked.
+    pub async fn join(self) -> bool {
+        crate::join_thread(self.0, "consumer").await
     }
 }
 
@@ -200,7 +198,7 @@ impl Consumer {
 
     /// Schedules every accepted but unapplied command found in the store, at its due
     /// time or now if that has passed. Returns how many.
-    pub fn resume(&mut self) -> usize {
+    fn resume(&mut self) -> usize {
         let unapplied = self.store.unapplied();
         let count = unapplied.len();
         for record in &unapplied {
@@ -213,28 +211,58 @@ impl Consumer {
         count
     }
 
-    /// Runs [`Consumer::run`] until `shutdown` on a new thread, `settle-consumer`, with
-    /// a single-threaded runtime of its own for its timers and inbox.
+    /// Starts the consumer on a thread of its own, `settle-consumer`, with a
+    /// single-threaded runtime for its timers and inbox. Answers once every accepted but
+    /// unapplied command found in the store is scheduled again; then the consumer runs
+    /// until `shutdown`. Should it panic, it cancels `shutdown`, so that the server stops
+    /// rather than accept commands that nothing would apply, and
+    /// [`ConsumerThread::join`] reports it.
     ///
     /// # Errors
-    /// When the runtime or the thread cannot be created.
-    pub fn start(self, shutdown: CancellationToken) -> std::io::Result<ConsumerThread> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()?;
+    /// When the thread or its runtime cannot be created, or resuming panics.
+    pub async fn start(mut self, shutdown: CancellationToken) -> std::io::Result<ConsumerThread> {
+        let (resumed, started) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("settle-consumer".to_owned())
-            .spawn(move || runtime.block_on(self.run(shutdown)))?;
-        Ok(ConsumerThread(thread))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(err) => {
+                        let _ = resumed.send(Err(err));
+                        return;
+                    }
+                };
+                let stop = shutdown.clone();
+                let consume = async move {
+                    // On this runtime: its timers belong to it.
+                    self.resume();
+                    let _ = resumed.send(Ok(()));
+                    self.run(shutdown).await;
+                };
+                if let Err(panic) = runtime.block_on(AssertUnwindSafe(consume).catch_unwind()) {
+                    tracing::error!("the consumer panicked; stopping the server");
+                    stop.cancel();
+                    std::panic::resume_unwind(panic);
+                }
+            })?;
+        match started.await {
+            Ok(Ok(())) => Ok(ConsumerThread(thread)),
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(std::io::Error::other(
+                "the consumer panicked while resuming",
+            )),
+        }
     }
 
     /// Runs until `shutdown`: wait for a message or a timer, then apply what is due.
     /// Each step's apply blocks the runtime's thread (nothing else of the consumer could
-    /// run meanwhile anyway), so give it a runtime of its own, as [`Consumer::start`]
-    /// does.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    /// run meanwhile anyway): hence a runtime of its own.
+    async fn run(mut self, shutdown: CancellationToken) {
         loop {
-            while self.process_once().await > 0 {}
+            while self.process_once() > 0 {}
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -296,8 +324,9 @@ impl Consumer {
         if self.scheduled.contains_key(&seq) {
             return;
         }
-        // To the nanosecond: a wait counted from now in whole milliseconds, rounded
-        // down, would fire up to a millisecond late, on top of the timer's own tick.
+        // From now to the nanosecond: a wait counted from now rounded down to the
+        // millisecond would fire up to a millisecond late, before the queue's own
+        // rounding of the deadline up to its next millisecond tick.
         let due_ns = i128::from(delivery.due_at_ms) * 1_000_000;
         let now_ns = OffsetDateTime::now_utc().unix_timestamp_nanos();
         let wait = Duration::from_nanos(u64::try_from(due_ns - now_ns).unwrap_or(0));
@@ -372,7 +401,7 @@ impl Consumer {
     /// Applies every command that may apply now. Returns how many left the due set
     /// (applied, failed, dropped or put back for a retry); 0 means nothing was ready.
     /// Blocks the calling thread for the batch's transaction and flush.
-    pub async fn process_once(&mut self) -> usize {
+    fn process_once(&mut self) -> usize {
         let seqs = self.applicable();
         if seqs.is_empty() {
             return 0;

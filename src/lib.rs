@@ -116,16 +116,16 @@ pub async fn serve(
     let metrics = Metrics::new();
 
     let redeliver_after = Duration::from_millis(config.redeliver_after_ms);
-    let (mut consumer, consumer_handle) = Consumer::new(
+    let (consumer, consumer_handle) = Consumer::new(
         store.clone(),
         hub.clone(),
         faults.clone(),
         metrics.clone(),
         redeliver_after,
     );
-    consumer.resume();
     let consumer = consumer
         .start(shutdown.clone())
+        .await
         .context("starting the consumer")?;
     // The intake writer hands each batch's new commands on once they are durable,
     // whether or not their requests are still there to be answered.
@@ -157,9 +157,13 @@ pub async fn serve(
     net::serve(listener, state, shutdown.clone()).await;
     // Every handler is done: stop and drain the background tasks.
     intake.stop(intake_writer).await;
-    consumer.join().await;
+    let consumer_ran = consumer.join().await;
     let _ = janitor.await;
     tracing::info!("shut down");
+    anyhow::ensure!(
+        consumer_ran,
+        "the consumer panicked, which stopped the server; accepted commands resume on the next start"
+    );
     Ok(())
 }
 
@@ -186,12 +190,14 @@ async fn run_janitor(store: Store, config: Config, shutdown: CancellationToken) 
     }
 }
 
-/// Waits for a thread of the server's on the blocking pool, logging its panic.
-pub(crate) async fn join_thread(thread: std::thread::JoinHandle<()>, name: &str) {
-    if tokio::task::spawn_blocking(move || thread.join())
+/// Waits for a thread of the server's on the blocking pool. `false` (and logged) when
+/// it panicked.
+pub(crate) async fn join_thread(thread: std::thread::JoinHandle<()>, name: &str) -> bool {
+    let joined = tokio::task::spawn_blocking(move || thread.join())
         .await
-        .map_or(true, |joined| joined.is_err())
-    {
+        .is_ok_and(|joined| joined.is_ok());
+    if !joined {
         tracing::error!("the {name} thread panicked");
     }
+    joined
 }

@@ -229,3 +229,26 @@ pub struct FailedEvent {
 pub fn unix_ms(at: OffsetDateTime) -> u64 {
     u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
 }
+
+/// Unix time in milliseconds, rounded up: a due time counted from it is never early.
+pub fn unix_ms_ceil(at: OffsetDateTime) -> u64 {
+    u64::try_from((at.unix_timestamp_nanos() + 999_999) / 1_000_000).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_due_time_rounds_the_accept_up_to_the_millisecond() {
+        let exact = OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_000_000)
+            .expect("a valid time");
+        assert_eq!(unix_ms(exact), 1_700_000_000_123);
+        assert_eq!(unix_ms_ceil(exact), 1_700_000_000_123);
+        let later = exact + time::Duration::nanoseconds(1);
+        assert_eq!(unix_ms(later), 1_700_000_000_123);
+        assert_eq!(unix_ms_ceil(later), 1_700_000_000_124);
+        let almost = exact + time::Duration::nanoseconds(999_999);
+        assert_eq!(unix_ms_ceil(almost), 1_700_000_000_124);
+    }
+}

@@ -67,6 +67,12 @@ impl EventData {
     }
 }
 
+/// `later - earlier` in ms, for ns timestamps on one clock; negative when `later` is
+/// earlier.
+pub fn ms_between(later_ns: u64, earlier_ns: u64) -> f64 {
+    (i128::from(later_ns) - i128::from(earlier_ns)) as f64 / 1e6
+}
+
 fn unix_ns(rfc3339: &str) -> Option<u64> {
     let at = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
         .ok()?;

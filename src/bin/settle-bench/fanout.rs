@@ -374,7 +374,7 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
         let to_ms = |from: u64| -> Vec<f64> {
             arrivals
                 .iter()
-                .map(|&at| (at as f64 - from as f64) / 1e6)
+                .map(|&at| commands::ms_between(at, from))
                 .collect()
         };
         let (mut since_settled, mut since_first) = (to_ms(settled_at_ns), to_ms(first));
@@ -392,9 +392,10 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
             received: arrivals.len(),
             since_settled_ms: Summary::of(&mut since_settled),
             since_first_ms: Summary::of(&mut since_first),
-            observer_since_settled_ms: round3(
-                (event.observed.wall_ns as f64 - settled_at_ns as f64) / 1e6,
-            ),
+            observer_since_settled_ms: round3(commands::ms_between(
+                event.observed.wall_ns,
+                settled_at_ns,
+            )),
         });
         tokio::time::sleep(EVENT_PAUSE).await;
     }

@@ -92,9 +92,10 @@ struct Results {
     /// The server's own `window_ms` (accept to readable, whole ms) - delay.
     server_window_minus_delay_ms: Option<Summary>,
     /// The first part of the overhead, on the server's clock: the event's `settled_at`
-    /// (its apply step began) - `accepted_at` - delay. The timer's tick and the wait
-    /// for the step running when the command fell due.
-    due_to_step_ms: Option<Summary>,
+    /// (its apply step began) - `accepted_at` - delay. The timer (the due time is
+    /// `accepted_at` rounded up to the ms, plus the delay) and the wait for the step
+    /// running when the command fell due.
+    delay_to_step_ms: Option<Summary>,
     /// The rest, across the two processes' shared wall clock: event received -
     /// `settled_at`. The step's transaction and flush, the publish and the delivery.
     step_to_received_ms: Option<Summary>,
@@ -310,7 +311,7 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
     let mut from_202 = Vec::with_capacity(sent.len());
     let mut from_send = Vec::with_capacity(sent.len());
     let mut server_window = Vec::with_capacity(sent.len());
-    let mut due_to_step = Vec::with_capacity(sent.len());
+    let mut delay_to_step = Vec::with_capacity(sent.len());
     let mut step_to_received = Vec::with_capacity(sent.len());
     let mut accept_latency = Vec::with_capacity(sent.len());
     let (mut settled, mut failed) = (0, 0);
@@ -335,8 +336,8 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
         if let (Some(accepted_ns), Some(step_ns)) =
             (event.data.accepted_at_ns(), event.data.settled_at_ns())
         {
-            due_to_step.push(ns_ms(step_ns, accepted_ns) - delay_ms);
-            step_to_received.push(ns_ms(event.observed.wall_ns, step_ns));
+            delay_to_step.push(commands::ms_between(step_ns, accepted_ns) - delay_ms);
+            step_to_received.push(commands::ms_between(event.observed.wall_ns, step_ns));
         }
     }
     let accepted = sent.len();
@@ -353,7 +354,7 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
         overhead_from_202_ms: Summary::of(&mut from_202),
         overhead_from_send_ms: Summary::of(&mut from_send),
         server_window_minus_delay_ms: Summary::of(&mut server_window),
-        due_to_step_ms: Summary::of(&mut due_to_step),
+        delay_to_step_ms: Summary::of(&mut delay_to_step),
         step_to_received_ms: Summary::of(&mut step_to_received),
         accept_latency_ms: Summary::of(&mut accept_latency),
         server_apply_steps,
@@ -449,8 +450,8 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
             Summary::brief(results.server_window_minus_delay_ms.as_ref()),
         ),
         (
-            "  of which due -> step began (server)".to_owned(),
-            Summary::brief(results.due_to_step_ms.as_ref()),
+            "  of which accepted + delay -> step began".to_owned(),
+            Summary::brief(results.delay_to_step_ms.as_ref()),
         ),
         (
             "  of which step began -> received".to_owned(),
@@ -553,12 +554,6 @@ fn ms(duration: Duration) -> f64 {
 }
 
 /// `later - earlier` in milliseconds, negative if `later` is earlier.
-/// `later - earlier` in ms, for ns timestamps on one clock; negative when `later` is
-/// earlier.
-fn ns_ms(later: u64, earlier: u64) -> f64 {
-    (i128::from(later) - i128::from(earlier)) as f64 / 1e6
-}
-
 fn signed_ms(later: Instant, earlier: Instant) -> f64 {
     if later >= earlier {
         ms(later - earlier)
