@@ -221,7 +221,7 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
     let cpu = CpuMeter::start(server.info.pid, &[]);
 
     // Pacing: a 1 ms tick sends every command the schedule (`rate` per second from
-    // `start`) owes by now. Missed ticks are skipped (MissedTickBehavior::Skip) but the
+    // `start`, command i at i / rate, the first at once) owes by now. Missed ticks are skipped (MissedTickBehavior::Skip) but the
     // commands they owed go out at the next tick, so the average rate holds; when all
     // `max_in_flight` connections are busy the sender waits, falls behind, and the
     // lag is reported. Sending stops when the duration is over.
@@ -237,7 +237,7 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
         if now >= end {
             break;
         }
-        let owed = ((now - start).as_secs_f64() * rate as f64) as u64;
+        let owed = ((now - start).as_secs_f64() * rate as f64) as u64 + 1;
         while issued < owed {
             let permit = permits
                 .clone()
