@@ -1,13 +1,13 @@
 //! The consumer: applies each accepted command when it falls due, or fails it.
 //!
-//! One task owns all scheduling state, so no lock guards it:
+//! One thread owns all scheduling state, so no lock guards it:
 //! - a due-time queue (`DelayQueue`), one timer per command: a burst of thousands of
 //!   commands fires together one delay later instead of queueing behind each other;
 //! - per task, the seqs of its unapplied commands: only the oldest may apply, so a
 //!   command whose jitter made it due early waits for its predecessors;
 //! - the due set: commands whose timer fired and that wait for their turn.
 //!
-//! Each step ([`Consumer::process_once`]) takes every applicable command, draws its
+//! Each step (`Consumer::process_once`) takes every applicable command, draws its
 //! faults, applies the batch (one sled transaction and one flush), then lets the
 //! commands leave the intake log's pending table, updates the projection and publishes
 //! the events in id order. Publishing after durability is what lets a client trust
@@ -31,7 +31,6 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::{delay_queue, DelayQueue};
 use uuid::Uuid;
@@ -197,8 +196,8 @@ impl Consumer {
     }
 
     /// Schedules every accepted but unapplied command found in the store, at its due
-    /// time or now if that has passed. Returns how many.
-    fn resume(&mut self) -> usize {
+    /// time or now if that has passed.
+    fn resume(&mut self) {
         let unapplied = self.store.unapplied();
         let count = unapplied.len();
         for record in &unapplied {
@@ -208,7 +207,6 @@ impl Consumer {
             tracing::info!(count, "resumed unapplied commands");
         }
         self.metrics.commands_resumed(count);
-        count
     }
 
     /// Starts the consumer on a thread of its own, `settle-consumer`, with a
@@ -330,7 +328,7 @@ impl Consumer {
         let due_ns = i128::from(delivery.due_at_ms) * 1_000_000;
         let now_ns = OffsetDateTime::now_utc().unix_timestamp_nanos();
         let wait = Duration::from_nanos(u64::try_from(due_ns - now_ns).unwrap_or(0));
-        let timer = self.timers.insert_at(seq, Instant::now() + wait);
+        let timer = self.timers.insert(seq, wait);
         self.per_task
             .entry(delivery.task_id)
             .or_default()
@@ -457,12 +455,10 @@ impl Consumer {
             return processed;
         }
 
-        let commands = attempts.len();
-        let (outcomes, timing) = apply_all(&self.store, attempts);
-        self.metrics
-            .apply_step(commands, timing.transaction, timing.flush);
+        let outcomes = self.apply_step(attempts);
 
-        // Durable now (`apply_all` flushed). In event-id order: the batch applied in this order, one transaction each.
+        // Durable now (`apply_step` flushed). In event-id order: the batch applied in
+        // this order.
         for (attempt, outcome) in outcomes {
             let record = &attempt.record;
             match outcome {
@@ -484,6 +480,25 @@ impl Consumer {
             }
         }
         processed
+    }
+
+    /// Applies a batch (see [`apply_each`]) and makes what it wrote durable (unless
+    /// nothing was: every attempt a transient fault), timing both for the metrics.
+    fn apply_step(&self, attempts: Vec<Attempt>) -> Vec<(Attempt, Outcome)> {
+        let commands = attempts.len();
+        let started = std::time::Instant::now();
+        let outcomes = apply_each(&self.store, attempts);
+        let transaction = started.elapsed();
+        let wrote = outcomes
+            .iter()
+            .any(|(_, outcome)| !matches!(outcome, Outcome::Transient(_)));
+        let flush = wrote.then(|| {
+            let started = std::time::Instant::now();
+            self.store.flush_durable();
+            started.elapsed()
+        });
+        self.metrics.apply_step(commands, transaction, flush);
+        outcomes
     }
 
     /// A transient fault: retry with exponential backoff, and after the last attempt
@@ -531,30 +546,6 @@ impl Consumer {
             }
         }
     }
-}
-
-/// How long a step's transaction and flush took.
-struct StepTiming {
-    transaction: Duration,
-    /// `None` when nothing was written: every attempt was a transient fault.
-    flush: Option<Duration>,
-}
-
-/// Applies a batch (see [`apply_each`]) and makes what it wrote durable, in one
-/// blocking call: no hand-off to another thread between the two.
-fn apply_all(store: &Store, attempts: Vec<Attempt>) -> (Vec<(Attempt, Outcome)>, StepTiming) {
-    let started = std::time::Instant::now();
-    let outcomes = apply_each(store, attempts);
-    let transaction = started.elapsed();
-    let wrote = outcomes
-        .iter()
-        .any(|(_, outcome)| !matches!(outcome, Outcome::Transient(_)));
-    let flush = wrote.then(|| {
-        let started = std::time::Instant::now();
-        store.flush_durable();
-        started.elapsed()
-    });
-    (outcomes, StepTiming { transaction, flush })
 }
 
 /// Applies a batch in one transaction. If that fails (a storage error, a panic), each

@@ -55,7 +55,7 @@ use crate::metrics::Metrics;
 use crate::store::{Intake, Store, StoreError};
 
 /// How long a start waits for the data directory's lock (see [`Store::open_waiting`]).
-pub const STORE_LOCK_WAIT: Duration = Duration::from_secs(5);
+const STORE_LOCK_WAIT: Duration = Duration::from_secs(5);
 /// How often the janitor trims the event log and expired command records.
 pub const COMPACTION_PERIOD: Duration = Duration::from_secs(60);
 
@@ -96,7 +96,9 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
 /// drains: streams end, the consumer finishes its step, the last writes are flushed.
 ///
 /// # Errors
-/// When the store cannot be opened, or the listener has no local address.
+/// When the store cannot be opened, the consumer or the intake log cannot start, or
+/// the listener has no local address; after the drain, when the consumer panicked
+/// (which also starts the shutdown).
 pub async fn serve(
     listener: TcpListener,
     config: Config,

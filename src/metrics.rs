@@ -13,7 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Window buckets in seconds: fine around the 700 ms default, coarse beyond.
 const WINDOW_BUCKETS_SECONDS: [f64; 16] = [
@@ -78,10 +78,13 @@ pub struct MetricsReport {
 }
 
 /// The consumer's apply steps since start: each one transaction and one flush.
-#[derive(Clone, Debug, Serialize)]
+/// (Deserialize: `settle-bench` reads it back.)
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StepsReport {
     /// Commands per step.
     pub commands: Distribution,
+    /// The step's transaction; when it failed, also the one-command transactions it
+    /// was retried as.
     pub transaction_us: Distribution,
     /// Steps with nothing to make durable (every attempt a transient fault) have no
     /// flush.
@@ -89,7 +92,7 @@ pub struct StepsReport {
 }
 
 /// Percentiles of one histogram; all 0 while it is empty.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Distribution {
     pub count: u64,
     pub p50: u64,

@@ -127,6 +127,13 @@ fn open_stream(
     Ok(response)
 }
 
+/// A `reset` frame: the client refetches the snapshot and resumes from `watermark`.
+fn reset_frame(watermark: u64, reason: &'static str) -> Option<Bytes> {
+    EventFrame::encode(watermark, EVENT_RESET, &ResetEvent { watermark, reason })
+        .ok()
+        .map(|frame| frame.bytes)
+}
+
 /// The SSE byte stream after `last_event_id` (live only when `None`): a `retry:` hint,
 /// a `reset` when that history is gone, the log replay, then live events, keep-alive
 /// comments, and the end when `shutdown` is cancelled. The log is read on the blocking
@@ -148,31 +155,16 @@ pub fn event_stream(
         yield Ok::<Bytes, Infallible>(Bytes::from(format!(": settle\nretry: {RETRY_MS}\n\n")));
 
         let mut sent = head;
-        if let Some(last) = last_event_id {
-            // History is gone when the client is ahead of us (another data dir) or the
-            // first event it needs was compacted away.
-            let gone = if last < head {
-                match store.blocking(Store::oldest_event_id).await {
-                    Ok(oldest) => oldest.is_none_or(|oldest| last + 1 < oldest),
-                    Err(err) => {
-                        tracing::error!(error = %err, "event log read failed; closing stream");
-                        return;
-                    }
+        match last_event_id {
+            // Ahead of this log (another data directory): its history is unknown here.
+            Some(last) if last > head => {
+                if let Some(reset) = reset_frame(head, "unknown_event_id") {
+                    yield Ok(reset);
                 }
-            } else {
-                last > head
-            };
-            if gone {
-                let reset = ResetEvent {
-                    watermark: head,
-                    reason: if last > head { "unknown_event_id" } else { "history_compacted" },
-                };
-                if let Ok(frame) = EventFrame::encode(head, EVENT_RESET, &reset) {
-                    yield Ok(frame.bytes);
-                }
-            } else {
-                sent = last;
             }
+            // From there on; if compaction has taken `last + 1`, the replay below resets.
+            Some(last) => sent = last,
+            None => {}
         }
 
         let mut keep_alive = tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
@@ -184,8 +176,7 @@ pub fn event_stream(
                 let (after, upto) = (sent, target);
                 let read = store.blocking(move |store| store.events_after(after, upto, REPLAY_CHUNK));
                 match read.await {
-                    // Contiguous with what was sent (compaction can cut the log under
-                    // a replay; then the arm below resets).
+                    // Contiguous with what was sent.
                     Ok(frames) if frames.first().is_some_and(|frame| frame.id == sent + 1) => {
                         for frame in frames {
                             sent = frame.id;
@@ -193,10 +184,11 @@ pub fn event_stream(
                         }
                     }
                     Ok(_) => {
-                        // Compacted while we read: the client must refetch.
-                        tracing::warn!(sent, target, "event log no longer holds a lagging subscriber's events");
-                        if let Ok(frame) = EventFrame::encode(target, EVENT_RESET, &ResetEvent { watermark: target, reason: "history_compacted" }) {
-                            yield Ok(frame.bytes);
+                        // The log no longer holds `sent + 1` (compacted before a resume,
+                        // or under a lagging subscriber's replay): the client must refetch.
+                        tracing::info!(sent, target, "event log no longer holds a subscriber's next event; resetting");
+                        if let Some(reset) = reset_frame(target, "history_compacted") {
+                            yield Ok(reset);
                         }
                         sent = target;
                     }

@@ -266,9 +266,8 @@ impl Store {
             let (payloads, _) = decode_frames(&bytes, segment);
             for payload in payloads {
                 let record: CommandRecord = serde_json::from_slice(payload)?;
-                let finished = match commands.get(record.idempotency_key.as_bytes())? {
-                    Some(bytes) => {
-                        let stored: CommandRecord = serde_json::from_slice(&bytes)?;
+                let finished = match trees.record(record.idempotency_key.as_bytes())? {
+                    Some(stored) => {
                         if stored.command_id == record.command_id {
                             true
                         } else {
@@ -327,7 +326,9 @@ impl Store {
             .map(|pending| pending.record.clone())
     }
 
-    pub(super) fn pending_by_id(&self, command_id: Uuid) -> Option<CommandRecord> {
+    /// The accepted, unapplied command with this id, if any: from memory, so callers
+    /// on the runtime need not go to the blocking pool for it.
+    pub fn pending_by_id(&self, command_id: Uuid) -> Option<CommandRecord> {
         let table = self.pending_table();
         let key = table.key_by_id.get(&command_id)?;
         table.by_key.get(key).map(|pending| pending.record.clone())

@@ -169,6 +169,17 @@ struct Inner {
     intake_dir: PathBuf,
 }
 
+impl Inner {
+    fn finished_trees(&self) -> FinishedTrees<'_> {
+        FinishedTrees {
+            commands: &self.commands,
+            command_ids: &self.command_ids,
+            dead_letters: &self.dead_letters,
+            expiries: &self.expiries,
+        }
+    }
+}
+
 /// The seq allocator: `next` up to `reserved` may be handed out; `reserved` is durable
 /// in `meta`, so after a restart every new seq is above every one ever handed out.
 struct Seqs {
@@ -237,42 +248,44 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             .open()?;
         let tree = |name: &str| db.open_tree(name);
-        let commands = tree("commands")?;
-        let command_ids = tree("command_ids")?;
-        let dead_letters = tree("dead_letters")?;
-        let expiries = tree("expiries")?;
-        let meta = tree("meta")?;
-        let finished = FinishedTrees {
-            commands: &commands,
-            command_ids: &command_ids,
-            dead_letters: &dead_letters,
-            expiries: &expiries,
+        let mut inner = Inner {
+            commands: tree("commands")?,
+            command_ids: tree("command_ids")?,
+            tasks: tree("tasks")?,
+            events: tree("events")?,
+            dead_letters: tree("dead_letters")?,
+            expiries: tree("expiries")?,
+            meta: tree("meta")?,
+            projection: RwLock::new(Projection::default()),
+            pending: Mutex::new(PendingTable::default()),
+            seqs: Mutex::new(Seqs {
+                next: 0,
+                reserved: 0,
+            }),
+            intake_dir: dir.join(INTAKE_DIR),
+            db,
         };
-        finished.index_expiries(&meta)?;
-        let intake_dir = dir.join(INTAKE_DIR);
-        let pending = Self::recover_intake(&intake_dir, &finished)?;
-        let first_seq = match meta.get(SEQ_RESERVED)? {
+        let finished = inner.finished_trees();
+        finished.index_expiries(&inner.meta)?;
+        let pending = Self::recover_intake(&inner.intake_dir, &finished)?;
+        *inner
+            .pending
+            .get_mut()
+            .expect("pending table lock poisoned") = pending;
+        let first_seq = match inner.meta.get(SEQ_RESERVED)? {
             Some(reserved) => read_u64(&reserved),
             // A data directory from before the allocator: its seqs came from sled's
             // generator, which answers above all of them.
-            None => db.generate_id()?,
+            None => inner.db.generate_id()?,
         };
-        let inner = Inner {
-            commands,
-            command_ids,
-            tasks: tree("tasks")?,
-            events: tree("events")?,
-            dead_letters,
-            expiries,
-            meta,
-            projection: RwLock::new(Projection::default()),
-            pending: Mutex::new(pending),
-            seqs: Mutex::new(Seqs {
-                next: first_seq,
-                reserved: first_seq,
-            }),
-            intake_dir,
-            db,
+        // The first block now, not on the first accept (which would write and flush
+        // sled on the intake writer's thread, just as recovered commands apply).
+        let reserved = first_seq + SEQ_BLOCK;
+        inner.meta.insert(SEQ_RESERVED, &reserved.to_be_bytes())?;
+        inner.db.flush()?;
+        *inner.seqs.get_mut().expect("seq lock poisoned") = Seqs {
+            next: first_seq,
+            reserved,
         };
         let mut projection = Projection::default();
         projection.watermark = inner.meta.get(LAST_EVENT_ID)?.map_or(0, |v| read_u64(&v));
@@ -346,10 +359,7 @@ impl Store {
     /// # Errors
     /// On storage failure or a corrupt record.
     pub fn finished_command(&self, key: &str) -> Result<Option<CommandRecord>, StoreError> {
-        match self.inner.commands.get(key.as_bytes())? {
-            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
-            None => Ok(None),
-        }
+        self.finished_trees().record(key.as_bytes())
     }
 
     /// The command with this id, pending or finished. Pending first: a command leaves
@@ -363,10 +373,7 @@ impl Store {
             return Ok(Some(record));
         }
         match self.inner.command_ids.get(command_id.as_bytes())? {
-            Some(key) => match self.inner.commands.get(key)? {
-                Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
-                None => Ok(None),
-            },
+            Some(key) => self.finished_trees().record(&key),
             None => Ok(None),
         }
     }
@@ -379,7 +386,7 @@ impl Store {
         let mut records = Vec::new();
         for entry in self.inner.dead_letters.iter() {
             let (_, key) = entry?;
-            if let Some(record) = self.finished_command(&String::from_utf8_lossy(&key))? {
+            if let Some(record) = self.finished_trees().record(&key)? {
                 records.push(record);
             }
         }
@@ -435,14 +442,6 @@ impl Store {
                 },
             )
             .map_err(flatten)
-    }
-
-    /// The id of the oldest event still in the log, if any.
-    ///
-    /// # Errors
-    /// On storage failure.
-    pub fn oldest_event_id(&self) -> Result<Option<u64>, StoreError> {
-        Ok(self.inner.events.first()?.map(|(id, _)| read_u64(&id)))
     }
 
     /// Up to `limit` events after `after`, in id order, but none past `up_to`.
@@ -1107,7 +1106,12 @@ mod tests {
             seqs[seqs.len() - 1]
         };
         let store = reopen(dir.path());
-        let records = [create("a", "a", &store), create("b", "b", &store)];
+        // As the handlers send them: the writer gives the seq.
+        let unnumbered = |key| CommandRecord {
+            seq: 0,
+            ..create(key, key, &store)
+        };
+        let records = [unnumbered("a"), unnumbered("b")];
         let (answers, _) = accept_all(&store, &records).await;
         let seqs: Vec<_> = answers
             .iter()

@@ -44,6 +44,17 @@ pub(super) struct FinishedTrees<'a> {
 }
 
 impl FinishedTrees<'_> {
+    /// The finished record under `key`, if any.
+    ///
+    /// # Errors
+    /// On storage failure, or [`StoreError::Corrupt`] when it does not parse.
+    pub(super) fn record(&self, key: &[u8]) -> Result<Option<CommandRecord>, StoreError> {
+        match self.commands.get(key)? {
+            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
     /// Deletes, in one transaction, the `expiries` entries and each finished record
     /// that is still under its key, with its id index and dead letter. Answers, per
     /// record, whether it was deleted.
@@ -100,7 +111,6 @@ impl FinishedTrees<'_> {
             return Ok(());
         }
         let mut batch = sled::Batch::default();
-        let mut in_batch = 0;
         let mut indexed = 0_usize;
         for entry in self.commands.iter() {
             let (key, bytes) = entry?;
@@ -109,11 +119,9 @@ impl FinishedTrees<'_> {
                 continue;
             };
             batch.insert(&expiry_key_for(at, record.seq), key);
-            in_batch += 1;
             indexed += 1;
-            if in_batch == INDEX_BATCH {
+            if indexed % INDEX_BATCH == 0 {
                 self.expiries.apply_batch(std::mem::take(&mut batch))?;
-                in_batch = 0;
             }
         }
         self.expiries.apply_batch(batch)?;
@@ -129,13 +137,7 @@ impl FinishedTrees<'_> {
 
 impl Store {
     pub(super) fn finished_trees(&self) -> FinishedTrees<'_> {
-        let inner = &*self.inner;
-        FinishedTrees {
-            commands: &inner.commands,
-            command_ids: &inner.command_ids,
-            dead_letters: &inner.dead_letters,
-            expiries: &inner.expiries,
-        }
+        self.inner.finished_trees()
     }
 
     /// Drops events beyond the newest `keep_events`, and finished command records
@@ -222,16 +224,15 @@ impl Store {
         entry: &[u8],
         key: &[u8],
     ) -> Result<Option<CommandRecord>, StoreError> {
-        let Some(bytes) = self.inner.commands.get(key)? else {
-            return Ok(None);
-        };
-        let record: CommandRecord = match serde_json::from_slice(&bytes) {
-            Ok(record) => record,
-            Err(err) => {
+        let record = match self.finished_trees().record(key) {
+            Ok(Some(record)) => record,
+            Ok(None) => return Ok(None),
+            Err(StoreError::Corrupt(err)) => {
                 tracing::error!(key = %String::from_utf8_lossy(key), error = %err,
                     "a finished command record does not parse; it is kept, not expired");
                 return Ok(None);
             }
+            Err(err) => return Err(err),
         };
         let indexed = record
             .settled_at

@@ -115,6 +115,7 @@ async fn a_resume_from_before_the_retained_log_starts_with_reset() {
     assert_eq!(reset.name, "reset");
     assert_eq!(reset.id, 6);
     assert_eq!(reset.data["watermark"], 6);
+    assert_eq!(reset.data["reason"], "history_compacted");
     app.create("fresh").await;
     assert_eq!(stale.next().await.id, 7, "live events follow the reset");
 
@@ -126,6 +127,7 @@ async fn a_resume_from_before_the_retained_log_starts_with_reset() {
     let mut ahead = app.events(Some(999)).await;
     let reset = ahead.next().await;
     assert_eq!((reset.name.as_str(), reset.id), ("reset", 7));
+    assert_eq!(reset.data["reason"], "unknown_event_id");
     app.stop().await;
 }
 

@@ -99,7 +99,7 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
 
     let mut conns = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
-        conns.push(client::connect(addr, None, None).await?);
+        conns.push(client::connect(addr).await?);
     }
 
     let noop_cpu = CpuMeter::start(server.info.pid, &[]);
@@ -280,10 +280,7 @@ where
                     }
                     Err(err) => {
                         tally.error(format!("{err:#}"));
-                        match client::connect(addr, None, None)
-                            .await
-                            .context("reconnecting")
-                        {
+                        match client::connect(addr).await.context("reconnecting") {
                             Ok(fresh) => conn = fresh,
                             Err(err) => {
                                 tally.error(format!("{err:#}"));

@@ -20,11 +20,11 @@ use tokio::net::TcpSocket;
 use tokio::task::JoinHandle;
 
 /// How long connecting a socket may take before the bench gives up on it.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one request-response may take before it counts as an error.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub type RequestBody = Full<Bytes>;
+type RequestBody = Full<Bytes>;
 
 /// One keep-alive HTTP/1.1 connection. Dropping it closes the socket.
 pub struct Conn {
@@ -39,17 +39,34 @@ impl Drop for Conn {
     }
 }
 
-/// Opens a TCP connection to `addr`, from `source` when given (so several processes
-/// can spread their sockets over 127.0.0.x and not exhaust one address's ports).
+/// Opens a keep-alive connection to `addr`.
+///
+/// # Errors
+/// When connecting or the HTTP handshake fails, or takes too long.
+pub async fn connect(addr: SocketAddr) -> anyhow::Result<Conn> {
+    open(addr, None, None).await
+}
+
+/// Opens a connection to `addr` from `source` (so several processes can spread their
+/// sockets over 127.0.0.x and not exhaust one address's ports), reading through a
+/// buffer of exactly `read_buf` bytes: a fan-out worker's subscriber.
 ///
 /// # Errors
 /// When binding, connecting or the HTTP handshake fails, or takes too long.
-pub async fn connect(
+pub async fn connect_from(
+    addr: SocketAddr,
+    source: IpAddr,
+    read_buf: usize,
+) -> anyhow::Result<Conn> {
+    open(addr, Some(source), Some(read_buf)).await
+}
+
+async fn open(
     addr: SocketAddr,
     source: Option<IpAddr>,
     read_buf: Option<usize>,
 ) -> anyhow::Result<Conn> {
-    let open = async {
+    let opening = async {
         let socket = match addr {
             SocketAddr::V4(_) => TcpSocket::new_v4(),
             SocketAddr::V6(_) => TcpSocket::new_v6(),
@@ -76,7 +93,7 @@ pub async fn connect(
             .context("HTTP/1.1 handshake")?;
         anyhow::Ok((sender, connection))
     };
-    let (sender, connection) = tokio::time::timeout(CONNECT_TIMEOUT, open)
+    let (sender, connection) = tokio::time::timeout(CONNECT_TIMEOUT, opening)
         .await
         .with_context(|| format!("connecting to {addr} took over {CONNECT_TIMEOUT:?}"))??;
     // The connection task ends when the socket closes; its error is the request's.
@@ -116,10 +133,7 @@ impl Conn {
     ///
     /// # Errors
     /// When the connection is closed or the server does not answer in time.
-    pub async fn send(
-        &mut self,
-        request: Request<RequestBody>,
-    ) -> anyhow::Result<Response<Incoming>> {
+    async fn send(&mut self, request: Request<RequestBody>) -> anyhow::Result<Response<Incoming>> {
         let exchange = async {
             self.sender.ready().await.context("connection closed")?;
             self.sender
@@ -143,7 +157,7 @@ impl Conn {
     ///
     /// # Errors
     /// On any transport error.
-    pub async fn exchange(
+    async fn exchange(
         &mut self,
         request: Request<RequestBody>,
     ) -> anyhow::Result<(StatusCode, Bytes)> {

@@ -13,8 +13,8 @@ use uuid::Uuid;
 use crate::client::Conn;
 use crate::sse::{Observed, Observer};
 
-pub const EVENT_SETTLED: &str = "projection:settled";
-pub const EVENT_FAILED: &str = "command:failed";
+const EVENT_SETTLED: &str = "projection:settled";
+const EVENT_FAILED: &str = "command:failed";
 
 /// A prefix for this run's idempotency keys: a `--target` server keeps keys for a
 /// day, so a rerun must never replay an earlier run's commands.
@@ -65,12 +65,6 @@ impl EventData {
     pub fn settled_at_ns(&self) -> Option<u64> {
         self.settled_at.as_deref().and_then(unix_ns)
     }
-}
-
-/// `later - earlier` in ms, for ns timestamps on one clock; negative when `later` is
-/// earlier.
-pub fn ms_between(later_ns: u64, earlier_ns: u64) -> f64 {
-    (i128::from(later_ns) - i128::from(earlier_ns)) as f64 / 1e6
 }
 
 fn unix_ns(rfc3339: &str) -> Option<u64> {

@@ -30,7 +30,7 @@ use crate::client;
 use crate::commands::{self, LIKE_BODY};
 use crate::report::{self, PhaseReport, TargetCheck};
 use crate::sse::Observer;
-use crate::stats::{round3, CpuMeter, Summary};
+use crate::stats::{self, round3, CpuMeter, Summary};
 use crate::sys;
 use crate::Ctx;
 use worker::{WorkerCommand, WorkerMessage};
@@ -222,7 +222,7 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
     let settle_timeout =
         Duration::from_millis(server.info.delay_ms + server.info.jitter_ms) + SETTLE_GRACE;
     let run = commands::run_id();
-    let mut conn = client::connect(addr, None, None).await?;
+    let mut conn = client::connect(addr).await?;
     let mut observer = Observer::connect(addr).await?;
     // The task the published likes go to, created before the memory baseline.
     let task = commands::create_tasks(&mut conn, &mut observer, 1, &run, settle_timeout).await?[0];
@@ -374,7 +374,7 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
         let to_ms = |from: u64| -> Vec<f64> {
             arrivals
                 .iter()
-                .map(|&at| commands::ms_between(at, from))
+                .map(|&at| stats::ms_between(at, from))
                 .collect()
         };
         let (mut since_settled, mut since_first) = (to_ms(settled_at_ns), to_ms(first));
@@ -392,7 +392,7 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
             received: arrivals.len(),
             since_settled_ms: Summary::of(&mut since_settled),
             since_first_ms: Summary::of(&mut since_first),
-            observer_since_settled_ms: round3(commands::ms_between(
+            observer_since_settled_ms: round3(stats::ms_between(
                 event.observed.wall_ns,
                 settled_at_ns,
             )),

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use hyper::StatusCode;
 use serde::{Deserialize, Serialize};
+use settle::metrics::StepsReport;
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -24,7 +25,7 @@ use crate::client::{self, Conn};
 use crate::commands::{self, LIKE_BODY};
 use crate::report::{self, PhaseReport, TargetCheck};
 use crate::sse::Observer;
-use crate::stats::{round3, CpuMeter, Summary};
+use crate::stats::{self, round3, CpuMeter, Summary};
 use crate::Ctx;
 
 /// The target: p99 at most this, at this rate.
@@ -103,54 +104,36 @@ struct Results {
     accept_latency_ms: Option<Summary>,
     /// The server's own timing of its apply steps since it started (so with a started
     /// server, this phase and its setup): where most of the overhead goes.
-    server_apply_steps: Option<ApplySteps>,
+    server_apply_steps: Option<StepsReport>,
 }
 
-/// `apply_steps` of `GET /api/metrics`.
-#[derive(Debug, Deserialize, Serialize)]
-struct ApplySteps {
-    commands: Quantiles,
-    transaction_us: Quantiles,
-    flush_us: Quantiles,
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-struct Quantiles {
-    count: u64,
-    p50: u64,
-    p90: u64,
-    p99: u64,
-    max: u64,
-}
-
-impl ApplySteps {
-    /// Asks the server; `None` if it does not say (an older server, a broken connection).
-    async fn fetch(conn: &mut Conn) -> Option<Self> {
-        #[derive(Deserialize)]
-        struct Metrics {
-            apply_steps: ApplySteps,
-        }
-        conn.metrics::<Metrics>()
-            .await
-            .map(|metrics| metrics.apply_steps)
+/// The server's `apply_steps` (`GET /api/metrics`); `None` if it does not say (an
+/// older server, a broken connection).
+async fn fetch_apply_steps(conn: &mut Conn) -> Option<StepsReport> {
+    #[derive(Deserialize)]
+    struct Metrics {
+        apply_steps: StepsReport,
     }
+    conn.metrics::<Metrics>()
+        .await
+        .map(|metrics| metrics.apply_steps)
+}
 
-    fn brief(&self) -> String {
-        let ms = |us: u64| us as f64 / 1000.0;
-        let (t, f) = (&self.transaction_us, &self.flush_us);
-        format!(
-            "{} steps of {} / {} commands (p50 / max); transaction {:.2} / {:.2} / {:.2} ms, flush {:.2} / {:.2} / {:.2} ms (p50 / p99 / max)",
-            self.commands.count,
-            self.commands.p50,
-            self.commands.max,
-            ms(t.p50),
-            ms(t.p99),
-            ms(t.max),
-            ms(f.p50),
-            ms(f.p99),
-            ms(f.max),
-        )
-    }
+fn brief_steps(steps: &StepsReport) -> String {
+    let ms = |us: u64| us as f64 / 1000.0;
+    let (t, f) = (&steps.transaction_us, &steps.flush_us);
+    format!(
+        "{} steps of {} / {} commands (p50 / max); transaction {:.2} / {:.2} / {:.2} ms, flush {:.2} / {:.2} / {:.2} ms (p50 / p99 / max)",
+        steps.commands.count,
+        steps.commands.p50,
+        steps.commands.max,
+        ms(t.p50),
+        ms(t.p99),
+        ms(t.max),
+        ms(f.p50),
+        ms(f.p99),
+        ms(f.max),
+    )
 }
 
 /// One command that got its 202.
@@ -197,7 +180,7 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
     // too low for that, `send_one` replaces a closed connection before sending.
     let mut pool = VecDeque::with_capacity(args.max_in_flight);
     for _ in 0..args.max_in_flight.max(1) {
-        pool.push_back(client::connect(addr, None, None).await?);
+        pool.push_back(client::connect(addr).await?);
     }
     let tasks = match args.workload {
         Workload::Like => {
@@ -302,8 +285,8 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
     let events =
         commands::wait_for_events(&mut observer, pending, Instant::now() + settle_timeout).await;
     let cpu = cpu.finish();
-    let server_apply_steps = match client::connect(addr, None, None).await {
-        Ok(mut conn) => ApplySteps::fetch(&mut conn).await,
+    let server_apply_steps = match client::connect(addr).await {
+        Ok(mut conn) => fetch_apply_steps(&mut conn).await,
         Err(_) => None,
     };
 
@@ -336,8 +319,8 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
         if let (Some(accepted_ns), Some(step_ns)) =
             (event.data.accepted_at_ns(), event.data.settled_at_ns())
         {
-            delay_to_step.push(commands::ms_between(step_ns, accepted_ns) - delay_ms);
-            step_to_received.push(commands::ms_between(event.observed.wall_ns, step_ns));
+            delay_to_step.push(stats::ms_between(step_ns, accepted_ns) - delay_ms);
+            step_to_received.push(stats::ms_between(event.observed.wall_ns, step_ns));
         }
     }
     let accepted = sent.len();
@@ -466,7 +449,7 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
             results
                 .server_apply_steps
                 .as_ref()
-                .map_or_else(|| "not reported".to_owned(), ApplySteps::brief),
+                .map_or_else(|| "not reported".to_owned(), brief_steps),
         ),
     ];
     let parameters = Parameters {
@@ -503,7 +486,7 @@ async fn send_one(
     ledger: &Mutex<Ledger>,
 ) -> Option<Conn> {
     if conn.is_closed() {
-        conn = match client::connect(addr, None, None).await {
+        conn = match client::connect(addr).await {
             Ok(fresh) => fresh,
             Err(err) => {
                 ledger
@@ -544,7 +527,7 @@ async fn send_one(
                 .expect("ledger lock poisoned")
                 .error(format!("{err:#}"));
             drop(conn);
-            client::connect(addr, None, None).await.ok()
+            client::connect(addr).await.ok()
         }
     }
 }

@@ -241,7 +241,7 @@ impl Server {
     /// Reads the consumer settings and the fd limits, and checks the fault knobs are
     /// off: injected failures or drops would make the figures meaningless.
     async fn describe(&mut self) -> anyhow::Result<()> {
-        let mut conn = client::connect(self.info.addr, None, None).await?;
+        let mut conn = client::connect(self.info.addr).await?;
         let (status, body) = conn.get("/api/faults").await?;
         if !status.is_success() {
             bail!("GET /api/faults answered {status}");

@@ -143,7 +143,7 @@ impl Observer {
     /// # Errors
     /// When the stream cannot be opened.
     pub async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
-        let mut conn = client::connect(addr, None, None).await?;
+        let mut conn = client::connect(addr).await?;
         let mut body = conn
             .subscribe()
             .await

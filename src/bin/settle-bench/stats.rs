@@ -54,6 +54,12 @@ impl Summary {
     }
 }
 
+/// `later - earlier` in ms, for ns timestamps on one clock; negative when `later` is
+/// earlier.
+pub fn ms_between(later_ns: u64, earlier_ns: u64) -> f64 {
+    (i128::from(later_ns) - i128::from(earlier_ns)) as f64 / 1e6
+}
+
 /// Milliseconds with microsecond precision are enough for every figure here.
 pub fn round3(value: f64) -> f64 {
     (value * 1000.0).round() / 1000.0

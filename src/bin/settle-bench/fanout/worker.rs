@@ -130,8 +130,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         let (opening, shared, args) = (opening.clone(), shared.clone(), args.clone());
         connecting.spawn(async move {
             let permit = opening.acquire_owned().await.context("semaphore closed")?;
-            let mut conn =
-                client::connect(args.target, Some(args.source_ip), Some(args.read_buf)).await?;
+            let mut conn = client::connect_from(args.target, args.source_ip, args.read_buf).await?;
             let body = conn.subscribe().await?;
             drop(permit);
             shared.alive.fetch_add(1, Ordering::SeqCst);
