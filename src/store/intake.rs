@@ -22,7 +22,9 @@
 //!   command record to sled, keyed by its idempotency key, in the same transaction
 //!   that changes the row and appends the event; once that is durable it calls
 //!   [`Store::finish`], and a closed segment whose commands have all finished becomes
-//!   a spare (or is deleted when there are enough spares).
+//!   a spare (or is deleted when there are enough spares), after an `fdatasync` of
+//!   sled's file: sled's own flush survives a crash of the process but not a power
+//!   loss (`Inner::sync_sled_file`).
 //! - The finished commands are in sled, but the writer must not read sled for every new
 //!   key: a sled read waits for the consumer's running apply transaction (see the
 //!   store's module docs), and with it every accept of the batch. So the pending table
@@ -56,7 +58,7 @@ use std::thread;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{Accepted, FinishedTrees, Store, StoreError};
+use super::{Accepted, FinishedTrees, Inner, Store, StoreError};
 use crate::model::CommandRecord;
 
 /// Most accepts written in one batch. Larger batches amortize the fsync further, but
@@ -249,9 +251,10 @@ impl Store {
     /// record, so the record must be one whose removal by compaction (not flushed
     /// before a crash) came back.
     pub(super) fn recover_intake(
-        dir: &Path,
+        inner: &Inner,
         trees: &FinishedTrees<'_>,
     ) -> Result<PendingTable, StoreError> {
+        let dir = inner.intake_dir.as_path();
         let commands = trees.commands;
         fs::create_dir_all(dir)?;
         let mut table = PendingTable::default();
@@ -302,10 +305,17 @@ impl Store {
                 fs::remove_file(spare_path(dir, spare))?;
             }
         }
-        for &segment in &segments {
-            if !table.unfinished.contains_key(&segment) {
-                release_segment(dir, &mut table, segment)?;
-            }
+        let finished: Vec<u64> = segments
+            .into_iter()
+            .filter(|segment| !table.unfinished.contains_key(segment))
+            .collect();
+        if !finished.is_empty() {
+            // What the records were found finished in may not have reached the disk
+            // before the restart (a kill -9 leaves it in the page cache).
+            inner.sync_sled()?;
+        }
+        for segment in finished {
+            release_segment(dir, &mut table, segment)?;
         }
         sync_dir(dir)?;
         Ok(table)
@@ -350,15 +360,23 @@ impl Store {
     /// [`Store::flush_durable`]). Deletes its log segment if nothing else in it is
     /// unfinished.
     pub fn finish(&self, key: &str, command_id: Uuid) {
-        let mut table = self.pending_table();
-        let Some(segment) = table.finish(key, command_id) else {
+        let Some(segment) = self.pending_table().finish(key, command_id) else {
             return;
         };
-        // Under the lock, so the writer cannot take this spare before it exists: one
-        // rename or unlink, no fsync (after a crash the file is found finished again).
-        if let Err(err) = release_segment(&self.inner.intake_dir, &mut table, segment) {
+        if let Err(err) = self.release_segment(segment) {
             tracing::warn!(error = %err, segment, "cannot release a finished intake segment");
         }
+    }
+
+    /// Releases a closed segment whose commands have all finished, once their applies
+    /// are durable against a power loss too ([`Inner::sync_sled_file`]): until then
+    /// the segment is what brings them back. Once per segment, outside the table's
+    /// lock (an fdatasync takes milliseconds, and every accept uses the table).
+    fn release_segment(&self, segment: u64) -> io::Result<()> {
+        self.inner.sync_sled_file()?;
+        // Under the lock, so the writer cannot take this spare before it exists: one
+        // rename or unlink, no fsync (after a crash the file is found finished again).
+        release_segment(&self.inner.intake_dir, &mut self.pending_table(), segment)
     }
 }
 
@@ -643,11 +661,18 @@ impl IntakeWriter {
         self.file = open_segment(&self.store, next)?;
         let closed = std::mem::replace(&mut self.segment, next);
         self.written = 0;
-        let mut table = self.store.pending_table();
-        table.active = next;
-        if table.unfinished.get(&closed).is_none_or(|&left| left == 0) {
-            table.unfinished.remove(&closed);
-            release_segment(&self.store.inner.intake_dir, &mut table, closed)?;
+        let finished = {
+            let mut table = self.store.pending_table();
+            table.active = next;
+            let finished = table.unfinished.get(&closed).is_none_or(|&left| left == 0);
+            if finished {
+                // Nothing left in it to finish, so no one else releases it.
+                table.unfinished.remove(&closed);
+            }
+            finished
+        };
+        if finished {
+            self.store.release_segment(closed)?;
         }
         Ok(())
     }
