@@ -680,6 +680,8 @@ impl IntakeWriter {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     fn record(key: &str) -> CommandRecord {
@@ -767,5 +769,40 @@ mod tests {
             "the active segment stays"
         );
         assert!(table.by_key.is_empty() && table.key_by_id.is_empty());
+    }
+
+    #[test]
+    fn a_finished_segment_is_released_only_after_sled_s_file_is_synced() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut store = Store::open(dir.path()).expect("a store");
+        // fdatasync fails on a pipe (EINVAL): a stand-in for a sync that failed.
+        let (pipe, _writer) = io::pipe().expect("a pipe");
+        let unsyncable = File::from(std::os::fd::OwnedFd::from(pipe));
+        let inner = Arc::get_mut(&mut store.inner).expect("the only handle");
+        let sled_file = std::mem::replace(&mut inner.sled_file, unsyncable);
+        let intake_dir = inner.intake_dir.clone();
+        let (a, b) = (record("a"), record("b"));
+        {
+            let mut table = store.pending_table();
+            table.active = 3;
+            table.insert(a.clone(), 1);
+            table.insert(b.clone(), 2);
+        }
+        for segment in [1, 2] {
+            fs::write(segment_path(&intake_dir, segment), b"").expect("a segment");
+        }
+
+        store.finish("a", a.command_id);
+        assert!(
+            segment_path(&intake_dir, 1).exists(),
+            "sled's file was not synced, so the segment stays (a restart releases it)"
+        );
+
+        Arc::get_mut(&mut store.inner)
+            .expect("the only handle")
+            .sled_file = sled_file;
+        store.finish("b", b.command_id);
+        assert!(!segment_path(&intake_dir, 2).exists());
+        assert!(spare_path(&intake_dir, 2).exists(), "kept as a spare");
     }
 }
