@@ -547,27 +547,24 @@ impl IntakeWriter {
             if let Err(err) = self.append() {
                 tracing::error!(error = %err, segment = self.segment, "intake write failed; the batch is refused");
                 let mut refused = HashSet::new();
-                for (_, answer) in &answers {
-                    if let Ok(Accepted::New(record)) = answer {
-                        self.store
-                            .pending_table()
-                            .remove(&record.idempotency_key, record.command_id);
-                        refused.insert(record.command_id);
-                    }
-                }
-                // A replay, in the same batch, of a refused command is refused too: it
-                // refers to nothing durable.
                 for (_, answer) in &mut answers {
-                    if let Ok(
-                        Accepted::New(record)
-                        | Accepted::Replay(record)
-                        | Accepted::KeyReused(record),
-                    ) = answer
-                    {
-                        if refused.contains(&record.command_id) {
-                            *answer =
-                                Err(StoreError::Io(io::Error::new(err.kind(), err.to_string())));
+                    let refuse = match answer {
+                        Ok(Accepted::New(record)) => {
+                            self.store
+                                .pending_table()
+                                .remove(&record.idempotency_key, record.command_id);
+                            refused.insert(record.command_id);
+                            true
                         }
+                        // A replay of a refused command comes after it in the batch and
+                        // is refused too: it refers to nothing durable.
+                        Ok(Accepted::Replay(record) | Accepted::KeyReused(record)) => {
+                            refused.contains(&record.command_id)
+                        }
+                        Err(_) => false,
+                    };
+                    if refuse {
+                        *answer = Err(StoreError::Io(io::Error::new(err.kind(), err.to_string())));
                     }
                 }
             }
@@ -769,6 +766,68 @@ mod tests {
             "the active segment stays"
         );
         assert!(table.by_key.is_empty() && table.key_by_id.is_empty());
+    }
+
+    #[test]
+    fn a_batch_whose_write_fails_is_refused_with_its_replays_and_leaves_nothing_pending() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let earlier = record("earlier");
+        store.pending_table().insert(earlier.clone(), 1);
+        let durable = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&durable);
+        // A write to a pipe at an offset fails (ESPIPE): a stand-in for a failed write.
+        let (_reader, pipe) = io::pipe().expect("a pipe");
+        let (_sender, inbox) = mpsc::channel(1);
+        let mut writer = IntakeWriter {
+            store: store.clone(),
+            inbox,
+            on_durable: Box::new(move |records: &[CommandRecord]| {
+                seen.lock()
+                    .unwrap()
+                    .extend(records.iter().map(|r| r.command_id));
+            }),
+            file: File::from(std::os::fd::OwnedFd::from(pipe)),
+            segment: 1,
+            written: 0,
+            buffer: Vec::new(),
+        };
+        let mut reused = record("new");
+        reused.fingerprint = "another request".to_owned();
+        let requests = [record("new"), record("new"), reused, earlier.clone()];
+        let (batch, answers): (Vec<_>, Vec<_>) = requests
+            .into_iter()
+            .map(|record| {
+                let (reply, answer) = oneshot::channel();
+                ((record, reply), answer)
+            })
+            .unzip();
+
+        writer.write_batch(batch);
+
+        let answers: Vec<_> = answers
+            .into_iter()
+            .map(|answer| answer.blocking_recv().expect("an answer"))
+            .collect();
+        assert!(
+            answers[..3].iter().all(Result::is_err),
+            "the new command, its replay and its key's reuse are refused: {answers:?}"
+        );
+        assert!(
+            matches!(&answers[3], Ok(Accepted::Replay(r)) if r.command_id == earlier.command_id),
+            "a replay of a command from an earlier batch is still answered: {:?}",
+            answers[3]
+        );
+        assert!(
+            store.pending_command("new").is_none(),
+            "nothing refused stays pending"
+        );
+        assert!(store.pending_command("earlier").is_some());
+        assert!(
+            durable.lock().unwrap().is_empty(),
+            "nothing refused is scheduled"
+        );
+        assert_eq!(writer.written, 0);
     }
 
     #[test]
