@@ -609,3 +609,69 @@ fn guarded<T>(apply: impl FnOnce() -> Result<T, StoreError>) -> Result<T, String
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use time::OffsetDateTime;
+
+    use super::*;
+    use crate::faults::FaultSettings;
+    use crate::model::{unix_ms_ceil, CommandBody, CommandStatus};
+    use crate::store::Intake;
+
+    /// A panic outside an apply (here: in projecting it, on a poisoned lock) must not
+    /// leave a server that answers 202 for commands nothing will apply.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_outside_an_apply_starts_the_shutdown_and_join_reports_it() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let settings = FaultSettings {
+            delay_ms: 0,
+            jitter_ms: 0,
+            failure_rate: 0.0,
+            drop_rate: 0.0,
+            transient_rate: 0.0,
+        };
+        let (consumer, handle) = Consumer::new(
+            store.clone(),
+            Hub::new(),
+            Faults::new(settings, Some(1)),
+            Metrics::new(),
+            Duration::from_secs(5),
+        );
+        let shutdown = CancellationToken::new();
+        let thread = consumer.start(shutdown.clone()).await.expect("started");
+        let (intake, intake_thread) = Intake::start(
+            store.clone(),
+            Box::new(move |records: &[CommandRecord]| handle.schedule_blocking(records)),
+        )
+        .expect("the intake log");
+        store.poison_projection();
+
+        let accepted_at = OffsetDateTime::now_utc();
+        let record = CommandRecord {
+            command_id: Uuid::now_v7(),
+            task_id: Uuid::now_v7(),
+            idempotency_key: "k".to_owned(),
+            seq: 0,
+            fingerprint: "f".to_owned(),
+            body: CommandBody::Create {
+                title: "t".to_owned(),
+                notes: String::new(),
+            },
+            status: CommandStatus::Pending,
+            accepted_at,
+            due_at_ms: unix_ms_ceil(accepted_at),
+            settled_at: None,
+            event_id: None,
+            error: None,
+        };
+        intake.accept(record).await.expect("accepted");
+
+        tokio::time::timeout(Duration::from_secs(30), shutdown.cancelled())
+            .await
+            .expect("the consumer's panic starts the shutdown");
+        assert!(!thread.join().await, "join reports the panic");
+        intake.stop(intake_thread).await;
+    }
+}

@@ -81,3 +81,17 @@ impl Store {
             .watermark
     }
 }
+
+#[cfg(test)]
+impl Store {
+    /// Poisons the projection's lock, as a panic while holding it would: the next
+    /// [`Store::project`] panics. For the consumer's panic test.
+    pub(crate) fn poison_projection(&self) {
+        let store = self.clone();
+        let poisoner = std::thread::spawn(move || {
+            let _held = store.inner.projection.write();
+            panic!("poisoning the projection lock (a test)");
+        });
+        assert!(poisoner.join().is_err());
+    }
+}
