@@ -107,12 +107,24 @@ pub async fn serve(
     // On the blocking pool: opening reads the store back (recovery, the projection),
     // and may wait for the directory's lock.
     let data_dir = config.data_dir.clone();
-    let store =
-        tokio::task::spawn_blocking(move || Store::open_waiting(&data_dir, STORE_LOCK_WAIT))
+    let stop = shutdown.clone();
+    let opened =
+        tokio::task::spawn_blocking(move || Store::open_waiting(&data_dir, STORE_LOCK_WAIT, &stop))
             .await
             .map_err(StoreError::from)
-            .and_then(|opened| opened)
-            .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+            .and_then(|opened| opened);
+    let store = match opened {
+        Ok(store) => store,
+        // Nothing was started yet, so there is nothing to drain.
+        Err(StoreError::Stopped(_)) => {
+            tracing::info!("shut down before the store was opened");
+            return Ok(());
+        }
+        Err(err) => {
+            return Err(err)
+                .with_context(|| format!("opening the store in {}", config.data_dir.display()))
+        }
+    };
     let hub = Hub::new();
     let faults = Faults::from_config(&config);
     let metrics = Metrics::new();

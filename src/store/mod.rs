@@ -67,6 +67,7 @@ use sled::transaction::{
 };
 use sled::Transactional;
 use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use self::intake::PendingTable;
@@ -105,6 +106,9 @@ pub enum StoreError {
     Task(#[from] tokio::task::JoinError),
     #[error("{0} is in use: another process holds its lock (is another settle running on it?)")]
     Locked(PathBuf),
+    /// Shutdown began while a start waited for the directory's lock.
+    #[error("stopped while waiting for the lock of {0}")]
+    Stopped(PathBuf),
 }
 
 /// A task row as stored: the task plus the seq of the create command, which orders the
@@ -241,19 +245,28 @@ fn read_u64(bytes: &[u8]) -> u64 {
 
 impl Store {
     /// [`Store::open`], but while the directory is locked it tries again for up to
-    /// `wait`. sled lets go of its lock only when its last background thread drops
-    /// the last handle, a moment after the owner's own handle, so a store reopened in
-    /// the same process (a restart in the tests) can find it still locked. A lock that
-    /// another process holds is reported once `wait` has passed.
+    /// `wait`, or until `stop` is cancelled. sled lets go of its lock only when its
+    /// last background thread drops the last handle, a moment after the owner's own
+    /// handle, so a store reopened in the same process (a restart in the tests) can
+    /// find it still locked. A lock that another process holds is reported once `wait`
+    /// has passed.
     ///
     /// # Errors
-    /// [`StoreError::Locked`] when the lock is still held after `wait`; otherwise as
+    /// [`StoreError::Locked`] when the lock is still held after `wait`,
+    /// [`StoreError::Stopped`] when `stop` was cancelled first; otherwise as
     /// [`Store::open`].
-    pub fn open_waiting(dir: &std::path::Path, wait: Duration) -> Result<Self, StoreError> {
+    pub fn open_waiting(
+        dir: &std::path::Path,
+        wait: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Self, StoreError> {
         let deadline = std::time::Instant::now() + wait;
         loop {
             match Self::open(dir) {
                 Err(StoreError::Sled(sled::Error::Io(err))) if is_locked(&err) => {
+                    if stop.is_cancelled() {
+                        return Err(StoreError::Stopped(dir.to_owned()));
+                    }
                     if std::time::Instant::now() >= deadline {
                         return Err(StoreError::Locked(dir.to_owned()));
                     }
@@ -736,7 +749,8 @@ mod tests {
 
     /// Opens the store in `dir` again, once sled's threads have let go of it.
     fn reopen(dir: &std::path::Path) -> Store {
-        Store::open_waiting(dir, Duration::from_secs(10)).expect("the store reopens")
+        Store::open_waiting(dir, Duration::from_secs(10), &CancellationToken::new())
+            .expect("the store reopens")
     }
 
     /// Accepts a new command under `key` and applies it, as the consumer would: it is
@@ -1157,16 +1171,38 @@ mod tests {
     fn a_locked_directory_is_waited_for_and_then_reported() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let held = Store::open(dir.path()).expect("a store");
-        let locked = Store::open_waiting(dir.path(), Duration::from_millis(50));
+        let never = CancellationToken::new();
+        let locked = Store::open_waiting(dir.path(), Duration::from_millis(50), &never);
         assert!(
             matches!(&locked, Err(StoreError::Locked(path)) if path == dir.path()),
             "still held after the wait"
         );
+
+        // A shutdown ends the wait long before it would time out.
+        let stop = CancellationToken::new();
+        let cancel = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                stop.cancel();
+            })
+        };
+        let started = std::time::Instant::now();
+        let stopped = Store::open_waiting(dir.path(), Duration::from_secs(120), &stop);
+        assert!(
+            matches!(&stopped, Err(StoreError::Stopped(path)) if path == dir.path()),
+            "{:?}",
+            stopped.err()
+        );
+        assert!(started.elapsed() < Duration::from_secs(60));
+        cancel.join().expect("cancelled");
+
         let release = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(200));
             drop(held);
         });
-        Store::open_waiting(dir.path(), Duration::from_secs(10)).expect("opens once let go");
+        Store::open_waiting(dir.path(), Duration::from_secs(10), &never)
+            .expect("opens once let go");
         release.join().expect("released");
     }
 
