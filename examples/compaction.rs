@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use settle::model::{CommandBody, CommandRecord, CommandStatus};
+use settle::model::{CommandBody, CommandRecord};
 use settle::store::{Decision, Store};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -104,22 +104,14 @@ fn main() -> anyhow::Result<()> {
 /// A new create command, as the intake would have accepted it.
 fn finished_command(store: &Store, accepted_at: OffsetDateTime) -> anyhow::Result<CommandRecord> {
     let task_id = Uuid::now_v7();
+    let body = CommandBody::Create {
+        title: format!("task {task_id}"),
+        notes: String::new(),
+    };
+    let key = Uuid::new_v4().to_string();
     Ok(CommandRecord {
-        command_id: Uuid::now_v7(),
-        task_id,
-        idempotency_key: Uuid::new_v4().to_string(),
         seq: store.next_seq().context("a seq")?,
-        fingerprint: "0".repeat(64),
-        body: CommandBody::Create {
-            title: format!("task {task_id}"),
-            notes: String::new(),
-        },
-        status: CommandStatus::Pending,
-        accepted_at,
-        due_at_ms: 0,
-        settled_at: None,
-        event_id: None,
-        error: None,
+        ..CommandRecord::accepted(task_id, key, "0".repeat(64), body, accepted_at, 0)
     })
 }
 

@@ -500,21 +500,14 @@ async fn submit(
     };
     let accepted_at = OffsetDateTime::now_utc();
     let due_at_ms = unix_ms_ceil(accepted_at) + millis(state.faults.command_delay());
-    let record = CommandRecord {
-        command_id: Uuid::now_v7(),
+    let record = CommandRecord::accepted(
         task_id,
-        idempotency_key: key.clone(),
-        // Given by the intake writer, in the order it logs new commands.
-        seq: 0,
+        key.clone(),
         fingerprint,
         body,
-        status: CommandStatus::Pending,
         accepted_at,
         due_at_ms,
-        settled_at: None,
-        event_id: None,
-        error: None,
-    };
+    );
     let accepted_now = state.intake.accept(record).await.map_err(|err| match err {
         IntakeError::Store(err) => ApiError::from(err),
         IntakeError::Stopped => ApiError::ShuttingDown,

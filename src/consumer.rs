@@ -612,11 +612,9 @@ fn guarded<T>(apply: impl FnOnce() -> Result<T, StoreError>) -> Result<T, String
 
 #[cfg(test)]
 mod tests {
-    use time::OffsetDateTime;
-
     use super::*;
     use crate::faults::FaultSettings;
-    use crate::model::{unix_ms_ceil, CommandBody, CommandStatus};
+    use crate::model::{unix_ms_ceil, CommandBody};
     use crate::store::Intake;
 
     /// A panic outside an apply (here: in projecting it, on a poisoned lock) must not
@@ -649,23 +647,18 @@ mod tests {
         store.poison_projection();
 
         let accepted_at = OffsetDateTime::now_utc();
-        let record = CommandRecord {
-            command_id: Uuid::now_v7(),
-            task_id: Uuid::now_v7(),
-            idempotency_key: "k".to_owned(),
-            seq: 0,
-            fingerprint: "f".to_owned(),
-            body: CommandBody::Create {
-                title: "t".to_owned(),
-                notes: String::new(),
-            },
-            status: CommandStatus::Pending,
-            accepted_at,
-            due_at_ms: unix_ms_ceil(accepted_at),
-            settled_at: None,
-            event_id: None,
-            error: None,
+        let body = CommandBody::Create {
+            title: "t".to_owned(),
+            notes: String::new(),
         };
+        let record = CommandRecord::accepted(
+            Uuid::now_v7(),
+            "k".to_owned(),
+            "f".to_owned(),
+            body,
+            accepted_at,
+            unix_ms_ceil(accepted_at),
+        );
         intake.accept(record).await.expect("accepted");
 
         tokio::time::timeout(Duration::from_secs(30), shutdown.cancelled())

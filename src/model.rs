@@ -128,6 +128,34 @@ pub struct CommandRecord {
 }
 
 impl CommandRecord {
+    /// A command as a handler accepts it: a new command id, pending, due at
+    /// `due_at_ms`. Its `seq` is 0 until the intake writer gives it one, in the order
+    /// it logs new commands ([`crate::store::Intake::accept`] answers the numbered
+    /// record).
+    pub fn accepted(
+        task_id: Uuid,
+        idempotency_key: String,
+        fingerprint: String,
+        body: CommandBody,
+        accepted_at: OffsetDateTime,
+        due_at_ms: u64,
+    ) -> Self {
+        Self {
+            command_id: Uuid::now_v7(),
+            task_id,
+            idempotency_key,
+            seq: 0,
+            fingerprint,
+            body,
+            status: CommandStatus::Pending,
+            accepted_at,
+            due_at_ms,
+            settled_at: None,
+            event_id: None,
+            error: None,
+        }
+    }
+
     pub fn kind(&self) -> CommandKind {
         self.body.kind()
     }

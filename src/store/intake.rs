@@ -683,18 +683,15 @@ mod tests {
 
     fn record(key: &str) -> CommandRecord {
         CommandRecord {
-            command_id: Uuid::now_v7(),
-            task_id: Uuid::now_v7(),
-            idempotency_key: key.to_owned(),
             seq: 1,
-            fingerprint: key.to_owned(),
-            body: crate::model::CommandBody::Like { delta: 1 },
-            status: crate::model::CommandStatus::Pending,
-            accepted_at: time::OffsetDateTime::now_utc(),
-            due_at_ms: 0,
-            settled_at: None,
-            event_id: None,
-            error: None,
+            ..CommandRecord::accepted(
+                Uuid::now_v7(),
+                key.to_owned(),
+                key.to_owned(),
+                crate::model::CommandBody::Like { delta: 1 },
+                time::OffsetDateTime::now_utc(),
+                0,
+            )
         }
     }
 

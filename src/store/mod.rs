@@ -703,22 +703,20 @@ mod tests {
     use crate::model::CommandBody;
 
     fn create(key: &str, fingerprint: &str, store: &Store) -> CommandRecord {
+        let body = CommandBody::Create {
+            title: key.to_owned(),
+            notes: String::new(),
+        };
         CommandRecord {
-            command_id: Uuid::now_v7(),
-            task_id: Uuid::now_v7(),
-            idempotency_key: key.to_owned(),
             seq: store.next_seq().expect("an id"),
-            fingerprint: fingerprint.to_owned(),
-            body: CommandBody::Create {
-                title: key.to_owned(),
-                notes: String::new(),
-            },
-            status: CommandStatus::Pending,
-            accepted_at: OffsetDateTime::now_utc(),
-            due_at_ms: 0,
-            settled_at: None,
-            event_id: None,
-            error: None,
+            ..CommandRecord::accepted(
+                Uuid::now_v7(),
+                key.to_owned(),
+                fingerprint.to_owned(),
+                body,
+                OffsetDateTime::now_utc(),
+                0,
+            )
         }
     }
 

@@ -7,7 +7,7 @@ use futures::StreamExt;
 use serde_json::json;
 use settle::hub::Hub;
 use settle::metrics::Metrics;
-use settle::model::{CommandBody, CommandRecord, CommandStatus};
+use settle::model::{CommandBody, CommandRecord};
 use settle::store::{Decision, Store};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -173,22 +173,20 @@ async fn the_stream_sends_a_retry_hint_and_counts_its_subscriber() {
 /// Applies a create directly through the store, as the consumer would.
 fn settle_one(store: &Store, n: u64) -> settle::hub::EventFrame {
     let now = OffsetDateTime::now_utc();
+    let body = CommandBody::Create {
+        title: format!("t{n}"),
+        notes: String::new(),
+    };
     let record = CommandRecord {
-        command_id: Uuid::now_v7(),
-        task_id: Uuid::now_v7(),
-        idempotency_key: format!("k{n}"),
         seq: store.next_seq().unwrap(),
-        fingerprint: format!("f{n}"),
-        body: CommandBody::Create {
-            title: format!("t{n}"),
-            notes: String::new(),
-        },
-        status: CommandStatus::Pending,
-        accepted_at: now,
-        due_at_ms: 0,
-        settled_at: None,
-        event_id: None,
-        error: None,
+        ..CommandRecord::accepted(
+            Uuid::now_v7(),
+            format!("k{n}"),
+            format!("f{n}"),
+            body,
+            now,
+            0,
+        )
     };
     let applied = store
         .apply_batch(&[(&record, &Decision::Apply)], now)
