@@ -49,7 +49,7 @@ pub const INBOX_CAPACITY: usize = 16_384;
 pub const MAX_ATTEMPTS: u32 = 5;
 /// Backoff before the second attempt; it doubles for each further one.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// Most commands applied in one step, so one fsync never waits on an unbounded batch.
+/// Most commands applied in one step, so one flush never waits on an unbounded batch.
 pub const MAX_BATCH: usize = 2_048;
 
 /// What the consumer needs to know about a command to schedule it.
@@ -479,6 +479,8 @@ impl Consumer {
                 Outcome::Transient(cause) => self.transient(attempt.seq, cause),
             }
         }
+        // After the step's events, so no event waits for it.
+        self.store.release_finished_segments();
         processed
     }
 

@@ -84,9 +84,12 @@ const FRAME_HEADER: usize = 8;
 pub(super) struct PendingTable {
     by_key: HashMap<String, Pending>,
     key_by_id: HashMap<Uuid, String>,
-    /// Unfinished commands per segment; a closed segment at zero is released (kept as a
-    /// spare or deleted).
+    /// Unfinished commands per segment; a closed segment at zero moves to
+    /// `releasable`.
     unfinished: BTreeMap<u64, usize>,
+    /// Closed segments whose commands have all finished, to be released (kept as a
+    /// spare or deleted) by [`Store::release_finished_segments`].
+    releasable: Vec<u64>,
     /// The segment the writer appends to; never released while it is active.
     active: u64,
     /// Spare files, by the segment number they last had (and their records carry).
@@ -111,37 +114,41 @@ impl PendingTable {
             .insert(record.idempotency_key.clone(), Pending { record, segment });
     }
 
-    /// Removes a command that will not finish (its batch was refused); answers the
-    /// segment to release, if it was the last one of a closed segment.
-    fn remove(&mut self, key: &str, command_id: Uuid) -> Option<u64> {
-        self.take(key, command_id).flatten()
+    /// Removes a command that will not finish (its batch was refused).
+    fn remove(&mut self, key: &str, command_id: Uuid) {
+        self.take(key, command_id);
     }
 
     /// Removes a command whose finished record is now durable in sled and counts its
-    /// key as finished; answers the segment to release, as [`PendingTable::remove`].
-    fn finish(&mut self, key: &str, command_id: Uuid) -> Option<u64> {
-        let release = self.take(key, command_id)?;
-        self.count_finished(key.as_bytes());
-        release
+    /// key as finished.
+    fn finish(&mut self, key: &str, command_id: Uuid) {
+        if self.take(key, command_id) {
+            self.count_finished(key.as_bytes());
+        }
     }
 
-    /// `None` when the command is not pending (under this id); otherwise removes it
-    /// and answers the segment to release, if any.
-    fn take(&mut self, key: &str, command_id: Uuid) -> Option<Option<u64>> {
-        if self.by_key.get(key)?.record.command_id != command_id {
-            return None;
+    /// Removes the command if it is pending under this id (false if not); its segment
+    /// becomes releasable if it was the last unfinished one of a closed segment.
+    fn take(&mut self, key: &str, command_id: Uuid) -> bool {
+        if self
+            .by_key
+            .get(key)
+            .is_none_or(|pending| pending.record.command_id != command_id)
+        {
+            return false;
         }
-        let pending = self.by_key.remove(key)?;
-        self.key_by_id.remove(&command_id);
-        let Some(left) = self.unfinished.get_mut(&pending.segment) else {
-            return Some(None);
+        let Some(pending) = self.by_key.remove(key) else {
+            return false;
         };
-        *left -= 1;
-        let release = (*left == 0 && pending.segment != self.active).then(|| {
-            self.unfinished.remove(&pending.segment);
-            pending.segment
-        });
-        Some(release)
+        self.key_by_id.remove(&command_id);
+        if let Some(left) = self.unfinished.get_mut(&pending.segment) {
+            *left -= 1;
+            if *left == 0 && pending.segment != self.active {
+                self.unfinished.remove(&pending.segment);
+                self.releasable.push(pending.segment);
+            }
+        }
+        true
     }
 
     fn count_finished(&mut self, key: &[u8]) {
@@ -357,26 +364,38 @@ impl Store {
     }
 
     /// Marks a pending command finished: its record is in sled and durable (call after
-    /// [`Store::flush_durable`]). Deletes its log segment if nothing else in it is
-    /// unfinished.
+    /// [`Store::flush_durable`]). A closed segment with nothing else unfinished becomes
+    /// releasable ([`Store::release_finished_segments`]).
     pub fn finish(&self, key: &str, command_id: Uuid) {
-        let Some(segment) = self.pending_table().finish(key, command_id) else {
-            return;
-        };
-        if let Err(err) = self.release_segment(segment) {
-            tracing::warn!(error = %err, segment, "cannot release a finished intake segment");
-        }
+        self.pending_table().finish(key, command_id);
     }
 
-    /// Releases a closed segment whose commands have all finished, once their applies
-    /// are durable against a power loss too ([`Inner::sync_sled_file`]): until then
-    /// the segment is what brings them back. Once per segment, outside the table's
-    /// lock (an fdatasync takes milliseconds, and every accept uses the table).
-    fn release_segment(&self, segment: u64) -> io::Result<()> {
-        self.inner.sync_sled_file()?;
-        // Under the lock, so the writer cannot take this spare before it exists: one
-        // rename or unlink, no fsync (after a crash the file is found finished again).
-        release_segment(&self.inner.intake_dir, &mut self.pending_table(), segment)
+    /// Releases (keeps as a spare or deletes) the closed segments whose commands have
+    /// all finished, once their applies are durable against a power loss too
+    /// ([`Inner::sync_sled_file`]): until then the segments are what brings the
+    /// commands back. The consumer calls it after publishing a step's events, so the
+    /// fdatasync (once per 4 MiB segment, milliseconds) delays no event and no accept;
+    /// it runs outside the table's lock, which every accept uses. A segment that
+    /// cannot be released stays on disk, and the next start releases it.
+    pub fn release_finished_segments(&self) {
+        let segments = std::mem::take(&mut self.pending_table().releasable);
+        if segments.is_empty() {
+            return;
+        }
+        if let Err(err) = self.inner.sync_sled_file() {
+            tracing::error!(error = %err, ?segments, "cannot sync sled's file; the finished intake segments stay until the next start");
+            return;
+        }
+        for segment in segments {
+            // Under the lock, so the writer cannot take this spare before it exists:
+            // one rename or unlink, no fsync (after a crash the file is found finished
+            // again).
+            if let Err(err) =
+                release_segment(&self.inner.intake_dir, &mut self.pending_table(), segment)
+            {
+                tracing::warn!(error = %err, segment, "cannot release a finished intake segment");
+            }
+        }
     }
 }
 
@@ -651,25 +670,19 @@ impl IntakeWriter {
         }
     }
 
-    /// Closes the active segment and starts the next one; releases the closed one at
-    /// once if everything in it has finished.
+    /// Closes the active segment and starts the next one. If everything in the closed
+    /// one has finished already, it is releasable now (the consumer's next step
+    /// releases it, off the accept path).
     fn rotate(&mut self) -> Result<(), StoreError> {
         let next = self.segment + 1;
         self.file = open_segment(&self.store, next)?;
         let closed = std::mem::replace(&mut self.segment, next);
         self.written = 0;
-        let finished = {
-            let mut table = self.store.pending_table();
-            table.active = next;
-            let finished = table.unfinished.get(&closed).is_none_or(|&left| left == 0);
-            if finished {
-                // Nothing left in it to finish, so no one else releases it.
-                table.unfinished.remove(&closed);
-            }
-            finished
-        };
-        if finished {
-            self.store.release_segment(closed)?;
+        let mut table = self.store.pending_table();
+        table.active = next;
+        if table.unfinished.get(&closed).is_none_or(|&left| left == 0) {
+            table.unfinished.remove(&closed);
+            table.releasable.push(closed);
         }
         Ok(())
     }
@@ -741,7 +754,7 @@ mod tests {
     }
 
     #[test]
-    fn a_closed_segment_is_released_with_its_last_unfinished_command() {
+    fn a_closed_segment_is_releasable_with_its_last_unfinished_command() {
         let mut table = PendingTable {
             active: 2,
             ..PendingTable::default()
@@ -750,18 +763,15 @@ mod tests {
         table.insert(a.clone(), 1);
         table.insert(b.clone(), 1);
         table.insert(c.clone(), 2);
-        assert_eq!(
-            table.remove("a", b.command_id),
-            None,
-            "another command's id"
-        );
-        assert_eq!(table.remove("a", a.command_id), None);
-        assert_eq!(table.remove("b", b.command_id), Some(1));
-        assert_eq!(
-            table.remove("c", c.command_id),
-            None,
-            "the active segment stays"
-        );
+        table.remove("a", b.command_id);
+        assert!(table.by_key.contains_key("a"), "another command's id");
+        table.remove("a", a.command_id);
+        assert!(table.releasable.is_empty(), "b is still unfinished");
+        table.finish("b", b.command_id);
+        assert_eq!(table.releasable, [1]);
+        assert!(table.may_be_finished(b"b"));
+        table.finish("c", c.command_id);
+        assert_eq!(table.releasable, [1], "the active segment stays");
         assert!(table.by_key.is_empty() && table.key_by_id.is_empty());
     }
 
@@ -827,16 +837,11 @@ mod tests {
         assert_eq!(writer.written, 0);
     }
 
-    #[test]
-    fn a_finished_segment_is_released_only_after_sled_s_file_is_synced() {
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let mut store = Store::open(dir.path()).expect("a store");
-        // fdatasync fails on a pipe (EINVAL): a stand-in for a sync that failed.
-        let (pipe, _writer) = io::pipe().expect("a pipe");
-        let unsyncable = File::from(std::os::fd::OwnedFd::from(pipe));
-        let inner = Arc::get_mut(&mut store.inner).expect("the only handle");
-        let sled_file = std::mem::replace(&mut inner.sled_file, unsyncable);
-        let intake_dir = inner.intake_dir.clone();
+    /// A store whose segments 1 and 2 hold one pending command each ("a", "b"), with 3
+    /// active, and the path of its intake directory.
+    fn two_closed_segments(dir: &Path) -> (Store, PathBuf, [CommandRecord; 2]) {
+        let store = Store::open(dir).expect("a store");
+        let intake_dir = store.inner.intake_dir.clone();
         let (a, b) = (record("a"), record("b"));
         {
             let mut table = store.pending_table();
@@ -847,18 +852,70 @@ mod tests {
         for segment in [1, 2] {
             fs::write(segment_path(&intake_dir, segment), b"").expect("a segment");
         }
+        (store, intake_dir, [a, b])
+    }
 
+    #[test]
+    fn a_finished_segment_is_released_once_sled_s_file_is_synced() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let (store, intake_dir, [a, _]) = two_closed_segments(dir.path());
         store.finish("a", a.command_id);
         assert!(
             segment_path(&intake_dir, 1).exists(),
-            "sled's file was not synced, so the segment stays (a restart releases it)"
+            "not before the release"
         );
+        store.release_finished_segments();
+        assert!(!segment_path(&intake_dir, 1).exists());
+        assert!(spare_path(&intake_dir, 1).exists(), "kept as a spare");
+        assert!(
+            segment_path(&intake_dir, 2).exists(),
+            "b is still unfinished"
+        );
+    }
 
+    #[test]
+    fn after_a_failed_sync_of_sled_s_file_no_segment_is_released_until_a_restart() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let (mut store, intake_dir, [a, b]) = two_closed_segments(dir.path());
+        // fdatasync fails on a pipe (EINVAL): a stand-in for a sync that failed.
+        let (pipe, _writer) = io::pipe().expect("a pipe");
+        let unsyncable = File::from(std::os::fd::OwnedFd::from(pipe));
+        let inner = Arc::get_mut(&mut store.inner).expect("the only handle");
+        let sled_file = std::mem::replace(&mut inner.sled_file, unsyncable);
+
+        store.finish("a", a.command_id);
+        store.release_finished_segments();
+        assert!(segment_path(&intake_dir, 1).exists(), "the sync failed");
+
+        // The file syncs again, but the pages of the failed writeback may be lost.
         Arc::get_mut(&mut store.inner)
             .expect("the only handle")
             .sled_file = sled_file;
         store.finish("b", b.command_id);
-        assert!(!segment_path(&intake_dir, 2).exists());
-        assert!(spare_path(&intake_dir, 2).exists(), "kept as a spare");
+        store.release_finished_segments();
+        assert!(segment_path(&intake_dir, 2).exists());
+        // Seqs of the block reserved before go on; the next block is not reserved, so
+        // accepts stop rather than hand out seqs a power loss could give out again.
+        let block = super::super::SEQ_BLOCK;
+        let handed_out = (0..=block).take_while(|_| store.next_seq().is_ok()).count();
+        assert_eq!(
+            handed_out as u64, block,
+            "the block reserved at open, no more"
+        );
+
+        drop(store);
+        let restarted = Store::open_waiting(
+            dir.path(),
+            std::time::Duration::from_secs(10),
+            &tokio_util::sync::CancellationToken::new(),
+        )
+        .expect("the store reopens");
+        drop(restarted);
+        for segment in [1, 2] {
+            assert!(
+                !segment_path(&intake_dir, segment).exists(),
+                "a start finds segment {segment} finished and releases it"
+            );
+        }
     }
 }

@@ -29,9 +29,10 @@
 //! Two costs dominate a durable write in sled 0.34, and both are paid per call, not per
 //! byte: every transaction takes the process-wide write lock and seals the log buffer
 //! (a synchronous `sync_file_range`) before and after its batch, and every `flush` waits
-//! for its writes to reach the disk (another `sync_file_range`). So neither is paid per command: accepts do not write to sled (but once per
-//! block of seqs, below), and the consumer applies each step's batch in one
-//! transaction and one flush.
+//! for its writes to leave the page cache (another `sync_file_range`; what that does
+//! not cover is in [`Inner::sync_sled_file`]). So neither is paid per command: accepts
+//! do not write to sled (but once per block of seqs, below), and the consumer applies
+//! each step's batch in one transaction and one flush.
 //!
 //! That write lock has a second cost: once any transaction has run, every other sled
 //! call (a `get`, an iterator step, `generate_id`) takes its read side, and so waits
@@ -57,6 +58,7 @@ pub use intake::{
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -88,6 +90,8 @@ const SEQ_BLOCK: u64 = 1 << 16;
 const INTAKE_DIR: &str = "intake";
 /// sled 0.34's data file in its directory (`Config::db_path`).
 const SLED_FILE: &str = "db";
+/// sled 0.34's directory of items too large for its log.
+const SLED_BLOBS: &str = "blobs";
 /// First pause after a failed sled flush; it doubles up to [`FLUSH_BACKOFF_MAX`].
 const FLUSH_BACKOFF: Duration = Duration::from_millis(10);
 const FLUSH_BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -177,6 +181,10 @@ struct Inner {
     intake_dir: PathBuf,
     /// sled's data file, opened read-only for [`Inner::sync_sled_file`] alone.
     sled_file: File,
+    /// Where sled writes each item too large for its log, one file each.
+    sled_blobs_dir: PathBuf,
+    /// Set when an fdatasync of `sled_file` failed: see [`Inner::sync_sled_file`].
+    sled_sync_failed: AtomicBool,
 }
 
 impl Inner {
@@ -188,8 +196,8 @@ impl Inner {
         Ok(())
     }
 
-    /// `fdatasync` of sled's data file: what sled has written (every `flush` before
-    /// this call) reaches the disk itself, with the file's size.
+    /// `fdatasync` of sled's data file and of its blob files: what sled has written
+    /// (every `flush` before this call) reaches the disk itself, with the files' sizes.
     ///
     /// sled 0.34's `flush` writes its log with `sync_file_range`, which waits for the
     /// data to leave the page cache but neither flushes the disk's write cache nor
@@ -197,9 +205,43 @@ impl Inner {
     /// a flushed apply survives a crash of the process (kill -9) at once, and a power
     /// loss only after that fsync. The intake log holds each command until its apply
     /// is durable in that stronger sense: a segment is released only after this call
-    /// (see `intake`), and a seq block is reserved with [`Inner::sync_sled`].
+    /// (see `intake`), and a seq block is reserved with [`Inner::sync_sled`]. sled
+    /// writes an item over 128 KiB (a node of tasks with long notes) to a file of its
+    /// own in `blobs/` and never syncs it, so those files, and the directory's
+    /// entries, are synced here too; there are none unless such nodes exist.
+    ///
+    /// Once one fails, every later call fails too, until a restart: the kernel reports
+    /// a failed writeback once, so a later success would not mean the earlier pages
+    /// reached the disk (PostgreSQL's rule since 2018).
     fn sync_sled_file(&self) -> io::Result<()> {
-        self.sled_file.sync_data()
+        if self.sled_sync_failed.load(Ordering::Acquire) {
+            return Err(io::Error::other(
+                "an earlier fdatasync of sled's file failed; restart the server",
+            ));
+        }
+        self.sled_file
+            .sync_data()
+            .and_then(|()| self.sync_sled_blobs())
+            .inspect_err(|_| {
+                self.sled_sync_failed.store(true, Ordering::Release);
+            })
+    }
+
+    fn sync_sled_blobs(&self) -> io::Result<()> {
+        let dir = &self.sled_blobs_dir;
+        let entries = match std::fs::read_dir(dir) {
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+            entries => entries?,
+        };
+        for entry in entries {
+            match File::open(entry?.path()) {
+                Ok(blob) => blob.sync_data()?,
+                // sled dropped it meanwhile: nothing left to sync.
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(err),
+            }
+        }
+        File::open(dir)?.sync_all()
     }
 
     fn finished_trees(&self) -> FinishedTrees<'_> {
@@ -305,6 +347,8 @@ impl Store {
             }),
             intake_dir: dir.join(INTAKE_DIR),
             sled_file: File::open(dir.join(SLED_FILE))?,
+            sled_blobs_dir: dir.join(SLED_BLOBS),
+            sled_sync_failed: AtomicBool::new(false),
             db,
         };
         let finished = inner.finished_trees();
@@ -886,6 +930,8 @@ mod tests {
             .expect("applied");
         store.flush_durable();
         store.finish(&record.idempotency_key, record.command_id);
+        assert_eq!(files(".log").len(), 2, "released after the step, not at once");
+        store.release_finished_segments();
         assert_eq!(files(".log").len(), 1, "only the active segment is left");
         assert_eq!(
             files(".spare").len(),

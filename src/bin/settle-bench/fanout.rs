@@ -4,7 +4,7 @@
 //!    and after they all have (and a settle pause), divided by N.
 //! 2. Delivery: one command at a time; for each of its events, every subscriber's
 //!    arrival time minus the event's `settled_at` (the server's wall clock when the
-//!    consumer applied it, before the commit's fsync: a conservative start), and minus
+//!    consumer applied it, before the commit's flush: a conservative start), and minus
 //!    the first arrival at any subscriber (the spread of the fan-out itself).
 //!
 //! The subscribers live in worker processes (see `worker`), each on its own
