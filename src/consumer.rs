@@ -479,8 +479,13 @@ impl Consumer {
                 Outcome::Transient(cause) => self.transient(attempt.seq, cause),
             }
         }
-        // After the step's events, so no event waits for it.
-        self.store.release_finished_segments();
+        // After the step's events, so none of them waits for it.
+        if let Err(err) = self.store.release_finished_segments() {
+            // Fail-stop, as PostgreSQL does: what a failed writeback lost cannot be
+            // known, and a restart brings it back from the intake log. The panic
+            // stops the server (see `start`).
+            panic!("sled's files cannot be synced; stopping the server: {err}");
+        }
         processed
     }
 
@@ -619,10 +624,10 @@ mod tests {
     use crate::model::{unix_ms_ceil, CommandBody};
     use crate::store::Intake;
 
-    /// A panic outside an apply (here: in projecting it, on a poisoned lock) must not
-    /// leave a server that answers 202 for commands nothing will apply.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_panic_outside_an_apply_starts_the_shutdown_and_join_reports_it() {
+    /// Starts a consumer, lets `inject` break something, accepts one command due at
+    /// once, and checks that the consumer stops the server: it cancels `shutdown`
+    /// and its join reports the failure.
+    async fn the_server_stops_when(inject: impl FnOnce(&Store)) {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = Store::open(dir.path()).expect("a store");
         let settings = FaultSettings {
@@ -646,7 +651,7 @@ mod tests {
             Box::new(move |records: &[CommandRecord]| handle.schedule_blocking(records)),
         )
         .expect("the intake log");
-        store.poison_projection();
+        inject(&store);
 
         let accepted_at = OffsetDateTime::now_utc();
         let body = CommandBody::Create {
@@ -665,8 +670,22 @@ mod tests {
 
         tokio::time::timeout(Duration::from_secs(30), shutdown.cancelled())
             .await
-            .expect("the consumer's panic starts the shutdown");
-        assert!(!thread.join().await, "join reports the panic");
+            .expect("the consumer starts the shutdown");
+        assert!(!thread.join().await, "join reports the failure");
         intake.stop(intake_thread).await;
+    }
+
+    /// A panic outside an apply (here: in projecting it, on a poisoned lock) must not
+    /// leave a server that answers 202 for commands nothing will apply.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_outside_an_apply_starts_the_shutdown_and_join_reports_it() {
+        the_server_stops_when(Store::poison_projection).await;
+    }
+
+    /// After a failed fdatasync of sled's files nothing more can be released: the
+    /// consumer stops the server at its next step.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_sync_of_sled_s_files_stops_the_server() {
+        the_server_stops_when(Store::fail_sled_sync).await;
     }
 }

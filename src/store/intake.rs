@@ -21,10 +21,11 @@
 //!   lookups by key and id and for the consumer. The consumer writes the finished
 //!   command record to sled, keyed by its idempotency key, in the same transaction
 //!   that changes the row and appends the event; once that is durable it calls
-//!   [`Store::finish`], and a closed segment whose commands have all finished becomes
-//!   a spare (or is deleted when there are enough spares), after an `fdatasync` of
-//!   sled's file: sled's own flush survives a crash of the process but not a power
-//!   loss (`Inner::sync_sled_file`).
+//!   [`Store::finish`]. A closed segment whose commands have all finished becomes a
+//!   spare (or is deleted when there are enough spares) when the consumer calls
+//!   [`Store::release_finished_segments`] after the step, once an `fdatasync` of
+//!   sled's files has made the applies durable against a power loss too, which sled's
+//!   own flush does not (`Inner::sync_sled_file`).
 //! - The finished commands are in sled, but the writer must not read sled for every new
 //!   key: a sled read waits for the consumer's running apply transaction (see the
 //!   store's module docs), and with it every accept of the batch. So the pending table
@@ -374,17 +375,25 @@ impl Store {
     /// all finished, once their applies are durable against a power loss too
     /// ([`Inner::sync_sled_file`]): until then the segments are what brings the
     /// commands back. The consumer calls it after publishing a step's events, so the
-    /// fdatasync (once per 4 MiB segment, milliseconds) delays no event and no accept;
-    /// it runs outside the table's lock, which every accept uses. A segment that
-    /// cannot be released stays on disk, and the next start releases it.
-    pub fn release_finished_segments(&self) {
+    /// fdatasync (once per 4 MiB segment, milliseconds) delays none of that step's
+    /// events and no accept; it runs outside the table's lock, which every accept
+    /// uses. A segment that cannot be released stays on disk and is tried again, and a
+    /// start releases what it finds finished.
+    ///
+    /// # Errors
+    /// When a sync of sled's files has failed, now or before, in this process: nothing
+    /// more can be released, and the server should stop (see [`Inner::sync_sled_file`]).
+    pub fn release_finished_segments(&self) -> io::Result<()> {
+        self.inner.check_synced()?;
         let segments = std::mem::take(&mut self.pending_table().releasable);
         if segments.is_empty() {
-            return;
+            return Ok(());
         }
         if let Err(err) = self.inner.sync_sled_file() {
-            tracing::error!(error = %err, ?segments, "cannot sync sled's file; the finished intake segments stay until the next start");
-            return;
+            self.pending_table().releasable.extend(&segments);
+            self.inner.check_synced()?;
+            tracing::warn!(error = %err, ?segments, "cannot sync sled's blob files; the finished intake segments stay for now");
+            return Ok(());
         }
         for segment in segments {
             // Under the lock, so the writer cannot take this spare before it exists:
@@ -396,6 +405,7 @@ impl Store {
                 tracing::warn!(error = %err, segment, "cannot release a finished intake segment");
             }
         }
+        Ok(())
     }
 }
 
@@ -864,7 +874,7 @@ mod tests {
             segment_path(&intake_dir, 1).exists(),
             "not before the release"
         );
-        store.release_finished_segments();
+        store.release_finished_segments().expect("released");
         assert!(!segment_path(&intake_dir, 1).exists());
         assert!(spare_path(&intake_dir, 1).exists(), "kept as a spare");
         assert!(
@@ -884,15 +894,18 @@ mod tests {
         let sled_file = std::mem::replace(&mut inner.sled_file, unsyncable);
 
         store.finish("a", a.command_id);
-        store.release_finished_segments();
-        assert!(segment_path(&intake_dir, 1).exists(), "the sync failed");
+        assert!(
+            store.release_finished_segments().is_err(),
+            "the sync failed"
+        );
+        assert!(segment_path(&intake_dir, 1).exists());
 
         // The file syncs again, but the pages of the failed writeback may be lost.
         Arc::get_mut(&mut store.inner)
             .expect("the only handle")
             .sled_file = sled_file;
         store.finish("b", b.command_id);
-        store.release_finished_segments();
+        assert!(store.release_finished_segments().is_err());
         assert!(segment_path(&intake_dir, 2).exists());
         // Seqs of the block reserved before go on; the next block is not reserved, so
         // accepts stop rather than hand out seqs a power loss could give out again.
@@ -914,8 +927,44 @@ mod tests {
         for segment in [1, 2] {
             assert!(
                 !segment_path(&intake_dir, segment).exists(),
-                "a start finds segment {segment} finished and releases it"
+                "a new process syncs again and releases what it finds finished: {segment}"
             );
         }
+    }
+
+    #[test]
+    fn a_rotation_makes_the_closed_segment_releasable_once_if_all_of_it_finished() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let active = store.pending_table().active;
+        let (_sender, inbox) = mpsc::channel(1);
+        let mut writer = IntakeWriter {
+            store: store.clone(),
+            inbox,
+            on_durable: Box::new(|_: &[CommandRecord]| {}),
+            file: open_segment(&store, active).expect("a segment"),
+            segment: active,
+            written: 0,
+            buffer: Vec::new(),
+        };
+        let (a, b) = (record("a"), record("b"));
+        store.pending_table().insert(a.clone(), active);
+        store.finish("a", a.command_id);
+        assert!(
+            store.pending_table().releasable.is_empty(),
+            "the active segment is never releasable"
+        );
+
+        writer.rotate().expect("rotated");
+        assert_eq!(store.pending_table().releasable, [active]);
+        store.pending_table().insert(b.clone(), active + 1);
+        writer.rotate().expect("rotated");
+        assert_eq!(
+            store.pending_table().releasable,
+            [active],
+            "b is unfinished in the closed segment"
+        );
+        store.finish("b", b.command_id);
+        assert_eq!(store.pending_table().releasable, [active, active + 1]);
     }
 }

@@ -183,7 +183,7 @@ struct Inner {
     sled_file: File,
     /// Where sled writes each item too large for its log, one file each.
     sled_blobs_dir: PathBuf,
-    /// Set when an fdatasync of `sled_file` failed: see [`Inner::sync_sled_file`].
+    /// Set when an fdatasync of sled's files failed: see [`Inner::sync_sled_file`].
     sled_sync_failed: AtomicBool,
 }
 
@@ -210,24 +210,16 @@ impl Inner {
     /// own in `blobs/` and never syncs it, so those files, and the directory's
     /// entries, are synced here too; there are none unless such nodes exist.
     ///
-    /// Once one fails, every later call fails too, until a restart: the kernel reports
-    /// a failed writeback once, so a later success would not mean the earlier pages
-    /// reached the disk (PostgreSQL's rule since 2018).
+    /// Once a sync fails, every later call fails too, until a restart: the kernel
+    /// reports a failed writeback once, so a later success would not mean the earlier
+    /// pages reached the disk (PostgreSQL's rule since 2018; the consumer then stops
+    /// the server). Other errors (listing or opening a blob file) are not sticky.
     fn sync_sled_file(&self) -> io::Result<()> {
-        if self.sled_sync_failed.load(Ordering::Acquire) {
-            return Err(io::Error::other(
-                "an earlier fdatasync of sled's file failed; restart the server",
-            ));
-        }
-        self.sled_file
-            .sync_data()
-            .and_then(|()| self.sync_sled_blobs())
-            .inspect_err(|_| {
-                self.sled_sync_failed.store(true, Ordering::Release);
-            })
-    }
-
-    fn sync_sled_blobs(&self) -> io::Result<()> {
+        self.check_synced()?;
+        let synced = |result: io::Result<()>| {
+            result.inspect_err(|_| self.sled_sync_failed.store(true, Ordering::Release))
+        };
+        synced(self.sled_file.sync_data())?;
         let dir = &self.sled_blobs_dir;
         let entries = match std::fs::read_dir(dir) {
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -235,13 +227,24 @@ impl Inner {
         };
         for entry in entries {
             match File::open(entry?.path()) {
-                Ok(blob) => blob.sync_data()?,
+                Ok(blob) => synced(blob.sync_data())?,
                 // sled dropped it meanwhile: nothing left to sync.
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                 Err(err) => return Err(err),
             }
         }
-        File::open(dir)?.sync_all()
+        synced(File::open(dir)?.sync_all())
+    }
+
+    /// An error if a sync of sled's files has failed in this process.
+    fn check_synced(&self) -> io::Result<()> {
+        if self.sled_sync_failed.load(Ordering::Acquire) {
+            Err(io::Error::other(
+                "an fdatasync of sled's files failed; restart the server (the intake log brings back what may be lost)",
+            ))
+        } else {
+            Ok(())
+        }
     }
 
     fn finished_trees(&self) -> FinishedTrees<'_> {
@@ -414,6 +417,7 @@ impl Store {
     pub fn next_seq(&self) -> Result<u64, StoreError> {
         let mut seqs = self.inner.seqs.lock().expect("seq lock poisoned");
         if seqs.next == seqs.reserved {
+            self.inner.check_synced()?;
             let reserved = seqs.reserved + SEQ_BLOCK;
             self.inner
                 .meta
@@ -741,6 +745,14 @@ fn decide(record: &CommandRecord, current: Option<&TaskRow>, now: OffsetDateTime
 }
 
 #[cfg(test)]
+impl Store {
+    /// As if an fdatasync of sled's files had failed (see [`Inner::sync_sled_file`]).
+    pub(crate) fn fail_sled_sync(&self) {
+        self.inner.sled_sync_failed.store(true, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::retention::{COMPACT_CHUNK, EXPIRIES_INDEXED};
     use super::*;
@@ -930,8 +942,12 @@ mod tests {
             .expect("applied");
         store.flush_durable();
         store.finish(&record.idempotency_key, record.command_id);
-        assert_eq!(files(".log").len(), 2, "released after the step, not at once");
-        store.release_finished_segments();
+        assert_eq!(
+            files(".log").len(),
+            2,
+            "released after the step, not at once"
+        );
+        store.release_finished_segments().expect("released");
         assert_eq!(files(".log").len(), 1, "only the active segment is left");
         assert_eq!(
             files(".spare").len(),
