@@ -25,7 +25,7 @@
 //!   spare (or is deleted when there are enough spares) when the consumer calls
 //!   [`Store::release_finished_segments`] after the step, once an `fdatasync` of
 //!   sled's files has made the applies durable against a power loss too, which sled's
-//!   own flush does not (`Inner::sync_sled_file`).
+//!   own flush does not (`Inner::sync_sled_files`).
 //! - The finished commands are in sled, but the writer must not read sled for every new
 //!   key: a sled read waits for the consumer's running apply transaction (see the
 //!   store's module docs), and with it every accept of the batch. So the pending table
@@ -373,23 +373,24 @@ impl Store {
 
     /// Releases (keeps as a spare or deletes) the closed segments whose commands have
     /// all finished, once their applies are durable against a power loss too
-    /// ([`Inner::sync_sled_file`]): until then the segments are what brings the
+    /// ([`Inner::sync_sled_files`]): until then the segments are what brings the
     /// commands back. The consumer calls it after publishing a step's events, so the
     /// fdatasync (once per 4 MiB segment, milliseconds) delays none of that step's
     /// events and no accept; it runs outside the table's lock, which every accept
-    /// uses. A segment that cannot be released stays on disk and is tried again, and a
-    /// start releases what it finds finished.
+    /// uses. When sled's blob files cannot be listed or opened, the segments wait for
+    /// the next call; one that cannot be renamed or deleted stays on disk, and the
+    /// next start releases it.
     ///
     /// # Errors
     /// When a sync of sled's files has failed, now or before, in this process: nothing
-    /// more can be released, and the server should stop (see [`Inner::sync_sled_file`]).
+    /// more can be released, and the server should stop (see [`Inner::sync_sled_files`]).
     pub fn release_finished_segments(&self) -> io::Result<()> {
         self.inner.check_synced()?;
         let segments = std::mem::take(&mut self.pending_table().releasable);
         if segments.is_empty() {
             return Ok(());
         }
-        if let Err(err) = self.inner.sync_sled_file() {
+        if let Err(err) = self.inner.sync_sled_files() {
             self.pending_table().releasable.extend(&segments);
             self.inner.check_synced()?;
             tracing::warn!(error = %err, ?segments, "cannot sync sled's blob files; the finished intake segments stay for now");

@@ -30,7 +30,7 @@
 //! byte: every transaction takes the process-wide write lock and seals the log buffer
 //! (a synchronous `sync_file_range`) before and after its batch, and every `flush` waits
 //! for its writes to leave the page cache (another `sync_file_range`; what that does
-//! not cover is in [`Inner::sync_sled_file`]). So neither is paid per command: accepts
+//! not cover is in [`Inner::sync_sled_files`]). So neither is paid per command: accepts
 //! do not write to sled (but once per block of seqs, below), and the consumer applies
 //! each step's batch in one transaction and one flush.
 //!
@@ -179,20 +179,20 @@ struct Inner {
     pending: Mutex<PendingTable>,
     seqs: Mutex<Seqs>,
     intake_dir: PathBuf,
-    /// sled's data file, opened read-only for [`Inner::sync_sled_file`] alone.
+    /// sled's data file, opened read-only for [`Inner::sync_sled_files`] alone.
     sled_file: File,
     /// Where sled writes each item too large for its log, one file each.
     sled_blobs_dir: PathBuf,
-    /// Set when an fdatasync of sled's files failed: see [`Inner::sync_sled_file`].
+    /// Set when an fdatasync of sled's files failed: see [`Inner::sync_sled_files`].
     sled_sync_failed: AtomicBool,
 }
 
 impl Inner {
     /// Makes every sled write so far durable against a power loss, not only against a
-    /// crash of the process: `flush`, then [`Inner::sync_sled_file`].
+    /// crash of the process: `flush`, then [`Inner::sync_sled_files`].
     fn sync_sled(&self) -> Result<(), StoreError> {
         self.db.flush()?;
-        self.sync_sled_file()?;
+        self.sync_sled_files()?;
         Ok(())
     }
 
@@ -214,7 +214,7 @@ impl Inner {
     /// reports a failed writeback once, so a later success would not mean the earlier
     /// pages reached the disk (PostgreSQL's rule since 2018; the consumer then stops
     /// the server). Other errors (listing or opening a blob file) are not sticky.
-    fn sync_sled_file(&self) -> io::Result<()> {
+    fn sync_sled_files(&self) -> io::Result<()> {
         self.check_synced()?;
         let synced = |result: io::Result<()>| {
             result.inspect_err(|_| self.sled_sync_failed.store(true, Ordering::Release))
@@ -389,7 +389,7 @@ impl Store {
     }
 
     /// Blocks until every sled write made before this call is on disk (sled's `flush`:
-    /// enough for a crash of the process, see [`Inner::sync_sled_file`] for a power loss),
+    /// enough for a crash of the process, see [`Inner::sync_sled_files`] for a power loss),
     /// retrying a failed flush with backoff: nothing may be published, and no command
     /// may leave the intake log, before its apply is durable. The consumer is sled's
     /// only writer on the command path, so there is no one to share the flush with.
@@ -746,7 +746,7 @@ fn decide(record: &CommandRecord, current: Option<&TaskRow>, now: OffsetDateTime
 
 #[cfg(test)]
 impl Store {
-    /// As if an fdatasync of sled's files had failed (see [`Inner::sync_sled_file`]).
+    /// As if an fdatasync of sled's files had failed (see [`Inner::sync_sled_files`]).
     pub(crate) fn fail_sled_sync(&self) {
         self.inner.sled_sync_failed.store(true, Ordering::Release);
     }
