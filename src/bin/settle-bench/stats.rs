@@ -66,8 +66,9 @@ pub fn round3(value: f64) -> f64 {
 }
 
 /// CPU used over one interval, in cores (1.0 = one core busy the whole time), split
-/// into the server, this bench (with its worker processes) and everything else. The
-/// "other" share is how noisy the machine was.
+/// into the server, this bench (with its worker processes) and everything else, and
+/// the time the host took from this machine's virtual CPUs. "other" and "steal" are
+/// how noisy the machine was.
 #[derive(Clone, Debug, Serialize)]
 pub struct CpuUsage {
     pub wall_s: f64,
@@ -75,6 +76,8 @@ pub struct CpuUsage {
     pub server_cores: Option<f64>,
     pub bench_cores: f64,
     pub other_cores: Option<f64>,
+    /// Stolen by the host (0 on bare metal); `None` if /proc/stat could not be read.
+    pub steal_cores: Option<f64>,
     pub loadavg_before: String,
 }
 
@@ -86,7 +89,7 @@ pub struct CpuMeter {
     server: Option<u64>,
     own: u64,
     workers: u64,
-    system: Option<u64>,
+    system: Option<sys::SystemTicks>,
     loadavg: String,
 }
 
@@ -99,7 +102,7 @@ impl CpuMeter {
             server: server_pid.and_then(|pid| sys::cpu_ticks(Some(pid)).ok()),
             own: sys::cpu_ticks(None).unwrap_or(0),
             workers: worker_ticks(worker_pids),
-            system: sys::system_busy_ticks().ok(),
+            system: sys::system_ticks().ok(),
             loadavg: sys::loadavg(),
         }
     }
@@ -119,14 +122,15 @@ impl CpuMeter {
             .saturating_sub(self.own);
         let workers = worker_ticks(&self.worker_pids).saturating_sub(self.workers);
         let system = match self.system {
-            Some(before) => sys::system_busy_ticks()
-                .ok()
-                .map(|after| after.saturating_sub(before)),
+            Some(before) => sys::system_ticks().ok().map(|after| sys::SystemTicks {
+                busy: after.busy.saturating_sub(before.busy),
+                steal: after.steal.saturating_sub(before.steal),
+            }),
             None => None,
         };
         let other = match (system, server) {
             (Some(system), Some(server)) => {
-                Some(cores(system.saturating_sub(server + own + workers)))
+                Some(cores(system.busy.saturating_sub(server + own + workers)))
             }
             _ => None,
         };
@@ -135,6 +139,7 @@ impl CpuMeter {
             server_cores: server.map(cores),
             bench_cores: cores(own + workers),
             other_cores: other,
+            steal_cores: system.map(|system| cores(system.steal)),
             loadavg_before: self.loadavg.clone(),
         }
     }
@@ -150,10 +155,11 @@ impl CpuUsage {
     pub fn brief(&self) -> String {
         let show = |value: Option<f64>| value.map_or("?".to_owned(), |v| format!("{v:.2}"));
         format!(
-            "server {} / bench {:.2} / other {} cores over {:.1} s (loadavg before: {})",
+            "server {} / bench {:.2} / other {} cores, {} stolen by the host, over {:.1} s (loadavg before: {})",
             show(self.server_cores),
             self.bench_cores,
             show(self.other_cores),
+            show(self.steal_cores),
             self.wall_s,
             self.loadavg_before
         )

@@ -75,30 +75,43 @@ pub fn cpu_ticks(pid: Option<u32>) -> anyhow::Result<u64> {
     Ok(field(11)? + field(12)?)
 }
 
-/// Busy CPU time of the whole machine (all cores; idle and iowait excluded), in ticks.
+/// CPU time of the whole machine (all cores), in ticks.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SystemTicks {
+    /// Run on this machine's CPUs (idle, iowait and steal excluded).
+    pub busy: u64,
+    /// Stolen: a virtual CPU wanted to run while the host ran something else.
+    pub steal: u64,
+}
+
+/// The machine's CPU time so far, from the `cpu` line of /proc/stat.
 ///
 /// # Errors
 /// When /proc/stat cannot be read or parsed.
-pub fn system_busy_ticks() -> anyhow::Result<u64> {
+pub fn system_ticks() -> anyhow::Result<SystemTicks> {
     let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     let line = stat
         .lines()
         .find(|line| line.starts_with("cpu "))
         .context("no cpu line in /proc/stat")?;
+    Ok(parse_cpu_line(line))
+}
+
+fn parse_cpu_line(line: &str) -> SystemTicks {
     let values: Vec<u64> = line
         .split_whitespace()
         .skip(1)
         .map(|value| value.parse().unwrap_or(0))
         .collect();
+    let value = |index: usize| values.get(index).copied().unwrap_or(0);
     // user nice system idle iowait irq softirq steal (guest time is inside user).
-    let busy = [0, 1, 2, 5, 6, 7]
-        .iter()
-        .map(|&index| values.get(index).copied().unwrap_or(0))
-        .sum();
-    Ok(busy)
+    SystemTicks {
+        busy: [0, 1, 2, 5, 6].into_iter().map(value).sum(),
+        steal: value(7),
+    }
 }
 
-/// Clock ticks per second, the unit of [`cpu_ticks`] and [`system_busy_ticks`].
+/// Clock ticks per second, the unit of [`cpu_ticks`] and [`system_ticks`].
 pub fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf has no memory effects.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -227,4 +240,22 @@ pub fn open_fds(pid: u32) -> Option<usize> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .ok()
         .map(|entries| entries.count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_line_splits_into_busy_and_stolen_time() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let ticks = parse_cpu_line("cpu  100 1 50 900 40 0 9 30 0 0");
+        assert_eq!(
+            ticks,
+            SystemTicks {
+                busy: 160,
+                steal: 30
+            }
+        );
+    }
 }
