@@ -285,14 +285,15 @@ async fn commands_get(
     State(state): State<AppState>,
     AppPath(command_id): AppPath<Uuid>,
 ) -> Result<Json<CommandView>, ApiError> {
-    // Most lookups are of pending commands (clients poll those): from memory, and
-    // only a miss goes to sled on the blocking pool.
+    // Store::command_by_id in two halves: most lookups are of pending commands
+    // (clients poll those), from memory, and only a miss goes to sled on the blocking
+    // pool.
     let record = match state.store.pending_by_id(command_id) {
         Some(record) => Some(record),
         None => {
             state
                 .store
-                .blocking(move |store| store.command_by_id(command_id))
+                .blocking(move |store| store.finished_by_id(command_id))
                 .await?
         }
     };

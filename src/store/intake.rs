@@ -59,7 +59,7 @@ use std::thread;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{Accepted, FinishedTrees, Inner, Store, StoreError};
+use super::{Accepted, Inner, Store, StoreError};
 use crate::model::CommandRecord;
 
 /// Most accepts written in one batch. Larger batches amortize the fsync further, but
@@ -131,16 +131,11 @@ impl PendingTable {
     /// Removes the command if it is pending under this id (false if not); its segment
     /// becomes releasable if it was the last unfinished one of a closed segment.
     fn take(&mut self, key: &str, command_id: Uuid) -> bool {
-        if self
-            .by_key
-            .get(key)
-            .is_none_or(|pending| pending.record.command_id != command_id)
-        {
-            return false;
+        match self.by_key.get(key) {
+            Some(pending) if pending.record.command_id == command_id => {}
+            _ => return false,
         }
-        let Some(pending) = self.by_key.remove(key) else {
-            return false;
-        };
+        let pending = self.by_key.remove(key).expect("looked up above");
         self.key_by_id.remove(&command_id);
         if let Some(left) = self.unfinished.get_mut(&pending.segment) {
             *left -= 1;
@@ -258,10 +253,11 @@ impl Store {
     /// over it, and that record is deleted: the writer admits a key only when it has no
     /// record, so the record must be one whose removal by compaction (not flushed
     /// before a crash) came back.
-    pub(super) fn recover_intake(
-        inner: &Inner,
-        trees: &FinishedTrees<'_>,
-    ) -> Result<PendingTable, StoreError> {
+    ///
+    /// Call once sled is synced ([`Inner::sync_sled`], as `open` does when it reserves
+    /// the first seq block): a released segment no longer brings its commands back.
+    pub(super) fn recover_intake(inner: &Inner) -> Result<PendingTable, StoreError> {
+        let trees = inner.finished_trees();
         let dir = inner.intake_dir.as_path();
         let commands = trees.commands;
         fs::create_dir_all(dir)?;
@@ -313,17 +309,12 @@ impl Store {
                 fs::remove_file(spare_path(dir, spare))?;
             }
         }
-        let finished: Vec<u64> = segments
-            .into_iter()
-            .filter(|segment| !table.unfinished.contains_key(segment))
-            .collect();
-        if !finished.is_empty() {
-            // What the records were found finished in may not have reached the disk
-            // before the restart (a kill -9 leaves it in the page cache).
-            inner.sync_sled()?;
-        }
-        for segment in finished {
-            release_segment(dir, &mut table, segment)?;
+        // What the records were found finished in is on the disk: `open` synced sled
+        // before this.
+        for &segment in &segments {
+            if !table.unfinished.contains_key(&segment) {
+                release_segment(dir, &mut table, segment)?;
+            }
         }
         sync_dir(dir)?;
         Ok(table)
@@ -928,7 +919,7 @@ mod tests {
         for segment in [1, 2] {
             assert!(
                 !segment_path(&intake_dir, segment).exists(),
-                "a new process syncs again and releases what it finds finished: {segment}"
+                "a new process releases what it finds finished: {segment}"
             );
         }
     }

@@ -354,13 +354,7 @@ impl Store {
             sled_sync_failed: AtomicBool::new(false),
             db,
         };
-        let finished = inner.finished_trees();
-        finished.index_expiries(&inner.meta)?;
-        let pending = Self::recover_intake(&inner, &finished)?;
-        *inner
-            .pending
-            .get_mut()
-            .expect("pending table lock poisoned") = pending;
+        inner.finished_trees().index_expiries(&inner.meta)?;
         let first_seq = match inner.meta.get(SEQ_RESERVED)? {
             Some(reserved) => read_u64(&reserved),
             // A data directory from before the allocator: its seqs came from sled's
@@ -368,7 +362,10 @@ impl Store {
             None => inner.db.generate_id()?,
         };
         // The first block now, not on the first accept (which would write and flush
-        // sled on the intake writer's thread, just as recovered commands apply).
+        // sled on the intake writer's thread, just as recovered commands apply). Its
+        // sync also makes durable everything the last run applied (a kill -9 may have
+        // left it in the page cache), before recovery releases the segments it finds
+        // finished.
         let reserved = first_seq + SEQ_BLOCK;
         inner.meta.insert(SEQ_RESERVED, &reserved.to_be_bytes())?;
         inner.sync_sled()?;
@@ -376,6 +373,11 @@ impl Store {
             next: first_seq,
             reserved,
         };
+        let pending = Self::recover_intake(&inner)?;
+        *inner
+            .pending
+            .get_mut()
+            .expect("pending table lock poisoned") = pending;
         let mut projection = Projection::default();
         projection.watermark = inner.meta.get(LAST_EVENT_ID)?.map_or(0, |v| read_u64(&v));
         for entry in inner.tasks.iter() {
@@ -450,7 +452,7 @@ impl Store {
     /// # Errors
     /// On storage failure or a corrupt record.
     pub fn finished_command(&self, key: &str) -> Result<Option<CommandRecord>, StoreError> {
-        self.finished_trees().record(key.as_bytes())
+        self.inner.finished_trees().record(key.as_bytes())
     }
 
     /// The command with this id, pending or finished. Pending first: a command leaves
@@ -460,11 +462,20 @@ impl Store {
     /// # Errors
     /// On storage failure or a corrupt record.
     pub fn command_by_id(&self, command_id: Uuid) -> Result<Option<CommandRecord>, StoreError> {
-        if let Some(record) = self.pending_by_id(command_id) {
-            return Ok(Some(record));
+        match self.pending_by_id(command_id) {
+            Some(record) => Ok(Some(record)),
+            None => self.finished_by_id(command_id),
         }
+    }
+
+    /// The finished command with this id, from sled: [`Store::command_by_id`] after
+    /// its look in the pending table.
+    ///
+    /// # Errors
+    /// On storage failure or a corrupt record.
+    pub fn finished_by_id(&self, command_id: Uuid) -> Result<Option<CommandRecord>, StoreError> {
         match self.inner.command_ids.get(command_id.as_bytes())? {
-            Some(key) => self.finished_trees().record(&key),
+            Some(key) => self.inner.finished_trees().record(&key),
             None => Ok(None),
         }
     }
@@ -477,7 +488,7 @@ impl Store {
         let mut records = Vec::new();
         for entry in self.inner.dead_letters.iter() {
             let (_, key) = entry?;
-            if let Some(record) = self.finished_trees().record(&key)? {
+            if let Some(record) = self.inner.finished_trees().record(&key)? {
                 records.push(record);
             }
         }
@@ -1150,7 +1161,7 @@ mod tests {
 
         // A removal that finds the record already gone (and its key taken by a new
         // command) removes nothing of the new one.
-        let trees = store.finished_trees();
+        let trees = store.inner.finished_trees();
         assert_eq!(
             trees
                 .remove(&[], std::slice::from_ref(&current))

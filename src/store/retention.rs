@@ -44,6 +44,31 @@ pub(super) struct FinishedTrees<'a> {
 }
 
 impl FinishedTrees<'_> {
+    /// The finished record an `expiries` entry stands for: the one under its key with
+    /// its settled time and seq. `None` for an entry without one (it is deleted alone)
+    /// and for a record that does not parse (kept and logged, so that expiry goes on
+    /// past it).
+    fn expired_record(
+        &self,
+        entry: &[u8],
+        key: &[u8],
+    ) -> Result<Option<CommandRecord>, StoreError> {
+        let record = match self.record(key) {
+            Ok(Some(record)) => record,
+            Ok(None) => return Ok(None),
+            Err(StoreError::Corrupt(err)) => {
+                tracing::error!(key = %String::from_utf8_lossy(key), error = %err,
+                    "a finished command record does not parse; it is kept, not expired");
+                return Ok(None);
+            }
+            Err(err) => return Err(err),
+        };
+        let indexed = record
+            .settled_at
+            .is_some_and(|at| entry == expiry_key_for(at, record.seq));
+        Ok(indexed.then_some(record))
+    }
+
     /// The finished record under `key`, if any.
     ///
     /// # Errors
@@ -136,10 +161,6 @@ impl FinishedTrees<'_> {
 }
 
 impl Store {
-    pub(super) fn finished_trees(&self) -> FinishedTrees<'_> {
-        self.inner.finished_trees()
-    }
-
     /// Drops events beyond the newest `keep_events`, and finished command records
     /// settled before `commands_before` (pending ones are never dropped). Returns how
     /// many of each went.
@@ -178,7 +199,7 @@ impl Store {
     }
 
     fn expire_commands(&self, before: OffsetDateTime) -> Result<usize, StoreError> {
-        let trees = self.finished_trees();
+        let trees = self.inner.finished_trees();
         let cut = IVec::from(&unix_ms(before).to_be_bytes());
         let mut removed = 0;
         // Each chunk starts after the last entry of the one before: a sure end.
@@ -189,7 +210,7 @@ impl Store {
             let mut records = Vec::with_capacity(COMPACT_CHUNK);
             for entry in self.inner.expiries.range(range).take(COMPACT_CHUNK) {
                 let (entry, key) = entry?;
-                if let Some(record) = self.expired_record(&entry, &key)? {
+                if let Some(record) = trees.expired_record(&entry, &key)? {
                     records.push(record);
                 }
                 entries.push(entry);
@@ -213,30 +234,5 @@ impl Store {
             self.inner.db.flush()?;
         }
         Ok(removed)
-    }
-
-    /// The finished record an `expiries` entry stands for: the one under its key with
-    /// its settled time and seq. `None` for an entry without one (it is deleted alone)
-    /// and for a record that does not parse (kept and logged, so that expiry goes on
-    /// past it).
-    fn expired_record(
-        &self,
-        entry: &[u8],
-        key: &[u8],
-    ) -> Result<Option<CommandRecord>, StoreError> {
-        let record = match self.finished_trees().record(key) {
-            Ok(Some(record)) => record,
-            Ok(None) => return Ok(None),
-            Err(StoreError::Corrupt(err)) => {
-                tracing::error!(key = %String::from_utf8_lossy(key), error = %err,
-                    "a finished command record does not parse; it is kept, not expired");
-                return Ok(None);
-            }
-            Err(err) => return Err(err),
-        };
-        let indexed = record
-            .settled_at
-            .is_some_and(|at| entry == expiry_key_for(at, record.seq));
-        Ok(indexed.then_some(record))
     }
 }

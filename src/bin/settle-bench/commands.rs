@@ -10,11 +10,10 @@ use serde::Deserialize;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use settle::model::{EVENT_FAILED, EVENT_SETTLED};
+
 use crate::client::Conn;
 use crate::sse::{Observed, Observer};
-
-const EVENT_SETTLED: &str = "projection:settled";
-const EVENT_FAILED: &str = "command:failed";
 
 /// A prefix for this run's idempotency keys: a `--target` server keeps keys for a
 /// day, so a rerun must never replay an earlier run's commands.
@@ -41,9 +40,6 @@ pub fn accepted_command_id(body: &[u8]) -> anyhow::Result<String> {
 #[derive(Deserialize)]
 pub struct EventData {
     pub command_id: String,
-    /// Server-side accept-to-readable time (settled events only).
-    #[serde(default)]
-    pub window_ms: Option<u64>,
     /// When the server accepted the command (settled events only), RFC 3339.
     #[serde(default)]
     pub accepted_at: Option<String>,

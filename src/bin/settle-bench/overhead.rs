@@ -90,8 +90,6 @@ struct Results {
     overhead_from_202_ms: Option<Summary>,
     /// Event received - request sent - delay: an upper bound that includes the accept.
     overhead_from_send_ms: Option<Summary>,
-    /// The server's own `window_ms` (accept to readable, whole ms) - delay.
-    server_window_minus_delay_ms: Option<Summary>,
     /// The first part of the overhead, on the server's clock: the event's `settled_at`
     /// (its apply step began) - `accepted_at` - delay. The timer (the due time is
     /// `accepted_at` rounded up to the ms, plus the delay) and the wait for the step
@@ -293,7 +291,6 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
     let delay_ms = delay.as_secs_f64() * 1000.0;
     let mut from_202 = Vec::with_capacity(sent.len());
     let mut from_send = Vec::with_capacity(sent.len());
-    let mut server_window = Vec::with_capacity(sent.len());
     let mut delay_to_step = Vec::with_capacity(sent.len());
     let mut step_to_received = Vec::with_capacity(sent.len());
     let mut accept_latency = Vec::with_capacity(sent.len());
@@ -313,9 +310,6 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
         let received = event.observed.at;
         from_202.push(signed_ms(received, command.accepted_at) - delay_ms);
         from_send.push(signed_ms(received, command.sent_at) - delay_ms);
-        if let Some(window) = event.data.window_ms {
-            server_window.push(window as f64 - delay_ms);
-        }
         if let (Some(accepted_ns), Some(step_ns)) =
             (event.data.accepted_at_ns(), event.data.settled_at_ns())
         {
@@ -336,7 +330,6 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
         max_schedule_lag_ms: round3(max_lag.as_secs_f64() * 1000.0),
         overhead_from_202_ms: Summary::of(&mut from_202),
         overhead_from_send_ms: Summary::of(&mut from_send),
-        server_window_minus_delay_ms: Summary::of(&mut server_window),
         delay_to_step_ms: Summary::of(&mut delay_to_step),
         step_to_received_ms: Summary::of(&mut step_to_received),
         accept_latency_ms: Summary::of(&mut accept_latency),
@@ -425,20 +418,16 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
             Summary::brief(results.overhead_from_202_ms.as_ref()),
         ),
         (
-            "overhead from send p50/p99/max".to_owned(),
-            Summary::brief(results.overhead_from_send_ms.as_ref()),
-        ),
-        (
-            "server window - delay p50/p99/max".to_owned(),
-            Summary::brief(results.server_window_minus_delay_ms.as_ref()),
-        ),
-        (
             "  of which accepted + delay -> step began".to_owned(),
             Summary::brief(results.delay_to_step_ms.as_ref()),
         ),
         (
             "  of which step began -> received".to_owned(),
             Summary::brief(results.step_to_received_ms.as_ref()),
+        ),
+        (
+            "overhead from send p50/p99/max".to_owned(),
+            Summary::brief(results.overhead_from_send_ms.as_ref()),
         ),
         (
             "202 latency p50/p99/max".to_owned(),

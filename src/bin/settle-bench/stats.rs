@@ -122,10 +122,7 @@ impl CpuMeter {
             .saturating_sub(self.own);
         let workers = worker_ticks(&self.worker_pids).saturating_sub(self.workers);
         let system = match self.system {
-            Some(before) => sys::system_ticks().ok().map(|after| sys::SystemTicks {
-                busy: after.busy.saturating_sub(before.busy),
-                steal: after.steal.saturating_sub(before.steal),
-            }),
+            Some(before) => sys::system_ticks().ok().map(|after| after.since(before)),
             None => None,
         };
         let other = match (system, server) {

@@ -76,7 +76,7 @@ pub fn cpu_ticks(pid: Option<u32>) -> anyhow::Result<u64> {
 }
 
 /// CPU time of the whole machine (all cores), in ticks.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SystemTicks {
     /// Run on this machine's CPUs (idle, iowait and steal excluded).
     pub busy: u64,
@@ -94,21 +94,35 @@ pub fn system_ticks() -> anyhow::Result<SystemTicks> {
         .lines()
         .find(|line| line.starts_with("cpu "))
         .context("no cpu line in /proc/stat")?;
-    Ok(parse_cpu_line(line))
+    parse_cpu_line(line).context("malformed cpu line in /proc/stat")
 }
 
-fn parse_cpu_line(line: &str) -> SystemTicks {
+impl SystemTicks {
+    /// The ticks from `before` to `self`.
+    pub fn since(self, before: Self) -> Self {
+        Self {
+            busy: self.busy.saturating_sub(before.busy),
+            steal: self.steal.saturating_sub(before.steal),
+        }
+    }
+}
+
+/// `None` unless the line has the eight columns up to steal, all numbers.
+fn parse_cpu_line(line: &str) -> Option<SystemTicks> {
     let values: Vec<u64> = line
         .split_whitespace()
         .skip(1)
-        .map(|value| value.parse().unwrap_or(0))
-        .collect();
-    let value = |index: usize| values.get(index).copied().unwrap_or(0);
-    // user nice system idle iowait irq softirq steal (guest time is inside user).
-    SystemTicks {
-        busy: [0, 1, 2, 5, 6].into_iter().map(value).sum(),
-        steal: value(7),
-    }
+        .map(|value| value.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal; guest and guest_nice, if there,
+    // are already inside user and nice.
+    let [user, nice, system, _idle, _iowait, irq, softirq, steal, ..] = values[..] else {
+        return None;
+    };
+    Some(SystemTicks {
+        busy: user + nice + system + irq + softirq,
+        steal,
+    })
 }
 
 /// Clock ticks per second, the unit of [`cpu_ticks`] and [`system_ticks`].
@@ -248,14 +262,21 @@ mod tests {
 
     #[test]
     fn the_cpu_line_splits_into_busy_and_stolen_time() {
-        // user nice system idle iowait irq softirq steal guest guest_nice
-        let ticks = parse_cpu_line("cpu  100 1 50 900 40 0 9 30 0 0");
+        // user nice system idle iowait irq softirq steal guest guest_nice: powers of
+        // two, so any column counted wrongly shows.
+        let ticks = parse_cpu_line("cpu  1 2 4 8 16 32 64 128 256 512");
         assert_eq!(
             ticks,
-            SystemTicks {
-                busy: 160,
-                steal: 30
-            }
+            Some(SystemTicks {
+                busy: 1 + 2 + 4 + 32 + 64,
+                steal: 128
+            })
         );
+        assert_eq!(
+            parse_cpu_line("cpu  1 2 4 8 16 32 64"),
+            None,
+            "no steal column"
+        );
+        assert_eq!(parse_cpu_line("cpu  1 2 x 8 16 32 64 128"), None);
     }
 }
