@@ -259,11 +259,17 @@ impl Consumer {
     /// Each step's apply blocks the runtime's thread (nothing else of the consumer could
     /// run meanwhile anyway): hence a runtime of its own.
     async fn run(mut self, shutdown: CancellationToken) {
+        let sync_failed = self.store.sync_failed();
+        tokio::pin!(sync_failed);
         loop {
             while self.process_once() > 0 {}
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                // Also when nothing is pending, so no next step would notice.
+                () = &mut sync_failed => {
+                    stop_on_sync_failure("it failed outside the consumer, reserving a seq block")
+                }
                 message = self.inbox.recv() => match message {
                     Some(message) => self.handle(message),
                     None => break,
@@ -480,11 +486,10 @@ impl Consumer {
             }
         }
         // After the step's events, so none of them waits for it.
-        if let Err(err) = self.store.release_finished_segments() {
-            // Fail-stop, as PostgreSQL does: what a failed writeback lost cannot be
-            // known, and a restart brings it back from the intake log. The panic
-            // stops the server (see `start`).
-            panic!("sled's files cannot be synced; stopping the server: {err}");
+        match self.store.release_finished_segments() {
+            Ok(Some(sync)) => self.metrics.release_sync(sync),
+            Ok(None) => {}
+            Err(err) => stop_on_sync_failure(err),
         }
         processed
     }
@@ -553,6 +558,13 @@ impl Consumer {
             }
         }
     }
+}
+
+/// Fail-stop after a failed fdatasync of sled's files, as PostgreSQL does: what the
+/// failed writeback lost cannot be known, and a restart brings it back from the intake
+/// log. The panic stops the server (see [`Consumer::start`]).
+fn stop_on_sync_failure(cause: impl std::fmt::Display) -> ! {
+    panic!("an fdatasync of sled's files failed; stopping the server: {cause}");
 }
 
 /// Applies a batch in one transaction. If that fails (a storage error, a panic), each
@@ -624,10 +636,10 @@ mod tests {
     use crate::model::{unix_ms_ceil, CommandBody};
     use crate::store::Intake;
 
-    /// Starts a consumer, lets `inject` break something, accepts one command due at
-    /// once, and checks that the consumer stops the server: it cancels `shutdown`
-    /// and its join reports the failure.
-    async fn the_server_stops_when(inject: impl FnOnce(&Store)) {
+    /// Starts a consumer, lets `inject` break something, accepts `commands` commands
+    /// due at once, and checks that the consumer stops the server: it cancels
+    /// `shutdown` and its join reports the failure.
+    async fn the_server_stops_when(inject: impl FnOnce(&Store), commands: usize) {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = Store::open(dir.path()).expect("a store");
         let settings = FaultSettings {
@@ -653,20 +665,22 @@ mod tests {
         .expect("the intake log");
         inject(&store);
 
-        let accepted_at = OffsetDateTime::now_utc();
-        let body = CommandBody::Create {
-            title: "t".to_owned(),
-            notes: String::new(),
-        };
-        let record = CommandRecord::accepted(
-            Uuid::now_v7(),
-            "k".to_owned(),
-            "f".to_owned(),
-            body,
-            accepted_at,
-            unix_ms_ceil(accepted_at),
-        );
-        intake.accept(record).await.expect("accepted");
+        for n in 0..commands {
+            let accepted_at = OffsetDateTime::now_utc();
+            let body = CommandBody::Create {
+                title: "t".to_owned(),
+                notes: String::new(),
+            };
+            let record = CommandRecord::accepted(
+                Uuid::now_v7(),
+                format!("k{n}"),
+                "f".to_owned(),
+                body,
+                accepted_at,
+                unix_ms_ceil(accepted_at),
+            );
+            intake.accept(record).await.expect("accepted");
+        }
 
         tokio::time::timeout(Duration::from_secs(30), shutdown.cancelled())
             .await
@@ -679,13 +693,21 @@ mod tests {
     /// leave a server that answers 202 for commands nothing will apply.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panic_outside_an_apply_starts_the_shutdown_and_join_reports_it() {
-        the_server_stops_when(Store::poison_projection).await;
+        the_server_stops_when(Store::poison_projection, 1).await;
     }
 
     /// After a failed fdatasync of sled's files nothing more can be released: the
-    /// consumer stops the server at its next step.
+    /// consumer stops the server, at its next step at the latest.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_sync_of_sled_s_files_stops_the_server() {
-        the_server_stops_when(Store::fail_sled_sync).await;
+        the_server_stops_when(Store::fail_sled_sync, 1).await;
+    }
+
+    /// A sync can fail outside the consumer (reserving a seq block, on the accept
+    /// path) while nothing is pending: there is no next step, and the server must not
+    /// go on answering every accept with an error until someone restarts it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_sync_stops_the_server_also_with_nothing_pending() {
+        the_server_stops_when(Store::fail_sled_sync, 0).await;
     }
 }

@@ -55,6 +55,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -372,20 +373,25 @@ impl Store {
     /// the next call; one that cannot be renamed or deleted stays on disk, and the
     /// next start releases it.
     ///
+    /// Answers how long the sync took, or `None` when nothing was releasable (no sync).
+    ///
     /// # Errors
     /// When a sync of sled's files has failed, now or before, in this process: nothing
     /// more can be released, and the server should stop (see [`Inner::sync_sled_files`]).
-    pub fn release_finished_segments(&self) -> io::Result<()> {
+    pub fn release_finished_segments(&self) -> io::Result<Option<Duration>> {
         self.inner.check_synced()?;
         let segments = std::mem::take(&mut self.pending_table().releasable);
         if segments.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
-        if let Err(err) = self.inner.sync_sled_files() {
+        let started = Instant::now();
+        let synced = self.inner.sync_sled_files();
+        let sync = started.elapsed();
+        if let Err(err) = synced {
             self.pending_table().releasable.extend(&segments);
             self.inner.check_synced()?;
             tracing::warn!(error = %err, ?segments, "cannot sync sled's blob files; the finished intake segments stay for now");
-            return Ok(());
+            return Ok(Some(sync));
         }
         for segment in segments {
             // Under the lock, so the writer cannot take this spare before it exists:
@@ -397,7 +403,7 @@ impl Store {
                 tracing::warn!(error = %err, segment, "cannot release a finished intake segment");
             }
         }
-        Ok(())
+        Ok(Some(sync))
     }
 }
 
@@ -866,12 +872,25 @@ mod tests {
             segment_path(&intake_dir, 1).exists(),
             "not before the release"
         );
-        store.release_finished_segments().expect("released");
+        assert!(
+            store
+                .release_finished_segments()
+                .expect("released")
+                .is_some(),
+            "a sync, timed"
+        );
         assert!(!segment_path(&intake_dir, 1).exists());
         assert!(spare_path(&intake_dir, 1).exists(), "kept as a spare");
         assert!(
             segment_path(&intake_dir, 2).exists(),
             "b is still unfinished"
+        );
+        assert!(
+            store
+                .release_finished_segments()
+                .expect("nothing to release")
+                .is_none(),
+            "no sync when nothing is releasable"
         );
     }
 

@@ -58,7 +58,6 @@ pub use intake::{
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -183,8 +182,9 @@ struct Inner {
     sled_file: File,
     /// Where sled writes each item too large for its log, one file each.
     sled_blobs_dir: PathBuf,
-    /// Set when an fdatasync of sled's files failed: see [`Inner::sync_sled_files`].
-    sled_sync_failed: AtomicBool,
+    /// Cancelled when an fdatasync of sled's files failed: see
+    /// [`Inner::sync_sled_files`] and [`Store::sync_failed`].
+    sled_sync_failed: CancellationToken,
 }
 
 impl Inner {
@@ -213,12 +213,12 @@ impl Inner {
     /// Once a sync fails, every later call fails too, until a restart: the kernel
     /// reports a failed writeback once, so a later success would not mean the earlier
     /// pages reached the disk (PostgreSQL's rule since 2018; the consumer then stops
-    /// the server). Other errors (listing or opening a blob file) are not sticky.
+    /// the server at once, see [`Store::sync_failed`]). Other errors (listing or
+    /// opening a blob file) are not sticky.
     fn sync_sled_files(&self) -> io::Result<()> {
         self.check_synced()?;
-        let synced = |result: io::Result<()>| {
-            result.inspect_err(|_| self.sled_sync_failed.store(true, Ordering::Release))
-        };
+        let synced =
+            |result: io::Result<()>| result.inspect_err(|_| self.sled_sync_failed.cancel());
         synced(self.sled_file.sync_data())?;
         let dir = &self.sled_blobs_dir;
         let entries = match std::fs::read_dir(dir) {
@@ -238,7 +238,7 @@ impl Inner {
 
     /// An error if a sync of sled's files has failed in this process.
     fn check_synced(&self) -> io::Result<()> {
-        if self.sled_sync_failed.load(Ordering::Acquire) {
+        if self.sled_sync_failed.is_cancelled() {
             Err(io::Error::other(
                 "an fdatasync of sled's files failed; restart the server (the intake log brings back what may be lost)",
             ))
@@ -351,7 +351,7 @@ impl Store {
             intake_dir: dir.join(INTAKE_DIR),
             sled_file: File::open(dir.join(SLED_FILE))?,
             sled_blobs_dir: dir.join(SLED_BLOBS),
-            sled_sync_failed: AtomicBool::new(false),
+            sled_sync_failed: CancellationToken::new(),
             db,
         };
         inner.finished_trees().index_expiries(&inner.meta)?;
@@ -402,6 +402,16 @@ impl Store {
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(FLUSH_BACKOFF_MAX);
         }
+    }
+
+    /// Completes once an fdatasync of sled's files has failed in this process (at
+    /// once if one has), wherever it failed: reserving a seq block on the accept path
+    /// or releasing finished intake segments. From then on nothing more is
+    /// released and no seq block is reserved, so the server cannot keep its promise
+    /// and must stop: the consumer waits on this and stops it even when nothing is
+    /// pending (see `consumer`).
+    pub fn sync_failed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.inner.sled_sync_failed.clone().cancelled_owned()
     }
 
     /// A new sequence number: unique and increasing, also across restarts. From
@@ -759,7 +769,7 @@ fn decide(record: &CommandRecord, current: Option<&TaskRow>, now: OffsetDateTime
 impl Store {
     /// As if an fdatasync of sled's files had failed (see [`Inner::sync_sled_files`]).
     pub(crate) fn fail_sled_sync(&self) {
-        self.inner.sled_sync_failed.store(true, Ordering::Release);
+        self.inner.sled_sync_failed.cancel();
     }
 }
 

@@ -395,6 +395,8 @@ async fn metrics_are_served_as_json_and_as_prometheus_text_or_openmetrics() {
         (&steps["commands"]["count"], &steps["commands"]["max"]),
         (&json!(1), &json!(1))
     );
+    // One command fills no intake segment: nothing released, so no sync.
+    assert_eq!(steps["release_sync_us"]["count"], 0, "{steps}");
     // Each part is within the command's own window (accept to readable, which covers
     // its step), in µs: a unit mix-up or a missing figure fails here.
     let window_us = metrics["window_ms"]["max"].as_u64().expect("a window") * 1000 + 1000;

@@ -119,9 +119,13 @@ async fn fetch_apply_steps(conn: &mut Conn) -> Option<StepsReport> {
 
 fn brief_steps(steps: &StepsReport) -> String {
     let ms = |us: u64| us as f64 / 1000.0;
-    let (t, f) = (&steps.transaction_us, &steps.flush_us);
+    let (t, f, r) = (
+        &steps.transaction_us,
+        &steps.flush_us,
+        &steps.release_sync_us,
+    );
     format!(
-        "{} steps of {} / {} commands (p50 / max); transaction {:.2} / {:.2} / {:.2} ms, flush {:.2} / {:.2} / {:.2} ms (p50 / p99 / max)",
+        "{} steps of {} / {} commands (p50 / max); transaction {:.2} / {:.2} / {:.2} ms, flush {:.2} / {:.2} / {:.2} ms (p50 / p99 / max); {} segment release syncs, max {:.2} ms",
         steps.commands.count,
         steps.commands.p50,
         steps.commands.max,
@@ -131,6 +135,8 @@ fn brief_steps(steps: &StepsReport) -> String {
         ms(f.p50),
         ms(f.p99),
         ms(f.max),
+        r.count,
+        ms(r.max),
     )
 }
 
