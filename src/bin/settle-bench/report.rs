@@ -159,6 +159,22 @@ impl Document {
         )?;
         writeln!(
             out,
+            "  host     wake-up round trip between two threads {} (median), TCP congestion control {}",
+            m.wake_round_trip_us
+                .map_or("?".to_owned(), |us| format!("{us:.1} µs")),
+            m.tcp_congestion_control.as_deref().unwrap_or("?"),
+        )?;
+        writeln!(
+            out,
+            "  cpu      {}",
+            if m.cpu_mitigations.is_empty() {
+                "no mitigations listed".to_owned()
+            } else {
+                m.cpu_mitigations.join("; ")
+            }
+        )?;
+        writeln!(
+            out,
             "  versions {}, git {}",
             v.rustc.as_deref().unwrap_or("rustc ?"),
             v.git.as_deref().unwrap_or("?")

@@ -179,6 +179,17 @@ pub struct Machine {
     /// This process's open-file limits after raising the soft one.
     pub nofile_soft: Option<u64>,
     pub nofile_hard: Option<u64>,
+    /// The kernel's default TCP congestion control, which every loopback connection
+    /// of the bench and the server uses.
+    pub tcp_congestion_control: Option<String>,
+    /// The kernel's CPU vulnerability entries that are not "Not affected": their
+    /// mitigations tax every system call and kernel return, which is most of the
+    /// fan-out's cost.
+    pub cpu_mitigations: Vec<String>,
+    /// Median round trip of a message between two threads of the bench, each woken by
+    /// the other, before any phase: in a VM mostly the price of waking an idle vCPU,
+    /// which every hand-off between the server's threads pays.
+    pub wake_round_trip_us: Option<f64>,
 }
 
 impl Machine {
@@ -215,8 +226,70 @@ impl Machine {
             memory_mib,
             nofile_soft: nofile.map(|(soft, _)| soft),
             nofile_hard: nofile.map(|(_, hard)| hard),
+            tcp_congestion_control: std::fs::read_to_string(
+                "/proc/sys/net/ipv4/tcp_congestion_control",
+            )
+            .ok()
+            .map(|text| text.trim().to_owned()),
+            cpu_mitigations: cpu_mitigations(Path::new(VULNERABILITIES_DIR)),
+            wake_round_trip_us: wake_round_trip_us(WAKE_ROUND_TRIPS),
         }
     }
+}
+
+const VULNERABILITIES_DIR: &str = "/sys/devices/system/cpu/vulnerabilities";
+/// Round trips of the wake-up probe: about 0.1 s on a VM that takes 70 µs each.
+const WAKE_ROUND_TRIPS: usize = 1000;
+
+/// `name: state` for every entry of `dir` (the kernel's vulnerabilities directory)
+/// that is not "Not affected", sorted by name; empty when it cannot be read.
+fn cpu_mitigations(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<String> = entries
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let state = std::fs::read_to_string(entry.path()).ok()?;
+            let state = state.trim();
+            (state != "Not affected")
+                .then(|| format!("{}: {state}", entry.file_name().to_string_lossy()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The median time, in µs, of `round_trips` messages sent to a second thread and
+/// answered, each side blocking in between; `None` if the thread cannot be started.
+fn wake_round_trip_us(round_trips: usize) -> Option<f64> {
+    use std::sync::mpsc;
+    use std::time::Instant;
+
+    let (to_echo, echo_inbox) = mpsc::channel::<Instant>();
+    let (to_probe, probe_inbox) = mpsc::channel::<Instant>();
+    let echo = std::thread::Builder::new()
+        .name("wake-probe".to_owned())
+        .spawn(move || {
+            while let Ok(sent) = echo_inbox.recv() {
+                if to_probe.send(sent).is_err() {
+                    break;
+                }
+            }
+        })
+        .ok()?;
+    let mut times: Vec<f64> = Vec::with_capacity(round_trips);
+    for _ in 0..round_trips {
+        if to_echo.send(Instant::now()).is_err() {
+            break;
+        }
+        let Ok(sent) = probe_inbox.recv() else { break };
+        times.push(sent.elapsed().as_secs_f64() * 1e6);
+    }
+    drop(to_echo);
+    let _ = echo.join();
+    times.sort_by(f64::total_cmp);
+    times.get(times.len() / 2).copied()
 }
 
 /// Runs a command and returns its first output line, or `None` if it cannot run.
@@ -278,5 +351,35 @@ mod tests {
             "no steal column"
         );
         assert_eq!(parse_cpu_line("cpu  1 2 x 8 16 32 64 128"), None);
+    }
+
+    #[test]
+    fn mitigations_list_every_entry_but_the_unaffected_in_name_order() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        for (name, state) in [
+            ("spectre_v2", "Mitigation: Retpolines\n"),
+            ("meltdown", "Not affected\n"),
+            (
+                "spec_rstack_overflow",
+                "Vulnerable: Safe RET, no microcode\n",
+            ),
+        ] {
+            std::fs::write(dir.path().join(name), state).expect("an entry");
+        }
+        assert_eq!(
+            cpu_mitigations(dir.path()),
+            [
+                "spec_rstack_overflow: Vulnerable: Safe RET, no microcode",
+                "spectre_v2: Mitigation: Retpolines",
+            ]
+        );
+        assert!(cpu_mitigations(&dir.path().join("missing")).is_empty());
+    }
+
+    #[test]
+    fn the_wake_up_probe_answers_a_median_of_real_round_trips() {
+        let us = wake_round_trip_us(20).expect("a probe thread");
+        assert!(us > 0.0 && us.is_finite(), "{us}");
+        assert_eq!(wake_round_trip_us(0), None, "no round trip, no median");
     }
 }
