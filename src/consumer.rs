@@ -257,7 +257,9 @@ impl Consumer {
 
     /// Runs until `shutdown`: wait for a message or a timer, then apply what is due.
     /// Each step's apply blocks the runtime's thread (nothing else of the consumer could
-    /// run meanwhile anyway): hence a runtime of its own.
+    /// run meanwhile anyway): hence a runtime of its own. A failed sync of sled's files,
+    /// here or anywhere else, stops the server (see [`stop_on_sync_failure`]), before a
+    /// shutdown that comes at the same time.
     async fn run(mut self, shutdown: CancellationToken) {
         let sync_failed = self.store.sync_failed();
         tokio::pin!(sync_failed);
@@ -265,11 +267,9 @@ impl Consumer {
             while self.process_once() > 0 {}
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break,
                 // Also when nothing is pending, so no next step would notice.
-                () = &mut sync_failed => {
-                    stop_on_sync_failure("it failed outside the consumer, reserving a seq block")
-                }
+                () = &mut sync_failed => stop_on_sync_failure("a sync outside the consumer failed"),
+                _ = shutdown.cancelled() => break,
                 message = self.inbox.recv() => match message {
                     Some(message) => self.handle(message),
                     None => break,
@@ -564,7 +564,7 @@ impl Consumer {
 /// failed writeback lost cannot be known, and a restart brings it back from the intake
 /// log. The panic stops the server (see [`Consumer::start`]).
 fn stop_on_sync_failure(cause: impl std::fmt::Display) -> ! {
-    panic!("an fdatasync of sled's files failed; stopping the server: {cause}");
+    panic!("stopping the server, sled's files cannot be made durable: {cause}");
 }
 
 /// Applies a batch in one transaction. If that fails (a storage error, a panic), each
@@ -696,16 +696,11 @@ mod tests {
         the_server_stops_when(Store::poison_projection, 1).await;
     }
 
-    /// After a failed fdatasync of sled's files nothing more can be released: the
-    /// consumer stops the server, at its next step at the latest.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failed_sync_of_sled_s_files_stops_the_server() {
-        the_server_stops_when(Store::fail_sled_sync, 1).await;
-    }
-
-    /// A sync can fail outside the consumer (reserving a seq block, on the accept
-    /// path) while nothing is pending: there is no next step, and the server must not
-    /// go on answering every accept with an error until someone restarts it.
+    /// After a failed fdatasync of sled's files nothing more can be released and no seq
+    /// block reserved. A sync can fail outside the consumer (reserving a seq block, on
+    /// the accept path) while nothing is pending: there is no next step then, and the
+    /// server must not go on answering every accept with an error until someone
+    /// restarts it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_sync_stops_the_server_also_with_nothing_pending() {
         the_server_stops_when(Store::fail_sled_sync, 0).await;

@@ -155,6 +155,9 @@ pub async fn serve(
         Intake::start(store.clone(), Box::new(on_durable)).context("starting the intake log")?;
     let janitor = tokio::spawn(run_janitor(store.clone(), config.clone(), shutdown.clone()));
 
+    // Read after the drain: a sync that failed while the server stopped must not end
+    // in a clean exit.
+    let durability = store.clone();
     let state = AppState {
         store,
         intake: intake.clone(),
@@ -177,6 +180,10 @@ pub async fn serve(
     anyhow::ensure!(
         consumer_ran,
         "the consumer panicked, which stopped the server; accepted commands resume on the next start"
+    );
+    anyhow::ensure!(
+        !durability.sync_has_failed(),
+        "an fdatasync of sled's files failed while the server stopped; the intake log brings back on the next start what it may have lost"
     );
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! from accept to readable (the projection updated, just before the event goes out).
 //! The consumer's apply steps are timed too, the transaction and the flush apart: they
 //! are most of what the server adds to the configured delay. So is the fdatasync the
-//! consumer runs between steps, about once per intake segment, before releasing it.
+//! consumer runs after a step's events, once per finished intake segment, before
+//! releasing it: it delays the next step, not the events.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,7 +23,7 @@ const WINDOW_BUCKETS_SECONDS: [f64; 16] = [
 ];
 /// Largest window the percentile histogram records exactly; longer ones are clamped.
 const WINDOW_MAX_MS: u64 = 3_600_000;
-/// Apply step buckets in seconds (transaction, flush): sub-millisecond on a fast disk,
+/// Apply step buckets in seconds (transaction, flush, release sync): sub-millisecond on a fast disk,
 /// tens of milliseconds when a flush waits on a busy one.
 const STEP_BUCKETS_SECONDS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
@@ -81,8 +82,9 @@ pub struct MetricsReport {
     pub apply_steps: StepsReport,
 }
 
-/// The consumer's apply steps since start: each one transaction and one flush.
-/// (Deserialize: `settle-bench` reads it back.)
+/// The consumer's apply steps since start: each one transaction and one flush; and,
+/// counted per release rather than per step, the syncs before intake segments are
+/// released. (Deserialize: `settle-bench` reads it back.)
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StepsReport {
     /// Commands per step.
@@ -94,10 +96,10 @@ pub struct StepsReport {
     /// flush.
     pub flush_us: Distribution,
     /// The fdatasync of sled's files before finished intake segments are released,
-    /// after a step's events went out: about once per 4 MiB segment of commands (some
-    /// 14000), and it delays the next step. (Default: a server from before this field.)
+    /// after a step's events went out: once per 4 MiB segment of commands, and it
+    /// delays the next step. (`None` only from a server from before this field.)
     #[serde(default)]
-    pub release_sync_us: Distribution,
+    pub release_sync_us: Option<Distribution>,
 }
 
 /// Percentiles of one histogram; all 0 while it is empty.
@@ -304,7 +306,7 @@ impl Metrics {
                 commands: Distribution::of(&steps.commands),
                 transaction_us: Distribution::of(&steps.transaction_us),
                 flush_us: Distribution::of(&steps.flush_us),
-                release_sync_us: Distribution::of(&steps.release_sync_us),
+                release_sync_us: Some(Distribution::of(&steps.release_sync_us)),
             }
         };
         MetricsReport {

@@ -373,7 +373,8 @@ impl Store {
     /// the next call; one that cannot be renamed or deleted stays on disk, and the
     /// next start releases it.
     ///
-    /// Answers how long the sync took, or `None` when nothing was releasable (no sync).
+    /// Answers how long the sync took, or `None` when there was none to time: nothing
+    /// was releasable, or the blob files could not be listed or opened.
     ///
     /// # Errors
     /// When a sync of sled's files has failed, now or before, in this process: nothing
@@ -385,14 +386,16 @@ impl Store {
             return Ok(None);
         }
         let started = Instant::now();
-        let synced = self.inner.sync_sled_files();
-        let sync = started.elapsed();
-        if let Err(err) = synced {
+        if let Err(err) = self.inner.sync_sled_files() {
             self.pending_table().releasable.extend(&segments);
-            self.inner.check_synced()?;
+            if self.inner.sync_has_failed() {
+                // This failure, or an earlier one: the error says which.
+                return Err(err);
+            }
             tracing::warn!(error = %err, ?segments, "cannot sync sled's blob files; the finished intake segments stay for now");
-            return Ok(Some(sync));
+            return Ok(None);
         }
+        let sync = started.elapsed();
         for segment in segments {
             // Under the lock, so the writer cannot take this spare before it exists:
             // one rename or unlink, no fsync (after a crash the file is found finished

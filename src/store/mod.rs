@@ -217,8 +217,15 @@ impl Inner {
     /// opening a blob file) are not sticky.
     fn sync_sled_files(&self) -> io::Result<()> {
         self.check_synced()?;
-        let synced =
-            |result: io::Result<()>| result.inspect_err(|_| self.sled_sync_failed.cancel());
+        let synced = |result: io::Result<()>| {
+            result.map_err(|err| {
+                self.sled_sync_failed.cancel();
+                io::Error::new(
+                    err.kind(),
+                    format!("an fdatasync of sled's files failed: {err}"),
+                )
+            })
+        };
         synced(self.sled_file.sync_data())?;
         let dir = &self.sled_blobs_dir;
         let entries = match std::fs::read_dir(dir) {
@@ -236,9 +243,14 @@ impl Inner {
         synced(File::open(dir)?.sync_all())
     }
 
+    /// Whether a sync of sled's files has failed in this process.
+    fn sync_has_failed(&self) -> bool {
+        self.sled_sync_failed.is_cancelled()
+    }
+
     /// An error if a sync of sled's files has failed in this process.
     fn check_synced(&self) -> io::Result<()> {
-        if self.sled_sync_failed.is_cancelled() {
+        if self.sync_has_failed() {
             Err(io::Error::other(
                 "an fdatasync of sled's files failed; restart the server (the intake log brings back what may be lost)",
             ))
@@ -412,6 +424,12 @@ impl Store {
     /// pending (see `consumer`).
     pub fn sync_failed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         self.inner.sled_sync_failed.clone().cancelled_owned()
+    }
+
+    /// Whether [`Store::sync_failed`] has completed: for a server that stops anyway,
+    /// to exit with an error rather than cleanly.
+    pub fn sync_has_failed(&self) -> bool {
+        self.inner.sync_has_failed()
     }
 
     /// A new sequence number: unique and increasing, also across restarts. From

@@ -431,6 +431,8 @@ async fn metrics_are_served_as_json_and_as_prometheus_text_or_openmetrics() {
         "# TYPE settle_apply_transaction_seconds histogram",
         "settle_apply_transaction_seconds_count 1",
         "settle_apply_flush_seconds_count 1",
+        "# TYPE settle_release_sync_seconds histogram",
+        "settle_release_sync_seconds_count 0",
     ] {
         assert!(text.lines().any(|l| l == line), "{line:?} in {text}");
     }

@@ -119,13 +119,13 @@ async fn fetch_apply_steps(conn: &mut Conn) -> Option<StepsReport> {
 
 fn brief_steps(steps: &StepsReport) -> String {
     let ms = |us: u64| us as f64 / 1000.0;
-    let (t, f, r) = (
-        &steps.transaction_us,
-        &steps.flush_us,
-        &steps.release_sync_us,
+    let (t, f) = (&steps.transaction_us, &steps.flush_us);
+    let releases = steps.release_sync_us.as_ref().map_or_else(
+        || "segment release syncs not reported".to_owned(),
+        |r| format!("{} segment release syncs, max {:.2} ms", r.count, ms(r.max)),
     );
     format!(
-        "{} steps of {} / {} commands (p50 / max); transaction {:.2} / {:.2} / {:.2} ms, flush {:.2} / {:.2} / {:.2} ms (p50 / p99 / max); {} segment release syncs, max {:.2} ms",
+        "{} steps of {} / {} commands (p50 / max); transaction {:.2} / {:.2} / {:.2} ms, flush {:.2} / {:.2} / {:.2} ms (p50 / p99 / max); {releases}",
         steps.commands.count,
         steps.commands.p50,
         steps.commands.max,
@@ -135,8 +135,6 @@ fn brief_steps(steps: &StepsReport) -> String {
         ms(f.p50),
         ms(f.p99),
         ms(f.max),
-        r.count,
-        ms(r.max),
     )
 }
 

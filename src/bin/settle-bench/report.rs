@@ -142,6 +142,7 @@ impl Document {
     /// # Errors
     /// When `out` cannot be written.
     pub fn print_header(&self, out: &mut dyn Write) -> io::Result<()> {
+        let us = |figure: Option<f64>| figure.map_or("?".to_owned(), |us| format!("{us:.1} µs"));
         let m = &self.machine;
         let v = &self.versions;
         writeln!(out, "settle-bench {} ({})", v.settle_bench, v.bench_profile)?;
@@ -159,18 +160,19 @@ impl Document {
         )?;
         writeln!(
             out,
-            "  host     wake-up round trip between two threads {} (median), TCP congestion control {}",
-            m.wake_round_trip_us
-                .map_or("?".to_owned(), |us| format!("{us:.1} µs")),
+            "  host     wake-up round trip between two threads (median): {} across CPUs, {} on one; TCP congestion control {}",
+            us(m.wake_round_trip.across_cpus_us),
+            us(m.wake_round_trip.same_cpu_us),
             m.tcp_congestion_control.as_deref().unwrap_or("?"),
         )?;
         writeln!(
             out,
             "  cpu      {}",
-            if m.cpu_mitigations.is_empty() {
-                "no mitigations listed".to_owned()
-            } else {
-                m.cpu_mitigations.join("; ")
+            match &m.cpu_vulnerabilities {
+                None => "vulnerabilities not readable".to_owned(),
+                Some(entries) if entries.is_empty() =>
+                    "not affected by any listed vulnerability".to_owned(),
+                Some(entries) => entries.join(" | "),
             }
         )?;
         writeln!(

@@ -182,14 +182,22 @@ pub struct Machine {
     /// The kernel's default TCP congestion control, which every loopback connection
     /// of the bench and the server uses.
     pub tcp_congestion_control: Option<String>,
-    /// The kernel's CPU vulnerability entries that are not "Not affected": their
-    /// mitigations tax every system call and kernel return, which is most of the
-    /// fan-out's cost.
-    pub cpu_mitigations: Vec<String>,
-    /// Median round trip of a message between two threads of the bench, each woken by
-    /// the other, before any phase: in a VM mostly the price of waking an idle vCPU,
-    /// which every hand-off between the server's threads pays.
-    pub wake_round_trip_us: Option<f64>,
+    /// The kernel's CPU vulnerability entries other than "Not affected", each with its
+    /// state (a mitigation in force, or "Vulnerable"); `None` when they cannot be read.
+    pub cpu_vulnerabilities: Option<Vec<String>>,
+    /// How long a thread takes to wake another and be woken back, before any phase.
+    pub wake_round_trip: WakeRoundTrip,
+}
+
+/// Median round trips of a message between two threads, each asleep until the other's
+/// message arrives, in µs: with the threads pinned to two CPUs, and to the same one. In
+/// a VM the first is mostly the price of waking an idle virtual CPU, which a hand-off
+/// between the server's threads pays when the other CPU has nothing to do; the second is
+/// a context switch. `None` where there are not enough CPUs or the probe failed.
+#[derive(Clone, Debug, Serialize)]
+pub struct WakeRoundTrip {
+    pub across_cpus_us: Option<f64>,
+    pub same_cpu_us: Option<f64>,
 }
 
 impl Machine {
@@ -231,23 +239,21 @@ impl Machine {
             )
             .ok()
             .map(|text| text.trim().to_owned()),
-            cpu_mitigations: cpu_mitigations(Path::new(VULNERABILITIES_DIR)),
-            wake_round_trip_us: wake_round_trip_us(WAKE_ROUND_TRIPS),
+            cpu_vulnerabilities: cpu_vulnerabilities(Path::new(VULNERABILITIES_DIR)),
+            wake_round_trip: WakeRoundTrip::measure(),
         }
     }
 }
 
 const VULNERABILITIES_DIR: &str = "/sys/devices/system/cpu/vulnerabilities";
-/// Round trips of the wake-up probe: about 0.1 s on a VM that takes 70 µs each.
+/// Round trips per wake-up probe: about 0.1 s on a VM that takes 80 µs each.
 const WAKE_ROUND_TRIPS: usize = 1000;
 
 /// `name: state` for every entry of `dir` (the kernel's vulnerabilities directory)
-/// that is not "Not affected", sorted by name; empty when it cannot be read.
-fn cpu_mitigations(dir: &Path) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut found: Vec<String> = entries
+/// that is not "Not affected", sorted by name; `None` when `dir` cannot be read.
+fn cpu_vulnerabilities(dir: &Path) -> Option<Vec<String>> {
+    let mut found: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
         .filter_map(|entry| {
             let entry = entry.ok()?;
             let state = std::fs::read_to_string(entry.path()).ok()?;
@@ -257,20 +263,72 @@ fn cpu_mitigations(dir: &Path) -> Vec<String> {
         })
         .collect();
     found.sort();
-    found
+    Some(found)
 }
 
-/// The median time, in µs, of `round_trips` messages sent to a second thread and
-/// answered, each side blocking in between; `None` if the thread cannot be started.
-fn wake_round_trip_us(round_trips: usize) -> Option<f64> {
+impl WakeRoundTrip {
+    fn measure() -> Self {
+        let cpus = allowed_cpus();
+        let across_cpus_us = match cpus.as_slice() {
+            [first, second, ..] => wake_round_trip_us(*first, *second, WAKE_ROUND_TRIPS),
+            _ => None,
+        };
+        let same_cpu_us = cpus
+            .first()
+            .and_then(|&cpu| wake_round_trip_us(cpu, cpu, WAKE_ROUND_TRIPS));
+        Self {
+            across_cpus_us,
+            same_cpu_us,
+        }
+    }
+}
+
+/// The CPUs this process may run on, in order; empty if they cannot be read.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set, and sched_getaffinity writes at
+    // most the size it is given.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let read = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    if read != 0 {
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu` is below CPU_SETSIZE, the set's capacity.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect()
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: as in `allowed_cpus`; CPU_SET is given a CPU below CPU_SETSIZE.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The median time, in µs, of `round_trips` messages sent by a thread pinned to
+/// `probe_cpu` to one pinned to `echo_cpu` and answered, each side blocking in between.
+/// Two threads of their own, so this process's threads keep their affinity. `None`
+/// unless every round trip was made.
+fn wake_round_trip_us(probe_cpu: usize, echo_cpu: usize, round_trips: usize) -> Option<f64> {
     use std::sync::mpsc;
     use std::time::Instant;
 
     let (to_echo, echo_inbox) = mpsc::channel::<Instant>();
     let (to_probe, probe_inbox) = mpsc::channel::<Instant>();
     let echo = std::thread::Builder::new()
-        .name("wake-probe".to_owned())
+        .name("wake-echo".to_owned())
         .spawn(move || {
+            if pin_to(echo_cpu).is_err() {
+                return;
+            }
             while let Ok(sent) = echo_inbox.recv() {
                 if to_probe.send(sent).is_err() {
                     break;
@@ -278,18 +336,35 @@ fn wake_round_trip_us(round_trips: usize) -> Option<f64> {
             }
         })
         .ok()?;
-    let mut times: Vec<f64> = Vec::with_capacity(round_trips);
-    for _ in 0..round_trips {
-        if to_echo.send(Instant::now()).is_err() {
-            break;
-        }
-        let Ok(sent) = probe_inbox.recv() else { break };
-        times.push(sent.elapsed().as_secs_f64() * 1e6);
-    }
-    drop(to_echo);
+    let probe = std::thread::Builder::new()
+        .name("wake-probe".to_owned())
+        .spawn(move || {
+            let mut times = Vec::with_capacity(round_trips);
+            if pin_to(probe_cpu).is_err() {
+                return times;
+            }
+            for _ in 0..round_trips {
+                if to_echo.send(Instant::now()).is_err() {
+                    break;
+                }
+                let Ok(sent) = probe_inbox.recv() else { break };
+                times.push(sent.elapsed().as_secs_f64() * 1e6);
+            }
+            times
+        })
+        .ok()?;
+    // The probe's end of the channel goes with it, which ends the echo.
+    let times = probe.join().ok()?;
     let _ = echo.join();
-    times.sort_by(f64::total_cmp);
-    times.get(times.len() / 2).copied()
+    (times.len() == round_trips)
+        .then(|| median(times))
+        .flatten()
+}
+
+/// The middle value (the upper one of an even count); `None` for no values.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
 }
 
 /// Runs a command and returns its first output line, or `None` if it cannot run.
@@ -354,7 +429,7 @@ mod tests {
     }
 
     #[test]
-    fn mitigations_list_every_entry_but_the_unaffected_in_name_order() {
+    fn vulnerabilities_list_every_entry_but_the_unaffected_in_name_order() {
         let dir = tempfile::tempdir().expect("a temp dir");
         for (name, state) in [
             ("spectre_v2", "Mitigation: Retpolines\n"),
@@ -367,19 +442,37 @@ mod tests {
             std::fs::write(dir.path().join(name), state).expect("an entry");
         }
         assert_eq!(
-            cpu_mitigations(dir.path()),
+            cpu_vulnerabilities(dir.path()).expect("readable"),
             [
                 "spec_rstack_overflow: Vulnerable: Safe RET, no microcode",
                 "spectre_v2: Mitigation: Retpolines",
             ]
         );
-        assert!(cpu_mitigations(&dir.path().join("missing")).is_empty());
+        assert_eq!(cpu_vulnerabilities(&dir.path().join("missing")), None);
     }
 
     #[test]
-    fn the_wake_up_probe_answers_a_median_of_real_round_trips() {
-        let us = wake_round_trip_us(20).expect("a probe thread");
+    fn the_median_is_the_middle_value_whatever_the_order() {
+        assert_eq!(median(vec![9.0, 1.0, 5.0]), Some(5.0));
+        assert_eq!(
+            median(vec![4.0, 1.0, 3.0, 2.0]),
+            Some(3.0),
+            "the upper middle"
+        );
+        assert_eq!(median(vec![2.5]), Some(2.5));
+        assert_eq!(median(Vec::new()), None);
+    }
+
+    #[test]
+    fn the_wake_up_probe_makes_every_round_trip_on_the_cpus_it_is_given() {
+        let cpus = allowed_cpus();
+        let cpu = *cpus.first().expect("at least one CPU");
+        let us = wake_round_trip_us(cpu, cpu, 20).expect("20 round trips on one CPU");
         assert!(us > 0.0 && us.is_finite(), "{us}");
-        assert_eq!(wake_round_trip_us(0), None, "no round trip, no median");
+        assert_eq!(
+            wake_round_trip_us(cpu, libc::CPU_SETSIZE as usize, 20),
+            None,
+            "an echo that cannot be pinned makes no round trip"
+        );
     }
 }
