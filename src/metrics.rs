@@ -3,8 +3,8 @@
 //! from accept to readable (the projection updated, just before the event goes out).
 //! The consumer's apply steps are timed too, the transaction and the flush apart: they
 //! are most of what the server adds to the configured delay. So is the fdatasync the
-//! consumer runs after a step's events, once per finished intake segment, before
-//! releasing it: it delays the next step, not the events.
+//! consumer runs after a step's events, once per release of finished intake segments:
+//! it delays the next step, not the events.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -96,10 +96,11 @@ pub struct StepsReport {
     /// flush.
     pub flush_us: Distribution,
     /// The fdatasync of sled's files before finished intake segments are released,
-    /// after a step's events went out: once per 4 MiB segment of commands, and it
-    /// delays the next step. (`None` only from a server from before this field.)
+    /// after a step's events went out: once per release of one or more 4 MiB segments
+    /// of commands, and it delays the next step. (Default: read from a server from
+    /// before this field, as none.)
     #[serde(default)]
-    pub release_sync_us: Option<Distribution>,
+    pub release_sync_us: Distribution,
 }
 
 /// Percentiles of one histogram; all 0 while it is empty.
@@ -306,7 +307,7 @@ impl Metrics {
                 commands: Distribution::of(&steps.commands),
                 transaction_us: Distribution::of(&steps.transaction_us),
                 flush_us: Distribution::of(&steps.flush_us),
-                release_sync_us: Some(Distribution::of(&steps.release_sync_us)),
+                release_sync_us: Distribution::of(&steps.release_sync_us),
             }
         };
         MetricsReport {

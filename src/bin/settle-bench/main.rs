@@ -251,14 +251,19 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         Command::FanoutWorker(_) => unreachable!("workers run in their own runtime"),
     };
     let ctx = Ctx::new(&common)?;
+    // Blocking: the wake-up probe's round trips, and rustc and git run for their versions.
+    let (machine, versions) =
+        tokio::task::spawn_blocking(move || (Machine::describe(nofile), Versions::collect()))
+            .await
+            .context("describing the machine")?;
     let mut document = Document {
         tool: "settle-bench",
         command: std::env::args().collect::<Vec<_>>().join(" "),
         date: time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default(),
-        machine: Machine::describe(nofile),
-        versions: Versions::collect(),
+        machine,
+        versions,
         phases: Vec::new(),
         errors: Vec::new(),
         ok: true,

@@ -120,10 +120,8 @@ async fn fetch_apply_steps(conn: &mut Conn) -> Option<StepsReport> {
 fn brief_steps(steps: &StepsReport) -> String {
     let ms = |us: u64| us as f64 / 1000.0;
     let (t, f) = (&steps.transaction_us, &steps.flush_us);
-    let releases = steps.release_sync_us.as_ref().map_or_else(
-        || "segment release syncs not reported".to_owned(),
-        |r| format!("{} segment release syncs, max {:.2} ms", r.count, ms(r.max)),
-    );
+    let r = &steps.release_sync_us;
+    let releases = format!("{} segment release syncs, max {:.2} ms", r.count, ms(r.max));
     format!(
         "{} steps of {} / {} commands (p50 / max); transaction {:.2} / {:.2} / {:.2} ms, flush {:.2} / {:.2} / {:.2} ms (p50 / p99 / max); {releases}",
         steps.commands.count,
@@ -206,8 +204,9 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
     let cpu = CpuMeter::start(server.info.pid, &[]);
 
     // Pacing: a 1 ms tick sends every command the schedule (`rate` per second from
-    // `start`, command i at i / rate, the first at once) owes by now. Missed ticks are skipped (MissedTickBehavior::Skip) but the
-    // commands they owed go out at the next tick, so the average rate holds; when all
+    // `start`, command i at i / rate, the first at once) owes by now. Missed ticks are
+    // skipped (MissedTickBehavior::Skip) but the commands they owed go out at the next
+    // tick, so the average rate holds; when all
     // `max_in_flight` connections are busy the sender waits, falls behind, and the
     // lag is reported. Sending stops when the duration is over.
     let start = Instant::now();

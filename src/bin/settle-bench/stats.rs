@@ -121,10 +121,9 @@ impl CpuMeter {
             .unwrap_or(self.own)
             .saturating_sub(self.own);
         let workers = worker_ticks(&self.worker_pids).saturating_sub(self.workers);
-        let system = match self.system {
-            Some(before) => sys::system_ticks().ok().map(|after| after.since(before)),
-            None => None,
-        };
+        let system = self
+            .system
+            .and_then(|before| sys::system_ticks().ok().map(|after| after.since(before)));
         let other = match (system, server) {
             (Some(system), Some(server)) => {
                 Some(cores(system.busy.saturating_sub(server + own + workers)))

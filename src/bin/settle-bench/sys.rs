@@ -10,6 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use serde::Serialize;
 
+use crate::stats::Summary;
+
 /// Raises this process's soft RLIMIT_NOFILE to its hard limit and returns both.
 ///
 /// # Errors
@@ -298,18 +300,26 @@ fn allowed_cpus() -> Vec<usize> {
         .collect()
 }
 
-/// Pins the calling thread to `cpu`.
+/// Pins the calling thread to `cpu`, and checks that it runs there.
 fn pin_to(cpu: usize) -> std::io::Result<()> {
-    // SAFETY: as in `allowed_cpus`; CPU_SET is given a CPU below CPU_SETSIZE.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     if cpu >= libc::CPU_SETSIZE as usize {
         return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
     }
+    // SAFETY: as in `allowed_cpus`; CPU_SET is given a CPU below CPU_SETSIZE.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     unsafe { libc::CPU_SET(cpu, &mut set) };
-    if unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } == 0 {
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The kernel moves the thread before sched_setaffinity returns.
+    // SAFETY: no arguments, no memory.
+    let running_on = unsafe { libc::sched_getcpu() };
+    if usize::try_from(running_on).ok() == Some(cpu) {
         Ok(())
     } else {
-        Err(std::io::Error::last_os_error())
+        Err(std::io::Error::other(format!(
+            "pinned to CPU {cpu}, running on {running_on}"
+        )))
     }
 }
 
@@ -354,17 +364,12 @@ fn wake_round_trip_us(probe_cpu: usize, echo_cpu: usize, round_trips: usize) -> 
         })
         .ok()?;
     // The probe's end of the channel goes with it, which ends the echo.
-    let times = probe.join().ok()?;
+    let mut times = probe.join().ok()?;
     let _ = echo.join();
-    (times.len() == round_trips)
-        .then(|| median(times))
-        .flatten()
-}
-
-/// The middle value (the upper one of an even count); `None` for no values.
-fn median(mut values: Vec<f64>) -> Option<f64> {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied()
+    if times.len() != round_trips {
+        return None;
+    }
+    Summary::of(&mut times).map(|summary| summary.p50)
 }
 
 /// Runs a command and returns its first output line, or `None` if it cannot run.
@@ -452,27 +457,41 @@ mod tests {
     }
 
     #[test]
-    fn the_median_is_the_middle_value_whatever_the_order() {
-        assert_eq!(median(vec![9.0, 1.0, 5.0]), Some(5.0));
-        assert_eq!(
-            median(vec![4.0, 1.0, 3.0, 2.0]),
-            Some(3.0),
-            "the upper middle"
-        );
-        assert_eq!(median(vec![2.5]), Some(2.5));
-        assert_eq!(median(Vec::new()), None);
+    fn a_thread_is_pinned_only_to_a_cpu_it_may_run_on() {
+        let cpus = allowed_cpus();
+        assert!(!cpus.is_empty(), "this process runs somewhere");
+        // In threads of their own: the test harness's thread keeps its affinity.
+        let pinned = |cpu| {
+            std::thread::spawn(move || pin_to(cpu))
+                .join()
+                .expect("joined")
+        };
+        for &cpu in &cpus {
+            assert!(pinned(cpu).is_ok(), "CPU {cpu} is allowed");
+        }
+        let outside = (0..)
+            .find(|cpu| !cpus.contains(cpu))
+            .expect("a CPU number not allowed");
+        assert!(pinned(outside).is_err(), "CPU {outside} is not allowed");
+        assert!(pinned(libc::CPU_SETSIZE as usize).is_err());
     }
 
     #[test]
-    fn the_wake_up_probe_makes_every_round_trip_on_the_cpus_it_is_given() {
+    fn the_wake_up_probe_answers_only_when_every_round_trip_was_made() {
         let cpus = allowed_cpus();
-        let cpu = *cpus.first().expect("at least one CPU");
-        let us = wake_round_trip_us(cpu, cpu, 20).expect("20 round trips on one CPU");
-        assert!(us > 0.0 && us.is_finite(), "{us}");
+        let (first, last) = (cpus[0], cpus[cpus.len() - 1]);
+        for (probe, echo) in [(first, first), (first, last)] {
+            let us = wake_round_trip_us(probe, echo, 20).expect("20 round trips");
+            assert!(us > 0.0 && us.is_finite(), "{probe} -> {echo}: {us}");
+        }
+        let outside = (0..)
+            .find(|cpu| !cpus.contains(cpu))
+            .expect("a CPU number not allowed");
         assert_eq!(
-            wake_round_trip_us(cpu, libc::CPU_SETSIZE as usize, 20),
+            wake_round_trip_us(first, outside, 20),
             None,
             "an echo that cannot be pinned makes no round trip"
         );
+        assert_eq!(wake_round_trip_us(outside, first, 20), None, "nor a probe");
     }
 }
