@@ -257,18 +257,12 @@ impl Consumer {
 
     /// Runs until `shutdown`: wait for a message or a timer, then apply what is due.
     /// Each step's apply blocks the runtime's thread (nothing else of the consumer could
-    /// run meanwhile anyway): hence a runtime of its own. A failed sync of sled's files,
-    /// here or anywhere else, stops the server (see [`stop_on_sync_failure`]), before a
-    /// shutdown that comes at the same time.
+    /// run meanwhile anyway): hence a runtime of its own.
     async fn run(mut self, shutdown: CancellationToken) {
-        let sync_failed = self.store.sync_failed();
-        tokio::pin!(sync_failed);
         loop {
             while self.process_once() > 0 {}
             tokio::select! {
                 biased;
-                // Also when nothing is pending, so no next step would notice.
-                () = &mut sync_failed => stop_on_sync_failure("a sync outside the consumer failed"),
                 _ = shutdown.cancelled() => break,
                 message = self.inbox.recv() => match message {
                     Some(message) => self.handle(message),
@@ -405,7 +399,15 @@ impl Consumer {
     /// Applies every command that may apply now. Returns how many left the due set
     /// (applied, failed, dropped or put back for a retry); 0 means nothing was ready.
     /// Blocks the calling thread for the batch's transaction and flush.
+    ///
+    /// Once a sync of sled's files has failed nothing applies any more, and a step
+    /// whose flush fails publishes nothing: its applies may not be durable, and the
+    /// server is stopping (`serve` watches [`Store::sync_failed`]). Their commands stay
+    /// in the intake log for the next start.
     fn process_once(&mut self) -> usize {
+        if self.store.sync_has_failed() {
+            return 0;
+        }
         let seqs = self.applicable();
         if seqs.is_empty() {
             return 0;
@@ -461,7 +463,9 @@ impl Consumer {
             return processed;
         }
 
-        let outcomes = self.apply_step(attempts);
+        let Some(outcomes) = self.apply_step(attempts) else {
+            return processed;
+        };
 
         // Durable now (`apply_step` flushed). In event-id order: the batch applied in
         // this order.
@@ -489,14 +493,16 @@ impl Consumer {
         match self.store.release_finished_segments() {
             Ok(Some(sync)) => self.metrics.release_sync(sync),
             Ok(None) => {}
-            Err(err) => stop_on_sync_failure(err),
+            // A sync failure: the server stops (see above).
+            Err(err) => tracing::error!(error = %err, "cannot release finished intake segments"),
         }
         processed
     }
 
     /// Applies a batch (see [`apply_each`]) and makes what it wrote durable (unless
     /// nothing was: every attempt a transient fault), timing both for the metrics.
-    fn apply_step(&self, attempts: Vec<Attempt>) -> Vec<(Attempt, Outcome)> {
+    /// `None` when the flush failed: then nothing of the batch may be published.
+    fn apply_step(&self, attempts: Vec<Attempt>) -> Option<Vec<(Attempt, Outcome)>> {
         let commands = attempts.len();
         let started = std::time::Instant::now();
         let outcomes = apply_each(&self.store, attempts);
@@ -504,13 +510,18 @@ impl Consumer {
         let wrote = outcomes
             .iter()
             .any(|(_, outcome)| !matches!(outcome, Outcome::Transient(_)));
-        let flush = wrote.then(|| {
+        let flush = if wrote {
             let started = std::time::Instant::now();
-            self.store.flush_durable();
-            started.elapsed()
-        });
+            if let Err(err) = self.store.flush_durable() {
+                tracing::error!(error = %err, commands, "an apply step's flush failed; nothing of it is published");
+                return None;
+            }
+            Some(started.elapsed())
+        } else {
+            None
+        };
         self.metrics.apply_step(commands, transaction, flush);
-        outcomes
+        Some(outcomes)
     }
 
     /// A transient fault: retry with exponential backoff, and after the last attempt
@@ -558,13 +569,6 @@ impl Consumer {
             }
         }
     }
-}
-
-/// Fail-stop after a failed fdatasync of sled's files, as PostgreSQL does: what the
-/// failed writeback lost cannot be known, and a restart brings it back from the intake
-/// log. The panic stops the server (see [`Consumer::start`]).
-fn stop_on_sync_failure(cause: impl std::fmt::Display) -> ! {
-    panic!("stopping the server, sled's files cannot be made durable: {cause}");
 }
 
 /// Applies a batch in one transaction. If that fails (a storage error, a panic), each
@@ -636,36 +640,56 @@ mod tests {
     use crate::model::{unix_ms_ceil, CommandBody};
     use crate::store::Intake;
 
-    /// Starts a consumer, lets `inject` break something, accepts `commands` commands
-    /// due at once, and checks that the consumer stops the server: it cancels
-    /// `shutdown` and its join reports the failure.
-    async fn the_server_stops_when(inject: impl FnOnce(&Store), commands: usize) {
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let store = Store::open(dir.path()).expect("a store");
-        let settings = FaultSettings {
-            delay_ms: 0,
-            jitter_ms: 0,
-            failure_rate: 0.0,
-            drop_rate: 0.0,
-            transient_rate: 0.0,
-        };
-        let (consumer, handle) = Consumer::new(
-            store.clone(),
-            Hub::new(),
-            Faults::new(settings, Some(1)),
-            Metrics::new(),
-            Duration::from_secs(5),
-        );
-        let shutdown = CancellationToken::new();
-        let thread = consumer.start(shutdown.clone()).await.expect("started");
-        let (intake, intake_thread) = Intake::start(
-            store.clone(),
-            Box::new(move |records: &[CommandRecord]| handle.schedule_blocking(records)),
-        )
-        .expect("the intake log");
-        inject(&store);
+    /// A consumer started on a fresh store, with the intake log that feeds it.
+    struct Running {
+        store: Store,
+        hub: Hub,
+        shutdown: CancellationToken,
+        thread: ConsumerThread,
+        intake: Intake,
+        intake_thread: crate::store::IntakeThread,
+        _dir: tempfile::TempDir,
+    }
 
-        for n in 0..commands {
+    impl Running {
+        async fn start() -> Self {
+            let dir = tempfile::tempdir().expect("a temp dir");
+            let store = Store::open(dir.path()).expect("a store");
+            let settings = FaultSettings {
+                delay_ms: 0,
+                jitter_ms: 0,
+                failure_rate: 0.0,
+                drop_rate: 0.0,
+                transient_rate: 0.0,
+            };
+            let hub = Hub::new();
+            let (consumer, handle) = Consumer::new(
+                store.clone(),
+                hub.clone(),
+                Faults::new(settings, Some(1)),
+                Metrics::new(),
+                Duration::from_secs(5),
+            );
+            let shutdown = CancellationToken::new();
+            let thread = consumer.start(shutdown.clone()).await.expect("started");
+            let (intake, intake_thread) = Intake::start(
+                store.clone(),
+                Box::new(move |records: &[CommandRecord]| handle.schedule_blocking(records)),
+            )
+            .expect("the intake log");
+            Self {
+                store,
+                hub,
+                shutdown,
+                thread,
+                intake,
+                intake_thread,
+                _dir: dir,
+            }
+        }
+
+        /// Accepts a create under `key`, due at once.
+        async fn accept(&self, key: &str) {
             let accepted_at = OffsetDateTime::now_utc();
             let body = CommandBody::Create {
                 title: "t".to_owned(),
@@ -673,36 +697,62 @@ mod tests {
             };
             let record = CommandRecord::accepted(
                 Uuid::now_v7(),
-                format!("k{n}"),
+                key.to_owned(),
                 "f".to_owned(),
                 body,
                 accepted_at,
                 unix_ms_ceil(accepted_at),
             );
-            intake.accept(record).await.expect("accepted");
+            self.intake.accept(record).await.expect("accepted");
         }
 
-        tokio::time::timeout(Duration::from_secs(30), shutdown.cancelled())
-            .await
-            .expect("the consumer starts the shutdown");
-        assert!(!thread.join().await, "join reports the failure");
-        intake.stop(intake_thread).await;
+        /// Stops the intake log and answers whether the consumer ran to the end.
+        async fn stop(self) -> bool {
+            self.shutdown.cancel();
+            let ran = self.thread.join().await;
+            self.intake.stop(self.intake_thread).await;
+            ran
+        }
     }
 
     /// A panic outside an apply (here: in projecting it, on a poisoned lock) must not
     /// leave a server that answers 202 for commands nothing will apply.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panic_outside_an_apply_starts_the_shutdown_and_join_reports_it() {
-        the_server_stops_when(Store::poison_projection, 1).await;
+        let running = Running::start().await;
+        running.store.poison_projection();
+        running.accept("k").await;
+        tokio::time::timeout(Duration::from_secs(30), running.shutdown.cancelled())
+            .await
+            .expect("the consumer starts the shutdown");
+        assert!(!running.stop().await, "join reports the failure");
     }
 
-    /// After a failed fdatasync of sled's files nothing more can be released and no seq
-    /// block reserved. A sync can fail outside the consumer (reserving a seq block, on
-    /// the accept path) while nothing is pending: there is no next step then, and the
-    /// server must not go on answering every accept with an error until someone
-    /// restarts it.
+    /// Once a sync of sled's files has failed, what the consumer would apply could not
+    /// be made durable: it applies and publishes nothing more (`serve` stops the server),
+    /// and the command stays in the intake log for the next start.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failed_sync_stops_the_server_also_with_nothing_pending() {
-        the_server_stops_when(Store::fail_sled_sync, 0).await;
+    async fn after_a_failed_sync_nothing_applies_and_nothing_is_published() {
+        let running = Running::start().await;
+        let mut events = running.hub.subscribe();
+        running.accept("before").await;
+        let settled = tokio::time::timeout(Duration::from_secs(30), events.recv())
+            .await
+            .expect("the consumer applies")
+            .expect("an event");
+        assert!(std::str::from_utf8(&settled.bytes)
+            .expect("utf-8")
+            .contains("\"before\""));
+
+        running.store.fail_sled_sync();
+        running.accept("after").await;
+        // As long again as the first command took, and more: nothing may come.
+        let quiet = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
+        assert!(quiet.is_err(), "published after the failure: {quiet:?}");
+        assert!(
+            running.store.pending_command("after").is_some(),
+            "the command is still pending, its intake record kept"
+        );
+        assert!(running.stop().await, "the consumer stops without a panic");
     }
 }

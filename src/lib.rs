@@ -42,6 +42,7 @@ use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
 
@@ -97,8 +98,8 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
 ///
 /// # Errors
 /// When the store cannot be opened, the consumer or the intake log cannot start, or
-/// the listener has no local address; after the drain, when the consumer panicked
-/// (which also starts the shutdown).
+/// the listener has no local address; after the drain, when a sync of sled's files
+/// failed or the consumer panicked (both also start the shutdown).
 pub async fn serve(
     listener: TcpListener,
     config: Config,
@@ -154,9 +155,10 @@ pub async fn serve(
     let (intake, intake_writer) =
         Intake::start(store.clone(), Box::new(on_durable)).context("starting the intake log")?;
     let janitor = tokio::spawn(run_janitor(store.clone(), config.clone(), shutdown.clone()));
+    let sync_watch = stop_on_sync_failure(&store, shutdown.clone());
 
-    // Read after the drain: a sync that failed while the server stopped must not end
-    // in a clean exit.
+    // Read after the drain: a sync that failed, also while the server stopped, must
+    // not end in a clean exit.
     let durability = store.clone();
     let state = AppState {
         store,
@@ -176,16 +178,34 @@ pub async fn serve(
     intake.stop(intake_writer).await;
     let consumer_ran = consumer.join().await;
     let _ = janitor.await;
+    let _ = sync_watch.await;
     tracing::info!("shut down");
+    anyhow::ensure!(
+        !durability.sync_has_failed(),
+        "a sync of sled's files failed, which stopped the server; reboot the machine before the next start (see the data directory's intake/sync-failed)"
+    );
     anyhow::ensure!(
         consumer_ran,
         "the consumer panicked, which stopped the server; accepted commands resume on the next start"
     );
-    anyhow::ensure!(
-        !durability.sync_has_failed(),
-        "an fdatasync of sled's files failed while the server stopped; the intake log brings back on the next start what it may have lost"
-    );
     Ok(())
+}
+
+/// Stops the server (cancels `shutdown`) once a sync of sled's files fails, wherever
+/// it fails (an apply step's flush, a segment release, a seq block's reservation on
+/// the accept path), also when nothing is pending: nothing more can be made durable.
+/// Ends with the shutdown.
+fn stop_on_sync_failure(store: &Store, shutdown: CancellationToken) -> JoinHandle<()> {
+    let failed = store.sync_failed();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = failed => {
+                tracing::error!("a sync of sled's files failed; stopping the server");
+                shutdown.cancel();
+            }
+            () = shutdown.cancelled() => {}
+        }
+    })
 }
 
 /// Trims the event log to its retention and drops expired command records.
@@ -221,4 +241,41 @@ pub(crate) async fn join_thread(thread: std::thread::JoinHandle<()>, name: &str)
         tracing::error!("the {name} thread panicked");
     }
     joined
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sync can fail outside the consumer (reserving a seq block, on the accept path)
+    /// while nothing is pending: the server must stop, not go on answering every
+    /// accept with an error until someone restarts it.
+    #[tokio::test]
+    async fn a_failed_sync_stops_the_server_also_with_nothing_pending() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let shutdown = CancellationToken::new();
+        let watch = stop_on_sync_failure(&store, shutdown.clone());
+        assert!(!shutdown.is_cancelled());
+
+        store.fail_sled_sync();
+        tokio::time::timeout(std::time::Duration::from_secs(10), shutdown.cancelled())
+            .await
+            .expect("the shutdown starts");
+        watch.await.expect("the watch ends");
+    }
+
+    #[tokio::test]
+    async fn the_sync_watch_ends_with_the_shutdown() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let shutdown = CancellationToken::new();
+        let watch = stop_on_sync_failure(&store, shutdown.clone());
+        shutdown.cancel();
+        tokio::time::timeout(std::time::Duration::from_secs(10), watch)
+            .await
+            .expect("the watch ends")
+            .expect("without a panic");
+        assert!(!store.sync_has_failed());
+    }
 }

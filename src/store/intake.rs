@@ -241,7 +241,7 @@ fn decode_frames(bytes: &[u8], segment: u64) -> (Vec<&[u8]>, usize) {
 }
 
 /// Makes a new or removed directory entry durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
@@ -931,17 +931,33 @@ mod tests {
         );
 
         drop(store);
-        let restarted = Store::open_waiting(
-            dir.path(),
-            std::time::Duration::from_secs(10),
-            &tokio_util::sync::CancellationToken::new(),
-        )
-        .expect("the store reopens");
-        drop(restarted);
+        let reopen = || {
+            Store::open_waiting(
+                dir.path(),
+                std::time::Duration::from_secs(10),
+                &tokio_util::sync::CancellationToken::new(),
+            )
+        };
+        // In the same boot the page cache may hold what the disk lost.
+        let marker = intake_dir.join("sync-failed");
+        assert!(matches!(reopen(), Err(StoreError::SyncFailedThisBoot(path)) if path == marker));
+        for segment in [1, 2] {
+            assert!(
+                segment_path(&intake_dir, segment).exists(),
+                "kept: {segment}"
+            );
+        }
+
+        // After a reboot (the marker names another boot) the start trusts the disk.
+        let text = fs::read_to_string(&marker).expect("the marker");
+        let cause = text.split_once('\n').map_or("", |(_, cause)| cause);
+        fs::write(&marker, format!("an earlier boot\n{cause}")).expect("rewritten");
+        drop(reopen().expect("the store reopens after a reboot"));
+        assert!(!marker.exists(), "the start removes the marker");
         for segment in [1, 2] {
             assert!(
                 !segment_path(&intake_dir, segment).exists(),
-                "a new process releases what it finds finished: {segment}"
+                "a new boot releases what it finds finished: {segment}"
             );
         }
     }

@@ -38,7 +38,7 @@
 //! call (a `get`, an iterator step, `generate_id`) takes its read side, and so waits
 //! for whatever transaction is running, a whole apply batch. So the accept path makes
 //! such a call only where it cannot be avoided: seqs come from memory
-//! ([`Store::next_seq`]; one sled write and flush per 65536 of them), and the intake
+//! ([`Store::next_seq`]; one sled write and sync per 65536 of them), and the intake
 //! writer asks sled for a key's finished record only when an in-memory count of the
 //! finished keys' hashes says it may be there, that is for the retry of a finished
 //! command (and a hash collision, about n in 2^64 for n finished keys). Handlers read
@@ -50,6 +50,7 @@
 mod intake;
 mod projection;
 mod retention;
+mod sync_failure;
 
 pub use intake::{
     Intake, IntakeError, IntakeThread, OnDurable, INTAKE_BATCH_MAX, INTAKE_CAPACITY, SEGMENT_BYTES,
@@ -83,7 +84,8 @@ use crate::model::{
 
 const LAST_EVENT_ID: &[u8] = b"last_event_id";
 const SEQ_RESERVED: &[u8] = b"seq_reserved";
-/// Seqs reserved (and persisted) at a time; the reservation is one sled write and flush.
+/// Seqs reserved (and persisted) at a time; the reservation is one sled write and sync
+/// ([`Inner::sync_sled`]).
 const SEQ_BLOCK: u64 = 1 << 16;
 /// The intake log's directory, inside the data directory.
 const INTAKE_DIR: &str = "intake";
@@ -91,9 +93,6 @@ const INTAKE_DIR: &str = "intake";
 const SLED_FILE: &str = "db";
 /// sled 0.34's directory of items too large for its log.
 const SLED_BLOBS: &str = "blobs";
-/// First pause after a failed sled flush; it doubles up to [`FLUSH_BACKOFF_MAX`].
-const FLUSH_BACKOFF: Duration = Duration::from_millis(10);
-const FLUSH_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Pause between attempts to open a locked directory ([`Store::open_waiting`]).
 const LOCK_RETRY: Duration = Duration::from_millis(10);
 
@@ -112,6 +111,10 @@ pub enum StoreError {
     /// Shutdown began while a start waited for the directory's lock.
     #[error("stopped while waiting for the lock of {0}")]
     Stopped(PathBuf),
+    /// A sync of sled's files failed earlier in this boot of the machine: see
+    /// `sync_failure`.
+    #[error("a sync of sled's files failed in this boot of the machine ({0} says what): the page cache may hold applies the disk lost, which a start would take as durable. Reboot, then start: the intake log applies again what the disk lacks. (To start anyway, delete that file.)")]
+    SyncFailedThisBoot(PathBuf),
 }
 
 /// A task row as stored: the task plus the seq of the create command, which orders the
@@ -191,9 +194,34 @@ impl Inner {
     /// Makes every sled write so far durable against a power loss, not only against a
     /// crash of the process: `flush`, then [`Inner::sync_sled_files`].
     fn sync_sled(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        self.flush_sled()?;
         self.sync_sled_files()?;
         Ok(())
+    }
+
+    /// sled's `flush`. A failed one counts as a failed sync (see
+    /// [`Inner::sync_sled_files`]): retrying it would be the mistake PostgreSQL made
+    /// until 2018, as the pages it could not write may now look clean.
+    fn flush_sled(&self) -> Result<(), StoreError> {
+        self.check_synced()?;
+        match self.db.flush() {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                self.mark_sync_failed(&err);
+                Err(err.into())
+            }
+        }
+    }
+
+    /// Records that sled's files could not be made durable: every later sync fails,
+    /// [`Store::sync_failed`] completes (the server stops), and a marker keeps a start
+    /// in this boot from trusting the page cache (`sync_failure`).
+    fn mark_sync_failed(&self, cause: &dyn std::fmt::Display) {
+        if !self.sled_sync_failed.is_cancelled() {
+            tracing::error!(error = %cause, "sled's files cannot be made durable; the server stops");
+            sync_failure::record(&self.intake_dir, cause);
+        }
+        self.sled_sync_failed.cancel();
     }
 
     /// `fdatasync` of sled's data file and of its blob files: what sled has written
@@ -210,20 +238,22 @@ impl Inner {
     /// own in `blobs/` and never syncs it, so those files, and the directory's
     /// entries, are synced here too; there are none unless such nodes exist.
     ///
-    /// Once a sync fails, every later call fails too, until a restart: the kernel
-    /// reports a failed writeback once, so a later success would not mean the earlier
-    /// pages reached the disk (PostgreSQL's rule since 2018; the consumer then stops
-    /// the server at once, see [`Store::sync_failed`]). Other errors (listing or
-    /// opening a blob file) are not sticky.
+    /// Once a sync fails (or a flush, [`Inner::flush_sled`]), every later call fails
+    /// too: the kernel reports a failed writeback once, so a later success would not
+    /// mean the earlier pages reached the disk (PostgreSQL's rule since 2018). The
+    /// server stops at once (`serve` watches [`Store::sync_failed`]), and a start in
+    /// the same boot refuses (`sync_failure`). Other errors (listing or opening a blob
+    /// file) are not sticky.
     fn sync_sled_files(&self) -> io::Result<()> {
         self.check_synced()?;
         let synced = |result: io::Result<()>| {
             result.map_err(|err| {
-                self.sled_sync_failed.cancel();
-                io::Error::new(
+                let err = io::Error::new(
                     err.kind(),
                     format!("an fdatasync of sled's files failed: {err}"),
-                )
+                );
+                self.mark_sync_failed(&err);
+                err
             })
         };
         synced(self.sled_file.sync_data())?;
@@ -240,7 +270,7 @@ impl Inner {
                 Err(err) => return Err(err),
             }
         }
-        synced(File::open(dir)?.sync_all())
+        synced(intake::sync_dir(dir))
     }
 
     /// Whether a sync of sled's files has failed in this process.
@@ -252,7 +282,7 @@ impl Inner {
     fn check_synced(&self) -> io::Result<()> {
         if self.sync_has_failed() {
             Err(io::Error::other(
-                "an fdatasync of sled's files failed; restart the server (the intake log brings back what may be lost)",
+                "an fdatasync of sled's files failed; the server stops (see intake/sync-failed in the data directory)",
             ))
         } else {
             Ok(())
@@ -341,6 +371,8 @@ impl Store {
     /// When sled cannot open the directory, the intake log cannot be read, or a stored
     /// record does not parse.
     pub fn open(dir: &std::path::Path) -> Result<Self, StoreError> {
+        // Before sled reads anything back through the page cache.
+        let earlier_failure = sync_failure::check(&dir.join(INTAKE_DIR))?;
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
@@ -386,6 +418,9 @@ impl Store {
             reserved,
         };
         let pending = Self::recover_intake(&inner)?;
+        if let Some(marker) = earlier_failure {
+            std::fs::remove_file(marker)?;
+        }
         *inner
             .pending
             .get_mut()
@@ -403,25 +438,23 @@ impl Store {
     }
 
     /// Blocks until every sled write made before this call is on disk (sled's `flush`:
-    /// enough for a crash of the process, see [`Inner::sync_sled_files`] for a power loss),
-    /// retrying a failed flush with backoff: nothing may be published, and no command
-    /// may leave the intake log, before its apply is durable. The consumer is sled's
-    /// only writer on the command path, so there is no one to share the flush with.
-    pub fn flush_durable(&self) {
-        let mut backoff = FLUSH_BACKOFF;
-        while let Err(err) = self.inner.db.flush() {
-            tracing::error!(error = %err, "sled flush failed; retrying");
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(FLUSH_BACKOFF_MAX);
-        }
+    /// enough for a crash of the process, see [`Inner::sync_sled_files`] for a power
+    /// loss): nothing may be published, and no command may leave the intake log, before
+    /// its apply is durable. The consumer is sled's only writer on the command path, so
+    /// there is no one to share the flush with.
+    ///
+    /// # Errors
+    /// When the flush fails, or a sync has failed before: a sync failure, which stops
+    /// the server ([`Store::sync_failed`]). Nothing of what was applied may be published.
+    pub fn flush_durable(&self) -> Result<(), StoreError> {
+        self.inner.flush_sled()
     }
 
-    /// Completes once an fdatasync of sled's files has failed in this process (at
-    /// once if one has), wherever it failed: reserving a seq block on the accept path
-    /// or releasing finished intake segments. From then on nothing more is
-    /// released and no seq block is reserved, so the server cannot keep its promise
-    /// and must stop: the consumer waits on this and stops it even when nothing is
-    /// pending (see `consumer`).
+    /// Completes once a sync of sled's files has failed in this process (at once if one
+    /// has), wherever it failed: an apply step's flush, a release of finished intake
+    /// segments, a seq block's reservation on the accept path. From then on nothing
+    /// more applies, is released or reserved, so the server cannot keep its promise
+    /// and must stop: `serve` waits on this and stops it, also when nothing is pending.
     pub fn sync_failed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         self.inner.sled_sync_failed.clone().cancelled_owned()
     }
@@ -787,7 +820,8 @@ fn decide(record: &CommandRecord, current: Option<&TaskRow>, now: OffsetDateTime
 impl Store {
     /// As if an fdatasync of sled's files had failed (see [`Inner::sync_sled_files`]).
     pub(crate) fn fail_sled_sync(&self) {
-        self.inner.sled_sync_failed.cancel();
+        self.inner
+            .mark_sync_failed(&"a sync failure a test injected");
     }
 }
 
@@ -881,7 +915,7 @@ mod tests {
             .map(|(record, (_, decision))| (record, decision))
             .collect();
         let applied = store.apply_batch(&batch, now).expect("applied");
-        store.flush_durable();
+        store.flush_durable().expect("flushed");
         accepted
             .into_iter()
             .zip(applied)
@@ -941,7 +975,7 @@ mod tests {
             (&records[1], &Decision::Apply),
         ];
         store.apply_batch(&batch, now).expect("applied");
-        store.flush_durable();
+        store.flush_durable().expect("flushed");
         for record in &records[..2] {
             store.finish(&record.idempotency_key, record.command_id);
         }
@@ -979,7 +1013,7 @@ mod tests {
         store
             .apply_batch(&[(&record, &Decision::Apply)], OffsetDateTime::now_utc())
             .expect("applied");
-        store.flush_durable();
+        store.flush_durable().expect("flushed");
         store.finish(&record.idempotency_key, record.command_id);
         assert_eq!(
             files(".log").len(),
@@ -1070,7 +1104,7 @@ mod tests {
             .insert(old.command_id.as_bytes(), "k")
             .unwrap();
         store.inner.expiries.insert(old_entry, "k").unwrap();
-        store.flush_durable();
+        store.flush_durable().expect("flushed");
         drop(store);
 
         let store = reopen(dir.path());
@@ -1220,7 +1254,7 @@ mod tests {
         // As an older build left it: finished records, no expiry entries, no mark.
         store.inner.expiries.clear().unwrap();
         store.inner.meta.remove(EXPIRIES_INDEXED).unwrap();
-        store.flush_durable();
+        store.flush_durable().expect("flushed");
         drop(store);
 
         let store = reopen(dir.path());

@@ -231,7 +231,7 @@ impl Store {
         if removed > 0 {
             // A key is free for a new command once its record is gone; the sooner that
             // is durable, the less recovery has to repair (`recover_intake`).
-            self.inner.db.flush()?;
+            self.inner.flush_sled()?;
         }
         Ok(removed)
     }
