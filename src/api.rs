@@ -486,7 +486,8 @@ async fn submit(
     task_id: Uuid,
     body: CommandBody,
 ) -> Result<Response, ApiError> {
-    if state.shutdown.is_cancelled() {
+    // A failed sync of sled's files stops the server: 503 from then on, as in its drain.
+    if state.shutdown.is_cancelled() || state.store.sync_has_failed() {
         return Err(ApiError::ShuttingDown);
     }
     // The draft's answer to a duplicate that races the original: 409, retry later.
@@ -510,6 +511,8 @@ async fn submit(
         due_at_ms,
     );
     let accepted_now = state.intake.accept(record).await.map_err(|err| match err {
+        // The seq block this accept needed could not be reserved: the server stops.
+        IntakeError::Store(_) if state.store.sync_has_failed() => ApiError::ShuttingDown,
         IntakeError::Store(err) => ApiError::from(err),
         IntakeError::Stopped => ApiError::ShuttingDown,
     })?;

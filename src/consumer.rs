@@ -19,10 +19,12 @@
 //! its timer and its publish (BENCHMARKS.md, section 1a).
 //!
 //! Faults, as a broker would show them: a lost delivery leaves the command pending
-//! with a redelivery timer (`--redeliver-after-ms`); a transient fault (an I/O error,
-//! a panic while applying, or the simulated `transient_rate`) is retried with backoff
-//! and dead-lettered after [`MAX_ATTEMPTS`]. Whatever is redelivered applies at most
-//! once: the store refuses a command that is no longer pending.
+//! with a redelivery timer (`--redeliver-after-ms`); a transient fault (a failed
+//! transaction, a panic while applying, or the simulated `transient_rate`) is retried
+//! with backoff and dead-lettered after [`MAX_ATTEMPTS`]. Whatever is redelivered
+//! applies at most once: the store refuses a command that is no longer pending. A
+//! failed flush or sync is no transient fault: nothing applies after it, and the
+//! server stops (see [`Consumer::process_once`]).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -516,6 +518,10 @@ impl Consumer {
                 tracing::error!(error = %err, commands, "an apply step's flush failed; nothing of it is published");
                 return None;
             }
+            // A sync that failed meanwhile elsewhere (the accept path) also stops it.
+            if self.store.sync_has_failed() {
+                return None;
+            }
             Some(started.elapsed())
         } else {
             None
@@ -752,6 +758,14 @@ mod tests {
         assert!(
             running.store.pending_command("after").is_some(),
             "the command is still pending, its intake record kept"
+        );
+        assert!(
+            running
+                .store
+                .finished_command("after")
+                .expect("readable")
+                .is_none(),
+            "and not applied"
         );
         assert!(running.stop().await, "the consumer stops without a panic");
     }

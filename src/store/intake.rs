@@ -294,7 +294,7 @@ impl Store {
             }
         }
         if stale_removed {
-            commands.flush()?;
+            inner.flush_sled()?;
         }
         for key in commands.iter().keys() {
             table.count_finished(&key?);
@@ -898,7 +898,7 @@ mod tests {
     }
 
     #[test]
-    fn after_a_failed_sync_of_sled_s_file_no_segment_is_released_until_a_restart() {
+    fn after_a_failed_sync_of_sled_s_file_no_segment_is_released_until_a_reboot() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let (mut store, intake_dir, [a, b]) = two_closed_segments(dir.path());
         // fdatasync fails on a pipe (EINVAL): a stand-in for a sync that failed.

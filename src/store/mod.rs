@@ -113,7 +113,7 @@ pub enum StoreError {
     Stopped(PathBuf),
     /// A sync of sled's files failed earlier in this boot of the machine: see
     /// `sync_failure`.
-    #[error("a sync of sled's files failed in this boot of the machine ({0} says what): the page cache may hold applies the disk lost, which a start would take as durable. Reboot, then start: the intake log applies again what the disk lacks. (To start anyway, delete that file.)")]
+    #[error("a sync of sled's files failed in this boot of the machine ({0} says what): the page cache may hold applies the disk lost, which a start would take as durable. Reboot, then start: the intake log applies again what the disk lacks. (Where the boot cannot be told, or to start anyway, delete that file.)")]
     SyncFailedThisBoot(PathBuf),
 }
 
@@ -217,11 +217,12 @@ impl Inner {
     /// [`Store::sync_failed`] completes (the server stops), and a marker keeps a start
     /// in this boot from trusting the page cache (`sync_failure`).
     fn mark_sync_failed(&self, cause: &dyn std::fmt::Display) {
-        if !self.sled_sync_failed.is_cancelled() {
+        let first = !self.sled_sync_failed.is_cancelled();
+        self.sled_sync_failed.cancel();
+        if first {
             tracing::error!(error = %cause, "sled's files cannot be made durable; the server stops");
             sync_failure::record(&self.intake_dir, cause);
         }
-        self.sled_sync_failed.cancel();
     }
 
     /// `fdatasync` of sled's data file and of its blob files: what sled has written
@@ -270,7 +271,7 @@ impl Inner {
                 Err(err) => return Err(err),
             }
         }
-        synced(intake::sync_dir(dir))
+        synced(File::open(dir)?.sync_all())
     }
 
     /// Whether a sync of sled's files has failed in this process.
@@ -369,14 +370,18 @@ impl Store {
     ///
     /// # Errors
     /// When sled cannot open the directory, the intake log cannot be read, or a stored
-    /// record does not parse.
+    /// record does not parse; [`StoreError::SyncFailedThisBoot`] when a sync of sled's
+    /// files failed earlier in this boot of the machine.
     pub fn open(dir: &std::path::Path) -> Result<Self, StoreError> {
-        // Before sled reads anything back through the page cache.
-        let earlier_failure = sync_failure::check(&dir.join(INTAKE_DIR))?;
+        // Before sled reads anything back through the page cache, and again once it
+        // holds the directory's lock: the process that had it may have failed a sync
+        // since.
+        sync_failure::check(&dir.join(INTAKE_DIR))?;
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             .open()?;
+        let earlier_failure = sync_failure::check(&dir.join(INTAKE_DIR))?;
         let tree = |name: &str| db.open_tree(name);
         let mut inner = Inner {
             commands: tree("commands")?,
@@ -398,7 +403,9 @@ impl Store {
             sled_sync_failed: CancellationToken::new(),
             db,
         };
-        inner.finished_trees().index_expiries(&inner.meta)?;
+        inner
+            .finished_trees()
+            .index_expiries(&inner.meta, || inner.flush_sled())?;
         let first_seq = match inner.meta.get(SEQ_RESERVED)? {
             Some(reserved) => read_u64(&reserved),
             // A data directory from before the allocator: its seqs came from sled's

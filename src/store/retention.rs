@@ -130,8 +130,13 @@ impl FinishedTrees<'_> {
 
     /// Indexes every finished record by its expiry, once: a data directory from before
     /// the `expiries` tree has records without an entry. Marked done in `meta` after
-    /// the entries are durable; interrupted, it starts over (the entries are the same).
-    pub(super) fn index_expiries(&self, meta: &sled::Tree) -> Result<(), StoreError> {
+    /// the entries are durable (`flush`, sled's); interrupted, it starts over (the
+    /// entries are the same).
+    pub(super) fn index_expiries(
+        &self,
+        meta: &sled::Tree,
+        flush: impl Fn() -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         if meta.contains_key(EXPIRIES_INDEXED)? {
             return Ok(());
         }
@@ -150,9 +155,9 @@ impl FinishedTrees<'_> {
             }
         }
         self.expiries.apply_batch(batch)?;
-        self.expiries.flush()?;
+        flush()?;
         meta.insert(EXPIRIES_INDEXED, &[])?;
-        meta.flush()?;
+        flush()?;
         if indexed > 0 {
             tracing::info!(indexed, "indexed the finished commands by expiry");
         }

@@ -32,24 +32,23 @@ fn boot_id() -> Option<String> {
 }
 
 /// Leaves the marker in `intake_dir`: the first line this boot's id, then what failed.
-/// Best effort: the disk that failed a sync may fail this write too, which is logged.
+/// Not synced: it only has to outlast this boot, as the page cache does, and a reboot
+/// that loses it has emptied the cache too. Best effort: a failed write is logged.
 pub(super) fn record(intake_dir: &Path, cause: &dyn std::fmt::Display) {
     let write = || -> io::Result<()> {
         fs::create_dir_all(intake_dir)?;
         let mut file = fs::File::create(intake_dir.join(MARKER))?;
         writeln!(file, "{}", boot_id().unwrap_or_default())?;
-        writeln!(file, "{cause}")?;
-        file.sync_all()?;
-        super::intake::sync_dir(intake_dir)
+        writeln!(file, "{cause}")
     };
     if let Err(err) = write() {
         tracing::error!(error = %err, "cannot leave the marker of a failed sync of sled's files");
     }
 }
 
-/// Checks `intake_dir` for a marker before sled opens: an error if it is from this
-/// boot (or the boot cannot be told), else the path of a marker from an earlier boot,
-/// to remove once the start has synced.
+/// Checks `intake_dir` for a marker: an error if it is from this boot, or if the boot
+/// cannot be told (no boot id here, or none in the marker: a write cut short), else
+/// the path of a marker from an earlier boot, to remove once recovery is done.
 ///
 /// # Errors
 /// [`StoreError::SyncFailedThisBoot`], or when the marker cannot be read.
@@ -65,7 +64,7 @@ fn check_against(intake_dir: &Path, boot: Option<&str>) -> Result<Option<PathBuf
     };
     let marked = text.lines().next().unwrap_or_default();
     match boot {
-        Some(boot) if !boot.is_empty() && boot != marked => {
+        Some(boot) if !boot.is_empty() && !marked.is_empty() && boot != marked => {
             tracing::warn!(marker = %marker.display(), "a sync of sled's files failed before the last reboot; starting from what the disk holds, and the intake log applies again what it lacks");
             Ok(Some(marker))
         }
@@ -110,5 +109,16 @@ mod tests {
             check_against(&intake, Some("another boot")).expect("rebooted"),
             Some(intake.join(MARKER))
         );
+
+        for cut_short in ["", "\nEIO\n"] {
+            fs::write(intake.join(MARKER), cut_short).expect("a marker");
+            assert!(
+                matches!(
+                    check_against(&intake, Some("another boot")),
+                    Err(StoreError::SyncFailedThisBoot(_))
+                ),
+                "a marker without its boot refuses: {cut_short:?}"
+            );
+        }
     }
 }
