@@ -245,21 +245,29 @@ pub(crate) async fn join_thread(thread: std::thread::JoinHandle<()>, name: &str)
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    /// A store in a fresh directory, and the watch that stops the server on its failed
+    /// sync.
+    fn watched() -> (tempfile::TempDir, Store, CancellationToken, JoinHandle<()>) {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let shutdown = CancellationToken::new();
+        let watch = stop_on_sync_failure(&store, shutdown.clone());
+        (dir, store, shutdown, watch)
+    }
 
     /// A sync can fail outside the consumer (reserving a seq block, on the accept path)
     /// while nothing is pending: the server must stop, not go on answering every
     /// accept with an error until someone restarts it.
     #[tokio::test]
     async fn a_failed_sync_stops_the_server_also_with_nothing_pending() {
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let store = Store::open(dir.path()).expect("a store");
-        let shutdown = CancellationToken::new();
-        let watch = stop_on_sync_failure(&store, shutdown.clone());
+        let (_dir, store, shutdown, watch) = watched();
         assert!(!shutdown.is_cancelled());
-
         store.fail_sled_sync();
-        tokio::time::timeout(std::time::Duration::from_secs(10), shutdown.cancelled())
+        tokio::time::timeout(Duration::from_secs(10), shutdown.cancelled())
             .await
             .expect("the shutdown starts");
         watch.await.expect("the watch ends");
@@ -267,12 +275,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_sync_watch_ends_with_the_shutdown() {
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let store = Store::open(dir.path()).expect("a store");
-        let shutdown = CancellationToken::new();
-        let watch = stop_on_sync_failure(&store, shutdown.clone());
+        let (_dir, store, shutdown, watch) = watched();
         shutdown.cancel();
-        tokio::time::timeout(std::time::Duration::from_secs(10), watch)
+        tokio::time::timeout(Duration::from_secs(10), watch)
             .await
             .expect("the watch ends")
             .expect("without a panic");
