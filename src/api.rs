@@ -285,18 +285,7 @@ async fn commands_get(
     State(state): State<AppState>,
     AppPath(command_id): AppPath<Uuid>,
 ) -> Result<Json<CommandView>, ApiError> {
-    // Store::command_by_id in two halves: most lookups are of pending commands
-    // (clients poll those), from memory, and only a miss goes to sled on the blocking
-    // pool.
-    let record = match state.store.pending_by_id(command_id) {
-        Some(record) => Some(record),
-        None => {
-            state
-                .store
-                .blocking(move |store| store.finished_by_id(command_id))
-                .await?
-        }
-    };
+    let record = state.store.command_by_id(command_id).await?;
     record.map(|record| Json(record.view())).ok_or_else(|| {
         ApiError::NotFound(format!(
             "command {command_id} is unknown (or past its retention)"

@@ -525,14 +525,21 @@ impl Store {
 
     /// The command with this id, pending or finished. Pending first: a command leaves
     /// the pending table only once its sled record is durable, so one of the two looks
-    /// finds it.
+    /// finds it. Most lookups are of pending commands (clients poll those), answered
+    /// from memory; only a miss goes to sled, on the blocking pool.
     ///
     /// # Errors
     /// On storage failure or a corrupt record.
-    pub fn command_by_id(&self, command_id: Uuid) -> Result<Option<CommandRecord>, StoreError> {
+    pub async fn command_by_id(
+        &self,
+        command_id: Uuid,
+    ) -> Result<Option<CommandRecord>, StoreError> {
         match self.pending_by_id(command_id) {
             Some(record) => Ok(Some(record)),
-            None => self.finished_by_id(command_id),
+            None => {
+                self.blocking(move |store| store.finished_by_id(command_id))
+                    .await
+            }
         }
     }
 
@@ -541,7 +548,7 @@ impl Store {
     ///
     /// # Errors
     /// On storage failure or a corrupt record.
-    pub fn finished_by_id(&self, command_id: Uuid) -> Result<Option<CommandRecord>, StoreError> {
+    fn finished_by_id(&self, command_id: Uuid) -> Result<Option<CommandRecord>, StoreError> {
         match self.inner.command_ids.get(command_id.as_bytes())? {
             Some(key) => self.inner.finished_trees().record(&key),
             None => Ok(None),
@@ -967,7 +974,7 @@ mod tests {
         let ids: Vec<_> = records.iter().map(|r| r.command_id).collect();
         assert_eq!(unapplied, ids);
         assert_eq!(
-            store.command_by_id(ids[1]).unwrap().map(|r| r.status),
+            store.command_by_id(ids[1]).await.unwrap().map(|r| r.status),
             Some(CommandStatus::Pending)
         );
         // A replay of a recovered command is a replay, not a second command.
@@ -991,7 +998,7 @@ mod tests {
         let unapplied: Vec<_> = store.unapplied().iter().map(|r| r.command_id).collect();
         assert_eq!(unapplied, [ids[2]]);
         assert_eq!(
-            store.command_by_id(ids[0]).unwrap().map(|r| r.status),
+            store.command_by_id(ids[0]).await.unwrap().map(|r| r.status),
             Some(CommandStatus::Settled)
         );
     }
@@ -1121,7 +1128,7 @@ mod tests {
             [new.command_id],
             "the 202'd command is pending again"
         );
-        assert!(store.command_by_id(old.command_id).unwrap().is_none());
+        assert!(store.command_by_id(old.command_id).await.unwrap().is_none());
         assert!(!store.inner.expiries.contains_key(old_entry).unwrap());
         let (answers, _) = accept_all(&store, &[create("k", "f", &store)]).await;
         assert!(matches!(&answers[0], Accepted::Replay(r) if r.command_id == new.command_id));
@@ -1178,13 +1185,21 @@ mod tests {
         ];
         assert_eq!(trees.map(|tree| tree.len()), [4, 4, 1, 4]);
         for (accepted, finished) in &gone {
-            assert!(store.command_by_id(finished.command_id).unwrap().is_none());
+            assert!(store
+                .command_by_id(finished.command_id)
+                .await
+                .unwrap()
+                .is_none());
             assert!(!store
                 .pending_table()
                 .may_be_finished(accepted.idempotency_key.as_bytes()));
         }
         for (_, finished) in &kept {
-            assert!(store.command_by_id(finished.command_id).unwrap().is_some());
+            assert!(store
+                .command_by_id(finished.command_id)
+                .await
+                .unwrap()
+                .is_some());
         }
         let dead: Vec<_> = store
             .dead_letters()
@@ -1224,7 +1239,11 @@ mod tests {
             "the stale entry goes"
         );
         assert!(
-            store.command_by_id(current.command_id).unwrap().is_some(),
+            store
+                .command_by_id(current.command_id)
+                .await
+                .unwrap()
+                .is_some(),
             "the record stays"
         );
 
@@ -1244,7 +1263,11 @@ mod tests {
                 .expect("removed"),
             [false]
         );
-        assert!(store.command_by_id(newer.command_id).unwrap().is_some());
+        assert!(store
+            .command_by_id(newer.command_id)
+            .await
+            .unwrap()
+            .is_some());
         assert_eq!(
             store.finished_command("k").unwrap().map(|r| r.command_id),
             Some(newer.command_id)
@@ -1272,7 +1295,11 @@ mod tests {
         );
         let removed = store.compact(u64::MAX, settled + time::Duration::hours(1));
         assert_eq!(removed.expect("compacted"), (0, 2));
-        assert!(store.command_by_id(old[1].1.command_id).unwrap().is_none());
+        assert!(store
+            .command_by_id(old[1].1.command_id)
+            .await
+            .unwrap()
+            .is_none());
         let (answers, _) = accept_all(&store, &[create("b", "f", &store)]).await;
         assert!(matches!(&answers[0], Accepted::New(_)));
     }

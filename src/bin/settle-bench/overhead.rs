@@ -117,6 +117,12 @@ async fn fetch_apply_steps(conn: &mut Conn) -> Option<StepsReport> {
         .map(|metrics| metrics.apply_steps)
 }
 
+/// Commands the schedule owes `elapsed` after its start at `rate` per second: command
+/// i goes at i / rate, so the first at once, and a run of d seconds sends rate × d.
+fn owed(elapsed: Duration, rate: u64) -> u64 {
+    (elapsed.as_secs_f64() * rate as f64) as u64 + 1
+}
+
 fn brief_steps(steps: &StepsReport) -> String {
     let ms = |us: u64| us as f64 / 1000.0;
     let (t, f) = (&steps.transaction_us, &steps.flush_us);
@@ -206,9 +212,9 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
     // Pacing: a 1 ms tick sends every command the schedule (`rate` per second from
     // `start`, command i at i / rate, the first at once) owes by now. Missed ticks are
     // skipped (MissedTickBehavior::Skip) but the commands they owed go out at the next
-    // tick, so the average rate holds; when all
-    // `max_in_flight` connections are busy the sender waits, falls behind, and the
-    // lag is reported. Sending stops when the duration is over.
+    // tick, so the average rate holds; when all `max_in_flight` connections are busy
+    // the sender waits, falls behind, and the lag is reported. Sending stops when the
+    // duration is over.
     let start = Instant::now();
     let end = start + Duration::from_secs(duration_s);
     let mut ticker = tokio::time::interval(Duration::from_millis(1));
@@ -221,7 +227,7 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
         if now >= end {
             break;
         }
-        let owed = ((now - start).as_secs_f64() * rate as f64) as u64 + 1;
+        let owed = owed(now - start, rate);
         while issued < owed {
             let permit = permits
                 .clone()
@@ -534,5 +540,27 @@ fn signed_ms(later: Instant, earlier: Instant) -> f64 {
         ms(later - earlier)
     } else {
         -ms(earlier - later)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_owes_the_first_command_at_once_and_rate_times_duration_in_all() {
+        let ms = Duration::from_millis;
+        assert_eq!(owed(Duration::ZERO, 1000), 1);
+        assert_eq!(owed(ms(1) - Duration::from_nanos(1), 1000), 1);
+        assert_eq!(owed(ms(1), 1000), 2);
+        // The last tick before the end of a 30 s run: exactly 30000.
+        assert_eq!(
+            owed(Duration::from_secs(30) - Duration::from_nanos(1), 1000),
+            30000
+        );
+        assert_eq!(
+            owed(Duration::from_secs(2) - Duration::from_nanos(1), 200),
+            400
+        );
     }
 }
