@@ -518,10 +518,6 @@ impl Consumer {
                 tracing::error!(error = %err, commands, "an apply step's flush failed; nothing of it is published");
                 return None;
             }
-            // A sync that failed meanwhile elsewhere (the accept path) also stops it.
-            if self.store.sync_has_failed() {
-                return None;
-            }
             Some(started.elapsed())
         } else {
             None

@@ -336,9 +336,9 @@ impl Store {
             .map(|pending| pending.record.clone())
     }
 
-    /// The accepted, unapplied command with this id, if any: from memory, so callers
-    /// on the runtime need not go to the blocking pool for it.
-    pub fn pending_by_id(&self, command_id: Uuid) -> Option<CommandRecord> {
+    /// The accepted, unapplied command with this id, if any: from memory, the first
+    /// half of [`Store::command_by_id`].
+    pub(super) fn pending_by_id(&self, command_id: Uuid) -> Option<CommandRecord> {
         let table = self.pending_table();
         let key = table.key_by_id.get(&command_id)?;
         table.by_key.get(key).map(|pending| pending.record.clone())

@@ -59,6 +59,7 @@ pub use intake::{
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -187,7 +188,10 @@ struct Inner {
     sled_blobs_dir: PathBuf,
     /// Cancelled when an fdatasync of sled's files failed: see
     /// [`Inner::sync_sled_files`] and [`Store::sync_failed`].
-    sled_sync_failed: CancellationToken,
+    sled_sync_failed: AtomicBool,
+    /// Cancelled with `sled_sync_failed` set, for whoever waits ([`Store::sync_failed`]);
+    /// the flag is what the hot paths read.
+    sync_failure: CancellationToken,
 }
 
 impl Inner {
@@ -202,23 +206,24 @@ impl Inner {
     /// sled's `flush`. A failed one counts as a failed sync (see
     /// [`Inner::sync_sled_files`]): retrying it would be the mistake PostgreSQL made
     /// until 2018, as the pages it could not write may now look clean.
+    ///
+    /// Also fails when a sync failed elsewhere (the accept path) while this flush ran:
+    /// what it wrote may be published only if nothing has failed.
     fn flush_sled(&self) -> Result<(), StoreError> {
         self.check_synced()?;
-        match self.db.flush() {
-            Ok(_) => Ok(()),
-            Err(err) => {
-                self.mark_sync_failed(&err);
-                Err(err.into())
-            }
+        if let Err(err) = self.db.flush() {
+            self.mark_sync_failed(&err);
+            return Err(err.into());
         }
+        Ok(self.check_synced()?)
     }
 
     /// Records that sled's files could not be made durable: every later sync fails,
     /// [`Store::sync_failed`] completes (the server stops), and a marker keeps a start
     /// in this boot from trusting the page cache (`sync_failure`).
     fn mark_sync_failed(&self, cause: &dyn std::fmt::Display) {
-        let first = !self.sled_sync_failed.is_cancelled();
-        self.sled_sync_failed.cancel();
+        let first = !self.sled_sync_failed.swap(true, Ordering::AcqRel);
+        self.sync_failure.cancel();
         if first {
             tracing::error!(error = %cause, "sled's files cannot be made durable; the server stops");
             sync_failure::record(&self.intake_dir, cause);
@@ -276,7 +281,7 @@ impl Inner {
 
     /// Whether a sync of sled's files has failed in this process.
     fn sync_has_failed(&self) -> bool {
-        self.sled_sync_failed.is_cancelled()
+        self.sled_sync_failed.load(Ordering::Acquire)
     }
 
     /// An error if a sync of sled's files has failed in this process.
@@ -373,15 +378,15 @@ impl Store {
     /// record does not parse; [`StoreError::SyncFailedThisBoot`] when a sync of sled's
     /// files failed earlier in this boot of the machine.
     pub fn open(dir: &std::path::Path) -> Result<Self, StoreError> {
-        // Before sled reads anything back through the page cache, and again once it
-        // holds the directory's lock: the process that had it may have failed a sync
-        // since.
-        sync_failure::check(&dir.join(INTAKE_DIR))?;
+        // Before sled's recovery, which may write, and again once sled holds the
+        // directory's lock: the process that held it may have failed a sync meanwhile.
+        let intake_dir = dir.join(INTAKE_DIR);
+        sync_failure::check(&intake_dir)?;
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             .open()?;
-        let earlier_failure = sync_failure::check(&dir.join(INTAKE_DIR))?;
+        let earlier_failure = sync_failure::check(&intake_dir)?;
         let tree = |name: &str| db.open_tree(name);
         let mut inner = Inner {
             commands: tree("commands")?,
@@ -397,15 +402,14 @@ impl Store {
                 next: 0,
                 reserved: 0,
             }),
-            intake_dir: dir.join(INTAKE_DIR),
+            intake_dir,
             sled_file: File::open(dir.join(SLED_FILE))?,
             sled_blobs_dir: dir.join(SLED_BLOBS),
-            sled_sync_failed: CancellationToken::new(),
+            sled_sync_failed: AtomicBool::new(false),
+            sync_failure: CancellationToken::new(),
             db,
         };
-        inner
-            .finished_trees()
-            .index_expiries(&inner.meta, || inner.flush_sled())?;
+        inner.index_expiries()?;
         let first_seq = match inner.meta.get(SEQ_RESERVED)? {
             Some(reserved) => read_u64(&reserved),
             // A data directory from before the allocator: its seqs came from sled's
@@ -426,6 +430,7 @@ impl Store {
         };
         let pending = Self::recover_intake(&inner)?;
         if let Some(marker) = earlier_failure {
+            tracing::warn!(marker = %marker.display(), "a sync of sled's files failed before the last reboot; started from what the disk holds, and the intake log applies again what it lacked");
             std::fs::remove_file(marker)?;
         }
         *inner
@@ -463,11 +468,12 @@ impl Store {
     /// more applies, is released or reserved, so the server cannot keep its promise
     /// and must stop: `serve` waits on this and stops it, also when nothing is pending.
     pub fn sync_failed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        self.inner.sled_sync_failed.clone().cancelled_owned()
+        self.inner.sync_failure.clone().cancelled_owned()
     }
 
-    /// Whether [`Store::sync_failed`] has completed: for a server that stops anyway,
-    /// to exit with an error rather than cleanly.
+    /// Whether a sync of sled's files has failed in this process ([`Store::sync_failed`]
+    /// has completed or is about to): an atomic read, for the accept path, the
+    /// consumer's steps and the exit status.
     pub fn sync_has_failed(&self) -> bool {
         self.inner.sync_has_failed()
     }

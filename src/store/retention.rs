@@ -14,7 +14,7 @@ use sled::transaction::ConflictableTransactionError;
 use sled::{IVec, Transactional};
 use time::OffsetDateTime;
 
-use super::{flatten, Store, StoreError};
+use super::{flatten, Inner, Store, StoreError};
 use crate::model::{unix_ms, CommandRecord};
 
 /// `meta` key, present once every finished record has its `expiries` entry.
@@ -127,16 +127,14 @@ impl FinishedTrees<'_> {
         self.remove(&entries, std::slice::from_ref(record))
             .map(drop)
     }
+}
 
+impl Inner {
     /// Indexes every finished record by its expiry, once: a data directory from before
     /// the `expiries` tree has records without an entry. Marked done in `meta` after
-    /// the entries are durable (`flush`, sled's); interrupted, it starts over (the
-    /// entries are the same).
-    pub(super) fn index_expiries(
-        &self,
-        meta: &sled::Tree,
-        flush: impl Fn() -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
+    /// the entries are durable; interrupted, it starts over (the entries are the same).
+    pub(super) fn index_expiries(&self) -> Result<(), StoreError> {
+        let meta = &self.meta;
         if meta.contains_key(EXPIRIES_INDEXED)? {
             return Ok(());
         }
@@ -155,9 +153,9 @@ impl FinishedTrees<'_> {
             }
         }
         self.expiries.apply_batch(batch)?;
-        flush()?;
+        self.flush_sled()?;
         meta.insert(EXPIRIES_INDEXED, &[])?;
-        flush()?;
+        self.flush_sled()?;
         if indexed > 0 {
             tracing::info!(indexed, "indexed the finished commands by expiry");
         }

@@ -11,8 +11,9 @@
 //! in, and a start refuses while the machine has not rebooted since: only a reboot
 //! empties the page cache. After one, sled reads what the disk holds, and the intake
 //! log applies again whatever the failure lost; the start removes the marker then.
-//! Deleting the marker by hand starts anyway (the operator's call: say, the failure
-//! was on a disk since replaced).
+//! Where the boot cannot be told (no boot id), a start refuses until the marker is
+//! gone. Deleting it by hand starts anyway (the operator's call: say, the failure was
+//! on a disk since replaced).
 
 use std::fs;
 use std::io::{self, Write};
@@ -64,10 +65,7 @@ fn check_against(intake_dir: &Path, boot: Option<&str>) -> Result<Option<PathBuf
     };
     let marked = text.lines().next().unwrap_or_default();
     match boot {
-        Some(boot) if !boot.is_empty() && !marked.is_empty() && boot != marked => {
-            tracing::warn!(marker = %marker.display(), "a sync of sled's files failed before the last reboot; starting from what the disk holds, and the intake log applies again what it lacks");
-            Ok(Some(marker))
-        }
+        Some(boot) if !boot.is_empty() && !marked.is_empty() && boot != marked => Ok(Some(marker)),
         _ => Err(StoreError::SyncFailedThisBoot(marker)),
     }
 }

@@ -118,7 +118,8 @@ async fn fetch_apply_steps(conn: &mut Conn) -> Option<StepsReport> {
 }
 
 /// Commands the schedule owes `elapsed` after its start at `rate` per second: command
-/// i goes at i / rate, so the first at once, and a run of d seconds sends rate × d.
+/// i goes at i / rate, so the first at once, and a tick just before the end of d
+/// seconds is owed rate × d (a run whose last ticks come late sends fewer).
 fn owed(elapsed: Duration, rate: u64) -> u64 {
     (elapsed.as_secs_f64() * rate as f64) as u64 + 1
 }
@@ -227,8 +228,8 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
         if now >= end {
             break;
         }
-        let owed = owed(now - start, rate);
-        while issued < owed {
+        let due = owed(now - start, rate);
+        while issued < due {
             let permit = permits
                 .clone()
                 .acquire_owned()
@@ -548,7 +549,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_schedule_owes_the_first_command_at_once_and_rate_times_duration_in_all() {
+    fn the_schedule_owes_the_first_command_at_once_and_one_more_per_period() {
         let ms = Duration::from_millis;
         assert_eq!(owed(Duration::ZERO, 1000), 1);
         assert_eq!(owed(ms(1) - Duration::from_nanos(1), 1000), 1);
