@@ -646,6 +646,7 @@ mod tests {
     struct Running {
         store: Store,
         hub: Hub,
+        metrics: Metrics,
         shutdown: CancellationToken,
         thread: ConsumerThread,
         intake: Intake,
@@ -665,11 +666,12 @@ mod tests {
                 transient_rate: 0.0,
             };
             let hub = Hub::new();
+            let metrics = Metrics::new();
             let (consumer, handle) = Consumer::new(
                 store.clone(),
                 hub.clone(),
                 Faults::new(settings, Some(1)),
-                Metrics::new(),
+                metrics.clone(),
                 Duration::from_secs(5),
             );
             let shutdown = CancellationToken::new();
@@ -682,6 +684,7 @@ mod tests {
             Self {
                 store,
                 hub,
+                metrics,
                 shutdown,
                 thread,
                 intake,
@@ -692,10 +695,14 @@ mod tests {
 
         /// Accepts a create under `key`, due at once.
         async fn accept(&self, key: &str) {
+            self.accept_with_notes(key, String::new()).await;
+        }
+
+        async fn accept_with_notes(&self, key: &str, notes: String) {
             let accepted_at = OffsetDateTime::now_utc();
             let body = CommandBody::Create {
                 title: "t".to_owned(),
-                notes: String::new(),
+                notes,
             };
             let record = CommandRecord::accepted(
                 Uuid::now_v7(),
@@ -764,5 +771,53 @@ mod tests {
             "and not applied"
         );
         assert!(running.stop().await, "the consumer stops without a panic");
+    }
+
+    /// A closed intake segment whose commands have all applied is released after an
+    /// fdatasync of sled's files, and that sync is timed: `apply_steps.release_sync_us`
+    /// and `settle_release_sync_seconds` count it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_released_segment_s_sync_is_counted_in_the_metrics() {
+        let running = Running::start().await;
+        let notes = "n".repeat(crate::model::NOTES_MAX_CHARS);
+        // Each record holds its notes and more, so this many fill a segment and the
+        // writer starts another.
+        let filling = usize::try_from(crate::store::SEGMENT_BYTES).expect("fits")
+            / crate::model::NOTES_MAX_CHARS
+            + 1;
+        let keys: Vec<String> = (0..filling).map(|i| format!("fill-{i}")).collect();
+        futures::future::join_all(
+            keys.iter()
+                .map(|key| running.accept_with_notes(key, notes.clone())),
+        )
+        .await;
+        assert_eq!(
+            running.metrics.report().apply_steps.release_sync_us.count,
+            0
+        );
+
+        // The segment is released in the step that finishes its last command, or, if
+        // that step came before the writer closed it, in the next one.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut ticks = 0;
+        while running.metrics.report().apply_steps.release_sync_us.count == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no segment released; pending: {}",
+                running.store.unapplied().len()
+            );
+            running.accept(&format!("tick-{ticks}")).await;
+            ticks += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let report = running.metrics.report().apply_steps.release_sync_us;
+        assert_eq!(report.count, 1, "one segment, one sync");
+        assert!(report.max >= report.p50 && report.p50 >= 1);
+        let exposition = running.metrics.openmetrics();
+        assert!(
+            exposition.contains("settle_release_sync_seconds_count 1\n"),
+            "{exposition}"
+        );
+        assert!(running.stop().await);
     }
 }

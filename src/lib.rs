@@ -48,12 +48,12 @@ use tower_http::trace::TraceLayer;
 
 use crate::api::InFlight;
 use crate::config::Config;
-use crate::consumer::{Consumer, ConsumerHandle};
+use crate::consumer::{Consumer, ConsumerHandle, ConsumerThread};
 use crate::error::ApiError;
 use crate::faults::Faults;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::store::{Intake, Store, StoreError};
+use crate::store::{Intake, IntakeThread, Store, StoreError};
 
 /// How long a start waits for the data directory's lock (see [`Store::open_waiting`]).
 const STORE_LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -105,6 +105,7 @@ pub async fn serve(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let addr = listener.local_addr().context("reading the bound address")?;
     // On the blocking pool: opening reads the store back (recovery, the projection),
     // and may wait for the directory's lock.
     let data_dir = config.data_dir.clone();
@@ -126,69 +127,119 @@ pub async fn serve(
                 .with_context(|| format!("opening the store in {}", config.data_dir.display()))
         }
     };
-    let hub = Hub::new();
-    let faults = Faults::from_config(&config);
-    let metrics = Metrics::new();
-
-    let redeliver_after = Duration::from_millis(config.redeliver_after_ms);
-    let (consumer, consumer_handle) = Consumer::new(
-        store.clone(),
-        hub.clone(),
-        faults.clone(),
-        metrics.clone(),
-        redeliver_after,
-    );
-    let consumer = consumer
-        .start(shutdown.clone())
-        .await
-        .context("starting the consumer")?;
-    // The intake writer hands each batch's new commands on once they are durable,
-    // whether or not their requests are still there to be answered.
-    let on_durable = {
-        let metrics = metrics.clone();
-        let consumer = consumer_handle.clone();
-        move |records: &[model::CommandRecord]| {
-            metrics.commands_accepted(records.len());
-            consumer.schedule_blocking(records);
-        }
-    };
-    let (intake, intake_writer) =
-        Intake::start(store.clone(), Box::new(on_durable)).context("starting the intake log")?;
-    let janitor = tokio::spawn(run_janitor(store.clone(), config.clone(), shutdown.clone()));
-    let sync_watch = stop_on_sync_failure(&store, shutdown.clone());
-
-    // Read after the drain: a sync that failed, also while the server stopped, must
-    // not end in a clean exit.
-    let durability = store.clone();
-    let state = AppState {
-        store,
-        intake: intake.clone(),
-        hub,
-        faults,
-        metrics,
-        consumer: consumer_handle,
-        in_flight: InFlight::default(),
-        redeliver_after,
-        shutdown: shutdown.clone(),
-    };
-    let addr = listener.local_addr().context("reading the bound address")?;
+    let running = Running::start(store, &config, shutdown.clone()).await?;
     tracing::info!("listening on http://{addr}");
-    net::serve(listener, state, shutdown.clone()).await;
-    // Every handler is done: stop and drain the background tasks.
-    intake.stop(intake_writer).await;
-    let consumer_ran = consumer.join().await;
-    let _ = janitor.await;
-    let _ = sync_watch.await;
-    tracing::info!("shut down");
-    anyhow::ensure!(
-        !durability.sync_has_failed(),
-        "a sync of sled's files failed, which stopped the server; reboot the machine before the next start (see the data directory's intake/sync-failed)"
-    );
-    anyhow::ensure!(
-        consumer_ran,
-        "the consumer panicked, which stopped the server; accepted commands resume on the next start"
-    );
-    Ok(())
+    net::serve(listener, running.state.clone(), shutdown).await;
+    running.drain().await
+}
+
+/// Everything that runs beside the HTTP surface, started on an opened store: the
+/// consumer, the intake log's writer, the janitor and the watch on the store's syncs.
+struct Running {
+    state: AppState,
+    intake_writer: IntakeThread,
+    consumer: ConsumerThread,
+    janitor: JoinHandle<()>,
+    sync_watch: JoinHandle<()>,
+}
+
+impl Running {
+    /// Starts the background work and builds the handlers' state.
+    ///
+    /// # Errors
+    /// When the consumer or the intake log cannot start.
+    async fn start(
+        store: Store,
+        config: &Config,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let hub = Hub::new();
+        let faults = Faults::from_config(config);
+        let metrics = Metrics::new();
+
+        let redeliver_after = Duration::from_millis(config.redeliver_after_ms);
+        let (consumer, consumer_handle) = Consumer::new(
+            store.clone(),
+            hub.clone(),
+            faults.clone(),
+            metrics.clone(),
+            redeliver_after,
+        );
+        let consumer = consumer
+            .start(shutdown.clone())
+            .await
+            .context("starting the consumer")?;
+        // The intake writer hands each batch's new commands on once they are durable,
+        // whether or not their requests are still there to be answered.
+        let on_durable = {
+            let metrics = metrics.clone();
+            let consumer = consumer_handle.clone();
+            move |records: &[model::CommandRecord]| {
+                metrics.commands_accepted(records.len());
+                consumer.schedule_blocking(records);
+            }
+        };
+        let (intake, intake_writer) = match Intake::start(store.clone(), Box::new(on_durable)) {
+            Ok(started) => started,
+            Err(err) => {
+                // The consumer runs already: stop it before answering.
+                shutdown.cancel();
+                consumer.join().await;
+                return Err(err).context("starting the intake log");
+            }
+        };
+        let janitor = tokio::spawn(run_janitor(store.clone(), config.clone(), shutdown.clone()));
+        let sync_watch = stop_on_sync_failure(&store, shutdown.clone());
+        let state = AppState {
+            store,
+            intake,
+            hub,
+            faults,
+            metrics,
+            consumer: consumer_handle,
+            in_flight: InFlight::default(),
+            redeliver_after,
+            shutdown,
+        };
+        Ok(Self {
+            state,
+            intake_writer,
+            consumer,
+            janitor,
+            sync_watch,
+        })
+    }
+
+    /// Once every handler is done (the shutdown has started): stops and drains the
+    /// background work, then tells how the server ended.
+    ///
+    /// # Errors
+    /// When a sync of sled's files failed, also while the server stopped (it must not
+    /// end in a clean exit), or the consumer panicked; the failed sync first, as it is
+    /// what the operator must act on before the next start.
+    async fn drain(self) -> anyhow::Result<()> {
+        let Self {
+            state,
+            intake_writer,
+            consumer,
+            janitor,
+            sync_watch,
+        } = self;
+        state.intake.stop(intake_writer).await;
+        let consumer_ran = consumer.join().await;
+        let _ = janitor.await;
+        let _ = sync_watch.await;
+        tracing::info!("shut down");
+        anyhow::ensure!(
+            !state.store.sync_has_failed(),
+            "a sync of sled's files failed, which stopped the server; reboot the machine before the next start (see the data directory's intake/sync-failed)"
+        );
+        anyhow::ensure!(
+            consumer_ran,
+            "the consumer panicked, which stopped the server; accepted commands resume on the next start"
+        );
+        Ok(())
+    }
 }
 
 /// Stops the server (cancels `shutdown`) once a sync of sled's files fails, wherever
@@ -271,6 +322,58 @@ mod tests {
             .await
             .expect("the shutdown starts");
         watch.await.expect("the watch ends");
+    }
+
+    /// What a client and the operator meet once a sync fails: the server stops by
+    /// itself, an accept answers 503 problem+json (not 500, not a 202 it cannot keep),
+    /// and `serve`'s drain ends in the sync's error (exit status 1), not a clean exit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_failed_sync_accepts_answer_503_and_the_drain_ends_in_its_error() {
+        use axum::body::Body;
+        use axum::http::{header, Request, StatusCode};
+        use tower::ServiceExt as _;
+
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let config = Config::for_tests(dir.path());
+        let store = Store::open(dir.path()).expect("a store");
+        let shutdown = CancellationToken::new();
+        let running = Running::start(store.clone(), &config, shutdown.clone())
+            .await
+            .expect("started");
+        let router = app(running.state.clone());
+        let create = |key: &str| {
+            Request::post("/api/tasks")
+                .header("Idempotency-Key", key)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(r#"{"title":"t"}"#))
+                .expect("a request")
+        };
+        let before = router
+            .clone()
+            .oneshot(create("before"))
+            .await
+            .expect("answered");
+        assert_eq!(before.status(), StatusCode::ACCEPTED);
+
+        store.fail_sled_sync();
+        tokio::time::timeout(Duration::from_secs(10), shutdown.cancelled())
+            .await
+            .expect("the server stops by itself");
+        let after = router.oneshot(create("after")).await.expect("answered");
+        assert_eq!(after.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            after.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+
+        let ended = tokio::time::timeout(Duration::from_secs(30), running.drain())
+            .await
+            .expect("the drain ends");
+        let err = ended.expect_err("a failed sync is no clean exit");
+        assert!(
+            err.to_string().contains("a sync of sled's files failed"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
