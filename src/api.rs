@@ -528,6 +528,12 @@ async fn submit(
             "Idempotency-Key {key:?} was used for another request (command {})",
             existing.command_id
         ))),
+        Accepted::Overloaded { pending } => {
+            state.metrics.command_refused();
+            Err(ApiError::Overloaded(format!(
+                "{pending} accepted commands are waiting to be applied, as many as this server holds; nothing was stored, retry with the same Idempotency-Key"
+            )))
+        }
     }
 }
 

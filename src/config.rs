@@ -16,6 +16,10 @@ pub const DEFAULT_EVENT_RETENTION: u64 = 100_000;
 /// How long finished command records (the idempotency table) are kept, in hours.
 /// The idempotency draft and Stripe keep keys for at least 24 hours.
 pub const DEFAULT_COMMAND_RETENTION_HOURS: u64 = 24;
+/// How many accepted, unapplied commands a node holds before it refuses new ones (503).
+/// About 1.3 KiB of memory each (BENCHMARKS.md), so about 1.3 GiB at the bound: far
+/// more than any burst a node absorbs in seconds, and a bound where there was none.
+pub const DEFAULT_MAX_PENDING: usize = 1_000_000;
 /// Upper bound of the live fault knobs' delays.
 pub const MAX_DELAY_MS: u64 = 60_000;
 
@@ -70,6 +74,12 @@ pub struct Config {
     #[arg(long, env = "SETTLE_EVENT_RETENTION", default_value_t = DEFAULT_EVENT_RETENTION,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub event_retention: u64,
+
+    /// How many accepted commands may wait to be applied; beyond it a new command is
+    /// answered 503 with Retry-After (a retry of a known key is answered as always).
+    #[arg(long, env = "SETTLE_MAX_PENDING", default_value_t = DEFAULT_MAX_PENDING,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_pending: usize,
 
     /// How long finished command records are kept, in hours (at least 24).
     #[arg(long, env = "SETTLE_COMMAND_RETENTION_HOURS", default_value_t = DEFAULT_COMMAND_RETENTION_HOURS,

@@ -678,6 +678,7 @@ mod tests {
             let thread = consumer.start(shutdown.clone()).await.expect("started");
             let (intake, intake_thread) = Intake::start(
                 store.clone(),
+                usize::MAX,
                 Box::new(move |records: &[CommandRecord]| handle.schedule_blocking(records)),
             )
             .expect("the intake log");

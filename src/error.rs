@@ -50,6 +50,9 @@ pub enum ApiError {
     /// 503: the server is shutting down and no longer accepts commands.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// 503: the server holds as many unapplied commands as it may (`--max-pending`).
+    #[error("{0}")]
+    Overloaded(String),
 }
 
 impl From<StoreError> for ApiError {
@@ -118,6 +121,11 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting-down",
                 "Service unavailable",
+            ),
+            Overloaded(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "Too many commands waiting to be applied",
             ),
         }
     }

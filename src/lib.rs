@@ -179,15 +179,16 @@ impl Running {
                 consumer.schedule_blocking(records);
             }
         };
-        let (intake, intake_writer) = match Intake::start(store.clone(), Box::new(on_durable)) {
-            Ok(started) => started,
-            Err(err) => {
-                // The consumer runs already: stop it before answering.
-                shutdown.cancel();
-                consumer.join().await;
-                return Err(err).context("starting the intake log");
-            }
-        };
+        let (intake, intake_writer) =
+            match Intake::start(store.clone(), config.max_pending, Box::new(on_durable)) {
+                Ok(started) => started,
+                Err(err) => {
+                    // The consumer runs already: stop it before answering.
+                    shutdown.cancel();
+                    consumer.join().await;
+                    return Err(err).context("starting the intake log");
+                }
+            };
         let janitor = tokio::spawn(run_janitor(store.clone(), config.clone(), shutdown.clone()));
         let sync_watch = stop_on_sync_failure(&store, shutdown.clone());
         let state = AppState {

@@ -46,6 +46,7 @@ struct Inner {
     settled: Counter,
     failed: Counter,
     deduplicated: Counter,
+    refused: Counter,
     dead_lettered: Counter,
     pending: Gauge,
     subscribers: Gauge,
@@ -75,6 +76,8 @@ pub struct MetricsReport {
     pub settled: u64,
     pub failed: u64,
     pub deduplicated: u64,
+    /// New commands answered 503 because `--max-pending` commands were waiting.
+    pub refused: u64,
     pub dead_lettered: u64,
     pub pending: i64,
     pub subscribers: i64,
@@ -126,6 +129,7 @@ impl Metrics {
         let settled = Counter::default();
         let failed = Counter::default();
         let deduplicated = Counter::default();
+        let refused = Counter::default();
         let dead_lettered = Counter::default();
         let pending = Gauge::default();
         let subscribers = Gauge::default();
@@ -149,6 +153,11 @@ impl Metrics {
             "commands_deduplicated",
             "Requests answered from the idempotency table",
             deduplicated.clone(),
+        );
+        registry.register(
+            "commands_refused",
+            "New commands answered 503 because --max-pending commands were waiting to be applied",
+            refused.clone(),
         );
         registry.register(
             "commands_dead_lettered",
@@ -203,6 +212,7 @@ impl Metrics {
                 settled,
                 failed,
                 deduplicated,
+                refused,
                 dead_lettered,
                 pending,
                 subscribers,
@@ -227,6 +237,11 @@ impl Metrics {
 
     pub fn command_deduplicated(&self) {
         self.inner.deduplicated.inc();
+    }
+
+    /// A new command not stored: the server held `--max-pending` unapplied ones.
+    pub fn command_refused(&self) {
+        self.inner.refused.inc();
     }
 
     /// Commands found unapplied at start: they are pending without a new accept.
@@ -315,6 +330,7 @@ impl Metrics {
             settled: inner.settled.get(),
             failed: inner.failed.get(),
             deduplicated: inner.deduplicated.get(),
+            refused: inner.refused.get(),
             dead_lettered: inner.dead_lettered.get(),
             pending: inner.pending.get(),
             subscribers: inner.subscribers.get(),

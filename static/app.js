@@ -443,7 +443,8 @@ async function pollMetrics() {
       ? `p50 ${formatMs(window.p50)}, p99 ${formatMs(window.p99)}, max ${formatMs(window.max)} over ${window.count}`
       : 'no settled command yet');
     setText($('server-counts'), `accepted ${metrics.accepted}, settled ${metrics.settled}, failed ${metrics.failed}, `
-      + `deduplicated ${metrics.deduplicated}, pending ${metrics.pending}`);
+      + `deduplicated ${metrics.deduplicated}, pending ${metrics.pending}`
+      + (metrics.refused ? `, refused ${metrics.refused} (over --max-pending)` : ''));
     renderChart(core.getSnapshot().window_samples);
   } catch (error) {
     setText($('server-figures'), `unavailable (${error.message})`);

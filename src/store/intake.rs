@@ -148,6 +148,11 @@ impl PendingTable {
         true
     }
 
+    /// Commands accepted and not finished.
+    pub(super) fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
     fn count_finished(&mut self, key: &[u8]) {
         let hash = self.key_hasher.hash_one(key);
         *self.finished.entry(hash).or_default() += 1;
@@ -466,16 +471,25 @@ struct IntakeWriter {
     /// Bytes of the active segment that are durable.
     written: u64,
     buffer: Vec<u8>,
+    /// New keys are refused while this many commands are pending.
+    max_pending: usize,
 }
 
 impl Intake {
     /// Opens the active log segment and starts the writer thread. `on_durable` sees
     /// the new commands of each batch once they are durable (the consumer schedules
-    /// them there, so a command whose client went away is not forgotten).
+    /// them there, so a command whose client went away is not forgotten). While
+    /// `max_pending` commands are pending, a new key is answered
+    /// [`Accepted::Overloaded`] and nothing is stored; a known key is answered as
+    /// always.
     ///
     /// # Errors
     /// When the segment cannot be created.
-    pub fn start(store: Store, on_durable: OnDurable) -> Result<(Self, IntakeThread), StoreError> {
+    pub fn start(
+        store: Store,
+        max_pending: usize,
+        on_durable: OnDurable,
+    ) -> Result<(Self, IntakeThread), StoreError> {
         let segment = store.pending_table().active;
         let file = open_segment(&store, segment)?;
         let (sender, inbox) = mpsc::channel(INTAKE_CAPACITY);
@@ -487,6 +501,7 @@ impl Intake {
             segment,
             written: 0,
             buffer: Vec::with_capacity(64 * 1024),
+            max_pending,
         };
         let handle = thread::Builder::new()
             .name("settle-intake".to_owned())
@@ -591,7 +606,7 @@ impl IntakeWriter {
                         Ok(Accepted::Replay(record) | Accepted::KeyReused(record)) => {
                             refused.contains(&record.command_id)
                         }
-                        Err(_) => false,
+                        Ok(Accepted::Overloaded { .. }) | Err(_) => false,
                     };
                     if refuse {
                         *answer = Err(StoreError::Io(io::Error::new(err.kind(), err.to_string())));
@@ -621,8 +636,9 @@ impl IntakeWriter {
         }
     }
 
-    /// The answer for one record: the command already under its key, or a new command
-    /// (given its seq) appended to the batch's buffer and entered in the pending table.
+    /// The answer for one record: the command already under its key, a refusal while
+    /// the pending table is full, or a new command (given its seq) appended to the
+    /// batch's buffer and entered in the pending table.
     fn admit(&mut self, mut record: CommandRecord) -> Result<Accepted, StoreError> {
         if let Some(existing) = self.known_command(&record.idempotency_key)? {
             return Ok(if existing.fingerprint == record.fingerprint {
@@ -630,6 +646,10 @@ impl IntakeWriter {
             } else {
                 Accepted::KeyReused(existing)
             });
+        }
+        let pending = self.store.pending_table().len();
+        if pending >= self.max_pending {
+            return Ok(Accepted::Overloaded { pending });
         }
         record.seq = self.store.next_seq()?;
         encode_frame(&mut self.buffer, self.segment, &record)?;
@@ -809,6 +829,7 @@ mod tests {
             segment: 1,
             written: 0,
             buffer: Vec::new(),
+            max_pending: usize::MAX,
         };
         let mut reused = record("new");
         reused.fingerprint = "another request".to_owned();
@@ -976,6 +997,7 @@ mod tests {
             segment: active,
             written: 0,
             buffer: Vec::new(),
+            max_pending: usize::MAX,
         };
         let (a, b) = (record("a"), record("b"));
         store.pending_table().insert(a.clone(), active);
@@ -996,5 +1018,49 @@ mod tests {
         );
         store.finish("b", b.command_id);
         assert_eq!(store.pending_table().releasable, [active, active + 1]);
+    }
+
+    /// At its bound the intake refuses a new key and stores nothing of it, answers a
+    /// known key as always, and takes new keys again once a pending command finishes.
+    #[tokio::test]
+    async fn at_max_pending_a_new_key_is_refused_and_stores_nothing() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let durable = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&durable);
+        let (intake, thread) = Intake::start(
+            store.clone(),
+            2,
+            Box::new(move |records: &[CommandRecord]| {
+                seen.lock()
+                    .unwrap()
+                    .extend(records.iter().map(|r| r.idempotency_key.clone()));
+            }),
+        )
+        .expect("a writer");
+        let accept = |key: &str| intake.accept(record(key));
+
+        let a = match accept("a").await.expect("answered") {
+            Accepted::New(a) => a,
+            other => panic!("a is new: {other:?}"),
+        };
+        assert!(matches!(accept("b").await, Ok(Accepted::New(_))));
+        assert!(matches!(
+            accept("c").await,
+            Ok(Accepted::Overloaded { pending: 2 })
+        ));
+        assert!(store.pending_command("c").is_none(), "c is not pending");
+        assert!(
+            matches!(accept("a").await, Ok(Accepted::Replay(r)) if r.command_id == a.command_id),
+            "a known key is answered as always"
+        );
+
+        store.finish("a", a.command_id);
+        assert!(
+            matches!(accept("c").await, Ok(Accepted::New(_))),
+            "room again once a command finished"
+        );
+        intake.stop(thread).await;
+        assert_eq!(*durable.lock().unwrap(), ["a", "b", "c"]);
     }
 }

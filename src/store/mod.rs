@@ -135,6 +135,9 @@ pub enum Accepted {
     Replay(CommandRecord),
     /// The key was used for a different request.
     KeyReused(CommandRecord),
+    /// The key was new, but `pending` commands (the intake's bound) wait to be
+    /// applied: nothing was stored, the client should try again later.
+    Overloaded { pending: usize },
 }
 
 /// How the consumer decided a due command should end.
@@ -877,6 +880,7 @@ mod tests {
         let handed_on = durable.clone();
         let (intake, thread) = Intake::start(
             store.clone(),
+            usize::MAX,
             Box::new(move |records| {
                 let ids = records.iter().map(|record| record.command_id);
                 handed_on.lock().unwrap().extend(ids);
@@ -1028,7 +1032,8 @@ mod tests {
         // The reopen starts a new active segment beside the old one, which still holds
         // an unfinished command.
         let store = reopen(dir.path());
-        let (intake, thread) = Intake::start(store.clone(), Box::new(|_| {})).expect("a writer");
+        let (intake, thread) =
+            Intake::start(store.clone(), usize::MAX, Box::new(|_| {})).expect("a writer");
         assert_eq!(files(".log").len(), 2);
         store
             .apply_batch(&[(&record, &Decision::Apply)], OffsetDateTime::now_utc())
@@ -1056,7 +1061,8 @@ mod tests {
         let store = reopen(dir.path());
         assert!(store.unapplied().is_empty());
         assert_eq!((files(".log").len(), files(".spare").len()), (0, 2));
-        let (intake, thread) = Intake::start(store.clone(), Box::new(|_| {})).expect("a writer");
+        let (intake, thread) =
+            Intake::start(store.clone(), usize::MAX, Box::new(|_| {})).expect("a writer");
         assert_eq!((files(".log").len(), files(".spare").len()), (1, 1));
         intake.stop(thread).await;
         drop(store);

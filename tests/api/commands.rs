@@ -211,6 +211,67 @@ async fn a_key_reused_for_another_request_is_refused() {
     app.stop().await;
 }
 
+/// A node holds at most `--max-pending` unapplied commands. Beyond it a new command is
+/// answered 503 with Retry-After and stored nowhere, while a retry of an accepted key
+/// still gets its 202; once the backlog has applied, the refused key is accepted as new.
+#[tokio::test]
+async fn beyond_max_pending_a_new_command_is_refused_until_the_backlog_applies() {
+    let app = spawn_app_with(|config| {
+        config.delay_ms = 3000;
+        config.max_pending = 2;
+    })
+    .await;
+    let mut events = app.events(None).await;
+    let first = app
+        .accepted(
+            Method::POST,
+            "/api/tasks",
+            "first",
+            json!({ "title": "one" }),
+        )
+        .await;
+    let second = app
+        .accepted(
+            Method::POST,
+            "/api/tasks",
+            "second",
+            json!({ "title": "two" }),
+        )
+        .await;
+
+    let refused = app.create_task("third", json!({ "title": "three" })).await;
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let problem = crate::helpers::assert_problem(refused, 503, "beyond max pending").await;
+    assert_eq!(problem["type"], "/problems/overloaded");
+    let replay = app.create_task("first", json!({ "title": "one" })).await;
+    assert_eq!(replay.status(), 202, "a known key is answered as always");
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let (_, metrics) = app.get_json("/api/metrics").await;
+    assert_eq!(
+        (
+            &metrics["accepted"],
+            &metrics["refused"],
+            &metrics["pending"]
+        ),
+        (&json!(2), &json!(1), &json!(2))
+    );
+
+    for accepted in [&first, &second] {
+        let (event, _) = events.until_command(accepted.command_id).await;
+        assert_eq!(event.name, "projection:settled");
+    }
+    let retried = app.create_task("third", json!({ "title": "three" })).await;
+    assert_eq!(retried.status(), 202, "room again once the backlog applied");
+    assert!(
+        retried.headers().get("idempotent-replayed").is_none(),
+        "the refusal stored nothing: this is the key's first command"
+    );
+    let third: crate::helpers::Accepted = retried.json().await.expect("a 202 body");
+    let (event, _) = events.until_command(third.command_id).await;
+    assert_eq!(event.data["task"]["title"], "three");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_stale_base_version_fails_with_conflict_and_the_current_row() {
     let app = spawn_app_with(|config| config.delay_ms = 50).await;
