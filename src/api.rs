@@ -324,6 +324,7 @@ async fn faults_update(
 }
 
 async fn metrics_json(State(state): State<AppState>) -> Json<crate::metrics::MetricsReport> {
+    state.metrics.set_pending(state.store.pending_count());
     Json(state.metrics.report())
 }
 
@@ -335,6 +336,7 @@ async fn metrics_text(State(state): State<AppState>, headers: HeaderMap) -> Resp
         .iter()
         .filter_map(|value| value.to_str().ok())
         .any(|value| value.contains("application/openmetrics-text"));
+    state.metrics.set_pending(state.store.pending_count());
     if wants_openmetrics {
         (
             [(
@@ -528,11 +530,9 @@ async fn submit(
             "Idempotency-Key {key:?} was used for another request (command {})",
             existing.command_id
         ))),
-        Accepted::Overloaded { pending } => {
+        Accepted::Overloaded { pending, bytes } => {
             state.metrics.command_refused();
-            Err(ApiError::Overloaded(format!(
-                "{pending} accepted commands are waiting to be applied, as many as this server holds; nothing was stored, retry with the same Idempotency-Key"
-            )))
+            Err(ApiError::Overloaded { pending, bytes })
         }
     }
 }

@@ -17,9 +17,15 @@ pub const DEFAULT_EVENT_RETENTION: u64 = 100_000;
 /// The idempotency draft and Stripe keep keys for at least 24 hours.
 pub const DEFAULT_COMMAND_RETENTION_HOURS: u64 = 24;
 /// How many accepted, unapplied commands a node holds before it refuses new ones (503).
-/// About 1.3 KiB of memory each (BENCHMARKS.md), so about 1.3 GiB at the bound: far
-/// more than any burst a node absorbs in seconds, and a bound where there was none.
-pub const DEFAULT_MAX_PENDING: usize = 1_000_000;
+/// A small command (a title, no notes) takes about 1.3 KiB of memory while it waits
+/// (BENCHMARKS.md): about 0.6 GiB at this bound, several times the largest burst the
+/// accept benchmark leaves behind.
+pub const DEFAULT_MAX_PENDING: usize = 500_000;
+/// How many bytes of records (as the intake log stores them) the unapplied commands may
+/// take before new ones are refused: the bound on memory for large commands (notes of
+/// up to 10000 characters), as [`DEFAULT_MAX_PENDING`] is for small ones. A pending
+/// command takes about its record's size in memory on top of the 1.3 KiB.
+pub const DEFAULT_MAX_PENDING_BYTES: usize = 512 * 1024 * 1024;
 /// Upper bound of the live fault knobs' delays.
 pub const MAX_DELAY_MS: u64 = 60_000;
 
@@ -80,6 +86,12 @@ pub struct Config {
     #[arg(long, env = "SETTLE_MAX_PENDING", default_value_t = DEFAULT_MAX_PENDING,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_pending: usize,
+
+    /// How many bytes of records the commands waiting to be applied may take; beyond
+    /// it a new command is answered 503, as beyond --max-pending.
+    #[arg(long, env = "SETTLE_MAX_PENDING_BYTES", default_value_t = DEFAULT_MAX_PENDING_BYTES,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_pending_bytes: usize,
 
     /// How long finished command records are kept, in hours (at least 24).
     #[arg(long, env = "SETTLE_COMMAND_RETENTION_HOURS", default_value_t = DEFAULT_COMMAND_RETENTION_HOURS,

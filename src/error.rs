@@ -50,9 +50,10 @@ pub enum ApiError {
     /// 503: the server is shutting down and no longer accepts commands.
     #[error("the server is shutting down")]
     ShuttingDown,
-    /// 503: the server holds as many unapplied commands as it may (`--max-pending`).
-    #[error("{0}")]
-    Overloaded(String),
+    /// 503: the server holds as many unapplied commands as it may (`--max-pending`,
+    /// `--max-pending-bytes`).
+    #[error("{pending} accepted commands ({bytes} bytes of records) are waiting to be applied, as many as this server holds; nothing was stored, retry with the same Idempotency-Key")]
+    Overloaded { pending: usize, bytes: usize },
 }
 
 impl From<StoreError> for ApiError {
@@ -122,7 +123,7 @@ impl ApiError {
                 "shutting-down",
                 "Service unavailable",
             ),
-            Overloaded(_) => (
+            Overloaded { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
                 "Too many commands waiting to be applied",

@@ -53,7 +53,7 @@ use crate::error::ApiError;
 use crate::faults::Faults;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::store::{Intake, IntakeThread, Store, StoreError};
+use crate::store::{Intake, IntakeThread, PendingBound, Store, StoreError};
 
 /// How long a start waits for the data directory's lock (see [`Store::open_waiting`]).
 const STORE_LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -165,12 +165,10 @@ impl Running {
             metrics.clone(),
             redeliver_after,
         );
-        let consumer = consumer
-            .start(shutdown.clone())
-            .await
-            .context("starting the consumer")?;
         // The intake writer hands each batch's new commands on once they are durable,
-        // whether or not their requests are still there to be answered.
+        // whether or not their requests are still there to be answered. It starts
+        // first: nothing reaches it before the listener serves, and the consumer's
+        // thread, once started, stops only with the shutdown.
         let on_durable = {
             let metrics = metrics.clone();
             let consumer = consumer_handle.clone();
@@ -179,16 +177,20 @@ impl Running {
                 consumer.schedule_blocking(records);
             }
         };
+        let bound = PendingBound {
+            commands: config.max_pending,
+            bytes: config.max_pending_bytes,
+        };
         let (intake, intake_writer) =
-            match Intake::start(store.clone(), config.max_pending, Box::new(on_durable)) {
-                Ok(started) => started,
-                Err(err) => {
-                    // The consumer runs already: stop it before answering.
-                    shutdown.cancel();
-                    consumer.join().await;
-                    return Err(err).context("starting the intake log");
-                }
-            };
+            Intake::start(store.clone(), bound, Box::new(on_durable), shutdown.clone())
+                .context("starting the intake log")?;
+        let consumer = match consumer.start(shutdown.clone()).await {
+            Ok(consumer) => consumer,
+            Err(err) => {
+                intake.stop(intake_writer).await;
+                return Err(err).context("starting the consumer");
+            }
+        };
         let janitor = tokio::spawn(run_janitor(store.clone(), config.clone(), shutdown.clone()));
         let sync_watch = stop_on_sync_failure(&store, shutdown.clone());
         let state = AppState {
@@ -216,8 +218,8 @@ impl Running {
     ///
     /// # Errors
     /// When a sync of sled's files failed, also while the server stopped (it must not
-    /// end in a clean exit), or the consumer panicked; the failed sync first, as it is
-    /// what the operator must act on before the next start.
+    /// end in a clean exit), or the consumer or the intake writer panicked; the failed
+    /// sync first, as it is what the operator must act on before the next start.
     async fn drain(self) -> anyhow::Result<()> {
         let Self {
             state,
@@ -226,7 +228,7 @@ impl Running {
             janitor,
             sync_watch,
         } = self;
-        state.intake.stop(intake_writer).await;
+        let intake_ran = state.intake.stop(intake_writer).await;
         let consumer_ran = consumer.join().await;
         let _ = janitor.await;
         let _ = sync_watch.await;
@@ -238,6 +240,10 @@ impl Running {
         anyhow::ensure!(
             consumer_ran,
             "the consumer panicked, which stopped the server; accepted commands resume on the next start"
+        );
+        anyhow::ensure!(
+            intake_ran,
+            "the intake writer panicked, which stopped the server; the commands it answered 202 resume on the next start"
         );
         Ok(())
     }
@@ -357,15 +363,24 @@ mod tests {
         assert_eq!(before.status(), StatusCode::ACCEPTED);
 
         store.fail_sled_sync();
-        tokio::time::timeout(Duration::from_secs(10), shutdown.cancelled())
-            .await
-            .expect("the server stops by itself");
-        let after = router.oneshot(create("after")).await.expect("answered");
+        // From the failure on, not only once the shutdown has started: a handler that
+        // has not seen the shutdown yet answers 503 too.
+        let unaware = app(AppState {
+            shutdown: CancellationToken::new(),
+            ..running.state.clone()
+        });
+        let after = unaware.oneshot(create("after")).await.expect("answered");
         assert_eq!(after.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
             after.headers()[header::CONTENT_TYPE],
             "application/problem+json"
         );
+        assert!(store.pending_command("after").is_none(), "nothing stored");
+        tokio::time::timeout(Duration::from_secs(10), shutdown.cancelled())
+            .await
+            .expect("the server stops by itself");
+        let later = router.oneshot(create("later")).await.expect("answered");
+        assert_eq!(later.status(), StatusCode::SERVICE_UNAVAILABLE);
 
         let ended = tokio::time::timeout(Duration::from_secs(30), running.drain())
             .await

@@ -228,32 +228,30 @@ impl Metrics {
 
     /// New commands, durable and handed to the consumer.
     pub fn commands_accepted(&self, count: usize) {
-        let count = u64::try_from(count).unwrap_or(u64::MAX);
-        self.inner.accepted.inc_by(count);
+        self.inner
+            .accepted
+            .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
+    }
+
+    /// The commands accepted and not finished, as the store's pending table holds
+    /// them: set before each report, so the gauge cannot drift from it.
+    pub fn set_pending(&self, count: usize) {
         self.inner
             .pending
-            .inc_by(i64::try_from(count).unwrap_or(i64::MAX));
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     pub fn command_deduplicated(&self) {
         self.inner.deduplicated.inc();
     }
 
-    /// A new command not stored: the server held `--max-pending` unapplied ones.
+    /// A new command not stored: the server held as many unapplied ones as it may.
     pub fn command_refused(&self) {
         self.inner.refused.inc();
     }
 
-    /// Commands found unapplied at start: they are pending without a new accept.
-    pub fn commands_resumed(&self, count: usize) {
-        self.inner
-            .pending
-            .inc_by(i64::try_from(count).unwrap_or(i64::MAX));
-    }
-
     pub fn command_settled(&self, window_ms: u64) {
         self.inner.settled.inc();
-        self.inner.pending.dec();
         self.inner.window_seconds.observe(window_ms as f64 / 1000.0);
         let mut window = self
             .inner
@@ -265,7 +263,6 @@ impl Metrics {
 
     pub fn command_failed(&self, dead_lettered: bool) {
         self.inner.failed.inc();
-        self.inner.pending.dec();
         if dead_lettered {
             self.inner.dead_lettered.inc();
         }

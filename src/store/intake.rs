@@ -35,6 +35,11 @@
 //!   finished record, and only a key whose hash is there (a retry, or a collision:
 //!   about n in 2^64 for n finished keys) is looked up in sled. It costs a few tens of
 //!   bytes of memory per finished command within its retention.
+//! - The pending table is bounded ([`PendingBound`]): while it holds as many commands,
+//!   or as many bytes of their records, as the bound allows, the writer answers a new
+//!   key [`Accepted::Overloaded`] and stores nothing of it (a known key is answered as
+//!   always). Recovery is not bounded: every logged command is pending again, also
+//!   beyond a bound lowered since, and new keys wait until the backlog is below it.
 //! - On start, every segment is read back: a command that has no finished record in
 //!   sled is pending again, in acceptance order (and one whose key has another
 //!   command's record wins over it: see [`Store::recover_intake`]).
@@ -53,11 +58,13 @@ use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{Accepted, Inner, Store, StoreError};
@@ -86,6 +93,8 @@ const FRAME_HEADER: usize = 8;
 pub(super) struct PendingTable {
     by_key: HashMap<String, Pending>,
     key_by_id: HashMap<Uuid, String>,
+    /// The encoded size of every pending command's record, summed.
+    bytes: usize,
     /// Unfinished commands per segment; a closed segment at zero moves to
     /// `releasable`.
     unfinished: BTreeMap<u64, usize>,
@@ -105,15 +114,25 @@ pub(super) struct PendingTable {
 struct Pending {
     record: CommandRecord,
     segment: u64,
+    /// The record's encoded size in the log.
+    bytes: usize,
 }
 
 impl PendingTable {
-    fn insert(&mut self, record: CommandRecord, segment: u64) {
+    /// Enters a command whose record takes `bytes` in `segment`.
+    fn insert(&mut self, record: CommandRecord, segment: u64, bytes: usize) {
         *self.unfinished.entry(segment).or_default() += 1;
+        self.bytes += bytes;
         self.key_by_id
             .insert(record.command_id, record.idempotency_key.clone());
-        self.by_key
-            .insert(record.idempotency_key.clone(), Pending { record, segment });
+        self.by_key.insert(
+            record.idempotency_key.clone(),
+            Pending {
+                record,
+                segment,
+                bytes,
+            },
+        );
     }
 
     /// Removes a command that will not finish (its batch was refused).
@@ -138,6 +157,7 @@ impl PendingTable {
         }
         let pending = self.by_key.remove(key).expect("looked up above");
         self.key_by_id.remove(&command_id);
+        self.bytes -= pending.bytes;
         if let Some(left) = self.unfinished.get_mut(&pending.segment) {
             *left -= 1;
             if *left == 0 && pending.segment != self.active {
@@ -151,6 +171,13 @@ impl PendingTable {
     /// Commands accepted and not finished.
     pub(super) fn len(&self) -> usize {
         self.by_key.len()
+    }
+
+    /// Whether a new command would exceed `bound`: `Some` of what is pending if so.
+    fn over(&self, bound: PendingBound) -> Option<Accepted> {
+        let (pending, bytes) = (self.by_key.len(), self.bytes);
+        (pending >= bound.commands || bytes >= bound.bytes)
+            .then_some(Accepted::Overloaded { pending, bytes })
     }
 
     fn count_finished(&mut self, key: &[u8]) {
@@ -208,11 +235,12 @@ fn checksum(segment: u64, payload: &[u8]) -> u32 {
 }
 
 /// Appends one framed record of `segment` to `buffer`.
+/// Appends `record`'s frame to `buffer`; answers the frame's size.
 fn encode_frame(
     buffer: &mut Vec<u8>,
     segment: u64,
     record: &CommandRecord,
-) -> Result<(), StoreError> {
+) -> Result<usize, StoreError> {
     let start = buffer.len();
     buffer.extend_from_slice(&[0; FRAME_HEADER]);
     serde_json::to_writer(&mut *buffer, record)?;
@@ -221,7 +249,7 @@ fn encode_frame(
     let checksum = checksum(segment, payload);
     buffer[start..start + 4].copy_from_slice(&length.to_le_bytes());
     buffer[start + 4..start + FRAME_HEADER].copy_from_slice(&checksum.to_le_bytes());
-    Ok(())
+    Ok(buffer.len() - start)
 }
 
 /// The intact records of `segment`, in order, and the length they cover: the first
@@ -278,6 +306,7 @@ impl Store {
             // recycled file's stale records.
             let (payloads, _) = decode_frames(&bytes, segment);
             for payload in payloads {
+                let size = FRAME_HEADER + payload.len();
                 let record: CommandRecord = serde_json::from_slice(payload)?;
                 let finished = match trees.record(record.idempotency_key.as_bytes())? {
                     Some(stored) => {
@@ -294,7 +323,7 @@ impl Store {
                     None => false,
                 };
                 if !finished && !table.by_key.contains_key(&record.idempotency_key) {
-                    table.insert(record, segment);
+                    table.insert(record, segment, size);
                 }
             }
         }
@@ -347,6 +376,11 @@ impl Store {
         let table = self.pending_table();
         let key = table.key_by_id.get(&command_id)?;
         table.by_key.get(key).map(|pending| pending.record.clone())
+    }
+
+    /// How many accepted commands are not finished yet.
+    pub fn pending_count(&self) -> usize {
+        self.pending_table().len()
     }
 
     /// Every accepted command not yet applied, in acceptance order.
@@ -461,6 +495,22 @@ pub struct Intake {
 /// The writer thread; stop it with [`Intake::stop`].
 pub struct IntakeThread(thread::JoinHandle<()>);
 
+/// How much the pending table may hold before the writer refuses new keys
+/// ([`Accepted::Overloaded`]): commands, and bytes of their records in the log.
+#[derive(Clone, Copy, Debug)]
+pub struct PendingBound {
+    pub commands: usize,
+    pub bytes: usize,
+}
+
+impl PendingBound {
+    /// No bound (tests that are not about it).
+    pub const NONE: Self = Self {
+        commands: usize::MAX,
+        bytes: usize::MAX,
+    };
+}
+
 /// The thread that owns the intake log.
 struct IntakeWriter {
     store: Store,
@@ -471,24 +521,28 @@ struct IntakeWriter {
     /// Bytes of the active segment that are durable.
     written: u64,
     buffer: Vec<u8>,
-    /// New keys are refused while this many commands are pending.
-    max_pending: usize,
+    /// New keys are refused while the pending table is at this bound.
+    bound: PendingBound,
+    /// Whether the last new key was refused: a refusal is logged when it starts and
+    /// when it ends, not per request.
+    refusing: bool,
 }
 
 impl Intake {
     /// Opens the active log segment and starts the writer thread. `on_durable` sees
     /// the new commands of each batch once they are durable (the consumer schedules
-    /// them there, so a command whose client went away is not forgotten). While
-    /// `max_pending` commands are pending, a new key is answered
-    /// [`Accepted::Overloaded`] and nothing is stored; a known key is answered as
-    /// always.
+    /// them there, so a command whose client went away is not forgotten). While the
+    /// pending table is at `bound`, a new key is answered [`Accepted::Overloaded`] and
+    /// nothing is stored; a known key is answered as always. A panic of the writer
+    /// cancels `shutdown`: a server whose intake is gone can accept nothing.
     ///
     /// # Errors
     /// When the segment cannot be created.
     pub fn start(
         store: Store,
-        max_pending: usize,
+        bound: PendingBound,
         on_durable: OnDurable,
+        shutdown: CancellationToken,
     ) -> Result<(Self, IntakeThread), StoreError> {
         let segment = store.pending_table().active;
         let file = open_segment(&store, segment)?;
@@ -501,11 +555,18 @@ impl Intake {
             segment,
             written: 0,
             buffer: Vec::with_capacity(64 * 1024),
-            max_pending,
+            bound,
+            refusing: false,
         };
         let handle = thread::Builder::new()
             .name("settle-intake".to_owned())
-            .spawn(move || writer.run())?;
+            .spawn(move || {
+                if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| writer.run())) {
+                    tracing::error!("the intake writer panicked; stopping the server");
+                    shutdown.cancel();
+                    std::panic::resume_unwind(panic);
+                }
+            })?;
         Ok((Self { sender }, IntakeThread(handle)))
     }
 
@@ -526,10 +587,11 @@ impl Intake {
 
     /// Lets the writer finish every request sent before, then waits for its thread.
     /// Call once no handler can call [`Intake::accept`] any more (after the HTTP server
-    /// has drained), so that no accepted request is left without an answer.
-    pub async fn stop(&self, thread: IntakeThread) {
+    /// has drained), so that no accepted request is left without an answer. `false`
+    /// when the writer panicked.
+    pub async fn stop(&self, thread: IntakeThread) -> bool {
         let _ = self.sender.send(Request::Stop).await;
-        crate::join_thread(thread.0, "intake writer").await;
+        crate::join_thread(thread.0, "intake writer").await
     }
 }
 
@@ -647,15 +709,23 @@ impl IntakeWriter {
                 Accepted::KeyReused(existing)
             });
         }
-        let pending = self.store.pending_table().len();
-        if pending >= self.max_pending {
-            return Ok(Accepted::Overloaded { pending });
+        let over = self.store.pending_table().over(self.bound);
+        if let Some(overloaded) = over {
+            if !self.refusing {
+                self.refusing = true;
+                tracing::warn!(?overloaded, bound = ?self.bound, "the pending table is full: new commands are answered 503 until the backlog applies");
+            }
+            return Ok(overloaded);
+        }
+        if self.refusing {
+            self.refusing = false;
+            tracing::info!("the pending table has room again: new commands are accepted");
         }
         record.seq = self.store.next_seq()?;
-        encode_frame(&mut self.buffer, self.segment, &record)?;
+        let bytes = encode_frame(&mut self.buffer, self.segment, &record)?;
         self.store
             .pending_table()
-            .insert(record.clone(), self.segment);
+            .insert(record.clone(), self.segment, bytes);
         Ok(Accepted::New(record))
     }
 
@@ -791,9 +861,9 @@ mod tests {
             ..PendingTable::default()
         };
         let (a, b, c) = (record("a"), record("b"), record("c"));
-        table.insert(a.clone(), 1);
-        table.insert(b.clone(), 1);
-        table.insert(c.clone(), 2);
+        table.insert(a.clone(), 1, 0);
+        table.insert(b.clone(), 1, 0);
+        table.insert(c.clone(), 2, 0);
         table.remove("a", b.command_id);
         assert!(table.by_key.contains_key("a"), "another command's id");
         table.remove("a", a.command_id);
@@ -811,7 +881,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = Store::open(dir.path()).expect("a store");
         let earlier = record("earlier");
-        store.pending_table().insert(earlier.clone(), 1);
+        store.pending_table().insert(earlier.clone(), 1, 0);
         let durable = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = Arc::clone(&durable);
         // A write to a pipe at an offset fails (ESPIPE): a stand-in for a failed write.
@@ -829,7 +899,8 @@ mod tests {
             segment: 1,
             written: 0,
             buffer: Vec::new(),
-            max_pending: usize::MAX,
+            bound: PendingBound::NONE,
+            refusing: false,
         };
         let mut reused = record("new");
         reused.fingerprint = "another request".to_owned();
@@ -878,8 +949,8 @@ mod tests {
         {
             let mut table = store.pending_table();
             table.active = 3;
-            table.insert(a.clone(), 1);
-            table.insert(b.clone(), 2);
+            table.insert(a.clone(), 1, 0);
+            table.insert(b.clone(), 2, 0);
         }
         for segment in [1, 2] {
             fs::write(segment_path(&intake_dir, segment), b"").expect("a segment");
@@ -997,10 +1068,11 @@ mod tests {
             segment: active,
             written: 0,
             buffer: Vec::new(),
-            max_pending: usize::MAX,
+            bound: PendingBound::NONE,
+            refusing: false,
         };
         let (a, b) = (record("a"), record("b"));
-        store.pending_table().insert(a.clone(), active);
+        store.pending_table().insert(a.clone(), active, 0);
         store.finish("a", a.command_id);
         assert!(
             store.pending_table().releasable.is_empty(),
@@ -1009,7 +1081,7 @@ mod tests {
 
         writer.rotate().expect("rotated");
         assert_eq!(store.pending_table().releasable, [active]);
-        store.pending_table().insert(b.clone(), active + 1);
+        store.pending_table().insert(b.clone(), active + 1, 0);
         writer.rotate().expect("rotated");
         assert_eq!(
             store.pending_table().releasable,
@@ -1020,24 +1092,38 @@ mod tests {
         assert_eq!(store.pending_table().releasable, [active, active + 1]);
     }
 
+    /// A writer with `bound`, and the keys it hands on as durable.
+    fn bounded(
+        store: &Store,
+        bound: PendingBound,
+    ) -> (Intake, IntakeThread, Arc<std::sync::Mutex<Vec<String>>>) {
+        let durable = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&durable);
+        let (intake, thread) = Intake::start(
+            store.clone(),
+            bound,
+            Box::new(move |records: &[CommandRecord]| {
+                seen.lock()
+                    .unwrap()
+                    .extend(records.iter().map(|r| r.idempotency_key.clone()));
+            }),
+            CancellationToken::new(),
+        )
+        .expect("a writer");
+        (intake, thread, durable)
+    }
+
     /// At its bound the intake refuses a new key and stores nothing of it, answers a
     /// known key as always, and takes new keys again once a pending command finishes.
     #[tokio::test]
     async fn at_max_pending_a_new_key_is_refused_and_stores_nothing() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = Store::open(dir.path()).expect("a store");
-        let durable = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let seen = Arc::clone(&durable);
-        let (intake, thread) = Intake::start(
-            store.clone(),
-            2,
-            Box::new(move |records: &[CommandRecord]| {
-                seen.lock()
-                    .unwrap()
-                    .extend(records.iter().map(|r| r.idempotency_key.clone()));
-            }),
-        )
-        .expect("a writer");
+        let bound = PendingBound {
+            commands: 2,
+            bytes: usize::MAX,
+        };
+        let (intake, thread, durable) = bounded(&store, bound);
         let accept = |key: &str| intake.accept(record(key));
 
         let a = match accept("a").await.expect("answered") {
@@ -1045,10 +1131,11 @@ mod tests {
             other => panic!("a is new: {other:?}"),
         };
         assert!(matches!(accept("b").await, Ok(Accepted::New(_))));
-        assert!(matches!(
-            accept("c").await,
-            Ok(Accepted::Overloaded { pending: 2 })
-        ));
+        let refused = accept("c").await;
+        assert!(
+            matches!(refused, Ok(Accepted::Overloaded { pending: 2, bytes }) if bytes > 0),
+            "{refused:?}"
+        );
         assert!(store.pending_command("c").is_none(), "c is not pending");
         assert!(
             matches!(accept("a").await, Ok(Accepted::Replay(r)) if r.command_id == a.command_id),
@@ -1060,7 +1147,89 @@ mod tests {
             matches!(accept("c").await, Ok(Accepted::New(_))),
             "room again once a command finished"
         );
-        intake.stop(thread).await;
+        assert!(intake.stop(thread).await);
         assert_eq!(*durable.lock().unwrap(), ["a", "b", "c"]);
+
+        // The log holds c once: the refusal wrote nothing. (a comes back too: it was
+        // finished in memory only, never applied.)
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopened");
+        let keys: Vec<_> = store
+            .unapplied()
+            .into_iter()
+            .map(|r| r.idempotency_key)
+            .collect();
+        assert_eq!(keys, ["a", "b", "c"]);
+    }
+
+    /// The bound on bytes: records count at their size in the log, and a new key is
+    /// refused once they reach it, whatever their number; a finished one frees its size.
+    #[tokio::test]
+    async fn at_max_pending_bytes_a_new_key_is_refused() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let bound = PendingBound {
+            commands: usize::MAX,
+            bytes: 1,
+        };
+        let (intake, thread, _) = bounded(&store, bound);
+        let a = match intake.accept(record("a")).await {
+            Ok(Accepted::New(a)) => a,
+            other => panic!("below the bound: {other:?}"),
+        };
+        let size = store.pending_table().bytes;
+        let mut frame = Vec::new();
+        let encoded = encode_frame(&mut frame, 1, &a).expect("encodable");
+        assert_eq!(size, encoded, "a record counts at its frame's size");
+        let refused = intake.accept(record("b")).await;
+        assert!(
+            matches!(refused, Ok(Accepted::Overloaded { pending: 1, bytes }) if bytes == size),
+            "{refused:?}"
+        );
+        store.finish("a", a.command_id);
+        assert_eq!(store.pending_table().bytes, 0);
+        assert!(matches!(
+            intake.accept(record("b")).await,
+            Ok(Accepted::New(_))
+        ));
+        assert!(intake.stop(thread).await);
+    }
+
+    /// A writer that panics stops the server: it cancels the shutdown, the accept that
+    /// met it fails instead of waiting forever, and `stop` reports it.
+    #[tokio::test]
+    async fn a_panic_of_the_writer_starts_the_shutdown_and_stop_reports_it() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let shutdown = CancellationToken::new();
+        let (intake, thread) = Intake::start(
+            store.clone(),
+            PendingBound::NONE,
+            Box::new(|_: &[CommandRecord]| {}),
+            shutdown.clone(),
+        )
+        .expect("a writer");
+        store.poison_pending_table();
+        assert!(matches!(
+            intake.accept(record("a")).await,
+            Err(IntakeError::Stopped)
+        ));
+        tokio::time::timeout(Duration::from_secs(10), shutdown.cancelled())
+            .await
+            .expect("the writer starts the shutdown");
+        assert!(!intake.stop(thread).await, "stop reports the panic");
+    }
+
+    impl Store {
+        /// Poisons the pending table's lock, as a panic while holding it would: the writer
+        /// panics at its next look at the table.
+        fn poison_pending_table(&self) {
+            let store = self.clone();
+            let poisoner = std::thread::spawn(move || {
+                let _held = store.inner.pending.lock();
+                panic!("poisoning the pending table's lock (a test)");
+            });
+            assert!(poisoner.join().is_err());
+        }
     }
 }

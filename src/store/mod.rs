@@ -53,7 +53,8 @@ mod retention;
 mod sync_failure;
 
 pub use intake::{
-    Intake, IntakeError, IntakeThread, OnDurable, INTAKE_BATCH_MAX, INTAKE_CAPACITY, SEGMENT_BYTES,
+    Intake, IntakeError, IntakeThread, OnDurable, PendingBound, INTAKE_BATCH_MAX, INTAKE_CAPACITY,
+    SEGMENT_BYTES,
 };
 
 use std::fs::File;
@@ -135,9 +136,10 @@ pub enum Accepted {
     Replay(CommandRecord),
     /// The key was used for a different request.
     KeyReused(CommandRecord),
-    /// The key was new, but `pending` commands (the intake's bound) wait to be
-    /// applied: nothing was stored, the client should try again later.
-    Overloaded { pending: usize },
+    /// The key was new, but the commands waiting to be applied (`pending` of them,
+    /// `bytes` of records) are at the intake's bound: nothing was stored, the client
+    /// should try again later.
+    Overloaded { pending: usize, bytes: usize },
 }
 
 /// How the consumer decided a due command should end.
@@ -880,11 +882,12 @@ mod tests {
         let handed_on = durable.clone();
         let (intake, thread) = Intake::start(
             store.clone(),
-            usize::MAX,
+            PendingBound::NONE,
             Box::new(move |records| {
                 let ids = records.iter().map(|record| record.command_id);
                 handed_on.lock().unwrap().extend(ids);
             }),
+            CancellationToken::new(),
         )
         .expect("an intake writer");
         let answers =
@@ -1032,8 +1035,13 @@ mod tests {
         // The reopen starts a new active segment beside the old one, which still holds
         // an unfinished command.
         let store = reopen(dir.path());
-        let (intake, thread) =
-            Intake::start(store.clone(), usize::MAX, Box::new(|_| {})).expect("a writer");
+        let (intake, thread) = Intake::start(
+            store.clone(),
+            PendingBound::NONE,
+            Box::new(|_| {}),
+            CancellationToken::new(),
+        )
+        .expect("a writer");
         assert_eq!(files(".log").len(), 2);
         store
             .apply_batch(&[(&record, &Decision::Apply)], OffsetDateTime::now_utc())
@@ -1061,8 +1069,13 @@ mod tests {
         let store = reopen(dir.path());
         assert!(store.unapplied().is_empty());
         assert_eq!((files(".log").len(), files(".spare").len()), (0, 2));
-        let (intake, thread) =
-            Intake::start(store.clone(), usize::MAX, Box::new(|_| {})).expect("a writer");
+        let (intake, thread) = Intake::start(
+            store.clone(),
+            PendingBound::NONE,
+            Box::new(|_| {}),
+            CancellationToken::new(),
+        )
+        .expect("a writer");
         assert_eq!((files(".log").len(), files(".spare").len()), (1, 1));
         intake.stop(thread).await;
         drop(store);

@@ -212,22 +212,33 @@ async fn a_key_reused_for_another_request_is_refused() {
 }
 
 /// A node holds at most `--max-pending` unapplied commands. Beyond it a new command is
-/// answered 503 with Retry-After and stored nowhere, while a retry of an accepted key
-/// still gets its 202; once the backlog has applied, the refused key is accepted as new.
+/// answered 503 with Retry-After and stored nowhere, while a retry of a known key
+/// (pending, or finished and in sled) still gets its 202; once the backlog has applied,
+/// the refused key is accepted as new. Lost deliveries hold the backlog, not a clock.
 #[tokio::test]
 async fn beyond_max_pending_a_new_command_is_refused_until_the_backlog_applies() {
     let app = spawn_app_with(|config| {
-        config.delay_ms = 3000;
+        config.delay_ms = 50;
+        config.drop_rate = 1.0;
+        config.redeliver_after_ms = 300;
         config.max_pending = 2;
     })
     .await;
     let mut events = app.events(None).await;
+    let served = &app;
+    let create = |key: &'static str| async move {
+        let response = served.create_task(key, json!({ "title": key })).await;
+        let status = response.status();
+        let replayed = response.headers().get("idempotent-replayed").cloned();
+        let retry_after = response.headers().get("retry-after").cloned();
+        (status, replayed, retry_after, response)
+    };
     let first = app
         .accepted(
             Method::POST,
             "/api/tasks",
             "first",
-            json!({ "title": "one" }),
+            json!({ "title": "first" }),
         )
         .await;
     let second = app
@@ -235,17 +246,18 @@ async fn beyond_max_pending_a_new_command_is_refused_until_the_backlog_applies()
             Method::POST,
             "/api/tasks",
             "second",
-            json!({ "title": "two" }),
+            json!({ "title": "second" }),
         )
         .await;
 
-    let refused = app.create_task("third", json!({ "title": "three" })).await;
-    assert_eq!(refused.headers()["retry-after"], "1");
+    let (status, _, retry_after, refused) = create("third").await;
+    assert_eq!(status, 503, "beyond the bound");
+    assert_eq!(retry_after.as_ref().map(|v| v.to_str().unwrap()), Some("1"));
     let problem = crate::helpers::assert_problem(refused, 503, "beyond max pending").await;
     assert_eq!(problem["type"], "/problems/overloaded");
-    let replay = app.create_task("first", json!({ "title": "one" })).await;
-    assert_eq!(replay.status(), 202, "a known key is answered as always");
-    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let (status, replayed, _, _) = create("first").await;
+    assert_eq!(status, 202, "a pending key is answered as always");
+    assert_eq!(replayed.as_ref().map(|v| v.to_str().unwrap()), Some("true"));
     let (_, metrics) = app.get_json("/api/metrics").await;
     assert_eq!(
         (
@@ -255,20 +267,47 @@ async fn beyond_max_pending_a_new_command_is_refused_until_the_backlog_applies()
         ),
         (&json!(2), &json!(1), &json!(2))
     );
+    let text = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.lines().any(|l| l == "settle_commands_refused_total 1"),
+        "{text}"
+    );
 
+    app.put_faults(json!({ "drop_rate": 0.0 })).await;
     for accepted in [&first, &second] {
         let (event, _) = events.until_command(accepted.command_id).await;
         assert_eq!(event.name, "projection:settled");
     }
-    let retried = app.create_task("third", json!({ "title": "three" })).await;
-    assert_eq!(retried.status(), 202, "room again once the backlog applied");
+    app.put_faults(json!({ "drop_rate": 1.0 })).await;
+    let (status, replayed, _, third) = create("third").await;
+    assert_eq!(status, 202, "room again once the backlog applied");
     assert!(
-        retried.headers().get("idempotent-replayed").is_none(),
+        replayed.is_none(),
         "the refusal stored nothing: this is the key's first command"
     );
-    let third: crate::helpers::Accepted = retried.json().await.expect("a 202 body");
+    let third: crate::helpers::Accepted = third.json().await.expect("a 202 body");
+    let (status, _, _, _) = create("fourth").await;
+    assert_eq!(status, 202);
+    let (status, replayed, _, _) = create("first").await;
+    assert_eq!(
+        status, 202,
+        "at the bound, a finished key is answered from sled"
+    );
+    assert_eq!(replayed.as_ref().map(|v| v.to_str().unwrap()), Some("true"));
+    let (status, _, _, _) = create("fifth").await;
+    assert_eq!(status, 503);
+
+    app.put_faults(json!({ "drop_rate": 0.0 })).await;
     let (event, _) = events.until_command(third.command_id).await;
-    assert_eq!(event.data["task"]["title"], "three");
+    assert_eq!(event.data["task"]["title"], "third");
     app.stop().await;
 }
 
