@@ -7,6 +7,8 @@
 const SEND_ATTEMPTS = 4;
 /** First backoff between attempts; doubles each time. */
 const SEND_BACKOFF_MS = 250;
+/** Longest wait a server's Retry-After may ask for between two attempts. */
+const RETRY_AFTER_MAX_MS = 10_000;
 
 const defaultSleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -18,6 +20,19 @@ async function problemDetail(response) {
   } catch {
     return response.statusText || `HTTP ${response.status}`;
   }
+}
+
+/**
+ * How long a response asks the client to wait before it tries again (`Retry-After`, in
+ * seconds or as an HTTP date), capped; 0 without one.
+ * @param {Response} response
+ */
+function retryAfterMs(response, now = Date.now()) {
+  const value = response.headers.get('Retry-After');
+  if (!value) return 0;
+  const seconds = Number(value);
+  const ms = Number.isFinite(seconds) ? seconds * 1000 : Date.parse(value) - now;
+  return Number.isFinite(ms) ? Math.min(Math.max(ms, 0), RETRY_AFTER_MAX_MS) : 0;
 }
 
 /**
@@ -41,7 +56,8 @@ export function createTransport({
    * Send one command under its idempotency key. Network errors, 5xx and 409 (the same key
    * is being accepted right now) are retried with backoff under the SAME key: the server
    * answers a replay with the stored 202, so the user's intent has one effect whatever
-   * happens to the packets.
+   * happens to the packets. A `Retry-After` (an overloaded server's 503) lengthens the
+   * wait before the next attempt to what it asks, up to 10 s.
    * @param {{method: string, path: string, body: object | null}} request
    * @param {string} key
    * @returns {Promise<{outcome: 'accepted', command_id: string, accepted_at: string, replayed: boolean}
@@ -53,8 +69,10 @@ export function createTransport({
     if (body) headers['Content-Type'] = 'application/json';
     const payload = body ? JSON.stringify(body) : undefined;
     let lastProblem = 'no answer';
+    let askedWaitMs = 0;
     for (let attempt = 0; attempt < attempts; attempt += 1) {
-      if (attempt > 0) await sleep(SEND_BACKOFF_MS * 2 ** (attempt - 1));
+      if (attempt > 0) await sleep(Math.max(SEND_BACKOFF_MS * 2 ** (attempt - 1), askedWaitMs));
+      askedWaitMs = 0;
       let response;
       try {
         response = await fetchImpl(baseUrl + path, { method, headers, body: payload });
@@ -72,6 +90,7 @@ export function createTransport({
         };
       }
       if (response.status === 409 || response.status >= 500) {
+        askedWaitMs = retryAfterMs(response);
         lastProblem = `${response.status}: ${await problemDetail(response)}`;
         continue;
       }

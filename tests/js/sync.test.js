@@ -220,6 +220,19 @@ describe('the transport', () => {
     assert.equal(new Set(requests.map((sent) => sent.body)).size, 1, 'the very same body every time');
   });
 
+  test("a 503's Retry-After lengthens the wait before the next attempt, within a cap", async () => {
+    const { fetch } = fakeFetch([
+      { status: 503, body: { detail: 'overloaded' }, headers: { 'Retry-After': '2' } },
+      { status: 503, body: {} },
+      { status: 503, body: {}, headers: { 'Retry-After': '3600' } },
+      accepted,
+    ]);
+    const waits = [];
+    const result = await createTransport({ fetch, sleep: async (ms) => { waits.push(ms); } }).sendCommand(request, 'k');
+    assert.equal(result.outcome, 'accepted');
+    assert.deepEqual(waits, [2000, 500, 10_000], 'asked 2 s; the backoff without one; an hour capped at 10 s');
+  });
+
   test('a 4xx is a rejection carrying the problem detail', async () => {
     const { fetch } = fakeFetch([{ status: 422, body: { type: 'invalid', title: 'Invalid', status: 422, detail: 'title too long' } }]);
     const result = await createTransport({ fetch, sleep: async () => {} }).sendCommand(request, 'k');
