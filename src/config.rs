@@ -18,13 +18,14 @@ pub const DEFAULT_EVENT_RETENTION: u64 = 100_000;
 pub const DEFAULT_COMMAND_RETENTION_HOURS: u64 = 24;
 /// How many accepted, unapplied commands a node holds before it refuses new ones (503).
 /// A small command (a title, no notes) takes about 1.3 KiB of memory while it waits
-/// (BENCHMARKS.md): about 0.6 GiB at this bound, several times the largest burst the
-/// accept benchmark leaves behind.
+/// (BENCHMARKS.md): about 0.6 GiB at this bound. The accept benchmark's 10 s burst
+/// leaves 49000-65000 waiting as the server runs (180091 with nothing applying).
 pub const DEFAULT_MAX_PENDING: usize = 500_000;
 /// How many bytes of records (as the intake log stores them) the unapplied commands may
 /// take before new ones are refused: the bound on memory for large commands (notes of
 /// up to 10000 characters), as [`DEFAULT_MAX_PENDING`] is for small ones. A pending
-/// command takes about its record's size in memory on top of the 1.3 KiB.
+/// command takes about its record's size in memory on top of the 1.3 KiB, so both
+/// bounds together hold it to about 1.1 GiB.
 pub const DEFAULT_MAX_PENDING_BYTES: usize = 512 * 1024 * 1024;
 /// Upper bound of the live fault knobs' delays.
 pub const MAX_DELAY_MS: u64 = 60_000;

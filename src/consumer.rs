@@ -241,11 +241,7 @@ impl Consumer {
                     let _ = resumed.send(Ok(()));
                     self.run(shutdown).await;
                 };
-                if let Err(panic) = runtime.block_on(AssertUnwindSafe(consume).catch_unwind()) {
-                    tracing::error!("the consumer panicked; stopping the server");
-                    stop.cancel();
-                    std::panic::resume_unwind(panic);
-                }
+                crate::stopping_on_panic("consumer", &stop, || runtime.block_on(consume));
             })?;
         match started.await {
             Ok(Ok(())) => Ok(ConsumerThread(thread)),

@@ -99,7 +99,8 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
 /// # Errors
 /// When the store cannot be opened, the consumer or the intake log cannot start, or
 /// the listener has no local address; after the drain, when a sync of sled's files
-/// failed or the consumer panicked (both also start the shutdown).
+/// failed, or the intake writer or the consumer panicked (each also starts the
+/// shutdown).
 pub async fn serve(
     listener: TcpListener,
     config: Config,
@@ -218,8 +219,10 @@ impl Running {
     ///
     /// # Errors
     /// When a sync of sled's files failed, also while the server stopped (it must not
-    /// end in a clean exit), or the consumer or the intake writer panicked; the failed
-    /// sync first, as it is what the operator must act on before the next start.
+    /// end in a clean exit), or the intake writer or the consumer panicked: the failed
+    /// sync first, as it is what the operator must act on before the next start, then
+    /// the writer (a panic holding the pending table's lock poisons it for the
+    /// consumer, whose panic would follow from it).
     async fn drain(self) -> anyhow::Result<()> {
         let Self {
             state,
@@ -238,12 +241,12 @@ impl Running {
             "a sync of sled's files failed, which stopped the server; reboot the machine before the next start (see the data directory's intake/sync-failed)"
         );
         anyhow::ensure!(
-            consumer_ran,
-            "the consumer panicked, which stopped the server; accepted commands resume on the next start"
+            intake_ran,
+            "the intake writer panicked, which stopped the server; every command it made durable (answered 202 or not) applies on the next start"
         );
         anyhow::ensure!(
-            intake_ran,
-            "the intake writer panicked, which stopped the server; the commands it answered 202 resume on the next start"
+            consumer_ran,
+            "the consumer panicked, which stopped the server; accepted commands resume on the next start"
         );
         Ok(())
     }
@@ -286,6 +289,17 @@ async fn run_janitor(store: Store, config: Config, shutdown: CancellationToken) 
             Ok((events, commands)) => tracing::info!(events, commands, "compacted"),
             Err(err) => tracing::error!(error = %err, "compaction failed"),
         }
+    }
+}
+
+/// Runs the body of one of the server's threads; a panic in it stops the server
+/// (cancels `shutdown`, logged with the thread's `name`) and is passed on to whoever
+/// joins the thread, so the drain reports it.
+pub(crate) fn stopping_on_panic(name: &str, shutdown: &CancellationToken, body: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        tracing::error!("the {name} panicked; stopping the server");
+        shutdown.cancel();
+        std::panic::resume_unwind(panic);
     }
 }
 

@@ -76,7 +76,8 @@ pub struct MetricsReport {
     pub settled: u64,
     pub failed: u64,
     pub deduplicated: u64,
-    /// New commands answered 503 because `--max-pending` commands were waiting.
+    /// New commands answered 503 because the commands waiting to be applied were at
+    /// `--max-pending` or `--max-pending-bytes`.
     pub refused: u64,
     pub dead_lettered: u64,
     pub pending: i64,
@@ -156,7 +157,7 @@ impl Metrics {
         );
         registry.register(
             "commands_refused",
-            "New commands answered 503 because --max-pending commands were waiting to be applied",
+            "New commands answered 503 because the commands waiting to be applied were at --max-pending or --max-pending-bytes",
             refused.clone(),
         );
         registry.register(

@@ -444,7 +444,7 @@ async function pollMetrics() {
       : 'no settled command yet');
     setText($('server-counts'), `accepted ${metrics.accepted}, settled ${metrics.settled}, failed ${metrics.failed}, `
       + `deduplicated ${metrics.deduplicated}, pending ${metrics.pending}`
-      + (metrics.refused ? `, refused ${metrics.refused} (over --max-pending)` : ''));
+      + (metrics.refused ? `, refused ${metrics.refused} (the server's backlog was full)` : ''));
     renderChart(core.getSnapshot().window_samples);
   } catch (error) {
     setText($('server-figures'), `unavailable (${error.message})`);

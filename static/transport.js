@@ -7,8 +7,12 @@
 const SEND_ATTEMPTS = 4;
 /** First backoff between attempts; doubles each time. */
 const SEND_BACKOFF_MS = 250;
-/** Longest wait a server's Retry-After may ask for between two attempts. */
-const RETRY_AFTER_MAX_MS = 10_000;
+/**
+ * Longest wait a server's Retry-After may stretch one pause between attempts to: the
+ * attempts together stay within the app's stuck timeout (5 s), so an op is not marked
+ * stuck (and retried by the user) while its first send still sleeps.
+ */
+const RETRY_AFTER_MAX_MS = 1_500;
 
 const defaultSleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -24,7 +28,7 @@ async function problemDetail(response) {
 
 /**
  * How long a response asks the client to wait before it tries again (`Retry-After`, in
- * seconds or as an HTTP date), capped; 0 without one.
+ * seconds or as an HTTP date), capped; 0 without one or with one it cannot read.
  * @param {Response} response
  */
 function retryAfterMs(response, now = Date.now()) {
@@ -56,8 +60,9 @@ export function createTransport({
    * Send one command under its idempotency key. Network errors, 5xx and 409 (the same key
    * is being accepted right now) are retried with backoff under the SAME key: the server
    * answers a replay with the stored 202, so the user's intent has one effect whatever
-   * happens to the packets. A `Retry-After` (an overloaded server's 503) lengthens the
-   * wait before the next attempt to what it asks, up to 10 s.
+   * happens to the packets. A retried answer's `Retry-After` (the server sends one with
+   * every 503: overloaded, shutting down) lengthens the pause before the next attempt to
+   * what it asks, up to 1.5 s.
    * @param {{method: string, path: string, body: object | null}} request
    * @param {string} key
    * @returns {Promise<{outcome: 'accepted', command_id: string, accepted_at: string, replayed: boolean}

@@ -58,7 +58,6 @@ use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -234,8 +233,7 @@ fn checksum(segment: u64, payload: &[u8]) -> u32 {
     hasher.finalize()
 }
 
-/// Appends one framed record of `segment` to `buffer`.
-/// Appends `record`'s frame to `buffer`; answers the frame's size.
+/// Appends one framed record of `segment` to `buffer`; answers the frame's size.
 fn encode_frame(
     buffer: &mut Vec<u8>,
     segment: u64,
@@ -560,13 +558,7 @@ impl Intake {
         };
         let handle = thread::Builder::new()
             .name("settle-intake".to_owned())
-            .spawn(move || {
-                if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| writer.run())) {
-                    tracing::error!("the intake writer panicked; stopping the server");
-                    shutdown.cancel();
-                    std::panic::resume_unwind(panic);
-                }
-            })?;
+            .spawn(move || crate::stopping_on_panic("intake writer", &shutdown, || writer.run()))?;
         Ok((Self { sender }, IntakeThread(handle)))
     }
 
@@ -881,7 +873,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = Store::open(dir.path()).expect("a store");
         let earlier = record("earlier");
-        store.pending_table().insert(earlier.clone(), 1, 0);
+        store.pending_table().insert(earlier.clone(), 1, 100);
         let durable = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = Arc::clone(&durable);
         // A write to a pipe at an offset fails (ESPIPE): a stand-in for a failed write.
@@ -938,6 +930,11 @@ mod tests {
             "nothing refused is scheduled"
         );
         assert_eq!(writer.written, 0);
+        assert_eq!(
+            store.pending_table().bytes,
+            100,
+            "the refused command's size is taken off again"
+        );
     }
 
     /// A store whose segments 1 and 2 hold one pending command each ("a", "b"), with 3
@@ -1150,16 +1147,29 @@ mod tests {
         assert!(intake.stop(thread).await);
         assert_eq!(*durable.lock().unwrap(), ["a", "b", "c"]);
 
-        // The log holds c once: the refusal wrote nothing. (a comes back too: it was
-        // finished in memory only, never applied.)
+        // The log holds three records: the refusal and the replay wrote nothing.
+        let intake_dir = store.inner.intake_dir.clone();
+        let mut logged = Vec::new();
+        for segment in list_files(&intake_dir, SEGMENT_SUFFIX).expect("listed") {
+            let bytes = fs::read(segment_path(&intake_dir, segment)).expect("readable");
+            for payload in decode_frames(&bytes, segment).0 {
+                let record: CommandRecord = serde_json::from_slice(payload).expect("a record");
+                logged.push(record.idempotency_key);
+            }
+        }
+        assert_eq!(logged, ["a", "b", "c"]);
+
+        // After a restart all three are pending (a was finished in memory only, never
+        // applied), counted at their records' sizes as the writer counted them.
         drop(store);
         let store = Store::open(dir.path()).expect("reopened");
-        let keys: Vec<_> = store
-            .unapplied()
-            .into_iter()
-            .map(|r| r.idempotency_key)
-            .collect();
-        assert_eq!(keys, ["a", "b", "c"]);
+        let unapplied = store.unapplied();
+        let sizes: usize = unapplied
+            .iter()
+            .map(|record| encode_frame(&mut Vec::new(), 1, record).expect("encodable"))
+            .sum();
+        assert_eq!(unapplied.len(), 3);
+        assert_eq!(store.pending_table().bytes, sizes);
     }
 
     /// The bound on bytes: records count at their size in the log, and a new key is

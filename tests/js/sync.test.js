@@ -220,17 +220,21 @@ describe('the transport', () => {
     assert.equal(new Set(requests.map((sent) => sent.body)).size, 1, 'the very same body every time');
   });
 
-  test("a 503's Retry-After lengthens the wait before the next attempt, within a cap", async () => {
-    const { fetch } = fakeFetch([
-      { status: 503, body: { detail: 'overloaded' }, headers: { 'Retry-After': '2' } },
-      { status: 503, body: {} },
-      { status: 503, body: {}, headers: { 'Retry-After': '3600' } },
-      accepted,
-    ]);
-    const waits = [];
-    const result = await createTransport({ fetch, sleep: async (ms) => { waits.push(ms); } }).sendCommand(request, 'k');
-    assert.equal(result.outcome, 'accepted');
-    assert.deepEqual(waits, [2000, 500, 10_000], 'asked 2 s; the backoff without one; an hour capped at 10 s');
+  test("a 503's Retry-After lengthens the pause before the next attempt, within a cap", async () => {
+    const waitsFor = async (...answers) => {
+      const { fetch } = fakeFetch([...answers, accepted]);
+      const waits = [];
+      const result = await createTransport({ fetch, sleep: async (ms) => { waits.push(ms); } }).sendCommand(request, 'k');
+      assert.equal(result.outcome, 'accepted');
+      return waits;
+    };
+    const busy = (retryAfter) => ({ status: 503, body: { detail: 'overloaded' }, headers: retryAfter ? { 'Retry-After': retryAfter } : {} });
+    assert.deepEqual(await waitsFor(busy('1'), busy(null), busy('1')), [1000, 500, 1000], 'asked 1 s; the backoff without it');
+    assert.deepEqual(await waitsFor(busy('3600')), [1500], 'an hour is capped');
+    const inAMinute = new Date(Date.now() + 60_000).toUTCString();
+    assert.deepEqual(await waitsFor(busy(inAMinute)), [1500], 'a date to come is capped');
+    const past = new Date(Date.now() - 60_000).toUTCString();
+    assert.deepEqual(await waitsFor(busy(past), busy('soon'), busy('-5')), [250, 500, 1000], 'a date gone, garbage, a negative: the backoff');
   });
 
   test('a 4xx is a rejection carrying the problem detail', async () => {
