@@ -901,6 +901,17 @@ mod tests {
         (answers, durable)
     }
 
+    /// An intake writer with no bound, whose durable batches go nowhere.
+    fn idle_writer(store: &Store) -> (Intake, IntakeThread) {
+        Intake::start(
+            store.clone(),
+            PendingBound::NONE,
+            Box::new(|_| {}),
+            CancellationToken::new(),
+        )
+        .expect("a writer")
+    }
+
     /// Opens the store in `dir` again, once sled's threads have let go of it.
     fn reopen(dir: &std::path::Path) -> Store {
         Store::open_waiting(dir, Duration::from_secs(10), &CancellationToken::new())
@@ -1035,13 +1046,7 @@ mod tests {
         // The reopen starts a new active segment beside the old one, which still holds
         // an unfinished command.
         let store = reopen(dir.path());
-        let (intake, thread) = Intake::start(
-            store.clone(),
-            PendingBound::NONE,
-            Box::new(|_| {}),
-            CancellationToken::new(),
-        )
-        .expect("a writer");
+        let (intake, thread) = idle_writer(&store);
         assert_eq!(files(".log").len(), 2);
         store
             .apply_batch(&[(&record, &Decision::Apply)], OffsetDateTime::now_utc())
@@ -1069,13 +1074,7 @@ mod tests {
         let store = reopen(dir.path());
         assert!(store.unapplied().is_empty());
         assert_eq!((files(".log").len(), files(".spare").len()), (0, 2));
-        let (intake, thread) = Intake::start(
-            store.clone(),
-            PendingBound::NONE,
-            Box::new(|_| {}),
-            CancellationToken::new(),
-        )
-        .expect("a writer");
+        let (intake, thread) = idle_writer(&store);
         assert_eq!((files(".log").len(), files(".spare").len()), (1, 1));
         intake.stop(thread).await;
         drop(store);
