@@ -276,7 +276,10 @@ impl Consumer {
         tracing::info!(pending = self.scheduled.len(), "consumer stopped");
     }
 
-    /// Takes in every message and timer that is ready now, without waiting.
+    /// Takes in every message and timer that is ready now, without waiting. tokio's
+    /// cooperative budget ends a poll's run of expired timers after 128, so a burst that
+    /// falls due at once is applied in steps of about that many (not [`MAX_BATCH`]), with
+    /// the inbox served between them; the intake writer's hand-off never waits long.
     fn drain_ready(&mut self) {
         while let Ok(message) = self.inbox.try_recv() {
             self.handle(message);
@@ -698,18 +701,24 @@ mod tests {
         }
 
         async fn accept_with_notes(&self, key: &str, notes: String) {
-            let accepted_at = OffsetDateTime::now_utc();
+            let due_at_ms = unix_ms_ceil(OffsetDateTime::now_utc());
             let body = CommandBody::Create {
                 title: "t".to_owned(),
                 notes,
             };
+            self.accept_due(key, Uuid::now_v7(), body, due_at_ms).await;
+        }
+
+        /// Accepts `body` for `task_id` under `key`, due at `due_at_ms` (Unix ms).
+        async fn accept_due(&self, key: &str, task_id: Uuid, body: CommandBody, due_at_ms: u64) {
+            let accepted_at = OffsetDateTime::now_utc();
             let record = CommandRecord::accepted(
-                Uuid::now_v7(),
+                task_id,
                 key.to_owned(),
                 "f".to_owned(),
                 body,
                 accepted_at,
-                unix_ms_ceil(accepted_at),
+                due_at_ms,
             );
             self.intake.accept(record).await.expect("accepted");
         }
@@ -814,5 +823,40 @@ mod tests {
             "{exposition}"
         );
         assert!(running.stop().await);
+    }
+
+    /// At a shutdown the consumer finishes the step it is in and stops, instead of
+    /// stepping through the rest of a due backlog (which resumes on the next start):
+    /// the drain must not take as long as the backlog. Commands for one task apply one
+    /// per step (in acceptance order), so a task's due burst is many steps.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shutdown_ends_a_due_backlog_after_the_running_step() {
+        let running = Running::start().await;
+        // The first step will wait where it projects its command: finished, not
+        // published. Held from before the accepts, so nothing can apply more.
+        let held = running.store.hold_projection();
+        let backlog = 50;
+        let task = Uuid::now_v7();
+        let due_at_ms = unix_ms_ceil(OffsetDateTime::now_utc()) + 1000;
+        for i in 0..backlog {
+            let like = CommandBody::Like { delta: 1 };
+            running
+                .accept_due(&format!("like-{i}"), task, like, due_at_ms)
+                .await;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while running.store.pending_count() == backlog {
+            assert!(tokio::time::Instant::now() < deadline, "no step began");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        running.shutdown.cancel();
+        drop(held);
+        let store = running.store.clone();
+        assert!(running.stop().await);
+        assert_eq!(
+            store.pending_count(),
+            backlog - 1,
+            "the running step finished, the rest waits for the next start"
+        );
     }
 }

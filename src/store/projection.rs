@@ -84,6 +84,15 @@ impl Store {
 
 #[cfg(test)]
 impl Store {
+    /// Holds the projection's lock for reading: a step of the consumer waits at its
+    /// first [`Store::project`] until the guard drops.
+    pub(crate) fn hold_projection(&self) -> impl Sized + '_ {
+        self.inner
+            .projection
+            .read()
+            .expect("projection lock poisoned")
+    }
+
     /// Poisons the projection's lock, as a panic while holding it would: the next
     /// [`Store::project`] panics. For the consumer's panic test.
     pub(crate) fn poison_projection(&self) {
