@@ -509,6 +509,14 @@ impl PendingBound {
     };
 }
 
+/// What the writer found under a key ([`IntakeWriter::look_up`]).
+enum Lookup {
+    /// A command, pending or finished.
+    Known(CommandRecord),
+    /// None; `over` is the refusal if the pending table is at its bound.
+    New { over: Option<Accepted> },
+}
+
 /// The thread that owns the intake log.
 struct IntakeWriter {
     store: Store,
@@ -694,14 +702,13 @@ impl IntakeWriter {
     /// the pending table is full, or a new command (given its seq) appended to the
     /// batch's buffer and entered in the pending table.
     fn admit(&mut self, mut record: CommandRecord) -> Result<Accepted, StoreError> {
-        if let Some(existing) = self.known_command(&record.idempotency_key)? {
-            return Ok(if existing.fingerprint == record.fingerprint {
-                Accepted::Replay(existing)
-            } else {
-                Accepted::KeyReused(existing)
-            });
-        }
-        let over = self.store.pending_table().over(self.bound);
+        let over = match self.look_up(&record.idempotency_key)? {
+            Lookup::Known(existing) if existing.fingerprint == record.fingerprint => {
+                return Ok(Accepted::Replay(existing))
+            }
+            Lookup::Known(existing) => return Ok(Accepted::KeyReused(existing)),
+            Lookup::New { over } => over,
+        };
         if let Some(overloaded) = over {
             if !self.refusing {
                 self.refusing = true;
@@ -722,20 +729,25 @@ impl IntakeWriter {
     }
 
     /// The command already under `key`: pending, or finished (in sled, read only when
-    /// the finished keys' hashes say it may be there).
-    fn known_command(&self, key: &str) -> Result<Option<CommandRecord>, StoreError> {
-        let may_be_finished = {
+    /// the finished keys' hashes say it may be there). For a new key, whether the
+    /// pending table is at its bound, read in the same look at the table.
+    fn look_up(&self, key: &str) -> Result<Lookup, StoreError> {
+        let (may_be_finished, over) = {
             let table = self.store.pending_table();
             if let Some(pending) = table.by_key.get(key) {
-                return Ok(Some(pending.record.clone()));
+                return Ok(Lookup::Known(pending.record.clone()));
             }
-            table.may_be_finished(key.as_bytes())
+            (
+                table.may_be_finished(key.as_bytes()),
+                table.over(self.bound),
+            )
         };
         if may_be_finished {
-            self.store.finished_command(key)
-        } else {
-            Ok(None)
+            if let Some(finished) = self.store.finished_command(key)? {
+                return Ok(Lookup::Known(finished));
+            }
         }
+        Ok(Lookup::New { over })
     }
 
     /// Writes the buffer and syncs it. On failure, cuts the segment back to its last
