@@ -59,6 +59,8 @@ use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -198,6 +200,16 @@ impl PendingTable {
     /// False when `key` certainly has no finished record in sled.
     pub(super) fn may_be_finished(&self, key: &[u8]) -> bool {
         self.finished.contains_key(&self.key_hasher.hash_one(key))
+    }
+
+    /// The refusal of `key` at `bound`, decided from memory alone: `Some` when the key
+    /// is certainly new (neither pending nor possibly finished) and the table is at
+    /// its bound. `None` leaves the decision to the writer.
+    fn refusal(&self, key: &str, bound: PendingBound) -> Option<Accepted> {
+        if self.by_key.contains_key(key) || self.may_be_finished(key.as_bytes()) {
+            return None;
+        }
+        self.over(bound)
     }
 }
 
@@ -488,6 +500,12 @@ pub type OnDurable = Box<dyn FnMut(&[CommandRecord]) + Send>;
 #[derive(Clone)]
 pub struct Intake {
     sender: mpsc::Sender<Request>,
+    store: Store,
+    bound: PendingBound,
+    /// Set by the writer while it refuses new keys (its last new key was refused),
+    /// cleared when it takes one again: while set, a handler refuses a new key itself
+    /// ([`Intake::accept`]).
+    refusing: Arc<AtomicBool>,
 }
 
 /// The writer thread; stop it with [`Intake::stop`].
@@ -529,9 +547,10 @@ struct IntakeWriter {
     buffer: Vec<u8>,
     /// New keys are refused while the pending table is at this bound.
     bound: PendingBound,
-    /// Whether the last new key was refused: a refusal is logged when it starts and
-    /// when it ends, not per request.
-    refusing: bool,
+    /// Whether the last new key the writer decided was refused, shared with the
+    /// handlers ([`Intake::refusing`]); only the writer changes it. A refusal is logged
+    /// when it starts and when it ends, not per request.
+    refusing: Arc<AtomicBool>,
 }
 
 impl Intake {
@@ -553,6 +572,13 @@ impl Intake {
         let segment = store.pending_table().active;
         let file = open_segment(&store, segment)?;
         let (sender, inbox) = mpsc::channel(INTAKE_CAPACITY);
+        let refusing = Arc::new(AtomicBool::new(false));
+        let intake = Self {
+            sender,
+            store: store.clone(),
+            bound,
+            refusing: Arc::clone(&refusing),
+        };
         let writer = IntakeWriter {
             store,
             inbox,
@@ -562,21 +588,36 @@ impl Intake {
             written: 0,
             buffer: Vec::with_capacity(64 * 1024),
             bound,
-            refusing: false,
+            refusing,
         };
         let handle = thread::Builder::new()
             .name("settle-intake".to_owned())
             .spawn(move || crate::stopping_on_panic("intake writer", &shutdown, || writer.run()))?;
-        Ok((Self { sender }, IntakeThread(handle)))
+        Ok((intake, IntakeThread(handle)))
     }
 
     /// Stores a new command under its idempotency key, or finds the command already
     /// there. Answers once the answer is durable: a new command is on disk, and so is
     /// the original of a replay.
     ///
+    /// While the writer is refusing, a key the pending table shows to be new is
+    /// refused here, from memory, as the writer would: shedding load costs a look at
+    /// the table instead of two hand-offs between threads. Every other accept, and the
+    /// first refusal, is the writer's to decide. Once the table has room, the next new
+    /// key goes to the writer again, which takes it and clears the flag.
+    ///
     /// # Errors
     /// When the log cannot be written, or the writer has stopped.
     pub async fn accept(&self, record: CommandRecord) -> Result<Accepted, IntakeError> {
+        if self.refusing.load(Ordering::Relaxed) {
+            let refusal = self
+                .store
+                .pending_table()
+                .refusal(&record.idempotency_key, self.bound);
+            if let Some(overloaded) = refusal {
+                return Ok(overloaded);
+            }
+        }
         let (reply, answer) = oneshot::channel();
         self.sender
             .send(Request::Accept(record, reply))
@@ -709,15 +750,17 @@ impl IntakeWriter {
             Lookup::Known(existing) => return Ok(Accepted::KeyReused(existing)),
             Lookup::New { over } => over,
         };
+        // Only this thread writes the flag: a load then a store, no read-modify-write.
+        let refusing = self.refusing.load(Ordering::Relaxed);
         if let Some(overloaded) = over {
-            if !self.refusing {
-                self.refusing = true;
+            if !refusing {
+                self.refusing.store(true, Ordering::Relaxed);
                 tracing::warn!(?overloaded, bound = ?self.bound, "the pending table is full: new commands are answered 503 until the backlog applies");
             }
             return Ok(overloaded);
         }
-        if self.refusing {
-            self.refusing = false;
+        if refusing {
+            self.refusing.store(false, Ordering::Relaxed);
             tracing::info!("the pending table has room again: new commands are accepted");
         }
         record.seq = self.store.next_seq()?;
@@ -795,8 +838,6 @@ impl IntakeWriter {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
     fn record(key: &str) -> CommandRecord {
@@ -904,7 +945,7 @@ mod tests {
             written: 0,
             buffer: Vec::new(),
             bound: PendingBound::NONE,
-            refusing: false,
+            refusing: Arc::default(),
         };
         let mut reused = record("new");
         reused.fingerprint = "another request".to_owned();
@@ -1078,7 +1119,7 @@ mod tests {
             written: 0,
             buffer: Vec::new(),
             bound: PendingBound::NONE,
-            refusing: false,
+            refusing: Arc::default(),
         };
         let (a, b) = (record("a"), record("b"));
         store.pending_table().insert(a.clone(), active, 0);
@@ -1173,7 +1214,7 @@ mod tests {
 
         // After a restart all three are pending (a was finished in memory only, never
         // applied), counted at their records' sizes as the writer counted them.
-        drop(store);
+        drop((intake, store));
         let store = Store::open(dir.path()).expect("reopened");
         let unapplied = store.unapplied();
         let sizes: usize = unapplied
@@ -1182,6 +1223,44 @@ mod tests {
             .sum();
         assert_eq!(unapplied.len(), 3);
         assert_eq!(store.pending_table().bytes, sizes);
+    }
+
+    /// Once the writer refuses, a handler refuses a certainly new key itself: with the
+    /// writer stopped, a new key is still answered `Overloaded`, while a pending key
+    /// (whose replay waits for its record to be durable) still needs the writer.
+    #[tokio::test]
+    async fn while_refusing_a_new_key_is_refused_without_the_writer() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let bound = PendingBound {
+            commands: 1,
+            bytes: usize::MAX,
+        };
+        let (intake, thread, _) = bounded(&store, bound);
+        assert!(matches!(
+            intake.accept(record("a")).await,
+            Ok(Accepted::New(_))
+        ));
+        assert!(!intake.refusing.load(Ordering::Relaxed), "not refusing yet");
+        assert!(matches!(
+            intake.accept(record("b")).await,
+            Ok(Accepted::Overloaded { pending: 1, .. })
+        ));
+        assert!(
+            intake.refusing.load(Ordering::Relaxed),
+            "the writer refused"
+        );
+        assert!(intake.stop(thread).await);
+
+        let refused = intake.accept(record("c")).await;
+        assert!(
+            matches!(refused, Ok(Accepted::Overloaded { pending: 1, .. })),
+            "refused without the writer: {refused:?}"
+        );
+        assert!(
+            matches!(intake.accept(record("a")).await, Err(IntakeError::Stopped)),
+            "a pending key is the writer's to answer"
+        );
     }
 
     /// The bound on bytes: records count at their size in the log, and a new key is

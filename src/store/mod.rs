@@ -1066,7 +1066,7 @@ mod tests {
             "the finished one is kept for reuse"
         );
         intake.stop(thread).await;
-        drop(store);
+        drop((intake, store));
 
         // Next start: the last run's (empty) active segment is released too, then a
         // spare becomes the new active segment; the old record in it (of another
@@ -1077,7 +1077,7 @@ mod tests {
         let (intake, thread) = idle_writer(&store);
         assert_eq!((files(".log").len(), files(".spare").len()), (1, 1));
         intake.stop(thread).await;
-        drop(store);
+        drop((intake, store));
         let store = reopen(dir.path());
         assert!(store.unapplied().is_empty());
     }
