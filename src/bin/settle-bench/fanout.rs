@@ -444,8 +444,13 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
         TargetCheck::new(
             format!("at most {TARGET_KIB_PER_SUBSCRIBER} KiB of server memory per idle subscriber"),
             format!(
-                "{} KiB per subscriber over {connected}",
-                kib.map_or("?".to_owned(), |k| format!("{k:.2}"))
+                "{} KiB per subscriber over {connected}{}",
+                kib.map_or("?".to_owned(), |k| format!("{k:.2}")),
+                if server.info.started_by_bench {
+                    ""
+                } else {
+                    " (a --target server reuses the memory of subscribers it had before: only a fresh one measures it)"
+                }
             ),
             (!ctx.smoke && connected >= TARGET_SUBSCRIBERS)
                 .then(|| kib.is_some_and(|k| k <= TARGET_KIB_PER_SUBSCRIBER)),

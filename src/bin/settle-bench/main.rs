@@ -117,7 +117,8 @@ struct CommonArgs {
     /// of starting one per phase.
     #[arg(long)]
     target: Option<String>,
-    /// The PID of the --target server, for its memory and CPU (read from /proc).
+    /// The PID of the --target server, for its memory and CPU (read from /proc)
+    /// [default: the process whose socket listens on the --target address].
     #[arg(long, requires = "target")]
     server_pid: Option<u32>,
     /// The settle binary to start [default: `settle` beside this executable].

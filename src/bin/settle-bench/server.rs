@@ -120,8 +120,9 @@ fn build_server(cargo: &OsStr, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Parses a `--target` URL. Only `http://` with a loopback IP literal: the bench never
-/// sends load off this machine.
+/// Parses a `--target` URL. Only `http://` with a loopback IP literal, or `localhost`
+/// for 127.0.0.1 (where the server listens by default; no name is looked up): the
+/// bench never sends load off this machine.
 ///
 /// # Errors
 /// For anything else.
@@ -130,8 +131,14 @@ pub fn parse_target(url: &str) -> anyhow::Result<SocketAddr> {
         .strip_prefix("http://")
         .with_context(|| format!("--target must start with http://, got {url:?}"))?;
     let authority = rest.trim_end_matches('/');
+    let authority = match authority.rsplit_once(':') {
+        Some((host, port)) if host.eq_ignore_ascii_case("localhost") => {
+            format!("127.0.0.1:{port}")
+        }
+        _ => authority.to_owned(),
+    };
     let addr: SocketAddr = authority.parse().with_context(|| {
-        format!("--target must be http://IP:PORT with a loopback IP, got {url:?}")
+        format!("--target must be http://IP:PORT with a loopback IP (or localhost), got {url:?}")
     })?;
     if !addr.ip().is_loopback() {
         bail!("--target must be a loopback address (the bench binds loopback only), got {addr}");
@@ -212,18 +219,41 @@ impl Server {
         Ok(server)
     }
 
-    /// A server that is already running; the bench neither starts nor stops it.
+    /// A server that is already running; the bench neither starts nor stops it. Without
+    /// `pid`, the process listening on `addr` is looked up in /proc; when none (or more
+    /// than one) is found, the server's memory and CPU go unreported.
     ///
     /// # Errors
     /// When it does not answer `GET /api/faults`.
     pub async fn attach(addr: SocketAddr, pid: Option<u32>) -> anyhow::Result<Self> {
+        let pid = match pid {
+            Some(pid) => Some(pid),
+            None => match sys::listening_pid(addr) {
+                Ok(pid) => {
+                    eprintln!("settle-bench: the server at {addr} is process {pid} (its listening socket); --server-pid names another");
+                    Some(pid)
+                }
+                Err(err) => {
+                    eprintln!("settle-bench: the server's memory and CPU go unreported: {err:#}; give --server-pid");
+                    None
+                }
+            },
+        };
+        // The running binary, and its version if it is a settle (nothing else is run).
+        let binary = pid.and_then(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok());
+        let version = binary
+            .as_deref()
+            .filter(|binary| binary.file_name() == Some(OsStr::new("settle")) && binary.is_file())
+            .and_then(|binary| {
+                sys::command_line_output(&binary.to_string_lossy(), &["--version"], None)
+            });
         let mut server = Self {
             info: ServerInfo {
                 addr,
                 pid,
                 started_by_bench: false,
-                binary: None,
-                version: None,
+                binary: binary.map(|binary| binary.display().to_string()),
+                version,
                 nofile_soft: None,
                 nofile_hard: None,
                 delay_ms: 0,
@@ -358,6 +388,14 @@ mod tests {
         assert!(parse_target("http://[::1]:3000").is_ok());
         assert!(parse_target("http://10.0.0.1:3000").is_err());
         assert!(parse_target("https://127.0.0.1:3000").is_err());
-        assert!(parse_target("http://localhost:3000").is_err());
+        assert_eq!(
+            parse_target("http://localhost:3000/").expect("localhost"),
+            SocketAddr::from(([127, 0, 0, 1], 3000))
+        );
+        assert!(
+            parse_target("http://localhost").is_err(),
+            "a port is needed"
+        );
+        assert!(parse_target("http://example.com:3000").is_err());
     }
 }

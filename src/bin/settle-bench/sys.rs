@@ -4,6 +4,7 @@
 //! Linux only, like the targets it checks: every reader says what it could not read
 //! instead of guessing.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -159,6 +160,54 @@ pub fn kernel_slab_kib() -> Option<u64> {
         .lines()
         .find_map(|line| line.strip_prefix("Slab:"))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The process whose TCP socket listens on `addr` (or on its port at the unspecified
+/// address), found as the socket's inode among every process's open files.
+///
+/// # Errors
+/// When /proc cannot be read, nothing listens there, or more than one process holds
+/// the socket (a fork): which one serves is not known then.
+pub fn listening_pid(addr: SocketAddr) -> anyhow::Result<u32> {
+    use procfs::net::TcpState;
+    use procfs::process::FDTarget;
+
+    let sockets = if addr.is_ipv4() {
+        procfs::net::tcp()
+    } else {
+        procfs::net::tcp6()
+    }
+    .context("reading the TCP sockets from /proc/net")?;
+    let inodes: Vec<u64> = sockets
+        .into_iter()
+        .filter(|socket| {
+            let local = socket.local_address;
+            socket.state == TcpState::Listen
+                && local.port() == addr.port()
+                && (local.ip() == addr.ip() || local.ip().is_unspecified())
+        })
+        .map(|socket| socket.inode)
+        .collect();
+    if inodes.is_empty() {
+        bail!("no socket listens on {addr}");
+    }
+    let mut holders = Vec::new();
+    for process in procfs::process::all_processes().context("listing /proc")? {
+        // Processes that end meanwhile, or whose files this user may not read.
+        let Ok(process) = process else { continue };
+        let Ok(files) = process.fd() else { continue };
+        let holds = files
+            .flatten()
+            .any(|file| matches!(file.target, FDTarget::Socket(inode) if inodes.contains(&inode)));
+        if holds {
+            holders.push(process.pid);
+        }
+    }
+    match holders[..] {
+        [pid] => u32::try_from(pid).context("a negative pid"),
+        [] => bail!("no process readable here holds the socket listening on {addr}"),
+        _ => bail!("processes {holders:?} all hold the socket listening on {addr}"),
+    }
 }
 
 /// The soft and hard "Max open files" of a process, from /proc/PID/limits.
@@ -412,6 +461,20 @@ pub fn open_fds(pid: u32) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_process_listening_on_an_address_is_found_by_its_socket() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a listener");
+        let addr = listener.local_addr().expect("its address");
+        assert_eq!(
+            listening_pid(addr).expect("found"),
+            std::process::id(),
+            "this test process listens there"
+        );
+        drop(listener);
+        let err = listening_pid(addr).expect_err("nothing listens there now");
+        assert!(err.to_string().contains("no socket listens"), "{err:#}");
+    }
 
     #[test]
     fn the_cpu_line_splits_into_busy_and_stolen_time() {
