@@ -53,9 +53,11 @@ const KEEP_ALIVE_EVERY: Duration =
 
 #[derive(Args, Clone, Debug)]
 pub struct FanoutArgs {
-    /// Concurrent SSE subscribers [default: 10000; 200 with --smoke].
+    /// Concurrent SSE subscribers, or `max`: as many as the server's open-file limit
+    /// leaves room for, read from /proc once the bench's own connections are open
+    /// [default: 10000; 200 with --smoke].
     #[arg(long)]
-    pub subscribers: Option<usize>,
+    pub subscribers: Option<Subscribers>,
     /// Subscribers per worker process, each worker on its own 127.0.0.x source
     /// address [default: 5000; 100 with --smoke].
     #[arg(long)]
@@ -72,6 +74,43 @@ pub struct FanoutArgs {
     /// Seconds the workers may take to open every subscription.
     #[arg(long, default_value_t = 120)]
     pub connect_seconds: u64,
+}
+
+/// `--subscribers`: a count, or as many as the server can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subscribers {
+    Count(usize),
+    Max,
+}
+
+impl std::str::FromStr for Subscribers {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text == "max" {
+            return Ok(Self::Max);
+        }
+        text.parse()
+            .map(Self::Count)
+            .map_err(|_| format!("a number of subscribers or `max`, got {text:?}"))
+    }
+}
+
+/// How many more files the server may open: its soft limit less what it has open.
+fn server_fd_room(server: &crate::server::Server) -> anyhow::Result<usize> {
+    let pid = server
+        .info
+        .pid
+        .context("--subscribers max needs the server's PID (give --server-pid)")?;
+    let soft: usize = server
+        .info
+        .nofile_soft
+        .as_deref()
+        .and_then(|soft| soft.parse().ok())
+        .context("--subscribers max needs the server's numeric open-file limit")?;
+    let open =
+        sys::open_fds(pid).context("--subscribers max: cannot count the server's open files")?;
+    Ok(soft.saturating_sub(open))
 }
 
 #[derive(Debug, Serialize)]
@@ -207,13 +246,18 @@ impl WorkerProcess {
 /// # Errors
 /// When the server or the workers cannot be started, or a worker stops answering.
 pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
-    let subscribers = ctx.pick(args.subscribers, 200, TARGET_SUBSCRIBERS).max(1);
     let per_worker = ctx.pick(args.per_worker, 100, 5000).max(1);
     let event_count = ctx.pick(args.events, 2, 5).max(1);
     let settle = Duration::from_millis(ctx.pick(args.settle_ms, 300, 2000));
-    let worker_count = subscribers.div_ceil(per_worker);
-    if worker_count > MAX_WORKERS {
-        bail!("{worker_count} workers needed, at most {MAX_WORKERS}: raise --per-worker");
+    let check_workers = |subscribers: usize| {
+        let worker_count = subscribers.div_ceil(per_worker);
+        if worker_count > MAX_WORKERS {
+            bail!("{worker_count} workers needed for {subscribers} subscribers, at most {MAX_WORKERS}: raise --per-worker");
+        }
+        Ok(worker_count)
+    };
+    if let Some(Subscribers::Count(count)) = args.subscribers {
+        check_workers(count)?;
     }
     let exe = std::env::current_exe().context("locating settle-bench for its workers")?;
 
@@ -226,6 +270,13 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
     let mut observer = Observer::connect(addr).await?;
     // The task the published likes go to, created before the memory baseline.
     let task = commands::create_tasks(&mut conn, &mut observer, 1, &run, settle_timeout).await?[0];
+    let subscribers = match args.subscribers {
+        Some(Subscribers::Count(count)) => count,
+        Some(Subscribers::Max) => server_fd_room(&server)?,
+        None => ctx.pick(None, 200, TARGET_SUBSCRIBERS),
+    }
+    .max(1);
+    let worker_count = check_workers(subscribers)?;
 
     tokio::time::sleep(settle).await;
     let rss_before = server.rss_kib();
@@ -554,4 +605,18 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
         problems,
         rows,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscribers_are_a_count_or_max() {
+        assert_eq!("15000".parse(), Ok(Subscribers::Count(15000)));
+        assert_eq!("max".parse(), Ok(Subscribers::Max));
+        for bad in ["", "-1", "all", "MAX", "1e4"] {
+            assert!(bad.parse::<Subscribers>().is_err(), "{bad:?}");
+        }
+    }
 }

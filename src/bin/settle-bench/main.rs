@@ -8,6 +8,7 @@
 //! target/release/settle-bench all                 # the full run (a few minutes)
 //! target/release/settle-bench all --smoke         # seconds, for CI
 //! target/release/settle-bench fanout --subscribers 15000 --json fanout.json
+//! target/release/settle-bench fanout --subscribers max   # up to the server's fd limit
 //! ```
 //!
 //! By default every phase starts its own `settle` (the binary next to this one) on a
