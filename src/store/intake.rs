@@ -15,7 +15,7 @@
 //!   `fdatasync` no file size or extent to journal, which measured about 40% faster
 //!   here with a much shorter tail. Only then does it answer every request of the
 //!   batch and hand the new commands on (to the consumer, through a hook). Because
-//!   one thread decides every key, a key twice in a batch, or a duplicate that races
+//!   one thread stores every key, a key twice in a batch, or a duplicate that races
 //!   the original, is one command.
 //! - Accepted but unapplied commands are held in memory, in the pending table, for
 //!   lookups by key and id and for the consumer. The consumer writes the finished
@@ -36,9 +36,11 @@
 //!   about n in 2^64 for n finished keys) is looked up in sled. It costs a few tens of
 //!   bytes of memory per finished command within its retention.
 //! - The pending table is bounded ([`PendingBound`]): while it holds as many commands,
-//!   or as many bytes of their records, as the bound allows, the writer answers a new
-//!   key [`Accepted::Overloaded`] and stores nothing of it (a known key is answered as
-//!   always). Recovery is not bounded: every logged command is pending again, also
+//!   or as many bytes of their records, as the bound allows, a new key is answered
+//!   [`Accepted::Overloaded`] and nothing of it is stored (a known key is answered as
+//!   always). The writer decides the first refusal; until it takes a new key again,
+//!   the handlers refuse the keys the table shows to be new themselves, without the
+//!   hand-offs to its thread ([`Intake::accept`]). Recovery is not bounded: every logged command is pending again, also
 //!   beyond a bound lowered since, and new keys wait until the backlog is below it.
 //! - On start, every segment is read back: a command that has no finished record in
 //!   sled is pending again, in acceptance order (and one whose key has another
@@ -601,19 +603,28 @@ impl Intake {
     /// the original of a replay.
     ///
     /// While the writer is refusing, a key the pending table shows to be new is
-    /// refused here, from memory, as the writer would: shedding load costs a look at
-    /// the table instead of two hand-offs between threads. Every other accept, and the
-    /// first refusal, is the writer's to decide. Once the table has room, the next new
-    /// key goes to the writer again, which takes it and clears the flag.
+    /// refused here, from memory, as the writer would refuse it now: shedding load
+    /// costs a look at the table instead of two hand-offs between threads. Every other
+    /// accept, and every refusal until the writer has made one, is the writer's to
+    /// decide. Once the table has room, the next new key goes to the writer again,
+    /// which takes it and clears the flag. One difference from the writer's order: a
+    /// retry whose first request is still queued for the writer (its client gave up
+    /// waiting) can be refused here before the writer stores that first request; the
+    /// 503 asks for another retry under the same key, which then finds the command.
     ///
     /// # Errors
     /// When the log cannot be written, or the writer has stopped.
     pub async fn accept(&self, record: CommandRecord) -> Result<Accepted, IntakeError> {
         if self.refusing.load(Ordering::Relaxed) {
+            // A poisoned table (the writer panicked holding it) is left to the writer's
+            // channel, which answers `Stopped`: no panic in a handler.
             let refusal = self
                 .store
-                .pending_table()
-                .refusal(&record.idempotency_key, self.bound);
+                .inner
+                .pending
+                .lock()
+                .ok()
+                .and_then(|table| table.refusal(&record.idempotency_key, self.bound));
             if let Some(overloaded) = refusal {
                 return Ok(overloaded);
             }
@@ -1261,6 +1272,51 @@ mod tests {
             matches!(intake.accept(record("a")).await, Err(IntakeError::Stopped)),
             "a pending key is the writer's to answer"
         );
+    }
+
+    /// While refusing, a retry of a finished key is still the writer's to answer: the
+    /// handlers refuse only what the table shows to be new.
+    #[tokio::test]
+    async fn while_refusing_a_finished_key_is_replayed() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let bound = PendingBound {
+            commands: 1,
+            bytes: usize::MAX,
+        };
+        let (intake, thread, _) = bounded(&store, bound);
+        let Ok(Accepted::New(a)) = intake.accept(record("a")).await else {
+            panic!("a is new");
+        };
+        // Its like finds no task: it finishes failed, a finished record all the same.
+        store
+            .apply_batch(
+                &[(&a, &super::super::Decision::Apply)],
+                time::OffsetDateTime::now_utc(),
+            )
+            .expect("applied");
+        store.flush_durable().expect("flushed");
+        store.finish("a", a.command_id);
+        assert!(matches!(
+            intake.accept(record("b")).await,
+            Ok(Accepted::New(_))
+        ));
+        assert!(matches!(
+            intake.accept(record("c")).await,
+            Ok(Accepted::Overloaded { .. })
+        ));
+        assert!(intake.refusing.load(Ordering::Relaxed), "refusing");
+
+        let retry = intake.accept(record("a")).await;
+        assert!(
+            matches!(&retry, Ok(Accepted::Replay(r)) if r.command_id == a.command_id),
+            "the finished command, not a refusal: {retry:?}"
+        );
+        assert!(matches!(
+            intake.accept(record("c")).await,
+            Ok(Accepted::Overloaded { .. })
+        ));
+        assert!(intake.stop(thread).await);
     }
 
     /// The bound on bytes: records count at their size in the log, and a new key is

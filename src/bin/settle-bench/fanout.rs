@@ -47,6 +47,10 @@ const EVENT_PAUSE: Duration = Duration::from_millis(300);
 const SETTLE_GRACE: Duration = Duration::from_secs(10);
 /// Worker source addresses are 127.0.0.2 to 127.0.0.254.
 const MAX_WORKERS: usize = 253;
+/// The most `--subscribers max` asks for, whatever the server's limit: issue 4's aim
+/// per node. Each costs the machine ~25 KiB (server, kernel, worker), so a limit of a
+/// million (a container's) would otherwise ask for tens of GiB. A count goes beyond.
+const MAX_SUBSCRIBERS_FOR_MAX: usize = 50_000;
 /// Well under the server's idle timeout for a keep-alive connection.
 const KEEP_ALIVE_EVERY: Duration =
     Duration::from_secs(settle::net::HEADER_READ_TIMEOUT.as_secs() / 3);
@@ -54,8 +58,8 @@ const KEEP_ALIVE_EVERY: Duration =
 #[derive(Args, Clone, Debug)]
 pub struct FanoutArgs {
     /// Concurrent SSE subscribers, or `max`: as many as the server's open-file limit
-    /// leaves room for, read from /proc once the bench's own connections are open
-    /// [default: 10000; 200 with --smoke].
+    /// leaves room for (at most 50000), read from /proc once the bench's own
+    /// connections are open [default: 10000; 200 with --smoke].
     #[arg(long)]
     pub subscribers: Option<Subscribers>,
     /// Subscribers per worker process, each worker on its own 127.0.0.x source
@@ -96,21 +100,34 @@ impl std::str::FromStr for Subscribers {
     }
 }
 
-/// How many more files the server may open: its soft limit less what it has open.
-fn server_fd_room(server: &crate::server::Server) -> anyhow::Result<usize> {
+/// The server's PID and numeric soft open-file limit, which `--subscribers max` needs.
+fn server_fd_limit(server: &crate::server::Server) -> anyhow::Result<(u32, usize)> {
     let pid = server
         .info
         .pid
         .context("--subscribers max needs the server's PID (give --server-pid)")?;
-    let soft: usize = server
+    let soft = server
         .info
         .nofile_soft
         .as_deref()
         .and_then(|soft| soft.parse().ok())
         .context("--subscribers max needs the server's numeric open-file limit")?;
+    Ok((pid, soft))
+}
+
+/// How many subscribers `--subscribers max` asks for: the files the server may still
+/// open (its soft limit less what it has open), at most [`MAX_SUBSCRIBERS_FOR_MAX`].
+fn max_subscribers((pid, soft): (u32, usize)) -> anyhow::Result<usize> {
     let open =
         sys::open_fds(pid).context("--subscribers max: cannot count the server's open files")?;
-    Ok(soft.saturating_sub(open))
+    let room = soft.saturating_sub(open);
+    if room == 0 {
+        bail!("--subscribers max: the server has {open} files open, at its limit of {soft}: no room for a subscriber");
+    }
+    if room > MAX_SUBSCRIBERS_FOR_MAX {
+        eprintln!("settle-bench: the server could open {room} more files; --subscribers max stops at {MAX_SUBSCRIBERS_FOR_MAX} (give a count for more)");
+    }
+    Ok(room.min(MAX_SUBSCRIBERS_FOR_MAX))
 }
 
 #[derive(Debug, Serialize)]
@@ -262,6 +279,11 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
     let exe = std::env::current_exe().context("locating settle-bench for its workers")?;
 
     let server = ctx.server().await?;
+    // Before anything is sent to the server: max needs its PID and limit.
+    let fd_limit = match args.subscribers {
+        Some(Subscribers::Max) => Some(server_fd_limit(&server)?),
+        _ => None,
+    };
     let addr = server.info.addr;
     let settle_timeout =
         Duration::from_millis(server.info.delay_ms + server.info.jitter_ms) + SETTLE_GRACE;
@@ -270,10 +292,10 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
     let mut observer = Observer::connect(addr).await?;
     // The task the published likes go to, created before the memory baseline.
     let task = commands::create_tasks(&mut conn, &mut observer, 1, &run, settle_timeout).await?[0];
-    let subscribers = match args.subscribers {
-        Some(Subscribers::Count(count)) => count,
-        Some(Subscribers::Max) => server_fd_room(&server)?,
-        None => ctx.pick(None, 200, TARGET_SUBSCRIBERS),
+    let subscribers = match (args.subscribers, fd_limit) {
+        (Some(Subscribers::Count(count)), _) => count,
+        (Some(Subscribers::Max), Some(fd_limit)) => max_subscribers(fd_limit)?,
+        _ => ctx.pick(None, 200, TARGET_SUBSCRIBERS),
     }
     .max(1);
     let worker_count = check_workers(subscribers)?;

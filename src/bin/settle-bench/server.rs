@@ -120,6 +120,11 @@ fn build_server(cargo: &OsStr, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The path of the binary process `pid` runs (`... (deleted)` if it was replaced).
+fn running_binary(pid: u32) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/exe")).ok()
+}
+
 /// Parses a `--target` URL. Only `http://` with a loopback IP literal, or `localhost`
 /// for 127.0.0.1 (where the server listens by default; no name is looked up): the
 /// bench never sends load off this machine.
@@ -220,18 +225,30 @@ impl Server {
     }
 
     /// A server that is already running; the bench neither starts nor stops it. Without
-    /// `pid`, the process listening on `addr` is looked up in /proc; when none (or more
-    /// than one) is found, the server's memory and CPU go unreported.
+    /// `pid`, the process listening on `addr` is looked up in /proc and taken if its
+    /// binary is a settle's (a proxy or a tunnel may hold the port instead); otherwise
+    /// the server's memory and CPU go unreported.
     ///
     /// # Errors
     /// When it does not answer `GET /api/faults`.
     pub async fn attach(addr: SocketAddr, pid: Option<u32>) -> anyhow::Result<Self> {
+        let is_settle = |pid: u32| {
+            running_binary(pid).is_some_and(|binary| {
+                binary
+                    .file_name()
+                    .is_some_and(|name| name.to_string_lossy().starts_with("settle"))
+            })
+        };
         let pid = match pid {
             Some(pid) => Some(pid),
             None => match sys::listening_pid(addr) {
-                Ok(pid) => {
+                Ok(pid) if is_settle(pid) => {
                     eprintln!("settle-bench: the server at {addr} is process {pid} (its listening socket); --server-pid names another");
                     Some(pid)
+                }
+                Ok(pid) => {
+                    eprintln!("settle-bench: process {pid} listens on {addr} but its binary is not a settle: its memory and CPU go unreported; give --server-pid");
+                    None
                 }
                 Err(err) => {
                     eprintln!("settle-bench: the server's memory and CPU go unreported: {err:#}; give --server-pid");
@@ -239,14 +256,12 @@ impl Server {
                 }
             },
         };
-        // The running binary, and its version if it is a settle (nothing else is run).
-        let binary = pid.and_then(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok());
-        let version = binary
-            .as_deref()
-            .filter(|binary| binary.file_name() == Some(OsStr::new("settle")) && binary.is_file())
-            .and_then(|binary| {
-                sys::command_line_output(&binary.to_string_lossy(), &["--version"], None)
-            });
+        let binary = pid.and_then(running_binary);
+        // The running build's version (its file may have been replaced since): only a
+        // settle is asked, nothing else is run.
+        let version = pid.filter(|&pid| is_settle(pid)).and_then(|pid| {
+            sys::command_line_output(&format!("/proc/{pid}/exe"), &["--version"], None)
+        });
         let mut server = Self {
             info: ServerInfo {
                 addr,

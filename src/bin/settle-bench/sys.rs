@@ -4,7 +4,7 @@
 //! Linux only, like the targets it checks: every reader says what it could not read
 //! instead of guessing.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -172,20 +172,22 @@ pub fn listening_pid(addr: SocketAddr) -> anyhow::Result<u32> {
     use procfs::net::TcpState;
     use procfs::process::FDTarget;
 
-    let sockets = if addr.is_ipv4() {
-        procfs::net::tcp()
-    } else {
-        procfs::net::tcp6()
+    // An IPv4 address is also served by a dual-stack socket on [::] (or on its mapped
+    // IPv6 form), which only /proc/net/tcp6 shows.
+    let mut sockets = procfs::net::tcp6().context("reading /proc/net/tcp6")?;
+    if addr.is_ipv4() {
+        sockets.extend(procfs::net::tcp().context("reading /proc/net/tcp")?);
     }
-    .context("reading the TCP sockets from /proc/net")?;
+    let serves = |local: SocketAddr| {
+        let ip = match local.ip() {
+            IpAddr::V6(v6) if addr.is_ipv4() => v6.to_ipv4_mapped().map_or(local.ip(), IpAddr::V4),
+            ip => ip,
+        };
+        local.port() == addr.port() && (ip == addr.ip() || local.ip().is_unspecified())
+    };
     let inodes: Vec<u64> = sockets
         .into_iter()
-        .filter(|socket| {
-            let local = socket.local_address;
-            socket.state == TcpState::Listen
-                && local.port() == addr.port()
-                && (local.ip() == addr.ip() || local.ip().is_unspecified())
-        })
+        .filter(|socket| socket.state == TcpState::Listen && serves(socket.local_address))
         .map(|socket| socket.inode)
         .collect();
     if inodes.is_empty() {
@@ -206,7 +208,7 @@ pub fn listening_pid(addr: SocketAddr) -> anyhow::Result<u32> {
     match holders[..] {
         [pid] => u32::try_from(pid).context("a negative pid"),
         [] => bail!("no process readable here holds the socket listening on {addr}"),
-        _ => bail!("processes {holders:?} all hold the socket listening on {addr}"),
+        _ => bail!("processes {holders:?} each hold a socket listening on {addr}"),
     }
 }
 
@@ -474,6 +476,12 @@ mod tests {
         drop(listener);
         let err = listening_pid(addr).expect_err("nothing listens there now");
         assert!(err.to_string().contains("no socket listens"), "{err:#}");
+
+        // IPv6 loopback, where the machine has it.
+        if let Ok(listener) = std::net::TcpListener::bind("[::1]:0") {
+            let addr = listener.local_addr().expect("its address");
+            assert_eq!(listening_pid(addr).expect("found"), std::process::id());
+        }
     }
 
     #[test]
