@@ -1174,17 +1174,32 @@ mod tests {
         (intake, thread, durable)
     }
 
+    /// A fresh store with a writer bounded at `commands` pending commands (bytes
+    /// unbounded), and the keys it hands on as durable.
+    fn at_count_bound(
+        commands: usize,
+    ) -> (
+        tempfile::TempDir,
+        Store,
+        Intake,
+        IntakeThread,
+        Arc<std::sync::Mutex<Vec<String>>>,
+    ) {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let bound = PendingBound {
+            commands,
+            bytes: usize::MAX,
+        };
+        let (intake, thread, durable) = bounded(&store, bound);
+        (dir, store, intake, thread, durable)
+    }
+
     /// At its bound the intake refuses a new key and stores nothing of it, answers a
     /// known key as always, and takes new keys again once a pending command finishes.
     #[tokio::test]
     async fn at_max_pending_a_new_key_is_refused_and_stores_nothing() {
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let store = Store::open(dir.path()).expect("a store");
-        let bound = PendingBound {
-            commands: 2,
-            bytes: usize::MAX,
-        };
-        let (intake, thread, durable) = bounded(&store, bound);
+        let (dir, store, intake, thread, durable) = at_count_bound(2);
         let accept = |key: &str| intake.accept(record(key));
 
         let a = match accept("a").await.expect("answered") {
@@ -1241,13 +1256,7 @@ mod tests {
     /// (whose replay waits for its record to be durable) still needs the writer.
     #[tokio::test]
     async fn while_refusing_a_new_key_is_refused_without_the_writer() {
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let store = Store::open(dir.path()).expect("a store");
-        let bound = PendingBound {
-            commands: 1,
-            bytes: usize::MAX,
-        };
-        let (intake, thread, _) = bounded(&store, bound);
+        let (_dir, _store, intake, thread, _) = at_count_bound(1);
         assert!(matches!(
             intake.accept(record("a")).await,
             Ok(Accepted::New(_))
@@ -1278,13 +1287,7 @@ mod tests {
     /// handlers refuse only what the table shows to be new.
     #[tokio::test]
     async fn while_refusing_a_finished_key_is_replayed() {
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let store = Store::open(dir.path()).expect("a store");
-        let bound = PendingBound {
-            commands: 1,
-            bytes: usize::MAX,
-        };
-        let (intake, thread, _) = bounded(&store, bound);
+        let (_dir, store, intake, thread, _) = at_count_bound(1);
         let Ok(Accepted::New(a)) = intake.accept(record("a")).await else {
             panic!("a is new");
         };
