@@ -12,6 +12,11 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_ansi(std::io::stdout().is_terminal())
+        // A log line that cannot be written (stdout a pipe whose reader is gone) is
+        // dropped. By default the subscriber reports that on stderr, which panics if
+        // stderr is gone too: the thread that logged (a signal handler, the consumer)
+        // would die with it, and the server stop answering SIGTERM.
+        .log_internal_errors(false)
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("settle=info")),
         )
@@ -55,6 +60,8 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         _ = ctrl_c => {}
         _ = terminate => {}
     }
-    tracing::info!("shutdown requested");
+    // Cancel first: nothing, not even a log line, may stand between a signal and the
+    // shutdown.
     shutdown.cancel();
+    tracing::info!("shutdown requested");
 }

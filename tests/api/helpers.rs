@@ -15,6 +15,20 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// The base URL a `settle` binary logs on its stdout (`listening on http://ADDR`), read
+/// from its lines; what it logged before is skipped.
+pub fn logged_base_url(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> String {
+    loop {
+        let line = lines
+            .next()
+            .expect("the server logs its address before anything else ends")
+            .expect("readable stdout");
+        if let Some((_, addr)) = line.split_once("listening on ") {
+            return addr.trim().to_owned();
+        }
+    }
+}
+
 /// Longest a test waits for any one event: generous, since tests assert order and
 /// counts, never exact timings.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);

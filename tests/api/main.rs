@@ -7,4 +7,5 @@ mod commands;
 mod events;
 mod faults;
 mod restart;
+mod signals;
 mod validation;

@@ -10,7 +10,7 @@ use futures::future::join_all;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{http_client, Events, EVENT_TIMEOUT};
+use crate::helpers::{http_client, logged_base_url, Events, EVENT_TIMEOUT};
 
 struct Server {
     child: Child,
@@ -35,15 +35,7 @@ impl Server {
             .expect("the settle binary starts");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let base = loop {
-            let line = lines
-                .next()
-                .expect("the server logs its address before anything else ends")
-                .expect("readable stdout");
-            if let Some((_, addr)) = line.split_once("listening on ") {
-                break addr.trim().to_owned();
-            }
-        };
+        let base = logged_base_url(&mut lines);
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         Self { child, base }

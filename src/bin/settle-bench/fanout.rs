@@ -64,19 +64,19 @@ pub struct FanoutArgs {
     pub subscribers: Option<Subscribers>,
     /// Subscribers per worker process, each worker on its own 127.0.0.x source
     /// address [default: 5000; 100 with --smoke].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::positive_usize())]
     pub per_worker: Option<usize>,
     /// Events published, one at a time [default: 5; 2 with --smoke].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::positive_usize())]
     pub events: Option<usize>,
     /// Pause before each memory reading, in ms [default: 2000; 300 with --smoke].
     #[arg(long)]
     pub settle_ms: Option<u64>,
     /// Subscriptions each worker opens at once.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::positive_usize())]
     pub connect_concurrency: usize,
     /// Seconds the workers may take to open every subscription.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     pub connect_seconds: u64,
 }
 
@@ -94,9 +94,12 @@ impl std::str::FromStr for Subscribers {
         if text == "max" {
             return Ok(Self::Max);
         }
-        text.parse()
-            .map(Self::Count)
-            .map_err(|_| format!("a number of subscribers or `max`, got {text:?}"))
+        match text.parse() {
+            Ok(0) | Err(_) => Err(format!(
+                "a number of subscribers (at least 1) or `max`, got {text:?}"
+            )),
+            Ok(count) => Ok(Self::Count(count)),
+        }
     }
 }
 
@@ -637,7 +640,7 @@ mod tests {
     fn subscribers_are_a_count_or_max() {
         assert_eq!("15000".parse(), Ok(Subscribers::Count(15000)));
         assert_eq!("max".parse(), Ok(Subscribers::Max));
-        for bad in ["", "-1", "all", "MAX", "1e4"] {
+        for bad in ["", "0", "-1", "all", "MAX", "1e4"] {
             assert!(bad.parse::<Subscribers>().is_err(), "{bad:?}");
         }
     }

@@ -135,7 +135,7 @@ struct CommonArgs {
     data_parent: Option<PathBuf>,
     /// Seconds each timed phase runs [default: overhead 30, accept 10 per route;
     /// 2 with --smoke].
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     duration: Option<u64>,
     /// Also write the JSON document to this file; `-`: the JSON document alone on
     /// stdout (for `jq`), the human report on stderr.
@@ -219,7 +219,7 @@ fn main() -> ExitCode {
             .build()
             .context("building the worker runtime")
             .and_then(|runtime| runtime.block_on(fanout::worker::run(args)))
-            .map(|()| true),
+            .map(|()| Outcome::Measured),
         command => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -227,8 +227,10 @@ fn main() -> ExitCode {
             .and_then(|runtime| runtime.block_on(run(command))),
     };
     match outcome {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
+        Ok(Outcome::Measured) => ExitCode::SUCCESS,
+        Ok(Outcome::Problems) => ExitCode::from(1),
+        // As a shell reports a command ended by the signal: 130, 143.
+        Ok(Outcome::Interrupted(signal)) => ExitCode::from(128 + signal.number),
         Err(err) => {
             eprintln!("settle-bench: {err:#}");
             ExitCode::from(2)
@@ -236,8 +238,44 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs the phases of one command; `Ok(false)` when a phase found problems.
-async fn run(command: Command) -> anyhow::Result<bool> {
+/// The parser of a count flag: at least 1 (a zero would measure nothing, or hang).
+fn positive_usize() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
+}
+
+/// How a run ended, for the exit status.
+enum Outcome {
+    /// Every phase measured what it meant to (targets met or not).
+    Measured,
+    /// A phase found problems (a lost command, a missing event, a failed subscriber).
+    Problems,
+    /// SIGINT or SIGTERM: the run was cut short, nothing reported.
+    Interrupted(Signal),
+}
+
+/// A signal that interrupts a run.
+#[derive(Clone, Copy)]
+struct Signal {
+    name: &'static str,
+    number: u8,
+}
+
+/// Completes on SIGINT or SIGTERM; never if they cannot be listened for.
+async fn interrupt() -> Signal {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => signal.recv().await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        Ok(()) = tokio::signal::ctrl_c() => Signal { name: "SIGINT", number: libc::SIGINT as u8 },
+        _ = terminate => Signal { name: "SIGTERM", number: libc::SIGTERM as u8 },
+    }
+}
+
+/// Runs the phases of one command.
+async fn run(command: Command) -> anyhow::Result<Outcome> {
     let nofile = match sys::raise_nofile_limit() {
         Ok(limits) => Some(limits),
         Err(err) => {
@@ -299,9 +337,20 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         ],
         Command::FanoutWorker(_) => unreachable!("workers run in their own runtime"),
     };
-    // One after the other: each phase needs the machine to itself.
+    // One after the other: each phase needs the machine to itself. An interrupt drops
+    // the running phase, which kills what it started (the server, the fan-out workers)
+    // and removes the server's data directory.
+    let interrupted = interrupt();
+    tokio::pin!(interrupted);
     for (name, phase) in phases {
-        match phase.await {
+        let outcome = tokio::select! {
+            outcome = phase => outcome,
+            signal = &mut interrupted => {
+                eprintln!("settle-bench: {} during the {name} phase: stopped what it started", signal.name);
+                return Ok(Outcome::Interrupted(signal));
+            }
+        };
+        match outcome {
             Ok(report) => {
                 report
                     .print_table(&mut *human)
@@ -331,5 +380,9 @@ async fn run(command: Command) -> anyhow::Result<bool> {
     if document.phases.is_empty() {
         anyhow::bail!("no phase could run");
     }
-    Ok(document.ok)
+    Ok(if document.ok {
+        Outcome::Measured
+    } else {
+        Outcome::Problems
+    })
 }

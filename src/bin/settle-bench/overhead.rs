@@ -49,17 +49,17 @@ pub enum Workload {
 #[derive(Args, Clone, Debug)]
 pub struct OverheadArgs {
     /// Commands per second [default: 1000; 200 with --smoke].
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub rate: Option<u64>,
     /// Most commands awaiting their 202 at once; also the number of keep-alive
     /// connections the commands go over.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::positive_usize())]
     pub max_in_flight: usize,
     /// What each overhead command is.
     #[arg(long, value_enum, default_value_t = Workload::Like)]
     pub workload: Workload,
     /// How many tasks `--workload like` spreads its likes over.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = crate::positive_usize())]
     pub tasks: usize,
 }
 

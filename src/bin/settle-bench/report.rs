@@ -80,13 +80,27 @@ impl PhaseReport {
     }
 }
 
+/// Whether this executable was written before HEAD's commit was made.
+fn built_before_head(repo: &std::path::Path) -> bool {
+    let committed = sys::command_line_output("git", &["log", "-1", "--format=%ct"], Some(repo))
+        .and_then(|seconds| seconds.trim().parse::<u64>().ok());
+    let built = std::env::current_exe()
+        .and_then(std::fs::metadata)
+        .and_then(|meta| meta.modified())
+        .ok()
+        .and_then(|modified| modified.duration_since(std::time::UNIX_EPOCH).ok());
+    matches!((committed, built), (Some(committed), Some(built)) if built.as_secs() < committed)
+}
+
 /// Versions of what was measured.
 #[derive(Debug, Serialize)]
 pub struct Versions {
     pub settle_bench: &'static str,
     /// `rustc -V` of the toolchain on PATH (normally the one that built the bench).
     pub rustc: Option<String>,
-    /// The commit of the source tree the bench was built from, `-dirty` if changed.
+    /// HEAD of the source tree the bench was built in, read when it runs: `-dirty` if
+    /// the tree has changed since, `(built before it)` if this binary is older than
+    /// that commit (then it measures an earlier build).
     pub git: Option<String>,
     pub bench_profile: &'static str,
 }
@@ -102,11 +116,13 @@ impl Versions {
                     .output()
                     .map(|out| !out.stdout.is_empty())
                     .unwrap_or(false);
-                if dirty {
-                    format!("{commit}-dirty")
+                let dirty = if dirty { "-dirty" } else { "" };
+                let stale = if built_before_head(repo) {
+                    " (built before it)"
                 } else {
-                    commit
-                }
+                    ""
+                };
+                format!("{commit}{dirty}{stale}")
             });
         Self {
             settle_bench: env!("CARGO_PKG_VERSION"),

@@ -55,7 +55,8 @@ struct FaultSettings {
 }
 
 /// A server under test. A started one is stopped by [`Server::stop`], or killed when
-/// dropped (the child is spawned with `kill_on_drop`), so the bench never leaves one.
+/// dropped (a phase that failed, or the bench interrupted: see `main`), so the bench
+/// never leaves one, nor its data directory.
 pub struct Server {
     pub info: ServerInfo,
     child: Option<Child>,
@@ -227,11 +228,15 @@ impl Server {
     /// A server that is already running; the bench neither starts nor stops it. Without
     /// `pid`, the process listening on `addr` is looked up in /proc and taken if its
     /// binary is a settle's (a proxy or a tunnel may hold the port instead); otherwise
-    /// the server's memory and CPU go unreported.
+    /// the server's memory and CPU go unreported. A `pid` that is not the listening
+    /// settle is warned about (a proxy's PID is wrong, a supervisor's may be meant).
     ///
     /// # Errors
-    /// When it does not answer `GET /api/faults`.
+    /// When nothing answers at `addr`, it does not answer `GET /api/faults`, or `pid`
+    /// names no process.
     pub async fn attach(addr: SocketAddr, pid: Option<u32>) -> anyhow::Result<Self> {
+        // Whether anything answers first: the PID is looked for only then.
+        drop(client::connect(addr).await?);
         let is_settle = |pid: u32| {
             running_binary(pid).is_some_and(|binary| {
                 binary
@@ -239,22 +244,31 @@ impl Server {
                     .is_some_and(|name| name.to_string_lossy().starts_with("settle"))
             })
         };
-        let pid = match pid {
-            Some(pid) => Some(pid),
-            None => match sys::listening_pid(addr) {
-                Ok(pid) if is_settle(pid) => {
-                    eprintln!("settle-bench: the server at {addr} is process {pid} (its listening socket); --server-pid names another");
-                    Some(pid)
+        let listening = sys::listening_pid(addr);
+        let pid = match (pid, listening) {
+            (Some(pid), listening) => {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    bail!("--server-pid {pid}: no such process");
                 }
-                Ok(pid) => {
-                    eprintln!("settle-bench: process {pid} listens on {addr} but its binary is not a settle: its memory and CPU go unreported; give --server-pid");
-                    None
+                match listening {
+                    Ok(listener) if listener != pid => eprintln!("settle-bench: warning: process {listener} listens on {addr}, not --server-pid {pid}; the memory and CPU reported are {pid}'s"),
+                    _ if !is_settle(pid) => eprintln!("settle-bench: warning: --server-pid {pid} does not run a settle binary; the memory and CPU reported are its own"),
+                    _ => {}
                 }
-                Err(err) => {
-                    eprintln!("settle-bench: the server's memory and CPU go unreported: {err:#}; give --server-pid");
-                    None
-                }
-            },
+                Some(pid)
+            }
+            (None, Ok(pid)) if is_settle(pid) => {
+                eprintln!("settle-bench: measuring the memory and CPU of process {pid}, the settle listening on {addr} (--server-pid names another)");
+                Some(pid)
+            }
+            (None, Ok(pid)) => {
+                eprintln!("settle-bench: process {pid} listens on {addr} but does not run a settle binary: the server's memory and CPU go unreported (--server-pid names the server's process)");
+                None
+            }
+            (None, Err(err)) => {
+                eprintln!("settle-bench: the server's memory and CPU go unreported: {err:#} (--server-pid names the server's process)");
+                None
+            }
         };
         let binary = pid.and_then(running_binary);
         // The running build's version (its file may have been replaced since): only a
@@ -350,6 +364,29 @@ impl Server {
                 bail!("the server did not stop within {STOP_TIMEOUT:?} of SIGTERM (killed)");
             }
         }
+    }
+}
+
+impl Drop for Server {
+    /// Kills a started server that was not stopped and waits (briefly, blocking) for it
+    /// to die, so that its data directory, removed next, is not being written.
+    fn drop(&mut self) {
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        if child.start_kill().is_err() {
+            return; // Exited already.
+        }
+        for _ in 0..200 {
+            if matches!(child.try_wait(), Ok(Some(_)) | Err(_)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!(
+            "settle-bench: the server it started (pid {:?}) did not die within 2 s of SIGKILL",
+            self.info.pid
+        );
     }
 }
 
