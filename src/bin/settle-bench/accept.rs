@@ -66,7 +66,8 @@ struct Results {
     accept: RouteResult,
     /// accept rate / no-op rate.
     ratio: f64,
-    /// `GET /api/metrics` after the run: the server's own counts.
+    /// The server's own counts (`GET /api/metrics`) from before the accept route to
+    /// after it: on a `--target` server, what this phase added.
     server_accepted: Option<u64>,
     server_settled: Option<u64>,
 }
@@ -110,6 +111,11 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
     let noop_cpu = noop_cpu.finish();
     tokio::time::sleep(PAUSE).await;
 
+    let mut conns = conns;
+    let metrics_before = match conns.first_mut() {
+        Some(conn) => conn.metrics::<ServerMetrics>().await,
+        None => None,
+    };
     let accept_cpu = CpuMeter::start(server.info.pid, &[]);
     let (accept, conns) = closed_loop(conns, addr, duration_s, StatusCode::ACCEPTED, {
         let run = run.clone();
@@ -137,10 +143,14 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
     } else {
         0.0
     };
+    let during = |count: fn(&ServerMetrics) -> u64| {
+        let (before, after) = (metrics_before.as_ref()?, server_metrics.as_ref()?);
+        Some(count(after).saturating_sub(count(before)))
+    };
     let results = Results {
         ratio,
-        server_accepted: server_metrics.as_ref().map(|m| m.accepted),
-        server_settled: server_metrics.as_ref().map(|m| m.settled),
+        server_accepted: during(|m| m.accepted),
+        server_settled: during(|m| m.settled),
         noop,
         accept,
     };
@@ -205,7 +215,7 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
         route_row("accept POST /api/tasks (202)", &results.accept),
         ("ratio accept / no-op".to_owned(), format!("{ratio:.3}")),
         (
-            "server's counts after".to_owned(),
+            "server's counts, accept route".to_owned(),
             format!(
                 "accepted {}, settled {}",
                 results
