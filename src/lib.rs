@@ -33,6 +33,7 @@ pub mod hub;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod signal;
 pub mod sse;
 pub mod store;
 

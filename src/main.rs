@@ -34,34 +34,11 @@ async fn main() -> anyhow::Result<()> {
     settle::serve(listener, config, shutdown).await
 }
 
-/// One shutdown source for the whole process: ctrl-c or SIGTERM.
+/// One shutdown source for the whole process: SIGINT (ctrl-c) or SIGTERM.
 async fn cancel_on_signal(shutdown: CancellationToken) {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %err, "cannot listen for ctrl-c");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = terminate => {}
-    }
+    let signal = settle::signal::stop_requested().await;
     // Cancel first: nothing, not even a log line, may stand between a signal and the
     // shutdown.
     shutdown.cancel();
-    tracing::info!("shutdown requested");
+    tracing::info!(signal = signal.name, "shutdown requested");
 }

@@ -1153,53 +1153,63 @@ mod tests {
         assert_eq!(store.pending_table().releasable, [active, active + 1]);
     }
 
-    /// A writer with `bound`, and the keys it hands on as durable.
-    fn bounded(
-        store: &Store,
-        bound: PendingBound,
-    ) -> (Intake, IntakeThread, Arc<std::sync::Mutex<Vec<String>>>) {
-        let durable = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let seen = Arc::clone(&durable);
-        let (intake, thread) = Intake::start(
-            store.clone(),
-            bound,
-            Box::new(move |records: &[CommandRecord]| {
-                seen.lock()
-                    .unwrap()
-                    .extend(records.iter().map(|r| r.idempotency_key.clone()));
-            }),
-            CancellationToken::new(),
-        )
-        .expect("a writer");
-        (intake, thread, durable)
+    /// A fresh store and a writer bounded at `bound`, with the keys it hands on as
+    /// durable. Bind `dir` (as `_dir`) where it is not used: left out of a pattern, the
+    /// directory would be removed at once.
+    struct Bounded {
+        dir: tempfile::TempDir,
+        store: Store,
+        intake: Intake,
+        thread: IntakeThread,
+        durable: Arc<std::sync::Mutex<Vec<String>>>,
     }
 
-    /// A fresh store with a writer bounded at `commands` pending commands (bytes
-    /// unbounded), and the keys it hands on as durable.
-    fn at_count_bound(
-        commands: usize,
-    ) -> (
-        tempfile::TempDir,
-        Store,
-        Intake,
-        IntakeThread,
-        Arc<std::sync::Mutex<Vec<String>>>,
-    ) {
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let store = Store::open(dir.path()).expect("a store");
-        let bound = PendingBound {
-            commands,
-            bytes: usize::MAX,
-        };
-        let (intake, thread, durable) = bounded(&store, bound);
-        (dir, store, intake, thread, durable)
+    impl Bounded {
+        fn new(bound: PendingBound) -> Self {
+            let dir = tempfile::tempdir().expect("a temp dir");
+            let store = Store::open(dir.path()).expect("a store");
+            let durable = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let seen = Arc::clone(&durable);
+            let (intake, thread) = Intake::start(
+                store.clone(),
+                bound,
+                Box::new(move |records: &[CommandRecord]| {
+                    seen.lock()
+                        .unwrap()
+                        .extend(records.iter().map(|r| r.idempotency_key.clone()));
+                }),
+                CancellationToken::new(),
+            )
+            .expect("a writer");
+            Self {
+                dir,
+                store,
+                intake,
+                thread,
+                durable,
+            }
+        }
+
+        /// At most `commands` pending commands, bytes unbounded.
+        fn at_count(commands: usize) -> Self {
+            Self::new(PendingBound {
+                commands,
+                bytes: usize::MAX,
+            })
+        }
     }
 
     /// At its bound the intake refuses a new key and stores nothing of it, answers a
     /// known key as always, and takes new keys again once a pending command finishes.
     #[tokio::test]
     async fn at_max_pending_a_new_key_is_refused_and_stores_nothing() {
-        let (dir, store, intake, thread, durable) = at_count_bound(2);
+        let Bounded {
+            dir,
+            store,
+            intake,
+            thread,
+            durable,
+        } = Bounded::at_count(2);
         let accept = |key: &str| intake.accept(record(key));
 
         let a = match accept("a").await.expect("answered") {
@@ -1256,7 +1266,12 @@ mod tests {
     /// (whose replay waits for its record to be durable) still needs the writer.
     #[tokio::test]
     async fn while_refusing_a_new_key_is_refused_without_the_writer() {
-        let (_dir, _store, intake, thread, _) = at_count_bound(1);
+        let Bounded {
+            dir: _dir,
+            intake,
+            thread,
+            ..
+        } = Bounded::at_count(1);
         assert!(matches!(
             intake.accept(record("a")).await,
             Ok(Accepted::New(_))
@@ -1287,7 +1302,13 @@ mod tests {
     /// handlers refuse only what the table shows to be new.
     #[tokio::test]
     async fn while_refusing_a_finished_key_is_replayed() {
-        let (_dir, store, intake, thread, _) = at_count_bound(1);
+        let Bounded {
+            dir: _dir,
+            store,
+            intake,
+            thread,
+            ..
+        } = Bounded::at_count(1);
         let Ok(Accepted::New(a)) = intake.accept(record("a")).await else {
             panic!("a is new");
         };
@@ -1326,13 +1347,16 @@ mod tests {
     /// refused once they reach it, whatever their number; a finished one frees its size.
     #[tokio::test]
     async fn at_max_pending_bytes_a_new_key_is_refused() {
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let store = Store::open(dir.path()).expect("a store");
-        let bound = PendingBound {
+        let Bounded {
+            dir: _dir,
+            store,
+            intake,
+            thread,
+            ..
+        } = Bounded::new(PendingBound {
             commands: usize::MAX,
             bytes: 1,
-        };
-        let (intake, thread, _) = bounded(&store, bound);
+        });
         let a = match intake.accept(record("a")).await {
             Ok(Accepted::New(a)) => a,
             other => panic!("below the bound: {other:?}"),

@@ -1,6 +1,9 @@
 //! The test harness: a real server on port 0 with its own temp data dir, an HTTP
 //! client, and SSE subscriptions through the `eventsource-client` crate.
 
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use es::Client as _;
@@ -15,17 +18,69 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// The base URL a `settle` binary logs on its stdout (`listening on http://ADDR`), read
-/// from its lines; what it logged before is skipped.
-pub fn logged_base_url(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> String {
-    loop {
-        let line = lines
-            .next()
-            .expect("the server logs its address before anything else ends")
-            .expect("readable stdout");
-        if let Some((_, addr)) = line.split_once("listening on ") {
-            return addr.trim().to_owned();
+/// The real `settle` binary on port 0, with its own data directory; killed when
+/// dropped, so a failed assertion leaves no server behind.
+pub struct BinaryServer {
+    pub child: Child,
+    pub base: String,
+}
+
+/// What becomes of the binary's logs once it has logged its address.
+pub enum Logs {
+    /// stdout read to its end (the child never blocks on a full pipe), stderr inherited.
+    Drained,
+    /// Both pipes' readers gone: every later log line fails to be written.
+    Closed,
+}
+
+impl BinaryServer {
+    /// Starts the binary with `RUST_LOG=settle=<log_level>` and waits for the
+    /// `listening on http://ADDR` line.
+    pub fn start(data_dir: &Path, delay_ms: u64, log_level: &str, logs: Logs) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_settle"))
+            .args(["--addr", "127.0.0.1:0", "--delay-ms", &delay_ms.to_string()])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("RUST_LOG", format!("settle={log_level}"))
+            .stdout(Stdio::piped())
+            .stderr(match logs {
+                Logs::Drained => Stdio::inherit(),
+                Logs::Closed => Stdio::piped(),
+            })
+            .spawn()
+            .expect("the settle binary starts");
+        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let base = loop {
+            let line = lines
+                .next()
+                .expect("the server logs its address before anything else ends")
+                .expect("readable stdout");
+            if let Some((_, addr)) = line.split_once("listening on ") {
+                break addr.trim().to_owned();
+            }
+        };
+        match logs {
+            Logs::Drained => {
+                std::thread::spawn(move || for _ in lines {});
+            }
+            Logs::Closed => {
+                drop(lines);
+                drop(child.stderr.take());
+            }
         }
+        Self { child, base }
+    }
+
+    pub fn kill_9(mut self) {
+        self.child.kill().expect("SIGKILL delivered");
+        self.child.wait().expect("the child is reaped");
+    }
+}
+
+impl Drop for BinaryServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -2,57 +2,13 @@
 //! window, start it again on the same data dir, and count every command's effect.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures::future::join_all;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{http_client, logged_base_url, Events, EVENT_TIMEOUT};
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(data_dir: &std::path::Path, delay_ms: u64) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_settle"))
-            .args([
-                "--addr",
-                "127.0.0.1:0",
-                "--delay-ms",
-                &delay_ms.to_string(),
-                "--data-dir",
-            ])
-            .arg(data_dir)
-            .env("RUST_LOG", "settle=info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the settle binary starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let base = logged_base_url(&mut lines);
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Self { child, base }
-    }
-
-    fn kill_9(mut self) {
-        self.child.kill().expect("SIGKILL delivered");
-        self.child.wait().expect("the child is reaped");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::helpers::{http_client, BinaryServer, Events, Logs, EVENT_TIMEOUT};
 
 #[tokio::test]
 async fn kill_9_inside_the_window_then_restart_settles_every_accepted_command_exactly_once() {
@@ -60,7 +16,7 @@ async fn kill_9_inside_the_window_then_restart_settles_every_accepted_command_ex
     let http = http_client();
 
     // Some history first, so event ids must continue after the crash.
-    let server = Server::start(data_dir.path(), 50);
+    let server = BinaryServer::start(data_dir.path(), 50, "info", Logs::Drained);
     let mut events = Events::open(&format!("{}/api/events", server.base), None).await;
     let seed_task = Uuid::now_v7();
     let response = http
@@ -110,7 +66,7 @@ async fn kill_9_inside_the_window_then_restart_settles_every_accepted_command_ex
     let accepted: Vec<String> = join_all(requests).await;
     server.kill_9();
 
-    let server = Server::start(data_dir.path(), 50);
+    let server = BinaryServer::start(data_dir.path(), 50, "info", Logs::Drained);
     let mut events = Events::open(&format!("{}/api/events", server.base), Some(0)).await;
     let mut seen: HashMap<String, u64> = HashMap::new();
     let mut ids = Vec::new();

@@ -93,7 +93,7 @@ struct Tally {
 /// When the server cannot be started or connections cannot be opened.
 pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
     let duration_s = ctx.duration_s(10);
-    let concurrency = args.concurrency.max(1);
+    let concurrency = args.concurrency;
     let server = ctx.server().await?;
     let addr = server.info.addr;
     let run = Arc::new(commands::run_id());
@@ -104,14 +104,13 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
     }
 
     let noop_cpu = CpuMeter::start(server.info.pid, &[]);
-    let (noop, conns) = closed_loop(conns, addr, duration_s, StatusCode::OK, |conn, _, _| {
+    let (noop, mut conns) = closed_loop(conns, addr, duration_s, StatusCode::OK, |conn, _, _| {
         Box::pin(async move { conn.get("/api/health").await })
     })
     .await;
     let noop_cpu = noop_cpu.finish();
     tokio::time::sleep(PAUSE).await;
 
-    let mut conns = conns;
     let metrics_before = match conns.first_mut() {
         Some(conn) => conn.metrics::<ServerMetrics>().await,
         None => None,
@@ -165,13 +164,17 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
             results.noop.errors, results.accept.errors
         ));
     }
-    if let Some(server_accepted) = results.server_accepted {
-        if server_accepted < results.accept.ok {
+    match results.server_accepted {
+        None => problems.push(
+            "the server's counts could not be read (GET /api/metrics), so the bench's 202s are not checked against them".to_owned(),
+        ),
+        Some(server_accepted) if server_accepted < results.accept.ok => {
             problems.push(format!(
                 "the server counts {server_accepted} accepted commands, the bench {}",
                 results.accept.ok
             ));
         }
+        Some(_) => {}
     }
 
     let applies = concurrency == TARGET_CONCURRENCY && !ctx.smoke;

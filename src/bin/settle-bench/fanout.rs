@@ -76,7 +76,7 @@ pub struct FanoutArgs {
     #[arg(long, default_value_t = 64, value_parser = crate::positive_usize())]
     pub connect_concurrency: usize,
     /// Seconds the workers may take to open every subscription.
-    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 120, value_parser = crate::positive_u64())]
     pub connect_seconds: u64,
 }
 
@@ -266,8 +266,8 @@ impl WorkerProcess {
 /// # Errors
 /// When the server or the workers cannot be started, or a worker stops answering.
 pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
-    let per_worker = ctx.pick(args.per_worker, 100, 5000).max(1);
-    let event_count = ctx.pick(args.events, 2, 5).max(1);
+    let per_worker = ctx.pick(args.per_worker, 100, 5000);
+    let event_count = ctx.pick(args.events, 2, 5);
     let settle = Duration::from_millis(ctx.pick(args.settle_ms, 300, 2000));
     let check_workers = |subscribers: usize| {
         let worker_count = subscribers.div_ceil(per_worker);
@@ -299,8 +299,7 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
         (Some(Subscribers::Count(count)), _) => count,
         (Some(Subscribers::Max), Some(fd_limit)) => max_subscribers(fd_limit)?,
         _ => ctx.pick(None, 200, TARGET_SUBSCRIBERS),
-    }
-    .max(1);
+    };
     let worker_count = check_workers(subscribers)?;
 
     tokio::time::sleep(settle).await;

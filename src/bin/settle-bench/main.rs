@@ -18,7 +18,9 @@
 //! JSON document (also written with `--json PATH`; with `--json -` the document alone
 //! goes to stdout and the rest to stderr). The exit status is 0 when every phase
 //! measured what it meant to (no lost command, no missing event), 1 otherwise, 2 when
-//! the bench could not run; targets that are not met do not change it.
+//! the bench could not run; targets that are not met do not change it. On SIGINT or
+//! SIGTERM it stops the server and workers it started, removes the server's data
+//! directory, and dies by the signal.
 //!
 //! Layout:
 //! - `client`: one keep-alive hyper HTTP/1.1 connection per socket, optional source IP.
@@ -56,6 +58,7 @@ use crate::overhead::OverheadArgs;
 use crate::report::{Document, PhaseReport, Versions};
 use crate::server::Server;
 use crate::sys::Machine;
+use settle::signal::Signal;
 
 /// The server's delay in a smoke run: short, so the run takes seconds.
 const SMOKE_DELAY_MS: u64 = 200;
@@ -135,7 +138,7 @@ struct CommonArgs {
     data_parent: Option<PathBuf>,
     /// Seconds each timed phase runs [default: overhead 30, accept 10 per route;
     /// 2 with --smoke].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = crate::positive_u64())]
     duration: Option<u64>,
     /// Also write the JSON document to this file; `-`: the JSON document alone on
     /// stdout (for `jq`), the human report on stderr.
@@ -192,7 +195,7 @@ impl Ctx {
 
     /// `--duration`, else 2 s for a smoke run, else the phase's default.
     pub fn duration_s(&self, full: u64) -> u64 {
-        self.pick(self.duration, 2, full).max(1)
+        self.pick(self.duration, 2, full)
     }
 
     /// A fresh server for one phase, or the `--target`.
@@ -229,8 +232,7 @@ fn main() -> ExitCode {
     match outcome {
         Ok(Outcome::Measured) => ExitCode::SUCCESS,
         Ok(Outcome::Problems) => ExitCode::from(1),
-        // As a shell reports a command ended by the signal: 130, 143.
-        Ok(Outcome::Interrupted(signal)) => ExitCode::from(128 + signal.number),
+        Ok(Outcome::Interrupted(signal)) => die_by(signal),
         Err(err) => {
             eprintln!("settle-bench: {err:#}");
             ExitCode::from(2)
@@ -243,35 +245,32 @@ fn positive_usize() -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::new().range(1..)
 }
 
+/// [`positive_usize`] for a `u64` flag.
+fn positive_u64() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
+}
+
 /// How a run ended, for the exit status.
 enum Outcome {
     /// Every phase measured what it meant to (targets met or not).
     Measured,
     /// A phase found problems (a lost command, a missing event, a failed subscriber).
     Problems,
-    /// SIGINT or SIGTERM: the run was cut short, nothing reported.
+    /// SIGINT or SIGTERM: the run was cut short, once what it started was stopped.
     Interrupted(Signal),
 }
 
-/// A signal that interrupts a run.
-#[derive(Clone, Copy)]
-struct Signal {
-    name: &'static str,
-    number: u8,
-}
-
-/// Completes on SIGINT or SIGTERM; never if they cannot be listened for.
-async fn interrupt() -> Signal {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => signal.recv().await,
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        Ok(()) = tokio::signal::ctrl_c() => Signal { name: "SIGINT", number: libc::SIGINT as u8 },
-        _ = terminate => Signal { name: "SIGTERM", number: libc::SIGTERM as u8 },
+/// Ends the process by `signal` once the bench has cleaned up, as an interrupted
+/// program should: a shell then sees it killed by the signal (130, 143) and stops a
+/// loop of runs too, where an exit with 130 would let the loop go on.
+fn die_by(signal: Signal) -> ExitCode {
+    // SAFETY: the runtime, and with it every thread that handled signals, is gone;
+    // restoring the default action and raising the signal ends the process.
+    unsafe {
+        libc::signal(signal.number, libc::SIG_DFL);
+        libc::raise(signal.number);
     }
+    ExitCode::from(u8::try_from(128 + signal.number).unwrap_or(1))
 }
 
 /// Runs the phases of one command.
@@ -340,15 +339,17 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
     // One after the other: each phase needs the machine to itself. An interrupt drops
     // the running phase, which kills what it started (the server, the fan-out workers)
     // and removes the server's data directory.
-    let interrupted = interrupt();
+    let interrupted = settle::signal::stop_requested();
     tokio::pin!(interrupted);
     for (name, phase) in phases {
         let outcome = tokio::select! {
-            outcome = phase => outcome,
+            // A signal that came between two phases stops the run before the next starts.
+            biased;
             signal = &mut interrupted => {
                 eprintln!("settle-bench: {} during the {name} phase: stopped what it started", signal.name);
                 return Ok(Outcome::Interrupted(signal));
             }
+            outcome = phase => outcome,
         };
         match outcome {
             Ok(report) => {
@@ -376,6 +377,10 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
                 .with_context(|| format!("writing {}", path.display()))?;
             println!("(written to {})", path.display());
         }
+    }
+    // A signal while the report was written: the run is over, but it was asked to stop.
+    if let Some(signal) = futures::FutureExt::now_or_never(&mut interrupted) {
+        return Ok(Outcome::Interrupted(signal));
     }
     if document.phases.is_empty() {
         anyhow::bail!("no phase could run");

@@ -49,7 +49,7 @@ pub enum Workload {
 #[derive(Args, Clone, Debug)]
 pub struct OverheadArgs {
     /// Commands per second [default: 1000; 200 with --smoke].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = crate::positive_u64())]
     pub rate: Option<u64>,
     /// Most commands awaiting their 202 at once; also the number of keep-alive
     /// connections the commands go over.
@@ -172,7 +172,7 @@ impl Ledger {
 /// # Errors
 /// When the server cannot be started or the setup fails.
 pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> {
-    let rate = ctx.pick(args.rate, 200, TARGET_RATE).max(1);
+    let rate = ctx.pick(args.rate, 200, TARGET_RATE);
     let duration_s = ctx.duration_s(30);
     let server = ctx.server().await?;
     let addr = server.info.addr;
@@ -186,7 +186,7 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
     // as the bottom of a stack would while a steady rate needs only its top. At rates
     // too low for that, `send_one` replaces a closed connection before sending.
     let mut pool = VecDeque::with_capacity(args.max_in_flight);
-    for _ in 0..args.max_in_flight.max(1) {
+    for _ in 0..args.max_in_flight {
         pool.push_back(client::connect(addr).await?);
     }
     let tasks = match args.workload {
@@ -194,7 +194,7 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
             commands::create_tasks(
                 pool.front_mut().expect("at least one connection"),
                 &mut observer,
-                args.tasks.max(1),
+                args.tasks,
                 &run,
                 settle_timeout,
             )

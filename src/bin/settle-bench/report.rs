@@ -80,27 +80,15 @@ impl PhaseReport {
     }
 }
 
-/// Whether this executable was written before HEAD's commit was made.
-fn built_before_head(repo: &std::path::Path) -> bool {
-    let committed = sys::command_line_output("git", &["log", "-1", "--format=%ct"], Some(repo))
-        .and_then(|seconds| seconds.trim().parse::<u64>().ok());
-    let built = std::env::current_exe()
-        .and_then(std::fs::metadata)
-        .and_then(|meta| meta.modified())
-        .ok()
-        .and_then(|modified| modified.duration_since(std::time::UNIX_EPOCH).ok());
-    matches!((committed, built), (Some(committed), Some(built)) if built.as_secs() < committed)
-}
-
 /// Versions of what was measured.
 #[derive(Debug, Serialize)]
 pub struct Versions {
     pub settle_bench: &'static str,
     /// `rustc -V` of the toolchain on PATH (normally the one that built the bench).
     pub rustc: Option<String>,
-    /// HEAD of the source tree the bench was built in, read when it runs: `-dirty` if
-    /// the tree has changed since, `(built before it)` if this binary is older than
-    /// that commit (then it measures an earlier build).
+    /// HEAD of the source tree the bench was built in, read when it runs (not
+    /// necessarily what this binary, or a `--server-bin`, was built from), `-dirty`
+    /// if the tree has uncommitted changes.
     pub git: Option<String>,
     pub bench_profile: &'static str,
 }
@@ -116,13 +104,11 @@ impl Versions {
                     .output()
                     .map(|out| !out.stdout.is_empty())
                     .unwrap_or(false);
-                let dirty = if dirty { "-dirty" } else { "" };
-                let stale = if built_before_head(repo) {
-                    " (built before it)"
+                if dirty {
+                    format!("{commit}-dirty")
                 } else {
-                    ""
-                };
-                format!("{commit}{dirty}{stale}")
+                    commit
+                }
             });
         Self {
             settle_bench: env!("CARGO_PKG_VERSION"),

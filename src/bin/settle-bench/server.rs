@@ -56,13 +56,44 @@ struct FaultSettings {
 
 /// A server under test. A started one is stopped by [`Server::stop`], or killed when
 /// dropped (a phase that failed, or the bench interrupted: see `main`), so the bench
-/// never leaves one, nor its data directory.
+/// leaves neither the process nor its data directory. The drop blocks (up to 2 s, for
+/// the process to die): drop a `Server` where the bench's main task runs it, not in a
+/// spawned task.
 pub struct Server {
     pub info: ServerInfo,
-    child: Option<Child>,
+    started: Option<Started>,
     log_tail: Arc<Mutex<VecDeque<String>>>,
-    // Removed when the server is dropped; after the child, so after it stopped.
-    _data_dir: Option<tempfile::TempDir>,
+}
+
+/// A started server's process and fresh data directory.
+struct Started {
+    /// `None` once the process has been waited for.
+    child: Option<Child>,
+    pid: u32,
+    _data_dir: tempfile::TempDir,
+}
+
+impl Drop for Started {
+    /// Kills the process unless it was waited for, and waits (briefly, blocking) for it
+    /// to die, so that the data directory, removed next, is no longer being written.
+    fn drop(&mut self) {
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        if child.start_kill().is_err() {
+            return; // Exited already.
+        }
+        for _ in 0..200 {
+            if matches!(child.try_wait(), Ok(Some(_)) | Err(_)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!(
+            "settle-bench: the server it started (pid {}) did not die within 2 s of SIGKILL",
+            self.pid
+        );
+    }
 }
 
 /// Where the bench finds `settle`: beside its own executable (both are in
@@ -124,6 +155,50 @@ fn build_server(cargo: &OsStr, dir: &Path) -> anyhow::Result<()> {
 /// The path of the binary process `pid` runs (`... (deleted)` if it was replaced).
 fn running_binary(pid: u32) -> Option<PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/exe")).ok()
+}
+
+/// Whether `binary` (as /proc shows it) is a `settle`.
+fn is_settle(binary: &Path) -> bool {
+    binary
+        .file_name()
+        .is_some_and(|name| name == "settle" || name == "settle (deleted)")
+}
+
+/// The process of the server at `addr` and its binary: `pid` if given, else the process
+/// listening there if it runs a `settle`. Blocking: it may read every process's open
+/// files in /proc.
+fn server_process(
+    addr: SocketAddr,
+    pid: Option<u32>,
+) -> anyhow::Result<(Option<u32>, Option<PathBuf>)> {
+    if let Some(pid) = pid {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            bail!("--server-pid {pid}: no such process");
+        }
+        let binary = running_binary(pid);
+        match &binary {
+            None => eprintln!("settle-bench: warning: cannot read which binary --server-pid {pid} runs; its memory and CPU are reported as the server's"),
+            Some(binary) if !is_settle(binary) => eprintln!("settle-bench: warning: --server-pid {pid} runs {}, not a settle; its memory and CPU are reported as the server's", binary.display()),
+            Some(_) => {}
+        }
+        return Ok((Some(pid), binary));
+    }
+    match sys::listening_pid(addr) {
+        Ok(pid) => match running_binary(pid) {
+            Some(binary) if is_settle(&binary) => {
+                eprintln!("settle-bench: measuring the memory and CPU of process {pid}, the settle listening on {addr} (--server-pid names another)");
+                Ok((Some(pid), Some(binary)))
+            }
+            _ => {
+                eprintln!("settle-bench: process {pid} listens on {addr} but does not run a settle: the server's memory and CPU go unreported (--server-pid names the server's process)");
+                Ok((None, None))
+            }
+        },
+        Err(err) => {
+            eprintln!("settle-bench: the server's memory and CPU go unreported: {err:#} (--server-pid names the server's process)");
+            Ok((None, None))
+        }
+    }
 }
 
 /// Parses a `--target` URL. Only `http://` with a loopback IP literal, or `localhost`
@@ -193,15 +268,18 @@ impl Server {
         tokio::spawn(drain(stderr, log_tail.clone(), None));
         let (addr_sender, addr_receiver) = tokio::sync::oneshot::channel();
         tokio::spawn(drain(stdout, log_tail.clone(), Some(addr_sender)));
-        let addr = match tokio::time::timeout(START_TIMEOUT, addr_receiver).await {
-            Ok(Ok(addr)) => addr,
-            _ => {
-                let _ = child.start_kill();
-                bail!(
-                    "the server did not log `listening on http://ADDR` within {START_TIMEOUT:?}; its last lines:\n{}",
-                    tail_text(&log_tail)
-                );
-            }
+        let data_dir_path = data_dir.path().display().to_string();
+        // From here on a failure, or an interrupt, kills it and removes its directory.
+        let started = Started {
+            child: Some(child),
+            pid,
+            _data_dir: data_dir,
+        };
+        let Ok(Ok(addr)) = tokio::time::timeout(START_TIMEOUT, addr_receiver).await else {
+            bail!(
+                "the server did not log `listening on http://ADDR` within {START_TIMEOUT:?}; its last lines:\n{}",
+                tail_text(&log_tail)
+            );
         };
         let version = sys::command_line_output(&binary.to_string_lossy(), &["--version"], None);
         let mut server = Self {
@@ -215,90 +293,62 @@ impl Server {
                 nofile_hard: None,
                 delay_ms,
                 jitter_ms: 0,
-                data_dir: Some(data_dir.path().display().to_string()),
+                data_dir: Some(data_dir_path),
             },
-            child: Some(child),
+            started: Some(started),
             log_tail,
-            _data_dir: Some(data_dir),
         };
         server.describe().await?;
+        server.read_limits();
         Ok(server)
     }
 
     /// A server that is already running; the bench neither starts nor stops it. Without
-    /// `pid`, the process listening on `addr` is looked up in /proc and taken if its
-    /// binary is a settle's (a proxy or a tunnel may hold the port instead); otherwise
-    /// the server's memory and CPU go unreported. A `pid` that is not the listening
-    /// settle is warned about (a proxy's PID is wrong, a supervisor's may be meant).
+    /// `pid`, the process listening on `addr` is looked up in /proc and taken if it runs
+    /// a `settle` binary (a proxy or a tunnel may hold the port instead); otherwise the
+    /// server's memory and CPU go unreported. A `pid` that does not run a `settle` is
+    /// warned about (a supervisor's may be meant).
     ///
     /// # Errors
     /// When nothing answers at `addr`, it does not answer `GET /api/faults`, or `pid`
     /// names no process.
     pub async fn attach(addr: SocketAddr, pid: Option<u32>) -> anyhow::Result<Self> {
-        // Whether anything answers first: the PID is looked for only then.
-        drop(client::connect(addr).await?);
-        let is_settle = |pid: u32| {
-            running_binary(pid).is_some_and(|binary| {
-                binary
-                    .file_name()
-                    .is_some_and(|name| name.to_string_lossy().starts_with("settle"))
-            })
-        };
-        let listening = sys::listening_pid(addr);
-        let pid = match (pid, listening) {
-            (Some(pid), listening) => {
-                if !Path::new(&format!("/proc/{pid}")).exists() {
-                    bail!("--server-pid {pid}: no such process");
-                }
-                match listening {
-                    Ok(listener) if listener != pid => eprintln!("settle-bench: warning: process {listener} listens on {addr}, not --server-pid {pid}; the memory and CPU reported are {pid}'s"),
-                    _ if !is_settle(pid) => eprintln!("settle-bench: warning: --server-pid {pid} does not run a settle binary; the memory and CPU reported are its own"),
-                    _ => {}
-                }
-                Some(pid)
-            }
-            (None, Ok(pid)) if is_settle(pid) => {
-                eprintln!("settle-bench: measuring the memory and CPU of process {pid}, the settle listening on {addr} (--server-pid names another)");
-                Some(pid)
-            }
-            (None, Ok(pid)) => {
-                eprintln!("settle-bench: process {pid} listens on {addr} but does not run a settle binary: the server's memory and CPU go unreported (--server-pid names the server's process)");
-                None
-            }
-            (None, Err(err)) => {
-                eprintln!("settle-bench: the server's memory and CPU go unreported: {err:#} (--server-pid names the server's process)");
-                None
-            }
-        };
-        let binary = pid.and_then(running_binary);
-        // The running build's version (its file may have been replaced since): only a
-        // settle is asked, nothing else is run.
-        let version = pid.filter(|&pid| is_settle(pid)).and_then(|pid| {
-            sys::command_line_output(&format!("/proc/{pid}/exe"), &["--version"], None)
-        });
         let mut server = Self {
             info: ServerInfo {
                 addr,
-                pid,
+                pid: None,
                 started_by_bench: false,
-                binary: binary.map(|binary| binary.display().to_string()),
-                version,
+                binary: None,
+                version: None,
                 nofile_soft: None,
                 nofile_hard: None,
                 delay_ms: 0,
                 jitter_ms: 0,
                 data_dir: None,
             },
-            child: None,
+            started: None,
             log_tail: Arc::default(),
-            _data_dir: None,
         };
+        // Whether it answers, first: the process is looked for only then.
         server.describe().await?;
+        let (pid, binary) = tokio::task::spawn_blocking(move || server_process(addr, pid))
+            .await
+            .context("looking for the server's process")??;
+        server.info.pid = pid;
+        // The running build's version (its file may have been replaced since): only a
+        // settle is asked, nothing else is run.
+        server.info.version = pid
+            .filter(|_| binary.as_deref().is_some_and(is_settle))
+            .and_then(|pid| {
+                sys::command_line_output(&format!("/proc/{pid}/exe"), &["--version"], None)
+            });
+        server.info.binary = binary.map(|binary| binary.display().to_string());
+        server.read_limits();
         Ok(server)
     }
 
-    /// Reads the consumer settings and the fd limits, and checks the fault knobs are
-    /// off: injected failures or drops would make the figures meaningless.
+    /// Reads the consumer settings, and checks the fault knobs are off: injected
+    /// failures or drops would make the figures meaningless.
     async fn describe(&mut self) -> anyhow::Result<()> {
         let mut conn = client::connect(self.info.addr).await?;
         let (status, body) = conn.get("/api/faults").await?;
@@ -317,11 +367,15 @@ impl Server {
         }
         self.info.delay_ms = faults.delay_ms;
         self.info.jitter_ms = faults.jitter_ms;
+        Ok(())
+    }
+
+    /// Reads the server's open-file limits, when its PID is known.
+    fn read_limits(&mut self) {
         if let Some((soft, hard)) = self.info.pid.and_then(sys::nofile_limits) {
             self.info.nofile_soft = Some(soft);
             self.info.nofile_hard = Some(hard);
         }
-        Ok(())
     }
 
     /// The server's resident memory in KiB, when its PID is known.
@@ -340,53 +394,29 @@ impl Server {
     /// # Errors
     /// When the server had already exited with a failure, or could not be stopped.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        let Some(mut child) = self.child.take() else {
+        let log_tail = self.log_tail();
+        // On every early return the `Started` still holds the child: its drop kills it.
+        let Some(started) = self.started.as_mut() else {
             return Ok(());
         };
+        let child = started
+            .child
+            .as_mut()
+            .context("the server was stopped before")?;
         if let Ok(Some(status)) = child.try_wait() {
-            bail!(
-                "the server exited during the run ({status}); its last lines:\n{}",
-                self.log_tail()
-            );
+            started.child = None;
+            bail!("the server exited during the run ({status}); its last lines:\n{log_tail}");
         }
-        if let Some(pid) = self.info.pid {
-            sys::terminate(pid).context("stopping the server")?;
-        }
-        match tokio::time::timeout(STOP_TIMEOUT, child.wait()).await {
-            Ok(Ok(status)) if status.success() => Ok(()),
-            Ok(Ok(status)) => bail!(
-                "the server exited with {status} on SIGTERM; its last lines:\n{}",
-                self.log_tail()
-            ),
-            Ok(Err(err)) => Err(err).context("waiting for the server"),
-            Err(_) => {
-                child.kill().await.context("killing the server")?;
-                bail!("the server did not stop within {STOP_TIMEOUT:?} of SIGTERM (killed)");
-            }
-        }
-    }
-}
-
-impl Drop for Server {
-    /// Kills a started server that was not stopped and waits (briefly, blocking) for it
-    /// to die, so that its data directory, removed next, is not being written.
-    fn drop(&mut self) {
-        let Some(child) = self.child.as_mut() else {
-            return;
+        sys::terminate(started.pid).context("stopping the server")?;
+        let Ok(waited) = tokio::time::timeout(STOP_TIMEOUT, child.wait()).await else {
+            bail!("the server did not stop within {STOP_TIMEOUT:?} of SIGTERM (killed)");
         };
-        if child.start_kill().is_err() {
-            return; // Exited already.
+        started.child = None;
+        let status = waited.context("waiting for the server")?;
+        if !status.success() {
+            bail!("the server exited with {status} on SIGTERM; its last lines:\n{log_tail}");
         }
-        for _ in 0..200 {
-            if matches!(child.try_wait(), Ok(Some(_)) | Err(_)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        eprintln!(
-            "settle-bench: the server it started (pid {:?}) did not die within 2 s of SIGKILL",
-            self.info.pid
-        );
+        Ok(())
     }
 }
 
