@@ -394,7 +394,6 @@ impl Server {
     /// # Errors
     /// When the server had already exited with a failure, or could not be stopped.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        let log_tail = self.log_tail();
         // On every early return the `Started` still holds the child: its drop kills it.
         let Some(started) = self.started.as_mut() else {
             return Ok(());
@@ -405,18 +404,26 @@ impl Server {
             .context("the server was stopped before")?;
         if let Ok(Some(status)) = child.try_wait() {
             started.child = None;
-            bail!("the server exited during the run ({status}); its last lines:\n{log_tail}");
+            bail!(
+                "the server exited during the run ({status}); its last lines:\n{}",
+                tail_text(&self.log_tail)
+            );
         }
         sys::terminate(started.pid).context("stopping the server")?;
-        let Ok(waited) = tokio::time::timeout(STOP_TIMEOUT, child.wait()).await else {
-            bail!("the server did not stop within {STOP_TIMEOUT:?} of SIGTERM (killed)");
-        };
-        started.child = None;
-        let status = waited.context("waiting for the server")?;
-        if !status.success() {
-            bail!("the server exited with {status} on SIGTERM; its last lines:\n{log_tail}");
+        match tokio::time::timeout(STOP_TIMEOUT, child.wait()).await {
+            Err(_) => bail!("the server did not stop within {STOP_TIMEOUT:?} of SIGTERM (killed)"),
+            Ok(Err(err)) => Err(err).context("waiting for the server (killed)"),
+            Ok(Ok(status)) => {
+                started.child = None;
+                if !status.success() {
+                    bail!(
+                        "the server exited with {status} on SIGTERM; its last lines:\n{}",
+                        tail_text(&self.log_tail)
+                    );
+                }
+                Ok(())
+            }
         }
-        Ok(())
     }
 }
 
