@@ -37,6 +37,7 @@ pub mod signal;
 pub mod sse;
 pub mod store;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -61,9 +62,29 @@ const STORE_LOCK_WAIT: Duration = Duration::from_secs(5);
 /// How often the janitor trims the event log and expired command records.
 pub const COMPACTION_PERIOD: Duration = Duration::from_secs(60);
 
-/// Everything a handler needs; every field is a cheap handle.
+/// Everything a handler needs, behind one `Arc`: axum clones the state for every
+/// request, and each connection's task holds it, so a clone is one count and the
+/// state one pointer wide (at 10000 subscribers each byte of it is 10 KB).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppStateInner>);
+
+impl AppState {
+    pub fn new(inner: AppStateInner) -> Self {
+        Self(Arc::new(inner))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppStateInner;
+
+    fn deref(&self) -> &AppStateInner {
+        &self.0
+    }
+}
+
+/// The handles in [`AppState`]; each is cheap to clone.
+#[derive(Clone)]
+pub struct AppStateInner {
     pub store: Store,
     /// Where handlers accept commands: the intake log's writer, one fsync per batch.
     pub intake: Intake,
@@ -195,7 +216,7 @@ impl Running {
         };
         let janitor = tokio::spawn(run_janitor(store.clone(), config.clone(), shutdown.clone()));
         let sync_watch = stop_on_sync_failure(&store, shutdown.clone());
-        let state = AppState {
+        let state = AppState::new(AppStateInner {
             store,
             intake,
             hub,
@@ -205,7 +226,7 @@ impl Running {
             in_flight: InFlight::default(),
             redeliver_after,
             shutdown,
-        };
+        });
         Ok(Self {
             state,
             intake_writer,
@@ -380,10 +401,10 @@ mod tests {
         store.fail_sled_sync();
         // From the failure on, not only once the shutdown has started: a handler that
         // has not seen the shutdown yet answers 503 too.
-        let unaware = app(AppState {
+        let unaware = app(AppState::new(AppStateInner {
             shutdown: CancellationToken::new(),
-            ..running.state.clone()
-        });
+            ..(*running.state).clone()
+        }));
         let after = unaware.oneshot(create("after")).await.expect("answered");
         assert_eq!(after.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(

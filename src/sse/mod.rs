@@ -108,14 +108,13 @@ fn open_stream(
         },
     };
 
-    let AppState {
-        store,
-        hub,
-        metrics,
-        shutdown,
-        ..
-    } = state;
-    let body = event_stream(store, hub, metrics, shutdown, last_event_id);
+    let body = event_stream(
+        state.store.clone(),
+        state.hub.clone(),
+        state.metrics.clone(),
+        state.shutdown.clone(),
+        last_event_id,
+    );
     let mut response = Body::from_stream(body).into_response();
     let headers = response.headers_mut();
     headers.insert(
