@@ -233,22 +233,11 @@ async fn beyond_max_pending_a_new_command_is_refused_until_the_backlog_applies()
         let retry_after = response.headers().get("retry-after").cloned();
         (status, replayed, retry_after, response)
     };
-    let first = app
-        .accepted(
-            Method::POST,
-            "/api/tasks",
-            "first",
-            json!({ "title": "first" }),
-        )
-        .await;
-    let second = app
-        .accepted(
-            Method::POST,
-            "/api/tasks",
-            "second",
-            json!({ "title": "second" }),
-        )
-        .await;
+    let accept_new = |key: &'static str| {
+        served.accepted(Method::POST, "/api/tasks", key, json!({ "title": key }))
+    };
+    let first = accept_new("first").await;
+    let second = accept_new("second").await;
 
     let (status, _, retry_after, refused) = create("third").await;
     assert_eq!(status, 503, "beyond the bound");
