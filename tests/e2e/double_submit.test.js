@@ -63,9 +63,11 @@ test('a create whose 202 is lost on the network is retried with the same key: on
     const item = taskByTitle(page, 'answer lost');
     await waitSettled(page, await item.getAttribute('data-id'));
 
-    const creates = commands.filter((command) => command.method === 'POST');
-    assert.ok(creates.length >= 2, 'the transport retried');
-    assert.equal(new Set(creates.map((command) => command.key)).size, 1, 'every attempt carries the same key');
+    // The settle event can arrive before the retry, whose backoff (250 ms) is close to
+    // the delay: wait for the retry rather than race it.
+    const creates = () => commands.filter((command) => command.method === 'POST');
+    await eventually(async () => assert.ok(creates().length >= 2, 'the transport retried'));
+    assert.equal(new Set(creates().map((command) => command.key)).size, 1, 'every attempt carries the same key');
     assert.deepEqual(await titlesOnServer(server), ['answer lost'], 'the server applied it once');
     assert.equal(await item.count(), 1);
   } finally {
