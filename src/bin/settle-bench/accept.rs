@@ -21,8 +21,8 @@ use tokio::time::Instant;
 
 use crate::client::{self, Conn};
 use crate::commands;
-use crate::report::{self, PhaseReport, TargetCheck};
-use crate::stats::{round3, CpuMeter, CpuUsage, Summary};
+use crate::report::{self, CpuDuring, PhaseReport, TargetCheck};
+use crate::stats::{round3, CpuMeter, Summary};
 use crate::Ctx;
 
 const TARGET_RATE: f64 = 20_000.0;
@@ -244,9 +244,9 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
         server: info,
         results: serde_json::to_value(results)?,
         cpu: vec![
-            ("no-op route".to_owned(), noop_cpu),
-            ("accept route".to_owned(), accept_cpu),
-        ] as Vec<(String, CpuUsage)>,
+            CpuDuring::new("no-op route", noop_cpu),
+            CpuDuring::new("accept route", accept_cpu),
+        ],
         targets,
         problems,
         rows,

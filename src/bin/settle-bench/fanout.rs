@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use crate::client;
 use crate::commands::{self, LIKE_BODY};
-use crate::report::{self, PhaseReport, TargetCheck};
+use crate::report::{self, CpuDuring, PhaseReport, TargetCheck};
 use crate::sse::Observer;
 use crate::stats::{self, round3, CpuMeter, Summary};
 use crate::sys;
@@ -112,10 +112,9 @@ fn server_fd_limit(server: &crate::server::Server) -> anyhow::Result<(u32, usize
     let soft = server
         .info
         .nofile_soft
-        .as_deref()
-        .and_then(|soft| soft.parse().ok())
-        .context("--subscribers max needs the server's numeric open-file limit")?;
-    Ok((pid, soft))
+        .context("--subscribers max needs the server's open-file limit")?;
+    // Unlimited, or beyond this machine's word: the cap decides.
+    Ok((pid, usize::try_from(soft).unwrap_or(usize::MAX)))
 }
 
 /// How many subscribers `--subscribers max` asks for: the files the server may still
@@ -535,7 +534,7 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
             format!(
                 "{connected} held, {failed} failed; server open fds {} of soft limit {}",
                 server_fds.map_or("?".to_owned(), |v| v.to_string()),
-                server.info.nofile_soft.as_deref().unwrap_or("?")
+                sys::show_limit(server.info.nofile_soft)
             ),
             (!ctx.smoke && subscribers >= TARGET_HELD).then_some(connected >= TARGET_HELD),
         ),
@@ -624,7 +623,7 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
         parameters: serde_json::to_value(parameters)?,
         server: info,
         results: serde_json::to_value(results)?,
-        cpu: vec![("event deliveries".to_owned(), cpu)],
+        cpu: vec![CpuDuring::new("event deliveries", cpu)],
         targets,
         problems,
         rows,

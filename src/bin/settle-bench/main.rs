@@ -158,6 +158,8 @@ pub struct Ctx {
     server_bin: Option<PathBuf>,
     delay_ms: u64,
     data_parent: Option<PathBuf>,
+    /// A `--target`'s process, as the first phase found it.
+    target_process: tokio::sync::Mutex<Option<server::ServerProcess>>,
 }
 
 impl Ctx {
@@ -185,6 +187,7 @@ impl Ctx {
             server_bin,
             delay_ms,
             data_parent: common.data_parent.clone(),
+            target_process: tokio::sync::Mutex::default(),
         })
     }
 
@@ -204,7 +207,12 @@ impl Ctx {
     /// When the server cannot be started or does not answer.
     pub async fn server(&self) -> anyhow::Result<Server> {
         match (&self.target, &self.server_bin) {
-            (Some(addr), _) => Server::attach(*addr, self.server_pid).await,
+            (Some(addr), _) => {
+                let mut found = self.target_process.lock().await;
+                let server = Server::attach(*addr, self.server_pid, found.clone()).await?;
+                *found = Some(server.process());
+                Ok(server)
+            }
             (None, Some(binary)) => {
                 Server::start(binary, self.delay_ms, self.data_parent.as_deref()).await
             }

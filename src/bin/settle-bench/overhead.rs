@@ -23,7 +23,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::client::{self, Conn};
 use crate::commands::{self, LIKE_BODY};
-use crate::report::{self, PhaseReport, TargetCheck};
+use crate::report::{self, CpuDuring, PhaseReport, TargetCheck};
 use crate::sse::Observer;
 use crate::stats::{self, round3, CpuMeter, Summary};
 use crate::Ctx;
@@ -467,7 +467,7 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
         parameters: serde_json::to_value(parameters)?,
         server: info,
         results: serde_json::to_value(results)?,
-        cpu: vec![("whole phase".to_owned(), cpu)],
+        cpu: vec![CpuDuring::new("whole phase", cpu)],
         targets: vec![target],
         problems,
         rows,

@@ -29,6 +29,24 @@ impl TargetCheck {
     }
 }
 
+/// The CPU used during one measured interval of a phase.
+#[derive(Debug, Serialize)]
+pub struct CpuDuring {
+    /// Which interval: "whole phase", "accept route", ...
+    pub during: String,
+    #[serde(flatten)]
+    pub usage: CpuUsage,
+}
+
+impl CpuDuring {
+    pub fn new(during: impl Into<String>, usage: CpuUsage) -> Self {
+        Self {
+            during: during.into(),
+            usage,
+        }
+    }
+}
+
 /// What one phase (overhead, accept, fanout) measured.
 #[derive(Debug, Serialize)]
 pub struct PhaseReport {
@@ -37,7 +55,7 @@ pub struct PhaseReport {
     pub server: ServerInfo,
     pub results: Value,
     /// CPU use during the measured interval(s), by who used it.
-    pub cpu: Vec<(String, CpuUsage)>,
+    pub cpu: Vec<CpuDuring>,
     pub targets: Vec<TargetCheck>,
     /// Why the run is not a valid measurement (lost commands, failed subscribers...).
     /// Any problem makes the bench exit non-zero.
@@ -55,8 +73,8 @@ impl PhaseReport {
     pub fn print_table(&self, out: &mut dyn Write) -> io::Result<()> {
         writeln!(out, "\n== {} ==", self.phase)?;
         let mut rows = self.rows.clone();
-        for (label, usage) in &self.cpu {
-            rows.push((format!("cpu ({label})"), usage.brief()));
+        for CpuDuring { during, usage } in &self.cpu {
+            rows.push((format!("cpu ({during})"), usage.brief()));
         }
         for check in &self.targets {
             let verdict = match check.met {
@@ -157,8 +175,8 @@ impl Document {
             m.cpu_model,
             m.kernel,
             m.memory_mib.map_or("?".to_owned(), |v| v.to_string()),
-            m.nofile_soft.map_or("?".to_owned(), |v| v.to_string()),
-            m.nofile_hard.map_or("?".to_owned(), |v| v.to_string()),
+            sys::show_limit(m.nofile_soft),
+            sys::show_limit(m.nofile_hard),
         )?;
         writeln!(
             out,
@@ -200,8 +218,8 @@ pub fn server_row(info: &ServerInfo) -> (String, String) {
             info.addr,
             info.pid.map_or("?".to_owned(), |pid| pid.to_string()),
             info.version.as_deref().unwrap_or("version ?"),
-            info.nofile_soft.as_deref().unwrap_or("?"),
-            info.nofile_hard.as_deref().unwrap_or("?"),
+            sys::show_limit(info.nofile_soft),
+            sys::show_limit(info.nofile_hard),
             info.delay_ms,
             info.jitter_ms,
             info.data_dir

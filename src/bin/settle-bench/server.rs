@@ -33,9 +33,10 @@ pub struct ServerInfo {
     pub started_by_bench: bool,
     pub binary: Option<String>,
     pub version: Option<String>,
-    /// The server's own `Max open files` (soft, hard), from /proc/PID/limits.
-    pub nofile_soft: Option<String>,
-    pub nofile_hard: Option<String>,
+    /// The server's own `Max open files` (soft, hard), from /proc/PID/limits; as in
+    /// the machine's, "unlimited" is RLIM_INFINITY (2^64 - 1).
+    pub nofile_soft: Option<u64>,
+    pub nofile_hard: Option<u64>,
     /// The consumer's live settings, from `GET /api/faults`.
     pub delay_ms: u64,
     pub jitter_ms: u64,
@@ -164,13 +165,17 @@ fn is_settle(binary: &Path) -> bool {
         .is_some_and(|name| name == "settle" || name == "settle (deleted)")
 }
 
+/// The process measured as a `--target` server, and its binary; `None` where unknown.
+#[derive(Clone, Debug)]
+pub struct ServerProcess {
+    pid: Option<u32>,
+    binary: Option<PathBuf>,
+}
+
 /// The process of the server at `addr` and its binary: `pid` if given, else the process
 /// listening there if it runs a `settle`. Blocking: it may read every process's open
 /// files in /proc.
-fn server_process(
-    addr: SocketAddr,
-    pid: Option<u32>,
-) -> anyhow::Result<(Option<u32>, Option<PathBuf>)> {
+fn server_process(addr: SocketAddr, pid: Option<u32>) -> anyhow::Result<ServerProcess> {
     if let Some(pid) = pid {
         if !Path::new(&format!("/proc/{pid}")).exists() {
             bail!("--server-pid {pid}: no such process");
@@ -181,22 +186,34 @@ fn server_process(
             Some(binary) if !is_settle(binary) => eprintln!("settle-bench: warning: --server-pid {pid} runs {}, not a settle; its memory and CPU are reported as the server's", binary.display()),
             Some(_) => {}
         }
-        return Ok((Some(pid), binary));
+        return Ok(ServerProcess {
+            pid: Some(pid),
+            binary,
+        });
     }
     match sys::listening_pid(addr) {
         Ok(pid) => match running_binary(pid) {
             Some(binary) if is_settle(&binary) => {
                 eprintln!("settle-bench: measuring the memory and CPU of process {pid}, the settle listening on {addr} (--server-pid names another)");
-                Ok((Some(pid), Some(binary)))
+                Ok(ServerProcess {
+                    pid: Some(pid),
+                    binary: Some(binary),
+                })
             }
             _ => {
                 eprintln!("settle-bench: process {pid} listens on {addr} but does not run a settle: the server's memory and CPU go unreported (--server-pid names the server's process)");
-                Ok((None, None))
+                Ok(ServerProcess {
+                    pid: None,
+                    binary: None,
+                })
             }
         },
         Err(err) => {
             eprintln!("settle-bench: the server's memory and CPU go unreported: {err:#} (--server-pid names the server's process)");
-            Ok((None, None))
+            Ok(ServerProcess {
+                pid: None,
+                binary: None,
+            })
         }
     }
 }
@@ -309,10 +326,18 @@ impl Server {
     /// server's memory and CPU go unreported. A `pid` that does not run a `settle` is
     /// warned about (a supervisor's may be meant).
     ///
+    /// `found` is what an earlier phase's attach found ([`Server::process`]): taken
+    /// again while its process lives, so that a run of several phases looks and
+    /// reports once.
+    ///
     /// # Errors
     /// When nothing answers at `addr`, it does not answer `GET /api/faults`, or `pid`
     /// names no process.
-    pub async fn attach(addr: SocketAddr, pid: Option<u32>) -> anyhow::Result<Self> {
+    pub async fn attach(
+        addr: SocketAddr,
+        pid: Option<u32>,
+        found: Option<ServerProcess>,
+    ) -> anyhow::Result<Self> {
         let mut server = Self {
             info: ServerInfo {
                 addr,
@@ -331,9 +356,17 @@ impl Server {
         };
         // Whether it answers, first: the process is looked for only then.
         server.describe().await?;
-        let (pid, binary) = tokio::task::spawn_blocking(move || server_process(addr, pid))
-            .await
-            .context("looking for the server's process")??;
+        let alive = |found: &ServerProcess| {
+            found
+                .pid
+                .is_none_or(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        };
+        let ServerProcess { pid, binary } = match found.filter(alive) {
+            Some(found) => found,
+            None => tokio::task::spawn_blocking(move || server_process(addr, pid))
+                .await
+                .context("looking for the server's process")??,
+        };
         server.info.pid = pid;
         // The running build's version (its file may have been replaced since): only a
         // settle is asked, nothing else is run.
@@ -345,6 +378,14 @@ impl Server {
         server.info.binary = binary.map(|binary| binary.display().to_string());
         server.read_limits();
         Ok(server)
+    }
+
+    /// The process measured as this server, for the next phase's [`Server::attach`].
+    pub fn process(&self) -> ServerProcess {
+        ServerProcess {
+            pid: self.info.pid,
+            binary: self.info.binary.as_ref().map(PathBuf::from),
+        }
     }
 
     /// Reads the consumer settings, and checks the fault knobs are off: injected

@@ -212,14 +212,34 @@ pub fn listening_pid(addr: SocketAddr) -> anyhow::Result<u32> {
     }
 }
 
-/// The soft and hard "Max open files" of a process, from /proc/PID/limits.
-pub fn nofile_limits(pid: u32) -> Option<(String, String)> {
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+/// The soft and hard "Max open files" of a process, from /proc/PID/limits, as
+/// `getrlimit` gives them: "unlimited" is [`rlimit::INFINITY`].
+pub fn nofile_limits(pid: u32) -> Option<(u64, u64)> {
+    nofile_in(&std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?)
+}
+
+/// The "Max open files" limits in the text of a /proc/PID/limits.
+fn nofile_in(limits: &str) -> Option<(u64, u64)> {
     let line = limits
         .lines()
         .find(|line| line.starts_with("Max open files"))?;
-    let mut values = line.trim_start_matches("Max open files").split_whitespace();
-    Some((values.next()?.to_owned(), values.next()?.to_owned()))
+    let mut values = line
+        .trim_start_matches("Max open files")
+        .split_whitespace()
+        .map(|value| match value {
+            "unlimited" => Some(rlimit::INFINITY),
+            value => value.parse().ok(),
+        });
+    Some((values.next()??, values.next()??))
+}
+
+/// An open-file limit for the table: "unlimited", a number, or "?" when unknown.
+pub fn show_limit(limit: Option<u64>) -> String {
+    match limit {
+        Some(rlimit::INFINITY) => "unlimited".to_owned(),
+        Some(limit) => limit.to_string(),
+        None => "?".to_owned(),
+    }
 }
 
 /// The machine a result was measured on.
@@ -463,6 +483,30 @@ pub fn open_fds(pid: u32) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn open_file_limits_are_read_as_getrlimit_gives_them() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max cpu time              unlimited            unlimited            seconds   \n\
+                      Max open files            1024                 unlimited            files     \n";
+        assert_eq!(nofile_in(limits), Some((1024, rlimit::INFINITY)));
+        assert_eq!(show_limit(Some(rlimit::INFINITY)), "unlimited");
+        assert_eq!(show_limit(Some(1024)), "1024");
+        assert_eq!(show_limit(None), "?");
+        assert_eq!(
+            nofile_in("Max open files            many   20000   files\n"),
+            None
+        );
+        assert_eq!(
+            nofile_in("Max cpu time  unlimited  unlimited  seconds\n"),
+            None
+        );
+        let own = nofile_limits(std::process::id()).expect("this process's limits");
+        assert_eq!(
+            own,
+            rlimit::getrlimit(rlimit::Resource::NOFILE).expect("getrlimit")
+        );
+    }
 
     #[test]
     fn the_process_listening_on_an_address_is_found_by_its_socket() {
