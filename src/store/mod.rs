@@ -383,10 +383,20 @@ impl Store {
     /// record does not parse; [`StoreError::SyncFailedThisBoot`] when a sync of sled's
     /// files failed earlier in this boot of the machine.
     pub fn open(dir: &std::path::Path) -> Result<Self, StoreError> {
+        Self::open_after_first_check(dir, || {})
+    }
+
+    /// [`Store::open`], running `first_checked` between its two checks for the marker
+    /// of a failed sync: where the process that held the directory could leave one.
+    fn open_after_first_check(
+        dir: &std::path::Path,
+        first_checked: impl FnOnce(),
+    ) -> Result<Self, StoreError> {
         // Before sled's recovery, which may write, and again once sled holds the
         // directory's lock: the process that held it may have failed a sync meanwhile.
         let intake_dir = dir.join(INTAKE_DIR);
         sync_failure::check(&intake_dir)?;
+        first_checked();
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
@@ -1356,6 +1366,22 @@ mod tests {
             })
             .collect();
         assert!(seqs[0] > last && seqs[1] > seqs[0], "{seqs:?} after {last}");
+    }
+
+    #[test]
+    fn a_sync_failure_marked_while_sled_was_opening_refuses_the_start() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let intake_dir = dir.path().join(INTAKE_DIR);
+        // As a process that held the directory until now would leave it, after the
+        // first check passed and before sled let this open have the lock.
+        let opened =
+            Store::open_after_first_check(dir.path(), || sync_failure::record(&intake_dir, &"EIO"));
+        assert!(
+            matches!(&opened, Err(StoreError::SyncFailedThisBoot(path)) if *path == intake_dir.join("sync-failed")),
+            "refused once sled is open: {:?}",
+            opened.as_ref().err()
+        );
+        assert!(intake_dir.join("sync-failed").exists(), "the marker stays");
     }
 
     #[test]
