@@ -158,8 +158,8 @@ pub struct Ctx {
     server_bin: Option<PathBuf>,
     delay_ms: u64,
     data_parent: Option<PathBuf>,
-    /// A `--target`'s process, as the first phase found it.
-    target_process: tokio::sync::Mutex<Option<server::ServerProcess>>,
+    /// A `--target`'s process, as the last phase found it.
+    target_process: std::sync::Mutex<Option<server::ServerProcess>>,
 }
 
 impl Ctx {
@@ -187,7 +187,7 @@ impl Ctx {
             server_bin,
             delay_ms,
             data_parent: common.data_parent.clone(),
-            target_process: tokio::sync::Mutex::default(),
+            target_process: std::sync::Mutex::default(),
         })
     }
 
@@ -201,6 +201,13 @@ impl Ctx {
         self.pick(self.duration, 2, full)
     }
 
+    fn found_target(&self) -> std::sync::MutexGuard<'_, Option<server::ServerProcess>> {
+        // Phases run one after another: a poisoned lock held nothing half-written.
+        self.target_process
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// A fresh server for one phase, or the `--target`.
     ///
     /// # Errors
@@ -208,9 +215,9 @@ impl Ctx {
     pub async fn server(&self) -> anyhow::Result<Server> {
         match (&self.target, &self.server_bin) {
             (Some(addr), _) => {
-                let mut found = self.target_process.lock().await;
-                let server = Server::attach(*addr, self.server_pid, found.clone()).await?;
-                *found = Some(server.process());
+                let found = self.found_target().clone();
+                let server = Server::attach(*addr, self.server_pid, found).await?;
+                *self.found_target() = server.process();
                 Ok(server)
             }
             (None, Some(binary)) => {

@@ -172,6 +172,17 @@ pub struct ServerProcess {
     binary: Option<PathBuf>,
 }
 
+impl ServerProcess {
+    /// Whether the process still runs a `settle` and holds the socket listening on
+    /// `addr`. Blocking: it reads the process's open files.
+    fn still_serves(&self, addr: SocketAddr) -> bool {
+        self.pid.is_some_and(|pid| {
+            running_binary(pid).is_some_and(|binary| is_settle(&binary))
+                && sys::holds_listener(pid, addr).unwrap_or(false)
+        })
+    }
+}
+
 /// The process of the server at `addr` and its binary: `pid` if given, else the process
 /// listening there if it runs a `settle`. Blocking: it may read every process's open
 /// files in /proc.
@@ -326,9 +337,10 @@ impl Server {
     /// server's memory and CPU go unreported. A `pid` that does not run a `settle` is
     /// warned about (a supervisor's may be meant).
     ///
-    /// `found` is what an earlier phase's attach found ([`Server::process`]): taken
-    /// again while its process lives, so that a run of several phases looks and
-    /// reports once.
+    /// `found` is what an earlier phase's lookup found ([`Server::process`]): taken
+    /// again while that process still runs a `settle` and holds the listening socket,
+    /// so that a run of several phases looks through /proc and reports it once; a
+    /// server restarted on the port (or its PID reused) is looked up again.
     ///
     /// # Errors
     /// When nothing answers at `addr`, it does not answer `GET /api/faults`, or `pid`
@@ -356,17 +368,14 @@ impl Server {
         };
         // Whether it answers, first: the process is looked for only then.
         server.describe().await?;
-        let alive = |found: &ServerProcess| {
-            found
-                .pid
-                .is_none_or(|pid| Path::new(&format!("/proc/{pid}")).exists())
-        };
-        let ServerProcess { pid, binary } = match found.filter(alive) {
-            Some(found) => found,
-            None => tokio::task::spawn_blocking(move || server_process(addr, pid))
-                .await
-                .context("looking for the server's process")??,
-        };
+        let ServerProcess { pid, binary } = tokio::task::spawn_blocking(move || {
+            match found.filter(|found| pid.is_none() && found.still_serves(addr)) {
+                Some(found) => Ok(found),
+                None => server_process(addr, pid),
+            }
+        })
+        .await
+        .context("looking for the server's process")??;
         server.info.pid = pid;
         // The running build's version (its file may have been replaced since): only a
         // settle is asked, nothing else is run.
@@ -380,12 +389,13 @@ impl Server {
         Ok(server)
     }
 
-    /// The process measured as this server, for the next phase's [`Server::attach`].
-    pub fn process(&self) -> ServerProcess {
-        ServerProcess {
-            pid: self.info.pid,
+    /// The process found listening for this server, for the next phase's
+    /// [`Server::attach`]; `None` if none was (it is looked for again then).
+    pub fn process(&self) -> Option<ServerProcess> {
+        Some(ServerProcess {
+            pid: Some(self.info.pid?),
             binary: self.info.binary.as_ref().map(PathBuf::from),
-        }
+        })
     }
 
     /// Reads the consumer settings, and checks the fault knobs are off: injected

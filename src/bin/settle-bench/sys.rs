@@ -169,8 +169,46 @@ pub fn kernel_slab_kib() -> Option<u64> {
 /// When /proc cannot be read, nothing listens there, or more than one process holds
 /// the socket (a fork): which one serves is not known then.
 pub fn listening_pid(addr: SocketAddr) -> anyhow::Result<u32> {
-    use procfs::net::TcpState;
+    let inodes = listening_inodes(addr)?;
+    let mut holders = Vec::new();
+    for process in procfs::process::all_processes().context("listing /proc")? {
+        // Processes that end meanwhile, or whose files this user may not read.
+        let Ok(process) = process else { continue };
+        if holds_any(&process, &inodes) {
+            holders.push(process.pid);
+        }
+    }
+    match holders[..] {
+        [pid] => u32::try_from(pid).context("a negative pid"),
+        [] => bail!("no process readable here holds the socket listening on {addr}"),
+        _ => bail!("processes {holders:?} each hold a socket listening on {addr}"),
+    }
+}
+
+/// Whether process `pid` holds a socket listening on `addr` (false when it is gone,
+/// a zombie, or its files cannot be read): [`listening_pid`] for one known process.
+///
+/// # Errors
+/// When /proc/net cannot be read, or nothing listens there.
+pub fn holds_listener(pid: u32, addr: SocketAddr) -> anyhow::Result<bool> {
+    let inodes = listening_inodes(addr)?;
+    let pid = i32::try_from(pid).context("a pid beyond i32")?;
+    Ok(procfs::process::Process::new(pid).is_ok_and(|process| holds_any(&process, &inodes)))
+}
+
+fn holds_any(process: &procfs::process::Process, inodes: &[u64]) -> bool {
     use procfs::process::FDTarget;
+    process.fd().is_ok_and(|files| {
+        files
+            .flatten()
+            .any(|file| matches!(file.target, FDTarget::Socket(inode) if inodes.contains(&inode)))
+    })
+}
+
+/// The inodes of the TCP sockets listening on `addr` (or on its port at the
+/// unspecified address).
+fn listening_inodes(addr: SocketAddr) -> anyhow::Result<Vec<u64>> {
+    use procfs::net::TcpState;
 
     // An IPv4 address is also served by a dual-stack socket on [::] (or on its mapped
     // IPv6 form), which only /proc/net/tcp6 shows.
@@ -193,23 +231,7 @@ pub fn listening_pid(addr: SocketAddr) -> anyhow::Result<u32> {
     if inodes.is_empty() {
         bail!("no socket listens on {addr}");
     }
-    let mut holders = Vec::new();
-    for process in procfs::process::all_processes().context("listing /proc")? {
-        // Processes that end meanwhile, or whose files this user may not read.
-        let Ok(process) = process else { continue };
-        let Ok(files) = process.fd() else { continue };
-        let holds = files
-            .flatten()
-            .any(|file| matches!(file.target, FDTarget::Socket(inode) if inodes.contains(&inode)));
-        if holds {
-            holders.push(process.pid);
-        }
-    }
-    match holders[..] {
-        [pid] => u32::try_from(pid).context("a negative pid"),
-        [] => bail!("no process readable here holds the socket listening on {addr}"),
-        _ => bail!("processes {holders:?} each hold a socket listening on {addr}"),
-    }
+    Ok(inodes)
 }
 
 /// The soft and hard "Max open files" of a process, from /proc/PID/limits, as
@@ -517,7 +539,14 @@ mod tests {
             std::process::id(),
             "this test process listens there"
         );
+        assert!(holds_listener(std::process::id(), addr).expect("it listens"));
+        let parent = std::os::unix::process::parent_id();
+        assert!(
+            !holds_listener(parent, addr).expect("it listens"),
+            "not the parent"
+        );
         drop(listener);
+        assert!(holds_listener(std::process::id(), addr).is_err());
         let err = listening_pid(addr).expect_err("nothing listens there now");
         assert!(err.to_string().contains("no socket listens"), "{err:#}");
 
