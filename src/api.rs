@@ -527,9 +527,17 @@ async fn submit(
             "Idempotency-Key {key:?} was used for another request (command {})",
             existing.command_id
         ))),
-        Accepted::Overloaded { pending, bytes } => {
+        Accepted::Overloaded {
+            pending,
+            bytes,
+            lag_ms,
+        } => {
             state.metrics.command_refused();
-            Err(ApiError::Overloaded { pending, bytes })
+            Err(ApiError::Overloaded {
+                pending,
+                bytes,
+                lag_ms,
+            })
         }
     }
 }

@@ -94,6 +94,12 @@ pub struct Config {
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_pending_bytes: usize,
 
+    /// How far behind their due times the consumer may apply, in milliseconds, before
+    /// a new command is answered 503, as beyond --max-pending: a bound on the window
+    /// rather than on memory. 0: no bound.
+    #[arg(long, env = "SETTLE_MAX_LAG_MS", default_value_t = 0)]
+    pub max_lag_ms: u64,
+
     /// How long finished command records are kept, in hours (at least 24).
     #[arg(long, env = "SETTLE_COMMAND_RETENTION_HOURS", default_value_t = DEFAULT_COMMAND_RETENTION_HOURS,
           value_parser = clap::value_parser!(u64).range(24..))]

@@ -28,7 +28,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use time::OffsetDateTime;
@@ -39,6 +39,7 @@ use uuid::Uuid;
 
 use crate::faults::Faults;
 use crate::hub::Hub;
+use crate::lag::Lag;
 use crate::metrics::Metrics;
 use crate::model::{unix_ms, CommandRecord, FailureReason};
 use crate::store::{Applied, Decision, Store, StoreError};
@@ -131,6 +132,9 @@ struct Scheduled {
     /// Set when the attempts are exhausted: the next step records the dead letter.
     gave_up: Option<String>,
     timer: Option<delay_queue::Key>,
+    /// While in the due set: since when (its timer's deadline, or when a client's
+    /// retry or the last attempt put it there), for the [`Lag`].
+    due_since: Option<Instant>,
 }
 
 /// The background applier. Build it with [`Consumer::new`], then [`Consumer::start`]
@@ -146,6 +150,7 @@ pub struct Consumer {
     scheduled: HashMap<u64, Scheduled>,
     per_task: HashMap<Uuid, BTreeSet<u64>>,
     due: HashSet<u64>,
+    lag: Lag,
 }
 
 /// The consumer's thread ([`Consumer::start`]).
@@ -173,13 +178,15 @@ enum Outcome {
 }
 
 impl Consumer {
-    /// Creates the consumer and the handle the API sends new commands through.
+    /// Creates the consumer and the handle the API sends new commands through; the
+    /// consumer keeps `lag` up to date.
     pub fn new(
         store: Store,
         hub: Hub,
         faults: Faults,
         metrics: Metrics,
         redeliver_after: Duration,
+        lag: Lag,
     ) -> (Self, ConsumerHandle) {
         let (sender, inbox) = mpsc::channel(INBOX_CAPACITY);
         let consumer = Self {
@@ -193,6 +200,7 @@ impl Consumer {
             scheduled: HashMap::new(),
             per_task: HashMap::new(),
             due: HashSet::new(),
+            lag,
         };
         (consumer, ConsumerHandle { sender })
     }
@@ -268,7 +276,7 @@ impl Consumer {
                     None => break,
                 },
                 Some(expired) = self.timers.next(), if !self.timers.is_empty() => {
-                    self.fire(expired.into_inner());
+                    self.fire(expired.deadline().into_std(), expired.into_inner());
                 }
             }
             self.drain_ready();
@@ -286,7 +294,9 @@ impl Consumer {
         }
         while !self.timers.is_empty() {
             match self.timers.next().now_or_never() {
-                Some(Some(expired)) => self.fire(expired.into_inner()),
+                Some(Some(expired)) => {
+                    self.fire(expired.deadline().into_std(), expired.into_inner());
+                }
                 _ => break,
             }
         }
@@ -312,6 +322,7 @@ impl Consumer {
                         self.timers.remove(&timer);
                     }
                     entry.lost = false;
+                    entry.due_since = Some(Instant::now());
                     tracing::info!(command_id = %entry.delivery.command_id, "redelivering at once on client retry");
                     self.due.insert(seq);
                 }
@@ -343,14 +354,17 @@ impl Consumer {
                 lost: false,
                 gave_up: None,
                 timer: Some(timer),
+                due_since: None,
             },
         );
     }
 
-    fn fire(&mut self, seq: u64) {
+    /// The timer set for `deadline` expired.
+    fn fire(&mut self, deadline: Instant, seq: u64) {
         if let Some(entry) = self.scheduled.get_mut(&seq) {
             entry.timer = None;
             entry.lost = false;
+            entry.due_since = Some(deadline);
             self.due.insert(seq);
         }
     }
@@ -411,6 +425,11 @@ impl Consumer {
             return 0;
         }
         let seqs = self.applicable();
+        self.lag.waiting_since(
+            seqs.iter()
+                .filter_map(|seq| self.scheduled.get(seq)?.due_since)
+                .min(),
+        );
         if seqs.is_empty() {
             return 0;
         }
@@ -544,6 +563,7 @@ impl Consumer {
         if failed >= MAX_ATTEMPTS {
             tracing::warn!(%command_id, attempts = failed, %cause, "dead-lettering command");
             entry.gave_up = Some(cause);
+            entry.due_since = Some(Instant::now());
             self.due.insert(seq);
             return;
         }
@@ -673,12 +693,13 @@ mod tests {
                 Faults::new(settings, Some(1)),
                 metrics.clone(),
                 Duration::from_secs(5),
+                metrics.lag(),
             );
             let shutdown = CancellationToken::new();
             let thread = consumer.start(shutdown.clone()).await.expect("started");
             let (intake, intake_thread) = Intake::start(
                 store.clone(),
-                crate::store::PendingBound::NONE,
+                crate::store::PendingBound::none(),
                 Box::new(move |records: &[CommandRecord]| handle.schedule_blocking(records)),
                 shutdown.clone(),
             )
@@ -858,5 +879,39 @@ mod tests {
             backlog - 1,
             "the running step finished, the rest waits for the next start"
         );
+    }
+
+    /// A task's commands that fall due together apply one step each, in order: while
+    /// the consumer steps through them it runs behind the later ones' due time, and the
+    /// lag says so; once nothing waits, it is zero again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_lag_grows_while_due_commands_wait_and_is_zero_once_none_does() {
+        const COMMANDS: u64 = 100;
+        let running = Running::start().await;
+        let task_id = Uuid::now_v7();
+        // Time to accept them all first, so that they fall due together.
+        let due_at_ms = unix_ms_ceil(OffsetDateTime::now_utc()) + 1_000;
+        for n in 0..COMMANDS {
+            let like = CommandBody::Like { delta: 1 };
+            running
+                .accept_due(&format!("like-{n}"), task_id, like, due_at_ms)
+                .await;
+        }
+        assert_eq!(running.metrics.report().lag_ms, 0, "nothing due yet");
+
+        let give_up = Instant::now() + Duration::from_secs(60);
+        let mut most = 0;
+        loop {
+            let report = running.metrics.report();
+            most = most.max(report.lag_ms);
+            // Each fails (no such task), which is an apply step all the same.
+            if report.settled + report.failed == COMMANDS && report.lag_ms == 0 {
+                break;
+            }
+            assert!(Instant::now() < give_up, "still waiting: {report:?}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(most > 0, "the lag showed while {COMMANDS} steps ran");
+        assert!(running.stop().await);
     }
 }

@@ -51,9 +51,14 @@ pub enum ApiError {
     #[error("the server is shutting down")]
     ShuttingDown,
     /// 503: the server holds as many unapplied commands as it may (`--max-pending`,
-    /// `--max-pending-bytes`).
-    #[error("{pending} accepted commands ({bytes} bytes of records) are waiting to be applied, as many as this server holds; nothing was stored, retry with the same Idempotency-Key")]
-    Overloaded { pending: usize, bytes: usize },
+    /// `--max-pending-bytes`), or applies them too far behind their due times
+    /// (`--max-lag-ms`).
+    #[error("{pending} accepted commands ({bytes} bytes of records) are waiting to be applied, the oldest of those that may apply {lag_ms} ms past its due time: more than this server takes on; nothing was stored, retry with the same Idempotency-Key")]
+    Overloaded {
+        pending: usize,
+        bytes: usize,
+        lag_ms: u64,
+    },
 }
 
 impl From<StoreError> for ApiError {

@@ -15,6 +15,7 @@
 //!   (one thread with a runtime of its own).
 //! - `faults`: the live fault knobs and their seeded RNG.
 //! - `hub`: the in-memory broadcast of finished SSE frames.
+//! - `lag`: how far behind its due times the consumer applies (metrics, `--max-lag-ms`).
 //! - `sse`: `GET /api/events`, replay from the log then live, resumable by id.
 //! - `api`: reads, commands, idempotency keys, faults and metrics routes.
 //! - `net`: the HTTP/1.1 accept loop (TCP_NODELAY, graceful drain), the file limit.
@@ -30,6 +31,7 @@ pub mod consumer;
 pub mod error;
 pub mod faults;
 pub mod hub;
+pub mod lag;
 pub mod metrics;
 pub mod model;
 pub mod net;
@@ -187,6 +189,7 @@ impl Running {
             faults.clone(),
             metrics.clone(),
             redeliver_after,
+            metrics.lag(),
         );
         // The intake writer hands each batch's new commands on once they are durable,
         // whether or not their requests are still there to be answered. It starts
@@ -203,6 +206,8 @@ impl Running {
         let bound = PendingBound {
             commands: config.max_pending,
             bytes: config.max_pending_bytes,
+            max_lag: (config.max_lag_ms > 0).then(|| Duration::from_millis(config.max_lag_ms)),
+            lag: metrics.lag(),
         };
         let (intake, intake_writer) =
             Intake::start(store.clone(), bound, Box::new(on_durable), shutdown.clone())

@@ -6,6 +6,7 @@
 //! consumer runs after a step's events, once per release of finished intake segments:
 //! it delays the next step, not the events.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,6 +17,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
+
+use crate::lag::Lag;
 
 /// Window buckets in seconds: fine around the 700 ms default, coarse beyond.
 const WINDOW_BUCKETS_SECONDS: [f64; 16] = [
@@ -50,6 +53,9 @@ struct Inner {
     dead_lettered: Counter,
     pending: Gauge,
     subscribers: Gauge,
+    /// The consumer keeps it; the gauge is set from it at each scrape.
+    lag: Lag,
+    lag_seconds: Gauge<f64, AtomicU64>,
     window_seconds: Histogram,
     // A std lock: one record or one percentile read at a time, never across an await.
     window_ms: Mutex<HdrHistogram<u64>>,
@@ -77,11 +83,15 @@ pub struct MetricsReport {
     pub failed: u64,
     pub deduplicated: u64,
     /// New commands answered 503 because the commands waiting to be applied were at
-    /// `--max-pending` or `--max-pending-bytes`.
+    /// `--max-pending` or `--max-pending-bytes`, or the consumer's lag beyond
+    /// `--max-lag-ms`.
     pub refused: u64,
     pub dead_lettered: u64,
     pub pending: i64,
     pub subscribers: i64,
+    /// How far behind their due times the consumer applies now: how long the oldest
+    /// command that may apply has been due (0 when none waits).
+    pub lag_ms: u64,
     pub window_ms: Distribution,
     pub apply_steps: StepsReport,
 }
@@ -157,7 +167,7 @@ impl Metrics {
         );
         registry.register(
             "commands_refused",
-            "New commands answered 503 because the commands waiting to be applied were at --max-pending or --max-pending-bytes",
+            "New commands answered 503 because the commands waiting to be applied were at --max-pending or --max-pending-bytes, or the consumer's lag beyond --max-lag-ms",
             refused.clone(),
         );
         registry.register(
@@ -171,6 +181,12 @@ impl Metrics {
             pending.clone(),
         );
         registry.register("sse_subscribers", "Open event streams", subscribers.clone());
+        let lag_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "consumer_lag_seconds",
+            "How long the oldest command the consumer may apply now has been due (0 when none waits)",
+            lag_seconds.clone(),
+        );
         registry.register(
             "window_seconds",
             "Consistency window per settled command, accept to readable",
@@ -217,6 +233,8 @@ impl Metrics {
                 dead_lettered,
                 pending,
                 subscribers,
+                lag: Lag::new(),
+                lag_seconds,
                 window_seconds,
                 window_ms: Mutex::new(window_ms),
                 transaction_seconds,
@@ -225,6 +243,11 @@ impl Metrics {
                 steps: Mutex::new(steps),
             }),
         }
+    }
+
+    /// The consumer's lag, for the consumer to keep and the intake's bound to read.
+    pub fn lag(&self) -> Lag {
+        self.inner.lag.clone()
     }
 
     /// New commands, durable and handed to the consumer.
@@ -332,6 +355,7 @@ impl Metrics {
             dead_lettered: inner.dead_lettered.get(),
             pending: inner.pending.get(),
             subscribers: inner.subscribers.get(),
+            lag_ms: u64::try_from(inner.lag.current().as_millis()).unwrap_or(u64::MAX),
             window_ms,
             apply_steps,
         }
@@ -339,6 +363,9 @@ impl Metrics {
 
     /// The OpenMetrics text exposition.
     pub fn openmetrics(&self) -> String {
+        self.inner
+            .lag_seconds
+            .set(self.inner.lag.current().as_secs_f64());
         let mut text = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut text, &self.inner.registry);

@@ -444,7 +444,8 @@ async function pollMetrics() {
       : 'no settled command yet');
     setText($('server-counts'), `accepted ${metrics.accepted}, settled ${metrics.settled}, failed ${metrics.failed}, `
       + `deduplicated ${metrics.deduplicated}, pending ${metrics.pending}`
-      + (metrics.refused ? `, refused ${metrics.refused} (the server's backlog was full)` : ''));
+      + (metrics.lag_ms >= 1000 ? `, applying ${formatMs(metrics.lag_ms)} behind due times` : '')
+      + (metrics.refused ? `, refused ${metrics.refused} (the server's backlog was full or too far behind)` : ''));
     renderChart(core.getSnapshot().window_samples);
   } catch (error) {
     setText($('server-figures'), `unavailable (${error.message})`);

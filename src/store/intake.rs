@@ -71,6 +71,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{Accepted, Inner, Store, StoreError};
+use crate::lag::Lag;
 use crate::model::CommandRecord;
 
 /// Most accepts written in one batch. Larger batches amortize the fsync further, but
@@ -176,11 +177,19 @@ impl PendingTable {
         self.by_key.len()
     }
 
-    /// Whether a new command would exceed `bound`: `Some` of what is pending if so.
-    fn over(&self, bound: PendingBound) -> Option<Accepted> {
+    /// Whether a new command would exceed `bound`: `Some` of what is pending, and of
+    /// the consumer's lag, if so.
+    fn over(&self, bound: &PendingBound) -> Option<Accepted> {
         let (pending, bytes) = (self.by_key.len(), self.bytes);
-        (pending >= bound.commands || bytes >= bound.bytes)
-            .then_some(Accepted::Overloaded { pending, bytes })
+        let lag = bound.lag.current();
+        let behind = bound.max_lag.is_some_and(|max| lag > max);
+        (pending >= bound.commands || bytes >= bound.bytes || behind).then(|| {
+            Accepted::Overloaded {
+                pending,
+                bytes,
+                lag_ms: u64::try_from(lag.as_millis()).unwrap_or(u64::MAX),
+            }
+        })
     }
 
     fn count_finished(&mut self, key: &[u8]) {
@@ -207,7 +216,7 @@ impl PendingTable {
     /// The refusal of `key` at `bound`, decided from memory alone: `Some` when the key
     /// is certainly new (neither pending nor possibly finished) and the table is at
     /// its bound. `None` leaves the decision to the writer.
-    fn refusal(&self, key: &str, bound: PendingBound) -> Option<Accepted> {
+    fn refusal(&self, key: &str, bound: &PendingBound) -> Option<Accepted> {
         if self.by_key.contains_key(key) || self.may_be_finished(key.as_bytes()) {
             return None;
         }
@@ -514,19 +523,27 @@ pub struct Intake {
 pub struct IntakeThread(thread::JoinHandle<()>);
 
 /// How much the pending table may hold before the writer refuses new keys
-/// ([`Accepted::Overloaded`]): commands, and bytes of their records in the log.
-#[derive(Clone, Copy, Debug)]
+/// ([`Accepted::Overloaded`]): commands, and bytes of their records in the log; and,
+/// if `max_lag` is set, how far behind its due times the consumer may apply.
+#[derive(Clone, Debug)]
 pub struct PendingBound {
     pub commands: usize,
     pub bytes: usize,
+    pub max_lag: Option<Duration>,
+    /// The consumer's lag, reported with every refusal.
+    pub lag: Lag,
 }
 
 impl PendingBound {
     /// No bound (tests that are not about it).
-    pub const NONE: Self = Self {
-        commands: usize::MAX,
-        bytes: usize::MAX,
-    };
+    pub fn none() -> Self {
+        Self {
+            commands: usize::MAX,
+            bytes: usize::MAX,
+            max_lag: None,
+            lag: Lag::new(),
+        }
+    }
 }
 
 /// What the writer found under a key ([`IntakeWriter::look_up`]).
@@ -578,7 +595,7 @@ impl Intake {
         let intake = Self {
             sender,
             store: store.clone(),
-            bound,
+            bound: bound.clone(),
             refusing: Arc::clone(&refusing),
         };
         let writer = IntakeWriter {
@@ -624,7 +641,7 @@ impl Intake {
                 .pending
                 .lock()
                 .ok()
-                .and_then(|table| table.refusal(&record.idempotency_key, self.bound));
+                .and_then(|table| table.refusal(&record.idempotency_key, &self.bound));
             if let Some(overloaded) = refusal {
                 return Ok(overloaded);
             }
@@ -793,7 +810,7 @@ impl IntakeWriter {
             }
             (
                 table.may_be_finished(key.as_bytes()),
-                table.over(self.bound),
+                table.over(&self.bound),
             )
         };
         if may_be_finished {
@@ -955,7 +972,7 @@ mod tests {
             segment: 1,
             written: 0,
             buffer: Vec::new(),
-            bound: PendingBound::NONE,
+            bound: PendingBound::none(),
             refusing: Arc::default(),
         };
         let mut reused = record("new");
@@ -1129,7 +1146,7 @@ mod tests {
             segment: active,
             written: 0,
             buffer: Vec::new(),
-            bound: PendingBound::NONE,
+            bound: PendingBound::none(),
             refusing: Arc::default(),
         };
         let (a, b) = (record("a"), record("b"));
@@ -1194,7 +1211,7 @@ mod tests {
         fn at_count(commands: usize) -> Self {
             Self::new(PendingBound {
                 commands,
-                bytes: usize::MAX,
+                ..PendingBound::none()
             })
         }
     }
@@ -1219,7 +1236,7 @@ mod tests {
         assert!(matches!(accept("b").await, Ok(Accepted::New(_))));
         let refused = accept("c").await;
         assert!(
-            matches!(refused, Ok(Accepted::Overloaded { pending: 2, bytes }) if bytes > 0),
+            matches!(refused, Ok(Accepted::Overloaded { pending: 2, bytes, .. }) if bytes > 0),
             "{refused:?}"
         );
         assert!(store.pending_command("c").is_none(), "c is not pending");
@@ -1259,6 +1276,53 @@ mod tests {
             .sum();
         assert_eq!(unapplied.len(), 3);
         assert_eq!(store.pending_table().bytes, sizes);
+    }
+
+    /// Beyond `--max-lag-ms` (the oldest command the consumer may apply has been due
+    /// longer) a new key is refused, by the writer and then by the handlers, with the
+    /// lag in the answer; a known key is answered as always; once the consumer has
+    /// caught up, new keys are taken again.
+    #[tokio::test]
+    async fn beyond_max_lag_a_new_key_is_refused_until_the_consumer_catches_up() {
+        let lag = Lag::new();
+        let Bounded {
+            dir: _dir,
+            store,
+            intake,
+            thread,
+            durable,
+        } = Bounded::new(PendingBound {
+            max_lag: Some(Duration::from_secs(1)),
+            lag: lag.clone(),
+            ..PendingBound::none()
+        });
+        let accept = |key: &str| intake.accept(record(key));
+        let a = match accept("a").await.expect("answered") {
+            Accepted::New(a) => a,
+            other => panic!("a is new: {other:?}"),
+        };
+
+        lag.waiting_since(Some(Instant::now() - Duration::from_millis(1500)));
+        for who in ["the writer", "a handler"] {
+            let refused = accept("b").await;
+            assert!(
+                matches!(refused, Ok(Accepted::Overloaded { pending: 1, lag_ms, .. }) if lag_ms >= 1500),
+                "refused by {who}: {refused:?}"
+            );
+        }
+        assert!(store.pending_command("b").is_none(), "b is not pending");
+        assert!(
+            matches!(accept("a").await, Ok(Accepted::Replay(r)) if r.command_id == a.command_id),
+            "a known key is answered as always"
+        );
+
+        lag.waiting_since(Some(Instant::now()));
+        assert!(
+            matches!(accept("b").await, Ok(Accepted::New(_))),
+            "taken again within the bound"
+        );
+        assert!(intake.stop(thread).await);
+        assert_eq!(*durable.lock().unwrap(), ["a", "b"]);
     }
 
     /// Once the writer refuses, a handler refuses a certainly new key itself: with the
@@ -1354,8 +1418,8 @@ mod tests {
             thread,
             ..
         } = Bounded::new(PendingBound {
-            commands: usize::MAX,
             bytes: 1,
+            ..PendingBound::none()
         });
         let a = match intake.accept(record("a")).await {
             Ok(Accepted::New(a)) => a,
@@ -1367,7 +1431,7 @@ mod tests {
         assert_eq!(size, encoded, "a record counts at its frame's size");
         let refused = intake.accept(record("b")).await;
         assert!(
-            matches!(refused, Ok(Accepted::Overloaded { pending: 1, bytes }) if bytes == size),
+            matches!(refused, Ok(Accepted::Overloaded { pending: 1, bytes, .. }) if bytes == size),
             "{refused:?}"
         );
         store.finish("a", a.command_id);
@@ -1388,7 +1452,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let (intake, thread) = Intake::start(
             store.clone(),
-            PendingBound::NONE,
+            PendingBound::none(),
             Box::new(|_: &[CommandRecord]| {}),
             shutdown.clone(),
         )

@@ -137,9 +137,14 @@ pub enum Accepted {
     /// The key was used for a different request.
     KeyReused(CommandRecord),
     /// The key was new, but the commands waiting to be applied (`pending` of them,
-    /// `bytes` of records) are at the intake's bound: nothing was stored, the client
-    /// should try again later.
-    Overloaded { pending: usize, bytes: usize },
+    /// `bytes` of records), or the consumer's lag behind their due times (`lag_ms`),
+    /// are at the intake's bound: nothing was stored, the client should try again
+    /// later.
+    Overloaded {
+        pending: usize,
+        bytes: usize,
+        lag_ms: u64,
+    },
 }
 
 /// How the consumer decided a due command should end.
@@ -892,7 +897,7 @@ mod tests {
         let handed_on = durable.clone();
         let (intake, thread) = Intake::start(
             store.clone(),
-            PendingBound::NONE,
+            PendingBound::none(),
             Box::new(move |records| {
                 let ids = records.iter().map(|record| record.command_id);
                 handed_on.lock().unwrap().extend(ids);
@@ -915,7 +920,7 @@ mod tests {
     fn idle_writer(store: &Store) -> (Intake, IntakeThread) {
         Intake::start(
             store.clone(),
-            PendingBound::NONE,
+            PendingBound::none(),
             Box::new(|_| {}),
             CancellationToken::new(),
         )

@@ -211,6 +211,69 @@ async fn a_key_reused_for_another_request_is_refused() {
     app.stop().await;
 }
 
+/// With `--max-lag-ms`, a new command is refused while the consumer applies further
+/// behind due times than that: here a task's likes that fall due together, which apply
+/// one step each. The refused key is taken as new once the consumer has caught up.
+#[tokio::test]
+async fn beyond_max_lag_a_new_command_is_refused_until_the_consumer_catches_up() {
+    const LIKES: u64 = 300;
+    let app = spawn_app_with(|config| {
+        config.delay_ms = 500;
+        config.max_lag_ms = 5;
+    })
+    .await;
+    let path = format!("/api/tasks/{}/likes", Uuid::now_v7());
+    // All at once, so that they fall due within milliseconds of each other.
+    let (served, path) = (&app, &path);
+    let likes = join_all((0..LIKES).map(|n| async move {
+        let key = format!("like-{n}");
+        served
+            .command(Method::POST, path, &key, json!({ "delta": 1 }))
+            .await
+    }))
+    .await;
+    assert!(likes.iter().all(|like| like.status() == 202));
+
+    let finished = |metrics: &serde_json::Value| {
+        metrics["settled"].as_u64().unwrap() + metrics["failed"].as_u64().unwrap()
+    };
+    let give_up = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, metrics) = app.get_json("/api/metrics").await;
+        if metrics["lag_ms"].as_u64().unwrap() > 5 {
+            break;
+        }
+        assert!(
+            finished(&metrics) < LIKES,
+            "applied before a lag showed: {metrics}"
+        );
+        assert!(Instant::now() < give_up, "no lag: {metrics}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let refused = app.create_task("late", json!({ "title": "late" })).await;
+    let problem = crate::helpers::assert_problem(refused, 503, "beyond max lag").await;
+    assert_eq!(problem["type"], "/problems/overloaded");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("ms past its due time"), "{detail}");
+
+    loop {
+        let (_, metrics) = app.get_json("/api/metrics").await;
+        if finished(&metrics) == LIKES && metrics["lag_ms"] == 0 {
+            assert_eq!(metrics["refused"], 1);
+            break;
+        }
+        assert!(Instant::now() < give_up, "not caught up: {metrics}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let late = app.create_task("late", json!({ "title": "late" })).await;
+    assert_eq!(late.status(), 202, "taken once the consumer caught up");
+    assert!(
+        late.headers().get("idempotent-replayed").is_none(),
+        "the refusal stored nothing"
+    );
+    app.stop().await;
+}
+
 /// A node holds at most `--max-pending` unapplied commands. Beyond it a new command is
 /// answered 503 with Retry-After and stored nowhere, while a retry of a known key
 /// (pending, or finished and in sled) still gets its 202; once the backlog has applied,
@@ -248,13 +311,15 @@ async fn beyond_max_pending_a_new_command_is_refused_until_the_backlog_applies()
     assert_eq!(status, 202, "a pending key is answered as always");
     assert_eq!(replayed.as_ref().map(|v| v.to_str().unwrap()), Some("true"));
     let (_, metrics) = app.get_json("/api/metrics").await;
+    // Lost deliveries wait for their redelivery, not for the consumer: no lag.
     assert_eq!(
         (
             &metrics["accepted"],
             &metrics["refused"],
-            &metrics["pending"]
+            &metrics["pending"],
+            &metrics["lag_ms"]
         ),
-        (&json!(2), &json!(1), &json!(2))
+        (&json!(2), &json!(1), &json!(2), &json!(0))
     );
     let text = app
         .http
@@ -267,6 +332,10 @@ async fn beyond_max_pending_a_new_command_is_refused_until_the_backlog_applies()
         .unwrap();
     assert!(
         text.lines().any(|l| l == "settle_commands_refused_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l == "settle_consumer_lag_seconds 0.0"),
         "{text}"
     );
 

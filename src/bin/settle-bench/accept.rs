@@ -70,12 +70,18 @@ struct Results {
     /// after it: on a `--target` server, what this phase added.
     server_accepted: Option<u64>,
     server_settled: Option<u64>,
+    /// How far behind its due times the server's consumer applied when the accept
+    /// route ended (`lag_ms`): the backlog the phase left, in time.
+    server_lag_ms_at_end: Option<u64>,
 }
 
 #[derive(Deserialize)]
 struct ServerMetrics {
     accepted: u64,
     settled: u64,
+    /// `None` from a server from before `lag_ms`.
+    #[serde(default)]
+    lag_ms: Option<u64>,
 }
 
 /// One worker's tally.
@@ -150,6 +156,7 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
         ratio,
         server_accepted: during(|m| m.accepted),
         server_settled: during(|m| m.settled),
+        server_lag_ms_at_end: server_metrics.as_ref().and_then(|m| m.lag_ms),
         noop,
         accept,
     };
@@ -220,12 +227,15 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
         (
             "server's counts, accept route".to_owned(),
             format!(
-                "accepted {}, settled {}",
+                "accepted {}, settled {}; at the end the consumer applied {} ms behind due times",
                 results
                     .server_accepted
                     .map_or("?".to_owned(), |v| v.to_string()),
                 results
                     .server_settled
+                    .map_or("?".to_owned(), |v| v.to_string()),
+                results
+                    .server_lag_ms_at_end
                     .map_or("?".to_owned(), |v| v.to_string())
             ),
         ),
