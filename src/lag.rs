@@ -2,16 +2,18 @@
 //! that is the server falling behind, not the configured delay.
 //!
 //! The consumer notes, before each apply step, since when the oldest command it may
-//! apply now has been due (its timer's deadline), and that nothing is waiting once
-//! nothing is. Anyone may read the lag as it stands: the time since that moment, which
-//! keeps growing while a long step runs. Read by the metrics (`lag_ms`) and by the
-//! intake, which refuses new commands beyond `--max-lag-ms`.
+//! apply now has been due, and that nothing is waiting once nothing is. Anyone may read
+//! the lag as it stands: the time since that moment, which keeps growing while a long
+//! step runs. Read by the metrics (`lag_ms`) and by the intake, which refuses new
+//! commands beyond `--max-lag-ms`.
 //!
-//! A command held back by its task's order is counted only once it may apply: from its
-//! own deadline, so a task whose commands fell due together shows the lag of the
-//! last. One imprecision, left as it is: a command that waited for its predecessor's
-//! redelivery (a lost delivery, `drop_rate`) shows that wait as lag during the one
-//! step that applies it.
+//! What counts as due, in `consumer`: a command from its timer's deadline (a retry's,
+//! after a transient fault or a lost delivery: the backoff is not lag), or from its
+//! due time if it reached the consumer later (resumed after a restart); a command
+//! held back by its task's order only once it may apply, and no earlier than its
+//! predecessor counted (waiting for its turn is not lag, unless the predecessor
+//! waited too: a task whose commands fell due together shows the lag of the last);
+//! and a timer that expired but was not taken in yet.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -33,15 +33,17 @@
 //!   finished records, so a start takes time in proportion to them; counted up by
 //!   [`Store::finish`], down by compaction): a key whose hash is not there has no
 //!   finished record, and only a key whose hash is there (a retry, or a collision:
-//!   about n in 2^64 for n finished keys) is looked up in sled. It costs a few tens of
-//!   bytes of memory per finished command within its retention.
+//!   about n in 2^32 for n finished keys) is looked up in sled. It costs 10–21 bytes
+//!   of memory per finished command within its retention.
 //! - The pending table is bounded ([`PendingBound`]): while it holds as many commands,
-//!   or as many bytes of their records, as the bound allows, a new key is answered
+//!   or as many bytes of their records, as the bound allows, or (with a `max_lag`) the
+//!   consumer applies further behind due times than that, a new key is answered
 //!   [`Accepted::Overloaded`] and nothing of it is stored (a known key is answered as
 //!   always). The writer decides the first refusal; until it takes a new key again,
 //!   the handlers refuse the keys the table shows to be new themselves, without the
-//!   hand-offs to its thread ([`Intake::accept`]). Recovery is not bounded: every logged command is pending again, also
-//!   beyond a bound lowered since, and new keys wait until the backlog is below it.
+//!   hand-offs to its thread ([`Intake::accept`]). Recovery is not bounded: every
+//!   logged command is pending again, also beyond a bound lowered since, and new keys
+//!   wait until the backlog is below it.
 //! - On start, every segment is read back: a command that has no finished record in
 //!   sled is pending again, in acceptance order (and one whose key has another
 //!   command's record wins over it: see [`Store::recover_intake`]).
@@ -185,9 +187,11 @@ impl PendingTable {
     /// the consumer's lag, if so.
     fn over(&self, bound: &PendingBound) -> Option<Accepted> {
         let (pending, bytes) = (self.by_key.len(), self.bytes);
-        let lag = bound.lag.current();
-        let behind = bound.max_lag.is_some_and(|max| lag > max);
+        // The clock is read only where the lag is bounded or reported.
+        let lag = bound.max_lag.map(|max| (max, bound.lag.current()));
+        let behind = lag.is_some_and(|(max, lag)| lag > max);
         (pending >= bound.commands || bytes >= bound.bytes || behind).then(|| {
+            let lag = lag.map_or_else(|| bound.lag.current(), |(_, lag)| lag);
             Accepted::Overloaded {
                 pending,
                 bytes,
@@ -229,8 +233,8 @@ impl PendingTable {
     }
 
     /// The refusal of `key` at `bound`, decided from memory alone: `Some` when the key
-    /// is certainly new (neither pending nor possibly finished) and the table is at
-    /// its bound. `None` leaves the decision to the writer.
+    /// is certainly new (neither pending nor possibly finished) and the bound is
+    /// reached. `None` leaves the decision to the writer.
     fn refusal(&self, key: &str, bound: &PendingBound) -> Option<Accepted> {
         if self.by_key.contains_key(key) || self.may_be_finished(key.as_bytes()) {
             return None;
@@ -579,7 +583,7 @@ struct IntakeWriter {
     /// Bytes of the active segment that are durable.
     written: u64,
     buffer: Vec<u8>,
-    /// New keys are refused while the pending table is at this bound.
+    /// New keys are refused while this bound is reached.
     bound: PendingBound,
     /// Whether the last new key the writer decided was refused, shared with the
     /// handlers ([`Intake::refusing`]); only the writer changes it. A refusal is logged
@@ -590,9 +594,9 @@ struct IntakeWriter {
 impl Intake {
     /// Opens the active log segment and starts the writer thread. `on_durable` sees
     /// the new commands of each batch once they are durable (the consumer schedules
-    /// them there, so a command whose client went away is not forgotten). While the
-    /// pending table is at `bound`, a new key is answered [`Accepted::Overloaded`] and
-    /// nothing is stored; a known key is answered as always. A panic of the writer
+    /// them there, so a command whose client went away is not forgotten). While
+    /// `bound` is reached, a new key is answered [`Accepted::Overloaded`] and nothing
+    /// is stored; a known key is answered as always. A panic of the writer
     /// cancels `shutdown`: a server whose intake is gone can accept nothing.
     ///
     /// # Errors
@@ -638,7 +642,7 @@ impl Intake {
     /// refused here, from memory, as the writer would refuse it now: shedding load
     /// costs a look at the table instead of two hand-offs between threads. Every other
     /// accept, and every refusal until the writer has made one, is the writer's to
-    /// decide. Once the table has room, the next new key goes to the writer again,
+    /// decide. Once the bound has room, the next new key goes to the writer again,
     /// which takes it and clears the flag. One difference from the writer's order: a
     /// retry whose first request is still queued for the writer (its client gave up
     /// waiting) can be refused here before the writer stores that first request; the
@@ -798,13 +802,13 @@ impl IntakeWriter {
         if let Some(overloaded) = over {
             if !refusing {
                 self.refusing.store(true, Ordering::Relaxed);
-                tracing::warn!(?overloaded, bound = ?self.bound, "the pending table is full: new commands are answered 503 until the backlog applies");
+                tracing::warn!(?overloaded, bound = ?self.bound, "at the bound on waiting commands (or on the consumer's lag): new commands are answered 503 until the backlog applies");
             }
             return Ok(overloaded);
         }
         if refusing {
             self.refusing.store(false, Ordering::Relaxed);
-            tracing::info!("the pending table has room again: new commands are accepted");
+            tracing::info!("within the bound on waiting commands again: new commands are accepted");
         }
         record.seq = self.store.next_seq()?;
         let bytes = encode_frame(&mut self.buffer, self.segment, &record)?;
@@ -1348,6 +1352,10 @@ mod tests {
             assert!(
                 matches!(refused, Ok(Accepted::Overloaded { pending: 1, lag_ms, .. }) if lag_ms >= 1500),
                 "refused by {who}: {refused:?}"
+            );
+            assert!(
+                intake.refusing.load(Ordering::Relaxed),
+                "handlers refuse from here on"
             );
         }
         assert!(store.pending_command("b").is_none(), "b is not pending");
