@@ -687,6 +687,25 @@ mod tests {
     use crate::model::{unix_ms_ceil, CommandBody};
     use crate::store::Intake;
 
+    /// A consumer of `store` without faults, not started.
+    fn consumer_of(store: Store, hub: Hub, metrics: &Metrics) -> (Consumer, ConsumerHandle) {
+        let settings = FaultSettings {
+            delay_ms: 0,
+            jitter_ms: 0,
+            failure_rate: 0.0,
+            drop_rate: 0.0,
+            transient_rate: 0.0,
+        };
+        Consumer::new(
+            store,
+            hub,
+            Faults::new(settings, Some(1)),
+            metrics.clone(),
+            Duration::from_secs(5),
+            metrics.lag(),
+        )
+    }
+
     /// A consumer started on a fresh store, with the intake log that feeds it.
     struct Running {
         store: Store,
@@ -703,23 +722,9 @@ mod tests {
         async fn start() -> Self {
             let dir = tempfile::tempdir().expect("a temp dir");
             let store = Store::open(dir.path()).expect("a store");
-            let settings = FaultSettings {
-                delay_ms: 0,
-                jitter_ms: 0,
-                failure_rate: 0.0,
-                drop_rate: 0.0,
-                transient_rate: 0.0,
-            };
             let hub = Hub::new();
             let metrics = Metrics::new();
-            let (consumer, handle) = Consumer::new(
-                store.clone(),
-                hub.clone(),
-                Faults::new(settings, Some(1)),
-                metrics.clone(),
-                Duration::from_secs(5),
-                metrics.lag(),
-            );
+            let (consumer, handle) = consumer_of(store.clone(), hub.clone(), &metrics);
             let shutdown = CancellationToken::new();
             let thread = consumer.start(shutdown.clone()).await.expect("started");
             let (intake, intake_thread) = Intake::start(
@@ -945,23 +950,9 @@ mod tests {
 
     /// The consumer alone, not started: its bookkeeping driven by hand.
     fn idle_consumer(dir: &std::path::Path) -> (Consumer, Lag) {
-        let store = Store::open(dir).expect("a store");
-        let settings = FaultSettings {
-            delay_ms: 0,
-            jitter_ms: 0,
-            failure_rate: 0.0,
-            drop_rate: 0.0,
-            transient_rate: 0.0,
-        };
         let metrics = Metrics::new();
-        let (consumer, _) = Consumer::new(
-            store,
-            Hub::new(),
-            Faults::new(settings, Some(1)),
-            metrics.clone(),
-            Duration::from_secs(5),
-            metrics.lag(),
-        );
+        let store = Store::open(dir).expect("a store");
+        let (consumer, _) = consumer_of(store, Hub::new(), &metrics);
         (consumer, metrics.lag())
     }
 
