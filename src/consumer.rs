@@ -183,20 +183,20 @@ enum Outcome {
 
 impl Consumer {
     /// Creates the consumer and the handle the API sends new commands through; the
-    /// consumer keeps `lag` up to date.
+    /// consumer keeps the metrics' [`Lag`] up to date.
     pub fn new(
         store: Store,
         hub: Hub,
         faults: Faults,
         metrics: Metrics,
         redeliver_after: Duration,
-        lag: Lag,
     ) -> (Self, ConsumerHandle) {
         let (sender, inbox) = mpsc::channel(INBOX_CAPACITY);
         let consumer = Self {
             store,
             hub,
             faults,
+            lag: metrics.lag(),
             metrics,
             redeliver_after,
             inbox,
@@ -204,7 +204,6 @@ impl Consumer {
             scheduled: HashMap::new(),
             per_task: HashMap::new(),
             due: HashSet::new(),
-            lag,
         };
         (consumer, ConsumerHandle { sender })
     }
@@ -702,7 +701,6 @@ mod tests {
             Faults::new(settings, Some(1)),
             metrics.clone(),
             Duration::from_secs(5),
-            metrics.lag(),
         )
     }
 
@@ -977,42 +975,42 @@ mod tests {
         let later = unix_ms_ceil(OffsetDateTime::now_utc()) + 60_000;
         let secs = Duration::from_secs;
         let now = Instant::now();
-        let (retried, together) = (Uuid::now_v7(), Uuid::now_v7());
-        for (seq, task_id) in [(1, retried), (2, retried), (3, together), (4, together)] {
-            consumer.schedule(delivery(seq, task_id, later));
-        }
-        // 1 was retried: its timer fired 1 s ago, 2's at its own due time, 10 s ago.
-        consumer.fire(now - secs(1), 1);
-        consumer.fire(now - secs(10), 2);
-        // 3 and 4 fell due together, 20 s ago.
-        consumer.fire(now - secs(20), 3);
-        consumer.fire(now - secs(20), 4);
-
         let in_range = |low: u64, high: u64| {
             let lag = lag.current();
             lag >= secs(low) && lag < secs(high)
         };
-        assert_eq!(consumer.process_once(), 2, "the heads, 1 and 3");
-        assert!(in_range(20, 30), "3: {:?}", lag.current());
-        assert_eq!(consumer.process_once(), 2, "then 2 and 4");
+
+        // Two commands of a new task (seqs `first`, `first + 1`), whose timers fired
+        // these many seconds ago.
+        let pair = |consumer: &mut Consumer, first: u64, ago: [u64; 2]| {
+            let task_id = Uuid::now_v7();
+            for (seq, ago) in [first, first + 1].into_iter().zip(ago) {
+                consumer.schedule(delivery(seq, task_id, later));
+                consumer.fire(now - secs(ago), seq);
+            }
+        };
+
+        // 1 and 2 fell due together, 20 s ago.
+        pair(&mut consumer, 1, [20, 20]);
+        assert_eq!(consumer.process_once(), 1, "the head, 1");
+        assert!(in_range(20, 30), "1: {:?}", lag.current());
+        assert_eq!(consumer.process_once(), 1, "then 2");
         assert!(
             in_range(20, 30),
-            "4 waited as long as 3: {:?}",
+            "2 waited as long as 1: {:?}",
             lag.current()
         );
         assert_eq!(consumer.process_once(), 0);
         assert_eq!(lag.current(), Duration::ZERO, "nothing waits");
 
-        consumer.schedule(delivery(5, retried, later));
-        consumer.schedule(delivery(6, retried, later));
-        consumer.fire(now - secs(1), 5);
-        consumer.fire(now - secs(10), 6);
-        consumer.process_once();
-        assert!(in_range(1, 10), "5: {:?}", lag.current());
-        consumer.process_once();
+        // 3 was retried: its timer fired 1 s ago; 4's at its own due time, 10 s ago.
+        pair(&mut consumer, 3, [1, 10]);
+        assert_eq!(consumer.process_once(), 1, "the head, 3");
+        assert!(in_range(1, 10), "3: {:?}", lag.current());
+        assert_eq!(consumer.process_once(), 1, "then 4");
         assert!(
             in_range(1, 10),
-            "6 counts from 5, not from its own due time: {:?}",
+            "4 counts from 3, not from its own due time: {:?}",
             lag.current()
         );
     }

@@ -189,7 +189,6 @@ impl Running {
             faults.clone(),
             metrics.clone(),
             redeliver_after,
-            metrics.lag(),
         );
         // The intake writer hands each batch's new commands on once they are durable,
         // whether or not their requests are still there to be answered. It starts

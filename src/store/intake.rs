@@ -183,21 +183,12 @@ impl PendingTable {
         self.by_key.len()
     }
 
-    /// Whether a new command would exceed `bound`: `Some` of what is pending, and of
-    /// the consumer's lag, if so.
-    fn over(&self, bound: &PendingBound) -> Option<Accepted> {
-        let (pending, bytes) = (self.by_key.len(), self.bytes);
-        // The clock is read only where the lag is bounded or reported.
-        let lag = bound.max_lag.map(|max| (max, bound.lag.current()));
-        let behind = lag.is_some_and(|(max, lag)| lag > max);
-        (pending >= bound.commands || bytes >= bound.bytes || behind).then(|| {
-            let lag = lag.map_or_else(|| bound.lag.current(), |(_, lag)| lag);
-            Accepted::Overloaded {
-                pending,
-                bytes,
-                lag_ms: u64::try_from(lag.as_millis()).unwrap_or(u64::MAX),
-            }
-        })
+    /// What waits to be applied: commands, and bytes of their records.
+    fn waiting(&self) -> Waiting {
+        Waiting {
+            commands: self.by_key.len(),
+            bytes: self.bytes,
+        }
     }
 
     fn finished_hash(&self, key: &[u8]) -> u32 {
@@ -232,15 +223,20 @@ impl PendingTable {
         self.finished.contains_key(&self.finished_hash(key))
     }
 
-    /// The refusal of `key` at `bound`, decided from memory alone: `Some` when the key
-    /// is certainly new (neither pending nor possibly finished) and the bound is
-    /// reached. `None` leaves the decision to the writer.
-    fn refusal(&self, key: &str, bound: &PendingBound) -> Option<Accepted> {
-        if self.by_key.contains_key(key) || self.may_be_finished(key.as_bytes()) {
-            return None;
-        }
-        self.over(bound)
+    /// What waits, if `key` is certainly new (neither pending nor possibly finished):
+    /// enough for a handler to refuse it from memory ([`PendingBound::refusal`]).
+    /// `None` leaves the decision to the writer.
+    fn waiting_if_new(&self, key: &str) -> Option<Waiting> {
+        let known = self.by_key.contains_key(key) || self.may_be_finished(key.as_bytes());
+        (!known).then(|| self.waiting())
     }
+}
+
+/// What waits to be applied, as the pending table counts it.
+#[derive(Clone, Copy, Debug)]
+struct Waiting {
+    commands: usize,
+    bytes: usize,
 }
 
 fn segment_path(dir: &Path, segment: u64) -> PathBuf {
@@ -554,6 +550,23 @@ pub struct PendingBound {
 }
 
 impl PendingBound {
+    /// The answer to a new key while `waiting` waits: `Some` refusal when a bound is
+    /// reached. Reads the consumer's lag where it is bounded or reported (outside the
+    /// pending table's lock: the lag is not the table's).
+    fn refusal(&self, waiting: Waiting) -> Option<Accepted> {
+        let lag = self.max_lag.map(|max| (max, self.lag.current()));
+        let behind = lag.is_some_and(|(max, lag)| lag > max);
+        let full = waiting.commands >= self.commands || waiting.bytes >= self.bytes;
+        (full || behind).then(|| {
+            let lag = lag.map_or_else(|| self.lag.current(), |(_, lag)| lag);
+            Accepted::Overloaded {
+                pending: waiting.commands,
+                bytes: waiting.bytes,
+                lag_ms: u64::try_from(lag.as_millis()).unwrap_or(u64::MAX),
+            }
+        })
+    }
+
     /// No bound (tests that are not about it).
     pub fn none() -> Self {
         Self {
@@ -654,14 +667,14 @@ impl Intake {
         if self.refusing.load(Ordering::Relaxed) {
             // A poisoned table (the writer panicked holding it) is left to the writer's
             // channel, which answers `Stopped`: no panic in a handler.
-            let refusal = self
+            let waiting = self
                 .store
                 .inner
                 .pending
                 .lock()
                 .ok()
-                .and_then(|table| table.refusal(&record.idempotency_key, &self.bound));
-            if let Some(overloaded) = refusal {
+                .and_then(|table| table.waiting_if_new(&record.idempotency_key));
+            if let Some(overloaded) = waiting.and_then(|waiting| self.bound.refusal(waiting)) {
                 return Ok(overloaded);
             }
         }
@@ -819,25 +832,24 @@ impl IntakeWriter {
     }
 
     /// The command already under `key`: pending, or finished (in sled, read only when
-    /// the finished keys' hashes say it may be there). For a new key, whether the
-    /// pending table is at its bound, read in the same look at the table.
+    /// the finished keys' hashes say it may be there). For a new key, whether a bound
+    /// is reached, by what waits as the same look at the table found it.
     fn look_up(&self, key: &str) -> Result<Lookup, StoreError> {
-        let (may_be_finished, over) = {
+        let (may_be_finished, waiting) = {
             let table = self.store.pending_table();
             if let Some(pending) = table.by_key.get(key) {
                 return Ok(Lookup::Known(pending.record.clone()));
             }
-            (
-                table.may_be_finished(key.as_bytes()),
-                table.over(&self.bound),
-            )
+            (table.may_be_finished(key.as_bytes()), table.waiting())
         };
         if may_be_finished {
             if let Some(finished) = self.store.finished_command(key)? {
                 return Ok(Lookup::Known(finished));
             }
         }
-        Ok(Lookup::New { over })
+        Ok(Lookup::New {
+            over: self.bound.refusal(waiting),
+        })
     }
 
     /// Writes the buffer and syncs it. On failure, cuts the segment back to its last
@@ -1346,18 +1358,13 @@ mod tests {
             other => panic!("a is new: {other:?}"),
         };
 
-        lag.waiting_since(Some(Instant::now() - Duration::from_millis(1500)));
-        for who in ["the writer", "a handler"] {
-            let refused = accept("b").await;
-            assert!(
-                matches!(refused, Ok(Accepted::Overloaded { pending: 1, lag_ms, .. }) if lag_ms >= 1500),
-                "refused by {who}: {refused:?}"
-            );
-            assert!(
-                intake.refusing.load(Ordering::Relaxed),
-                "handlers refuse from here on"
-            );
-        }
+        let behind = || lag.waiting_since(Some(Instant::now() - Duration::from_millis(1500)));
+        behind();
+        let refused = accept("b").await;
+        assert!(
+            matches!(refused, Ok(Accepted::Overloaded { pending: 1, lag_ms, .. }) if lag_ms >= 1500),
+            "refused: {refused:?}"
+        );
         assert!(store.pending_command("b").is_none(), "b is not pending");
         assert!(
             matches!(accept("a").await, Ok(Accepted::Replay(r)) if r.command_id == a.command_id),
@@ -1369,7 +1376,17 @@ mod tests {
             matches!(accept("b").await, Ok(Accepted::New(_))),
             "taken again within the bound"
         );
+
+        // Once the writer has refused, the handlers refuse by the lag too: with the
+        // writer gone (which would answer `Stopped`), a new key is still `Overloaded`.
+        behind();
+        assert!(matches!(accept("c").await, Ok(Accepted::Overloaded { .. })));
         assert!(intake.stop(thread).await);
+        let refused = accept("d").await;
+        assert!(
+            matches!(refused, Ok(Accepted::Overloaded { pending: 2, lag_ms, .. }) if lag_ms >= 1500),
+            "refused by a handler: {refused:?}"
+        );
         assert_eq!(*durable.lock().unwrap(), ["a", "b"]);
     }
 

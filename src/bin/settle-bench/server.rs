@@ -63,6 +63,8 @@ struct FaultSettings {
 pub struct Server {
     pub info: ServerInfo,
     started: Option<Started>,
+    /// A `--target` server's process, if one was found.
+    process: Option<ServerProcess>,
     log_tail: Arc<Mutex<VecDeque<String>>>,
 }
 
@@ -165,66 +167,78 @@ fn is_settle(binary: &Path) -> bool {
         .is_some_and(|name| name == "settle" || name == "settle (deleted)")
 }
 
-/// The process measured as a `--target` server, and its binary; `None` where unknown.
+/// The process measured as a `--target` server: its binary as /proc shows it, and
+/// (for a `settle`) the version it answers, asked once.
 #[derive(Clone, Debug)]
 pub struct ServerProcess {
-    pid: Option<u32>,
+    pid: u32,
     binary: Option<PathBuf>,
+    version: Option<String>,
 }
 
 impl ServerProcess {
-    /// Whether the process still runs a `settle` and holds the socket listening on
-    /// `addr`. Blocking: it reads the process's open files.
-    fn still_serves(&self, addr: SocketAddr) -> bool {
-        self.pid.is_some_and(|pid| {
-            running_binary(pid).is_some_and(|binary| is_settle(&binary))
-                && sys::holds_listener(pid, addr).unwrap_or(false)
-        })
+    /// Process `pid`, its binary and, if that is a `settle`, its version: the running
+    /// build's (its file may have been replaced since). Nothing else is run.
+    fn read(pid: u32) -> Self {
+        let binary = running_binary(pid);
+        let version = binary
+            .as_deref()
+            .filter(|binary| is_settle(binary))
+            .and_then(|_| {
+                sys::command_line_output(&format!("/proc/{pid}/exe"), &["--version"], None)
+            });
+        Self {
+            pid,
+            binary,
+            version,
+        }
+    }
+
+    /// This process again, if it still runs a `settle` and holds the socket listening
+    /// on `addr`: its binary as /proc shows it now (a file rebuilt since shows as
+    /// deleted), its version as asked before (the same process runs the same build).
+    /// Blocking: it reads the process's open files.
+    fn still_serving(self, addr: SocketAddr) -> Option<Self> {
+        let binary = running_binary(self.pid).filter(|binary| is_settle(binary))?;
+        sys::holds_listener(self.pid, addr)
+            .unwrap_or(false)
+            .then_some(Self {
+                binary: Some(binary),
+                ..self
+            })
     }
 }
 
-/// The process of the server at `addr` and its binary: `pid` if given, else the process
-/// listening there if it runs a `settle`. Blocking: it may read every process's open
-/// files in /proc.
-fn server_process(addr: SocketAddr, pid: Option<u32>) -> anyhow::Result<ServerProcess> {
+/// The process of the server at `addr`: `pid` if given, else the process listening
+/// there if it runs a `settle`; `None` (said on stderr) when there is none to measure.
+/// Blocking: it may read every process's open files in /proc.
+fn server_process(addr: SocketAddr, pid: Option<u32>) -> anyhow::Result<Option<ServerProcess>> {
     if let Some(pid) = pid {
         if !Path::new(&format!("/proc/{pid}")).exists() {
             bail!("--server-pid {pid}: no such process");
         }
-        let binary = running_binary(pid);
-        match &binary {
+        let process = ServerProcess::read(pid);
+        match &process.binary {
             None => eprintln!("settle-bench: warning: cannot read which binary --server-pid {pid} runs; its memory and CPU are reported as the server's"),
             Some(binary) if !is_settle(binary) => eprintln!("settle-bench: warning: --server-pid {pid} runs {}, not a settle; its memory and CPU are reported as the server's", binary.display()),
             Some(_) => {}
         }
-        return Ok(ServerProcess {
-            pid: Some(pid),
-            binary,
-        });
+        return Ok(Some(process));
     }
     match sys::listening_pid(addr) {
-        Ok(pid) => match running_binary(pid) {
-            Some(binary) if is_settle(&binary) => {
+        Ok(pid) => {
+            let process = ServerProcess::read(pid);
+            if process.binary.as_deref().is_some_and(is_settle) {
                 eprintln!("settle-bench: measuring the memory and CPU of process {pid}, the settle listening on {addr} (--server-pid names another)");
-                Ok(ServerProcess {
-                    pid: Some(pid),
-                    binary: Some(binary),
-                })
-            }
-            _ => {
+                Ok(Some(process))
+            } else {
                 eprintln!("settle-bench: process {pid} listens on {addr} but does not run a settle: the server's memory and CPU go unreported (--server-pid names the server's process)");
-                Ok(ServerProcess {
-                    pid: None,
-                    binary: None,
-                })
+                Ok(None)
             }
-        },
+        }
         Err(err) => {
             eprintln!("settle-bench: the server's memory and CPU go unreported: {err:#} (--server-pid names the server's process)");
-            Ok(ServerProcess {
-                pid: None,
-                binary: None,
-            })
+            Ok(None)
         }
     }
 }
@@ -324,6 +338,7 @@ impl Server {
                 data_dir: Some(data_dir_path),
             },
             started: Some(started),
+            process: None,
             log_tail,
         };
         server.describe().await?;
@@ -364,38 +379,39 @@ impl Server {
                 data_dir: None,
             },
             started: None,
+            process: None,
             log_tail: Arc::default(),
         };
         // Whether it answers, first: the process is looked for only then.
         server.describe().await?;
-        let ServerProcess { pid, binary } = tokio::task::spawn_blocking(move || {
-            match found.filter(|found| pid.is_none() && found.still_serves(addr)) {
-                Some(found) => Ok(found),
+        let process = tokio::task::spawn_blocking(move || {
+            let again = found
+                .filter(|found| pid.is_none_or(|pid| pid == found.pid))
+                .and_then(|found| found.still_serving(addr));
+            match again {
+                Some(again) => Ok(Some(again)),
                 None => server_process(addr, pid),
             }
         })
         .await
         .context("looking for the server's process")??;
-        server.info.pid = pid;
-        // The running build's version (its file may have been replaced since): only a
-        // settle is asked, nothing else is run.
-        server.info.version = pid
-            .filter(|_| binary.as_deref().is_some_and(is_settle))
-            .and_then(|pid| {
-                sys::command_line_output(&format!("/proc/{pid}/exe"), &["--version"], None)
-            });
-        server.info.binary = binary.map(|binary| binary.display().to_string());
+        if let Some(process) = &process {
+            server.info.pid = Some(process.pid);
+            server.info.version.clone_from(&process.version);
+            server.info.binary = process
+                .binary
+                .as_ref()
+                .map(|binary| binary.display().to_string());
+        }
+        server.process = process;
         server.read_limits();
         Ok(server)
     }
 
-    /// The process found listening for this server, for the next phase's
-    /// [`Server::attach`]; `None` if none was (it is looked for again then).
+    /// The process measured as this `--target` server, for the next phase's
+    /// [`Server::attach`]; `None` if there was none (it is looked for again then).
     pub fn process(&self) -> Option<ServerProcess> {
-        Some(ServerProcess {
-            pid: Some(self.info.pid?),
-            binary: self.info.binary.as_ref().map(PathBuf::from),
-        })
+        self.process.clone()
     }
 
     /// Reads the consumer settings, and checks the fault knobs are off: injected
