@@ -131,7 +131,7 @@ impl ApiError {
             Overloaded { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
-                "Too many commands waiting to be applied",
+                "Overloaded: new commands are refused for now",
             ),
         }
     }

@@ -582,7 +582,8 @@ impl PendingBound {
 enum Lookup {
     /// A command, pending or finished.
     Known(CommandRecord),
-    /// None; `over` is the refusal if the pending table is at its bound.
+    /// None; `over` is the refusal if a bound (waiting commands, their bytes, the
+    /// consumer's lag) is reached.
     New { over: Option<Accepted> },
 }
 
@@ -800,8 +801,8 @@ impl IntakeWriter {
     }
 
     /// The answer for one record: the command already under its key, a refusal while
-    /// the pending table is full, or a new command (given its seq) appended to the
-    /// batch's buffer and entered in the pending table.
+    /// a bound is reached, or a new command (given its seq) appended to the batch's
+    /// buffer and entered in the pending table.
     fn admit(&mut self, mut record: CommandRecord) -> Result<Accepted, StoreError> {
         let over = match self.look_up(&record.idempotency_key)? {
             Lookup::Known(existing) if existing.fingerprint == record.fingerprint => {

@@ -41,7 +41,7 @@
 //! ([`Store::next_seq`]; one sled write and sync per 65536 of them), and the intake
 //! writer asks sled for a key's finished record only when an in-memory count of the
 //! finished keys' hashes says it may be there, that is for the retry of a finished
-//! command (and a hash collision, about n in 2^64 for n finished keys). Handlers read
+//! command (and a hash collision, about n in 2^32 for n finished keys). Handlers read
 //! sled on the blocking pool ([`Store::blocking`]).
 //!
 //! Layout: `intake` (the accept log, its writer thread and the pending table),
