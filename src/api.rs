@@ -531,12 +531,14 @@ async fn submit(
             pending,
             bytes,
             lag_ms,
+            bound,
         } => {
             state.metrics.command_refused();
             Err(ApiError::Overloaded {
                 pending,
                 bytes,
                 lag_ms,
+                bound,
             })
         }
     }

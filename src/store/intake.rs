@@ -72,7 +72,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Accepted, Inner, Store, StoreError};
+use super::{Accepted, Inner, Overload, Store, StoreError};
 use crate::lag::Lag;
 use crate::model::CommandRecord;
 
@@ -555,15 +555,21 @@ impl PendingBound {
     /// pending table's lock: the lag is not the table's).
     fn refusal(&self, waiting: Waiting) -> Option<Accepted> {
         let lag = self.max_lag.map(|max| (max, self.lag.current()));
-        let behind = lag.is_some_and(|(max, lag)| lag > max);
-        let full = waiting.commands >= self.commands || waiting.bytes >= self.bytes;
-        (full || behind).then(|| {
-            let lag = lag.map_or_else(|| self.lag.current(), |(_, lag)| lag);
-            Accepted::Overloaded {
-                pending: waiting.commands,
-                bytes: waiting.bytes,
-                lag_ms: u64::try_from(lag.as_millis()).unwrap_or(u64::MAX),
-            }
+        let bound = if waiting.commands >= self.commands {
+            Overload::Commands
+        } else if waiting.bytes >= self.bytes {
+            Overload::Bytes
+        } else if lag.is_some_and(|(max, lag)| lag > max) {
+            Overload::Lag
+        } else {
+            return None;
+        };
+        let lag = lag.map_or_else(|| self.lag.current(), |(_, lag)| lag);
+        Some(Accepted::Overloaded {
+            pending: waiting.commands,
+            bytes: waiting.bytes,
+            lag_ms: u64::try_from(lag.as_millis()).unwrap_or(u64::MAX),
+            bound,
         })
     }
 
@@ -603,6 +609,51 @@ struct IntakeWriter {
     /// handlers ([`Intake::refusing`]); only the writer changes it. A refusal is logged
     /// when it starts and when it ends, not per request.
     refusing: Arc<AtomicBool>,
+    refusal_log: RefusalLog,
+}
+
+/// The log of refusals starting and ending: a warning and an info line, unless a
+/// warning went out less than [`RefusalLog::QUIET`] ago (a bound the backlog hovers
+/// at flips many times a second): then debug lines. So a warning and its info line
+/// stand for the next 10 s, whose refusals `refused` in `/api/metrics` counts.
+#[derive(Default)]
+struct RefusalLog {
+    warned_at: Option<Instant>,
+    /// Whether the refusal going on was warned of.
+    warned: bool,
+}
+
+impl RefusalLog {
+    const QUIET: Duration = Duration::from_secs(10);
+
+    fn started(&mut self, overloaded: &Accepted) {
+        let Accepted::Overloaded {
+            pending,
+            bytes,
+            lag_ms,
+            bound,
+        } = overloaded
+        else {
+            return;
+        };
+        self.warned = self.warned_at.is_none_or(|at| at.elapsed() >= Self::QUIET);
+        let message = "new commands are answered 503 while a bound is reached (refused in /api/metrics counts them; logged again at most every 10 s)";
+        if self.warned {
+            self.warned_at = Some(Instant::now());
+            tracing::warn!(pending, bytes, lag_ms, %bound, "{message}");
+        } else {
+            tracing::debug!(pending, bytes, lag_ms, %bound, "{message}");
+        }
+    }
+
+    fn ended(&mut self) {
+        let message = "a new command was taken: within the bounds again, for now";
+        if self.warned {
+            tracing::info!("{message}");
+        } else {
+            tracing::debug!("{message}");
+        }
+    }
 }
 
 impl Intake {
@@ -641,6 +692,7 @@ impl Intake {
             buffer: Vec::with_capacity(64 * 1024),
             bound,
             refusing,
+            refusal_log: RefusalLog::default(),
         };
         let handle = thread::Builder::new()
             .name("settle-intake".to_owned())
@@ -816,13 +868,13 @@ impl IntakeWriter {
         if let Some(overloaded) = over {
             if !refusing {
                 self.refusing.store(true, Ordering::Relaxed);
-                tracing::warn!(?overloaded, bound = ?self.bound, "at the bound on waiting commands (or on the consumer's lag): new commands are answered 503 until the backlog applies");
+                self.refusal_log.started(&overloaded);
             }
             return Ok(overloaded);
         }
         if refusing {
             self.refusing.store(false, Ordering::Relaxed);
-            tracing::info!("within the bound on waiting commands again: new commands are accepted");
+            self.refusal_log.ended();
         }
         record.seq = self.store.next_seq()?;
         let bytes = encode_frame(&mut self.buffer, self.segment, &record)?;
@@ -1006,6 +1058,7 @@ mod tests {
             buffer: Vec::new(),
             bound: PendingBound::none(),
             refusing: Arc::default(),
+            refusal_log: RefusalLog::default(),
         };
         let mut reused = record("new");
         reused.fingerprint = "another request".to_owned();
@@ -1180,6 +1233,7 @@ mod tests {
             buffer: Vec::new(),
             bound: PendingBound::none(),
             refusing: Arc::default(),
+            refusal_log: RefusalLog::default(),
         };
         let (a, b) = (record("a"), record("b"));
         store.pending_table().insert(a.clone(), active, 0);
@@ -1268,7 +1322,7 @@ mod tests {
         assert!(matches!(accept("b").await, Ok(Accepted::New(_))));
         let refused = accept("c").await;
         assert!(
-            matches!(refused, Ok(Accepted::Overloaded { pending: 2, bytes, .. }) if bytes > 0),
+            matches!(refused, Ok(Accepted::Overloaded { pending: 2, bytes, bound: Overload::Commands, .. }) if bytes > 0),
             "{refused:?}"
         );
         assert!(store.pending_command("c").is_none(), "c is not pending");
@@ -1363,7 +1417,7 @@ mod tests {
         behind();
         let refused = accept("b").await;
         assert!(
-            matches!(refused, Ok(Accepted::Overloaded { pending: 1, lag_ms, .. }) if lag_ms >= 1500),
+            matches!(refused, Ok(Accepted::Overloaded { pending: 1, lag_ms, bound: Overload::Lag, .. }) if lag_ms >= 1500),
             "refused: {refused:?}"
         );
         assert!(store.pending_command("b").is_none(), "b is not pending");
@@ -1385,7 +1439,7 @@ mod tests {
         assert!(intake.stop(thread).await);
         let refused = accept("d").await;
         assert!(
-            matches!(refused, Ok(Accepted::Overloaded { pending: 2, lag_ms, .. }) if lag_ms >= 1500),
+            matches!(refused, Ok(Accepted::Overloaded { pending: 2, lag_ms, bound: Overload::Lag, .. }) if lag_ms >= 1500),
             "refused by a handler: {refused:?}"
         );
         assert_eq!(*durable.lock().unwrap(), ["a", "b"]);
@@ -1497,7 +1551,7 @@ mod tests {
         assert_eq!(size, encoded, "a record counts at its frame's size");
         let refused = intake.accept(record("b")).await;
         assert!(
-            matches!(refused, Ok(Accepted::Overloaded { pending: 1, bytes, .. }) if bytes == size),
+            matches!(refused, Ok(Accepted::Overloaded { pending: 1, bytes, bound: Overload::Bytes, .. }) if bytes == size),
             "{refused:?}"
         );
         store.finish("a", a.command_id);

@@ -138,13 +138,36 @@ pub enum Accepted {
     KeyReused(CommandRecord),
     /// The key was new, but the commands waiting to be applied (`pending` of them,
     /// `bytes` of records), or the consumer's lag behind their due times (`lag_ms`),
-    /// are at the intake's bound: nothing was stored, the client should try again
+    /// are at the intake's `bound`: nothing was stored, the client should try again
     /// later.
     Overloaded {
         pending: usize,
         bytes: usize,
         lag_ms: u64,
+        bound: Overload,
     },
+}
+
+/// Which bound a refused command met ([`Accepted::Overloaded`]); the first of them, if
+/// more than one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overload {
+    /// `--max-pending`.
+    Commands,
+    /// `--max-pending-bytes`.
+    Bytes,
+    /// `--max-lag-ms`.
+    Lag,
+}
+
+impl std::fmt::Display for Overload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Commands => "waiting commands (--max-pending)",
+            Self::Bytes => "their records' bytes (--max-pending-bytes)",
+            Self::Lag => "the lag behind due times (--max-lag-ms)",
+        })
+    }
 }
 
 /// How the consumer decided a due command should end.

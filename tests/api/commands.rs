@@ -266,6 +266,7 @@ async fn beyond_max_lag_a_new_command_is_refused_until_the_consumer_catches_up()
                 .and_then(|(before, _)| before.rsplit(' ').next()?.parse().ok())
                 .unwrap_or_else(|| panic!("no lag in {detail:?}"));
             assert!(lag_ms > 5, "refused for the lag: {detail}");
+            assert!(detail.contains("(--max-lag-ms)"), "{detail}");
             break key;
         }
         assert_eq!(response.status(), 202, "{key}");
@@ -331,6 +332,8 @@ async fn beyond_max_pending_a_new_command_is_refused_until_the_backlog_applies()
     assert_eq!(retry_after.as_ref().map(|v| v.to_str().unwrap()), Some("1"));
     let problem = crate::helpers::assert_problem(refused, 503, "beyond max pending").await;
     assert_eq!(problem["type"], "/problems/overloaded");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("(--max-pending)"), "{detail}");
     let (status, replayed, _, _) = create("first").await;
     assert_eq!(status, 202, "a pending key is answered as always");
     assert_eq!(replayed.as_ref().map(|v| v.to_str().unwrap()), Some("true"));

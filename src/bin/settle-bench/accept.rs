@@ -70,6 +70,9 @@ struct Results {
     /// after it: on a `--target` server, what this phase added.
     server_accepted: Option<u64>,
     server_settled: Option<u64>,
+    /// New commands the server answered 503 (a bound: `--max-pending`,
+    /// `--max-pending-bytes`, `--max-lag-ms`); the bench counts them as errors.
+    server_refused: Option<u64>,
     /// How far behind its due times the server's consumer applied when the accept
     /// route ended (`lag_ms`): the backlog the phase left, in time.
     server_lag_ms_at_end: Option<u64>,
@@ -79,6 +82,9 @@ struct Results {
 struct ServerMetrics {
     accepted: u64,
     settled: u64,
+    /// 0 from a server from before `refused`.
+    #[serde(default)]
+    refused: u64,
     /// `None` from a server from before `lag_ms`.
     #[serde(default)]
     lag_ms: Option<u64>,
@@ -156,6 +162,7 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
         ratio,
         server_accepted: during(|m| m.accepted),
         server_settled: during(|m| m.settled),
+        server_refused: during(|m| m.refused),
         server_lag_ms_at_end: server_metrics.as_ref().and_then(|m| m.lag_ms),
         noop,
         accept,
@@ -227,12 +234,15 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
         (
             "server's counts, accept route".to_owned(),
             format!(
-                "accepted {}, settled {}; at the end the consumer applied {} ms behind due times",
+                "accepted {}, settled {}, refused {}; at the end the consumer applied {} ms behind due times",
                 results
                     .server_accepted
                     .map_or("?".to_owned(), |v| v.to_string()),
                 results
                     .server_settled
+                    .map_or("?".to_owned(), |v| v.to_string()),
+                results
+                    .server_refused
                     .map_or("?".to_owned(), |v| v.to_string()),
                 results
                     .server_lag_ms_at_end
