@@ -626,7 +626,8 @@ struct RefusalLog {
 impl RefusalLog {
     const QUIET: Duration = Duration::from_secs(10);
 
-    fn started(&mut self, overloaded: &Accepted) {
+    /// Logs that `overloaded` starts a refusal; answers at which level.
+    fn started(&mut self, overloaded: &Accepted) -> tracing::Level {
         let Accepted::Overloaded {
             pending,
             bytes,
@@ -634,24 +635,29 @@ impl RefusalLog {
             bound,
         } = overloaded
         else {
-            return;
+            return tracing::Level::TRACE;
         };
         self.warned = self.warned_at.is_none_or(|at| at.elapsed() >= Self::QUIET);
         let message = "new commands are answered 503 while a bound is reached (refused in /api/metrics counts them; logged again at most every 10 s)";
         if self.warned {
             self.warned_at = Some(Instant::now());
             tracing::warn!(pending, bytes, lag_ms, %bound, "{message}");
+            tracing::Level::WARN
         } else {
             tracing::debug!(pending, bytes, lag_ms, %bound, "{message}");
+            tracing::Level::DEBUG
         }
     }
 
-    fn ended(&mut self) {
+    /// Logs that a refusal ended; answers at which level.
+    fn ended(&mut self) -> tracing::Level {
         let message = "a new command was taken: within the bounds again, for now";
         if self.warned {
             tracing::info!("{message}");
+            tracing::Level::INFO
         } else {
             tracing::debug!("{message}");
+            tracing::Level::DEBUG
         }
     }
 }
@@ -1387,6 +1393,31 @@ mod tests {
             table.forget_finished(b"b");
         }
         assert!(table.may_be_finished(b"b"), "a count at its ceiling stays");
+    }
+
+    /// A refusal that flips on and off is warned of once per quiet period, each
+    /// warning with its info line; the flips between are debug lines.
+    #[test]
+    fn a_flipping_refusal_is_warned_of_once_per_quiet_period() {
+        use tracing::Level;
+        let mut log = RefusalLog::default();
+        let refused = Accepted::Overloaded {
+            pending: 1,
+            bytes: 1,
+            lag_ms: 0,
+            bound: Overload::Commands,
+        };
+        assert_eq!(log.started(&refused), Level::WARN);
+        assert_eq!(log.ended(), Level::INFO);
+        assert_eq!(
+            log.started(&refused),
+            Level::DEBUG,
+            "within the quiet period"
+        );
+        assert_eq!(log.ended(), Level::DEBUG);
+        log.warned_at = log.warned_at.map(|at| at - RefusalLog::QUIET);
+        assert_eq!(log.started(&refused), Level::WARN, "after it");
+        assert_eq!(log.ended(), Level::INFO);
     }
 
     /// Beyond `--max-lag-ms` (the oldest command the consumer may apply has been due
