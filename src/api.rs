@@ -527,19 +527,9 @@ async fn submit(
             "Idempotency-Key {key:?} was used for another request (command {})",
             existing.command_id
         ))),
-        Accepted::Overloaded {
-            pending,
-            bytes,
-            lag_ms,
-            bound,
-        } => {
+        Accepted::Overloaded(refusal) => {
             state.metrics.command_refused();
-            Err(ApiError::Overloaded {
-                pending,
-                bytes,
-                lag_ms,
-                bound,
-            })
+            Err(ApiError::Overloaded(refusal))
         }
     }
 }

@@ -53,13 +53,8 @@ pub enum ApiError {
     /// 503: the server holds as many unapplied commands as it may (`--max-pending`,
     /// `--max-pending-bytes`), or applies them too far behind their due times
     /// (`--max-lag-ms`).
-    #[error("{pending} accepted commands ({bytes} bytes of records) wait to be applied, {lag_ms} ms behind their due times: beyond this server's bound on {bound}; nothing was stored, retry with the same Idempotency-Key")]
-    Overloaded {
-        pending: usize,
-        bytes: usize,
-        lag_ms: u64,
-        bound: crate::store::Overload,
-    },
+    #[error("{0}; nothing was stored, retry with the same Idempotency-Key")]
+    Overloaded(crate::store::Refusal),
 }
 
 impl From<StoreError> for ApiError {
@@ -129,7 +124,7 @@ impl ApiError {
                 "shutting-down",
                 "Service unavailable",
             ),
-            Overloaded { .. } => (
+            Overloaded(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
                 "Overloaded: new commands are refused for now",

@@ -72,7 +72,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Accepted, Inner, Overload, Store, StoreError};
+use super::{Accepted, Inner, Overload, Refusal, Store, StoreError};
 use crate::lag::Lag;
 use crate::model::CommandRecord;
 
@@ -553,7 +553,7 @@ impl PendingBound {
     /// The answer to a new key while `waiting` waits: `Some` refusal when a bound is
     /// reached. Reads the consumer's lag where it is bounded or reported (outside the
     /// pending table's lock: the lag is not the table's).
-    fn refusal(&self, waiting: Waiting) -> Option<Accepted> {
+    fn refusal(&self, waiting: Waiting) -> Option<Refusal> {
         let lag = self.max_lag.map(|max| (max, self.lag.current()));
         let bound = if waiting.commands >= self.commands {
             Overload::Commands
@@ -565,7 +565,7 @@ impl PendingBound {
             return None;
         };
         let lag = lag.map_or_else(|| self.lag.current(), |(_, lag)| lag);
-        Some(Accepted::Overloaded {
+        Some(Refusal {
             pending: waiting.commands,
             bytes: waiting.bytes,
             lag_ms: u64::try_from(lag.as_millis()).unwrap_or(u64::MAX),
@@ -585,12 +585,16 @@ impl PendingBound {
 }
 
 /// What the writer found under a key ([`IntakeWriter::look_up`]).
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a return value, moved once: boxing the record would cost an allocation per known key"
+)]
 enum Lookup {
     /// A command, pending or finished.
     Known(CommandRecord),
     /// None; `over` is the refusal if a bound (waiting commands, their bytes, the
     /// consumer's lag) is reached.
-    New { over: Option<Accepted> },
+    New { over: Option<Refusal> },
 }
 
 /// The thread that owns the intake log.
@@ -626,17 +630,14 @@ struct RefusalLog {
 impl RefusalLog {
     const QUIET: Duration = Duration::from_secs(10);
 
-    /// Logs that `overloaded` starts a refusal; answers at which level.
-    fn started(&mut self, overloaded: &Accepted) -> tracing::Level {
-        let Accepted::Overloaded {
+    /// Logs that `refusal` starts a refusal; answers at which level.
+    fn started(&mut self, refusal: &Refusal) -> tracing::Level {
+        let Refusal {
             pending,
             bytes,
             lag_ms,
             bound,
-        } = overloaded
-        else {
-            return tracing::Level::TRACE;
-        };
+        } = refusal;
         self.warned = self.warned_at.is_none_or(|at| at.elapsed() >= Self::QUIET);
         let message = "new commands are answered 503 while a bound is reached (refused in /api/metrics counts them; logged again at most every 10 s)";
         if self.warned {
@@ -733,8 +734,8 @@ impl Intake {
                 .lock()
                 .ok()
                 .and_then(|table| table.waiting_if_new(&record.idempotency_key));
-            if let Some(overloaded) = waiting.and_then(|waiting| self.bound.refusal(waiting)) {
-                return Ok(overloaded);
+            if let Some(refusal) = waiting.and_then(|waiting| self.bound.refusal(waiting)) {
+                return Ok(Accepted::Overloaded(refusal));
             }
         }
         let (reply, answer) = oneshot::channel();
@@ -828,7 +829,7 @@ impl IntakeWriter {
                         Ok(Accepted::Replay(record) | Accepted::KeyReused(record)) => {
                             refused.contains(&record.command_id)
                         }
-                        Ok(Accepted::Overloaded { .. }) | Err(_) => false,
+                        Ok(Accepted::Overloaded(_)) | Err(_) => false,
                     };
                     if refuse {
                         *answer = Err(StoreError::Io(io::Error::new(err.kind(), err.to_string())));
@@ -871,12 +872,12 @@ impl IntakeWriter {
         };
         // Only this thread writes the flag: a load then a store, no read-modify-write.
         let refusing = self.refusing.load(Ordering::Relaxed);
-        if let Some(overloaded) = over {
+        if let Some(refusal) = over {
             if !refusing {
                 self.refusing.store(true, Ordering::Relaxed);
-                self.refusal_log.started(&overloaded);
+                self.refusal_log.started(&refusal);
             }
-            return Ok(overloaded);
+            return Ok(Accepted::Overloaded(refusal));
         }
         if refusing {
             self.refusing.store(false, Ordering::Relaxed);
@@ -1328,7 +1329,7 @@ mod tests {
         assert!(matches!(accept("b").await, Ok(Accepted::New(_))));
         let refused = accept("c").await;
         assert!(
-            matches!(refused, Ok(Accepted::Overloaded { pending: 2, bytes, bound: Overload::Commands, .. }) if bytes > 0),
+            matches!(refused, Ok(Accepted::Overloaded(Refusal { pending: 2, bytes, bound: Overload::Commands, .. })) if bytes > 0),
             "{refused:?}"
         );
         assert!(store.pending_command("c").is_none(), "c is not pending");
@@ -1401,7 +1402,7 @@ mod tests {
     fn a_flipping_refusal_is_warned_of_once_per_quiet_period() {
         use tracing::Level;
         let mut log = RefusalLog::default();
-        let refused = Accepted::Overloaded {
+        let refused = Refusal {
             pending: 1,
             bytes: 1,
             lag_ms: 0,
@@ -1448,7 +1449,7 @@ mod tests {
         behind();
         let refused = accept("b").await;
         assert!(
-            matches!(refused, Ok(Accepted::Overloaded { pending: 1, lag_ms, bound: Overload::Lag, .. }) if lag_ms >= 1500),
+            matches!(refused, Ok(Accepted::Overloaded(Refusal { pending: 1, lag_ms, bound: Overload::Lag, .. })) if lag_ms >= 1500),
             "refused: {refused:?}"
         );
         assert!(store.pending_command("b").is_none(), "b is not pending");
@@ -1466,11 +1467,11 @@ mod tests {
         // Once the writer has refused, the handlers refuse by the lag too: with the
         // writer gone (which would answer `Stopped`), a new key is still `Overloaded`.
         behind();
-        assert!(matches!(accept("c").await, Ok(Accepted::Overloaded { .. })));
+        assert!(matches!(accept("c").await, Ok(Accepted::Overloaded(_))));
         assert!(intake.stop(thread).await);
         let refused = accept("d").await;
         assert!(
-            matches!(refused, Ok(Accepted::Overloaded { pending: 2, lag_ms, bound: Overload::Lag, .. }) if lag_ms >= 1500),
+            matches!(refused, Ok(Accepted::Overloaded(Refusal { pending: 2, lag_ms, bound: Overload::Lag, .. })) if lag_ms >= 1500),
             "refused by a handler: {refused:?}"
         );
         assert_eq!(*durable.lock().unwrap(), ["a", "b"]);
@@ -1494,7 +1495,7 @@ mod tests {
         assert!(!intake.refusing.load(Ordering::Relaxed), "not refusing yet");
         assert!(matches!(
             intake.accept(record("b")).await,
-            Ok(Accepted::Overloaded { pending: 1, .. })
+            Ok(Accepted::Overloaded(Refusal { pending: 1, .. }))
         ));
         assert!(
             intake.refusing.load(Ordering::Relaxed),
@@ -1504,7 +1505,10 @@ mod tests {
 
         let refused = intake.accept(record("c")).await;
         assert!(
-            matches!(refused, Ok(Accepted::Overloaded { pending: 1, .. })),
+            matches!(
+                refused,
+                Ok(Accepted::Overloaded(Refusal { pending: 1, .. }))
+            ),
             "refused without the writer: {refused:?}"
         );
         assert!(
@@ -1542,7 +1546,7 @@ mod tests {
         ));
         assert!(matches!(
             intake.accept(record("c")).await,
-            Ok(Accepted::Overloaded { .. })
+            Ok(Accepted::Overloaded(_))
         ));
         assert!(intake.refusing.load(Ordering::Relaxed), "refusing");
 
@@ -1553,7 +1557,7 @@ mod tests {
         );
         assert!(matches!(
             intake.accept(record("c")).await,
-            Ok(Accepted::Overloaded { .. })
+            Ok(Accepted::Overloaded(_))
         ));
         assert!(intake.stop(thread).await);
     }
@@ -1582,7 +1586,7 @@ mod tests {
         assert_eq!(size, encoded, "a record counts at its frame's size");
         let refused = intake.accept(record("b")).await;
         assert!(
-            matches!(refused, Ok(Accepted::Overloaded { pending: 1, bytes, bound: Overload::Bytes, .. }) if bytes == size),
+            matches!(refused, Ok(Accepted::Overloaded(Refusal { pending: 1, bytes, bound: Overload::Bytes, .. })) if bytes == size),
             "{refused:?}"
         );
         store.finish("a", a.command_id);

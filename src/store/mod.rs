@@ -136,20 +136,36 @@ pub enum Accepted {
     Replay(CommandRecord),
     /// The key was used for a different request.
     KeyReused(CommandRecord),
-    /// The key was new, but the commands waiting to be applied (`pending` of them,
-    /// `bytes` of records), or the consumer's lag behind their due times (`lag_ms`),
-    /// are at the intake's `bound`: nothing was stored, the client should try again
-    /// later.
-    Overloaded {
-        pending: usize,
-        bytes: usize,
-        lag_ms: u64,
-        bound: Overload,
-    },
+    /// The key was new, but a bound of the intake is reached: nothing was stored, the
+    /// client should try again later.
+    Overloaded(Refusal),
 }
 
-/// Which bound a refused command met ([`Accepted::Overloaded`]); the first of them, if
-/// more than one.
+/// Why a new key was refused ([`Accepted::Overloaded`]): the commands waiting to be
+/// applied (`pending` of them, `bytes` of records), the consumer's lag behind their
+/// due times, and the bound they met.
+#[derive(Clone, Debug)]
+pub struct Refusal {
+    pub pending: usize,
+    pub bytes: usize,
+    pub lag_ms: u64,
+    pub bound: Overload,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            pending,
+            bytes,
+            lag_ms,
+            bound,
+        } = self;
+        write!(f, "{pending} accepted commands ({bytes} bytes of records) wait to be applied, {lag_ms} ms behind their due times: beyond this server's bound on {bound}")
+    }
+}
+
+/// Which bound a refused command met ([`Refusal`]); the first of them, if more than
+/// one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Overload {
     /// `--max-pending`.
