@@ -54,6 +54,12 @@ pub const MAX_ATTEMPTS: u32 = 5;
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Most commands applied in one step, so one flush never waits on an unbounded batch.
 pub const MAX_BATCH: usize = 2_048;
+/// How much earlier than its deadline a timer is set; the thread sleeps the rest of the
+/// way ([`Consumer::sleep_until_armed`]). The queue's timers tick in whole milliseconds
+/// and its runtime parks in a millisecond `epoll_wait`, so on their own they fire up to
+/// 2 ms late: at 1000 commands/s that was most of the time from a command's due time to
+/// its step (BENCHMARKS.md, section 1b).
+const TIMER_LEAD: Duration = Duration::from_millis(2);
 
 /// What the consumer needs to know about a command to schedule it.
 #[derive(Clone, Debug)]
@@ -132,6 +138,9 @@ struct Scheduled {
     /// Set when the attempts are exhausted: the next step records the dead letter.
     gave_up: Option<String>,
     timer: Option<delay_queue::Key>,
+    /// The deadline of the pending timer: while `timer` is set, and once it has expired
+    /// (early, by up to [`TIMER_LEAD`]) while it is armed, until it fires.
+    target: Option<Instant>,
     /// While in the due set: since when (its timer's deadline, or when a client's
     /// retry or the last attempt put it there), for the [`Lag`]; never before its
     /// task's previous command was due ([`Consumer::forget`]).
@@ -151,6 +160,9 @@ pub struct Consumer {
     redeliver_after: Duration,
     inbox: mpsc::Receiver<Message>,
     timers: DelayQueue<u64>,
+    /// Timers that expired before their deadline, by it: the thread sleeps until the
+    /// first.
+    armed: BTreeSet<(Instant, u64)>,
     scheduled: HashMap<u64, Scheduled>,
     per_task: HashMap<Uuid, BTreeSet<u64>>,
     due: HashSet<u64>,
@@ -201,6 +213,7 @@ impl Consumer {
             redeliver_after,
             inbox,
             timers: DelayQueue::new(),
+            armed: BTreeSet::new(),
             scheduled: HashMap::new(),
             per_task: HashMap::new(),
             due: HashSet::new(),
@@ -271,6 +284,10 @@ impl Consumer {
             // Step by step through what is due, but not past a shutdown: a backlog of
             // minutes would hold the drain that long, and it resumes on the next start.
             while !shutdown.is_cancelled() && self.process_once() > 0 {}
+            if !shutdown.is_cancelled() && self.sleep_until_armed() {
+                self.drain_ready();
+                continue;
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -279,7 +296,7 @@ impl Consumer {
                     None => break,
                 },
                 Some(expired) = self.timers.next(), if !self.timers.is_empty() => {
-                    self.fire(expired.deadline().into_std(), expired.into_inner());
+                    self.expired(expired.into_inner());
                 }
             }
             self.drain_ready();
@@ -297,9 +314,7 @@ impl Consumer {
         }
         while !self.timers.is_empty() {
             match self.timers.next().now_or_never() {
-                Some(Some(expired)) => {
-                    self.fire(expired.deadline().into_std(), expired.into_inner());
-                }
+                Some(Some(expired)) => self.expired(expired.into_inner()),
                 _ => break,
             }
         }
@@ -324,6 +339,9 @@ impl Consumer {
                     if let Some(timer) = entry.timer.take() {
                         self.timers.remove(&timer);
                     }
+                    if let Some(target) = entry.target.take() {
+                        self.armed.remove(&(target, seq));
+                    }
                     entry.lost = false;
                     entry.due_since = Some(Instant::now());
                     tracing::info!(command_id = %entry.delivery.command_id, "redelivering at once on client retry");
@@ -345,7 +363,8 @@ impl Consumer {
         let now_ns = OffsetDateTime::now_utc().unix_timestamp_nanos();
         let wait = Duration::from_nanos(u64::try_from(due_ns - now_ns).unwrap_or(0));
         let overdue = Duration::from_nanos(u64::try_from(now_ns - due_ns).unwrap_or(0));
-        let timer = self.timers.insert(seq, wait);
+        let target = Instant::now() + wait;
+        let timer = self.set_timer(seq, target);
         self.per_task
             .entry(delivery.task_id)
             .or_default()
@@ -358,16 +377,65 @@ impl Consumer {
                 lost: false,
                 gave_up: None,
                 timer: Some(timer),
+                target: Some(target),
                 due_since: None,
                 overdue,
             },
         );
     }
 
-    /// The timer set for `deadline` expired.
+    /// A timer for `target`, set [`TIMER_LEAD`] early.
+    fn set_timer(&mut self, seq: u64, target: Instant) -> delay_queue::Key {
+        let early = target.checked_sub(TIMER_LEAD).unwrap_or(target);
+        self.timers.insert_at(seq, early.into())
+    }
+
+    /// `seq`'s timer expired: it fires now if its deadline has come, or is armed until
+    /// then.
+    fn expired(&mut self, seq: u64) {
+        let Some(entry) = self.scheduled.get_mut(&seq) else {
+            return;
+        };
+        entry.timer = None;
+        let Some(target) = entry.target else {
+            return;
+        };
+        if target > Instant::now() {
+            self.armed.insert((target, seq));
+        } else {
+            self.fire(target, seq);
+        }
+    }
+
+    /// Sleeps until the first armed timer's deadline, at most [`TIMER_LEAD`] and the
+    /// queue's lateness away, then fires every armed timer whose deadline has come.
+    /// Blocking the thread is what it is for: the runtime's own wait would end up to a
+    /// millisecond late, and nothing else of the consumer can be due sooner (whatever
+    /// its inbox brings is due no earlier than now). `false` when none is armed.
+    fn sleep_until_armed(&mut self) -> bool {
+        let Some(&(first, _)) = self.armed.first() else {
+            return false;
+        };
+        let wait = first.saturating_duration_since(Instant::now());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        let now = Instant::now();
+        while let Some(&(target, seq)) = self.armed.first() {
+            if target > now {
+                break;
+            }
+            self.armed.pop_first();
+            self.fire(target, seq);
+        }
+        true
+    }
+
+    /// The timer set for `deadline` fired.
     fn fire(&mut self, deadline: Instant, seq: u64) {
         if let Some(entry) = self.scheduled.get_mut(&seq) {
             entry.timer = None;
+            entry.target = None;
             entry.lost = false;
             let overdue = std::mem::take(&mut entry.overdue);
             entry.due_since = Some(deadline.checked_sub(overdue).unwrap_or(deadline));
@@ -376,9 +444,15 @@ impl Consumer {
     }
 
     fn retry_later(&mut self, seq: u64, after: Duration, lost: bool) {
+        if !self.scheduled.contains_key(&seq) {
+            return;
+        }
+        let target = Instant::now() + after;
+        let timer = self.set_timer(seq, target);
         if let Some(entry) = self.scheduled.get_mut(&seq) {
             entry.lost = lost;
-            entry.timer = Some(self.timers.insert(seq, after));
+            entry.timer = Some(timer);
+            entry.target = Some(target);
         }
     }
 
@@ -389,6 +463,9 @@ impl Consumer {
         if let Some(entry) = self.scheduled.remove(&seq) {
             if let Some(timer) = entry.timer {
                 self.timers.remove(&timer);
+            }
+            if let Some(target) = entry.target {
+                self.armed.remove(&(target, seq));
             }
             let task_id = entry.delivery.task_id;
             if let Some(seqs) = self.per_task.get_mut(&task_id) {
@@ -440,17 +517,25 @@ impl Consumer {
         let mut seqs = self.applicable();
         // The timers that expired but were not taken in yet (a backlog is taken in
         // about 128 at a time, see `drain_ready`) wait too; an expired one is roughly
-        // the oldest (the queue does not order what expired).
+        // the oldest (the queue does not order what expired). It was set
+        // `TIMER_LEAD` early (the queue rounds that up to its millisecond tick); an armed
+        // timer whose deadline has passed waits as well.
         let now = Instant::now();
         let expired = self
             .timers
             .peek()
-            .map(|key| self.timers.deadline(&key).into_std())
+            .map(|key| self.timers.deadline(&key).into_std() + TIMER_LEAD)
             .filter(|deadline| *deadline <= now);
+        let armed = self
+            .armed
+            .first()
+            .map(|&(target, _)| target)
+            .filter(|target| *target <= now);
         self.lag.waiting_since(
             seqs.iter()
                 .filter_map(|seq| self.scheduled.get(seq)?.due_since)
                 .chain(expired)
+                .chain(armed)
                 .min(),
         );
         if seqs.is_empty() {
@@ -1015,6 +1100,45 @@ mod tests {
         );
     }
 
+    /// A timer is set [`TIMER_LEAD`] before its deadline; when it expires it is armed,
+    /// not due, and the thread sleeps until the deadline itself before the command may
+    /// apply. A command dropped while armed leaves nothing armed.
+    #[tokio::test]
+    async fn a_timer_expires_early_and_fires_at_its_deadline() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let (mut consumer, _) = idle_consumer(dir.path());
+        let due_at_ms = unix_ms_ceil(OffsetDateTime::now_utc()) + 200;
+        let task_id = Uuid::now_v7();
+        consumer.schedule(delivery(1, task_id, due_at_ms));
+        consumer.schedule(delivery(2, Uuid::now_v7(), due_at_ms));
+        let entry = &consumer.scheduled[&1];
+        let target = entry.target.expect("a deadline");
+        let early = consumer
+            .timers
+            .deadline(entry.timer.as_ref().expect("a timer"))
+            .into_std();
+        assert!(
+            early < target && early + TIMER_LEAD <= target + Duration::from_millis(1),
+            "set {:?} before its deadline",
+            target - early
+        );
+
+        // The queue expires both timers (here by hand, well before the deadline).
+        consumer.expired(1);
+        consumer.expired(2);
+        assert_eq!(consumer.armed.len(), 2);
+        assert_eq!(consumer.process_once(), 0, "armed, not due");
+        consumer.forget(2);
+        assert_eq!(consumer.armed.len(), 1, "a dropped command is disarmed");
+
+        assert!(consumer.sleep_until_armed());
+        assert!(Instant::now() >= target, "slept until the deadline");
+        assert!(consumer.armed.is_empty());
+        assert_eq!(consumer.scheduled[&1].due_since, Some(target));
+        assert_eq!(consumer.process_once(), 1, "due at its deadline");
+        assert!(!consumer.sleep_until_armed(), "nothing armed");
+    }
+
     /// A command that reaches the consumer past its due time (resumed after a
     /// restart) counts from that time; a timer that expired but was not taken in yet
     /// counts too.
@@ -1033,7 +1157,7 @@ mod tests {
             lag.current()
         );
         let expired = consumer.timers.next().await.expect("the timer");
-        consumer.fire(expired.deadline().into_std(), expired.into_inner());
+        consumer.expired(expired.into_inner());
         assert_eq!(consumer.process_once(), 1);
         assert!(
             lag.current() >= Duration::from_secs(3),
