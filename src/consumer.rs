@@ -68,7 +68,8 @@ pub struct Delivery {
     pub key: String,
     pub task_id: Uuid,
     pub command_id: Uuid,
-    pub due_at_ms: u64,
+    /// [`CommandRecord::due_at_ns`].
+    pub due_at_ns: i128,
 }
 
 impl From<&CommandRecord> for Delivery {
@@ -78,7 +79,7 @@ impl From<&CommandRecord> for Delivery {
             key: record.idempotency_key.clone(),
             task_id: record.task_id,
             command_id: record.command_id,
-            due_at_ms: record.due_at_ms,
+            due_at_ns: record.due_at_ns(),
         }
     }
 }
@@ -285,6 +286,10 @@ impl Consumer {
             // minutes would hold the drain that long, and it resumes on the next start.
             while !shutdown.is_cancelled() && self.process_once() > 0 {}
             if !shutdown.is_cancelled() && self.sleep_until_armed() {
+                // A turn of the runtime: its timer driver takes in the timers that
+                // expired during the sleep (the queue sees none before that), and the
+                // cooperative budget, which the queue's polls use up, starts again.
+                tokio::task::yield_now().await;
                 self.drain_ready();
                 continue;
             }
@@ -359,7 +364,7 @@ impl Consumer {
         // From now to the nanosecond: a wait counted from now rounded down to the
         // millisecond would fire up to a millisecond late, before the queue's own
         // rounding of the deadline up to its next millisecond tick.
-        let due_ns = i128::from(delivery.due_at_ms) * 1_000_000;
+        let due_ns = delivery.due_at_ns;
         let now_ns = OffsetDateTime::now_utc().unix_timestamp_nanos();
         let wait = Duration::from_nanos(u64::try_from(due_ns - now_ns).unwrap_or(0));
         let overdue = Duration::from_nanos(u64::try_from(now_ns - due_ns).unwrap_or(0));
@@ -450,9 +455,15 @@ impl Consumer {
         let target = Instant::now() + after;
         let timer = self.set_timer(seq, target);
         if let Some(entry) = self.scheduled.get_mut(&seq) {
+            // Only a due command is retried, and it has no timer; should one ever have
+            // one, it is replaced, not left to fire as well.
+            if let Some(old) = entry.timer.replace(timer) {
+                self.timers.remove(&old);
+            }
+            if let Some(old) = entry.target.replace(target) {
+                self.armed.remove(&(old, seq));
+            }
             entry.lost = lost;
-            entry.timer = Some(timer);
-            entry.target = Some(target);
         }
     }
 
@@ -1045,7 +1056,7 @@ mod tests {
             key: format!("k{seq}"),
             task_id,
             command_id: Uuid::now_v7(),
-            due_at_ms,
+            due_at_ns: i128::from(due_at_ms) * 1_000_000,
         }
     }
 
@@ -1117,8 +1128,9 @@ mod tests {
             .timers
             .deadline(entry.timer.as_ref().expect("a timer"))
             .into_std();
+        // The queue rounds the early deadline up to its millisecond tick.
         assert!(
-            early < target && early + TIMER_LEAD <= target + Duration::from_millis(1),
+            early + TIMER_LEAD >= target && early + TIMER_LEAD < target + Duration::from_millis(1),
             "set {:?} before its deadline",
             target - early
         );

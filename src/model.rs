@@ -117,7 +117,9 @@ pub struct CommandRecord {
     pub status: CommandStatus,
     #[serde(with = "time::serde::rfc3339")]
     pub accepted_at: OffsetDateTime,
-    /// When the consumer should apply it: accepted_at + delay + jitter, in Unix ms.
+    /// When the consumer should apply it: accepted_at + delay + jitter, in Unix ms,
+    /// counted from accepted_at rounded up to the millisecond. The consumer applies it
+    /// at [`CommandRecord::due_at_ns`], within that millisecond.
     pub due_at_ms: u64,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub settled_at: Option<OffsetDateTime>,
@@ -153,6 +155,22 @@ impl CommandRecord {
             settled_at: None,
             event_id: None,
             error: None,
+        }
+    }
+
+    /// When the consumer applies it, to the nanosecond: the accept time plus the delay
+    /// (and jitter) that `due_at_ms` was counted with. `due_at_ms` counts it from the
+    /// accept time rounded up to the millisecond, so that a whole millisecond is never
+    /// early; from the accept time itself it is not early either, and up to a
+    /// millisecond sooner. A record due before its accept time's millisecond (not one a
+    /// handler makes) is due at `due_at_ms`.
+    pub fn due_at_ns(&self) -> i128 {
+        let due_ns = i128::from(self.due_at_ms) * 1_000_000;
+        match self.due_at_ms.checked_sub(unix_ms_ceil(self.accepted_at)) {
+            Some(delay_ms) => {
+                self.accepted_at.unix_timestamp_nanos() + i128::from(delay_ms) * 1_000_000
+            }
+            None => due_ns,
         }
     }
 
@@ -278,5 +296,34 @@ mod tests {
         assert_eq!(unix_ms_ceil(later), 1_700_000_000_124);
         let almost = exact + time::Duration::nanoseconds(999_999);
         assert_eq!(unix_ms_ceil(almost), 1_700_000_000_124);
+    }
+
+    #[test]
+    fn a_command_is_due_its_delay_after_its_exact_accept_time() {
+        let accepted_at = OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_000_001)
+            .expect("a valid time");
+        let record = |due_at_ms| {
+            CommandRecord::accepted(
+                Uuid::nil(),
+                "key".to_owned(),
+                String::new(),
+                CommandBody::Like { delta: 1 },
+                accepted_at,
+                due_at_ms,
+            )
+        };
+        // Accepted 1 ns into ...123 ms: with a delay of 700 ms, due_at_ms is ...824.
+        let delayed = record(unix_ms_ceil(accepted_at) + 700);
+        assert_eq!(delayed.due_at_ms, 1_700_000_000_824);
+        assert_eq!(delayed.due_at_ns(), 1_700_000_000_823_000_001);
+        assert_eq!(
+            record(unix_ms_ceil(accepted_at)).due_at_ns(),
+            1_700_000_000_123_000_001
+        );
+        // Due before its accept time's millisecond: at due_at_ms.
+        assert_eq!(
+            record(1_700_000_000_000).due_at_ns(),
+            1_700_000_000_000_000_000
+        );
     }
 }
