@@ -91,9 +91,9 @@ struct Results {
     /// Event received - request sent - delay: an upper bound that includes the accept.
     overhead_from_send_ms: Option<Summary>,
     /// The first part of the overhead, on the server's clock: the event's `settled_at`
-    /// (its apply step began) - `accepted_at` - delay. The timer (the due time is
-    /// `accepted_at` rounded up to the ms, plus the delay) and the wait for the step
-    /// running when the command fell due.
+    /// (its apply step began) - `accepted_at` - delay. The timer (the server sleeps
+    /// until `accepted_at` + delay) and the wait for the step running when the command
+    /// fell due.
     delay_to_step_ms: Option<Summary>,
     /// The rest, across the two processes' shared wall clock: event received -
     /// `settled_at`. The step's transaction and flush, the publish and the delivery.
