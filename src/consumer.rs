@@ -161,6 +161,12 @@ pub struct Consumer {
     redeliver_after: Duration,
     inbox: mpsc::Receiver<Message>,
     timers: DelayQueue<u64>,
+    /// No timer in `timers` is due before this: the earliest deadline the last look
+    /// found, or an earlier one set since (a timer removed since may leave it early,
+    /// which costs a look, never a miss). The queue's `peek` walks a slot's whole list,
+    /// thousands of timers under load, so [`Consumer::process_once`] looks only once
+    /// this has passed.
+    next_due: Option<Instant>,
     /// Timers that expired before their deadline, by it: the thread sleeps until the
     /// first.
     armed: BTreeSet<(Instant, u64)>,
@@ -214,6 +220,7 @@ impl Consumer {
             redeliver_after,
             inbox,
             timers: DelayQueue::new(),
+            next_due: None,
             armed: BTreeSet::new(),
             scheduled: HashMap::new(),
             per_task: HashMap::new(),
@@ -391,6 +398,7 @@ impl Consumer {
 
     /// A timer for `target`, set [`TIMER_LEAD`] early.
     fn set_timer(&mut self, seq: u64, target: Instant) -> delay_queue::Key {
+        self.next_due = Some(self.next_due.map_or(target, |due| due.min(target)));
         let early = target.checked_sub(TIMER_LEAD).unwrap_or(target);
         self.timers.insert_at(seq, early.into())
     }
@@ -532,11 +540,15 @@ impl Consumer {
         // `TIMER_LEAD` early (the queue rounds that up to its millisecond tick); an armed
         // timer whose deadline has passed waits as well.
         let now = Instant::now();
-        let expired = self
-            .timers
-            .peek()
-            .map(|key| self.timers.deadline(&key).into_std() + TIMER_LEAD)
-            .filter(|deadline| *deadline <= now);
+        let expired = if self.next_due.is_some_and(|due| due <= now) {
+            self.next_due = self
+                .timers
+                .peek()
+                .map(|key| self.timers.deadline(&key).into_std() + TIMER_LEAD);
+            self.next_due.filter(|deadline| *deadline <= now)
+        } else {
+            None
+        };
         let armed = self
             .armed
             .first()
