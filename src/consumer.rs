@@ -161,8 +161,8 @@ pub struct Consumer {
     redeliver_after: Duration,
     inbox: mpsc::Receiver<Message>,
     timers: DelayQueue<u64>,
-    /// No timer in `timers` is due before this: the earliest deadline the last look
-    /// found, or an earlier one set since (a timer removed since may leave it early,
+    /// No timer in `timers` is due before this: the earliest deadline (plus
+    /// [`TIMER_LEAD`]) the last look found, or an earlier target set since (a timer removed since may leave it early,
     /// which costs a look, never a miss). The queue's `peek` walks a slot's whole list,
     /// thousands of timers under load, so [`Consumer::process_once`] looks only once
     /// this has passed.

@@ -119,7 +119,8 @@ pub struct CommandRecord {
     pub accepted_at: OffsetDateTime,
     /// When the consumer should apply it: accepted_at + delay + jitter, in Unix ms,
     /// counted from accepted_at rounded up to the millisecond. The consumer applies it
-    /// at [`CommandRecord::due_at_ns`], within that millisecond.
+    /// at [`CommandRecord::due_at_ns`], of which this is the rounding up: up to a
+    /// millisecond before `due_at_ms`.
     pub due_at_ms: u64,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub settled_at: Option<OffsetDateTime>,
