@@ -162,10 +162,10 @@ pub struct Consumer {
     inbox: mpsc::Receiver<Message>,
     timers: DelayQueue<u64>,
     /// No timer in `timers` is due before this: the earliest deadline (plus
-    /// [`TIMER_LEAD`]) the last look found, or an earlier target set since (a timer removed since may leave it early,
-    /// which costs a look, never a miss). The queue's `peek` walks a slot's whole list,
-    /// thousands of timers under load, so [`Consumer::process_once`] looks only once
-    /// this has passed.
+    /// [`TIMER_LEAD`]) the last look found, or an earlier target set since (a timer
+    /// removed since may leave it early, which costs a look, never a miss). The queue's
+    /// `peek` walks a slot's whole list, thousands of timers under load, so
+    /// [`Consumer::process_once`] looks only once this has passed.
     next_due: Option<Instant>,
     /// Timers that expired before their deadline, by it: the thread sleeps until the
     /// first.
@@ -369,8 +369,8 @@ impl Consumer {
             return;
         }
         // From now to the nanosecond: a wait counted from now rounded down to the
-        // millisecond would fire up to a millisecond late, before the queue's own
-        // rounding of the deadline up to its next millisecond tick.
+        // millisecond would fire up to a millisecond late (the queue's own millisecond
+        // ticks are slept past, `sleep_until_armed`).
         let due_ns = delivery.due_at_ns;
         let now_ns = OffsetDateTime::now_utc().unix_timestamp_nanos();
         let wait = Duration::from_nanos(u64::try_from(due_ns - now_ns).unwrap_or(0));
