@@ -129,6 +129,19 @@ impl ConsumerHandle {
     }
 }
 
+/// A command's pending timer, and its deadline.
+#[derive(Clone, Copy, Debug, Default)]
+enum Timer {
+    /// None: the command is due, or applying.
+    #[default]
+    None,
+    /// In the queue, set [`TIMER_LEAD`] before its deadline.
+    Set(delay_queue::Key, Instant),
+    /// Expired early, in the armed set until its deadline
+    /// ([`Consumer::sleep_until_armed`]).
+    Armed(Instant),
+}
+
 struct Scheduled {
     delivery: Delivery,
     /// Apply attempts that hit a transient fault so far.
@@ -138,10 +151,7 @@ struct Scheduled {
     lost: bool,
     /// Set when the attempts are exhausted: the next step records the dead letter.
     gave_up: Option<String>,
-    timer: Option<delay_queue::Key>,
-    /// The deadline of the pending timer: while `timer` is set, and once it has expired
-    /// (early, by up to [`TIMER_LEAD`]) while it is armed, until it fires.
-    target: Option<Instant>,
+    timer: Timer,
     /// While in the due set: since when (its timer's deadline, or when a client's
     /// retry or the last attempt put it there), for the [`Lag`]; never before its
     /// task's previous command was due ([`Consumer::forget`]).
@@ -348,15 +358,11 @@ impl Consumer {
                     return;
                 };
                 if entry.lost {
-                    if let Some(timer) = entry.timer.take() {
-                        self.timers.remove(&timer);
-                    }
-                    if let Some(target) = entry.target.take() {
-                        self.armed.remove(&(target, seq));
-                    }
+                    let timer = std::mem::take(&mut entry.timer);
                     entry.lost = false;
                     entry.due_since = Some(Instant::now());
                     tracing::info!(command_id = %entry.delivery.command_id, "redelivering at once on client retry");
+                    self.cancel(seq, timer);
                     self.due.insert(seq);
                 }
             }
@@ -388,8 +394,7 @@ impl Consumer {
                 failed_attempts: 0,
                 lost: false,
                 gave_up: None,
-                timer: Some(timer),
-                target: Some(target),
+                timer: Timer::Set(timer, target),
                 due_since: None,
                 overdue,
             },
@@ -403,17 +408,30 @@ impl Consumer {
         self.timers.insert_at(seq, early.into())
     }
 
+    /// Takes a timer of `seq`'s out of the queue or the armed set.
+    fn cancel(&mut self, seq: u64, timer: Timer) {
+        match timer {
+            Timer::None => {}
+            Timer::Set(key, _) => {
+                self.timers.remove(&key);
+            }
+            Timer::Armed(target) => {
+                self.armed.remove(&(target, seq));
+            }
+        }
+    }
+
     /// `seq`'s timer expired: it fires now if its deadline has come, or is armed until
     /// then.
     fn expired(&mut self, seq: u64) {
         let Some(entry) = self.scheduled.get_mut(&seq) else {
             return;
         };
-        entry.timer = None;
-        let Some(target) = entry.target else {
+        let Timer::Set(_, target) = entry.timer else {
             return;
         };
         if target > Instant::now() {
+            entry.timer = Timer::Armed(target);
             self.armed.insert((target, seq));
         } else {
             self.fire(target, seq);
@@ -447,8 +465,7 @@ impl Consumer {
     /// The timer set for `deadline` fired.
     fn fire(&mut self, deadline: Instant, seq: u64) {
         if let Some(entry) = self.scheduled.get_mut(&seq) {
-            entry.timer = None;
-            entry.target = None;
+            entry.timer = Timer::None;
             entry.lost = false;
             let overdue = std::mem::take(&mut entry.overdue);
             entry.due_since = Some(deadline.checked_sub(overdue).unwrap_or(deadline));
@@ -457,21 +474,18 @@ impl Consumer {
     }
 
     fn retry_later(&mut self, seq: u64, after: Duration, lost: bool) {
-        if !self.scheduled.contains_key(&seq) {
+        let Some(entry) = self.scheduled.get_mut(&seq) else {
             return;
-        }
+        };
+        // Only a due command is retried, and it has no timer; should one ever have one,
+        // it is replaced, not left to fire as well.
+        let old = std::mem::take(&mut entry.timer);
+        entry.lost = lost;
+        self.cancel(seq, old);
         let target = Instant::now() + after;
-        let timer = self.set_timer(seq, target);
+        let key = self.set_timer(seq, target);
         if let Some(entry) = self.scheduled.get_mut(&seq) {
-            // Only a due command is retried, and it has no timer; should one ever have
-            // one, it is replaced, not left to fire as well.
-            if let Some(old) = entry.timer.replace(timer) {
-                self.timers.remove(&old);
-            }
-            if let Some(old) = entry.target.replace(target) {
-                self.armed.remove(&(old, seq));
-            }
-            entry.lost = lost;
+            entry.timer = Timer::Set(key, target);
         }
     }
 
@@ -480,12 +494,7 @@ impl Consumer {
     /// for its turn, which is not lag, unless this one waited too.
     fn forget(&mut self, seq: u64) {
         if let Some(entry) = self.scheduled.remove(&seq) {
-            if let Some(timer) = entry.timer {
-                self.timers.remove(&timer);
-            }
-            if let Some(target) = entry.target {
-                self.armed.remove(&(target, seq));
-            }
+            self.cancel(seq, entry.timer);
             let task_id = entry.delivery.task_id;
             if let Some(seqs) = self.per_task.get_mut(&task_id) {
                 seqs.remove(&seq);
@@ -1134,12 +1143,10 @@ mod tests {
         let task_id = Uuid::now_v7();
         consumer.schedule(delivery(1, task_id, due_at_ms));
         consumer.schedule(delivery(2, Uuid::now_v7(), due_at_ms));
-        let entry = &consumer.scheduled[&1];
-        let target = entry.target.expect("a deadline");
-        let early = consumer
-            .timers
-            .deadline(entry.timer.as_ref().expect("a timer"))
-            .into_std();
+        let Timer::Set(key, target) = consumer.scheduled[&1].timer else {
+            panic!("a timer in the queue");
+        };
+        let early = consumer.timers.deadline(&key).into_std();
         // The queue rounds the early deadline up to its millisecond tick.
         assert!(
             early + TIMER_LEAD >= target && early + TIMER_LEAD < target + Duration::from_millis(1),
