@@ -67,7 +67,7 @@ fn main() -> anyhow::Result<()> {
         filled += records.len();
         step += 1;
     }
-    store.flush_durable().context("flushing")?;
+    store.checkpoint().context("syncing")?;
     let fill = started.elapsed();
     println!(
         "  fill             {filled} applied in transactions of {}: {} s ({} µs per command)",

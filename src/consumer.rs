@@ -8,7 +8,8 @@
 //! - the due set: commands whose timer fired and that wait for their turn.
 //!
 //! Each step (`Consumer::process_once`) takes every applicable command, draws its
-//! faults, applies the batch (one sled transaction and one flush), then lets the
+//! faults, applies the batch (one sled transaction, and one write to the apply log
+//! that makes it durable against a crash: `store::apply_log`), then lets the
 //! commands leave the intake log's pending table, updates the projection and publishes
 //! the events in id order. Publishing after durability is what lets a client trust
 //! `projection:settled`.
@@ -23,8 +24,8 @@
 //! transaction, a panic while applying, or the simulated `transient_rate`) is retried
 //! with backoff and dead-lettered after [`MAX_ATTEMPTS`]. Whatever is redelivered
 //! applies at most once: the store refuses a command that is no longer pending. A
-//! failed flush or sync is no transient fault: nothing applies after it, and the
-//! server stops (see [`Consumer::process_once`]).
+//! failed write to the apply log, or a failed sync, is no transient fault: nothing
+//! applies after it, and the server stops (see [`Consumer::process_once`]).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -52,7 +53,7 @@ pub const INBOX_CAPACITY: usize = 16_384;
 pub const MAX_ATTEMPTS: u32 = 5;
 /// Backoff before the second attempt; it doubles for each further one.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// Most commands applied in one step, so one flush never waits on an unbounded batch.
+/// Most commands applied in one step, so no step's transaction is unbounded.
 pub const MAX_BATCH: usize = 2_048;
 /// How much earlier than its deadline a timer is set; the thread sleeps the rest of the
 /// way ([`Consumer::sleep_until_armed`]). The queue's timers tick in whole milliseconds
@@ -532,10 +533,12 @@ impl Consumer {
 
     /// Applies every command that may apply now. Returns how many left the due set
     /// (applied, failed, dropped or put back for a retry); 0 means nothing was ready.
-    /// Blocks the calling thread for the batch's transaction and flush.
+    /// Blocks the calling thread for the batch's transaction and its write to the apply
+    /// log.
     ///
     /// Once a sync of sled's files has failed nothing applies any more, and a step
-    /// whose flush fails publishes nothing: its applies may not be durable, and the
+    /// whose write to the apply log fails publishes nothing: its applies may not be
+    /// durable (that failure counts as a failed sync), and the
     /// server is stopping (`serve` watches [`Store::sync_failed`]). Their commands stay
     /// in the intake log for the next start.
     fn process_once(&mut self) -> usize {
@@ -629,7 +632,7 @@ impl Consumer {
             return processed;
         };
 
-        // Durable now (`apply_step` flushed). In event-id order: the batch applied in
+        // Durable now (`apply_step` logged it). In event-id order: the batch applied in
         // this order.
         for (attempt, outcome) in outcomes {
             let record = &attempt.record;
@@ -661,21 +664,23 @@ impl Consumer {
         processed
     }
 
-    /// Applies a batch (see [`apply_each`]) and makes what it wrote durable (unless
-    /// nothing was: every attempt a transient fault), timing both for the metrics.
-    /// `None` when the flush failed: then nothing of the batch may be published.
+    /// Applies a batch (see [`apply_each`]) and makes what it wrote durable against a
+    /// crash (the apply log; unless nothing was written: every attempt a transient
+    /// fault or already done), timing both for the metrics. `None` when that failed:
+    /// then nothing of the batch may be published.
     fn apply_step(&self, attempts: Vec<Attempt>) -> Option<Vec<(Attempt, Outcome)>> {
         let commands = attempts.len();
         let started = std::time::Instant::now();
         let outcomes = apply_each(&self.store, attempts);
         let transaction = started.elapsed();
-        let wrote = outcomes
-            .iter()
-            .any(|(_, outcome)| !matches!(outcome, Outcome::Transient(_)));
-        let flush = if wrote {
+        let applied = outcomes.iter().filter_map(|(_, outcome)| match outcome {
+            Outcome::Applied(applied) => Some(&**applied),
+            Outcome::AlreadyDone | Outcome::Transient(_) => None,
+        });
+        let flush = if applied.clone().next().is_some() {
             let started = std::time::Instant::now();
-            if let Err(err) = self.store.flush_durable() {
-                tracing::error!(error = %err, commands, "an apply step's flush failed; nothing of it is published");
+            if let Err(err) = self.store.log_applied(applied) {
+                tracing::error!(error = %err, commands, "an apply step's write to the apply log failed; nothing of it is published");
                 return None;
             }
             Some(started.elapsed())

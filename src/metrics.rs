@@ -1,10 +1,12 @@
 //! Counters and the consistency-window distribution, served as JSON at `/api/metrics`
 //! and in OpenMetrics text at `/metrics`. The window is measured per settled command
 //! from accept to readable (the projection updated, just before the event goes out).
-//! The consumer's apply steps are timed too, the transaction and the flush apart: they
-//! are most of what the server adds to the configured delay. So is the fdatasync the
-//! consumer runs after a step's events, once per release of finished intake segments:
-//! it delays the next step, not the events.
+//! The consumer's apply steps are timed too, the transaction and the "flush" (the
+//! write to the apply log that makes the step durable against a crash) apart: they are
+//! most of what the server adds to the configured delay. So is the checkpoint the
+//! consumer runs after a step's events, once per release of finished intake segments
+//! (sled's flush and an fdatasync of its files): it delays the next step, not the
+//! events.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -96,9 +98,9 @@ pub struct MetricsReport {
     pub apply_steps: StepsReport,
 }
 
-/// The consumer's apply steps since start: each one transaction and one flush; and,
-/// counted per release rather than per step, the syncs before intake segments are
-/// released. (Deserialize: `settle-bench` reads it back.)
+/// The consumer's apply steps since start: each one transaction and one write to the
+/// apply log (`flush`: it was a sled flush before the apply log); and, counted per
+/// release rather than per step, the checkpoints before intake segments are released. (Deserialize: `settle-bench` reads it back.)
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StepsReport {
     /// Commands per step.
@@ -106,12 +108,12 @@ pub struct StepsReport {
     /// The step's transaction; when it failed, also the one-command transactions it
     /// was retried as.
     pub transaction_us: Distribution,
-    /// Steps with nothing to make durable (every attempt a transient fault) have no
-    /// flush.
+    /// The write to the apply log. Steps with nothing to make durable (every attempt
+    /// a transient fault, or already done) have none.
     pub flush_us: Distribution,
-    /// The fdatasync of sled's files before finished intake segments are released,
-    /// after a step's events went out: once per release of one or more 4 MiB segments
-    /// of commands, and it delays the next step. (Default: read from a server from
+    /// The checkpoint (sled's flush and an fdatasync of its files) before finished
+    /// intake segments are released, after a step's events went out: once per release
+    /// of one or more 4 MiB segments of commands, and it delays the next step. (Default: read from a server from
     /// before this field, as none.)
     #[serde(default)]
     pub release_sync_us: Distribution,
@@ -201,13 +203,13 @@ impl Metrics {
         let flush_seconds = Histogram::new(STEP_BUCKETS_SECONDS);
         registry.register(
             "apply_flush_seconds",
-            "The flush that makes an apply step durable, before its events go out",
+            "The write to the apply log that makes an apply step durable against a crash, before its events go out",
             flush_seconds.clone(),
         );
         let release_sync_seconds = Histogram::new(STEP_BUCKETS_SECONDS);
         registry.register(
             "release_sync_seconds",
-            "The fdatasync of sled's files before finished intake segments are released, between apply steps",
+            "The checkpoint (sled's flush and an fdatasync of its files) before finished intake segments are released, between apply steps",
             release_sync_seconds.clone(),
         );
         let histogram = |max, digits| {

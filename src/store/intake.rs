@@ -20,12 +20,13 @@
 //! - Accepted but unapplied commands are held in memory, in the pending table, for
 //!   lookups by key and id and for the consumer. The consumer writes the finished
 //!   command record to sled, keyed by its idempotency key, in the same transaction
-//!   that changes the row and appends the event; once that is durable it calls
-//!   [`Store::finish`]. A closed segment whose commands have all finished becomes a
-//!   spare (or is deleted when there are enough spares) when the consumer calls
-//!   [`Store::release_finished_segments`] after the step, once an `fdatasync` of
-//!   sled's files has made the applies durable against a power loss too, which sled's
-//!   own flush does not (`Inner::sync_sled_files`).
+//!   that changes the row and appends the event; once that is durable against a
+//!   crash (the apply log, `apply_log`) it calls [`Store::finish`]. A closed segment
+//!   whose commands have all finished becomes a spare (or is deleted when there are
+//!   enough spares) when the consumer calls [`Store::release_finished_segments`] after
+//!   the step, once a checkpoint (sled's flush and an `fdatasync` of its files) has
+//!   made the applies durable against a power loss too, which neither the apply log
+//!   nor sled's own flush does (`Inner::sync_sled_files`).
 //! - The finished commands are in sled, but the writer must not read sled for every new
 //!   key: a sled read waits for the consumer's running apply transaction (see the
 //!   store's module docs), and with it every accept of the batch. So the pending table
@@ -72,6 +73,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::frames::{decode_frames, encode_frame, list_files, FRAME_HEADER};
 use super::{Accepted, Inner, Overload, Refusal, Store, StoreError};
 use crate::lag::Lag;
 use crate::model::CommandRecord;
@@ -90,8 +92,6 @@ pub const SPARE_SEGMENTS: usize = 4;
 
 const SEGMENT_SUFFIX: &str = ".log";
 const SPARE_SUFFIX: &str = ".spare";
-/// Length and checksum before each payload.
-const FRAME_HEADER: usize = 8;
 
 /// Accepted commands not yet applied: the part of the idempotency table that lives in
 /// the intake log instead of sled.
@@ -247,68 +247,6 @@ fn spare_path(dir: &Path, segment: u64) -> PathBuf {
     dir.join(format!("{segment:020}{SPARE_SUFFIX}"))
 }
 
-/// The numbers of the files in `dir` with this suffix, in order.
-fn list_files(dir: &Path, suffix: &str) -> io::Result<Vec<u64>> {
-    let mut segments = Vec::new();
-    for entry in fs::read_dir(dir)? {
-        let name = entry?.file_name();
-        let number = name
-            .to_str()
-            .and_then(|name| name.strip_suffix(suffix))
-            .and_then(|stem| stem.parse::<u64>().ok());
-        if let Some(number) = number {
-            segments.push(number);
-        }
-    }
-    segments.sort_unstable();
-    Ok(segments)
-}
-
-fn checksum(segment: u64, payload: &[u8]) -> u32 {
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&segment.to_le_bytes());
-    hasher.update(payload);
-    hasher.finalize()
-}
-
-/// Appends one framed record of `segment` to `buffer`; answers the frame's size.
-fn encode_frame(
-    buffer: &mut Vec<u8>,
-    segment: u64,
-    record: &CommandRecord,
-) -> Result<usize, StoreError> {
-    let start = buffer.len();
-    buffer.extend_from_slice(&[0; FRAME_HEADER]);
-    serde_json::to_writer(&mut *buffer, record)?;
-    let payload = &buffer[start + FRAME_HEADER..];
-    let length = u32::try_from(payload.len()).expect("a command record is far below 4 GiB");
-    let checksum = checksum(segment, payload);
-    buffer[start..start + 4].copy_from_slice(&length.to_le_bytes());
-    buffer[start + 4..start + FRAME_HEADER].copy_from_slice(&checksum.to_le_bytes());
-    Ok(buffer.len() - start)
-}
-
-/// The intact records of `segment`, in order, and the length they cover: the first
-/// short, empty or damaged frame (or one of an earlier life of the file) ends it.
-fn decode_frames(bytes: &[u8], segment: u64) -> (Vec<&[u8]>, usize) {
-    let mut payloads = Vec::new();
-    let mut offset = 0;
-    while let Some(header) = bytes.get(offset..offset + FRAME_HEADER) {
-        let length = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-        let checksum = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
-        let start = offset + FRAME_HEADER;
-        let Some(payload) = bytes.get(start..start + length) else {
-            break;
-        };
-        if length == 0 || self::checksum(segment, payload) != checksum {
-            break;
-        }
-        payloads.push(payload);
-        offset = start + length;
-    }
-    (payloads, offset)
-}
-
 /// Makes a new or removed directory entry durable.
 pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -431,43 +369,47 @@ impl Store {
         records
     }
 
-    /// Marks a pending command finished: its record is in sled and durable (call after
-    /// [`Store::flush_durable`]). A closed segment with nothing else unfinished becomes
-    /// releasable ([`Store::release_finished_segments`]).
+    /// Marks a pending command finished: its record is in sled and its apply durable
+    /// against a crash (call after [`Store::log_applied`]). A closed segment with
+    /// nothing else unfinished becomes releasable
+    /// ([`Store::release_finished_segments`]).
     pub fn finish(&self, key: &str, command_id: Uuid) {
         self.pending_table().finish(key, command_id);
     }
 
     /// Releases (keeps as a spare or deletes) the closed segments whose commands have
-    /// all finished, once their applies are durable against a power loss too
-    /// ([`Inner::sync_sled_files`]): until then the segments are what brings the
-    /// commands back. The consumer calls it after publishing a step's events, so the
-    /// fdatasync (once per 4 MiB segment, milliseconds) delays none of that step's
+    /// all finished, once their applies are durable against a power loss too: until
+    /// then the segments are what brings the commands back. That takes a checkpoint
+    /// (`Inner::checkpoint`: sled's flush and an fdatasync of its files, and the apply
+    /// log's files dropped), which also runs, with nothing to release, once the apply
+    /// log holds enough. The consumer calls it after publishing a step's events, so the
+    /// checkpoint (once per 4 MiB segment, milliseconds) delays none of that step's
     /// events and no accept; it runs outside the table's lock, which every accept
-    /// uses. When sled's blob files cannot be listed or opened, the segments wait for
-    /// the next call; one that cannot be renamed or deleted stays on disk, and the
-    /// next start releases it.
+    /// uses. When the checkpoint fails short of a sync failure (the apply log's next
+    /// file cannot be created, sled's blob files cannot be listed or opened), the
+    /// segments wait for the next call; one that cannot be renamed or deleted stays on
+    /// disk, and the next start releases it.
     ///
-    /// Answers how long the sync took, or `None` when there was none to time: nothing
-    /// was releasable, or the blob files could not be listed or opened.
+    /// Answers how long the checkpoint took, or `None` when there was none: nothing
+    /// was due, or it failed short of a sync failure.
     ///
     /// # Errors
     /// When a sync of sled's files has failed, now or before, in this process: nothing
     /// more can be released, and the server should stop (see [`Inner::sync_sled_files`]).
-    pub fn release_finished_segments(&self) -> io::Result<Option<Duration>> {
+    pub fn release_finished_segments(&self) -> Result<Option<Duration>, StoreError> {
         self.inner.check_synced()?;
         let segments = std::mem::take(&mut self.pending_table().releasable);
-        if segments.is_empty() {
+        if segments.is_empty() && !self.inner.apply_log().is_full() {
             return Ok(None);
         }
         let started = Instant::now();
-        if let Err(err) = self.inner.sync_sled_files() {
+        if let Err(err) = self.inner.checkpoint() {
             self.pending_table().releasable.extend(&segments);
             if self.inner.sync_has_failed() {
                 // This failure, or an earlier one: the error says which.
                 return Err(err);
             }
-            tracing::warn!(error = %err, ?segments, "cannot sync sled's blob files; the finished intake segments stay for now");
+            tracing::warn!(error = %err, ?segments, "cannot checkpoint the applies; the finished intake segments stay for now");
             return Ok(None);
         }
         let sync = started.elapsed();
@@ -1532,13 +1474,13 @@ mod tests {
             panic!("a is new");
         };
         // Its like finds no task: it finishes failed, a finished record all the same.
-        store
+        let applied = store
             .apply_batch(
                 &[(&a, &super::super::Decision::Apply)],
                 time::OffsetDateTime::now_utc(),
             )
             .expect("applied");
-        store.flush_durable().expect("flushed");
+        store.log_applied(applied.iter().flatten()).expect("logged");
         store.finish("a", a.command_id);
         assert!(matches!(
             intake.accept(record("b")).await,

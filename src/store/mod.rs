@@ -6,8 +6,10 @@
 //!    durable (one fdatasync per batch) before its 202.
 //! 2. Applied: one sled transaction per batch of due commands writes, for each, the
 //!    finished command record, the row change and the event; after
-//!    [`Store::flush_durable`] (one sled flush per batch) the command leaves the
-//!    pending table ([`Store::finish`]) and the projection moves.
+//!    [`Store::log_applied`] (one `write(2)` of the batch to the apply log: durable
+//!    against a crash of the process) the command leaves the pending table
+//!    ([`Store::finish`]) and the projection moves. sled is flushed and synced at a
+//!    checkpoint, every few thousand commands (`apply_log`).
 //!
 //! sled trees, all values JSON unless said otherwise:
 //! - `commands`: idempotency key -> [`CommandRecord`] of a finished command; with the
@@ -32,7 +34,8 @@
 //! for its writes to leave the page cache (another `sync_file_range`; what that does
 //! not cover is in [`Inner::sync_sled_files`]). So neither is paid per command: accepts
 //! do not write to sled (but once per block of seqs, below), and the consumer applies
-//! each step's batch in one transaction and one flush.
+//! each step's batch in one transaction, made durable against a crash by the apply log
+//! rather than a flush (`apply_log`).
 //!
 //! That write lock has a second cost: once any transaction has run, every other sled
 //! call (a `get`, an iterator step, `generate_id`) takes its read side, and so waits
@@ -45,8 +48,12 @@
 //! sled on the blocking pool ([`Store::blocking`]).
 //!
 //! Layout: `intake` (the accept log, its writer thread and the pending table),
-//! `projection` (the read side), `retention` (compaction and the `expiries` index).
+//! `apply_log` (what each apply step wrote, until sled's checkpoint), `frames` (the
+//! two logs' record format), `projection` (the read side), `retention` (compaction and
+//! the `expiries` index).
 
+mod apply_log;
+mod frames;
 mod intake;
 mod projection;
 mod retention;
@@ -74,6 +81,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use self::apply_log::ApplyLog;
 use self::intake::PendingTable;
 use self::projection::Projection;
 use self::retention::{expiry_key_for, FinishedTrees};
@@ -203,7 +211,7 @@ pub struct Applied {
     pub change: RowChange,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum RowChange {
     None,
     Upsert(TaskRow),
@@ -229,6 +237,8 @@ struct Inner {
     projection: RwLock<Projection>,
     // A std lock, for the same reason: every critical section is a map operation.
     pending: Mutex<PendingTable>,
+    /// Written by the consumer alone: each step, and its checkpoints.
+    apply_log: Mutex<ApplyLog>,
     seqs: Mutex<Seqs>,
     intake_dir: PathBuf,
     /// sled's data file, opened read-only for [`Inner::sync_sled_files`] alone.
@@ -354,6 +364,86 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Runs `apply` in one sled transaction over the trees an apply writes (and
+    /// `meta`, for the last event id).
+    fn apply_transaction<R>(
+        &self,
+        apply: impl Fn(
+            &ApplyTrees<'_>,
+            &TransactionalTree,
+        ) -> ConflictableTransactionResult<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        (
+            &self.commands,
+            &self.command_ids,
+            &self.tasks,
+            &self.events,
+            &self.meta,
+            &self.dead_letters,
+            &self.expiries,
+        )
+            .transaction(
+                |(commands, command_ids, tasks, events, meta, dead_letters, expiries)| {
+                    let trees = ApplyTrees {
+                        commands,
+                        command_ids,
+                        tasks,
+                        events,
+                        dead_letters,
+                        expiries,
+                    };
+                    apply(&trees, meta)
+                },
+            )
+            .map_err(flatten)
+    }
+
+    /// Writes again, in one transaction, the applies the apply log holds beyond sled's
+    /// last event: those a crash of the last run kept from sled (see `apply_log`).
+    fn replay(&self, logged: Vec<Applied>) -> Result<(), StoreError> {
+        let last = self.meta.get(LAST_EVENT_ID)?.map_or(0, |v| read_u64(&v));
+        let missing: Vec<Applied> = logged
+            .into_iter()
+            .filter(|applied| applied.frame.id > last)
+            .collect();
+        let Some(newest) = missing.last().map(|applied| applied.frame.id) else {
+            return Ok(());
+        };
+        self.apply_transaction(|trees, meta| {
+            for applied in &missing {
+                trees.write(applied)?;
+            }
+            meta.insert(LAST_EVENT_ID, &newest.to_be_bytes())?;
+            Ok(())
+        })?;
+        tracing::info!(
+            commands = missing.len(),
+            last_event_id = newest,
+            "wrote again the applies the last run logged but sled lost"
+        );
+        Ok(())
+    }
+
+    /// Makes every apply so far durable in sled, against a power loss too, and drops
+    /// the apply log's files that held them: the log moves on to a new file first, so
+    /// what the files before it hold was written to sled before the sync.
+    ///
+    /// # Errors
+    /// As [`Inner::sync_sled`] (a failure that stops the server), or when the log's
+    /// new file cannot be created (nothing is synced then; try again later).
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        let retired = self.apply_log().rotate()?;
+        self.sync_sled()?;
+        self.apply_log().remove(&retired);
+        Ok(())
+    }
+
+    fn apply_log(&self) -> std::sync::MutexGuard<'_, ApplyLog> {
+        self.apply_log.lock().expect("apply log lock poisoned")
+    }
+}
+
 /// The seq allocator: `next` up to `reserved` may be handed out; `reserved` is durable
 /// in `meta`, so after a restart every new seq is above every one ever handed out.
 struct Seqs {
@@ -446,6 +536,7 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             .open()?;
         let earlier_failure = sync_failure::check(&intake_dir)?;
+        let (apply_log, logged) = ApplyLog::open(dir)?;
         let tree = |name: &str| db.open_tree(name);
         let mut inner = Inner {
             commands: tree("commands")?,
@@ -457,6 +548,7 @@ impl Store {
             meta: tree("meta")?,
             projection: RwLock::new(Projection::default()),
             pending: Mutex::new(PendingTable::default()),
+            apply_log: Mutex::new(apply_log),
             seqs: Mutex::new(Seqs {
                 next: 0,
                 reserved: 0,
@@ -468,6 +560,7 @@ impl Store {
             sync_failure: CancellationToken::new(),
             db,
         };
+        inner.replay(logged)?;
         inner.index_expiries()?;
         let first_seq = match inner.meta.get(SEQ_RESERVED)? {
             Some(reserved) => read_u64(&reserved),
@@ -478,11 +571,15 @@ impl Store {
         // The first block now, not on the first accept (which would write and flush
         // sled on the intake writer's thread, just as recovered commands apply). Its
         // sync also makes durable everything the last run applied (a kill -9 may have
-        // left it in the page cache), before recovery releases the segments it finds
-        // finished.
+        // left it in the page cache, or only in the apply log), before recovery
+        // releases the segments it finds finished; then the apply log's files are
+        // no longer needed.
         let reserved = first_seq + SEQ_BLOCK;
         inner.meta.insert(SEQ_RESERVED, &reserved.to_be_bytes())?;
         inner.sync_sled()?;
+        let apply_log = inner.apply_log.get_mut().expect("apply log lock poisoned");
+        let replayed = apply_log.retired();
+        apply_log.remove(&replayed);
         *inner.seqs.get_mut().expect("seq lock poisoned") = Seqs {
             next: first_seq,
             reserved,
@@ -508,17 +605,42 @@ impl Store {
         })
     }
 
-    /// Blocks until every sled write made before this call is on disk (sled's `flush`:
-    /// enough for a crash of the process, see [`Inner::sync_sled_files`] for a power
-    /// loss): nothing may be published, and no command may leave the intake log, before
-    /// its apply is durable. The consumer is sled's only writer on the command path, so
-    /// there is no one to share the flush with.
+    /// Makes every sled write so far durable, against a power loss too (sled's flush
+    /// and an fdatasync of its files), and drops the apply log's files that held the
+    /// applies. The consumer runs one where it releases intake segments; a program
+    /// that writes the store without a consumer (the compaction example) calls it
+    /// itself.
     ///
     /// # Errors
-    /// When the flush fails, or a sync has failed before: a sync failure, which stops
-    /// the server ([`Store::sync_failed`]). Nothing of what was applied may be published.
-    pub fn flush_durable(&self) -> Result<(), StoreError> {
-        self.inner.flush_sled()
+    /// As `Inner::checkpoint`.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        self.inner.checkpoint()
+    }
+
+    /// Makes an apply step durable against a crash of the process (kill -9): what
+    /// [`Store::apply_batch`] wrote for these applies, in their order, appended to the
+    /// apply log with one `write(2)` (see `apply_log`). Nothing of a step may be
+    /// published, and none of its commands [`Store::finish`]ed, before this returns.
+    ///
+    /// # Errors
+    /// When the write fails, or a sync has failed before. A failed write counts as a
+    /// failed sync ([`Inner::mark_sync_failed`]): the step is committed in sled, so it
+    /// cannot be tried again, and the server stops ([`Store::sync_failed`]). Nothing of
+    /// the step may be published.
+    pub fn log_applied<'a>(
+        &self,
+        applied: impl IntoIterator<Item = &'a Applied>,
+    ) -> Result<(), StoreError> {
+        self.inner.check_synced()?;
+        if let Err(err) = self.inner.apply_log().append(applied) {
+            let err = io::Error::new(
+                err.kind(),
+                format!("a write to the apply log failed: {err}"),
+            );
+            self.inner.mark_sync_failed(&err);
+            return Err(err.into());
+        }
+        Ok(())
     }
 
     /// Completes once a sync of sled's files has failed in this process (at once if one
@@ -640,7 +762,7 @@ impl Store {
     /// and the event appended to the log under the next id. One answer per command, in
     /// order: `None` when its key already has a finished record (applied before: at most
     /// once). Call with pending records, at most one per task, the oldest unapplied one
-    /// (the consumer's per-task order); after [`Store::flush_durable`], [`Store::finish`]
+    /// (the consumer's per-task order); after [`Store::log_applied`], [`Store::finish`]
     /// each of them.
     ///
     /// # Errors
@@ -650,40 +772,19 @@ impl Store {
         batch: &[(&CommandRecord, &Decision)],
         now: OffsetDateTime,
     ) -> Result<Vec<Option<Applied>>, StoreError> {
-        let inner = &*self.inner;
-        (
-            &inner.commands,
-            &inner.command_ids,
-            &inner.tasks,
-            &inner.events,
-            &inner.meta,
-            &inner.dead_letters,
-            &inner.expiries,
-        )
-            .transaction(
-                |(commands, command_ids, tasks, events, meta, dead_letters, expiries)| {
-                    let trees = ApplyTrees {
-                        commands,
-                        command_ids,
-                        tasks,
-                        events,
-                        dead_letters,
-                        expiries,
-                    };
-                    let mut last_event_id = meta.get(LAST_EVENT_ID)?.map_or(0, |v| read_u64(&v));
-                    let mut applied = Vec::with_capacity(batch.len());
-                    for (record, decision) in batch {
-                        let outcome = trees.apply(record, decision, now, last_event_id + 1)?;
-                        if outcome.is_some() {
-                            last_event_id += 1;
-                        }
-                        applied.push(outcome);
-                    }
-                    meta.insert(LAST_EVENT_ID, &last_event_id.to_be_bytes())?;
-                    Ok(applied)
-                },
-            )
-            .map_err(flatten)
+        self.inner.apply_transaction(|trees, meta| {
+            let mut last_event_id = meta.get(LAST_EVENT_ID)?.map_or(0, |v| read_u64(&v));
+            let mut applied = Vec::with_capacity(batch.len());
+            for (record, decision) in batch {
+                let outcome = trees.apply(record, decision, now, last_event_id + 1)?;
+                if outcome.is_some() {
+                    last_event_id += 1;
+                }
+                applied.push(outcome);
+            }
+            meta.insert(LAST_EVENT_ID, &last_event_id.to_be_bytes())?;
+            Ok(applied)
+        })
     }
 
     /// Up to `limit` events after `after`, in id order, but none past `up_to`.
@@ -751,10 +852,6 @@ impl ApplyTrees<'_> {
                     reason,
                     message: message.clone(),
                 });
-                if reason == FailureReason::DeadLettered {
-                    self.dead_letters
-                        .insert(&record.seq.to_be_bytes(), key.as_bytes())?;
-                }
                 let event = FailedEvent {
                     command_id: record.command_id,
                     idempotency_key: record.idempotency_key.clone(),
@@ -770,15 +867,8 @@ impl ApplyTrees<'_> {
             Outcome::Changed(change) => {
                 record.status = CommandStatus::Settled;
                 let (version, task) = match &change {
-                    RowChange::Upsert(row) => {
-                        self.tasks.insert(
-                            row.task.id.as_bytes(),
-                            serde_json::to_vec(row).map_err(abort)?,
-                        )?;
-                        (row.task.version, Some(row.task.clone()))
-                    }
-                    RowChange::Remove(id) => {
-                        self.tasks.remove(id.as_bytes())?;
+                    RowChange::Upsert(row) => (row.task.version, Some(row.task.clone())),
+                    RowChange::Remove(_) => {
                         (current.as_ref().map_or(0, |row| row.task.version) + 1, None)
                     }
                     RowChange::None => (current.as_ref().map_or(0, |row| row.task.version), None),
@@ -800,19 +890,54 @@ impl ApplyTrees<'_> {
         };
         record.settled_at = Some(now);
         record.event_id = Some(event_id);
-        self.commands
-            .insert(key.as_bytes(), serde_json::to_vec(&record).map_err(abort)?)?;
-        self.expiries
-            .insert(&expiry_key_for(now, record.seq), key.as_bytes())?;
-        self.command_ids
-            .insert(record.command_id.as_bytes(), key.as_bytes())?;
-        self.events
-            .insert(&event_id.to_be_bytes(), frame.bytes.as_ref())?;
-        Ok(Some(Applied {
+        let applied = Applied {
             record,
             frame,
             change,
-        }))
+        };
+        self.write(&applied)?;
+        Ok(Some(applied))
+    }
+
+    /// Writes what an apply decided: the row change, the finished record with its id
+    /// and expiry indexes (and its dead letter), and the event. Every write is
+    /// absolute, so writing an apply again (a replay of the apply log) is harmless.
+    fn write(&self, applied: &Applied) -> ConflictableTransactionResult<(), StoreError> {
+        let Applied {
+            record,
+            frame,
+            change,
+        } = applied;
+        let key = record.idempotency_key.as_bytes();
+        match change {
+            RowChange::Upsert(row) => {
+                self.tasks.insert(
+                    row.task.id.as_bytes(),
+                    serde_json::to_vec(row).map_err(abort)?,
+                )?;
+            }
+            RowChange::Remove(id) => {
+                self.tasks.remove(id.as_bytes())?;
+            }
+            RowChange::None => {}
+        }
+        let dead_lettered = record
+            .error
+            .as_ref()
+            .is_some_and(|error| error.reason == FailureReason::DeadLettered);
+        if dead_lettered {
+            self.dead_letters.insert(&record.seq.to_be_bytes(), key)?;
+        }
+        self.commands
+            .insert(key, serde_json::to_vec(record).map_err(abort)?)?;
+        if let Some(settled_at) = record.settled_at {
+            self.expiries
+                .insert(&expiry_key_for(settled_at, record.seq), key)?;
+        }
+        self.command_ids.insert(record.command_id.as_bytes(), key)?;
+        self.events
+            .insert(&frame.id.to_be_bytes(), frame.bytes.as_ref())?;
+        Ok(())
     }
 }
 
@@ -1007,7 +1132,7 @@ mod tests {
             .map(|(record, (_, decision))| (record, decision))
             .collect();
         let applied = store.apply_batch(&batch, now).expect("applied");
-        store.flush_durable().expect("flushed");
+        store.log_applied(applied.iter().flatten()).expect("logged");
         accepted
             .into_iter()
             .zip(applied)
@@ -1066,8 +1191,8 @@ mod tests {
             (&records[0], &Decision::Apply),
             (&records[1], &Decision::Apply),
         ];
-        store.apply_batch(&batch, now).expect("applied");
-        store.flush_durable().expect("flushed");
+        let applied = store.apply_batch(&batch, now).expect("applied");
+        store.log_applied(applied.iter().flatten()).expect("logged");
         for record in &records[..2] {
             store.finish(&record.idempotency_key, record.command_id);
         }
@@ -1102,10 +1227,10 @@ mod tests {
         let store = reopen(dir.path());
         let (intake, thread) = idle_writer(&store);
         assert_eq!(files(".log").len(), 2);
-        store
+        let applied = store
             .apply_batch(&[(&record, &Decision::Apply)], OffsetDateTime::now_utc())
             .expect("applied");
-        store.flush_durable().expect("flushed");
+        store.log_applied(applied.iter().flatten()).expect("logged");
         store.finish(&record.idempotency_key, record.command_id);
         assert_eq!(
             files(".log").len(),
@@ -1196,7 +1321,7 @@ mod tests {
             .insert(old.command_id.as_bytes(), "k")
             .unwrap();
         store.inner.expiries.insert(old_entry, "k").unwrap();
-        store.flush_durable().expect("flushed");
+        store.checkpoint().expect("synced");
         drop(store);
 
         let store = reopen(dir.path());
@@ -1362,7 +1487,7 @@ mod tests {
         // As an older build left it: finished records, no expiry entries, no mark.
         store.inner.expiries.clear().unwrap();
         store.inner.meta.remove(EXPIRIES_INDEXED).unwrap();
-        store.flush_durable().expect("flushed");
+        store.checkpoint().expect("synced");
         drop(store);
 
         let store = reopen(dir.path());
@@ -1500,5 +1625,116 @@ mod tests {
             .apply_batch(&[(&more, &Decision::Apply)], now)
             .expect("applied");
         assert_eq!(next[0].as_ref().map(|a| a.frame.id), Some(4));
+    }
+
+    /// A like of `task`, as the intake writer would have accepted it.
+    fn like(key: &str, task: Uuid, store: &Store) -> CommandRecord {
+        CommandRecord {
+            seq: store.next_seq().expect("an id"),
+            ..CommandRecord::accepted(
+                task,
+                key.to_owned(),
+                "f".to_owned(),
+                CommandBody::Like { delta: 1 },
+                OffsetDateTime::now_utc(),
+                0,
+            )
+        }
+    }
+
+    fn apply_log_files(dir: &std::path::Path) -> Vec<u64> {
+        frames::list_files(&dir.join(apply_log::APPLY_LOG_DIR), ".log").expect("listed")
+    }
+
+    #[test]
+    fn applies_only_the_apply_log_holds_are_written_to_sled_again_on_open() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let elsewhere = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        // Applied on another store, logged on this one: as if this store's sled had
+        // lost a step the apply log kept (a kill -9 before sled wrote it).
+        let other = Store::open(elsewhere.path()).expect("a store");
+        let record = create("k", "f", &store);
+        let applied = other
+            .apply_batch(&[(&record, &Decision::Apply)], OffsetDateTime::now_utc())
+            .expect("applied");
+        store.log_applied(applied.iter().flatten()).expect("logged");
+        assert!(store.finished_command("k").expect("read").is_none());
+        drop(store);
+
+        let store = reopen(dir.path());
+        let finished = store
+            .finished_command("k")
+            .expect("read")
+            .expect("finished after the replay");
+        assert_eq!(finished.command_id, record.command_id);
+        assert_eq!(finished.event_id, Some(1));
+        let task = store.task(record.task_id).expect("the row is back");
+        assert_eq!(task.version, 1);
+        let events = store.events_after(0, u64::MAX, 10).expect("read");
+        assert_eq!(events.len(), 1);
+        let logged = applied[0].as_ref().expect("applied");
+        assert_eq!(events[0].bytes, logged.frame.bytes);
+        assert_eq!(store.watermark(), 1, "the next event id is 2");
+        assert_eq!(
+            apply_log_files(dir.path()).len(),
+            1,
+            "the replayed file is gone once sled is synced; a new one is open"
+        );
+    }
+
+    #[test]
+    fn a_step_sled_has_but_the_apply_log_lacks_is_not_undone_by_the_replay() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let now = OffsetDateTime::now_utc();
+        let record = create("create", "f", &store);
+        let applied = store
+            .apply_batch(&[(&record, &Decision::Apply)], now)
+            .expect("applied");
+        store.log_applied(applied.iter().flatten()).expect("logged");
+        // The like reaches sled, and the process dies before its write to the log.
+        let liked = like("like", record.task_id, &store);
+        store
+            .apply_batch(&[(&liked, &Decision::Apply)], now)
+            .expect("applied");
+        store.checkpoint().expect("synced");
+        drop(store);
+
+        let store = reopen(dir.path());
+        let task = store.task(record.task_id).expect("the row");
+        assert_eq!(
+            (task.version, task.likes),
+            (2, 1),
+            "the create's logged row is not written over the like's"
+        );
+        assert_eq!(store.watermark(), 2);
+    }
+
+    #[test]
+    fn a_checkpoint_syncs_sled_and_drops_the_apply_logs_earlier_files() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let first = apply_log_files(dir.path());
+        assert_eq!(first.len(), 1);
+        let record = create("k", "f", &store);
+        let applied = store
+            .apply_batch(&[(&record, &Decision::Apply)], OffsetDateTime::now_utc())
+            .expect("applied");
+        store.log_applied(applied.iter().flatten()).expect("logged");
+        store.checkpoint().expect("checkpointed");
+        let after = apply_log_files(dir.path());
+        assert_eq!(after.len(), 1);
+        assert!(after[0] > first[0], "a new file, the old one dropped");
+        assert_eq!(
+            std::fs::metadata(
+                dir.path()
+                    .join(apply_log::APPLY_LOG_DIR)
+                    .join(format!("{:020}.log", after[0]))
+            )
+            .expect("the new file")
+            .len(),
+            0
+        );
     }
 }

@@ -28,7 +28,7 @@ impl Projection {
 
 impl Store {
     /// Makes a durable apply visible to readers. Call in event-id order, after
-    /// [`Store::flush_durable`] and before publishing the event.
+    /// [`Store::log_applied`] and before publishing the event.
     pub fn project(&self, applied: &Applied) {
         let mut projection = self
             .inner

@@ -110,3 +110,72 @@ async fn kill_9_inside_the_window_then_restart_settles_every_accepted_command_ex
     assert_eq!(tasks[0]["likes"], 20, "each like counted once");
     server.kill_9();
 }
+
+/// A published event is a promise too: what the consumer applied and announced stays
+/// applied, with the same id and payload, when the process dies just after (the apply
+/// log holds it until sled's next checkpoint; `store::apply_log`).
+#[tokio::test]
+async fn kill_9_just_after_the_events_keeps_every_published_apply() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let http = http_client();
+    let server = BinaryServer::start(data_dir.path(), 20, "info", Logs::Drained);
+    let mut events = Events::open(&format!("{}/api/events", server.base), None).await;
+    let task = Uuid::now_v7();
+    let response = http
+        .post(format!("{}/api/tasks", server.base))
+        .header("Idempotency-Key", "create")
+        .json(&json!({ "id": task, "title": "liked" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let mut published = vec![events.next().await];
+    let requests = (0..30).map(|n| {
+        let http = http.clone();
+        let url = format!("{}/api/tasks/{task}/likes", server.base);
+        async move {
+            let response = http
+                .post(url)
+                .header("Idempotency-Key", format!("like-{n}"))
+                .json(&json!({ "delta": 1 }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 202);
+        }
+    });
+    join_all(requests).await;
+    while published.len() < 31 {
+        published.push(events.next().await);
+    }
+    server.kill_9();
+
+    let server = BinaryServer::start(data_dir.path(), 20, "info", Logs::Drained);
+    let mut replayed = Events::open(&format!("{}/api/events", server.base), Some(0)).await;
+    for event in &published {
+        let again = replayed
+            .next_within(EVENT_TIMEOUT)
+            .await
+            .expect("every published event is in the log after the restart");
+        assert_eq!(
+            (again.id, &again.name, &again.data),
+            (event.id, &event.name, &event.data),
+            "the same event under the same id"
+        );
+    }
+    assert!(
+        replayed.next_within(Duration::from_secs(1)).await.is_none(),
+        "nothing applies again"
+    );
+    let row: serde_json::Value = http
+        .get(format!("{}/api/tasks/{task}", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(row["likes"], 30);
+    assert_eq!(row["version"], 31);
+    server.kill_9();
+}
