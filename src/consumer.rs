@@ -324,6 +324,13 @@ impl Consumer {
             }
             self.drain_ready();
         }
+        // What the steps applied, synced into sled, so the next start has no apply log
+        // to replay. Not after a failure: nothing more can be made durable.
+        if !self.store.sync_has_failed() {
+            if let Err(err) = self.store.checkpoint() {
+                tracing::warn!(error = %err, "cannot checkpoint the applies at shutdown; the next start replays the apply log");
+            }
+        }
         tracing::info!(pending = self.scheduled.len(), "consumer stopped");
     }
 

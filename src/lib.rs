@@ -9,8 +9,9 @@
 //! - `config`: flags and env vars, with their defaults.
 //! - `model`: tasks, commands and events; the JSON contract.
 //! - `store`: the intake log of accepted commands (one writer thread, group-committed
-//!   fdatasync), sled trees for everything applied (commands, tasks, event log) with a
-//!   shared flush, the read projection, retention (compaction by an expiry index).
+//!   fdatasync), sled trees for everything applied (commands, tasks, event log), the
+//!   apply log that makes each apply step durable against a crash until sled's
+//!   checkpoint, the read projection, retention (compaction by an expiry index).
 //! - `consumer`: the due-time queue that applies commands in per-task order, with faults
 //!   (one thread with a runtime of its own).
 //! - `faults`: the live fault knobs and their seeded RNG.
@@ -118,7 +119,7 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
 }
 
 /// Runs the server on an already bound listener until `shutdown` is cancelled, then
-/// drains: streams end, the consumer finishes its step, the last writes are flushed.
+/// drains: streams end, the consumer finishes its step and checkpoints what it applied.
 ///
 /// # Errors
 /// When the store cannot be opened, the consumer or the intake log cannot start, or
@@ -244,9 +245,10 @@ impl Running {
     /// background work, then tells how the server ended.
     ///
     /// # Errors
-    /// When a sync of sled's files failed, also while the server stopped (it must not
-    /// end in a clean exit), or the intake writer or the consumer panicked: the failed
-    /// sync first, as it is what the operator must act on before the next start, then
+    /// When a sync of sled's files (or a write to the apply log) failed, also while the
+    /// server stopped (it must not end in a clean exit), or the intake writer or the
+    /// consumer panicked: the failed sync first, as it is what the operator must act on
+    /// before the next start, then
     /// the writer (a panic holding the pending table's lock poisons it for the
     /// consumer, whose panic would follow from it).
     async fn drain(self) -> anyhow::Result<()> {
@@ -262,6 +264,10 @@ impl Running {
         let _ = janitor.await;
         let _ = sync_watch.await;
         tracing::info!("shut down");
+        anyhow::ensure!(
+            !state.store.apply_log_has_failed(),
+            "a write to the apply log failed, which stopped the server (the log above says why); the next start applies again what the disk lacks"
+        );
         anyhow::ensure!(
             !state.store.sync_has_failed(),
             "a sync of sled's files failed, which stopped the server; reboot the machine before the next start (see the data directory's intake/sync-failed)"
@@ -279,15 +285,16 @@ impl Running {
 }
 
 /// Stops the server (cancels `shutdown`) once a sync of sled's files fails, wherever
-/// it fails (an apply step's flush, a segment release, a seq block's reservation on
-/// the accept path), also when nothing is pending: nothing more can be made durable.
+/// it fails (a checkpoint before a segment release, a seq block's reservation on the
+/// accept path), or a step's write to the apply log, also when nothing is pending:
+/// nothing more can be made durable.
 /// Ends with the shutdown.
 fn stop_on_sync_failure(store: &Store, shutdown: CancellationToken) -> JoinHandle<()> {
     let failed = store.sync_failed();
     tokio::spawn(async move {
         tokio::select! {
             () = failed => {
-                tracing::error!("a sync of sled's files failed; stopping the server");
+                tracing::error!("a sync of sled's files (or a write to the apply log) failed; stopping the server");
                 shutdown.cancel();
             }
             () = shutdown.cancelled() => {}

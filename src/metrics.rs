@@ -113,7 +113,8 @@ pub struct StepsReport {
     pub flush_us: Distribution,
     /// The checkpoint (sled's flush and an fdatasync of its files) before finished
     /// intake segments are released, after a step's events went out: once per release
-    /// of one or more 4 MiB segments of commands, and it delays the next step. (Default: read from a server from
+    /// of one or more 4 MiB segments of commands, or per 16 MiB of apply log, and it
+    /// delays the next step. (Default: read from a server from
     /// before this field, as none.)
     #[serde(default)]
     pub release_sync_us: Distribution,

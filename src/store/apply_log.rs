@@ -35,6 +35,7 @@ use std::borrow::Cow;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +50,8 @@ const SUFFIX: &str = ".log";
 /// A checkpoint is due once the log's current file holds this much, whether or not an
 /// intake segment can be released: so a start never replays more than about this.
 const APPLY_LOG_BYTES: u64 = 4 * SEGMENT_BYTES;
+/// After the log could not move on to a new file, how long until it tries again.
+const ROTATE_RETRY: Duration = Duration::from_secs(1);
 
 /// One applied command as logged: what its apply wrote to sled.
 #[derive(Serialize, Deserialize)]
@@ -90,6 +93,8 @@ pub(super) struct ApplyLog {
     bytes: u64,
     /// Earlier files, until a sync of sled covers what they hold.
     retired: Vec<u64>,
+    /// When a new file could last not be created, if that was the last attempt.
+    rotate_failed: Option<Instant>,
     buffer: Vec<u8>,
 }
 
@@ -120,6 +125,7 @@ impl ApplyLog {
             number,
             bytes: 0,
             retired,
+            rotate_failed: None,
             buffer: Vec::new(),
         };
         Ok((log, logged))
@@ -150,6 +156,13 @@ impl ApplyLog {
         self.bytes >= APPLY_LOG_BYTES
     }
 
+    /// Whether a checkpoint may try to move the log on: not within [`ROTATE_RETRY`] of
+    /// a failed attempt, so a disk that refuses new files is not asked every step.
+    pub(super) fn may_rotate(&self) -> bool {
+        self.rotate_failed
+            .is_none_or(|failed| failed.elapsed() >= ROTATE_RETRY)
+    }
+
     /// Moves on to a new file. Answers every file before it: a sync of sled from now
     /// on covers what they hold.
     ///
@@ -157,7 +170,16 @@ impl ApplyLog {
     /// When the new file cannot be created; the log goes on in the current one.
     pub(super) fn rotate(&mut self) -> io::Result<Vec<u64>> {
         let next = self.number + 1;
-        self.file = create(&self.dir, next)?;
+        match create(&self.dir, next) {
+            Ok(file) => {
+                self.file = file;
+                self.rotate_failed = None;
+            }
+            Err(err) => {
+                self.rotate_failed = Some(Instant::now());
+                return Err(err);
+            }
+        }
         self.retired.push(self.number);
         self.number = next;
         self.bytes = 0;

@@ -387,8 +387,8 @@ impl Store {
     /// events and no accept; it runs outside the table's lock, which every accept
     /// uses. When the checkpoint fails short of a sync failure (the apply log's next
     /// file cannot be created, sled's blob files cannot be listed or opened), the
-    /// segments wait for the next call; one that cannot be renamed or deleted stays on
-    /// disk, and the next start releases it.
+    /// segments wait for a later call (a second after the apply log's failure); one
+    /// that cannot be renamed or deleted stays on disk, and the next start releases it.
     ///
     /// Answers how long the checkpoint took, or `None` when there was none: nothing
     /// was due, or it failed short of a sync failure.
@@ -399,7 +399,12 @@ impl Store {
     pub fn release_finished_segments(&self) -> Result<Option<Duration>, StoreError> {
         self.inner.check_synced()?;
         let segments = std::mem::take(&mut self.pending_table().releasable);
-        if segments.is_empty() && !self.inner.apply_log().is_full() {
+        let due = {
+            let log = self.inner.apply_log();
+            (!segments.is_empty() || log.is_full()) && log.may_rotate()
+        };
+        if !due {
+            self.pending_table().releasable.extend(&segments);
             return Ok(None);
         }
         let started = Instant::now();

@@ -112,12 +112,16 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("corrupt record: {0}")]
     Corrupt(#[from] serde_json::Error),
-    #[error("intake log: {0}")]
+    #[error("store file: {0}")]
     Io(#[from] std::io::Error),
     #[error("storage task: {0}")]
     Task(#[from] tokio::task::JoinError),
     #[error("{0} is in use: another process holds its lock (is another settle running on it?)")]
     Locked(PathBuf),
+    /// The apply log's first replayed apply is not the one after sled's last event, or
+    /// its applies skip an id: see `Inner::replay`.
+    #[error("the apply log (applies/ in the data directory) does not continue sled's events: event {expected} was expected, {found} is logged. Nothing was replayed. To start from what sled holds, move applies/ aside: the intake log applies again the commands sled lacks")]
+    ApplyLogGap { expected: u64, found: u64 },
     /// Shutdown began while a start waited for the directory's lock.
     #[error("stopped while waiting for the lock of {0}")]
     Stopped(PathBuf),
@@ -248,6 +252,9 @@ struct Inner {
     /// Cancelled when an fdatasync of sled's files failed: see
     /// [`Inner::sync_sled_files`] and [`Store::sync_failed`].
     sled_sync_failed: AtomicBool,
+    /// Set with `sled_sync_failed` when what failed was a write to the apply log (no
+    /// sync of sled's files: a start in the same boot is safe).
+    apply_log_failed: AtomicBool,
     /// Cancelled with `sled_sync_failed` set, for whoever waits ([`Store::sync_failed`]);
     /// the flag is what the hot paths read.
     sync_failure: CancellationToken,
@@ -338,19 +345,44 @@ impl Inner {
         synced(File::open(dir)?.sync_all())
     }
 
-    /// Whether a sync of sled's files has failed in this process.
+    /// Records that a step's write to the apply log failed: as after a failed sync,
+    /// every later sync fails and the server stops, since the step is committed in
+    /// sled and cannot be tried again; but no marker is left, as no page of sled's
+    /// files was lost (a torn record at the log's end is never replayed, and was never
+    /// published).
+    fn mark_apply_log_failed(&self, cause: &dyn std::fmt::Display) {
+        self.apply_log_failed.store(true, Ordering::Release);
+        let first = !self.sled_sync_failed.swap(true, Ordering::AcqRel);
+        self.sync_failure.cancel();
+        if first {
+            tracing::error!(error = %cause, "the apply log cannot be written; the server stops");
+        }
+    }
+
+    /// Whether a sync of sled's files (or a write to the apply log) has failed in this
+    /// process.
     fn sync_has_failed(&self) -> bool {
         self.sled_sync_failed.load(Ordering::Acquire)
     }
 
-    /// An error if a sync of sled's files has failed in this process.
+    /// Whether what failed was a write to the apply log, not a sync of sled's files.
+    fn apply_log_has_failed(&self) -> bool {
+        self.apply_log_failed.load(Ordering::Acquire)
+    }
+
+    /// An error if a sync of sled's files (or a write to the apply log) has failed in
+    /// this process.
     fn check_synced(&self) -> io::Result<()> {
-        if self.sync_has_failed() {
+        if !self.sync_has_failed() {
+            Ok(())
+        } else if self.apply_log_has_failed() {
+            Err(io::Error::other(
+                "a write to the apply log failed; the server stops",
+            ))
+        } else {
             Err(io::Error::other(
                 "an fdatasync of sled's files failed; the server stops (see intake/sync-failed in the data directory)",
             ))
-        } else {
-            Ok(())
         }
     }
 
@@ -401,6 +433,11 @@ impl Inner {
 
     /// Writes again, in one transaction, the applies the apply log holds beyond sled's
     /// last event: those a crash of the last run kept from sled (see `apply_log`).
+    ///
+    /// # Errors
+    /// [`StoreError::ApplyLogGap`] when the logged ids do not run on from sled's last
+    /// one without a gap: an assumption of the replay broke, and writing the rest
+    /// could apply a command twice. Otherwise on storage failure.
     fn replay(&self, logged: Vec<Applied>) -> Result<(), StoreError> {
         let last = self.meta.get(LAST_EVENT_ID)?.map_or(0, |v| read_u64(&v));
         let missing: Vec<Applied> = logged
@@ -410,8 +447,17 @@ impl Inner {
         let Some(newest) = missing.last().map(|applied| applied.frame.id) else {
             return Ok(());
         };
+        for (expected, applied) in (last + 1..).zip(&missing) {
+            if applied.frame.id != expected {
+                return Err(StoreError::ApplyLogGap {
+                    expected,
+                    found: applied.frame.id,
+                });
+            }
+        }
         self.apply_transaction(|trees, meta| {
             for applied in &missing {
+                trees.displace(&applied.record)?;
                 trees.write(applied)?;
             }
             meta.insert(LAST_EVENT_ID, &newest.to_be_bytes())?;
@@ -557,6 +603,7 @@ impl Store {
             sled_file: File::open(dir.join(SLED_FILE))?,
             sled_blobs_dir: dir.join(SLED_BLOBS),
             sled_sync_failed: AtomicBool::new(false),
+            apply_log_failed: AtomicBool::new(false),
             sync_failure: CancellationToken::new(),
             db,
         };
@@ -623,10 +670,10 @@ impl Store {
     /// published, and none of its commands [`Store::finish`]ed, before this returns.
     ///
     /// # Errors
-    /// When the write fails, or a sync has failed before. A failed write counts as a
-    /// failed sync ([`Inner::mark_sync_failed`]): the step is committed in sled, so it
-    /// cannot be tried again, and the server stops ([`Store::sync_failed`]). Nothing of
-    /// the step may be published.
+    /// When the write fails, or a sync has failed, before or meanwhile. A failed write
+    /// stops the server as a failed sync does ([`Inner::mark_apply_log_failed`]): the
+    /// step is committed in sled, so it cannot be tried again. Nothing of the step may
+    /// be published.
     pub fn log_applied<'a>(
         &self,
         applied: impl IntoIterator<Item = &'a Applied>,
@@ -637,15 +684,18 @@ impl Store {
                 err.kind(),
                 format!("a write to the apply log failed: {err}"),
             );
-            self.inner.mark_sync_failed(&err);
+            self.inner.mark_apply_log_failed(&err);
             return Err(err.into());
         }
-        Ok(())
+        // As after a flush: a sync that failed elsewhere meanwhile (the accept path)
+        // keeps the step from being published too.
+        Ok(self.inner.check_synced()?)
     }
 
     /// Completes once a sync of sled's files has failed in this process (at once if one
-    /// has), wherever it failed: an apply step's flush, a release of finished intake
-    /// segments, a seq block's reservation on the accept path. From then on nothing
+    /// has), wherever it failed: an apply step's write to the apply log, a checkpoint
+    /// (before a release of finished intake segments), a seq block's reservation on the
+    /// accept path. From then on nothing
     /// more applies, is released or reserved, so the server cannot keep its promise
     /// and must stop: `serve` waits on this and stops it, also when nothing is pending.
     pub fn sync_failed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -657,6 +707,12 @@ impl Store {
     /// consumer's steps and the exit status.
     pub fn sync_has_failed(&self) -> bool {
         self.inner.sync_has_failed()
+    }
+
+    /// Whether the failure [`Store::sync_has_failed`] reports was a write to the apply
+    /// log: then no marker refuses the next start.
+    pub fn apply_log_has_failed(&self) -> bool {
+        self.inner.apply_log_has_failed()
     }
 
     /// A new sequence number: unique and increasing, also across restarts. From
@@ -897,6 +953,31 @@ impl ApplyTrees<'_> {
         };
         self.write(&applied)?;
         Ok(Some(applied))
+    }
+
+    /// Before a replayed apply is written: removes the indexes of another command's
+    /// record under its key. That is an expired record whose removal by compaction
+    /// sled lost with the apply (the key was free, so the logged command took it); its
+    /// id must no longer find the key's new record (`recover_intake` repairs the same
+    /// for a command that is still pending).
+    fn displace(&self, record: &CommandRecord) -> ConflictableTransactionResult<(), StoreError> {
+        let key = record.idempotency_key.as_bytes();
+        let Some(bytes) = self.commands.get(key)? else {
+            return Ok(());
+        };
+        let stale: CommandRecord = serde_json::from_slice(&bytes).map_err(abort)?;
+        if stale.command_id == record.command_id {
+            return Ok(());
+        }
+        tracing::warn!(command_id = %record.command_id, stale = %stale.command_id,
+            "an expired command's record came back under a replayed command's key; deleting it");
+        self.command_ids.remove(stale.command_id.as_bytes())?;
+        self.dead_letters.remove(&stale.seq.to_be_bytes())?;
+        if let Some(settled_at) = stale.settled_at {
+            self.expiries
+                .remove(&expiry_key_for(settled_at, stale.seq))?;
+        }
+        Ok(())
     }
 
     /// Writes what an apply decided: the row change, the finished record with its id
@@ -1660,6 +1741,17 @@ mod tests {
             .expect("applied");
         store.log_applied(applied.iter().flatten()).expect("logged");
         assert!(store.finished_command("k").expect("read").is_none());
+        // And the start of a second step's record, cut short by the crash.
+        let file = *apply_log_files(dir.path()).last().expect("a file");
+        let path = dir
+            .path()
+            .join(apply_log::APPLY_LOG_DIR)
+            .join(format!("{file:020}.log"));
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .expect("the log");
+        std::io::Write::write_all(&mut log, &[0x40, 0, 0, 0, 1, 2]).expect("written");
         drop(store);
 
         let store = reopen(dir.path());
@@ -1698,7 +1790,7 @@ mod tests {
         store
             .apply_batch(&[(&liked, &Decision::Apply)], now)
             .expect("applied");
-        store.checkpoint().expect("synced");
+        store.inner.flush_sled().expect("flushed");
         drop(store);
 
         let store = reopen(dir.path());
@@ -1735,6 +1827,97 @@ mod tests {
             .expect("the new file")
             .len(),
             0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_replayed_command_displaces_an_expired_record_whose_removal_was_lost() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let old = &accept_and_apply(&store, "k", "f").await;
+        let old_bytes = store.inner.commands.get("k").unwrap().expect("finished");
+        let old_entry = expiry_key_for(old.settled_at.expect("settled"), old.seq);
+        store.checkpoint().expect("synced");
+
+        // Compaction frees the key, a new command takes it and applies, logged.
+        let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        store.compact(u64::MAX, later).expect("compacted");
+        let (answers, _) = accept_all(&store, &[create("k", "f", &store)]).await;
+        let Accepted::New(new) = &answers[0] else {
+            panic!("the freed key is a new command");
+        };
+        let applied = store
+            .apply_batch(&[(new, &Decision::Apply)], OffsetDateTime::now_utc())
+            .expect("applied");
+        store.log_applied(applied.iter().flatten()).expect("logged");
+        store.finish(&new.idempotency_key, new.command_id);
+        let new_record = applied[0].as_ref().expect("applied").record.clone();
+        let new_entry = expiry_key_for(new_record.settled_at.expect("settled"), new.seq);
+
+        // sled loses both the removal and the apply (the log keeps the apply).
+        let inner = &store.inner;
+        inner.commands.insert("k", old_bytes).unwrap();
+        inner
+            .command_ids
+            .insert(old.command_id.as_bytes(), "k")
+            .unwrap();
+        inner.expiries.insert(old_entry, "k").unwrap();
+        inner.command_ids.remove(new.command_id.as_bytes()).unwrap();
+        inner.expiries.remove(new_entry).unwrap();
+        inner.events.remove(2_u64.to_be_bytes()).unwrap();
+        inner.tasks.remove(new.task_id.as_bytes()).unwrap();
+        inner
+            .meta
+            .insert(LAST_EVENT_ID, &1_u64.to_be_bytes())
+            .unwrap();
+        inner.flush_sled().expect("flushed");
+        drop(store);
+
+        let store = reopen(dir.path());
+        assert!(store.unapplied().is_empty(), "the replay finished it");
+        let finished = store.finished_command("k").unwrap().expect("finished");
+        assert_eq!(finished.command_id, new.command_id);
+        assert!(
+            store.command_by_id(old.command_id).await.unwrap().is_none(),
+            "the expired command's id finds nothing, not the key's new record"
+        );
+        assert!(!store.inner.expiries.contains_key(old_entry).unwrap());
+        assert!(store.inner.expiries.contains_key(new_entry).unwrap());
+        assert!(store.task(new.task_id).is_some());
+    }
+
+    #[test]
+    fn an_apply_log_that_does_not_continue_sleds_events_refuses_the_start() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let elsewhere = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let other = Store::open(elsewhere.path()).expect("a store");
+        let now = OffsetDateTime::now_utc();
+        let (first, second) = (create("a", "f", &store), create("b", "f", &store));
+        let applied = other
+            .apply_batch(
+                &[(&first, &Decision::Apply), (&second, &Decision::Apply)],
+                now,
+            )
+            .expect("applied");
+        // Event 2 logged, event 1 nowhere.
+        store.log_applied(applied[1].as_ref()).expect("logged");
+        drop(store);
+
+        let opened = Store::open_waiting(
+            dir.path(),
+            Duration::from_secs(10),
+            &CancellationToken::new(),
+        );
+        assert!(
+            matches!(
+                opened,
+                Err(StoreError::ApplyLogGap {
+                    expected: 1,
+                    found: 2
+                })
+            ),
+            "refused, not replayed over the gap"
         );
     }
 }

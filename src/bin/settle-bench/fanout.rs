@@ -4,8 +4,9 @@
 //!    and after they all have (and a settle pause), divided by N.
 //! 2. Delivery: one command at a time; for each of its events, every subscriber's
 //!    arrival time minus the event's `settled_at` (the server's wall clock when the
-//!    consumer applied it, before the commit's flush: a conservative start), and minus
-//!    the first arrival at any subscriber (the spread of the fan-out itself).
+//!    consumer applied it, before the step's write to the apply log: a conservative
+//!    start), and minus the first arrival at any subscriber (the spread of the fan-out
+//!    itself).
 //!
 //! The subscribers live in worker processes (see `worker`), each on its own
 //! 127.0.0.x source address; the bench keeps one observing subscriber of its own to

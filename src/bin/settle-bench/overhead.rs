@@ -96,7 +96,8 @@ struct Results {
     /// fell due.
     delay_to_step_ms: Option<Summary>,
     /// The rest, across the two processes' shared wall clock: event received -
-    /// `settled_at`. The step's transaction and flush, the publish and the delivery.
+    /// `settled_at`. The step's transaction, its write to the apply log, the publish and
+    /// the delivery.
     step_to_received_ms: Option<Summary>,
     /// Request sent to 202 received.
     accept_latency_ms: Option<Summary>,
