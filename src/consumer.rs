@@ -43,7 +43,7 @@ use crate::hub::Hub;
 use crate::lag::Lag;
 use crate::metrics::Metrics;
 use crate::model::{unix_ms, CommandRecord, FailureReason};
-use crate::store::{Applied, Decision, Store, StoreError};
+use crate::store::{Applied, Checkpoint, Decision, Store, StoreError};
 
 /// How many scheduling messages (an intake batch or a redelivery each) may wait for the
 /// consumer. When it is full, the intake writer waits for room, and so accepting
@@ -185,6 +185,9 @@ pub struct Consumer {
     per_task: HashMap<Uuid, BTreeSet<u64>>,
     due: HashSet<u64>,
     lag: Lag,
+    /// The thread finishing the last checkpoint begun ([`Consumer::checkpoint_elsewhere`]),
+    /// joined before the one at shutdown.
+    checkpointing: Option<std::thread::JoinHandle<()>>,
 }
 
 /// The consumer's thread ([`Consumer::start`]).
@@ -236,6 +239,7 @@ impl Consumer {
             scheduled: HashMap::new(),
             per_task: HashMap::new(),
             due: HashSet::new(),
+            checkpointing: None,
         };
         (consumer, ConsumerHandle { sender })
     }
@@ -326,6 +330,11 @@ impl Consumer {
         }
         // What the steps applied, synced into sled, so the next start has no apply log
         // to replay. Not after a failure: nothing more can be made durable.
+        if let Some(thread) = self.checkpointing.take() {
+            if thread.join().is_err() {
+                tracing::error!("the last checkpoint's thread panicked");
+            }
+        }
         if !self.store.sync_has_failed() {
             if let Err(err) = self.store.checkpoint() {
                 tracing::warn!(error = %err, "cannot checkpoint the applies at shutdown; the next start replays the apply log");
@@ -661,14 +670,36 @@ impl Consumer {
                 Outcome::Transient(cause) => self.transient(attempt.seq, cause),
             }
         }
-        // After the step's events, so none of them waits for it.
-        match self.store.release_finished_segments() {
-            Ok(Some(sync)) => self.metrics.release_sync(sync),
+        // After the step's events, so none of them waits for it; and its sync runs on a
+        // thread of its own, so no later step waits for it either.
+        match self.store.begin_checkpoint() {
+            Ok(Some(checkpoint)) => self.checkpoint_elsewhere(checkpoint),
             Ok(None) => {}
             // A sync failure: the server stops (see above).
-            Err(err) => tracing::error!(error = %err, "cannot release finished intake segments"),
+            Err(err) => tracing::error!(error = %err, "cannot checkpoint the applies"),
         }
         processed
+    }
+
+    /// Runs the rest of a checkpoint (its sync, then the release of what waited for it:
+    /// `store::checkpoint`) on a thread of its own. If no thread can be started, the
+    /// checkpoint is dropped and its segments wait for the next one.
+    fn checkpoint_elsewhere(&mut self, checkpoint: Checkpoint) {
+        let metrics = self.metrics.clone();
+        let spawned = std::thread::Builder::new()
+            .name("settle-checkpoint".to_owned())
+            .spawn(move || match checkpoint.run() {
+                Ok(Some(sync)) => metrics.release_sync(sync),
+                Ok(None) => {}
+                // A sync failure: the server stops (see `process_once`).
+                Err(err) => tracing::error!(error = %err, "cannot checkpoint the applies"),
+            });
+        match spawned {
+            Ok(thread) => self.checkpointing = Some(thread),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot start a thread for a checkpoint; it waits for the next step");
+            }
+        }
     }
 
     /// Applies a batch (see [`apply_each`]) and makes what it wrote durable against a

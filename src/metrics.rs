@@ -3,10 +3,9 @@
 //! from accept to readable (the projection updated, just before the event goes out).
 //! The consumer's apply steps are timed too, the transaction and the "flush" (the
 //! write to the apply log that makes the step durable against a crash) apart: they are
-//! most of what the server adds to the configured delay. So is the checkpoint the
-//! consumer runs after a step's events, once per release of finished intake segments
-//! (sled's flush and an fdatasync of its files): it delays the next step, not the
-//! events.
+//! most of what the server adds to the configured delay. The checkpoint's sync (sled's
+//! flush and an fdatasync of its files), once per release of finished intake segments,
+//! is timed too: it runs on a thread of its own and delays no step.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -112,10 +111,10 @@ pub struct StepsReport {
     /// a transient fault, or already done) have none.
     pub flush_us: Distribution,
     /// The checkpoint (sled's flush and an fdatasync of its files) before finished
-    /// intake segments are released, after a step's events went out: once per release
-    /// of one or more 4 MiB segments of commands, or per 16 MiB of apply log, and it
-    /// delays the next step. (Default: read from a server from
-    /// before this field, as none.)
+    /// intake segments are released, begun after a step's events went out: once per
+    /// release of one or more 4 MiB segments of commands, or per 16 MiB of apply log,
+    /// on a thread of its own. (Default: read from a server from before this field, as
+    /// none.)
     #[serde(default)]
     pub release_sync_us: Distribution,
 }
@@ -210,7 +209,7 @@ impl Metrics {
         let release_sync_seconds = Histogram::new(STEP_BUCKETS_SECONDS);
         registry.register(
             "release_sync_seconds",
-            "The checkpoint (sled's flush and an fdatasync of its files) before finished intake segments are released, between apply steps",
+            "The checkpoint's sync (sled's flush and an fdatasync of its files) before finished intake segments are released, on a thread of its own",
             release_sync_seconds.clone(),
         );
         let histogram = |max, digits| {

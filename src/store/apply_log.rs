@@ -11,11 +11,12 @@
 //!
 //! - A record is one step: for each command it applied, the finished record, the row
 //!   change and the event, in event-id order ([`LoggedApply`]).
-//! - Checkpoint (`Inner::checkpoint`): the log moves on to a new file, sled is synced
-//!   (its flush, then an `fdatasync` of its files), and the files before the new one
-//!   are deleted. The consumer runs one where it releases finished intake segments
-//!   (which need their applies durable against a power loss, so the sync was paid
-//!   there already) and once the log holds [`APPLY_LOG_BYTES`].
+//! - Checkpoint (`checkpoint`): the log moves on to a new file, sled is synced (its
+//!   flush, then an `fdatasync` of its files), and the files before the new one are
+//!   deleted. The consumer begins one where finished intake segments wait to be
+//!   released (which need their applies durable against a power loss, so the sync was
+//!   paid there already) and once the log holds [`APPLY_LOG_BYTES`], and its sync runs
+//!   on a thread of its own.
 //! - On start, before anything reads sled, the log is replayed (`Inner::replay`):
 //!   sled recovers a prefix of its writes, an atomic batch entirely or not at all, so
 //!   the commands whose event id is at most sled's `last_event_id` are there already.

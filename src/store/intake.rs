@@ -23,10 +23,10 @@
 //!   that changes the row and appends the event; once that is durable against a
 //!   crash (the apply log, `apply_log`) it calls [`Store::finish`]. A closed segment
 //!   whose commands have all finished becomes a spare (or is deleted when there are
-//!   enough spares) when the consumer calls [`Store::release_finished_segments`] after
-//!   the step, once a checkpoint (sled's flush and an `fdatasync` of its files) has
-//!   made the applies durable against a power loss too, which neither the apply log
-//!   nor sled's own flush does (`Inner::sync_sled_files`).
+//!   enough spares) by a checkpoint (`checkpoint`), which the consumer begins after a
+//!   step, once sled's flush and an `fdatasync` of its files have made the applies
+//!   durable against a power loss too, which neither the apply log nor sled's own
+//!   flush does (`Inner::sync_sled_files`).
 //! - The finished commands are in sled, but the writer must not read sled for every new
 //!   key: a sled read waits for the consumer's running apply transaction (see the
 //!   store's module docs), and with it every accept of the batch. So the pending table
@@ -106,7 +106,7 @@ pub(super) struct PendingTable {
     unfinished: BTreeMap<u64, usize>,
     /// Closed segments whose commands have all finished, to be released (kept as a
     /// spare or deleted) by [`Store::release_finished_segments`].
-    releasable: Vec<u64>,
+    pub(super) releasable: Vec<u64>,
     /// The segment the writer appends to; never released while it is active.
     active: u64,
     /// Spare files, by the segment number they last had (and their records carry).
@@ -376,65 +376,15 @@ impl Store {
     pub fn finish(&self, key: &str, command_id: Uuid) {
         self.pending_table().finish(key, command_id);
     }
-
-    /// Releases (keeps as a spare or deletes) the closed segments whose commands have
-    /// all finished, once their applies are durable against a power loss too: until
-    /// then the segments are what brings the commands back. That takes a checkpoint
-    /// (`Inner::checkpoint`: sled's flush and an fdatasync of its files, and the apply
-    /// log's files dropped), which also runs, with nothing to release, once the apply
-    /// log holds enough. The consumer calls it after publishing a step's events, so the
-    /// checkpoint (once per 4 MiB segment, milliseconds) delays none of that step's
-    /// events and no accept; it runs outside the table's lock, which every accept
-    /// uses. When the checkpoint fails short of a sync failure (the apply log's next
-    /// file cannot be created, sled's blob files cannot be listed or opened), the
-    /// segments wait for a later call (a second after the apply log's failure); one
-    /// that cannot be renamed or deleted stays on disk, and the next start releases it.
-    ///
-    /// Answers how long the checkpoint took, or `None` when there was none: nothing
-    /// was due, or it failed short of a sync failure.
-    ///
-    /// # Errors
-    /// When a sync of sled's files has failed, now or before, in this process: nothing
-    /// more can be released, and the server should stop (see [`Inner::sync_sled_files`]).
-    pub fn release_finished_segments(&self) -> Result<Option<Duration>, StoreError> {
-        self.inner.check_synced()?;
-        let segments = std::mem::take(&mut self.pending_table().releasable);
-        let due = {
-            let log = self.inner.apply_log();
-            (!segments.is_empty() || log.is_full()) && log.may_rotate()
-        };
-        if !due {
-            self.pending_table().releasable.extend(&segments);
-            return Ok(None);
-        }
-        let started = Instant::now();
-        if let Err(err) = self.inner.checkpoint() {
-            self.pending_table().releasable.extend(&segments);
-            if self.inner.sync_has_failed() {
-                // This failure, or an earlier one: the error says which.
-                return Err(err);
-            }
-            tracing::warn!(error = %err, ?segments, "cannot checkpoint the applies; the finished intake segments stay for now");
-            return Ok(None);
-        }
-        let sync = started.elapsed();
-        for segment in segments {
-            // Under the lock, so the writer cannot take this spare before it exists:
-            // one rename or unlink, no fsync (after a crash the file is found finished
-            // again).
-            if let Err(err) =
-                release_segment(&self.inner.intake_dir, &mut self.pending_table(), segment)
-            {
-                tracing::warn!(error = %err, segment, "cannot release a finished intake segment");
-            }
-        }
-        Ok(Some(sync))
-    }
 }
 
 /// Turns a closed segment whose commands have all finished into a spare, or deletes it
 /// when there are enough spares.
-fn release_segment(dir: &Path, table: &mut PendingTable, segment: u64) -> io::Result<()> {
+pub(super) fn release_segment(
+    dir: &Path,
+    table: &mut PendingTable,
+    segment: u64,
+) -> io::Result<()> {
     if table.spares.len() < SPARE_SEGMENTS {
         fs::rename(segment_path(dir, segment), spare_path(dir, segment))?;
         table.spares.push(segment);

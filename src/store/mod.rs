@@ -53,6 +53,7 @@
 //! the `expiries` index).
 
 mod apply_log;
+mod checkpoint;
 mod frames;
 mod intake;
 mod projection;
@@ -82,6 +83,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use self::apply_log::ApplyLog;
+pub use self::checkpoint::Checkpoint;
 use self::intake::PendingTable;
 use self::projection::Projection;
 use self::retention::{expiry_key_for, FinishedTrees};
@@ -243,6 +245,8 @@ struct Inner {
     pending: Mutex<PendingTable>,
     /// Written by the consumer alone: each step, and its checkpoints.
     apply_log: Mutex<ApplyLog>,
+    /// Set while a checkpoint runs (`checkpoint`): one at a time.
+    checkpointing: AtomicBool,
     seqs: Mutex<Seqs>,
     intake_dir: PathBuf,
     /// sled's data file, opened read-only for [`Inner::sync_sled_files`] alone.
@@ -471,20 +475,6 @@ impl Inner {
         Ok(())
     }
 
-    /// Makes every apply so far durable in sled, against a power loss too, and drops
-    /// the apply log's files that held them: the log moves on to a new file first, so
-    /// what the files before it hold was written to sled before the sync.
-    ///
-    /// # Errors
-    /// As [`Inner::sync_sled`] (a failure that stops the server), or when the log's
-    /// new file cannot be created (nothing is synced then; try again later).
-    fn checkpoint(&self) -> Result<(), StoreError> {
-        let retired = self.apply_log().rotate()?;
-        self.sync_sled()?;
-        self.apply_log().remove(&retired);
-        Ok(())
-    }
-
     fn apply_log(&self) -> std::sync::MutexGuard<'_, ApplyLog> {
         self.apply_log.lock().expect("apply log lock poisoned")
     }
@@ -595,6 +585,7 @@ impl Store {
             projection: RwLock::new(Projection::default()),
             pending: Mutex::new(PendingTable::default()),
             apply_log: Mutex::new(apply_log),
+            checkpointing: AtomicBool::new(false),
             seqs: Mutex::new(Seqs {
                 next: 0,
                 reserved: 0,
@@ -650,18 +641,6 @@ impl Store {
         Ok(Self {
             inner: Arc::new(inner),
         })
-    }
-
-    /// Makes every sled write so far durable, against a power loss too (sled's flush
-    /// and an fdatasync of its files), and drops the apply log's files that held the
-    /// applies. The consumer runs one where it releases intake segments; a program
-    /// that writes the store without a consumer (the compaction example) calls it
-    /// itself.
-    ///
-    /// # Errors
-    /// As `Inner::checkpoint`.
-    pub fn checkpoint(&self) -> Result<(), StoreError> {
-        self.inner.checkpoint()
     }
 
     /// Makes an apply step durable against a crash of the process (kill -9): what
@@ -1318,6 +1297,16 @@ mod tests {
             2,
             "released after the step, not at once"
         );
+        let begun = store
+            .begin_checkpoint()
+            .expect("no failure")
+            .expect("due: a finished segment waits");
+        assert!(
+            store.begin_checkpoint().expect("no failure").is_none(),
+            "one checkpoint at a time"
+        );
+        // Dropped unrun (its thread could not start): the segment waits for the next.
+        drop(begun);
         store.release_finished_segments().expect("released");
         assert_eq!(files(".log").len(), 1, "only the active segment is left");
         assert_eq!(

@@ -1,0 +1,167 @@
+//! Checkpoints: where the applies the apply log holds become durable in sled against a
+//! power loss too (sled's flush and an `fdatasync` of its files), and what waited for
+//! that is let go: the apply log's earlier files, and the closed intake segments whose
+//! commands have all finished.
+//!
+//! A checkpoint begins on the consumer's thread, between steps
+//! ([`Store::begin_checkpoint`]): it takes the releasable segments and moves the apply
+//! log on to a new file. Everything the earlier files hold, and every apply of a taken
+//! segment's commands, was written to sled before that. The rest
+//! ([`Checkpoint::run`]) waits on the disk, milliseconds to tens of them, and runs on a
+//! thread of its own while the consumer steps on: the flush covers whatever sled was
+//! given before it began, a superset of what the checkpoint needs. One runs at a time;
+//! one that does not finish hands its segments back to the next.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::intake::release_segment;
+use super::{Store, StoreError};
+
+/// A checkpoint begun ([`Store::begin_checkpoint`]), to [`Checkpoint::run`] on any thread.
+/// Dropped before it finishes, it hands its segments back.
+#[must_use = "a checkpoint does nothing until it runs"]
+pub struct Checkpoint {
+    store: Store,
+    /// Closed intake segments whose commands had all finished when it began.
+    segments: Vec<u64>,
+    /// The apply log's files before the one it moved on to.
+    retired: Vec<u64>,
+}
+
+impl Store {
+    /// Begins a checkpoint if one is due: finished intake segments wait to be released,
+    /// or the apply log has grown to its bound. `None` when none is due, one is running,
+    /// or the apply log cannot move on to a new file (logged; tried again a second
+    /// later).
+    ///
+    /// # Errors
+    /// When a sync of sled's files (or a write to the apply log) has failed in this
+    /// process: nothing more can be released, and the server stops.
+    pub fn begin_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
+        self.begin(false)
+    }
+
+    /// Makes every sled write so far durable, against a power loss too, and lets go of
+    /// what waited for that (see the module docs), on the calling thread; waits for a
+    /// checkpoint running elsewhere first. The consumer runs one when it stops; a
+    /// program that writes the store without a consumer (the compaction example) calls
+    /// it itself.
+    ///
+    /// # Errors
+    /// When the apply log cannot move on to a new file, or the sync fails (a failed
+    /// sync stops the server).
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        loop {
+            match self.begin(true)? {
+                Some(checkpoint) => return checkpoint.finish().map(drop),
+                None => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+
+    /// Releases (keeps as a spare or deletes) the closed segments whose commands have
+    /// all finished, once a checkpoint has made their applies durable against a power
+    /// loss: [`Store::begin_checkpoint`] and [`Checkpoint::run`] on the calling thread.
+    ///
+    /// # Errors
+    /// As [`Checkpoint::run`].
+    pub fn release_finished_segments(&self) -> Result<Option<Duration>, StoreError> {
+        match self.begin_checkpoint()? {
+            Some(checkpoint) => checkpoint.run(),
+            None => Ok(None),
+        }
+    }
+
+    /// A checkpoint, if one is due (or `always`) and none is running.
+    fn begin(&self, always: bool) -> Result<Option<Checkpoint>, StoreError> {
+        self.inner.check_synced()?;
+        if self.inner.checkpointing.swap(true, Ordering::AcqRel) {
+            return Ok(None);
+        }
+        // From here on the checkpoint's drop clears the flag and hands the segments
+        // back, whichever way this returns.
+        let mut checkpoint = Checkpoint {
+            store: self.clone(),
+            segments: std::mem::take(&mut self.pending_table().releasable),
+            retired: Vec::new(),
+        };
+        let mut log = self.inner.apply_log();
+        let due = (!checkpoint.segments.is_empty() || log.is_full()) && log.may_rotate();
+        if !(always || due) {
+            return Ok(None);
+        }
+        match log.rotate() {
+            Ok(retired) => {
+                checkpoint.retired = retired;
+                drop(log);
+                Ok(Some(checkpoint))
+            }
+            Err(err) if always => Err(err.into()),
+            Err(err) => {
+                tracing::warn!(error = %err, "the apply log cannot move on to a new file; the checkpoint waits");
+                Ok(None)
+            }
+        }
+    }
+}
+
+impl Checkpoint {
+    /// Finishes the checkpoint: answers how long its sync took, or `None` when it
+    /// failed short of a sync failure (sled's blob files could not be listed or
+    /// opened: logged, and its segments wait for the next one). A segment that cannot
+    /// be renamed or deleted stays on disk, and the next start releases it.
+    ///
+    /// # Errors
+    /// When a sync of sled's files has failed, now or before, in this process: nothing
+    /// more can be released, and the server stops (see `Inner::sync_sled_files`).
+    pub fn run(self) -> Result<Option<Duration>, StoreError> {
+        let store = self.store.clone();
+        match self.finish() {
+            Ok(sync) => Ok(Some(sync)),
+            // This failure, or an earlier one: the error says which.
+            Err(err) if store.inner.sync_has_failed() => Err(err),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot sync sled's files; the finished intake segments stay for now");
+                Ok(None)
+            }
+        }
+    }
+
+    /// [`Checkpoint::run`], with every failure an error.
+    fn finish(mut self) -> Result<Duration, StoreError> {
+        let started = Instant::now();
+        self.store.inner.sync_sled()?;
+        let sync = started.elapsed();
+        self.store.inner.apply_log().remove(&self.retired);
+        for segment in std::mem::take(&mut self.segments) {
+            // Under the lock, so the writer cannot take this spare before it exists:
+            // one rename or unlink, no fsync (after a crash the file is found finished
+            // again).
+            let released = release_segment(
+                &self.store.inner.intake_dir,
+                &mut self.store.pending_table(),
+                segment,
+            );
+            if let Err(err) = released {
+                tracing::warn!(error = %err, segment, "cannot release a finished intake segment");
+            }
+        }
+        Ok(sync)
+    }
+}
+
+impl Drop for Checkpoint {
+    fn drop(&mut self) {
+        if !self.segments.is_empty() {
+            self.store
+                .pending_table()
+                .releasable
+                .append(&mut self.segments);
+        }
+        self.store
+            .inner
+            .checkpointing
+            .store(false, Ordering::Release);
+    }
+}
