@@ -1712,6 +1712,20 @@ mod tests {
         }
     }
 
+    /// The records applied in one batch on a fresh store of their own: what a step
+    /// would log, for a store whose sled never saw it.
+    fn applied_elsewhere(records: &[&CommandRecord]) -> Vec<Option<Applied>> {
+        let elsewhere = tempfile::tempdir().expect("a temp dir");
+        let other = Store::open(elsewhere.path()).expect("a store");
+        let batch: Vec<_> = records
+            .iter()
+            .map(|record| (*record, &Decision::Apply))
+            .collect();
+        other
+            .apply_batch(&batch, OffsetDateTime::now_utc())
+            .expect("applied")
+    }
+
     fn apply_log_files(dir: &std::path::Path) -> Vec<u64> {
         frames::list_files(&dir.join(apply_log::APPLY_LOG_DIR), ".log").expect("listed")
     }
@@ -1719,15 +1733,11 @@ mod tests {
     #[test]
     fn applies_only_the_apply_log_holds_are_written_to_sled_again_on_open() {
         let dir = tempfile::tempdir().expect("a temp dir");
-        let elsewhere = tempfile::tempdir().expect("a temp dir");
         let store = Store::open(dir.path()).expect("a store");
         // Applied on another store, logged on this one: as if this store's sled had
         // lost a step the apply log kept (a kill -9 before sled wrote it).
-        let other = Store::open(elsewhere.path()).expect("a store");
         let record = create("k", "f", &store);
-        let applied = other
-            .apply_batch(&[(&record, &Decision::Apply)], OffsetDateTime::now_utc())
-            .expect("applied");
+        let applied = applied_elsewhere(&[&record]);
         store.log_applied(applied.iter().flatten()).expect("logged");
         assert!(store.finished_command("k").expect("read").is_none());
         // And the start of a second step's record, cut short by the crash.
@@ -1878,17 +1888,9 @@ mod tests {
     #[test]
     fn an_apply_log_that_does_not_continue_sleds_events_refuses_the_start() {
         let dir = tempfile::tempdir().expect("a temp dir");
-        let elsewhere = tempfile::tempdir().expect("a temp dir");
         let store = Store::open(dir.path()).expect("a store");
-        let other = Store::open(elsewhere.path()).expect("a store");
-        let now = OffsetDateTime::now_utc();
         let (first, second) = (create("a", "f", &store), create("b", "f", &store));
-        let applied = other
-            .apply_batch(
-                &[(&first, &Decision::Apply), (&second, &Decision::Apply)],
-                now,
-            )
-            .expect("applied");
+        let applied = applied_elsewhere(&[&first, &second]);
         // Event 2 logged, event 1 nowhere.
         store.log_applied(applied[1].as_ref()).expect("logged");
         drop(store);

@@ -71,6 +71,36 @@ impl BinaryServer {
         Self { child, base }
     }
 
+    /// POSTs a command under `key` and returns its 202 body; panics on any other status.
+    pub async fn accepted(
+        &self,
+        http: &reqwest::Client,
+        path: &str,
+        key: &str,
+        body: Value,
+    ) -> Value {
+        let response = http
+            .post(format!("{}{path}", self.base))
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+            .await
+            .expect("request sent");
+        assert_eq!(response.status(), 202, "a valid command is accepted");
+        response.json().await.expect("a 202 body")
+    }
+
+    /// GETs `path` and returns its JSON body.
+    pub async fn get_json(&self, http: &reqwest::Client, path: &str) -> Value {
+        http.get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("request sent")
+            .json()
+            .await
+            .expect("a JSON body")
+    }
+
     pub fn kill_9(mut self) {
         self.child.kill().expect("SIGKILL delivered");
         self.child.wait().expect("the child is reaped");

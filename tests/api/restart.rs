@@ -19,14 +19,8 @@ async fn kill_9_inside_the_window_then_restart_settles_every_accepted_command_ex
     let server = BinaryServer::start(data_dir.path(), 50, "info", Logs::Drained);
     let mut events = Events::open(&format!("{}/api/events", server.base), None).await;
     let seed_task = Uuid::now_v7();
-    let response = http
-        .post(format!("{}/api/tasks", server.base))
-        .header("Idempotency-Key", "seed")
-        .json(&json!({ "id": seed_task, "title": "seed" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
+    let seed = json!({ "id": seed_task, "title": "seed" });
+    server.accepted(&http, "/api/tasks", "seed", seed).await;
     assert_eq!(events.next().await.id, 1);
     drop(events);
 
@@ -36,32 +30,23 @@ async fn kill_9_inside_the_window_then_restart_settles_every_accepted_command_ex
         .send()
         .await
         .unwrap();
-    let requests = (0..60).map(|n| {
-        let http = http.clone();
-        let base = server.base.clone();
-        async move {
-            let (path, body) = if n % 3 == 0 {
-                (
-                    format!("/api/tasks/{seed_task}/likes"),
-                    json!({ "delta": 1 }),
-                )
-            } else {
-                (
-                    "/api/tasks".to_owned(),
-                    json!({ "title": format!("crash {n}") }),
-                )
-            };
-            let response = http
-                .post(format!("{base}{path}"))
-                .header("Idempotency-Key", format!("crash-{n}"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 202);
-            let body: serde_json::Value = response.json().await.unwrap();
-            body["command_id"].as_str().unwrap().to_owned()
-        }
+    let (running, client) = (&server, &http);
+    let requests = (0..60).map(|n| async move {
+        let (path, body) = if n % 3 == 0 {
+            (
+                format!("/api/tasks/{seed_task}/likes"),
+                json!({ "delta": 1 }),
+            )
+        } else {
+            (
+                "/api/tasks".to_owned(),
+                json!({ "title": format!("crash {n}") }),
+            )
+        };
+        let body = running
+            .accepted(client, &path, &format!("crash-{n}"), body)
+            .await;
+        body["command_id"].as_str().unwrap().to_owned()
     });
     let accepted: Vec<String> = join_all(requests).await;
     server.kill_9();
@@ -97,14 +82,7 @@ async fn kill_9_inside_the_window_then_restart_settles_every_accepted_command_ex
             "command {command_id} settled exactly once"
         );
     }
-    let tasks: serde_json::Value = http
-        .get(format!("{}/api/tasks", server.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tasks = server.get_json(&http, "/api/tasks").await;
     let tasks = tasks["tasks"].as_array().unwrap();
     assert_eq!(tasks.len(), 1 + 40);
     assert_eq!(tasks[0]["likes"], 20, "each like counted once");
@@ -121,30 +99,15 @@ async fn kill_9_just_after_the_events_keeps_every_published_apply() {
     let server = BinaryServer::start(data_dir.path(), 20, "info", Logs::Drained);
     let mut events = Events::open(&format!("{}/api/events", server.base), None).await;
     let task = Uuid::now_v7();
-    let response = http
-        .post(format!("{}/api/tasks", server.base))
-        .header("Idempotency-Key", "create")
-        .json(&json!({ "id": task, "title": "liked" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
+    let create = json!({ "id": task, "title": "liked" });
+    server.accepted(&http, "/api/tasks", "create", create).await;
     let mut published = vec![events.next().await];
-    let requests = (0..30).map(|n| {
-        let http = http.clone();
-        let url = format!("{}/api/tasks/{task}/likes", server.base);
-        async move {
-            let response = http
-                .post(url)
-                .header("Idempotency-Key", format!("like-{n}"))
-                .json(&json!({ "delta": 1 }))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 202);
-        }
-    });
-    join_all(requests).await;
+    let path = format!("/api/tasks/{task}/likes");
+    let keys: Vec<String> = (0..30).map(|n| format!("like-{n}")).collect();
+    let likes = keys
+        .iter()
+        .map(|key| server.accepted(&http, &path, key, json!({ "delta": 1 })));
+    join_all(likes).await;
     while published.len() < 31 {
         published.push(events.next().await);
     }
@@ -167,14 +130,7 @@ async fn kill_9_just_after_the_events_keeps_every_published_apply() {
         replayed.next_within(Duration::from_secs(1)).await.is_none(),
         "nothing applies again"
     );
-    let row: serde_json::Value = http
-        .get(format!("{}/api/tasks/{task}", server.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let row = server.get_json(&http, &format!("/api/tasks/{task}")).await;
     assert_eq!(row["likes"], 30);
     assert_eq!(row["version"], 31);
     server.kill_9();
