@@ -265,12 +265,12 @@ impl Running {
         let _ = sync_watch.await;
         tracing::info!("shut down");
         anyhow::ensure!(
-            !state.store.apply_log_has_failed(),
-            "a write to the apply log failed, which stopped the server (the log above says why); the next start applies again what the disk lacks"
+            !state.store.sled_sync_has_failed(),
+            "a sync of sled's files failed, which stopped the server; reboot the machine before the next start (see the data directory's intake/sync-failed)"
         );
         anyhow::ensure!(
-            !state.store.sync_has_failed(),
-            "a sync of sled's files failed, which stopped the server; reboot the machine before the next start (see the data directory's intake/sync-failed)"
+            !state.store.apply_log_has_failed(),
+            "a write to the apply log failed, which stopped the server (the log above says why); the next start applies again what the disk lacks"
         );
         anyhow::ensure!(
             intake_ran,

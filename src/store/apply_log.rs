@@ -21,7 +21,8 @@
 //!   sled recovers a prefix of its writes, an atomic batch entirely or not at all, so
 //!   the commands whose event id is at most sled's `last_event_id` are there already.
 //!   The others are written again, in order; their writes are absolute (the record,
-//!   the row, the event), so the result is the state the last run published. Skipping
+//!   the row, the event), so the result is the state the last run published; a gap
+//!   in the ids (a record lost to a power loss) ends the replay there. Skipping
 //!   the ones sled has matters: a later step may have reached sled but not this log (a
 //!   crash between the two), and writing an older row over it would undo it.
 //! - A power loss: the log is never synced. What it alone holds is also still in the
@@ -51,8 +52,9 @@ const SUFFIX: &str = ".log";
 /// A checkpoint is due once the log's current file holds this much, whether or not an
 /// intake segment can be released: so a start never replays more than about this.
 const APPLY_LOG_BYTES: u64 = 4 * SEGMENT_BYTES;
-/// After the log could not move on to a new file, how long until it tries again.
-const ROTATE_RETRY: Duration = Duration::from_secs(1);
+/// After a checkpoint failed short of a sync failure (the log could not move on to a
+/// new file, sled's blob files could not be listed), how long until the next may begin.
+const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 
 /// One applied command as logged: what its apply wrote to sled.
 #[derive(Serialize, Deserialize)]
@@ -94,15 +96,15 @@ pub(super) struct ApplyLog {
     bytes: u64,
     /// Earlier files, until a sync of sled covers what they hold.
     retired: Vec<u64>,
-    /// When a new file could last not be created, if that was the last attempt.
-    rotate_failed: Option<Instant>,
+    /// When the last checkpoint failed short of a sync failure, if it did.
+    checkpoint_failed: Option<Instant>,
     buffer: Vec<u8>,
 }
 
 impl ApplyLog {
     /// Opens the log in `data_dir`: every intact record of its files, oldest first (to
     /// replay), and a new file to append to. The files read stay until
-    /// [`ApplyLog::remove`] is given them ([`ApplyLog::retired`]), once sled is synced.
+    /// [`ApplyLog::release`] is given them ([`ApplyLog::retired`]), once sled is synced.
     ///
     /// # Errors
     /// When the directory or a file cannot be read or created, or an intact record
@@ -126,7 +128,7 @@ impl ApplyLog {
             number,
             bytes: 0,
             retired,
-            rotate_failed: None,
+            checkpoint_failed: None,
             buffer: Vec::new(),
         };
         Ok((log, logged))
@@ -157,11 +159,18 @@ impl ApplyLog {
         self.bytes >= APPLY_LOG_BYTES
     }
 
-    /// Whether a checkpoint may try to move the log on: not within [`ROTATE_RETRY`] of
-    /// a failed attempt, so a disk that refuses new files is not asked every step.
-    pub(super) fn may_rotate(&self) -> bool {
-        self.rotate_failed
-            .is_none_or(|failed| failed.elapsed() >= ROTATE_RETRY)
+    /// Whether a checkpoint may begin: not within [`CHECKPOINT_RETRY`] of a failed one,
+    /// so a disk that refuses new files, or a blob directory that cannot be listed, is
+    /// not asked every step (each attempt would leave one more file behind).
+    pub(super) fn may_checkpoint(&self) -> bool {
+        self.checkpoint_failed
+            .is_none_or(|failed| failed.elapsed() >= CHECKPOINT_RETRY)
+    }
+
+    /// Notes that a checkpoint failed short of a sync failure: see
+    /// [`ApplyLog::may_checkpoint`].
+    pub(super) fn checkpoint_failed(&mut self) {
+        self.checkpoint_failed = Some(Instant::now());
     }
 
     /// Moves on to a new file. Answers every file before it: a sync of sled from now
@@ -174,10 +183,10 @@ impl ApplyLog {
         match create(&self.dir, next) {
             Ok(file) => {
                 self.file = file;
-                self.rotate_failed = None;
+                self.checkpoint_failed = None;
             }
             Err(err) => {
-                self.rotate_failed = Some(Instant::now());
+                self.checkpoint_failed();
                 return Err(err);
             }
         }
@@ -192,19 +201,37 @@ impl ApplyLog {
         self.retired.clone()
     }
 
-    /// Deletes these retired files: sled is synced past what they hold. A file that
-    /// cannot be deleted is only logged: replay would skip what it holds.
-    pub(super) fn remove(&mut self, numbers: &[u64]) {
-        for &number in numbers {
-            match fs::remove_file(path(&self.dir, number)) {
-                Ok(()) => {}
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(err) => {
-                    tracing::warn!(error = %err, number, "cannot delete a checkpointed apply log file");
-                }
+    /// Lets go of these retired files, sled being synced past what they hold: answers
+    /// their paths, for [`delete`] outside the log's lock (no step waits on an unlink).
+    pub(super) fn release(&mut self, numbers: &[u64]) -> Vec<PathBuf> {
+        self.retired.retain(|number| !numbers.contains(number));
+        numbers
+            .iter()
+            .map(|&number| path(&self.dir, number))
+            .collect()
+    }
+}
+
+/// Deletes the files [`ApplyLog::release`] let go of. One that cannot be deleted is only
+/// logged: a replay skips what it holds (its ids are at most sled's last), and the next
+/// start deletes it.
+pub(super) fn delete(paths: &[PathBuf]) {
+    for path in paths {
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => {
+                tracing::warn!(error = %err, path = %path.display(), "cannot delete a checkpointed apply log file");
             }
         }
-        self.retired.retain(|number| !numbers.contains(number));
+    }
+}
+
+#[cfg(test)]
+impl ApplyLog {
+    /// Makes every later append fail, as a full or failing disk would.
+    pub(super) fn fail_writes(&mut self) {
+        self.file = File::open(path(&self.dir, self.number)).expect("the current file");
     }
 }
 

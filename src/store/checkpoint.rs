@@ -15,6 +15,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use super::apply_log;
 use super::intake::release_segment;
 use super::{Store, StoreError};
 
@@ -63,6 +64,8 @@ impl Store {
     /// Releases (keeps as a spare or deletes) the closed segments whose commands have
     /// all finished, once a checkpoint has made their applies durable against a power
     /// loss: [`Store::begin_checkpoint`] and [`Checkpoint::run`] on the calling thread.
+    /// Nothing (`None`) while a checkpoint runs elsewhere: that one, or the next,
+    /// releases them.
     ///
     /// # Errors
     /// As [`Checkpoint::run`].
@@ -87,7 +90,7 @@ impl Store {
             retired: Vec::new(),
         };
         let mut log = self.inner.apply_log();
-        let due = (!checkpoint.segments.is_empty() || log.is_full()) && log.may_rotate();
+        let due = (!checkpoint.segments.is_empty() || log.is_full()) && log.may_checkpoint();
         if !(always || due) {
             return Ok(None);
         }
@@ -122,7 +125,8 @@ impl Checkpoint {
             // This failure, or an earlier one: the error says which.
             Err(err) if store.inner.sync_has_failed() => Err(err),
             Err(err) => {
-                tracing::warn!(error = %err, "cannot sync sled's files; the finished intake segments stay for now");
+                store.inner.apply_log().checkpoint_failed();
+                tracing::warn!(error = %err, "cannot sync sled's files; the finished intake segments stay for a checkpoint a second from now");
                 Ok(None)
             }
         }
@@ -133,7 +137,8 @@ impl Checkpoint {
         let started = Instant::now();
         self.store.inner.sync_sled()?;
         let sync = started.elapsed();
-        self.store.inner.apply_log().remove(&self.retired);
+        let released = self.store.inner.apply_log().release(&self.retired);
+        apply_log::delete(&released);
         for segment in std::mem::take(&mut self.segments) {
             // Under the lock, so the writer cannot take this spare before it exists:
             // one rename or unlink, no fsync (after a crash the file is found finished

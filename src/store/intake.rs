@@ -105,7 +105,7 @@ pub(super) struct PendingTable {
     /// `releasable`.
     unfinished: BTreeMap<u64, usize>,
     /// Closed segments whose commands have all finished, to be released (kept as a
-    /// spare or deleted) by [`Store::release_finished_segments`].
+    /// spare or deleted) by a checkpoint (`checkpoint`).
     pub(super) releasable: Vec<u64>,
     /// The segment the writer appends to; never released while it is active.
     active: u64,
@@ -372,7 +372,7 @@ impl Store {
     /// Marks a pending command finished: its record is in sled and its apply durable
     /// against a crash (call after [`Store::log_applied`]). A closed segment with
     /// nothing else unfinished becomes releasable
-    /// ([`Store::release_finished_segments`]).
+    /// (by a checkpoint: `checkpoint`).
     pub fn finish(&self, key: &str, command_id: Uuid) {
         self.pending_table().finish(key, command_id);
     }
@@ -835,8 +835,8 @@ impl IntakeWriter {
     }
 
     /// Closes the active segment and starts the next one. If everything in the closed
-    /// one has finished already, it is releasable now (the consumer's next step
-    /// releases it, off the accept path).
+    /// one has finished already, it is releasable now (a checkpoint the consumer's next
+    /// step begins releases it, off the accept path).
     fn rotate(&mut self) -> Result<(), StoreError> {
         let next = self.segment + 1;
         self.file = open_segment(&self.store, next)?;

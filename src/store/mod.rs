@@ -120,10 +120,6 @@ pub enum StoreError {
     Task(#[from] tokio::task::JoinError),
     #[error("{0} is in use: another process holds its lock (is another settle running on it?)")]
     Locked(PathBuf),
-    /// The apply log's first replayed apply is not the one after sled's last event, or
-    /// its applies skip an id: see `Inner::replay`.
-    #[error("the apply log (applies/ in the data directory) does not continue sled's events: event {expected} was expected, {found} is logged. Nothing was replayed. To start from what sled holds, move applies/ aside: the intake log applies again the commands sled lacks")]
-    ApplyLogGap { expected: u64, found: u64 },
     /// Shutdown began while a start waited for the directory's lock.
     #[error("stopped while waiting for the lock of {0}")]
     Stopped(PathBuf),
@@ -243,7 +239,7 @@ struct Inner {
     projection: RwLock<Projection>,
     // A std lock, for the same reason: every critical section is a map operation.
     pending: Mutex<PendingTable>,
-    /// Written by the consumer alone: each step, and its checkpoints.
+    /// Appended to by the consumer's steps; moved on and let go of by checkpoints.
     apply_log: Mutex<ApplyLog>,
     /// Set while a checkpoint runs (`checkpoint`): one at a time.
     checkpointing: AtomicBool,
@@ -253,14 +249,18 @@ struct Inner {
     sled_file: File,
     /// Where sled writes each item too large for its log, one file each.
     sled_blobs_dir: PathBuf,
-    /// Cancelled when an fdatasync of sled's files failed: see
-    /// [`Inner::sync_sled_files`] and [`Store::sync_failed`].
+    /// Set when an fdatasync of sled's files failed: see [`Inner::sync_sled_files`] and
+    /// [`Store::sync_failed`].
     sled_sync_failed: AtomicBool,
-    /// Set with `sled_sync_failed` when what failed was a write to the apply log (no
-    /// sync of sled's files: a start in the same boot is safe).
+    /// Set when a step's write to the apply log failed ([`Inner::mark_apply_log_failed`]):
+    /// the server stops as for `sled_sync_failed`, but a start in the same boot is safe.
     apply_log_failed: AtomicBool,
-    /// Cancelled with `sled_sync_failed` set, for whoever waits ([`Store::sync_failed`]);
-    /// the flag is what the hot paths read.
+    /// Held across [`Inner::sync_sled_files`]: the intake writer (a seq block) and a
+    /// checkpoint's thread sync the same file, and the kernel reports a failed
+    /// writeback to one `fdatasync` only; the other must see the failure marked.
+    sync_lock: Mutex<()>,
+    /// Cancelled with either flag set, for whoever waits ([`Store::sync_failed`]); the
+    /// flags are what the hot paths read.
     sync_failure: CancellationToken,
 }
 
@@ -321,6 +321,7 @@ impl Inner {
     /// the same boot refuses (`sync_failure`). Other errors (listing or opening a blob
     /// file) are not sticky.
     fn sync_sled_files(&self) -> io::Result<()> {
+        let _one_at_a_time = self.sync_lock.lock().expect("sync lock poisoned");
         self.check_synced()?;
         let synced = |result: io::Result<()>| {
             result.map_err(|err| {
@@ -335,7 +336,7 @@ impl Inner {
         synced(self.sled_file.sync_data())?;
         let dir = &self.sled_blobs_dir;
         let entries = match std::fs::read_dir(dir) {
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return self.check_synced(),
             entries => entries?,
         };
         for entry in entries {
@@ -346,7 +347,10 @@ impl Inner {
                 Err(err) => return Err(err),
             }
         }
-        synced(File::open(dir)?.sync_all())
+        synced(File::open(dir)?.sync_all())?;
+        // A failure another sync was told of first (its mark under this lock) is one
+        // this sync's success does not undo.
+        self.check_synced()
     }
 
     /// Records that a step's write to the apply log failed: as after a failed sync,
@@ -355,38 +359,42 @@ impl Inner {
     /// files was lost (a torn record at the log's end is never replayed, and was never
     /// published).
     fn mark_apply_log_failed(&self, cause: &dyn std::fmt::Display) {
-        self.apply_log_failed.store(true, Ordering::Release);
-        let first = !self.sled_sync_failed.swap(true, Ordering::AcqRel);
+        let first = !self.apply_log_failed.swap(true, Ordering::AcqRel);
         self.sync_failure.cancel();
         if first {
             tracing::error!(error = %cause, "the apply log cannot be written; the server stops");
         }
     }
 
-    /// Whether a sync of sled's files (or a write to the apply log) has failed in this
+    /// Whether a sync of sled's files, or a write to the apply log, has failed in this
     /// process.
     fn sync_has_failed(&self) -> bool {
+        self.sled_sync_has_failed() || self.apply_log_has_failed()
+    }
+
+    /// Whether a sync of sled's files has failed in this process.
+    fn sled_sync_has_failed(&self) -> bool {
         self.sled_sync_failed.load(Ordering::Acquire)
     }
 
-    /// Whether what failed was a write to the apply log, not a sync of sled's files.
+    /// Whether a step's write to the apply log has failed in this process.
     fn apply_log_has_failed(&self) -> bool {
         self.apply_log_failed.load(Ordering::Acquire)
     }
 
-    /// An error if a sync of sled's files (or a write to the apply log) has failed in
-    /// this process.
+    /// An error if a sync of sled's files, or a write to the apply log, has failed in
+    /// this process (the sync first: it is what the operator must act on).
     fn check_synced(&self) -> io::Result<()> {
-        if !self.sync_has_failed() {
-            Ok(())
+        if self.sled_sync_has_failed() {
+            Err(io::Error::other(
+                "an fdatasync of sled's files failed; the server stops (see intake/sync-failed in the data directory)",
+            ))
         } else if self.apply_log_has_failed() {
             Err(io::Error::other(
                 "a write to the apply log failed; the server stops",
             ))
         } else {
-            Err(io::Error::other(
-                "an fdatasync of sled's files failed; the server stops (see intake/sync-failed in the data directory)",
-            ))
+            Ok(())
         }
     }
 
@@ -438,27 +446,34 @@ impl Inner {
     /// Writes again, in one transaction, the applies the apply log holds beyond sled's
     /// last event: those a crash of the last run kept from sled (see `apply_log`).
     ///
+    /// Only those that run on from sled's last event without a gap. A gap means a
+    /// record before it was lost (a power loss took the unsynced tail of a file the
+    /// next one outlived) or an assumption of the replay broke; writing past it could
+    /// apply a command twice. Every command after the gap is still in the intake log
+    /// (no segment is released before a checkpoint covers it), so it applies again.
+    ///
     /// # Errors
-    /// [`StoreError::ApplyLogGap`] when the logged ids do not run on from sled's last
-    /// one without a gap: an assumption of the replay broke, and writing the rest
-    /// could apply a command twice. Otherwise on storage failure.
+    /// On storage failure.
     fn replay(&self, logged: Vec<Applied>) -> Result<(), StoreError> {
         let last = self.meta.get(LAST_EVENT_ID)?.map_or(0, |v| read_u64(&v));
-        let missing: Vec<Applied> = logged
+        let mut missing: Vec<Applied> = logged
             .into_iter()
             .filter(|applied| applied.frame.id > last)
             .collect();
+        if let Some(gap) = (last + 1..)
+            .zip(&missing)
+            .position(|(expected, applied)| applied.frame.id != expected)
+        {
+            tracing::warn!(
+                expected = last + 1 + gap as u64,
+                found = missing[gap].frame.id,
+                "the apply log has a gap; its applies after it are not written again, and their commands apply again from the intake log"
+            );
+            missing.truncate(gap);
+        }
         let Some(newest) = missing.last().map(|applied| applied.frame.id) else {
             return Ok(());
         };
-        for (expected, applied) in (last + 1..).zip(&missing) {
-            if applied.frame.id != expected {
-                return Err(StoreError::ApplyLogGap {
-                    expected,
-                    found: applied.frame.id,
-                });
-            }
-        }
         self.apply_transaction(|trees, meta| {
             for applied in &missing {
                 trees.displace(&applied.record)?;
@@ -595,6 +610,7 @@ impl Store {
             sled_blobs_dir: dir.join(SLED_BLOBS),
             sled_sync_failed: AtomicBool::new(false),
             apply_log_failed: AtomicBool::new(false),
+            sync_lock: Mutex::new(()),
             sync_failure: CancellationToken::new(),
             db,
         };
@@ -617,7 +633,7 @@ impl Store {
         inner.sync_sled()?;
         let apply_log = inner.apply_log.get_mut().expect("apply log lock poisoned");
         let replayed = apply_log.retired();
-        apply_log.remove(&replayed);
+        apply_log::delete(&apply_log.release(&replayed));
         *inner.seqs.get_mut().expect("seq lock poisoned") = Seqs {
             next: first_seq,
             reserved,
@@ -674,9 +690,9 @@ impl Store {
     /// Completes once a sync of sled's files has failed in this process (at once if one
     /// has), wherever it failed: an apply step's write to the apply log, a checkpoint
     /// (before a release of finished intake segments), a seq block's reservation on the
-    /// accept path. From then on nothing
-    /// more applies, is released or reserved, so the server cannot keep its promise
-    /// and must stop: `serve` waits on this and stops it, also when nothing is pending.
+    /// accept path. From then on nothing more applies, is released or reserved, so the
+    /// server cannot keep its promise and must stop: `serve` waits on this and stops
+    /// it, also when nothing is pending.
     pub fn sync_failed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         self.inner.sync_failure.clone().cancelled_owned()
     }
@@ -688,8 +704,14 @@ impl Store {
         self.inner.sync_has_failed()
     }
 
-    /// Whether the failure [`Store::sync_has_failed`] reports was a write to the apply
-    /// log: then no marker refuses the next start.
+    /// Whether a sync of sled's files has failed in this process: then a marker
+    /// refuses a start until the machine has rebooted (`sync_failure`).
+    pub fn sled_sync_has_failed(&self) -> bool {
+        self.inner.sled_sync_has_failed()
+    }
+
+    /// Whether a step's write to the apply log has failed in this process (no marker:
+    /// the next start is safe).
     pub fn apply_log_has_failed(&self) -> bool {
         self.inner.apply_log_has_failed()
     }
@@ -1301,10 +1323,13 @@ mod tests {
             .begin_checkpoint()
             .expect("no failure")
             .expect("due: a finished segment waits");
+        // Due again (another segment waits), yet not begun while the first runs.
+        store.pending_table().releasable.push(u64::MAX);
         assert!(
             store.begin_checkpoint().expect("no failure").is_none(),
             "one checkpoint at a time"
         );
+        assert_eq!(store.pending_table().releasable.pop(), Some(u64::MAX));
         // Dropped unrun (its thread could not start): the segment waits for the next.
         drop(begun);
         store.release_finished_segments().expect("released");
@@ -1886,29 +1911,63 @@ mod tests {
     }
 
     #[test]
-    fn an_apply_log_that_does_not_continue_sleds_events_refuses_the_start() {
+    fn a_gap_in_the_apply_log_ends_its_replay() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = Store::open(dir.path()).expect("a store");
-        let (first, second) = (create("a", "f", &store), create("b", "f", &store));
-        let applied = applied_elsewhere(&[&first, &second]);
-        // Event 2 logged, event 1 nowhere.
-        store.log_applied(applied[1].as_ref()).expect("logged");
+        let records = ["a", "b", "c"].map(|key| create(key, "f", &store));
+        let applied = applied_elsewhere(&records.iter().collect::<Vec<_>>());
+        // Events 1 and 3 logged, 2 lost.
+        store.log_applied(applied[0].as_ref()).expect("logged");
+        store.log_applied(applied[2].as_ref()).expect("logged");
         drop(store);
 
+        let store = reopen(dir.path());
+        assert!(store.finished_command("a").unwrap().is_some());
+        assert!(
+            store.finished_command("c").unwrap().is_none(),
+            "not written past the gap"
+        );
+        assert_eq!(store.watermark(), 1, "the next event id is 2");
+    }
+
+    /// A store with one step applied and its write to the apply log failed.
+    fn failed_apply_log_write(dir: &std::path::Path) -> Store {
+        let store = Store::open(dir).expect("a store");
+        let record = create("k", "f", &store);
+        let applied = store
+            .apply_batch(&[(&record, &Decision::Apply)], OffsetDateTime::now_utc())
+            .expect("applied");
+        store.inner.apply_log().fail_writes();
+        assert!(store.log_applied(applied.iter().flatten()).is_err());
+        assert!(store.sync_has_failed(), "the server stops");
+        assert!(store.apply_log_has_failed() && !store.sled_sync_has_failed());
+        assert!(store.checkpoint().is_err(), "nothing more is made durable");
+        store
+    }
+
+    #[test]
+    fn a_failed_write_to_the_apply_log_stops_the_server_but_not_the_next_start() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        drop(failed_apply_log_write(dir.path()));
+        let store = reopen(dir.path());
+        assert!(!store.sync_has_failed());
+    }
+
+    #[test]
+    fn a_sync_failure_after_a_failed_write_to_the_apply_log_still_refuses_a_start_in_this_boot() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = failed_apply_log_write(dir.path());
+        store.fail_sled_sync();
+        assert!(store.sled_sync_has_failed());
+        drop(store);
         let opened = Store::open_waiting(
             dir.path(),
             Duration::from_secs(10),
             &CancellationToken::new(),
         );
         assert!(
-            matches!(
-                opened,
-                Err(StoreError::ApplyLogGap {
-                    expected: 1,
-                    found: 2
-                })
-            ),
-            "refused, not replayed over the gap"
+            matches!(opened, Err(StoreError::SyncFailedThisBoot(_))),
+            "the marker was left"
         );
     }
 }
