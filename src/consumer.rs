@@ -329,7 +329,9 @@ impl Consumer {
             self.drain_ready();
         }
         // What the steps applied, synced into sled, so the next start has no apply log
-        // to replay. Not after a failure: nothing more can be made durable.
+        // to replay. Not after a failure: nothing more can be made durable. After a
+        // failed write to the apply log, sled's files are synced all the same, so that
+        // a writeback error on them leaves its marker.
         if let Some(thread) = self.checkpointing.take() {
             if thread.join().is_err() {
                 tracing::error!("the last checkpoint's thread panicked");
@@ -339,6 +341,8 @@ impl Consumer {
             if let Err(err) = self.store.checkpoint() {
                 tracing::warn!(error = %err, "cannot checkpoint the applies at shutdown; the next start replays the apply log");
             }
+        } else if !self.store.sled_sync_has_failed() {
+            self.store.sync_after_apply_log_failure();
         }
         tracing::info!(pending = self.scheduled.len(), "consumer stopped");
     }
@@ -709,7 +713,15 @@ impl Consumer {
                 }
             });
         match spawned {
-            Ok(thread) => self.checkpointing = Some(thread),
+            Ok(thread) => {
+                // The last one's thread has let go of its checkpoint (this one could
+                // begin) and ends at once; joined, so none outlives the consumer.
+                if let Some(last) = self.checkpointing.replace(thread) {
+                    if last.join().is_err() {
+                        tracing::error!("a checkpoint's thread panicked");
+                    }
+                }
+            }
             Err(err) => {
                 tracing::warn!(error = %err, "cannot start a thread for a checkpoint; it waits for the next step");
             }

@@ -125,7 +125,6 @@ impl Checkpoint {
             // This failure, or an earlier one: the error says which.
             Err(err) if store.inner.sync_has_failed() => Err(err),
             Err(err) => {
-                store.inner.apply_log().checkpoint_failed();
                 tracing::warn!(error = %err, "cannot sync sled's files; the finished intake segments stay for a checkpoint a second from now");
                 Ok(None)
             }
@@ -135,7 +134,11 @@ impl Checkpoint {
     /// [`Checkpoint::run`], with every failure an error.
     fn finish(mut self) -> Result<Duration, StoreError> {
         let started = Instant::now();
-        self.store.inner.sync_sled()?;
+        if let Err(err) = self.store.inner.sync_sled() {
+            // Before the drop lets another begin: the next waits a second.
+            self.store.inner.apply_log().checkpoint_failed();
+            return Err(err);
+        }
         let sync = started.elapsed();
         let released = self.store.inner.apply_log().release(&self.retired);
         apply_log::delete(&released);

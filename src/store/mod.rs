@@ -280,7 +280,7 @@ impl Inner {
     /// Also fails when a sync failed elsewhere (the accept path) while this flush ran:
     /// what it wrote may be published only if nothing has failed.
     fn flush_sled(&self) -> Result<(), StoreError> {
-        self.check_synced()?;
+        self.check_sled_synced()?;
         if let Err(err) = self.db.flush() {
             self.mark_sync_failed(&err);
             return Err(err.into());
@@ -322,7 +322,10 @@ impl Inner {
     /// file) are not sticky.
     fn sync_sled_files(&self) -> io::Result<()> {
         let _one_at_a_time = self.sync_lock.lock().expect("sync lock poisoned");
-        self.check_synced()?;
+        // Only a failed sync of sled's own files stops this one before it starts: after
+        // a failed write to the apply log it still runs (its result is refused at the
+        // end), so a writeback error on sled's files is seen and leaves its marker.
+        self.check_sled_synced()?;
         let synced = |result: io::Result<()>| {
             result.map_err(|err| {
                 let err = io::Error::new(
@@ -385,13 +388,21 @@ impl Inner {
     /// An error if a sync of sled's files, or a write to the apply log, has failed in
     /// this process (the sync first: it is what the operator must act on).
     fn check_synced(&self) -> io::Result<()> {
+        self.check_sled_synced()?;
+        if self.apply_log_has_failed() {
+            Err(io::Error::other(
+                "a write to the apply log failed; the server stops",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// An error if a sync of sled's files has failed in this process.
+    fn check_sled_synced(&self) -> io::Result<()> {
         if self.sled_sync_has_failed() {
             Err(io::Error::other(
                 "an fdatasync of sled's files failed; the server stops (see intake/sync-failed in the data directory)",
-            ))
-        } else if self.apply_log_has_failed() {
-            Err(io::Error::other(
-                "a write to the apply log failed; the server stops",
             ))
         } else {
             Ok(())
@@ -714,6 +725,17 @@ impl Store {
     /// the next start is safe).
     pub fn apply_log_has_failed(&self) -> bool {
         self.inner.apply_log_has_failed()
+    }
+
+    /// After a failed write to the apply log: flushes and syncs sled's files all the
+    /// same, publishing and releasing nothing, so that a writeback error the disk holds
+    /// for them (a full or failing disk fails both) is seen and leaves its marker; a
+    /// start in this boot would otherwise trust the page cache. The consumer runs it
+    /// when it stops. What failed is marked; nothing else is answered.
+    pub fn sync_after_apply_log_failure(&self) {
+        // Each refuses its result for the apply log's failure, after its sync ran.
+        let _ = self.inner.flush_sled();
+        let _ = self.inner.sync_sled_files();
     }
 
     /// A new sequence number: unique and increasing, also across restarts. From
