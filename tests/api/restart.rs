@@ -2,6 +2,7 @@
 //! window, start it again on the same data dir, and count every command's effect.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -133,5 +134,113 @@ async fn kill_9_just_after_the_events_keeps_every_published_apply() {
     let row = server.get_json(&http, &format!("/api/tasks/{task}")).await;
     assert_eq!(row["likes"], 30);
     assert_eq!(row["version"], 31);
+    server.kill_9();
+}
+
+/// kill -9 under a load that fills intake segments, so checkpoints run while the
+/// process dies (sled's sync on their thread, the apply log's files let go, segments
+/// released): after the restart every 202'd command has settled exactly once, under
+/// ids that run from 1 without a gap, and every event published before the kill is
+/// the same under its id.
+#[tokio::test]
+async fn kill_9_under_load_across_checkpoints_settles_every_accepted_command_once() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let http = http_client();
+    let server = BinaryServer::start(data_dir.path(), 20, "info", Logs::Drained);
+    let mut live = Events::open(&format!("{}/api/events", server.base), None).await;
+    let published = Arc::new(Mutex::new(Vec::new()));
+    let watcher = tokio::spawn({
+        let published = published.clone();
+        async move {
+            // Until the kill ends the stream.
+            while let Some(event) = live.next_within(EVENT_TIMEOUT).await {
+                published.lock().unwrap().push(event);
+            }
+        }
+    });
+    // 10000 characters of notes each: a 4 MiB segment holds about 400 of them.
+    let notes = "n".repeat(settle::model::NOTES_MAX_CHARS);
+    let send = |n: usize| {
+        let (http, notes) = (http.clone(), notes.clone());
+        let url = format!("{}/api/tasks", server.base);
+        async move {
+            // Cut off by the kill: not 202'd, so not promised.
+            let response = http
+                .post(url)
+                .header("Idempotency-Key", format!("load-{n}"))
+                .json(&json!({ "title": format!("load {n}"), "notes": notes }))
+                .send()
+                .await
+                .ok()?;
+            if response.status() != 202 {
+                return None;
+            }
+            let body: serde_json::Value = response.json().await.ok()?;
+            Some(body["command_id"].as_str()?.to_owned())
+        }
+    };
+    let mut accepted: Vec<String> = Vec::new();
+    for wave in 0..3 {
+        let sent = (wave * 300..(wave + 1) * 300).map(&send);
+        accepted.extend(join_all(sent).await.into_iter().flatten());
+    }
+    assert_eq!(accepted.len(), 900, "all accepted before the kill");
+    // Most of them applied, so the first two segments' checkpoints have begun.
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    while published.lock().unwrap().len() < 850 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the consumer applies"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A last wave in flight when the process dies.
+    let last = tokio::spawn(join_all((900..1200).map(send)));
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    server.kill_9();
+    accepted.extend(last.await.unwrap().into_iter().flatten());
+    watcher.await.unwrap();
+    let published = std::mem::take(&mut *published.lock().unwrap());
+
+    let server = BinaryServer::start(data_dir.path(), 20, "info", Logs::Drained);
+    let mut events = Events::open(&format!("{}/api/events", server.base), Some(0)).await;
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    let mut ids = Vec::new();
+    while !accepted.iter().all(|id| seen.contains_key(id)) {
+        let event = events
+            .next_within(EVENT_TIMEOUT)
+            .await
+            .expect("every 202'd command settles after the restart");
+        assert_eq!(event.name, "projection:settled");
+        if let Some(before) = published.get(ids.len()) {
+            assert_eq!(
+                (event.id, &event.data),
+                (before.id, &before.data),
+                "a published event is the same after the restart"
+            );
+        }
+        ids.push(event.id);
+        *seen
+            .entry(event.data["command_id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    // Commands accepted as the process died but never answered may settle too.
+    while let Some(event) = events.next_within(Duration::from_secs(1)).await {
+        ids.push(event.id);
+        *seen
+            .entry(event.data["command_id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(
+        ids,
+        (1..=ids.len() as u64).collect::<Vec<_>>(),
+        "ids from 1 without a gap or a repeat"
+    );
+    assert!(
+        seen.values().all(|&count| count == 1),
+        "nothing settles twice"
+    );
+    let tasks = server.get_json(&http, "/api/tasks").await;
+    assert_eq!(tasks["tasks"].as_array().unwrap().len(), ids.len());
     server.kill_9();
 }
