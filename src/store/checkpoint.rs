@@ -61,21 +61,6 @@ impl Store {
         }
     }
 
-    /// Releases (keeps as a spare or deletes) the closed segments whose commands have
-    /// all finished, once a checkpoint has made their applies durable against a power
-    /// loss: [`Store::begin_checkpoint`] and [`Checkpoint::run`] on the calling thread.
-    /// Nothing (`None`) while a checkpoint runs elsewhere: that one, or the next,
-    /// releases them.
-    ///
-    /// # Errors
-    /// As [`Checkpoint::run`].
-    pub fn release_finished_segments(&self) -> Result<Option<Duration>, StoreError> {
-        match self.begin_checkpoint()? {
-            Some(checkpoint) => checkpoint.run(),
-            None => Ok(None),
-        }
-    }
-
     /// A checkpoint, if one is due (or `always`) and none is running.
     fn begin(&self, always: bool) -> Result<Option<Checkpoint>, StoreError> {
         self.inner.check_synced()?;
@@ -105,6 +90,22 @@ impl Store {
                 tracing::warn!(error = %err, "the apply log cannot move on to a new file; the checkpoint waits");
                 Ok(None)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+impl Store {
+    /// [`Store::begin_checkpoint`] and [`Checkpoint::run`] on the calling thread, for
+    /// tests that release finished segments without a consumer: `None` when none was
+    /// due or one runs elsewhere.
+    ///
+    /// # Errors
+    /// As [`Checkpoint::run`].
+    pub(crate) fn release_finished_segments(&self) -> Result<Option<Duration>, StoreError> {
+        match self.begin_checkpoint()? {
+            Some(checkpoint) => checkpoint.run(),
+            None => Ok(None),
         }
     }
 }

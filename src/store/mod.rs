@@ -1413,6 +1413,31 @@ mod tests {
         assert!(matches!(&answers[0], Accepted::New(r) if r.command_id != accepted.command_id));
     }
 
+    /// Compaction, an hour on, removes every finished record; a new command takes the
+    /// freed key `k`.
+    async fn retake_after_compaction(store: &Store) -> CommandRecord {
+        let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        store.compact(u64::MAX, later).expect("compacted");
+        let (answers, _) = accept_all(store, &[create("k", "f", store)]).await;
+        match answers.into_iter().next() {
+            Some(Accepted::New(new)) => new,
+            other => panic!("the freed key is a new command, not {other:?}"),
+        }
+    }
+
+    /// Puts `old`'s record (`bytes`), id index and expiry entry back under `k`, as a
+    /// crash that lost compaction's removal of them would.
+    fn bring_back(store: &Store, old: &CommandRecord, bytes: sled::IVec) {
+        let inner = &store.inner;
+        let entry = expiry_key_for(old.settled_at.expect("settled"), old.seq);
+        inner.commands.insert("k", bytes).unwrap();
+        inner
+            .command_ids
+            .insert(old.command_id.as_bytes(), "k")
+            .unwrap();
+        inner.expiries.insert(entry, "k").unwrap();
+    }
+
     #[tokio::test]
     async fn a_logged_command_wins_over_an_expired_record_whose_removal_was_lost() {
         let dir = tempfile::tempdir().expect("a temp dir");
@@ -1422,22 +1447,11 @@ mod tests {
 
         // Compaction frees the key, a new command takes it; then the removal is lost
         // (as in a crash before sled flushed it): the old record is back.
-        let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
-        store.compact(u64::MAX, later).expect("compacted");
-        let (answers, _) = accept_all(&store, &[create("k", "f", &store)]).await;
-        let Accepted::New(new) = &answers[0] else {
-            panic!("the freed key is a new command");
-        };
+        let new = &retake_after_compaction(&store).await;
         // The old record's expiry entry too: it went in the same transaction.
         let old_entry = expiry_key_for(old.settled_at.expect("settled"), old.seq);
         assert!(!store.inner.expiries.contains_key(old_entry).unwrap());
-        store.inner.commands.insert("k", old_bytes).unwrap();
-        store
-            .inner
-            .command_ids
-            .insert(old.command_id.as_bytes(), "k")
-            .unwrap();
-        store.inner.expiries.insert(old_entry, "k").unwrap();
+        bring_back(&store, old, old_bytes);
         store.checkpoint().expect("synced");
         drop(store);
 
@@ -1886,12 +1900,7 @@ mod tests {
         store.checkpoint().expect("synced");
 
         // Compaction frees the key, a new command takes it and applies, logged.
-        let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
-        store.compact(u64::MAX, later).expect("compacted");
-        let (answers, _) = accept_all(&store, &[create("k", "f", &store)]).await;
-        let Accepted::New(new) = &answers[0] else {
-            panic!("the freed key is a new command");
-        };
+        let new = &retake_after_compaction(&store).await;
         let applied = store
             .apply_batch(&[(new, &Decision::Apply)], OffsetDateTime::now_utc())
             .expect("applied");
@@ -1901,13 +1910,8 @@ mod tests {
         let new_entry = expiry_key_for(new_record.settled_at.expect("settled"), new.seq);
 
         // sled loses both the removal and the apply (the log keeps the apply).
+        bring_back(&store, old, old_bytes);
         let inner = &store.inner;
-        inner.commands.insert("k", old_bytes).unwrap();
-        inner
-            .command_ids
-            .insert(old.command_id.as_bytes(), "k")
-            .unwrap();
-        inner.expiries.insert(old_entry, "k").unwrap();
         inner.command_ids.remove(new.command_id.as_bytes()).unwrap();
         inner.expiries.remove(new_entry).unwrap();
         inner.events.remove(2_u64.to_be_bytes()).unwrap();
