@@ -1,6 +1,6 @@
 //! What the janitor's compaction costs, at the store level: fills a fresh store with
-//! finished commands settled two hours ago (each transaction a millisecond after the
-//! one before, as the consumer's steps would), times a restart on that store, then
+//! finished commands settled two hours ago (each step a millisecond after the one
+//! before, logged and checkpointed into sled as the consumer's steps would be), times a restart on that store, then
 //! times `Store::compact` with nothing expired (what every minute of a long-running
 //! node costs) and with all of them expired (what removing a minute's worth costs, per
 //! record).
@@ -31,7 +31,7 @@ struct Args {
     /// Where the store's fresh directory is made [default: the system's temp dir].
     #[arg(long)]
     data_parent: Option<PathBuf>,
-    /// Commands per apply transaction while filling (the consumer's largest batch).
+    /// Commands per apply step while filling (the consumer's largest batch).
     #[arg(long, default_value_t = settle::consumer::MAX_BATCH)]
     batch: usize,
 }
@@ -63,14 +63,21 @@ fn main() -> anyhow::Result<()> {
             .map(|record| (record, &Decision::Apply))
             .collect();
         let at = settled + time::Duration::milliseconds(step);
-        store.apply_batch(&batch, at).context("applying")?;
+        let applied = store.apply_batch(&batch, at).context("applying")?;
+        store
+            .log_applied(applied.iter().flatten())
+            .context("logging")?;
+        // As the consumer does: the applies go to sled at a checkpoint.
+        if let Some(checkpoint) = store.begin_checkpoint().context("checkpointing")? {
+            checkpoint.run().context("checkpointing")?;
+        }
         filled += records.len();
         step += 1;
     }
     store.checkpoint().context("syncing")?;
     let fill = started.elapsed();
     println!(
-        "  fill             {filled} applied in transactions of {}: {} s ({} µs per command)",
+        "  fill             {filled} applied in steps of {}: {} s ({} µs per command)",
         args.batch,
         seconds(fill),
         per_record_us(fill, filled)

@@ -8,10 +8,10 @@
 //! - the due set: commands whose timer fired and that wait for their turn.
 //!
 //! Each step (`Consumer::process_once`) takes every applicable command, draws its
-//! faults, applies the batch (one sled transaction, and one write to the apply log
-//! that makes it durable against a crash: `store::apply_log`), then lets the
-//! commands leave the intake log's pending table, updates the projection and publishes
-//! the events in id order. Publishing after durability is what lets a client trust
+//! faults, decides the batch from memory (`store::apply`), makes it durable against a
+//! crash with one write to the apply log (`store::apply_log`; a checkpoint writes it
+//! to sled later, on a thread of its own), then lets the commands leave the intake
+//! log's pending table, updates the projection and publishes the events in id order. Publishing after durability is what lets a client trust
 //! `projection:settled`.
 //!
 //! The consumer runs on a thread of its own with a single-threaded runtime
@@ -21,7 +21,7 @@
 //!
 //! Faults, as a broker would show them: a lost delivery leaves the command pending
 //! with a redelivery timer (`--redeliver-after-ms`); a transient fault (a failed
-//! transaction, a panic while applying, or the simulated `transient_rate`) is retried
+//! read of the store, a panic while applying, or the simulated `transient_rate`) is retried
 //! with backoff and dead-lettered after [`MAX_ATTEMPTS`]. Whatever is redelivered
 //! applies at most once: the store refuses a command that is no longer pending. A
 //! failed write to the apply log, or a failed sync, is no transient fault: nothing
@@ -53,8 +53,13 @@ pub const INBOX_CAPACITY: usize = 16_384;
 pub const MAX_ATTEMPTS: u32 = 5;
 /// Backoff before the second attempt; it doubles for each further one.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// Most commands applied in one step, so no step's transaction is unbounded.
+/// Most commands applied in one step, so no step's write to the apply log is unbounded.
 pub const MAX_BATCH: usize = 2_048;
+/// How often a step waiting for room ([`Consumer::wait_for_room`]) looks again.
+const ROOM_RECHECK: Duration = Duration::from_millis(1);
+/// How often the consumer, idle, looks again for a due checkpoint while one runs (the
+/// running one may end before the next is due, and no step would begin that).
+const CHECKPOINT_RECHECK: Duration = Duration::from_millis(50);
 /// How much earlier than its deadline a timer is set; the thread sleeps the rest of the
 /// way ([`Consumer::sleep_until_armed`]). The queue's timers tick in whole milliseconds
 /// and its runtime parks in a millisecond `epoll_wait`, so on their own they fire up to
@@ -188,6 +193,9 @@ pub struct Consumer {
     /// The thread finishing the last checkpoint begun ([`Consumer::checkpoint_elsewhere`]),
     /// joined before the one at shutdown.
     checkpointing: Option<std::thread::JoinHandle<()>>,
+    /// The shutdown token once [`Consumer::run`] has it: a step waiting for room
+    /// ([`Consumer::wait_for_room`]) gives up when it is cancelled.
+    stopping: CancellationToken,
 }
 
 /// The consumer's thread ([`Consumer::start`]).
@@ -240,6 +248,7 @@ impl Consumer {
             per_task: HashMap::new(),
             due: HashSet::new(),
             checkpointing: None,
+            stopping: CancellationToken::new(),
         };
         (consumer, ConsumerHandle { sender })
     }
@@ -303,6 +312,7 @@ impl Consumer {
     /// Each step's apply blocks the runtime's thread (nothing else of the consumer could
     /// run meanwhile anyway): hence a runtime of its own.
     async fn run(mut self, shutdown: CancellationToken) {
+        self.stopping = shutdown.clone();
         loop {
             // Step by step through what is due, but not past a shutdown: a backlog of
             // minutes would hold the drain that long, and it resumes on the next start.
@@ -315,6 +325,13 @@ impl Consumer {
                 self.drain_ready();
                 continue;
             }
+            // Applies logged and not yet in sled are written once the oldest is
+            // `UNWRITTEN_AGE` old, also when no step follows (`store::unwritten`); while
+            // a checkpoint runs, looked at again every `CHECKPOINT_RECHECK`.
+            let checkpoint_due = self
+                .store
+                .checkpoint_due_at()
+                .map(|due| due.max(Instant::now() + CHECKPOINT_RECHECK));
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -324,6 +341,9 @@ impl Consumer {
                 },
                 Some(expired) = self.timers.next(), if !self.timers.is_empty() => {
                     self.expired(expired.into_inner());
+                }
+                () = sleep_until_std(checkpoint_due), if checkpoint_due.is_some() => {
+                    self.begin_checkpoint();
                 }
             }
             self.drain_ready();
@@ -553,8 +573,8 @@ impl Consumer {
 
     /// Applies every command that may apply now. Returns how many left the due set
     /// (applied, failed, dropped or put back for a retry); 0 means nothing was ready.
-    /// Blocks the calling thread for the batch's transaction and its write to the apply
-    /// log.
+    /// Blocks the calling thread for the batch's write to the apply log (and, while the
+    /// applies not yet in sled are at their bound, for a checkpoint to write some).
     ///
     /// Once a sync of sled's files has failed nothing applies any more, and a step
     /// whose write to the apply log fails publishes nothing: its applies may not be
@@ -596,6 +616,7 @@ impl Consumer {
         if seqs.is_empty() {
             return 0;
         }
+        self.wait_for_room();
         seqs.truncate(MAX_BATCH);
         let mut attempts = Vec::with_capacity(seqs.len());
         for seq in &seqs {
@@ -674,15 +695,41 @@ impl Consumer {
                 Outcome::Transient(cause) => self.transient(attempt.seq, cause),
             }
         }
-        // After the step's events, so none of them waits for it; and its sync runs on a
-        // thread of its own, so no later step waits for it either.
+        // After the step's events, so none of them waits for it; and its writes and
+        // sync run on a thread of its own, so no later step waits for them either.
+        self.begin_checkpoint();
+        processed
+    }
+
+    /// Begins a checkpoint if one is due and none runs, and runs it on a thread of its
+    /// own ([`Consumer::checkpoint_elsewhere`]).
+    fn begin_checkpoint(&mut self) {
         match self.store.begin_checkpoint() {
             Ok(Some(checkpoint)) => self.checkpoint_elsewhere(checkpoint),
             Ok(None) => {}
-            // A sync failure: the server stops (see above).
+            // A sync failure: the server stops (see `process_once`).
             Err(err) => tracing::error!(error = %err, "cannot checkpoint the applies"),
         }
-        processed
+    }
+
+    /// While the applies not yet written to sled are at their bound
+    /// ([`Store::unwritten_is_full`]), waits for checkpoints to write some, beginning
+    /// one if none runs: a checkpoint that cannot keep up (or fails again and again)
+    /// holds the consumer back, and with it, once its inbox is full, the intake; the
+    /// pending bounds then refuse new commands. Not past a shutdown or a failed sync.
+    fn wait_for_room(&mut self) {
+        let mut waited = false;
+        while self.store.unwritten_is_full()
+            && !self.store.sync_has_failed()
+            && !self.stopping.is_cancelled()
+        {
+            if !waited {
+                tracing::warn!("the applies not yet written to sled are at their bound; the consumer waits for a checkpoint");
+                waited = true;
+            }
+            self.begin_checkpoint();
+            std::thread::sleep(ROOM_RECHECK);
+        }
     }
 
     /// Runs the rest of a checkpoint (its sync, then the release of what waited for it:
@@ -728,9 +775,10 @@ impl Consumer {
         }
     }
 
-    /// Applies a batch (see [`apply_each`]) and makes what it wrote durable against a
-    /// crash (the apply log; unless nothing was written: every attempt a transient
-    /// fault or already done), timing both for the metrics. `None` when that failed:
+    /// Applies a batch (see [`apply_each`]) and makes it durable against a crash (the
+    /// apply log; unless nothing applied: every attempt a transient fault or already
+    /// done), timing both for the metrics (as `transaction` and `flush`, the names of
+    /// before the apply log). `None` when that failed:
     /// then nothing of the batch may be published.
     fn apply_step(&self, attempts: Vec<Attempt>) -> Option<Vec<(Attempt, Outcome)>> {
         let commands = attempts.len();
@@ -803,42 +851,20 @@ impl Consumer {
     }
 }
 
-/// Applies a batch in one transaction. If that fails (a storage error, a panic), each
-/// command is tried alone, so one bad command becomes its own transient fault instead
-/// of holding back the whole batch.
+/// Applies a batch as one step ([`Store::step`]), each command on its own: one that
+/// fails (a storage error, a panic) becomes its own transient fault and spends no event
+/// id, and the rest of the batch goes on.
 fn apply_each(store: &Store, attempts: Vec<Attempt>) -> Vec<(Attempt, Outcome)> {
-    let now = OffsetDateTime::now_utc();
-    let batch: Vec<(&CommandRecord, &Decision)> = attempts
-        .iter()
-        .map(|attempt| (&attempt.record, &attempt.decision))
-        .collect();
-    let applied = match guarded(|| store.apply_batch(&batch, now)) {
-        Ok(applied) => applied,
-        Err(cause) if attempts.len() > 1 => {
-            tracing::warn!(%cause, count = attempts.len(), "batch apply failed; applying one by one");
-            return attempts
-                .into_iter()
-                .map(|attempt| {
-                    let single = [(&attempt.record, &attempt.decision)];
-                    let outcome = match guarded(|| store.apply_batch(&single, now)) {
-                        Ok(mut applied) => outcome_of(applied.pop().flatten()),
-                        Err(cause) => Outcome::Transient(cause),
-                    };
-                    (attempt, outcome)
-                })
-                .collect();
-        }
-        Err(cause) => {
-            return attempts
-                .into_iter()
-                .map(|attempt| (attempt, Outcome::Transient(cause.clone())))
-                .collect()
-        }
-    };
+    let mut step = store.step(OffsetDateTime::now_utc());
     attempts
         .into_iter()
-        .zip(applied)
-        .map(|(attempt, applied)| (attempt, outcome_of(applied)))
+        .map(|attempt| {
+            let outcome = match guarded(|| step.apply(&attempt.record, &attempt.decision)) {
+                Ok(applied) => outcome_of(applied),
+                Err(cause) => Outcome::Transient(cause),
+            };
+            (attempt, outcome)
+        })
         .collect()
 }
 
@@ -846,6 +872,13 @@ fn outcome_of(applied: Option<Applied>) -> Outcome {
     match applied {
         Some(applied) => Outcome::Applied(Box::new(applied)),
         None => Outcome::AlreadyDone,
+    }
+}
+
+/// Sleeps until `deadline` (a select branch guarded by `deadline.is_some()`).
+async fn sleep_until_std(deadline: Option<Instant>) {
+    if let Some(deadline) = deadline {
+        tokio::time::sleep_until(deadline.into()).await;
     }
 }
 
@@ -967,8 +1000,9 @@ mod tests {
         }
     }
 
-    /// A panic outside an apply (here: in projecting it, on a poisoned lock) must not
-    /// leave a server that answers 202 for commands nothing will apply.
+    /// A panic outside an apply (here: a step's read of a poisoned projection, which
+    /// is taken before any command is tried) must not leave a server that answers 202
+    /// for commands nothing will apply.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panic_outside_an_apply_starts_the_shutdown_and_join_reports_it() {
         let running = Running::start().await;
@@ -1016,42 +1050,32 @@ mod tests {
         assert!(running.stop().await, "the consumer stops without a panic");
     }
 
-    /// A closed intake segment whose commands have all applied is released by a
-    /// checkpoint, after sled's flush and an fdatasync of its files, and that sync is
-    /// timed: `apply_steps.release_sync_us` and `settle_release_sync_seconds` count it.
+    /// An apply is written to sled and synced by a checkpoint within about half a
+    /// second (`store::unwritten`), also when no step follows it to begin one, and the
+    /// checkpoint's sync is timed: `apply_steps.release_sync_us` and
+    /// `settle_release_sync_seconds` count it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_released_segment_s_sync_is_counted_in_the_metrics() {
+    async fn an_idle_consumer_checkpoints_its_last_applies_and_times_the_sync() {
         let running = Running::start().await;
-        let notes = "n".repeat(crate::model::NOTES_MAX_CHARS);
-        // Each record holds its notes and more, so this many fill a segment and the
-        // writer starts another.
-        let filling = usize::try_from(crate::store::SEGMENT_BYTES).expect("fits")
-            / crate::model::NOTES_MAX_CHARS
-            + 1;
-        let keys: Vec<String> = (0..filling).map(|i| format!("fill-{i}")).collect();
-        futures::future::join_all(
-            keys.iter()
-                .map(|key| running.accept_with_notes(key, notes.clone())),
-        )
-        .await;
-
-        // The segment's checkpoint begins in the step that finishes its last command,
-        // or, if that step came before the writer closed it, in the next one; its sync
-        // runs on a thread of its own.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        let mut ticks = 0;
-        while running.metrics.report().apply_steps.release_sync_us.count == 0 {
+        let mut events = running.hub.subscribe();
+        running.accept("only").await;
+        tokio::time::timeout(Duration::from_secs(30), events.recv())
+            .await
+            .expect("the consumer applies")
+            .expect("an event");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while running.store.unwritten_len() > 0
+            || running.metrics.report().apply_steps.release_sync_us.count == 0
+        {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "no segment released; pending: {}",
-                running.store.unapplied().len()
+                "never checkpointed: {} applies not written to sled",
+                running.store.unwritten_len()
             );
-            running.accept(&format!("tick-{ticks}")).await;
-            ticks += 1;
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let report = running.metrics.report().apply_steps.release_sync_us;
-        assert_eq!(report.count, 1, "one segment, one sync");
+        assert_eq!(report.count, 1, "one checkpoint, one sync");
         assert!(report.max >= report.p50 && report.p50 >= 1);
         let exposition = running.metrics.openmetrics();
         assert!(
@@ -1101,7 +1125,8 @@ mod tests {
     /// lag says so; once nothing waits, it is zero again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_lag_grows_while_due_commands_wait_and_is_zero_once_none_does() {
-        const COMMANDS: u64 = 100;
+        // Enough that the steps take milliseconds: each is a write to the apply log.
+        const COMMANDS: u64 = 1000;
         let running = Running::start().await;
         let task_id = Uuid::now_v7();
         // Time to accept them all first (together: a few syncs), so that they fall

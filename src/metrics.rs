@@ -1,11 +1,12 @@
 //! Counters and the consistency-window distribution, served as JSON at `/api/metrics`
 //! and in OpenMetrics text at `/metrics`. The window is measured per settled command
 //! from accept to readable (the projection updated, just before the event goes out).
-//! The consumer's apply steps are timed too, the transaction and the "flush" (the
-//! write to the apply log that makes the step durable against a crash) apart: they are
-//! most of what the server adds to the configured delay. The checkpoint's sync (sled's
-//! flush and an fdatasync of its files), once per release of finished intake segments,
-//! is timed too: it runs on a thread of its own and delays no step.
+//! The consumer's apply steps are timed too, the "transaction" (deciding the batch, in
+//! memory; it was a sled transaction until the checkpoints wrote sled) and the "flush"
+//! (the write to the apply log that makes the step durable against a crash) apart:
+//! they are most of what the server adds to the configured delay. The checkpoint's
+//! sync (sled's flush and an fdatasync of its files) is timed too: it runs on a thread
+//! of its own and delays no step.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -97,23 +98,25 @@ pub struct MetricsReport {
     pub apply_steps: StepsReport,
 }
 
-/// The consumer's apply steps since start: each one transaction and one write to the
-/// apply log (`flush`: it was a sled flush before the apply log); and, counted per
+/// The consumer's apply steps since start: each one decision of its batch
+/// (`transaction`: it was a sled transaction before the apply log's table) and one
+/// write to the apply log (`flush`: it was a sled flush before the apply log); and, counted per
 /// release rather than per step, the checkpoints before intake segments are released. (Deserialize: `settle-bench` reads it back.)
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StepsReport {
     /// Commands per step.
     pub commands: Distribution,
-    /// The step's transaction; when it failed, also the one-command transactions it
-    /// was retried as.
+    /// The step's decisions, in memory (the name is from when it was a sled
+    /// transaction).
     pub transaction_us: Distribution,
     /// The write to the apply log. Steps with nothing to make durable (every attempt
     /// a transient fault, or already done) have none.
     pub flush_us: Distribution,
-    /// The checkpoint (sled's flush and an fdatasync of its files) before finished
-    /// intake segments are released, begun after a step's events went out: once per
-    /// release of one or more 4 MiB segments of commands, or per 16 MiB of apply log,
-    /// on a thread of its own. (Default: read from a server from before this field, as
+    /// The checkpoint's sync (sled's flush and an fdatasync of its files, after it
+    /// wrote the logged applies to sled) before finished intake segments are released,
+    /// begun after a step's events went out: once per release of one or more 4 MiB
+    /// segments of commands, per 16 MiB of apply log or per 4096 applies, on a thread
+    /// of its own. (Default: read from a server from before this field, as
     /// none.)
     #[serde(default)]
     pub release_sync_us: Distribution,
@@ -197,7 +200,7 @@ impl Metrics {
         let transaction_seconds = Histogram::new(STEP_BUCKETS_SECONDS);
         registry.register(
             "apply_transaction_seconds",
-            "The consumer's apply transaction per step (a batch of due commands)",
+            "The consumer's apply per step (deciding a batch of due commands, in memory; the name is from when it was a sled transaction)",
             transaction_seconds.clone(),
         );
         let flush_seconds = Histogram::new(STEP_BUCKETS_SECONDS);

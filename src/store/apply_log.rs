@@ -1,30 +1,35 @@
 //! The apply log: what makes an apply step survive a crash of the process (kill -9)
-//! before its events go out, with one `write(2)` instead of a sled flush.
+//! before its events go out, with one `write(2)` instead of a sled transaction and
+//! flush.
 //!
 //! Why: sled 0.34's `flush` hands its log buffer to its I/O pool and waits for the
-//! write to leave the page cache (`sync_file_range`); measured, that was about half of
-//! what the server added to the window at the 99th percentile (BENCHMARKS.md). Surviving
-//! kill -9 needs only the page cache: what a process has written with `write(2)` is the
-//! kernel's, whatever becomes of the process. So each step, after its sled transaction
-//! and before its events are published, appends what it wrote here ([`Store::log_applied`](super::Store::log_applied)),
-//! and sled is flushed later, at a checkpoint:
+//! write to leave the page cache (`sync_file_range`), and its transactions take its
+//! process-wide lock and seal that buffer; measured, those were most of what the
+//! server added to the window at the 99th percentile (BENCHMARKS.md, sections 1c and
+//! 1d). Surviving kill -9 needs only the page cache: what a process has written with
+//! `write(2)` is the kernel's, whatever becomes of the process. So each step appends
+//! its applies here before its events are published
+//! ([`Store::log_applied`](super::Store::log_applied)), and sled is written and
+//! flushed later, at a checkpoint:
 //!
 //! - A record is one step: for each command it applied, the finished record, the row
 //!   change and the event, in event-id order ([`LoggedApply`]).
-//! - Checkpoint (`checkpoint`): the log moves on to a new file, sled is synced (its
-//!   flush, then an `fdatasync` of its files), and the files before the new one are
-//!   deleted. The consumer begins one where finished intake segments wait to be
-//!   released (which need their applies durable against a power loss, so the sync was
-//!   paid there already) and once the log holds [`APPLY_LOG_BYTES`], and its sync runs
-//!   on a thread of its own.
+//! - Checkpoint (`checkpoint`): the log moves on to a new file, the applies the earlier
+//!   files hold are written to sled (`unwritten`), sled is synced (its flush, then an
+//!   `fdatasync` of its files), and the files before the new one are deleted. The
+//!   consumer begins one where finished intake segments wait to be released (which
+//!   need their applies durable against a power loss, so the sync was paid there
+//!   already), once the log holds [`APPLY_LOG_BYTES`] and once enough applies wait to
+//!   be written; it runs on a thread of its own.
 //! - On start, before anything reads sled, the log is replayed (`Inner::replay`):
-//!   sled recovers a prefix of its writes, an atomic batch entirely or not at all, so
-//!   the commands whose event id is at most sled's `last_event_id` are there already.
-//!   The others are written again, in order; their writes are absolute (the record,
-//!   the row, the event), so the result is the state the last run published; a gap
-//!   in the ids (a record lost to a power loss) ends the replay there. Skipping
-//!   the ones sled has matters: a later step may have reached sled but not this log (a
-//!   crash between the two), and writing an older row over it would undo it.
+//!   sled recovers a prefix of its writes, an atomic batch entirely or not at all, and
+//!   a checkpoint writes the applies in event-id order, each batch with the last
+//!   event id it holds, so the commands whose event id is at most sled's
+//!   `last_event_id` are there already. The others are written again, in order; their
+//!   writes are absolute (the record, the row, the event), so the result is the state
+//!   the last run published; a gap in the ids (a record lost to a power loss) ends the
+//!   replay there. Skipping the ones sled has matters: what a compaction removed after
+//!   a checkpoint wrote them (an expired record, a trimmed event) must not come back.
 //! - A power loss: the log is never synced. What it alone holds is also still in the
 //!   intake log, which releases a segment only after a checkpoint; this is the promise
 //!   sled's flush made before (`sync_file_range` does not survive a power loss either).
@@ -134,7 +139,7 @@ impl ApplyLog {
         Ok((log, logged))
     }
 
-    /// Appends one step's applies with one `write(2)`.
+    /// Appends one step's applies with one `write(2)`; answers how many bytes.
     ///
     /// # Errors
     /// When the write fails (it may have written part of the record: replay stops
@@ -142,7 +147,7 @@ impl ApplyLog {
     pub(super) fn append<'a>(
         &mut self,
         applied: impl IntoIterator<Item = &'a Applied>,
-    ) -> io::Result<()> {
+    ) -> io::Result<usize> {
         let step = applied
             .into_iter()
             .map(LoggedApply::of)
@@ -151,7 +156,7 @@ impl ApplyLog {
         encode_frame(&mut self.buffer, self.number, &step)?;
         self.file.write_all(&self.buffer)?;
         self.bytes += self.buffer.len() as u64;
-        Ok(())
+        Ok(self.buffer.len())
     }
 
     /// Whether the current file has reached [`APPLY_LOG_BYTES`]: a checkpoint is due.

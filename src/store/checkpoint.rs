@@ -1,22 +1,23 @@
-//! Checkpoints: where the applies the apply log holds become durable in sled against a
-//! power loss too (sled's flush and an `fdatasync` of its files), and what waited for
-//! that is let go: the apply log's earlier files, and the closed intake segments whose
-//! commands have all finished.
+//! Checkpoints: where the applies the apply log holds are written to sled and become
+//! durable there against a power loss too (sled's flush and an `fdatasync` of its
+//! files), and what waited for that is let go: the apply log's earlier files, and the
+//! closed intake segments whose commands have all finished.
 //!
 //! A checkpoint begins on the consumer's thread, between steps
-//! ([`Store::begin_checkpoint`]): it takes the releasable segments and moves the apply
-//! log on to a new file. Everything the earlier files hold, and every apply of a taken
-//! segment's commands, was written to sled before that. The rest
-//! ([`Checkpoint::run`]) waits on the disk, milliseconds to tens of them, and runs on a
-//! thread of its own while the consumer steps on: the flush covers whatever sled was
-//! given before it began, a superset of what the checkpoint needs. One runs at a time;
-//! one that does not finish hands its segments back to the next.
+//! ([`Store::begin_checkpoint`]): it takes the releasable segments, moves the apply log
+//! on to a new file and notes the last event id logged. Everything the earlier files
+//! hold, and every apply of a taken segment's commands, is at or before that id. The
+//! rest ([`Checkpoint::run`]) writes the applies up to that id to sled (those not
+//! written yet: `unwritten`), then syncs; it waits on sled and the disk, milliseconds
+//! to tens of them, and runs on a thread of its own while the consumer steps on. One
+//! runs at a time; one that does not finish hands its segments back to the next.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::apply_log;
 use super::intake::release_segment;
+use super::unwritten::UNWRITTEN_DUE;
 use super::{Store, StoreError};
 
 /// A checkpoint begun ([`Store::begin_checkpoint`]), to [`Checkpoint::run`] on any thread.
@@ -28,11 +29,14 @@ pub struct Checkpoint {
     segments: Vec<u64>,
     /// The apply log's files before the one it moved on to.
     retired: Vec<u64>,
+    /// The last event id logged when it began: it writes the applies up to it to sled.
+    logged: u64,
 }
 
 impl Store {
     /// Begins a checkpoint if one is due: finished intake segments wait to be released,
-    /// or the apply log has grown to its bound. `None` when none is due, one is running,
+    /// the apply log has grown to its bound, or [`UNWRITTEN_DUE`] applies wait to be
+    /// written to sled, or the oldest of them has waited `UNWRITTEN_AGE`. `None` when none is due, one is running,
     /// or the apply log cannot move on to a new file (logged; tried again a second
     /// later).
     ///
@@ -73,9 +77,22 @@ impl Store {
             store: self.clone(),
             segments: std::mem::take(&mut self.pending_table().releasable),
             retired: Vec::new(),
+            logged: 0,
         };
         let mut log = self.inner.apply_log();
-        let due = (!checkpoint.segments.is_empty() || log.is_full()) && log.may_checkpoint();
+        // Under the log's lock, which each step holds while it logs and enters its
+        // applies in the table: every apply in the files retired below is at or before
+        // this id.
+        let unwritten = self.inner.unwritten();
+        checkpoint.logged = unwritten.last_event_id;
+        let due = (!checkpoint.segments.is_empty()
+            || log.is_full()
+            || unwritten.len() >= UNWRITTEN_DUE
+            || unwritten
+                .due_at()
+                .is_some_and(|due| due <= std::time::Instant::now()))
+            && log.may_checkpoint();
+        drop(unwritten);
         if !(always || due) {
             return Ok(None);
         }
@@ -96,6 +113,11 @@ impl Store {
 
 #[cfg(test)]
 impl Store {
+    /// How many applies are logged and not yet written to sled.
+    pub(crate) fn unwritten_len(&self) -> usize {
+        self.inner.unwritten().len()
+    }
+
     /// [`Store::begin_checkpoint`] and [`Checkpoint::run`] on the calling thread, for
     /// tests that release finished segments without a consumer: `None` when none was
     /// due or one runs elsewhere.
@@ -112,8 +134,9 @@ impl Store {
 
 impl Checkpoint {
     /// Finishes the checkpoint: answers how long its sync took, or `None` when it
-    /// failed short of a sync failure (sled's blob files could not be listed or
-    /// opened: logged, and its segments wait for the next one). A segment that cannot
+    /// failed short of a sync failure (sled could not be written, or its blob files
+    /// could not be listed or opened: logged, and its applies, files and segments wait
+    /// for the next one). A segment that cannot
     /// be renamed or deleted stays on disk, and the next start releases it.
     ///
     /// # Errors
@@ -126,7 +149,7 @@ impl Checkpoint {
             // This failure, or an earlier one: the error says which.
             Err(err) if store.inner.sync_has_failed() => Err(err),
             Err(err) => {
-                tracing::warn!(error = %err, "cannot sync sled's files; the finished intake segments stay for a checkpoint a second from now");
+                tracing::warn!(error = %err, "cannot write the applies to sled or sync its files; the apply log and the finished intake segments stay for a checkpoint a second from now");
                 Ok(None)
             }
         }
@@ -134,6 +157,16 @@ impl Checkpoint {
 
     /// [`Checkpoint::run`], with every failure an error.
     fn finish(mut self) -> Result<Duration, StoreError> {
+        let written = self
+            .store
+            .inner
+            .write_unwritten(self.logged)
+            .and_then(|()| Ok(self.store.inner.check_synced()?));
+        if let Err(err) = written {
+            // Before the drop lets another begin: the next waits a second.
+            self.store.inner.apply_log().checkpoint_failed();
+            return Err(err);
+        }
         let started = Instant::now();
         if let Err(err) = self.store.inner.sync_sled() {
             // Before the drop lets another begin: the next waits a second.

@@ -18,17 +18,18 @@
 //!   one thread stores every key, a key twice in a batch, or a duplicate that races
 //!   the original, is one command.
 //! - Accepted but unapplied commands are held in memory, in the pending table, for
-//!   lookups by key and id and for the consumer. The consumer writes the finished
-//!   command record to sled, keyed by its idempotency key, in the same transaction
-//!   that changes the row and appends the event; once that is durable against a
-//!   crash (the apply log, `apply_log`) it calls [`Store::finish`]. A closed segment
+//!   lookups by key and id and for the consumer. The consumer decides the finished
+//!   command record with the row change and the event; once they are durable against
+//!   a crash (the apply log, `apply_log`) and readable (`unwritten`, until a
+//!   checkpoint writes them to sled) it calls [`Store::finish`]. A closed segment
 //!   whose commands have all finished becomes a spare (or is deleted when there are
 //!   enough spares) by a checkpoint (`checkpoint`), which the consumer begins after a
-//!   step, once sled's flush and an `fdatasync` of its files have made the applies
+//!   step, once it has written the applies to sled and sled's flush and an
+//!   `fdatasync` of its files have made them
 //!   durable against a power loss too, which neither the apply log nor sled's own
 //!   flush does (`Inner::sync_sled_files`).
 //! - The finished commands are in sled, but the writer must not read sled for every new
-//!   key: a sled read waits for the consumer's running apply transaction (see the
+//!   key: a sled read waits for a checkpoint's running transaction (see the
 //!   store's module docs), and with it every accept of the batch. So the pending table
 //!   also counts the finished keys by hash (filled on start by a scan of sled's
 //!   finished records, so a start takes time in proportion to them; counted up by
@@ -111,8 +112,8 @@ pub(super) struct PendingTable {
     active: u64,
     /// Spare files, by the segment number they last had (and their records carry).
     spares: Vec<u64>,
-    /// How many finished records (in sled) each idempotency key's 32-bit hash stands
-    /// for. One per finished command in the retention, so it is kept small: 9 bytes a
+    /// How many finished records (logged, or in sled) each idempotency key's 32-bit
+    /// hash stands for. One per finished command in the retention, so it is kept small: 9 bytes a
     /// bucket, 10–21 bytes a key by the table's fill (against 17 a bucket for a 64-bit
     /// hash and count). A 32-bit hash makes a new key look possibly finished, one sled
     /// read, with a chance of (finished keys / 2^32): 2% at a day of 1000 commands/s.
@@ -150,7 +151,7 @@ impl PendingTable {
         self.take(key, command_id);
     }
 
-    /// Removes a command whose finished record is now durable in sled and counts its
+    /// Removes a command whose finished record is now logged (`unwritten`) and counts its
     /// key as finished.
     fn finish(&mut self, key: &str, command_id: Uuid) {
         if self.take(key, command_id) {
@@ -218,7 +219,7 @@ impl PendingTable {
         }
     }
 
-    /// False when `key` certainly has no finished record in sled.
+    /// False when `key` certainly has no finished record (logged, or in sled).
     pub(super) fn may_be_finished(&self, key: &[u8]) -> bool {
         self.finished.contains_key(&self.finished_hash(key))
     }
@@ -369,8 +370,8 @@ impl Store {
         records
     }
 
-    /// Marks a pending command finished: its record is in sled and its apply durable
-    /// against a crash (call after [`Store::log_applied`]). A closed segment with
+    /// Marks a pending command finished: its apply is durable against a crash and
+    /// readable (call after [`Store::log_applied`]). A closed segment with
     /// nothing else unfinished becomes releasable
     /// (by a checkpoint: `checkpoint`).
     pub fn finish(&self, key: &str, command_id: Uuid) {
@@ -788,8 +789,8 @@ impl IntakeWriter {
         Ok(Accepted::New(record))
     }
 
-    /// The command already under `key`: pending, or finished (in sled, read only when
-    /// the finished keys' hashes say it may be there). For a new key, whether a bound
+    /// The command already under `key`: pending, or finished (logged, or in sled: read
+    /// only when the finished keys' hashes say it may be there). For a new key, whether a bound
     /// is reached, by what waits as the same look at the table found it.
     fn look_up(&self, key: &str) -> Result<Lookup, StoreError> {
         let (may_be_finished, waiting) = {

@@ -15,7 +15,7 @@ use crate::model::Task;
 pub(super) struct Projection {
     /// Create seq -> task id: the list's order, whatever ids clients chose.
     order: BTreeMap<u64, Uuid>,
-    rows: HashMap<Uuid, TaskRow>,
+    pub(super) rows: HashMap<Uuid, TaskRow>,
     pub(super) watermark: u64,
 }
 

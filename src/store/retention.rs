@@ -1,7 +1,7 @@
 //! Retention: the janitor's compaction of the event log and of finished commands, and
 //! the `expiries` index it reads.
 //!
-//! The apply transaction that finishes a command also writes its `expiries` entry,
+//! The sled write of a finished command (a checkpoint's) also writes its `expiries` entry,
 //! (settled time in unix ms, seq) -> idempotency key, so the entries are in the order
 //! the records expire and applies append at the end. Expiry is a range scan below the
 //! cutoff: it reads only what it removes, where a scan of every record would cost a
@@ -20,7 +20,7 @@ use crate::model::{unix_ms, CommandRecord};
 /// `meta` key, present once every finished record has its `expiries` entry.
 pub(super) const EXPIRIES_INDEXED: &[u8] = b"expiries_indexed";
 /// Most expired commands removed in one transaction. Each transaction holds sled's
-/// global lock, so applies wait for it: small chunks keep that wait to a few
+/// global lock, so a checkpoint's writes (and any sled read) wait for it: small chunks keep that wait to a few
 /// milliseconds, and cost no more per record than large ones (chunks of 1024 took
 /// slightly longer per record when tried).
 pub(super) const COMPACT_CHUNK: usize = 64;
@@ -174,6 +174,9 @@ impl Store {
     /// Records go in transactions of [`COMPACT_CHUNK`]. Meant for one caller at a time,
     /// the janitor; a second one would find less to do, never remove too much.
     ///
+    /// First writes to sled the applies logged but not yet written (`unwritten`), so
+    /// that what has expired is all in sled.
+    ///
     /// # Errors
     /// On storage failure.
     pub fn compact(
@@ -181,13 +184,19 @@ impl Store {
         keep_events: u64,
         commands_before: OffsetDateTime,
     ) -> Result<(usize, usize), StoreError> {
-        let events = self.trim_events(keep_events)?;
+        // Nothing more is written to sled once a sync has failed.
+        self.inner.check_synced()?;
+        // The head first: every event up to it is then written. Up to what is logged
+        // now, not what steps log meanwhile: a bounded write.
+        let head = self.watermark();
+        let logged = self.inner.unwritten().last_event_id;
+        self.inner.write_unwritten(logged)?;
+        let events = self.trim_events(head, keep_events)?;
         let commands = self.expire_commands(commands_before)?;
         Ok((events, commands))
     }
 
-    fn trim_events(&self, keep_events: u64) -> Result<usize, StoreError> {
-        let head = self.watermark();
+    fn trim_events(&self, head: u64, keep_events: u64) -> Result<usize, StoreError> {
         if head <= keep_events {
             return Ok(0);
         }

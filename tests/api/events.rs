@@ -194,6 +194,7 @@ fn settle_one(store: &Store, n: u64) -> settle::hub::EventFrame {
         .pop()
         .flatten()
         .expect("a pending command applies");
+    store.log_applied([&applied]).unwrap();
     store.project(&applied);
     applied.frame
 }
