@@ -57,8 +57,8 @@ pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 pub const MAX_BATCH: usize = 2_048;
 /// How often a step waiting for room ([`Consumer::wait_for_room`]) looks again.
 const ROOM_RECHECK: Duration = Duration::from_millis(1);
-/// How often the consumer, idle, looks again for a due checkpoint while one runs (the
-/// running one may end before the next is due, and no step would begin that).
+/// How often the consumer, idle, tries again to begin a due checkpoint (while one runs
+/// or backs off after a failure), whatever else wakes it.
 const CHECKPOINT_RECHECK: Duration = Duration::from_millis(50);
 /// How much earlier than its deadline a timer is set; the thread sleeps the rest of the
 /// way ([`Consumer::sleep_until_armed`]). The queue's timers tick in whole milliseconds
@@ -193,6 +193,8 @@ pub struct Consumer {
     /// The thread finishing the last checkpoint begun ([`Consumer::checkpoint_elsewhere`]),
     /// joined before the one at shutdown.
     checkpointing: Option<std::thread::JoinHandle<()>>,
+    /// When [`Consumer::run`] last tried to begin a due checkpoint outside a step.
+    checkpoint_tried: Option<Instant>,
     /// The shutdown token once [`Consumer::run`] has it: a step waiting for room
     /// ([`Consumer::wait_for_room`]) gives up when it is cancelled.
     stopping: CancellationToken,
@@ -248,6 +250,7 @@ impl Consumer {
             per_task: HashMap::new(),
             due: HashSet::new(),
             checkpointing: None,
+            checkpoint_tried: None,
             stopping: CancellationToken::new(),
         };
         (consumer, ConsumerHandle { sender })
@@ -326,12 +329,21 @@ impl Consumer {
                 continue;
             }
             // Applies logged and not yet in sled are written once the oldest is
-            // `UNWRITTEN_AGE` old, also when no step follows (`store::unwritten`); while
-            // a checkpoint runs, looked at again every `CHECKPOINT_RECHECK`.
-            let checkpoint_due = self
-                .store
-                .checkpoint_due_at()
-                .map(|due| due.max(Instant::now() + CHECKPOINT_RECHECK));
+            // `UNWRITTEN_AGE` old, also when no step follows (`store::unwritten`), and a
+            // checkpoint that failed is tried again; at most every `CHECKPOINT_RECHECK`
+            // (one may be running, or backing off), whatever else wakes the loop.
+            let now = Instant::now();
+            let checkpoint_due = self.store.checkpoint_due_at().map(|due| {
+                due.max(
+                    self.checkpoint_tried
+                        .map_or(now, |tried| tried + CHECKPOINT_RECHECK),
+                )
+            });
+            if checkpoint_due.is_some_and(|due| due <= now) {
+                self.checkpoint_tried = Some(now);
+                self.begin_checkpoint();
+                continue;
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -1051,7 +1063,8 @@ mod tests {
     }
 
     /// An apply is written to sled and synced by a checkpoint within about half a
-    /// second (`store::unwritten`), also when no step follows it to begin one, and the
+    /// second (`store::unwritten`), also when no step follows it to begin one (and
+    /// other work keeps waking the consumer), and the
     /// checkpoint's sync is timed: `apply_steps.release_sync_us` and
     /// `settle_release_sync_seconds` count it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1063,7 +1076,11 @@ mod tests {
             .await
             .expect("the consumer applies")
             .expect("an event");
+        // Meanwhile commands due much later keep waking the consumer, which must not
+        // put the checkpoint off each time.
+        let later = unix_ms_ceil(OffsetDateTime::now_utc()) + 600_000;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut woken = 0;
         while running.store.unwritten_len() > 0
             || running.metrics.report().apply_steps.release_sync_us.count == 0
         {
@@ -1072,6 +1089,10 @@ mod tests {
                 "never checkpointed: {} applies not written to sled",
                 running.store.unwritten_len()
             );
+            let like = CommandBody::Like { delta: 1 };
+            let key = format!("later-{woken}");
+            running.accept_due(&key, Uuid::now_v7(), like, later).await;
+            woken += 1;
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let report = running.metrics.report().apply_steps.release_sync_us;

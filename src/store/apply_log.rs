@@ -172,18 +172,37 @@ impl ApplyLog {
             .is_none_or(|failed| failed.elapsed() >= CHECKPOINT_RETRY)
     }
 
+    /// When a checkpoint should be tried again for what waits on one: this log's
+    /// retired files, or (`segments_wait`) finished intake segments. After a failed
+    /// checkpoint, once its backoff has passed; otherwise now. `None` when nothing waits.
+    pub(super) fn retry_at(&self, segments_wait: bool) -> Option<Instant> {
+        if self.retired.is_empty() && !segments_wait {
+            return None;
+        }
+        Some(
+            self.checkpoint_failed
+                .map_or_else(Instant::now, |failed| failed + CHECKPOINT_RETRY),
+        )
+    }
+
     /// Notes that a checkpoint failed short of a sync failure: see
     /// [`ApplyLog::may_checkpoint`].
     pub(super) fn checkpoint_failed(&mut self) {
         self.checkpoint_failed = Some(Instant::now());
     }
 
-    /// Moves on to a new file. Answers every file before it: a sync of sled from now
-    /// on covers what they hold.
+    /// Moves on to a new file, unless the current one is empty. Answers every file
+    /// before it: a sync of sled from now on covers what they hold.
     ///
     /// # Errors
     /// When the new file cannot be created; the log goes on in the current one.
     pub(super) fn rotate(&mut self) -> io::Result<Vec<u64>> {
+        if self.bytes == 0 {
+            // A checkpoint tried again and again (a failing one, on an idle server)
+            // leaves no trail of empty files.
+            self.checkpoint_failed = None;
+            return Ok(self.retired.clone());
+        }
         let next = self.number + 1;
         match create(&self.dir, next) {
             Ok(file) => {

@@ -31,6 +31,9 @@ pub struct Checkpoint {
     retired: Vec<u64>,
     /// The last event id logged when it began: it writes the applies up to it to sled.
     logged: u64,
+    /// Begun and not finished: dropped so (its thread could not start), it backs off
+    /// as a failed one does.
+    unfinished: bool,
 }
 
 impl Store {
@@ -78,6 +81,7 @@ impl Store {
             segments: std::mem::take(&mut self.pending_table().releasable),
             retired: Vec::new(),
             logged: 0,
+            unfinished: false,
         };
         let mut log = self.inner.apply_log();
         // Under the log's lock, which each step holds while it logs and enters its
@@ -99,6 +103,7 @@ impl Store {
         match log.rotate() {
             Ok(retired) => {
                 checkpoint.retired = retired;
+                checkpoint.unfinished = true;
                 drop(log);
                 Ok(Some(checkpoint))
             }
@@ -189,12 +194,16 @@ impl Checkpoint {
                 tracing::warn!(error = %err, segment, "cannot release a finished intake segment");
             }
         }
+        self.unfinished = false;
         Ok(sync)
     }
 }
 
 impl Drop for Checkpoint {
     fn drop(&mut self) {
+        if self.unfinished {
+            self.store.inner.apply_log().checkpoint_failed();
+        }
         if !self.segments.is_empty() {
             self.store
                 .pending_table()

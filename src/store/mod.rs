@@ -613,8 +613,9 @@ impl Store {
         let step: Vec<&Applied> = applied.into_iter().collect();
         // Copied before the locks: readers wait for the table's.
         let entries = step.iter().map(|&applied| applied.clone()).collect();
-        let mut log = self.inner.apply_log();
+        // Outside the log's lock, which a panic would poison: one consumer logs.
         self.inner.unwritten().assert_follows(&step);
+        let mut log = self.inner.apply_log();
         match log.append(step.iter().copied()) {
             // Under the log's lock: a checkpoint that moves the log on takes the last
             // logged event id as what it must write, and so finds each logged apply
@@ -643,11 +644,16 @@ impl Store {
         self.inner.unwritten().is_full()
     }
 
-    /// When a checkpoint is due for the oldest apply not yet written to sled, however
-    /// few there are (`unwritten::UNWRITTEN_AGE`); `None` when none waits. The consumer
-    /// begins one then, also when no step follows.
+    /// When a checkpoint is due, whether or not a step follows to begin it: for the
+    /// oldest apply not yet written to sled, however few there are
+    /// (`unwritten::UNWRITTEN_AGE`), and, after a checkpoint that failed, for the
+    /// finished intake segments and the apply log's files that wait for one, once its
+    /// backoff has passed. `None` when nothing waits. The consumer begins one then.
     pub fn checkpoint_due_at(&self) -> Option<std::time::Instant> {
-        self.inner.unwritten().due_at()
+        let unwritten = self.inner.unwritten().due_at();
+        let segments_wait = !self.pending_table().releasable.is_empty();
+        let retry = self.inner.apply_log().retry_at(segments_wait);
+        unwritten.into_iter().chain(retry).min()
     }
 
     /// Completes once a sync of sled's files has failed in this process (at once if one
@@ -832,6 +838,14 @@ impl Store {
         }
         frames.extend(unwritten);
         frames.truncate(limit);
+        // Only a contiguous run: compaction may remove events under the sled read, and
+        // a reader must see a gap where it starts (at its next read's first event).
+        if let Some(gap) = frames
+            .windows(2)
+            .position(|pair| pair[1].id != pair[0].id + 1)
+        {
+            frames.truncate(gap + 1);
+        }
         Ok(frames)
     }
 }
@@ -1065,9 +1079,17 @@ mod tests {
             "one checkpoint at a time"
         );
         assert_eq!(store.pending_table().releasable.pop(), Some(u64::MAX));
-        // Dropped unrun (its thread could not start): the segment waits for the next.
+        // Dropped unrun (its thread could not start): the segment waits for the next,
+        // which backs off as after a failure.
         drop(begun);
-        store.release_finished_segments().expect("released");
+        assert!(
+            store
+                .release_finished_segments()
+                .expect("no failure")
+                .is_none(),
+            "not tried again at once"
+        );
+        store.checkpoint().expect("checkpointed");
         assert_eq!(files(".log").len(), 1, "only the active segment is left");
         assert_eq!(
             files(".spare").len(),
@@ -1550,6 +1572,33 @@ mod tests {
             assert_eq!(store.inner.unwritten().len(), 0);
             assert!(store.inner.commands.get("c").expect("read").is_some());
         }
+    }
+
+    /// A read of the event log answers a contiguous run only: an event removed under
+    /// it (compaction) shows as a gap at the next read's start, where a subscriber's
+    /// stream resets, never inside a run it sends on.
+    #[tokio::test]
+    async fn a_read_of_the_event_log_stops_at_a_gap() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let now = OffsetDateTime::now_utc();
+        let commands: Vec<_> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|key| (create(key, "f", &store), Decision::Apply))
+            .collect();
+        accept_and_apply_all(&store, &commands, now).await;
+        store.checkpoint().expect("checkpointed");
+        store
+            .inner
+            .events
+            .remove(3_u64.to_be_bytes())
+            .expect("removed");
+        let ids = |after| -> Vec<u64> {
+            let frames = store.events_after(after, u64::MAX, 10).expect("read");
+            frames.iter().map(|frame| frame.id).collect()
+        };
+        assert_eq!(ids(0), [1, 2]);
+        assert_eq!(ids(2), [4]);
     }
 
     /// A like of `task`, as the intake writer would have accepted it.
