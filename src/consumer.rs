@@ -1076,6 +1076,7 @@ mod tests {
             .await
             .expect("the consumer applies")
             .expect("an event");
+        let published = tokio::time::Instant::now();
         // Meanwhile commands due much later keep waking the consumer, which must not
         // put the checkpoint off each time.
         let later = unix_ms_ceil(OffsetDateTime::now_utc()) + 600_000;
@@ -1095,6 +1096,12 @@ mod tests {
             woken += 1;
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // Half a second after it, with slack for a slow machine.
+        assert!(
+            published.elapsed() < Duration::from_secs(5),
+            "checkpointed {:?} after the event",
+            published.elapsed()
+        );
         let report = running.metrics.report().apply_steps.release_sync_us;
         assert_eq!(report.count, 1, "one checkpoint, one sync");
         assert!(report.max >= report.p50 && report.p50 >= 1);

@@ -179,6 +179,13 @@ impl CommandRecord {
         self.body.kind()
     }
 
+    /// Whether it failed as dead-lettered (its dead letter is listed).
+    pub fn is_dead_lettered(&self) -> bool {
+        self.error
+            .as_ref()
+            .is_some_and(|error| error.reason == FailureReason::DeadLettered)
+    }
+
     /// The body of the 202 answer, identical for the first request and every replay.
     pub fn accepted_response(&self) -> AcceptedResponse {
         AcceptedResponse {

@@ -8,6 +8,7 @@
 //! ([`Inner::write_unwritten`], with [`ApplyTrees::write`]), as does the replay of the
 //! apply log on start.
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 use std::sync::RwLockReadGuard;
 
@@ -40,8 +41,9 @@ pub struct Step<'a> {
     now: OffsetDateTime,
     /// The last event id this step gave out.
     last_event_id: u64,
-    /// The keys this step applied: a key twice in one step applies once.
-    keys: HashSet<String>,
+    /// The commands this step applied: one twice in a step (one pending command per
+    /// key) applies once.
+    applied: HashSet<Uuid>,
     /// The rows this step changed (`None`: removed), which its later commands see.
     rows: HashMap<Uuid, Option<TaskRow>>,
 }
@@ -60,7 +62,7 @@ impl Store {
                 .expect("projection lock poisoned"),
             now,
             last_event_id: self.inner.unwritten().last_event_id,
-            keys: HashSet::new(),
+            applied: HashSet::new(),
             rows: HashMap::new(),
         }
     }
@@ -81,16 +83,12 @@ impl Store {
             .collect()
     }
 
-    /// Whether `key` has a finished record: logged and not yet in sled, or in sled
-    /// (read only when the finished keys' hashes say it may be there).
+    /// Whether `key` has a finished record, looked up only when the finished keys'
+    /// hashes say it may (as the intake writer does): every key logged is counted
+    /// before the next step ([`Store::finish`]).
     fn has_finished(&self, key: &str) -> Result<bool, StoreError> {
-        if self.inner.unwritten().by_key(key).is_some() {
-            return Ok(true);
-        }
-        if !self.pending_table().may_be_finished(key.as_bytes()) {
-            return Ok(false);
-        }
-        Ok(self.inner.commands.contains_key(key.as_bytes())?)
+        Ok(self.pending_table().may_be_finished(key.as_bytes())
+            && self.finished_command(key)?.is_some())
     }
 }
 
@@ -107,18 +105,19 @@ impl Step<'_> {
         pending: &CommandRecord,
         decision: &Decision,
     ) -> Result<Option<Applied>, StoreError> {
-        let key = &pending.idempotency_key;
-        if self.keys.contains(key) || self.store.has_finished(key)? {
+        if self.applied.contains(&pending.command_id)
+            || self.store.has_finished(&pending.idempotency_key)?
+        {
             return Ok(None);
         }
         let current = match self.rows.get(&pending.task_id) {
-            Some(row) => row.clone(),
-            None => self.projection.rows.get(&pending.task_id).cloned(),
+            Some(row) => row.as_ref(),
+            None => self.projection.rows.get(&pending.task_id),
         };
         let event_id = self.last_event_id + 1;
         let applied = decided(pending, decision, current, self.now, event_id)?;
         self.last_event_id = event_id;
-        self.keys.insert(key.clone());
+        self.applied.insert(pending.command_id);
         match &applied.change {
             RowChange::Upsert(row) => {
                 self.rows.insert(row.task.id, Some(row.clone()));
@@ -136,13 +135,13 @@ impl Step<'_> {
 fn decided(
     pending: &CommandRecord,
     decision: &Decision,
-    current: Option<TaskRow>,
+    current: Option<&TaskRow>,
     now: OffsetDateTime,
     event_id: u64,
 ) -> Result<Applied, StoreError> {
     let mut record = pending.clone();
     let outcome = match decision {
-        Decision::Apply => decide(&record, current.as_ref(), now),
+        Decision::Apply => decide(&record, current, now),
         Decision::Fail(reason, message) => Outcome::Failed(*reason, message.clone()),
     };
     let (frame, change) = match outcome {
@@ -159,7 +158,7 @@ fn decided(
                 kind: record.kind(),
                 reason,
                 message,
-                current: current.map(|row| row.task),
+                current: current.map(|row| row.task.clone()),
             };
             let frame = EventFrame::encode(event_id, EVENT_FAILED, &event)?;
             (frame, RowChange::None)
@@ -168,10 +167,8 @@ fn decided(
             record.status = CommandStatus::Settled;
             let (version, task) = match &change {
                 RowChange::Upsert(row) => (row.task.version, Some(row.task.clone())),
-                RowChange::Remove(_) => {
-                    (current.as_ref().map_or(0, |row| row.task.version) + 1, None)
-                }
-                RowChange::None => (current.as_ref().map_or(0, |row| row.task.version), None),
+                RowChange::Remove(_) => (current.map_or(0, |row| row.task.version) + 1, None),
+                RowChange::None => (current.map_or(0, |row| row.task.version), None),
             };
             let event = SettledEvent {
                 command_id: record.command_id,
@@ -267,15 +264,7 @@ impl Inner {
         // In chunks, as a checkpoint writes (`unwritten`): a crash meanwhile leaves a
         // prefix, which the next start completes.
         for chunk in missing.chunks(WRITE_CHUNK) {
-            let last = chunk.last().map_or(newest, |applied| applied.frame.id);
-            self.apply_transaction(|trees, meta| {
-                for applied in chunk {
-                    trees.displace(&applied.record)?;
-                    trees.write(applied)?;
-                }
-                meta.insert(LAST_EVENT_ID, &last.to_be_bytes())?;
-                Ok(())
-            })?;
+            self.write_applies(chunk, true)?;
         }
         tracing::info!(
             commands = missing.len(),
@@ -283,6 +272,33 @@ impl Inner {
             "wrote again the applies the last run logged but sled lost"
         );
         Ok(())
+    }
+
+    /// Writes `applies` (in event-id order, not empty) to sled in one transaction, with
+    /// sled's last event id moved to the last of them; `displace` for a replay (see
+    /// [`ApplyTrees::displace`]).
+    ///
+    /// # Errors
+    /// On storage failure; nothing of them is written then.
+    pub(super) fn write_applies(
+        &self,
+        applies: &[impl Borrow<Applied>],
+        displace: bool,
+    ) -> Result<(), StoreError> {
+        let last = applies
+            .last()
+            .map_or(0, |applied| applied.borrow().frame.id);
+        self.apply_transaction(|trees, meta| {
+            for applied in applies {
+                let applied = applied.borrow();
+                if displace {
+                    trees.displace(&applied.record)?;
+                }
+                trees.write(applied)?;
+            }
+            meta.insert(LAST_EVENT_ID, &last.to_be_bytes())?;
+            Ok(())
+        })
     }
 
     pub(super) fn apply_log(&self) -> std::sync::MutexGuard<'_, ApplyLog> {
@@ -351,11 +367,7 @@ impl ApplyTrees<'_> {
             }
             RowChange::None => {}
         }
-        let dead_lettered = record
-            .error
-            .as_ref()
-            .is_some_and(|error| error.reason == FailureReason::DeadLettered);
-        if dead_lettered {
+        if record.is_dead_lettered() {
             self.dead_letters.insert(&record.seq.to_be_bytes(), key)?;
         }
         self.commands

@@ -164,29 +164,22 @@ impl ApplyLog {
         self.bytes >= APPLY_LOG_BYTES
     }
 
-    /// Whether a checkpoint may begin: not within [`CHECKPOINT_RETRY`] of a failed one,
-    /// so a disk that refuses new files, or a blob directory that cannot be listed, is
-    /// not asked every step (each attempt would leave one more file behind).
-    pub(super) fn may_checkpoint(&self) -> bool {
-        self.checkpoint_failed
-            .is_none_or(|failed| failed.elapsed() >= CHECKPOINT_RETRY)
+    /// Whether earlier files wait for a checkpoint to let them go: one runs, or one
+    /// failed.
+    pub(super) fn has_retired(&self) -> bool {
+        !self.retired.is_empty()
     }
 
-    /// When a checkpoint should be tried again for what waits on one: this log's
-    /// retired files, or (`segments_wait`) finished intake segments. After a failed
-    /// checkpoint, once its backoff has passed; otherwise now. `None` when nothing waits.
-    pub(super) fn retry_at(&self, segments_wait: bool) -> Option<Instant> {
-        if self.retired.is_empty() && !segments_wait {
-            return None;
-        }
-        Some(
-            self.checkpoint_failed
-                .map_or_else(Instant::now, |failed| failed + CHECKPOINT_RETRY),
-        )
+    /// Until when no checkpoint may begin: [`CHECKPOINT_RETRY`] after a failed one, so a
+    /// disk that refuses new files, or a blob directory that cannot be listed, is not
+    /// asked every step.
+    pub(super) fn backoff_until(&self) -> Option<Instant> {
+        self.checkpoint_failed
+            .map(|failed| failed + CHECKPOINT_RETRY)
     }
 
     /// Notes that a checkpoint failed short of a sync failure: see
-    /// [`ApplyLog::may_checkpoint`].
+    /// [`ApplyLog::backoff_until`].
     pub(super) fn checkpoint_failed(&mut self) {
         self.checkpoint_failed = Some(Instant::now());
     }

@@ -15,6 +15,9 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use super::apply_log::ApplyLog;
+use super::unwritten::Unwritten;
+
 use super::apply_log;
 use super::intake::release_segment;
 use super::unwritten::UNWRITTEN_DUE;
@@ -36,10 +39,25 @@ pub struct Checkpoint {
     unfinished: bool,
 }
 
+/// When a checkpoint is due ([`Store::begin_checkpoint`] says for what): now, or when
+/// the oldest apply waiting to be written has waited long enough, and not before a
+/// failed one's backoff has passed. `None` when nothing waits for one.
+fn due_at(log: &ApplyLog, unwritten: &Unwritten, segments_wait: bool) -> Option<Instant> {
+    let at_once =
+        segments_wait || log.is_full() || log.has_retired() || unwritten.len() >= UNWRITTEN_DUE;
+    let due = if at_once {
+        Instant::now()
+    } else {
+        unwritten.due_at()?
+    };
+    Some(log.backoff_until().map_or(due, |until| due.max(until)))
+}
+
 impl Store {
     /// Begins a checkpoint if one is due: finished intake segments wait to be released,
-    /// the apply log has grown to its bound, or [`UNWRITTEN_DUE`] applies wait to be
-    /// written to sled, or the oldest of them has waited `UNWRITTEN_AGE`. `None` when none is due, one is running,
+    /// the apply log has grown to its bound, earlier files of it wait (a checkpoint
+    /// failed), [`UNWRITTEN_DUE`] applies wait to be written to sled, or the oldest of
+    /// them has waited `UNWRITTEN_AGE`; but not within a second of a failed one. `None` when none is due, one is running,
     /// or the apply log cannot move on to a new file (logged; tried again a second
     /// later).
     ///
@@ -68,6 +86,15 @@ impl Store {
         }
     }
 
+    /// When a checkpoint is due, whether or not a step follows to begin it (see
+    /// [`Store::begin_checkpoint`]); `None` when nothing waits for one. The consumer
+    /// begins one then.
+    pub fn checkpoint_due_at(&self) -> Option<Instant> {
+        let segments_wait = !self.pending_table().releasable.is_empty();
+        let log = self.inner.apply_log();
+        due_at(&log, &self.inner.unwritten(), segments_wait)
+    }
+
     /// A checkpoint, if one is due (or `always`) and none is running.
     fn begin(&self, always: bool) -> Result<Option<Checkpoint>, StoreError> {
         self.inner.check_synced()?;
@@ -89,13 +116,8 @@ impl Store {
         // this id.
         let unwritten = self.inner.unwritten();
         checkpoint.logged = unwritten.last_event_id;
-        let due = (!checkpoint.segments.is_empty()
-            || log.is_full()
-            || unwritten.len() >= UNWRITTEN_DUE
-            || unwritten
-                .due_at()
-                .is_some_and(|due| due <= std::time::Instant::now()))
-            && log.may_checkpoint();
+        let due = due_at(&log, &unwritten, !checkpoint.segments.is_empty())
+            .is_some_and(|due| due <= Instant::now());
         drop(unwritten);
         if !(always || due) {
             return Ok(None);
@@ -161,23 +183,13 @@ impl Checkpoint {
     }
 
     /// [`Checkpoint::run`], with every failure an error.
+    /// On failure its drop backs off, before it lets another begin: the next waits a
+    /// second.
     fn finish(mut self) -> Result<Duration, StoreError> {
-        let written = self
-            .store
-            .inner
-            .write_unwritten(self.logged)
-            .and_then(|()| Ok(self.store.inner.check_synced()?));
-        if let Err(err) = written {
-            // Before the drop lets another begin: the next waits a second.
-            self.store.inner.apply_log().checkpoint_failed();
-            return Err(err);
-        }
+        self.store.inner.write_unwritten(self.logged)?;
+        self.store.inner.check_synced()?;
         let started = Instant::now();
-        if let Err(err) = self.store.inner.sync_sled() {
-            // Before the drop lets another begin: the next waits a second.
-            self.store.inner.apply_log().checkpoint_failed();
-            return Err(err);
-        }
+        self.store.inner.sync_sled()?;
         let sync = started.elapsed();
         let released = self.store.inner.apply_log().release(&self.retired);
         apply_log::delete(&released);

@@ -644,18 +644,6 @@ impl Store {
         self.inner.unwritten().is_full()
     }
 
-    /// When a checkpoint is due, whether or not a step follows to begin it: for the
-    /// oldest apply not yet written to sled, however few there are
-    /// (`unwritten::UNWRITTEN_AGE`), and, after a checkpoint that failed, for the
-    /// finished intake segments and the apply log's files that wait for one, once its
-    /// backoff has passed. `None` when nothing waits. The consumer begins one then.
-    pub fn checkpoint_due_at(&self) -> Option<std::time::Instant> {
-        let unwritten = self.inner.unwritten().due_at();
-        let segments_wait = !self.pending_table().releasable.is_empty();
-        let retry = self.inner.apply_log().retry_at(segments_wait);
-        unwritten.into_iter().chain(retry).min()
-    }
-
     /// Completes once a sync of sled's files has failed in this process (at once if one
     /// has), wherever it failed: an apply step's write to the apply log, a checkpoint
     /// (before a release of finished intake segments), a seq block's reservation on the
@@ -774,15 +762,13 @@ impl Store {
             .await
     }
 
-    /// The finished command with this id: [`Store::command_by_id`] after its look in
-    /// the pending table.
+    /// The finished command with this id, from sled: [`Store::command_by_id`] after its
+    /// looks in the pending table and the table of applies not yet in sled.
     ///
     /// # Errors
     /// On storage failure or a corrupt record.
     fn finished_by_id(&self, command_id: Uuid) -> Result<Option<CommandRecord>, StoreError> {
-        if let Some(record) = self.inner.unwritten().by_id(command_id) {
-            return Ok(Some(record.clone()));
-        }
+        // Not in the table when `command_by_id` looked, so in sled if finished.
         match self.inner.command_ids.get(command_id.as_bytes())? {
             Some(key) => self.inner.finished_trees().record(&key),
             None => Ok(None),
@@ -941,6 +927,18 @@ mod tests {
         applied.remove(0).1
     }
 
+    /// Accepts each command, every one a new key: answers them as accepted.
+    async fn accept_new(store: &Store, records: &[CommandRecord]) -> Vec<CommandRecord> {
+        let (answers, _) = accept_all(store, records).await;
+        answers
+            .into_iter()
+            .map(|answer| match answer {
+                Accepted::New(record) => record,
+                other => panic!("a new key is a new command, not {other:?}"),
+            })
+            .collect()
+    }
+
     /// Accepts each new command and applies them, each as decided, as one batch at
     /// `now`, as the consumer would. Answers each record as accepted and as finished.
     async fn accept_and_apply_all(
@@ -949,14 +947,7 @@ mod tests {
         now: OffsetDateTime,
     ) -> Vec<(CommandRecord, CommandRecord)> {
         let records: Vec<_> = commands.iter().map(|(record, _)| record.clone()).collect();
-        let (answers, _) = accept_all(store, &records).await;
-        let accepted: Vec<_> = answers
-            .into_iter()
-            .map(|answer| match answer {
-                Accepted::New(record) => record,
-                other => panic!("a new key is a new command, not {other:?}"),
-            })
-            .collect();
+        let accepted = accept_new(store, &records).await;
         let batch: Vec<_> = accepted
             .iter()
             .zip(commands)
@@ -1467,15 +1458,7 @@ mod tests {
             .iter()
             .map(|key| create(key, key, &store))
             .collect();
-        let records: Vec<_> = accept_all(&store, &created)
-            .await
-            .0
-            .into_iter()
-            .map(|answer| match answer {
-                Accepted::New(record) => record,
-                other => panic!("a new key is a new command, not {other:?}"),
-            })
-            .collect();
+        let records = accept_new(&store, &created).await;
         let fail = Decision::Fail(FailureReason::Injected, "no".to_owned());
         let batch = [
             (&records[0], &Decision::Apply),

@@ -94,7 +94,7 @@ impl Store {
     }
 
     /// Poisons the projection's lock, as a panic while holding it would: the next
-    /// [`Store::project`] panics. For the consumer's panic test.
+    /// [`Store::step`] (or [`Store::project`]) panics. For the consumer's panic test.
     pub(crate) fn poison_projection(&self) {
         let store = self.clone();
         let poisoner = std::thread::spawn(move || {

@@ -23,14 +23,14 @@
 //! keep up holds the consumer back rather than memory growing without end).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::apply::ApplyTrees;
-use super::{Applied, Inner, StoreError, LAST_EVENT_ID};
+use super::{Applied, Inner, StoreError};
 use crate::hub::EventFrame;
-use crate::model::{CommandRecord, FailureReason};
+use crate::model::CommandRecord;
 
 /// Applies waiting here that make a checkpoint due, whatever else it would release.
 pub(super) const UNWRITTEN_DUE: usize = 4096;
@@ -39,7 +39,7 @@ pub(super) const UNWRITTEN_DUE: usize = 4096;
 /// apply log is never synced), and a power loss would take it (its command applies
 /// again from the intake log, perhaps otherwise, under the same event id). sled's own
 /// flusher left that window at about half a second; so does this.
-pub(super) const UNWRITTEN_AGE: Duration = Duration::from_millis(500);
+const UNWRITTEN_AGE: Duration = Duration::from_millis(500);
 /// Applies waiting here beyond which the consumer waits for a checkpoint to write them.
 const UNWRITTEN_MAX: usize = 16 * UNWRITTEN_DUE;
 /// Bytes (as logged) waiting here beyond which the consumer waits, for applies with
@@ -67,7 +67,8 @@ pub(super) struct Unwritten {
 }
 
 struct Entry {
-    applied: Applied,
+    /// Shared with a checkpoint's chunk while it is written to sled.
+    applied: Arc<Applied>,
     /// Its share of its step's bytes in the apply log.
     bytes: usize,
     logged_at: Instant,
@@ -98,12 +99,12 @@ impl Unwritten {
             self.applies.insert(
                 id,
                 Entry {
-                    applied,
+                    applied: Arc::new(applied),
                     bytes,
                     logged_at,
                 },
             );
-            self.last_event_id = self.last_event_id.max(id);
+            self.last_event_id = id;
             self.bytes += bytes;
         }
     }
@@ -154,19 +155,14 @@ impl Unwritten {
         self.applies
             .values()
             .map(|entry| &entry.applied.record)
-            .filter(|record| {
-                record
-                    .error
-                    .as_ref()
-                    .is_some_and(|error| error.reason == FailureReason::DeadLettered)
-            })
+            .filter(|record| record.is_dead_lettered())
             .cloned()
             .collect()
     }
 
     /// The oldest applies, none past `up_to`: a chunk of [`WRITE_CHUNK`] (and
     /// `WRITE_CHUNK_BYTES`) at most.
-    fn oldest(&self, up_to: u64) -> Vec<Applied> {
+    fn oldest(&self, up_to: u64) -> Vec<Arc<Applied>> {
         let mut bytes = 0;
         self.applies
             .range(..=up_to)
@@ -215,13 +211,7 @@ impl Inner {
             let Some(last) = chunk.last().map(|applied| applied.frame.id) else {
                 return Ok(());
             };
-            self.apply_transaction(|trees: &ApplyTrees<'_>, meta| {
-                for applied in &chunk {
-                    trees.write(applied)?;
-                }
-                meta.insert(LAST_EVENT_ID, &last.to_be_bytes())?;
-                Ok(())
-            })?;
+            self.write_applies(&chunk, false)?;
             self.unwritten_mut().remove_through(last);
         }
     }

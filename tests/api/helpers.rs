@@ -172,8 +172,18 @@ impl TestApp {
     }
 
     /// Stops the server gracefully and starts it again on the same data dir.
-    pub async fn restart(mut self, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    pub async fn restart(self, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        self.restart_after(Duration::ZERO, tweak).await
+    }
+
+    /// [`TestApp::restart`], with the server down for `pause` in between.
+    pub async fn restart_after(
+        mut self,
+        pause: Duration,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestApp {
         self.shutdown_and_wait().await;
+        tokio::time::sleep(pause).await;
         let mut config = self.config.clone();
         tweak(&mut config);
         let data_dir = tempfile::tempdir().expect("a temp dir");
