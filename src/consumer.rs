@@ -355,6 +355,7 @@ impl Consumer {
                     self.expired(expired.into_inner());
                 }
                 () = sleep_until_std(checkpoint_due), if checkpoint_due.is_some() => {
+                    self.checkpoint_tried = Some(Instant::now());
                     self.begin_checkpoint();
                 }
             }

@@ -274,7 +274,7 @@ impl Inner {
         Ok(())
     }
 
-    /// Writes `applies` (in event-id order, not empty) to sled in one transaction, with
+    /// Writes `applies` (in event-id order) to sled in one transaction, with
     /// sled's last event id moved to the last of them; `displace` for a replay (see
     /// [`ApplyTrees::displace`]).
     ///
@@ -285,9 +285,9 @@ impl Inner {
         applies: &[impl Borrow<Applied>],
         displace: bool,
     ) -> Result<(), StoreError> {
-        let last = applies
-            .last()
-            .map_or(0, |applied| applied.borrow().frame.id);
+        let Some(last) = applies.last().map(|applied| applied.borrow().frame.id) else {
+            return Ok(());
+        };
         self.apply_transaction(|trees, meta| {
             for applied in applies {
                 let applied = applied.borrow();

@@ -90,6 +90,11 @@ impl Store {
     /// [`Store::begin_checkpoint`]); `None` when nothing waits for one. The consumer
     /// begins one then.
     pub fn checkpoint_due_at(&self) -> Option<Instant> {
+        // While one runs: it may fail and hand back what it took, which nothing else
+        // would then begin again on an idle server.
+        if self.inner.checkpointing.load(Ordering::Acquire) {
+            return Some(Instant::now());
+        }
         let segments_wait = !self.pending_table().releasable.is_empty();
         let log = self.inner.apply_log();
         due_at(&log, &self.inner.unwritten(), segments_wait)
