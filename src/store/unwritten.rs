@@ -18,8 +18,9 @@
 //! The table holds a contiguous run of event ids (applies are written and removed
 //! oldest first): what is older is in sled.
 //!
-//! Bounds: a checkpoint is due once [`UNWRITTEN_DUE`] applies wait here, and the
-//! consumer waits before a step while [`Unwritten::is_full`] (a checkpoint that cannot
+//! Bounds: a checkpoint is due once [`UNWRITTEN_DUE`] applies wait here, or the oldest
+//! has waited [`UNWRITTEN_AGE`], and the consumer waits before a step while
+//! [`Unwritten::is_full`] (a checkpoint that cannot
 //! keep up holds the consumer back rather than memory growing without end).
 
 use std::collections::{BTreeMap, HashMap};
