@@ -229,3 +229,60 @@ impl Inner {
             .expect("unwritten table lock poisoned")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use time::OffsetDateTime;
+
+    use super::*;
+    use crate::model::{CommandBody, NOTES_MAX_CHARS};
+    use crate::store::{Decision, Store};
+
+    /// The bound the consumer waits on is kept by what the table holds, in count and in
+    /// bytes, and a checkpoint brings both back to nothing: were its accounting to
+    /// drift, the consumer would wait for ever.
+    #[test]
+    fn the_table_is_bounded_by_its_bytes_and_a_checkpoint_empties_it() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let notes = "n".repeat(NOTES_MAX_CHARS);
+        let now = OffsetDateTime::now_utc();
+        let mut logged = 0;
+        while !store.unwritten_is_full() {
+            let records: Vec<_> = (0..256)
+                .map(|_| CommandRecord {
+                    seq: store.next_seq().expect("a seq"),
+                    ..CommandRecord::accepted(
+                        Uuid::now_v7(),
+                        Uuid::new_v4().to_string(),
+                        "f".to_owned(),
+                        CommandBody::Create {
+                            title: "t".to_owned(),
+                            notes: notes.clone(),
+                        },
+                        now,
+                        0,
+                    )
+                })
+                .collect();
+            let batch: Vec<_> = records
+                .iter()
+                .map(|record| (record, &Decision::Apply))
+                .collect();
+            let applied = store.apply_batch(&batch, now).expect("applied");
+            store.log_applied(applied.iter().flatten()).expect("logged");
+            logged += records.len();
+            assert!(logged <= UNWRITTEN_MAX, "never full");
+        }
+        {
+            let table = store.inner.unwritten();
+            assert!(table.len() < UNWRITTEN_MAX, "full by its bytes: long notes");
+            assert!(table.bytes >= UNWRITTEN_MAX_BYTES);
+        }
+        store.checkpoint().expect("checkpointed");
+        assert!(!store.unwritten_is_full());
+        let table = store.inner.unwritten();
+        assert_eq!((table.len(), table.bytes), (0, 0));
+        assert!(table.by_key.is_empty() && table.by_id.is_empty());
+    }
+}
