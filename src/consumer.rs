@@ -354,10 +354,8 @@ impl Consumer {
                 Some(expired) = self.timers.next(), if !self.timers.is_empty() => {
                     self.expired(expired.into_inner());
                 }
-                () = sleep_until_std(checkpoint_due), if checkpoint_due.is_some() => {
-                    self.checkpoint_tried = Some(Instant::now());
-                    self.begin_checkpoint();
-                }
+                // Begun at the loop's top, where it is due now.
+                () = sleep_until_std(checkpoint_due), if checkpoint_due.is_some() => {}
             }
             self.drain_ready();
         }
