@@ -195,8 +195,9 @@ pub struct Consumer {
     checkpointing: Option<std::thread::JoinHandle<()>>,
     /// When [`Consumer::run`] last tried to begin a due checkpoint outside a step.
     checkpoint_tried: Option<Instant>,
-    /// The shutdown token once [`Consumer::run`] has it: a step waiting for room
-    /// ([`Consumer::wait_for_room`]) gives up when it is cancelled.
+    /// The shutdown token [`Consumer::start`] was given (a token never cancelled
+    /// before): [`Consumer::run`] ends when it is cancelled, and so does a step's wait
+    /// for room ([`Consumer::wait_for_room`]).
     stopping: CancellationToken,
 }
 
@@ -279,6 +280,7 @@ impl Consumer {
     /// # Errors
     /// When the thread or its runtime cannot be created, or resuming panics.
     pub async fn start(mut self, shutdown: CancellationToken) -> std::io::Result<ConsumerThread> {
+        self.stopping = shutdown.clone();
         let (resumed, started) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("settle-consumer".to_owned())
@@ -298,7 +300,7 @@ impl Consumer {
                     // On this runtime: its timers belong to it.
                     self.resume();
                     let _ = resumed.send(Ok(()));
-                    self.run(shutdown).await;
+                    self.run().await;
                 };
                 crate::stopping_on_panic("consumer", &stop, || runtime.block_on(consume));
             })?;
@@ -311,11 +313,12 @@ impl Consumer {
         }
     }
 
-    /// Runs until `shutdown`: wait for a message or a timer, then apply what is due.
-    /// Each step's apply blocks the runtime's thread (nothing else of the consumer could
-    /// run meanwhile anyway): hence a runtime of its own.
-    async fn run(mut self, shutdown: CancellationToken) {
-        self.stopping = shutdown.clone();
+    /// Runs until its shutdown token ([`Consumer::stopping`]) is cancelled: wait for a
+    /// message or a timer, then apply what is due. Each step's apply blocks the
+    /// runtime's thread (nothing else of the consumer could run meanwhile anyway):
+    /// hence a runtime of its own.
+    async fn run(mut self) {
+        let shutdown = self.stopping.clone();
         loop {
             // Step by step through what is due, but not past a shutdown: a backlog of
             // minutes would hold the drain that long, and it resumes on the next start.
