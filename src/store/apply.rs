@@ -17,6 +17,7 @@ use sled::Transactional;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::event_chunks;
 use super::projection::Projection;
 use super::retention::expiry_key_for;
 use super::unwritten::WRITE_CHUNK;
@@ -288,6 +289,12 @@ impl Inner {
         let Some(last) = applies.last().map(|applied| applied.borrow().frame.id) else {
             return Ok(());
         };
+        // The events in chunks (`event_chunks`), built once, outside the transaction
+        // (which sled may run again).
+        let chunks = event_chunks::chunks(applies.iter().map(|applied| {
+            let frame = &applied.borrow().frame;
+            (frame.id, frame.bytes.as_ref())
+        }));
         self.apply_transaction(|trees, meta| {
             for applied in applies {
                 let applied = applied.borrow();
@@ -295,6 +302,11 @@ impl Inner {
                     trees.displace(&applied.record)?;
                 }
                 trees.write(applied)?;
+            }
+            for (first, chunk) in &chunks {
+                trees
+                    .events
+                    .insert(&first.to_be_bytes(), chunk.as_slice())?;
             }
             meta.insert(LAST_EVENT_ID, &last.to_be_bytes())?;
             Ok(())
@@ -346,14 +358,11 @@ impl ApplyTrees<'_> {
     }
 
     /// Writes what an apply decided: the row change, the finished record with its id
-    /// and expiry indexes (and its dead letter), and the event. Every write is
-    /// absolute, so writing an apply again (a replay of the apply log) is harmless.
+    /// and expiry indexes (and its dead letter); its event goes in a chunk
+    /// ([`Inner::write_applies`]). Every write is absolute, so writing an apply again
+    /// (a replay of the apply log) is harmless.
     pub(super) fn write(&self, applied: &Applied) -> ConflictableTransactionResult<(), StoreError> {
-        let Applied {
-            record,
-            frame,
-            change,
-        } = applied;
+        let Applied { record, change, .. } = applied;
         let key = record.idempotency_key.as_bytes();
         match change {
             RowChange::Upsert(row) => {
@@ -377,8 +386,6 @@ impl ApplyTrees<'_> {
                 .insert(&expiry_key_for(settled_at, record.seq), key)?;
         }
         self.command_ids.insert(record.command_id.as_bytes(), key)?;
-        self.events
-            .insert(&frame.id.to_be_bytes(), frame.bytes.as_ref())?;
         Ok(())
     }
 }

@@ -26,7 +26,8 @@
 //!   a checkpoint writes the applies in event-id order, each batch with the last
 //!   event id it holds, so the commands whose event id is at most sled's
 //!   `last_event_id` are there already. The others are written again, in order; their
-//!   writes are absolute (the record, the row, the event), so the result is the state
+//!   writes are absolute (the record, the row; the events in chunks keyed from
+//!   `last_event_id` + 1 on, so no chunk overlaps one sled has), so the result is the state
 //!   the last run published; a gap in the ids (a record lost to a power loss) ends the
 //!   replay there. Skipping the ones sled has matters: what a compaction removed after
 //!   a checkpoint wrote them (an expired record, a trimmed event) must not come back.

@@ -17,7 +17,9 @@
 //!   pending table, the idempotency table.
 //! - `command_ids`: command id (16 bytes) -> idempotency key.
 //! - `tasks`: task id (16 bytes) -> [`TaskRow`].
-//! - `events`: event id (u64 big-endian) -> the finished SSE frame.
+//! - `events`: event id (u64 big-endian) -> the SSE frames of consecutive events from
+//!   that one on, in a chunk of at most 6 KiB (`event_chunks`; a data directory from
+//!   before chunks also holds values of one frame each, which are read as they are).
 //! - `dead_letters`: seq (u64 big-endian) -> idempotency key.
 //! - `expiries`: settled time (unix ms, u64 big-endian) and seq (u64 big-endian) ->
 //!   idempotency key: the finished records in the order they expire, so compaction
@@ -27,7 +29,10 @@
 //!   memory ([`Store::next_seq`]); `expiries_indexed`, present once every finished
 //!   record is in `expiries` (data directories from before that tree are indexed once,
 //!   on open; like the seq allocator this is one way: records an older build writes
-//!   afterwards have no entry and would never expire).
+//!   afterwards have no entry and would never expire); `event_floor` -> u64
+//!   big-endian, the first event a read of `events` may answer (retention keeps whole
+//!   chunks). Chunks are one way too: an older build would send a chunk as one frame
+//!   and trim chunks that hold kept events.
 //!
 //! Two costs dominate a durable write in sled 0.34, and both are paid per call, not per
 //! byte: every transaction takes the process-wide write lock and seals the log buffer
@@ -57,6 +62,7 @@
 mod apply;
 mod apply_log;
 mod checkpoint;
+mod event_chunks;
 mod frames;
 mod intake;
 mod projection;
@@ -72,7 +78,7 @@ pub use intake::{
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -247,6 +253,9 @@ struct Inner {
     writer: Mutex<()>,
     /// Set while a checkpoint runs (`checkpoint`): one at a time.
     checkpointing: AtomicBool,
+    /// The first event a read of sled's event log may answer: `meta`'s
+    /// [`event_chunks::EVENT_FLOOR`], raised by compaction.
+    event_floor: AtomicU64,
     seqs: Mutex<Seqs>,
     intake_dir: PathBuf,
     /// sled's data file, opened read-only for [`Inner::sync_sled_files`] alone.
@@ -531,6 +540,7 @@ impl Store {
             unwritten: RwLock::new(Unwritten::default()),
             writer: Mutex::new(()),
             checkpointing: AtomicBool::new(false),
+            event_floor: AtomicU64::new(0),
             seqs: Mutex::new(Seqs {
                 next: 0,
                 reserved: 0,
@@ -544,6 +554,10 @@ impl Store {
             sync_failure: CancellationToken::new(),
             db,
         };
+        *inner.event_floor.get_mut() = inner
+            .meta
+            .get(event_chunks::EVENT_FLOOR)?
+            .map_or(0, |floor| read_u64(&floor));
         inner.replay(logged)?;
         inner.index_expiries()?;
         let first_seq = match inner.meta.get(SEQ_RESERVED)? {
@@ -814,15 +828,29 @@ impl Store {
         };
         let in_sled_up_to = first_unwritten.map_or(up_to, |first| up_to.min(first - 1));
         let mut frames = Vec::new();
-        if after < in_sled_up_to {
-            let start = (after + 1).to_be_bytes();
-            let end = in_sled_up_to.to_be_bytes();
-            for entry in self.inner.events.range(start..=end).take(limit) {
-                let (id, bytes) = entry?;
-                frames.push(EventFrame::from_log(read_u64(&id), &bytes));
+        // Not below the floor: compaction trimmed those, though their chunk may be kept.
+        let first = (after + 1).max(self.inner.event_floor.load(Ordering::Acquire));
+        if first <= in_sled_up_to {
+            let events = &self.inner.events;
+            // The value holding `first`: a chunk may begin before it.
+            let start = match events.range(..=first.to_be_bytes()).next_back() {
+                Some(entry) => entry?.0,
+                None => sled::IVec::from(&first.to_be_bytes()),
+            };
+            let end = sled::IVec::from(&in_sled_up_to.to_be_bytes());
+            'read: for entry in events.range(start..=end) {
+                let (key, value) = entry?;
+                for (id, frame) in event_chunks::frames(read_u64(&key), &value) {
+                    if id > in_sled_up_to || frames.len() == limit {
+                        break 'read;
+                    }
+                    if id >= first {
+                        frames.push(EventFrame::from_log(id, frame));
+                    }
+                }
             }
         }
-        frames.extend(unwritten);
+        frames.extend(unwritten.into_iter().filter(|frame| frame.id >= first));
         frames.truncate(limit);
         // Only a contiguous run: compaction may remove events under the sled read, and
         // a reader must see a gap where it starts (at its next read's first event).
@@ -1557,20 +1585,158 @@ mod tests {
         }
     }
 
-    /// A read of the event log answers a contiguous run only: an event removed under
-    /// it (compaction) shows as a gap at the next read's start, where a subscriber's
-    /// stream resets, never inside a run it sends on.
+    /// Applies a create under each key in one step, logs and publishes it (the
+    /// watermark moves), then checkpoints: one chunk of the event log in sled.
+    fn settle_in_one_chunk(store: &Store, keys: &[&str]) {
+        let records: Vec<_> = keys.iter().map(|key| create(key, "f", store)).collect();
+        let batch: Vec<_> = records
+            .iter()
+            .map(|record| (record, &Decision::Apply))
+            .collect();
+        let applied = store
+            .apply_batch(&batch, OffsetDateTime::now_utc())
+            .expect("applied");
+        store.log_applied(applied.iter().flatten()).expect("logged");
+        for applied in applied.iter().flatten() {
+            store.project(applied);
+        }
+        store.checkpoint().expect("checkpointed");
+    }
+
+    fn event_ids(store: &Store, after: u64, up_to: u64, limit: usize) -> Vec<u64> {
+        let frames = store.events_after(after, up_to, limit).expect("read");
+        frames.iter().map(|frame| frame.id).collect()
+    }
+
+    /// The first event id of each value of the event log in sled.
+    fn event_log_keys(store: &Store) -> Vec<u64> {
+        let keys = store.inner.events.iter().keys();
+        keys.map(|key| read_u64(&key.expect("a key"))).collect()
+    }
+
+    #[test]
+    fn the_event_log_is_written_in_chunks_and_read_from_inside_one() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        settle_in_one_chunk(&store, &["a", "b", "c", "d", "e"]);
+        settle_in_one_chunk(&store, &["f", "g"]);
+        assert_eq!(event_log_keys(&store), [1, 6], "one value per checkpoint");
+        assert_eq!(event_ids(&store, 2, u64::MAX, 10), [3, 4, 5, 6, 7]);
+        assert_eq!(
+            event_ids(&store, 0, 3, 10),
+            [1, 2, 3],
+            "up to, inside a chunk"
+        );
+        assert_eq!(
+            event_ids(&store, 3, u64::MAX, 3),
+            [4, 5, 6],
+            "a limit, across two"
+        );
+        assert_eq!(event_ids(&store, 7, u64::MAX, 10), Vec::<u64>::new());
+        let frames = store.events_after(4, 5, 1).expect("read");
+        assert!(
+            frames[0].bytes.starts_with(b"id: 5\n"),
+            "the frame's own bytes"
+        );
+    }
+
+    /// Retention keeps a number of events, but a chunk goes whole: the floor hides the
+    /// trimmed events of a chunk that stays, also after a restart.
+    #[test]
+    fn compaction_trims_below_a_floor_and_drops_the_chunks_wholly_under_it() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        settle_in_one_chunk(&store, &["a", "b", "c", "d", "e"]);
+        settle_in_one_chunk(&store, &["f", "g", "h"]);
+        let later = OffsetDateTime::now_utc() - time::Duration::hours(1);
+
+        assert_eq!(
+            store.compact(4, later).expect("compacted"),
+            (0, 0),
+            "the first chunk holds 5"
+        );
+        assert_eq!(event_ids(&store, 0, u64::MAX, 10), [5, 6, 7, 8]);
+        assert_eq!(
+            event_ids(&store, 2, u64::MAX, 10),
+            [5, 6, 7, 8],
+            "a gap: a reset"
+        );
+        assert_eq!(event_log_keys(&store), [1, 6]);
+
+        assert_eq!(store.compact(3, later).expect("compacted"), (5, 0));
+        assert_eq!(event_log_keys(&store), [6]);
+        assert_eq!(event_ids(&store, 0, u64::MAX, 10), [6, 7, 8]);
+
+        store.compact(2, later).expect("compacted");
+        store.inner.flush_sled().expect("flushed");
+        drop(store);
+        let store = reopen(dir.path());
+        assert_eq!(
+            event_ids(&store, 0, u64::MAX, 10),
+            [7, 8],
+            "the floor outlives the process"
+        );
+        assert_eq!(event_log_keys(&store), [6]);
+    }
+
+    /// A data directory from before chunks holds one frame per value: read as one
+    /// event each, beside the chunks written since, and trimmed the same way.
+    #[test]
+    fn values_of_one_frame_from_before_chunks_are_read_and_trimmed() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        settle_in_one_chunk(&store, &["a", "b"]);
+        // Event 1 and 2 as the earlier layout wrote them.
+        let frames = store.events_after(0, 2, 10).expect("read");
+        let events = &store.inner.events;
+        events.remove(1_u64.to_be_bytes()).expect("removed");
+        for frame in &frames {
+            events
+                .insert(frame.id.to_be_bytes(), frame.bytes.as_ref())
+                .expect("inserted");
+        }
+        settle_in_one_chunk(&store, &["c", "d"]);
+        assert_eq!(event_log_keys(&store), [1, 2, 3]);
+        let read = store.events_after(0, u64::MAX, 10).expect("read");
+        assert_eq!(
+            read.iter().map(|frame| frame.id).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        assert_eq!(read[1].bytes, frames[1].bytes);
+
+        let later = OffsetDateTime::now_utc() - time::Duration::hours(1);
+        assert_eq!(store.compact(3, later).expect("compacted"), (1, 0));
+        assert_eq!(event_log_keys(&store), [2, 3]);
+        assert_eq!(event_ids(&store, 0, u64::MAX, 10), [2, 3, 4]);
+    }
+
+    /// A read of the event log answers a contiguous run only: a chunk removed under it
+    /// (by a compaction that raised the floor after the read loaded it) shows as a gap
+    /// at the next read's start, where a subscriber's stream resets, never inside a run
+    /// it sends on. Here a chunk goes from the middle: a read answers the run before
+    /// it, and the next read starts after the gap.
     #[tokio::test]
     async fn a_read_of_the_event_log_stops_at_a_gap() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = Store::open(dir.path()).expect("a store");
         let now = OffsetDateTime::now_utc();
-        let commands: Vec<_> = ["a", "b", "c", "d"]
+        // Three checkpoints, three chunks: events 1 and 2, 3, then 4.
+        for keys in [&["a", "b"][..], &["c"], &["d"]] {
+            let commands: Vec<_> = keys
+                .iter()
+                .map(|key| (create(key, "f", &store), Decision::Apply))
+                .collect();
+            accept_and_apply_all(&store, &commands, now).await;
+            store.checkpoint().expect("checkpointed");
+        }
+        let chunks: Vec<_> = store
+            .inner
+            .events
             .iter()
-            .map(|key| (create(key, "f", &store), Decision::Apply))
+            .keys()
+            .map(|key| read_u64(&key.unwrap()))
             .collect();
-        accept_and_apply_all(&store, &commands, now).await;
-        store.checkpoint().expect("checkpointed");
+        assert_eq!(chunks, [1, 3, 4]);
         store
             .inner
             .events
@@ -1678,22 +1844,23 @@ mod tests {
             store.log_applied(applied.iter().flatten()).expect("logged");
             store.project(applied[0].as_ref().expect("applied"));
         }
-        // Written to sled, and the first event trimmed there after; then the process
-        // dies before a checkpoint lets go of the apply log.
+        // Written to sled, one chunk each, and the first event trimmed there after;
+        // then the process dies before a checkpoint lets go of the apply log.
+        store.inner.write_unwritten(1).expect("written");
         store
             .compact(1, now - time::Duration::hours(1))
             .expect("compacted");
+        assert_eq!(event_log_keys(&store), [2], "event 1's chunk went");
         store.inner.flush_sled().expect("flushed");
         drop(store);
 
         let store = reopen(dir.path());
-        let ids: Vec<_> = store
-            .events_after(0, u64::MAX, 10)
-            .expect("read")
-            .iter()
-            .map(|frame| frame.id)
-            .collect();
-        assert_eq!(ids, [2], "the trimmed event is not written back");
+        assert_eq!(
+            event_log_keys(&store),
+            [2],
+            "the trimmed event is not written back"
+        );
+        assert_eq!(event_ids(&store, 0, u64::MAX, 10), [2]);
         let task = store.task(record.task_id).expect("the row");
         assert_eq!((task.version, task.likes), (2, 1));
         assert_eq!(store.watermark(), 2);

@@ -9,12 +9,14 @@
 //! (BENCHMARKS.md, section 4).
 
 use std::ops::Bound;
+use std::sync::atomic::Ordering;
 
 use sled::transaction::ConflictableTransactionError;
 use sled::{IVec, Transactional};
 use time::OffsetDateTime;
 
-use super::{flatten, Inner, Store, StoreError};
+use super::event_chunks::{self, EVENT_FLOOR};
+use super::{flatten, read_u64, Inner, Store, StoreError};
 use crate::model::{unix_ms, CommandRecord};
 
 /// `meta` key, present once every finished record has its `expiries` entry.
@@ -166,9 +168,12 @@ impl Inner {
 impl Store {
     /// Drops events beyond the newest `keep_events`, and finished command records
     /// settled before `commands_before` (pending ones are never dropped). Returns how
-    /// many of each went.
+    /// many of each went from sled: for events, those of the chunks removed (reads stop
+    /// answering the others beyond `keep_events` at once, and their chunk goes with
+    /// its last one).
     ///
-    /// Both read only what they remove: events by id, records by their `expiries`
+    /// Both read only what they remove: events by the chunks below the retained ones
+    /// (and the one chunk that stays, to see where it ends), records by their `expiries`
     /// entries, whose time is whole milliseconds (a record settled within the
     /// millisecond before `commands_before` may stay until the next compaction).
     /// Records go in transactions of [`COMPACT_CHUNK`]. Meant for one caller at a time,
@@ -196,16 +201,34 @@ impl Store {
         Ok((events, commands))
     }
 
+    /// Keeps the last `keep_events` events up to `head`: the floor of reads rises to
+    /// the first of them, and the values (`event_chunks`) wholly below it go. Answers
+    /// how many events those values held.
     fn trim_events(&self, head: u64, keep_events: u64) -> Result<usize, StoreError> {
         if head <= keep_events {
             return Ok(0);
         }
-        let cut = (head - keep_events + 1).to_be_bytes();
+        let floor = head - keep_events + 1;
+        let inner = &self.inner;
+        // One trim at a time (with the writes of checkpoints): two at once could leave
+        // `meta` with the lower floor.
+        let _writer = inner.writer.lock().expect("writer lock poisoned");
+        if floor > inner.event_floor.load(Ordering::Acquire) {
+            // Before the values go, so sled never keeps their removal without the
+            // floor. A read that loaded the old floor and finds them gone sees a gap
+            // where it starts, and its stream resets (`sse`).
+            inner.meta.insert(EVENT_FLOOR, &floor.to_be_bytes())?;
+            inner.event_floor.store(floor, Ordering::Release);
+        }
         let mut removed = 0;
-        for entry in self.inner.events.range(..cut) {
-            let (id, _) = entry?;
-            self.inner.events.remove(id)?;
-            removed += 1;
+        for entry in inner.events.range(..floor.to_be_bytes()) {
+            let (key, value) = entry?;
+            let ids = event_chunks::ids(read_u64(&key), &value);
+            if *ids.end() >= floor {
+                break;
+            }
+            inner.events.remove(key)?;
+            removed += ids.count();
         }
         Ok(removed)
     }
