@@ -15,19 +15,15 @@
 //! frame (SSE text: it begins with `id:`, never with the tag). Both are read; only
 //! chunks are written.
 //!
-//! Retention trims events one by one (`Store::compact` keeps a number of them), but a
-//! chunk is removed whole: the `event_floor` in `meta` is the first event a read may
-//! answer, so a trimmed event in a chunk that is still kept is not read either.
-
-use std::ops::RangeInclusive;
+//! Retention keeps a number of events (`Store::compact`): it removes the chunks wholly
+//! before the first event it keeps, and writes the chunk that holds that event again
+//! from it on, under its id.
 
 /// The first byte of a chunk; no single frame begins with it.
 const CHUNK_TAG: u8 = 0;
 /// A chunk holds at most this many bytes of frames (one frame more than that is a chunk
 /// of its own).
 const CHUNK_BYTES: usize = 6 << 10;
-/// `meta` key: the first event id a read of sled's event log may answer.
-pub(super) const EVENT_FLOOR: &[u8] = b"event_floor";
 
 /// The chunks of the events `frames` (their ids and bytes, in id order), each as its
 /// first id and its value: runs of consecutive ids of at most [`CHUNK_BYTES`] (or one
@@ -66,12 +62,6 @@ pub(super) fn frames(first: u64, value: &[u8]) -> Frames<'_> {
             single: Some(value),
         },
     }
-}
-
-/// The ids a value of the events tree under `first` holds.
-pub(super) fn ids(first: u64, value: &[u8]) -> RangeInclusive<u64> {
-    let count = frames(first, value).count() as u64;
-    first..=first + count.max(1) - 1
 }
 
 /// See [`frames`].
@@ -127,7 +117,6 @@ mod tests {
             .flat_map(|(first, value)| frames(*first, value).map(|(id, f)| (id, f.to_vec())))
             .collect();
         assert_eq!(read, written);
-        assert_eq!(ids(33, &chunks[4].1), 33..=40);
     }
 
     #[test]
@@ -151,7 +140,6 @@ mod tests {
     fn a_value_written_before_chunks_is_one_frame() {
         let old = frame(7, 60);
         assert_eq!(frames(7, &old).collect::<Vec<_>>(), [(7, old.as_slice())]);
-        assert_eq!(ids(7, &old), 7..=7);
     }
 
     #[test]

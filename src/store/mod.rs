@@ -29,10 +29,9 @@
 //!   memory ([`Store::next_seq`]); `expiries_indexed`, present once every finished
 //!   record is in `expiries` (data directories from before that tree are indexed once,
 //!   on open; like the seq allocator this is one way: records an older build writes
-//!   afterwards have no entry and would never expire); `event_floor` -> u64
-//!   big-endian, the first event a read of `events` may answer (retention keeps whole
-//!   chunks). Chunks are one way too: an older build would send a chunk as one frame
-//!   and trim chunks that hold kept events.
+//!   afterwards have no entry and would never expire). Chunks of events are one way
+//!   too: an older build would send a chunk as one frame and trim chunks that hold
+//!   kept events.
 //!
 //! Two costs dominate a durable write in sled 0.34, and both are paid per call, not per
 //! byte: every transaction takes the process-wide write lock and seals the log buffer
@@ -56,8 +55,9 @@
 //! Layout: `intake` (the accept log, its writer thread and the pending table), `apply`
 //! (a step's decisions, and the sled writes that record them), `apply_log` (what each
 //! step applied, until sled's checkpoint), `unwritten` (the applies logged and not yet
-//! in sled), `checkpoint`, `frames` (the two logs' record format), `projection` (the
-//! read side), `retention` (compaction and the `expiries` index).
+//! in sled), `checkpoint`, `event_chunks` (the event log in sled, in chunks),
+//! `frames` (the two logs' record format), `projection` (the read side), `retention`
+//! (compaction and the `expiries` index).
 
 mod apply;
 mod apply_log;
@@ -78,7 +78,7 @@ pub use intake::{
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -253,9 +253,9 @@ struct Inner {
     writer: Mutex<()>,
     /// Set while a checkpoint runs (`checkpoint`): one at a time.
     checkpointing: AtomicBool,
-    /// The first event a read of sled's event log may answer: `meta`'s
-    /// [`event_chunks::EVENT_FLOOR`], raised by compaction.
-    event_floor: AtomicU64,
+    /// Held by a compaction ([`Store::compact`]): one at a time, so that two never
+    /// write the same chunk of events again from different ids.
+    compacting: Mutex<()>,
     seqs: Mutex<Seqs>,
     intake_dir: PathBuf,
     /// sled's data file, opened read-only for [`Inner::sync_sled_files`] alone.
@@ -540,7 +540,7 @@ impl Store {
             unwritten: RwLock::new(Unwritten::default()),
             writer: Mutex::new(()),
             checkpointing: AtomicBool::new(false),
-            event_floor: AtomicU64::new(0),
+            compacting: Mutex::new(()),
             seqs: Mutex::new(Seqs {
                 next: 0,
                 reserved: 0,
@@ -554,10 +554,6 @@ impl Store {
             sync_failure: CancellationToken::new(),
             db,
         };
-        *inner.event_floor.get_mut() = inner
-            .meta
-            .get(event_chunks::EVENT_FLOOR)?
-            .map_or(0, |floor| read_u64(&floor));
         inner.replay(logged)?;
         inner.index_expiries()?;
         let first_seq = match inner.meta.get(SEQ_RESERVED)? {
@@ -828,8 +824,7 @@ impl Store {
         };
         let in_sled_up_to = first_unwritten.map_or(up_to, |first| up_to.min(first - 1));
         let mut frames = Vec::new();
-        // Not below the floor: compaction trimmed those, though their chunk may be kept.
-        let first = (after + 1).max(self.inner.event_floor.load(Ordering::Acquire));
+        let first = after + 1;
         if first <= in_sled_up_to {
             let events = &self.inner.events;
             // The value holding `first`: a chunk may begin before it.
@@ -850,7 +845,7 @@ impl Store {
                 }
             }
         }
-        frames.extend(unwritten.into_iter().filter(|frame| frame.id >= first));
+        frames.extend(unwritten);
         frames.truncate(limit);
         // Only a contiguous run: compaction may remove events under the sled read, and
         // a reader must see a gap where it starts (at its next read's first event).
@@ -1640,20 +1635,21 @@ mod tests {
         );
     }
 
-    /// Retention keeps a number of events, but a chunk goes whole: the floor hides the
-    /// trimmed events of a chunk that stays, also after a restart.
+    /// Retention keeps a number of events exactly: the chunks wholly before the first
+    /// kept one go, and the one that holds it is written again from it on.
     #[test]
-    fn compaction_trims_below_a_floor_and_drops_the_chunks_wholly_under_it() {
+    fn compaction_drops_the_chunks_before_the_kept_events_and_cuts_the_one_they_start_in() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = Store::open(dir.path()).expect("a store");
         settle_in_one_chunk(&store, &["a", "b", "c", "d", "e"]);
         settle_in_one_chunk(&store, &["f", "g", "h"]);
         let later = OffsetDateTime::now_utc() - time::Duration::hours(1);
 
+        assert_eq!(store.compact(4, later).expect("compacted"), (4, 0));
         assert_eq!(
-            store.compact(4, later).expect("compacted"),
-            (0, 0),
-            "the first chunk holds 5"
+            event_log_keys(&store),
+            [5, 6],
+            "event 5 alone, under its id"
         );
         assert_eq!(event_ids(&store, 0, u64::MAX, 10), [5, 6, 7, 8]);
         assert_eq!(
@@ -1661,22 +1657,22 @@ mod tests {
             [5, 6, 7, 8],
             "a gap: a reset"
         );
-        assert_eq!(event_log_keys(&store), [1, 6]);
 
-        assert_eq!(store.compact(3, later).expect("compacted"), (5, 0));
+        assert_eq!(store.compact(3, later).expect("compacted"), (1, 0));
         assert_eq!(event_log_keys(&store), [6]);
-        assert_eq!(event_ids(&store, 0, u64::MAX, 10), [6, 7, 8]);
+        assert_eq!(store.compact(3, later).expect("compacted"), (0, 0));
 
-        store.compact(2, later).expect("compacted");
+        assert_eq!(store.compact(2, later).expect("compacted"), (1, 0));
         store.inner.flush_sled().expect("flushed");
         drop(store);
         let store = reopen(dir.path());
-        assert_eq!(
-            event_ids(&store, 0, u64::MAX, 10),
-            [7, 8],
-            "the floor outlives the process"
+        assert_eq!(event_log_keys(&store), [7]);
+        assert_eq!(event_ids(&store, 0, u64::MAX, 10), [7, 8]);
+        let frames = store.events_after(6, 7, 10).expect("read");
+        assert!(
+            frames[0].bytes.starts_with(b"id: 7\n"),
+            "the frame's own bytes"
         );
-        assert_eq!(event_log_keys(&store), [6]);
     }
 
     /// A data directory from before chunks holds one frame per value: read as one
@@ -1711,43 +1707,24 @@ mod tests {
     }
 
     /// A read of the event log answers a contiguous run only: a chunk removed under it
-    /// (by a compaction that raised the floor after the read loaded it) shows as a gap
-    /// at the next read's start, where a subscriber's stream resets, never inside a run
-    /// it sends on. Here a chunk goes from the middle: a read answers the run before
-    /// it, and the next read starts after the gap.
-    #[tokio::test]
-    async fn a_read_of_the_event_log_stops_at_a_gap() {
+    /// (by a compaction) shows as a gap at the next read's start, where a subscriber's
+    /// stream resets, never inside a run it sends on. Here the gap is made in the middle,
+    /// by hand: a read answers the run before it, and the next read starts after it.
+    #[test]
+    fn a_read_of_the_event_log_stops_at_a_gap() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = Store::open(dir.path()).expect("a store");
-        let now = OffsetDateTime::now_utc();
-        // Three checkpoints, three chunks: events 1 and 2, 3, then 4.
-        for keys in [&["a", "b"][..], &["c"], &["d"]] {
-            let commands: Vec<_> = keys
-                .iter()
-                .map(|key| (create(key, "f", &store), Decision::Apply))
-                .collect();
-            accept_and_apply_all(&store, &commands, now).await;
-            store.checkpoint().expect("checkpointed");
-        }
-        let chunks: Vec<_> = store
-            .inner
-            .events
-            .iter()
-            .keys()
-            .map(|key| read_u64(&key.unwrap()))
-            .collect();
-        assert_eq!(chunks, [1, 3, 4]);
+        settle_in_one_chunk(&store, &["a", "b"]);
+        settle_in_one_chunk(&store, &["c"]);
+        settle_in_one_chunk(&store, &["d"]);
+        assert_eq!(event_log_keys(&store), [1, 3, 4]);
         store
             .inner
             .events
             .remove(3_u64.to_be_bytes())
             .expect("removed");
-        let ids = |after| -> Vec<u64> {
-            let frames = store.events_after(after, u64::MAX, 10).expect("read");
-            frames.iter().map(|frame| frame.id).collect()
-        };
-        assert_eq!(ids(0), [1, 2]);
-        assert_eq!(ids(2), [4]);
+        assert_eq!(event_ids(&store, 0, u64::MAX, 10), [1, 2]);
+        assert_eq!(event_ids(&store, 2, u64::MAX, 10), [4]);
     }
 
     /// A like of `task`, as the intake writer would have accepted it.

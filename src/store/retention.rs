@@ -9,13 +9,12 @@
 //! (BENCHMARKS.md, section 4).
 
 use std::ops::Bound;
-use std::sync::atomic::Ordering;
 
 use sled::transaction::ConflictableTransactionError;
 use sled::{IVec, Transactional};
 use time::OffsetDateTime;
 
-use super::event_chunks::{self, EVENT_FLOOR};
+use super::event_chunks;
 use super::{flatten, read_u64, Inner, Store, StoreError};
 use crate::model::{unix_ms, CommandRecord};
 
@@ -168,16 +167,14 @@ impl Inner {
 impl Store {
     /// Drops events beyond the newest `keep_events`, and finished command records
     /// settled before `commands_before` (pending ones are never dropped). Returns how
-    /// many of each went from sled: for events, those of the chunks removed (reads stop
-    /// answering the others beyond `keep_events` at once, and their chunk goes with
-    /// its last one).
+    /// many of each went.
     ///
-    /// Both read only what they remove: events by the chunks below the retained ones
-    /// (and the one chunk that stays, to see where it ends), records by their `expiries`
+    /// Both read only what they remove: events by the chunks before the first kept
+    /// event (and the one that holds it, written again from it on), records by their `expiries`
     /// entries, whose time is whole milliseconds (a record settled within the
     /// millisecond before `commands_before` may stay until the next compaction).
-    /// Records go in transactions of [`COMPACT_CHUNK`]. Meant for one caller at a time,
-    /// the janitor; a second one would find less to do, never remove too much.
+    /// Records go in transactions of [`COMPACT_CHUNK`]. One at a time (a second call
+    /// waits for the first): the janitor's.
     ///
     /// First writes to sled the applies logged but not yet written (`unwritten`), so
     /// that what has expired is all in sled.
@@ -189,6 +186,11 @@ impl Store {
         keep_events: u64,
         commands_before: OffsetDateTime,
     ) -> Result<(usize, usize), StoreError> {
+        let _one = self
+            .inner
+            .compacting
+            .lock()
+            .expect("compaction lock poisoned");
         // Nothing more is written to sled once a sync has failed.
         self.inner.check_synced()?;
         // The head first: every event up to it is then written. Up to what is logged
@@ -201,34 +203,27 @@ impl Store {
         Ok((events, commands))
     }
 
-    /// Keeps the last `keep_events` events up to `head`: the floor of reads rises to
-    /// the first of them, and the values (`event_chunks`) wholly below it go. Answers
-    /// how many events those values held.
+    /// Keeps the last `keep_events` events up to `head`: removes the chunks
+    /// (`event_chunks`) wholly before the first of them, and writes the one that holds
+    /// it again from it on, under its id, in one batch. Answers how many events went.
     fn trim_events(&self, head: u64, keep_events: u64) -> Result<usize, StoreError> {
         if head <= keep_events {
             return Ok(0);
         }
-        let floor = head - keep_events + 1;
-        let inner = &self.inner;
-        // One trim at a time (with the writes of checkpoints): two at once could leave
-        // `meta` with the lower floor.
-        let _writer = inner.writer.lock().expect("writer lock poisoned");
-        if floor > inner.event_floor.load(Ordering::Acquire) {
-            // Before the values go, so sled never keeps their removal without the
-            // floor. A read that loaded the old floor and finds them gone sees a gap
-            // where it starts, and its stream resets (`sse`).
-            inner.meta.insert(EVENT_FLOOR, &floor.to_be_bytes())?;
-            inner.event_floor.store(floor, Ordering::Release);
-        }
+        let first_kept = head - keep_events + 1;
+        let events = &self.inner.events;
         let mut removed = 0;
-        for entry in inner.events.range(..floor.to_be_bytes()) {
+        for entry in events.range(..first_kept.to_be_bytes()) {
             let (key, value) = entry?;
-            let ids = event_chunks::ids(read_u64(&key), &value);
-            if *ids.end() >= floor {
-                break;
+            let frames: Vec<_> = event_chunks::frames(read_u64(&key), &value).collect();
+            let kept = frames.iter().filter(|(id, _)| *id >= first_kept).copied();
+            let mut batch = sled::Batch::default();
+            batch.remove(key);
+            for (first, chunk) in event_chunks::chunks(kept) {
+                batch.insert(&first.to_be_bytes(), chunk);
             }
-            inner.events.remove(key)?;
-            removed += ids.count();
+            events.apply_batch(batch)?;
+            removed += frames.iter().filter(|(id, _)| *id < first_kept).count();
         }
         Ok(removed)
     }
