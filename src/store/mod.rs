@@ -848,7 +848,9 @@ impl Store {
         frames.extend(unwritten);
         frames.truncate(limit);
         // Only a contiguous run: compaction may remove events under the sled read, and
-        // a reader must see a gap where it starts (at its next read's first event).
+        // a reader must see a gap where it starts (at its next read's first event). A
+        // read that crossed a compaction's cut of a chunk may also meet the cut's ids
+        // again: a repeat ends the run too, and the next read goes on after it.
         if let Some(gap) = frames
             .windows(2)
             .position(|pair| pair[1].id != pair[0].id + 1)
@@ -1646,6 +1648,11 @@ mod tests {
         let later = OffsetDateTime::now_utc() - time::Duration::hours(1);
 
         assert_eq!(store.compact(4, later).expect("compacted"), (4, 0));
+        let cut = store.events_after(4, 5, 1).expect("read");
+        assert!(
+            cut[0].bytes.starts_with(b"id: 5\n"),
+            "the cut chunk's frame"
+        );
         assert_eq!(
             event_log_keys(&store),
             [5, 6],
@@ -1718,12 +1725,21 @@ mod tests {
         settle_in_one_chunk(&store, &["c"]);
         settle_in_one_chunk(&store, &["d"]);
         assert_eq!(event_log_keys(&store), [1, 3, 4]);
-        store
-            .inner
-            .events
-            .remove(3_u64.to_be_bytes())
-            .expect("removed");
+        let events = &store.inner.events;
+        events.remove(3_u64.to_be_bytes()).expect("removed");
         assert_eq!(event_ids(&store, 0, u64::MAX, 10), [1, 2]);
+        assert_eq!(event_ids(&store, 2, u64::MAX, 10), [4]);
+        // A repeat, as a read across a compaction's cut may meet: event 2 again, in a
+        // chunk of its own beside the one that holds events 1 and 2.
+        let second = store.events_after(1, 2, 1).expect("read").remove(0);
+        let [(id, chunk)] = &event_chunks::chunks([(2, second.bytes.as_ref())])[..] else {
+            panic!("one chunk");
+        };
+        events
+            .insert(id.to_be_bytes(), chunk.as_slice())
+            .expect("inserted");
+        assert_eq!(event_log_keys(&store), [1, 2, 4]);
+        assert_eq!(event_ids(&store, 0, u64::MAX, 10), [1, 2], "not 1, 2, 2");
         assert_eq!(event_ids(&store, 2, u64::MAX, 10), [4]);
     }
 
@@ -1823,11 +1839,9 @@ mod tests {
         }
         // Written to sled, one chunk each, and the first event trimmed there after;
         // then the process dies before a checkpoint lets go of the apply log.
-        store.inner.write_unwritten(1).expect("written");
-        store
-            .compact(1, now - time::Duration::hours(1))
-            .expect("compacted");
-        assert_eq!(event_log_keys(&store), [2], "event 1's chunk went");
+        let trimmed = store.compact(1, now - time::Duration::hours(1));
+        assert_eq!(trimmed.expect("compacted"), (1, 0));
+        assert_eq!(event_log_keys(&store), [2], "cut from event 2 on");
         store.inner.flush_sled().expect("flushed");
         drop(store);
 

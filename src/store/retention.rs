@@ -9,6 +9,7 @@
 //! (BENCHMARKS.md, section 4).
 
 use std::ops::Bound;
+use std::sync::PoisonError;
 
 use sled::transaction::ConflictableTransactionError;
 use sled::{IVec, Transactional};
@@ -186,11 +187,8 @@ impl Store {
         keep_events: u64,
         commands_before: OffsetDateTime,
     ) -> Result<(usize, usize), StoreError> {
-        let _one = self
-            .inner
-            .compacting
-            .lock()
-            .expect("compaction lock poisoned");
+        // It guards nothing a panic could leave half-changed.
+        let _one = (self.inner.compacting.lock()).unwrap_or_else(PoisonError::into_inner);
         // Nothing more is written to sled once a sync has failed.
         self.inner.check_synced()?;
         // The head first: every event up to it is then written. Up to what is logged
@@ -216,14 +214,20 @@ impl Store {
         for entry in events.range(..first_kept.to_be_bytes()) {
             let (key, value) = entry?;
             let frames: Vec<_> = event_chunks::frames(read_u64(&key), &value).collect();
-            let kept = frames.iter().filter(|(id, _)| *id >= first_kept).copied();
-            let mut batch = sled::Batch::default();
-            batch.remove(key);
-            for (first, chunk) in event_chunks::chunks(kept) {
-                batch.insert(&first.to_be_bytes(), chunk);
+            let gone = frames.iter().filter(|(id, _)| *id < first_kept).count();
+            if gone == frames.len() {
+                // A plain remove: a batch would take sled's process-wide lock.
+                events.remove(key)?;
+            } else {
+                // The one that holds the first kept event: cut, atomically.
+                let mut batch = sled::Batch::default();
+                batch.remove(key);
+                for (first, chunk) in event_chunks::chunks(frames[gone..].iter().copied()) {
+                    batch.insert(&first.to_be_bytes(), chunk);
+                }
+                events.apply_batch(batch)?;
             }
-            events.apply_batch(batch)?;
-            removed += frames.iter().filter(|(id, _)| *id < first_kept).count();
+            removed += gone;
         }
         Ok(removed)
     }
