@@ -1,11 +1,11 @@
 //! The event log in sled: the `events` tree holds the frames of consecutive events in
 //! chunks, one sled value each, under the id of its first event.
 //!
-//! Why: a sled insert costs about 9–13 µs of CPU whatever its size (sled 0.34 copies the
+//! Why: a checkpoint's writes are most of what an apply costs (BENCHMARKS.md, section
+//! 4), and a sled insert costs much the same whatever its size (sled 0.34 copies the
 //! leaf it lands in, logs the change, and every tenth change to a leaf logs the whole
-//! leaf), and a checkpoint's writes are most of what an apply costs (BENCHMARKS.md,
-//! section 4). One insert per chunk instead of one per event saves most of that for the
-//! event log. A chunk stays small, at most [`CHUNK_BYTES`]: a leaf of 17 of them (sled
+//! leaf). One insert per chunk instead of one per event (measured there: the
+//! checkpoint's writes per apply 4–12% lower). A chunk stays small, at most [`CHUNK_BYTES`]: a leaf of 17 of them (sled
 //! splits a leaf past 16) is then logged within sled's limit for an item in its log (a
 //! quarter of its 512 KiB segment), where a larger one would go to a blob file of its
 //! own.

@@ -1561,10 +1561,7 @@ mod tests {
                     record.event_id
                 );
             }
-            let ids = |after, up_to, limit| -> Vec<u64> {
-                let frames = store.events_after(after, up_to, limit).expect("read");
-                frames.iter().map(|frame| frame.id).collect()
-            };
+            let ids = |after, up_to, limit| event_ids(&store, after, up_to, limit);
             assert_eq!(ids(0, u64::MAX, 10), [1, 2, 3], "in sled: {in_sled}");
             assert_eq!(ids(0, u64::MAX, 2), [1, 2]);
             assert_eq!(ids(1, 2, 10), [2]);
@@ -1605,6 +1602,17 @@ mod tests {
         frames.iter().map(|frame| frame.id).collect()
     }
 
+    /// Asserts that event `id`, read alone, is its own frame (its bytes begin with its
+    /// `id:` line).
+    fn assert_frame_of(store: &Store, id: u64) {
+        let frames = store.events_after(id - 1, id, 1).expect("read");
+        let expected = format!("id: {id}\n");
+        assert!(
+            frames[0].bytes.starts_with(expected.as_bytes()),
+            "event {id}'s frame"
+        );
+    }
+
     /// The first event id of each value of the event log in sled.
     fn event_log_keys(store: &Store) -> Vec<u64> {
         let keys = store.inner.events.iter().keys();
@@ -1630,11 +1638,7 @@ mod tests {
             "a limit, across two"
         );
         assert_eq!(event_ids(&store, 7, u64::MAX, 10), Vec::<u64>::new());
-        let frames = store.events_after(4, 5, 1).expect("read");
-        assert!(
-            frames[0].bytes.starts_with(b"id: 5\n"),
-            "the frame's own bytes"
-        );
+        assert_frame_of(&store, 5);
     }
 
     /// Retention keeps a number of events exactly: the chunks wholly before the first
@@ -1648,11 +1652,7 @@ mod tests {
         let later = OffsetDateTime::now_utc() - time::Duration::hours(1);
 
         assert_eq!(store.compact(4, later).expect("compacted"), (4, 0));
-        let cut = store.events_after(4, 5, 1).expect("read");
-        assert!(
-            cut[0].bytes.starts_with(b"id: 5\n"),
-            "the cut chunk's frame"
-        );
+        assert_frame_of(&store, 5);
         assert_eq!(
             event_log_keys(&store),
             [5, 6],
@@ -1675,11 +1675,7 @@ mod tests {
         let store = reopen(dir.path());
         assert_eq!(event_log_keys(&store), [7]);
         assert_eq!(event_ids(&store, 0, u64::MAX, 10), [7, 8]);
-        let frames = store.events_after(6, 7, 10).expect("read");
-        assert!(
-            frames[0].bytes.starts_with(b"id: 7\n"),
-            "the frame's own bytes"
-        );
+        assert_frame_of(&store, 7);
     }
 
     /// A data directory from before chunks holds one frame per value: read as one
