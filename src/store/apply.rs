@@ -17,9 +17,9 @@ use sled::Transactional;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::event_chunks;
+use super::chunks;
+use super::finished::pointer;
 use super::projection::Projection;
-use super::retention::expiry_key_for;
 use super::unwritten::WRITE_CHUNK;
 use super::{
     abort, flatten, read_u64, Applied, ApplyLog, Decision, Inner, RowChange, Store, StoreError,
@@ -212,17 +212,17 @@ impl Inner {
             &self.events,
             &self.meta,
             &self.dead_letters,
-            &self.expiries,
+            &self.records,
         )
             .transaction(
-                |(commands, command_ids, tasks, events, meta, dead_letters, expiries)| {
+                |(commands, command_ids, tasks, events, meta, dead_letters, records)| {
                     let trees = ApplyTrees {
                         commands,
                         command_ids,
                         tasks,
                         events,
                         dead_letters,
-                        expiries,
+                        records,
                     };
                     apply(&trees, meta)
                 },
@@ -277,7 +277,7 @@ impl Inner {
 
     /// Writes `applies` (in event-id order) to sled in one transaction, with
     /// sled's last event id moved to the last of them; `displace` for a replay (see
-    /// [`ApplyTrees::displace`]).
+    /// [`Inner::displaced`]).
     ///
     /// # Errors
     /// On storage failure; nothing of them is written then.
@@ -289,28 +289,76 @@ impl Inner {
         let Some(last) = applies.last().map(|applied| applied.borrow().frame.id) else {
             return Ok(());
         };
-        // The events in chunks (`event_chunks`), built once, outside the transaction
-        // (which sled may run again).
-        let chunks = event_chunks::chunks(applies.iter().map(|applied| {
+        let displaced = if displace {
+            self.displaced(applies)?
+        } else {
+            vec![None; applies.len()]
+        };
+        // The events and the records in chunks (`chunks`), built once, outside the
+        // transaction (which sled may run again).
+        let events = chunks::chunks(applies.iter().map(|applied| {
             let frame = &applied.borrow().frame;
             (frame.id, frame.bytes.as_ref())
         }));
-        self.apply_transaction(|trees, meta| {
-            for applied in applies {
+        let records = applies
+            .iter()
+            .map(|applied| {
                 let applied = applied.borrow();
-                if displace {
-                    trees.displace(&applied.record)?;
+                Ok((applied.frame.id, serde_json::to_vec(&applied.record)?))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let records = chunks::chunks(records.iter().map(|(id, json)| (*id, json.as_slice())));
+        self.apply_transaction(|trees, meta| {
+            for (applied, stale) in applies.iter().zip(&displaced) {
+                if let Some(stale) = stale {
+                    trees.displace(stale)?;
                 }
-                trees.write(applied)?;
+                trees.write(applied.borrow())?;
             }
-            for (first, chunk) in &chunks {
+            for (first, chunk) in &events {
                 trees
                     .events
+                    .insert(&first.to_be_bytes(), chunk.as_slice())?;
+            }
+            for (first, chunk) in &records {
+                trees
+                    .records
                     .insert(&first.to_be_bytes(), chunk.as_slice())?;
             }
             meta.insert(LAST_EVENT_ID, &last.to_be_bytes())?;
             Ok(())
         })
+    }
+
+    /// Before replayed applies are written: per apply, the record of another command
+    /// under its key, if any. That is an expired record whose removal by compaction
+    /// sled lost with the apply (the key was free, so the logged command took it); its
+    /// id must no longer find the key's new record (`recover_intake` repairs the same
+    /// for a command that is still pending). Read before the transaction, which cannot
+    /// look a record up by its event id; a replay runs alone, on open.
+    fn displaced(
+        &self,
+        applies: &[impl Borrow<Applied>],
+    ) -> Result<Vec<Option<CommandRecord>>, StoreError> {
+        let trees = self.finished_trees();
+        // An earlier apply of the batch under the same key is what the later displaces.
+        let mut earlier: HashMap<&str, &CommandRecord> = HashMap::new();
+        let mut displaced = Vec::with_capacity(applies.len());
+        for applied in applies {
+            let record = &applied.borrow().record;
+            let key = record.idempotency_key.as_str();
+            let stale = match earlier.insert(key, record) {
+                Some(earlier) => Some(earlier.clone()),
+                None => trees.record(key.as_bytes())?,
+            };
+            let stale = stale.filter(|stale| stale.command_id != record.command_id);
+            if let Some(stale) = &stale {
+                tracing::warn!(command_id = %record.command_id, stale = %stale.command_id,
+                    "an expired command's record came back under a replayed command's key; deleting it");
+            }
+            displaced.push(stale);
+        }
+        Ok(displaced)
     }
 
     pub(super) fn apply_log(&self) -> std::sync::MutexGuard<'_, ApplyLog> {
@@ -325,44 +373,38 @@ pub(super) struct ApplyTrees<'a> {
     tasks: &'a TransactionalTree,
     events: &'a TransactionalTree,
     dead_letters: &'a TransactionalTree,
-    expiries: &'a TransactionalTree,
+    records: &'a TransactionalTree,
 }
 
 impl ApplyTrees<'_> {
-    /// Before a replayed apply is written: removes the indexes of another command's
-    /// record under its key. That is an expired record whose removal by compaction
-    /// sled lost with the apply (the key was free, so the logged command took it); its
-    /// id must no longer find the key's new record (`recover_intake` repairs the same
-    /// for a command that is still pending).
-    pub(super) fn displace(
-        &self,
-        record: &CommandRecord,
-    ) -> ConflictableTransactionResult<(), StoreError> {
-        let key = record.idempotency_key.as_bytes();
-        let Some(bytes) = self.commands.get(key)? else {
-            return Ok(());
-        };
-        let stale: CommandRecord = serde_json::from_slice(&bytes).map_err(abort)?;
-        if stale.command_id == record.command_id {
-            return Ok(());
+    /// Removes the id index and the dead letter of `stale`, a record displaced from
+    /// its key ([`Inner::displaced`]); the key's new pointer is written over its own,
+    /// and its chunk keeps it until it expires.
+    fn displace(&self, stale: &CommandRecord) -> ConflictableTransactionResult<(), StoreError> {
+        let id = stale.command_id.as_bytes();
+        if let Some(event_id) = stale.event_id {
+            if self
+                .command_ids
+                .get(id)?
+                .is_some_and(|entry| entry == pointer(event_id))
+            {
+                self.command_ids.remove(id)?;
+            }
         }
-        tracing::warn!(command_id = %record.command_id, stale = %stale.command_id,
-            "an expired command's record came back under a replayed command's key; deleting it");
-        self.command_ids.remove(stale.command_id.as_bytes())?;
         self.dead_letters.remove(&stale.seq.to_be_bytes())?;
-        if let Some(settled_at) = stale.settled_at {
-            self.expiries
-                .remove(&expiry_key_for(settled_at, stale.seq))?;
-        }
         Ok(())
     }
 
-    /// Writes what an apply decided: the row change, the finished record with its id
-    /// and expiry indexes (and its dead letter); its event goes in a chunk
-    /// ([`Inner::write_applies`]). Every write is absolute, so writing an apply again
-    /// (a replay of the apply log) is harmless.
+    /// Writes what an apply decided: the row change, and the pointers from its key and
+    /// its id to its record (and its dead letter); its record and its event go in
+    /// chunks ([`Inner::write_applies`]). Every write is absolute, so writing an apply
+    /// again (a replay of the apply log) is harmless.
     pub(super) fn write(&self, applied: &Applied) -> ConflictableTransactionResult<(), StoreError> {
-        let Applied { record, change, .. } = applied;
+        let Applied {
+            record,
+            change,
+            frame,
+        } = applied;
         let key = record.idempotency_key.as_bytes();
         match change {
             RowChange::Upsert(row) => {
@@ -379,13 +421,10 @@ impl ApplyTrees<'_> {
         if record.is_dead_lettered() {
             self.dead_letters.insert(&record.seq.to_be_bytes(), key)?;
         }
-        self.commands
-            .insert(key, serde_json::to_vec(record).map_err(abort)?)?;
-        if let Some(settled_at) = record.settled_at {
-            self.expiries
-                .insert(&expiry_key_for(settled_at, record.seq), key)?;
-        }
-        self.command_ids.insert(record.command_id.as_bytes(), key)?;
+        let pointer = pointer(frame.id);
+        self.commands.insert(key, &pointer)?;
+        self.command_ids
+            .insert(record.command_id.as_bytes(), &pointer)?;
         Ok(())
     }
 }

@@ -290,7 +290,7 @@ impl Store {
                         } else {
                             tracing::warn!(command_id = %record.command_id, stale = %stored.command_id,
                                 "an expired command's record came back under a logged command's key; deleting it");
-                            trees.remove_record(&stored)?;
+                            trees.unindex(&stored)?;
                             stale_removed = true;
                             false
                         }

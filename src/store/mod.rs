@@ -13,25 +13,19 @@
 //!    few transactions, then flushes and syncs sled (`checkpoint`, `apply_log`).
 //!
 //! sled trees, all values JSON unless said otherwise:
-//! - `commands`: idempotency key -> [`CommandRecord`] of a finished command; with the
-//!   pending table, the idempotency table.
-//! - `command_ids`: command id (16 bytes) -> idempotency key.
+//! - `records`, `commands`, `command_ids`, `dead_letters`: the finished commands, their
+//!   records in chunks in event order and the indexes that point into them (by
+//!   idempotency key: with the pending table, the idempotency table); see `finished`.
 //! - `tasks`: task id (16 bytes) -> [`TaskRow`].
 //! - `events`: event id (u64 big-endian) -> the SSE frames of consecutive events from
-//!   that one on, in a chunk of at most 6 KiB (`event_chunks`; a data directory from
-//!   before chunks also holds values of one frame each, which are read as they are).
-//! - `dead_letters`: seq (u64 big-endian) -> idempotency key.
-//! - `expiries`: settled time (unix ms, u64 big-endian) and seq (u64 big-endian) ->
-//!   idempotency key: the finished records in the order they expire, so compaction
-//!   reads only what it removes. Applies append at its end.
+//!   that one on, in a chunk of at most 6 KiB (`chunks`; a data directory from before
+//!   chunks also holds values of one frame each, which are read as they are).
 //! - `meta`: `last_event_id` -> u64 big-endian, so ids are never reused;
 //!   `seq_reserved` -> u64 big-endian, the end of the block of seqs handed out from
-//!   memory ([`Store::next_seq`]); `expiries_indexed`, present once every finished
-//!   record is in `expiries` (data directories from before that tree are indexed once,
-//!   on open; like the seq allocator this is one way: records an older build writes
-//!   afterwards have no entry and would never expire). Chunks of events are one way
-//!   too: an older build would send a chunk as one frame and trim chunks that hold
-//!   kept events.
+//!   memory ([`Store::next_seq`]); `records_chunked`, present once every finished
+//!   record is in `records` (those of a data directory from before are moved on open).
+//!   Like the seq allocator, both kinds of chunks are one way: an older build would
+//!   send a chunk of events as one frame, and read no record through a pointer.
 //!
 //! Two costs dominate a durable write in sled 0.34, and both are paid per call, not per
 //! byte: every transaction takes the process-wide write lock and seals the log buffer
@@ -55,14 +49,15 @@
 //! Layout: `intake` (the accept log, its writer thread and the pending table), `apply`
 //! (a step's decisions, and the sled writes that record them), `apply_log` (what each
 //! step applied, until sled's checkpoint), `unwritten` (the applies logged and not yet
-//! in sled), `checkpoint`, `event_chunks` (the event log in sled, in chunks),
-//! `frames` (the two logs' record format), `projection` (the read side), `retention`
-//! (compaction and the `expiries` index).
+//! in sled), `checkpoint`, `chunks` (values of consecutive ids as one sled value),
+//! `finished` (the finished commands in sled), `frames` (the two logs' record format),
+//! `projection` (the read side), `retention` (compaction).
 
 mod apply;
 mod apply_log;
 mod checkpoint;
-mod event_chunks;
+mod chunks;
+mod finished;
 mod frames;
 mod intake;
 mod projection;
@@ -90,9 +85,9 @@ use uuid::Uuid;
 pub use self::apply::Step;
 use self::apply_log::ApplyLog;
 pub use self::checkpoint::Checkpoint;
+use self::finished::FinishedTrees;
 use self::intake::PendingTable;
 use self::projection::Projection;
-use self::retention::FinishedTrees;
 use self::unwritten::Unwritten;
 
 use crate::hub::EventFrame;
@@ -118,6 +113,8 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("corrupt record: {0}")]
     Corrupt(#[from] serde_json::Error),
+    #[error("corrupt index: {0}")]
+    Index(String),
     #[error("store file: {0}")]
     Io(#[from] std::io::Error),
     #[error("storage task: {0}")]
@@ -238,7 +235,7 @@ struct Inner {
     tasks: sled::Tree,
     events: sled::Tree,
     dead_letters: sled::Tree,
-    expiries: sled::Tree,
+    records: sled::Tree,
     meta: sled::Tree,
     // A std lock: held only to copy rows in or out, never across an await.
     projection: RwLock<Projection>,
@@ -427,7 +424,7 @@ impl Inner {
             commands: &self.commands,
             command_ids: &self.command_ids,
             dead_letters: &self.dead_letters,
-            expiries: &self.expiries,
+            records: &self.records,
         }
     }
 }
@@ -532,7 +529,7 @@ impl Store {
             tasks: tree("tasks")?,
             events: tree("events")?,
             dead_letters: tree("dead_letters")?,
-            expiries: tree("expiries")?,
+            records: tree("records")?,
             meta: tree("meta")?,
             projection: RwLock::new(Projection::default()),
             pending: Mutex::new(PendingTable::default()),
@@ -554,8 +551,9 @@ impl Store {
             sync_failure: CancellationToken::new(),
             db,
         };
+        // First: the replay's look-ups read records as they are now kept.
+        inner.chunk_records()?;
         inner.replay(logged)?;
-        inner.index_expiries()?;
         let first_seq = match inner.meta.get(SEQ_RESERVED)? {
             Some(reserved) => read_u64(&reserved),
             // A data directory from before the allocator: its seqs came from sled's
@@ -779,10 +777,7 @@ impl Store {
     /// On storage failure or a corrupt record.
     fn finished_by_id(&self, command_id: Uuid) -> Result<Option<CommandRecord>, StoreError> {
         // Not in the table when `command_by_id` looked, so in sled if finished.
-        match self.inner.command_ids.get(command_id.as_bytes())? {
-            Some(key) => self.inner.finished_trees().record(&key),
-            None => Ok(None),
-        }
+        self.inner.finished_trees().by_id(command_id)
     }
 
     /// Dead-lettered commands, oldest first.
@@ -835,7 +830,7 @@ impl Store {
             let end = sled::IVec::from(&in_sled_up_to.to_be_bytes());
             'read: for entry in events.range(start..=end) {
                 let (key, value) = entry?;
-                for (id, frame) in event_chunks::frames(read_u64(&key), &value) {
+                for (id, frame) in chunks::entries(read_u64(&key), &value) {
                     if id > in_sled_up_to || frames.len() == limit {
                         break 'read;
                     }
@@ -872,7 +867,8 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::retention::{expiry_key_for, COMPACT_CHUNK, EXPIRIES_INDEXED};
+    use super::finished::{pointer, RECORDS_CHUNKED};
+    use super::retention::COMPACT_CHUNK;
     use super::*;
     use crate::model::{CommandBody, CommandStatus};
     use time::OffsetDateTime;
@@ -1176,17 +1172,43 @@ mod tests {
         }
     }
 
-    /// Puts `old`'s record (`bytes`), id index and expiry entry back under `k`, as a
-    /// crash that lost compaction's removal of them would.
-    fn bring_back(store: &Store, old: &CommandRecord, bytes: sled::IVec) {
+    /// What sled holds of the finished command under `key`: its key's pointer and
+    /// the chunk of records that holds its record.
+    fn finished_in_sled(store: &Store, key: &str) -> (sled::IVec, (sled::IVec, sled::IVec)) {
         let inner = &store.inner;
-        let entry = expiry_key_for(old.settled_at.expect("settled"), old.seq);
-        inner.commands.insert("k", bytes).unwrap();
+        let pointer = inner.commands.get(key).unwrap().expect("finished in sled");
+        let event_id = read_u64(&pointer[1..]);
+        let chunk = inner.records.range(..=event_id.to_be_bytes()).next_back();
+        (pointer, chunk.expect("a chunk").unwrap())
+    }
+
+    /// Puts back what sled held of `old` under `k` ([`finished_in_sled`]), with its id
+    /// index, as a crash that lost compaction's removal of them would.
+    fn bring_back(
+        store: &Store,
+        old: &CommandRecord,
+        held: (sled::IVec, (sled::IVec, sled::IVec)),
+    ) {
+        let inner = &store.inner;
+        let (pointer, (first, chunk)) = held;
+        inner.commands.insert("k", &pointer).unwrap();
         inner
             .command_ids
-            .insert(old.command_id.as_bytes(), "k")
+            .insert(old.command_id.as_bytes(), &pointer)
             .unwrap();
-        inner.expiries.insert(entry, "k").unwrap();
+        inner.records.insert(first, chunk).unwrap();
+    }
+
+    /// The event ids of the records in sled, in order.
+    fn record_ids(store: &Store) -> Vec<u64> {
+        let chunks = store.inner.records.iter().map(Result::unwrap);
+        let ids = chunks.flat_map(|(first, value)| {
+            let ids: Vec<_> = chunks::entries(read_u64(&first), &value)
+                .map(|(id, _)| id)
+                .collect();
+            ids
+        });
+        ids.collect()
     }
 
     #[tokio::test]
@@ -1195,15 +1217,13 @@ mod tests {
         let store = Store::open(dir.path()).expect("a store");
         let old = &accept_and_apply(&store, "k", "f").await;
         store.inner.write_unwritten(u64::MAX).expect("written");
-        let old_bytes = store.inner.commands.get("k").unwrap().expect("finished");
+        let held = finished_in_sled(&store, "k");
 
         // Compaction frees the key, a new command takes it; then the removal is lost
         // (as in a crash before sled flushed it): the old record is back.
         let new = &retake_after_compaction(&store).await;
-        // The old record's expiry entry too: it went in the same transaction.
-        let old_entry = expiry_key_for(old.settled_at.expect("settled"), old.seq);
-        assert!(!store.inner.expiries.contains_key(old_entry).unwrap());
-        bring_back(&store, old, old_bytes);
+        assert!(record_ids(&store).is_empty(), "its chunk went too");
+        bring_back(&store, old, held);
         store.checkpoint().expect("synced");
         drop(store);
 
@@ -1215,9 +1235,21 @@ mod tests {
             "the 202'd command is pending again"
         );
         assert!(store.command_by_id(old.command_id).await.unwrap().is_none());
-        assert!(!store.inner.expiries.contains_key(old_entry).unwrap());
+        assert!(store.inner.commands.get("k").unwrap().is_none());
         let (answers, _) = accept_all(&store, &[create("k", "f", &store)]).await;
         assert!(matches!(&answers[0], Accepted::Replay(r) if r.command_id == new.command_id));
+        // Its chunk goes once it expires, and leaves the new command's entries.
+        store.inner.write_unwritten(u64::MAX).expect("written");
+        store.checkpoint().expect("checkpointed");
+        assert_eq!(
+            store.compact(u64::MAX, new.accepted_at).expect("compacted"),
+            (0, 0)
+        );
+        assert!(record_ids(&store).is_empty());
+        assert!(
+            store.finished_command("k").unwrap().is_none(),
+            "never applied"
+        );
     }
 
     #[tokio::test]
@@ -1263,13 +1295,14 @@ mod tests {
 
         // Gone under every index, and from the count of finished keys; the rest stay.
         let inner = &store.inner;
-        let trees = [
-            &inner.commands,
-            &inner.command_ids,
-            &inner.dead_letters,
-            &inner.expiries,
-        ];
-        assert_eq!(trees.map(|tree| tree.len()), [4, 4, 1, 4]);
+        let trees = [&inner.commands, &inner.command_ids, &inner.dead_letters];
+        assert_eq!(trees.map(|tree| tree.len()), [4, 4, 1]);
+        let kept_ids: Vec<_> = kept.iter().map(|(_, r)| r.event_id.unwrap()).collect();
+        assert_eq!(
+            record_ids(&store),
+            kept_ids,
+            "the chunk they start in is cut"
+        );
         for (accepted, finished) in &gone {
             assert!(store
                 .command_by_id(finished.command_id)
@@ -1304,51 +1337,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_expiry_entry_removes_only_the_record_it_was_written_for() {
+    async fn a_removal_leaves_the_entries_of_a_newer_command_under_the_key() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = Store::open(dir.path()).expect("a store");
-        let now = OffsetDateTime::now_utc();
         let current = accept_and_apply(&store, "k", "f").await;
-        // An entry from long ago under the same key: not this record's (another time,
-        // another seq), as an older build could have left behind.
-        let stale = expiry_key_for(now - time::Duration::hours(3), current.seq + 1);
-        store.inner.expiries.insert(stale, "k").unwrap();
-
-        assert_eq!(
-            store
-                .compact(u64::MAX, now - time::Duration::hours(1))
-                .expect("compacted"),
-            (0, 0)
-        );
-        assert!(
-            !store.inner.expiries.contains_key(stale).unwrap(),
-            "the stale entry goes"
-        );
-        assert!(
-            store
-                .command_by_id(current.command_id)
-                .await
-                .unwrap()
-                .is_some(),
-            "the record stays"
-        );
-
-        // A removal that finds the record already gone (and its key taken by a new
-        // command) removes nothing of the new one.
+        store.checkpoint().expect("in sled");
+        let expired = [(current.event_id.expect("applied"), current.clone())];
         let trees = store.inner.finished_trees();
-        assert_eq!(
-            trees
-                .remove(&[], std::slice::from_ref(&current))
-                .expect("removed"),
-            [true]
-        );
+        let nothing = finished::RecordsCut::default();
+        assert_eq!(trees.remove(&expired, &nothing).expect("removed"), [true]);
+        assert!(store.finished_command("k").unwrap().is_none());
+
+        // Removed again (as after a removal sled lost) once a newer command took the
+        // key: nothing of the newer one goes.
         let newer = accept_and_apply(&store, "k", "f").await;
-        assert_eq!(
-            trees
-                .remove(&[], std::slice::from_ref(&current))
-                .expect("removed"),
-            [false]
-        );
+        store.checkpoint().expect("in sled");
+        assert_eq!(trees.remove(&expired, &nothing).expect("removed"), [false]);
         assert!(store
             .command_by_id(newer.command_id)
             .await
@@ -1360,32 +1364,104 @@ mod tests {
         );
     }
 
+    /// Accepts a create under each key and applies it as a step of its own, settled at
+    /// the time beside it.
+    async fn settle_each(store: &Store, steps: &[(&str, OffsetDateTime)]) {
+        for &(key, settled) in steps {
+            let command = [(create(key, "f", store), Decision::Apply)];
+            accept_and_apply_all(store, &command, settled).await;
+        }
+    }
+
     #[tokio::test]
-    async fn a_data_directory_from_before_the_expiry_index_is_indexed_on_open() {
+    async fn records_expire_in_event_order_and_wait_behind_one_settled_later() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let now = OffsetDateTime::now_utc();
+        let hours = |h| now - time::Duration::hours(h);
+        // Each a step of its own; the wall clock set back before each third one.
+        settle_each(&store, &[("a", hours(5)), ("b", hours(3)), ("c", hours(4))]).await;
+        assert_eq!(
+            store.compact(u64::MAX, hours(2)).expect("compacted"),
+            (0, 3),
+            "all three settled before the cutoff"
+        );
+        settle_each(&store, &[("d", hours(5)), ("e", hours(1)), ("f", hours(4))]).await;
+        assert_eq!(
+            store.compact(u64::MAX, hours(2)).expect("compacted"),
+            (0, 1),
+            "f waits behind e"
+        );
+        assert_eq!(record_ids(&store), [5, 6]);
+        assert!(store.finished_command("f").unwrap().is_some());
+        assert_eq!(store.compact(u64::MAX, now).expect("compacted"), (0, 2));
+        assert!(record_ids(&store).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_data_directory_from_before_record_chunks_is_moved_into_them_on_open() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = Store::open(dir.path()).expect("a store");
         let settled = OffsetDateTime::now_utc() - time::Duration::hours(2);
-        let commands = ["a", "b"].map(|key| (create(key, "f", &store), Decision::Apply));
+        let dead = Decision::Fail(FailureReason::DeadLettered, "gave up".to_owned());
+        let commands = [
+            (create("a", "f", &store), Decision::Apply),
+            (create("b", "f", &store), dead),
+            (create("c", "f", &store), Decision::Apply),
+        ];
         let old = accept_and_apply_all(&store, &commands, settled).await;
-        // As an older build left it: finished records, no expiry entries, no mark.
-        store.inner.expiries.clear().unwrap();
-        store.inner.meta.remove(EXPIRIES_INDEXED).unwrap();
+        store.checkpoint().expect("in sled");
+        // As an older build left it: each record as JSON under its key, the key under
+        // the command id, an expiry index; one id index entry whose record is gone.
+        let inner = &store.inner;
+        let expiries = inner.db.open_tree("expiries").unwrap();
+        for (_, record) in &old {
+            let key = record.idempotency_key.as_bytes();
+            inner
+                .commands
+                .insert(key, serde_json::to_vec(record).unwrap())
+                .unwrap();
+            inner
+                .command_ids
+                .insert(record.command_id.as_bytes(), key)
+                .unwrap();
+            expiries.insert(record.seq.to_be_bytes(), key).unwrap();
+        }
+        let gone = Uuid::now_v7();
+        inner.command_ids.insert(gone.as_bytes(), "gone").unwrap();
+        inner.records.clear().unwrap();
+        inner.meta.remove(RECORDS_CHUNKED).unwrap();
+        inner.meta.insert(b"expiries_indexed", &[]).unwrap();
+        drop(expiries);
         store.checkpoint().expect("synced");
         drop(store);
 
         let store = reopen(dir.path());
-        assert_eq!(
-            store.compact(u64::MAX, settled).expect("compacted"),
-            (0, 0),
-            "not yet expired"
-        );
+        assert_eq!(record_ids(&store), [1, 2, 3]);
+        assert_eq!(store.inner.records.len(), 1, "one chunk");
+        for (accepted, record) in &old {
+            let key = &accepted.idempotency_key;
+            let pointer = pointer(record.event_id.unwrap());
+            assert_eq!(store.inner.commands.get(key).unwrap().unwrap(), pointer);
+            let by_key = store.finished_command(key).unwrap().expect("finished");
+            let by_id = store.command_by_id(accepted.command_id).await.unwrap();
+            assert_eq!(by_key.event_id, record.event_id);
+            assert_eq!(by_id.expect("finished").event_id, record.event_id);
+        }
+        assert!(store.command_by_id(gone).await.unwrap().is_none());
+        assert_eq!(store.inner.command_ids.len(), 3, "the dangling entry went");
+        assert_eq!(store.dead_letters().unwrap()[0].idempotency_key, "b");
+        let names = store.inner.db.tree_names();
+        assert!(!names.iter().any(|name| name == b"expiries".as_slice()));
+        assert!(!store.inner.meta.contains_key(b"expiries_indexed").unwrap());
+
+        // Applies go on after them, and they expire as any record does.
+        accept_and_apply(&store, "d", "f").await;
+        store.checkpoint().expect("in sled");
+        assert_eq!(record_ids(&store), [1, 2, 3, 4]);
         let removed = store.compact(u64::MAX, settled + time::Duration::hours(1));
-        assert_eq!(removed.expect("compacted"), (0, 2));
-        assert!(store
-            .command_by_id(old[1].1.command_id)
-            .await
-            .unwrap()
-            .is_none());
+        assert_eq!(removed.expect("compacted"), (0, 3));
+        assert!(store.dead_letters().unwrap().is_empty());
         let (answers, _) = accept_all(&store, &[create("b", "f", &store)]).await;
         assert!(matches!(&answers[0], Accepted::New(_)));
     }
@@ -1728,7 +1804,7 @@ mod tests {
         // A repeat, as a read across a compaction's cut may meet: event 2 again, in a
         // chunk of its own beside the one that holds events 1 and 2.
         let second = store.events_after(1, 2, 1).expect("read").remove(0);
-        let [(id, chunk)] = &event_chunks::chunks([(2, second.bytes.as_ref())])[..] else {
+        let [(id, chunk)] = &chunks::chunks([(2, second.bytes.as_ref())])[..] else {
             panic!("one chunk");
         };
         events
@@ -1886,8 +1962,7 @@ mod tests {
         let store = Store::open(dir.path()).expect("a store");
         let old = &accept_and_apply(&store, "k", "f").await;
         store.checkpoint().expect("written to sled and synced");
-        let old_bytes = store.inner.commands.get("k").unwrap().expect("finished");
-        let old_entry = expiry_key_for(old.settled_at.expect("settled"), old.seq);
+        let held = finished_in_sled(&store, "k");
 
         // Compaction frees the key, a new command takes it and applies, logged.
         let new = &retake_after_compaction(&store).await;
@@ -1896,14 +1971,12 @@ mod tests {
             .expect("applied");
         store.log_applied(applied.iter().flatten()).expect("logged");
         store.finish(&new.idempotency_key, new.command_id);
-        let new_record = applied[0].as_ref().expect("applied").record.clone();
-        let new_entry = expiry_key_for(new_record.settled_at.expect("settled"), new.seq);
 
         // sled loses both the removal and the apply (the log keeps the apply).
-        bring_back(&store, old, old_bytes);
+        bring_back(&store, old, held);
         let inner = &store.inner;
         inner.command_ids.remove(new.command_id.as_bytes()).unwrap();
-        inner.expiries.remove(new_entry).unwrap();
+        inner.records.remove(2_u64.to_be_bytes()).unwrap();
         inner.events.remove(2_u64.to_be_bytes()).unwrap();
         inner.tasks.remove(new.task_id.as_bytes()).unwrap();
         inner
@@ -1921,9 +1994,40 @@ mod tests {
             store.command_by_id(old.command_id).await.unwrap().is_none(),
             "the expired command's id finds nothing, not the key's new record"
         );
-        assert!(!store.inner.expiries.contains_key(old_entry).unwrap());
-        assert!(store.inner.expiries.contains_key(new_entry).unwrap());
+        assert_eq!(
+            store
+                .inner
+                .command_ids
+                .get(new.command_id.as_bytes())
+                .unwrap(),
+            Some(sled::IVec::from(&pointer(2)))
+        );
+        assert_eq!(record_ids(&store), [1, 2]);
         assert!(store.task(new.task_id).is_some());
+    }
+
+    #[test]
+    fn a_replayed_apply_displaces_an_earlier_one_of_its_batch_under_the_same_key() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        // Two commands of one key, applied as events 1 and 2 (as if the first expired
+        // between them and sled lost all of it), in the apply log alone.
+        let records = [create("k", "f", &store), create("k", "f", &store)];
+        let applied = applied_elsewhere(&records.iter().collect::<Vec<_>>());
+        let applied: Vec<_> = applied.iter().flatten().collect();
+        store.inner.apply_log().append(applied).expect("appended");
+        drop(store);
+
+        let store = reopen(dir.path());
+        let ids = &store.inner.command_ids;
+        assert!(ids.get(records[0].command_id.as_bytes()).unwrap().is_none());
+        assert_eq!(
+            ids.get(records[1].command_id.as_bytes()).unwrap(),
+            Some(sled::IVec::from(&pointer(2)))
+        );
+        let finished = store.finished_command("k").unwrap().expect("finished");
+        assert_eq!(finished.command_id, records[1].command_id);
+        assert_eq!(record_ids(&store), [1, 2]);
     }
 
     #[test]

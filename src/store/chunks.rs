@@ -1,62 +1,64 @@
-//! The event log in sled: the `events` tree holds the frames of consecutive events in
-//! chunks, one sled value each, under the id of its first event.
+//! Chunks: the values of consecutive ids as one sled value, under the first id. The
+//! event log (`events`: each event's SSE frame) and the finished commands' records
+//! (`records`, see `finished`) are kept this way.
 //!
 //! Why: a checkpoint's writes are most of what an apply costs (BENCHMARKS.md, section
 //! 4), and a sled insert costs much the same whatever its size (sled 0.34 copies the
 //! leaf it lands in, logs the change, and every tenth change to a leaf logs the whole
-//! leaf). One insert per chunk instead of one per event (measured there: the
-//! checkpoint's writes per apply 4–12% lower). A chunk stays small, at most [`CHUNK_BYTES`]: a leaf of 17 of them (sled
-//! splits a leaf past 16) is then logged within sled's limit for an item in its log (a
-//! quarter of its 512 KiB segment), where a larger one would go to a blob file of its
-//! own.
+//! leaf). One insert per chunk instead of one per value (measured there for the
+//! events: the checkpoint's writes per apply 4–12% lower). A chunk stays small, at
+//! most [`CHUNK_BYTES`]: a leaf of 17 of them (sled splits a leaf past 16) is then
+//! logged within sled's limit for an item in its log (a quarter of its 512 KiB
+//! segment), where a larger one would go to a blob file of its own.
 //!
-//! A value is either a chunk ([`CHUNK_TAG`], then each frame as its length, 4 bytes
-//! little-endian, and its bytes) or, in a data directory written before chunks, a single
+//! A value is either a chunk ([`CHUNK_TAG`], then each entry as its length, 4 bytes
+//! little-endian, and its bytes) or, in an event log written before chunks, a single
 //! frame (SSE text: it begins with `id:`, never with the tag). Both are read; only
 //! chunks are written.
 //!
-//! Retention keeps a number of events (`Store::compact`): it removes the chunks wholly
-//! before the first event it keeps, and writes the chunk that holds that event again
-//! from it on, under its id.
+//! Retention cuts at an id: it removes the chunks wholly before it, and writes the
+//! chunk that holds it again from it on, under that id.
 
 /// The first byte of a chunk; no single frame begins with it.
 const CHUNK_TAG: u8 = 0;
-/// A chunk holds at most this many bytes of frames (one frame more than that is a chunk
-/// of its own).
+/// A chunk holds at most this many bytes of entries (one entry more than that is a
+/// chunk of its own).
 const CHUNK_BYTES: usize = 6 << 10;
 
-/// The chunks of the events `frames` (their ids and bytes, in id order), each as its
-/// first id and its value: runs of consecutive ids of at most [`CHUNK_BYTES`] (or one
-/// frame). A gap in the ids, which the log's writers never leave, starts a new chunk.
-pub(super) fn chunks<'a>(frames: impl IntoIterator<Item = (u64, &'a [u8])>) -> Vec<(u64, Vec<u8>)> {
+/// The chunks of `entries` (their ids and bytes, in id order), each as its first id and
+/// its value: runs of consecutive ids of at most [`CHUNK_BYTES`] (or one entry). A gap
+/// in the ids starts a new chunk.
+pub(super) fn chunks<'a>(
+    entries: impl IntoIterator<Item = (u64, &'a [u8])>,
+) -> Vec<(u64, Vec<u8>)> {
     let mut chunks: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut next_id = None;
-    for (id, frame) in frames {
+    for (id, entry) in entries {
         let fits = matches!(chunks.last(), Some((_, value))
-            if next_id == Some(id) && value.len() + 4 + frame.len() <= CHUNK_BYTES + 1);
+            if next_id == Some(id) && value.len() + 4 + entry.len() <= CHUNK_BYTES + 1);
         if !fits {
             chunks.push((id, vec![CHUNK_TAG]));
         }
         let (_, value) = chunks.last_mut().expect("pushed above");
-        let length = u32::try_from(frame.len()).expect("a frame is far below 4 GiB");
+        let length = u32::try_from(entry.len()).expect("an entry is far below 4 GiB");
         value.extend_from_slice(&length.to_le_bytes());
-        value.extend_from_slice(frame);
+        value.extend_from_slice(entry);
         next_id = Some(id + 1);
     }
     chunks
 }
 
-/// The frames a value of the events tree under `first` holds, with their ids, in
-/// order: a chunk's, or the one frame of a value written before chunks. A chunk cut
-/// short (it never is: sled writes a value whole) answers the frames before the cut.
-pub(super) fn frames(first: u64, value: &[u8]) -> Frames<'_> {
+/// The entries the value under `first` holds, with their ids, in order: a chunk's, or
+/// the one frame of an event log's value written before chunks. A chunk cut short (it
+/// never is: sled writes a value whole) answers the entries before the cut.
+pub(super) fn entries(first: u64, value: &[u8]) -> Entries<'_> {
     match value.split_first() {
-        Some((&CHUNK_TAG, rest)) => Frames {
+        Some((&CHUNK_TAG, rest)) => Entries {
             id: first,
             rest,
             single: None,
         },
-        _ => Frames {
+        _ => Entries {
             id: first,
             rest: &[],
             single: Some(value),
@@ -64,30 +66,30 @@ pub(super) fn frames(first: u64, value: &[u8]) -> Frames<'_> {
     }
 }
 
-/// See [`frames`].
-pub(super) struct Frames<'a> {
+/// See [`entries`].
+pub(super) struct Entries<'a> {
     id: u64,
     rest: &'a [u8],
     single: Option<&'a [u8]>,
 }
 
-impl<'a> Iterator for Frames<'a> {
+impl<'a> Iterator for Entries<'a> {
     type Item = (u64, &'a [u8]);
 
     fn next(&mut self) -> Option<Self::Item> {
-        let frame = match self.single.take() {
+        let entry = match self.single.take() {
             Some(frame) => frame,
             None => {
                 let (length, rest) = self.rest.split_first_chunk::<4>()?;
                 let length = u32::from_le_bytes(*length) as usize;
-                let frame = rest.get(..length)?;
+                let entry = rest.get(..length)?;
                 self.rest = &rest[length..];
-                frame
+                entry
             }
         };
         let id = self.id;
         self.id += 1;
-        Some((id, frame))
+        Some((id, entry))
     }
 }
 
@@ -114,7 +116,7 @@ mod tests {
             .all(|(_, value)| value.len() <= CHUNK_BYTES + 1));
         let read: Vec<_> = chunks
             .iter()
-            .flat_map(|(first, value)| frames(*first, value).map(|(id, f)| (id, f.to_vec())))
+            .flat_map(|(first, value)| entries(*first, value).map(|(id, f)| (id, f.to_vec())))
             .collect();
         assert_eq!(read, written);
     }
@@ -131,7 +133,7 @@ mod tests {
         let firsts: Vec<_> = chunks.iter().map(|(first, _)| *first).collect();
         assert_eq!(firsts, [1, 5, 6]);
         assert_eq!(
-            frames(6, &chunks[2].1).collect::<Vec<_>>(),
+            entries(6, &chunks[2].1).collect::<Vec<_>>(),
             [(6, big.as_slice())]
         );
     }
@@ -139,7 +141,7 @@ mod tests {
     #[test]
     fn a_value_written_before_chunks_is_one_frame() {
         let old = frame(7, 60);
-        assert_eq!(frames(7, &old).collect::<Vec<_>>(), [(7, old.as_slice())]);
+        assert_eq!(entries(7, &old).collect::<Vec<_>>(), [(7, old.as_slice())]);
     }
 
     #[test]
@@ -148,6 +150,6 @@ mod tests {
         let chunks = chunks([(1, a.as_slice()), (2, b.as_slice())]);
         let value = &chunks[0].1;
         let cut = &value[..value.len() - 10];
-        assert_eq!(frames(1, cut).collect::<Vec<_>>(), [(1, a.as_slice())]);
+        assert_eq!(entries(1, cut).collect::<Vec<_>>(), [(1, a.as_slice())]);
     }
 }
