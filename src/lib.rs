@@ -9,10 +9,10 @@
 //! - `config`: flags and env vars, with their defaults.
 //! - `model`: tasks, commands and events; the JSON contract.
 //! - `store`: the intake log of accepted commands (one writer thread, group-committed
-//!   fdatasync), sled trees for everything applied (commands, tasks, event log), the
-//!   apply log that makes each apply step durable against a crash until sled's
-//!   checkpoint, the read projection, retention (compaction from the oldest chunk of
-//!   events and records on).
+//!   fdatasync), sled trees for everything applied (finished commands' records and
+//!   their indexes, tasks, event log), the apply log that makes each apply step
+//!   durable against a crash until sled's checkpoint, the read projection, retention
+//!   (compaction from the oldest chunk of events and records on).
 //! - `consumer`: the due-time queue that applies commands in per-task order, with faults
 //!   (one thread with a runtime of its own).
 //! - `faults`: the live fault knobs and their seeded RNG.

@@ -354,7 +354,7 @@ impl Inner {
             let stale = stale.filter(|stale| stale.command_id != record.command_id);
             if let Some(stale) = &stale {
                 tracing::warn!(command_id = %record.command_id, stale = %stale.command_id,
-                    "an expired command's record came back under a replayed command's key; deleting it");
+                    "an expired command's record came back under a replayed command's key; it no longer answers for the key or its id");
             }
             displaced.push(stale);
         }
@@ -382,14 +382,20 @@ impl ApplyTrees<'_> {
     /// and its chunk keeps it until it expires.
     fn displace(&self, stale: &CommandRecord) -> ConflictableTransactionResult<(), StoreError> {
         let id = stale.command_id.as_bytes();
-        if let Some(event_id) = stale.event_id {
-            if self
-                .command_ids
-                .get(id)?
-                .is_some_and(|entry| entry == pointer(event_id))
-            {
-                self.command_ids.remove(id)?;
-            }
+        let key = stale.idempotency_key.as_bytes();
+        // A pointer, or in the layout before, the key.
+        let points_at_it = |entry: &[u8]| {
+            stale
+                .event_id
+                .is_some_and(|event_id| entry == pointer(event_id))
+                || entry == key
+        };
+        if self
+            .command_ids
+            .get(id)?
+            .is_some_and(|entry| points_at_it(&entry))
+        {
+            self.command_ids.remove(id)?;
         }
         self.dead_letters.remove(&stale.seq.to_be_bytes())?;
         Ok(())

@@ -17,13 +17,19 @@
 //!
 //! The order also serves retention: records settle in event order (a step's time, read
 //! from the wall clock), so expiry walks `records` from its start and stops at the
-//! first record it keeps: it reads only what it removes, and one chunk more. (A wall
-//! clock set back keeps the records settled after that until those before them expire.)
+//! first record it keeps: it reads only what it removes, and one chunk more. A record
+//! stamped later than now (the clock was ahead) is kept and walked past
+//! (`Store::compact`); after the clock is set back, the records settled behind one
+//! stamped later wait until it expires.
 //!
 //! A data directory from before held each record in `commands` as JSON, the key in
 //! `command_ids`, and an `expiries` index; opening it moves the records into chunks,
-//! once ([`Inner::chunk_records`]). One way, as the seq allocator is: an older build
-//! would not read a pointer.
+//! once ([`Inner::chunk_records`]). Values of that layout are still read where one is
+//! left (a record without an event id, which no build since the first writes, or one an
+//! older build wrote after the move); they are never expired. One way, as the seq
+//! allocator is: an older build would not read a pointer.
+
+use std::ops::Bound;
 
 use sled::transaction::ConflictableTransactionError;
 use sled::{IVec, Transactional};
@@ -79,13 +85,25 @@ impl FinishedTrees<'_> {
     /// The finished record under `key`, if any.
     ///
     /// # Errors
-    /// On storage failure, [`StoreError::Corrupt`] when it does not parse, or
-    /// [`StoreError::Index`] when the key's entry is not a pointer.
+    /// On storage failure, or [`StoreError::Corrupt`] when it does not parse.
     pub(super) fn record(&self, key: &[u8]) -> Result<Option<CommandRecord>, StoreError> {
-        match self.commands.get(key)? {
-            Some(entry) => self.pointed_record(&entry),
-            None => Ok(None),
-        }
+        Ok(self.entry(key)?.map(|(_, record)| record))
+    }
+
+    /// The finished record under `key`, with the index entry that found it.
+    ///
+    /// # Errors
+    /// As [`FinishedTrees::record`].
+    pub(super) fn entry(&self, key: &[u8]) -> Result<Option<(IVec, CommandRecord)>, StoreError> {
+        let Some(entry) = self.commands.get(key)? else {
+            return Ok(None);
+        };
+        let record = match pointed(&entry) {
+            Some(event_id) => self.record_at(event_id)?,
+            // The layout before: the record itself.
+            None => Some(serde_json::from_slice(&entry)?),
+        };
+        Ok(record.map(|record| (entry, record)))
     }
 
     /// The finished record of command `command_id`, if any.
@@ -93,17 +111,16 @@ impl FinishedTrees<'_> {
     /// # Errors
     /// As [`FinishedTrees::record`].
     pub(super) fn by_id(&self, command_id: Uuid) -> Result<Option<CommandRecord>, StoreError> {
-        match self.command_ids.get(command_id.as_bytes())? {
-            Some(entry) => self.pointed_record(&entry),
-            None => Ok(None),
+        let Some(entry) = self.command_ids.get(command_id.as_bytes())? else {
+            return Ok(None);
+        };
+        match pointed(&entry) {
+            Some(event_id) => self.record_at(event_id),
+            // The layout before: the key, which a newer command may hold by now.
+            None => Ok(self
+                .record(&entry)?
+                .filter(|record| record.command_id == command_id)),
         }
-    }
-
-    fn pointed_record(&self, entry: &[u8]) -> Result<Option<CommandRecord>, StoreError> {
-        let event_id = pointed(entry).ok_or_else(|| {
-            StoreError::Index(format!("an index entry is not a pointer: {entry:?}"))
-        })?;
-        self.record_at(event_id)
     }
 
     /// The record of the command whose event is `event_id`. `None` once compaction has
@@ -170,48 +187,89 @@ impl FinishedTrees<'_> {
             .map_err(flatten)
     }
 
-    /// Removes a finished record from the indexes that point at it, and its dead
-    /// letter; its chunk keeps it until it expires (nothing points at it then).
-    pub(super) fn unindex(&self, record: &CommandRecord) -> Result<(), StoreError> {
-        let Some(event_id) = record.event_id else {
-            return Ok(());
-        };
-        self.remove(&[(event_id, record.clone())], &RecordsCut::default())
-            .map(drop)
+    /// Removes `record`, found under `key` through `entry` ([`FinishedTrees::entry`]),
+    /// from the indexes that still hold it, and its dead letter, in one transaction.
+    /// Its chunk keeps it until it expires, with nothing pointing at it.
+    pub(super) fn unindex(
+        &self,
+        key: &[u8],
+        entry: &IVec,
+        record: &CommandRecord,
+    ) -> Result<(), StoreError> {
+        (self.commands, self.command_ids, self.dead_letters)
+            .transaction(|(commands, ids, dead_letters)| {
+                if commands.get(key)?.as_ref() == Some(entry) {
+                    commands.remove(key)?;
+                }
+                let id = record.command_id.as_bytes();
+                // A pointer, or in the layout before, the key.
+                if ids
+                    .get(id)?
+                    .is_some_and(|held| held == *entry || held == key)
+                {
+                    ids.remove(id)?;
+                }
+                dead_letters.remove(&record.seq.to_be_bytes())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(flatten)
     }
 }
 
 impl Inner {
     /// Moves the finished records of a data directory from before `records` into
-    /// chunks, once: each record in event order, pointed at from its key and its id.
-    /// Then drops the `expiries` index and the entries of `command_ids` that point at
-    /// no record, and marks the move done in `meta`. Interrupted, it goes on from what
-    /// it had not moved (a moved key holds a pointer).
+    /// chunks, once: each pointed at from its key and its id. Then drops the `expiries`
+    /// index and the entries of `command_ids` that point at no record, and marks the
+    /// move done in `meta`.
+    ///
+    /// One pass over `commands`, in batches of [`MOVE_BATCH`] records, each sorted by
+    /// event id into chunks of the consecutive ones (keyed in random order, a batch's
+    /// records mostly make chunks of one; they are packed as new ones are once they
+    /// expire). Interrupted, it goes on from what it had not moved: a moved key holds a
+    /// pointer. A record without an event id (only a pending one, in a directory from
+    /// before the first release) stays as it is, and is read as it is.
     pub(super) fn chunk_records(&self) -> Result<(), StoreError> {
         if self.meta.contains_key(RECORDS_CHUNKED)? {
             return Ok(());
         }
-        let mut old = Vec::new();
-        for entry in self.commands.iter() {
-            let (key, value) = entry?;
-            if pointed(&value).is_some() {
-                continue;
+        let (mut moved, mut left) = (0, 0);
+        let mut after = Bound::Unbounded;
+        loop {
+            let mut batch = Vec::with_capacity(MOVE_BATCH);
+            let mut last = None;
+            for entry in self.commands.range((after.clone(), Bound::Unbounded)) {
+                let (key, value) = entry?;
+                last = Some(key.clone());
+                if pointed(&value).is_some() {
+                    continue;
+                }
+                let record: CommandRecord = serde_json::from_slice(&value)?;
+                match record.event_id {
+                    Some(event_id) => batch.push((event_id, key, value, record.command_id)),
+                    None => left += 1,
+                }
+                if batch.len() == MOVE_BATCH {
+                    break;
+                }
             }
-            let record: CommandRecord = serde_json::from_slice(&value)?;
-            match record.event_id {
-                Some(event_id) => old.push((event_id, key)),
-                None => tracing::error!(key = %String::from_utf8_lossy(&key),
-                    "a finished record without an event id cannot be moved; it is left as it is, and reads of its key fail"),
+            batch.sort_unstable_by_key(|(event_id, ..)| *event_id);
+            self.move_records(&batch)?;
+            moved += batch.len();
+            match last {
+                Some(last) if batch.len() == MOVE_BATCH => after = Bound::Excluded(last),
+                _ => break,
             }
-        }
-        old.sort_unstable_by_key(|(event_id, _)| *event_id);
-        for batch in old.chunks(MOVE_BATCH) {
-            self.move_records(batch)?;
         }
         let mut dangling = sled::Batch::default();
         for entry in self.command_ids.iter() {
             let (id, value) = entry?;
-            if pointed(&value).is_none() {
+            // The layout before: the key, whose record is another command's by now.
+            let pointless = pointed(&value).is_none()
+                && self
+                    .finished_trees()
+                    .record(&value)?
+                    .is_none_or(|record| record.command_id.as_bytes()[..] != id[..]);
+            if pointless {
                 dangling.remove(id);
             }
         }
@@ -221,35 +279,28 @@ impl Inner {
         self.flush_sled()?;
         self.meta.insert(RECORDS_CHUNKED, &[])?;
         self.flush_sled()?;
-        if !old.is_empty() {
+        if moved + left > 0 {
             tracing::info!(
-                records = old.len(),
+                moved,
+                left_without_event_id = left,
                 "moved the finished records into chunks"
             );
         }
         Ok(())
     }
 
-    /// Moves the records under `keys` (with their event ids, in order) into chunks, in
-    /// one transaction.
-    fn move_records(&self, keys: &[(u64, IVec)]) -> Result<(), StoreError> {
-        let mut moved: Vec<(u64, &IVec, IVec, Uuid)> = Vec::with_capacity(keys.len());
-        for (event_id, key) in keys {
-            let Some(json) = self.commands.get(key)? else {
-                continue;
-            };
-            let record: CommandRecord = serde_json::from_slice(&json)?;
-            moved.push((*event_id, key, json, record.command_id));
-        }
-        let chunks = chunks::chunks(moved.iter().map(|(id, _, json, _)| (*id, json.as_ref())));
+    /// Moves the records `batch` holds (event id, key, JSON, command id; in event-id
+    /// order) into chunks, in one transaction.
+    fn move_records(&self, batch: &[(u64, IVec, IVec, Uuid)]) -> Result<(), StoreError> {
+        let chunks = chunks::chunks(batch.iter().map(|(id, _, json, _)| (*id, json.as_ref())));
         (&self.commands, &self.command_ids, &self.records)
             .transaction(|(commands, ids, records)| {
                 for (first, chunk) in &chunks {
                     records.insert(&first.to_be_bytes(), chunk.as_slice())?;
                 }
-                for (event_id, key, _, command_id) in &moved {
+                for (event_id, key, _, command_id) in batch {
                     let pointer = pointer(*event_id);
-                    commands.insert(*key, &pointer)?;
+                    commands.insert(key, &pointer)?;
                     ids.insert(command_id.as_bytes(), &pointer)?;
                 }
                 Ok::<_, ConflictableTransactionError<StoreError>>(())

@@ -259,9 +259,10 @@ impl Store {
     /// next segment number the active one.
     ///
     /// A logged command whose key has another command's finished record in sled wins
-    /// over it, and that record is deleted: the writer admits a key only when it has no
-    /// record, so the record must be one whose removal by compaction (not flushed
-    /// before a crash) came back.
+    /// over it, and that record is unindexed (its chunk keeps it until it expires,
+    /// pointed at by nothing): the writer admits a key only when it has no record, so
+    /// the record must be one whose removal by compaction (not flushed before a crash)
+    /// came back.
     ///
     /// Call once sled is synced ([`Inner::sync_sled`], as `open` does when it reserves
     /// the first seq block): a released segment no longer brings its commands back.
@@ -283,14 +284,15 @@ impl Store {
             for payload in payloads {
                 let size = FRAME_HEADER + payload.len();
                 let record: CommandRecord = serde_json::from_slice(payload)?;
-                let finished = match trees.record(record.idempotency_key.as_bytes())? {
-                    Some(stored) => {
+                let key = record.idempotency_key.as_bytes();
+                let finished = match trees.entry(key)? {
+                    Some((entry, stored)) => {
                         if stored.command_id == record.command_id {
                             true
                         } else {
                             tracing::warn!(command_id = %record.command_id, stale = %stored.command_id,
-                                "an expired command's record came back under a logged command's key; deleting it");
-                            trees.unindex(&stored)?;
+                                "an expired command's record came back under a logged command's key; it no longer answers for the key or its id");
+                            trees.unindex(key, &entry, &stored)?;
                             stale_removed = true;
                             false
                         }

@@ -14,8 +14,9 @@
 //!
 //! sled trees, all values JSON unless said otherwise:
 //! - `records`, `commands`, `command_ids`, `dead_letters`: the finished commands, their
-//!   records in chunks in event order and the indexes that point into them (by
-//!   idempotency key: with the pending table, the idempotency table); see `finished`.
+//!   records in chunks in event order and the indexes that point into them with 9-byte
+//!   binary pointers (by idempotency key: with the pending table, the idempotency
+//!   table); see `finished`.
 //! - `tasks`: task id (16 bytes) -> [`TaskRow`].
 //! - `events`: event id (u64 big-endian) -> the SSE frames of consecutive events from
 //!   that one on, in a chunk of at most 6 KiB (`chunks`; a data directory from before
@@ -113,8 +114,6 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("corrupt record: {0}")]
     Corrupt(#[from] serde_json::Error),
-    #[error("corrupt index: {0}")]
-    Index(String),
     #[error("store file: {0}")]
     Io(#[from] std::io::Error),
     #[error("storage task: {0}")]
@@ -1201,14 +1200,8 @@ mod tests {
 
     /// The event ids of the records in sled, in order.
     fn record_ids(store: &Store) -> Vec<u64> {
-        let chunks = store.inner.records.iter().map(Result::unwrap);
-        let ids = chunks.flat_map(|(first, value)| {
-            let ids: Vec<_> = chunks::entries(read_u64(&first), &value)
-                .map(|(id, _)| id)
-                .collect();
-            ids
-        });
-        ids.collect()
+        let entries = record_entries(store);
+        entries.into_iter().map(|(id, _)| id).collect()
     }
 
     #[tokio::test]
@@ -1396,6 +1389,136 @@ mod tests {
         assert!(store.finished_command("f").unwrap().is_some());
         assert_eq!(store.compact(u64::MAX, now).expect("compacted"), (0, 2));
         assert!(record_ids(&store).is_empty());
+    }
+
+    /// Writes the records tree again from `entries` (event id, JSON), in chunks.
+    fn write_records(store: &Store, entries: &[(u64, Vec<u8>)]) {
+        let records = &store.inner.records;
+        records.clear().unwrap();
+        let entries = entries.iter().map(|(id, json)| (*id, json.as_slice()));
+        for (first, chunk) in chunks::chunks(entries) {
+            records.insert(first.to_be_bytes(), chunk).unwrap();
+        }
+    }
+
+    /// The records in sled: event id and JSON, in order.
+    fn record_entries(store: &Store) -> Vec<(u64, Vec<u8>)> {
+        let chunks = store.inner.records.iter().map(Result::unwrap);
+        let entries = chunks.flat_map(|(first, value)| {
+            let entries: Vec<_> = chunks::entries(read_u64(&first), &value)
+                .map(|(id, json)| (id, json.to_vec()))
+                .collect();
+            entries
+        });
+        entries.collect()
+    }
+
+    #[tokio::test]
+    async fn records_stamped_ahead_of_now_or_unreadable_are_kept_and_walked_past() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let now = OffsetDateTime::now_utc();
+        let hours = |h| now - time::Duration::hours(h);
+        let ahead = now + time::Duration::days(1);
+        let steps = [
+            ("a", hours(5)),
+            ("b", ahead),
+            ("c", hours(4)),
+            ("d", hours(4)),
+        ];
+        settle_each(&store, &steps).await;
+        settle_each(&store, &[("e", hours(3)), ("f", hours(1))]).await;
+        store.checkpoint().expect("in sled");
+        // d's record (event 4) no longer parses.
+        let mut entries = record_entries(&store);
+        entries[3].1 = b"{not a record".to_vec();
+        write_records(&store, &entries);
+
+        assert_eq!(
+            store.compact(u64::MAX, hours(2)).expect("compacted"),
+            (0, 3),
+            "a, c and e; not f, settled since the cutoff"
+        );
+        assert_eq!(record_ids(&store), [2, 4, 6]);
+        assert!(store.finished_command("b").unwrap().is_some());
+        assert!(store.finished_command("c").unwrap().is_none());
+        // b's time has not come even for a later cutoff: it stays until then.
+        let later = ahead + time::Duration::hours(1);
+        assert_eq!(store.compact(u64::MAX, later).expect("compacted"), (0, 1));
+        assert_eq!(record_ids(&store), [2, 4]);
+    }
+
+    #[tokio::test]
+    async fn a_read_that_took_a_pointer_before_its_record_expired_finds_nothing() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        accept_and_apply(&store, "k", "f").await;
+        store.checkpoint().expect("in sled");
+        let pointer = store.inner.commands.get("k").unwrap().expect("in sled");
+        let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        assert_eq!(store.compact(u64::MAX, later).expect("compacted"), (0, 1));
+        let trees = store.inner.finished_trees();
+        assert!(trees.record_at(read_u64(&pointer[1..])).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_move_into_chunks_goes_on_and_leaves_records_without_event_ids_readable()
+    {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let settled = OffsetDateTime::now_utc() - time::Duration::hours(2);
+        // More than one batch of the move; every third one moved already (its pointer
+        // and its chunk in place), the rest in the layout before, so the ids left to
+        // move have gaps.
+        let commands: Vec<_> = (0..1100)
+            .map(|i| (create(&format!("k{i}"), "f", &store), Decision::Apply))
+            .collect();
+        let finished = accept_and_apply_all(&store, &commands, settled).await;
+        store.checkpoint().expect("in sled");
+        let inner = &store.inner;
+        let mut moved = Vec::new();
+        for (i, (_, record)) in finished.iter().enumerate() {
+            let json = serde_json::to_vec(record).unwrap();
+            if i % 3 == 0 {
+                moved.push((record.event_id.unwrap(), json));
+                continue;
+            }
+            let key = record.idempotency_key.as_bytes();
+            inner.commands.insert(key, json).unwrap();
+            let id = record.command_id.as_bytes();
+            inner.command_ids.insert(id, key).unwrap();
+        }
+        write_records(&store, &moved);
+        // A pending record without an event id, as the first builds kept them.
+        let ancient = create("ancient", "f", &store);
+        let json = serde_json::to_vec(&ancient).unwrap();
+        inner.commands.insert("ancient", json).unwrap();
+        let id = ancient.command_id.as_bytes();
+        inner.command_ids.insert(id, "ancient").unwrap();
+        inner.meta.remove(RECORDS_CHUNKED).unwrap();
+        store.checkpoint().expect("synced");
+        drop(store);
+
+        let store = reopen(dir.path());
+        let all: Vec<_> = finished.iter().map(|(_, r)| r.event_id.unwrap()).collect();
+        assert_eq!(record_ids(&store), all);
+        for (accepted, record) in [&finished[0], &finished[1], &finished[1099]] {
+            let by_key = store.finished_command(&accepted.idempotency_key).unwrap();
+            assert_eq!(by_key.expect("finished").event_id, record.event_id);
+            let by_id = store.command_by_id(accepted.command_id).await.unwrap();
+            assert_eq!(by_id.expect("finished").event_id, record.event_id);
+        }
+        let read = store.finished_command("ancient").unwrap().expect("read");
+        assert_eq!(read.command_id, ancient.command_id);
+        let by_id = store.command_by_id(ancient.command_id).await.unwrap();
+        assert_eq!(by_id.expect("read").command_id, ancient.command_id);
+        let removed = store.compact(u64::MAX, settled + time::Duration::hours(1));
+        assert_eq!(removed.expect("compacted"), (0, 1100));
+        assert!(record_ids(&store).is_empty());
+        assert!(
+            store.finished_command("ancient").unwrap().is_some(),
+            "never expires"
+        );
     }
 
     #[tokio::test]

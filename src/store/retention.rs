@@ -6,6 +6,7 @@
 //! scan of every record would cost a long-running node time in proportion to its whole
 //! retention, every minute (BENCHMARKS.md, section 4).
 
+use std::ops::Bound;
 use std::sync::PoisonError;
 
 use time::OffsetDateTime;
@@ -26,7 +27,8 @@ impl Store {
     ///
     /// Both read only what they remove: the chunks before the first event kept, and
     /// the records in event order up to the first settled at or after
-    /// `commands_before` (the one that holds it is written again from it on). Records
+    /// `commands_before` (the one that holds it is written again from it on; past
+    /// records stamped later than now, see `expire_commands`). Records
     /// go in transactions of about [`COMPACT_CHUNK`]. One at a time (a second call
     /// waits for the first): the janitor's.
     ///
@@ -86,62 +88,88 @@ impl Store {
     }
 
     /// Removes the finished records settled before `before`, from the first on, in
-    /// transactions of whole chunks of about [`COMPACT_CHUNK`] records; the chunk
-    /// where the kept ones start is cut. Answers how many records went that were their
-    /// key's (see [`super::finished::FinishedTrees::remove`]).
+    /// transactions of whole chunks of about [`COMPACT_CHUNK`] records, and stops at
+    /// the first record settled since (the chunk it is in is cut there). Answers how
+    /// many records went that were their key's (see
+    /// [`super::finished::FinishedTrees::remove`]).
+    ///
+    /// Two kinds of record are kept and walked past: one stamped later than now (the
+    /// wall clock was ahead when it settled; stopping there would keep everything
+    /// after it until then), which goes once its time has come, and one that does not
+    /// parse (sled checksums what it stores, so it should never be), which stays. The
+    /// chunk around either is written again without the records that went.
     fn expire_commands(&self, before: OffsetDateTime) -> Result<usize, StoreError> {
+        let now = OffsetDateTime::now_utc();
         let trees = self.inner.finished_trees();
-        let mut removed = 0;
+        let (mut removed, mut ahead, mut unreadable) = (0, 0, 0);
+        // Each pass starts after the last chunk the one before it read.
+        let mut after = Bound::Unbounded;
         loop {
             let mut expired: Vec<(u64, CommandRecord)> = Vec::new();
             let mut cut = RecordsCut::default();
             let mut reached_kept = false;
-            for entry in trees.records.iter() {
+            let mut last = None;
+            for entry in trees.records.range((after.clone(), Bound::Unbounded)) {
                 let (key, value) = entry?;
                 let entries: Vec<_> = chunks::entries(read_u64(&key), &value).collect();
-                let mut gone = 0;
-                for &(event_id, json) in &entries {
+                let mut kept = Vec::new();
+                let expired_before = expired.len();
+                for (at, &(event_id, json)) in entries.iter().enumerate() {
                     match serde_json::from_slice::<CommandRecord>(json) {
-                        Ok(record) if record.settled_at.is_some_and(|at| at >= before) => break,
-                        Ok(record) => expired.push((event_id, record)),
-                        // sled checksums what it stores; should one not parse all the
-                        // same, it goes (its key and id then find nothing).
+                        Ok(record) => match record.settled_at {
+                            Some(settled) if settled > now => {
+                                ahead += 1;
+                                kept.push((event_id, json));
+                            }
+                            Some(settled) if settled >= before => {
+                                kept.extend_from_slice(&entries[at..]);
+                                reached_kept = true;
+                                break;
+                            }
+                            _ => expired.push((event_id, record)),
+                        },
                         Err(err) => {
                             tracing::error!(event_id, error = %err,
-                                "a finished command record does not parse; it is removed with those around it");
+                                "a finished command record does not parse; it is kept, not expired");
+                            unreadable += 1;
+                            kept.push((event_id, json));
                         }
                     }
-                    gone += 1;
                 }
-                if gone > 0 {
-                    cut.removed.push(key);
+                if expired.len() > expired_before {
+                    cut.removed.push(key.clone());
+                    cut.written.extend(chunks::chunks(kept));
                 }
-                if gone < entries.len() {
-                    if gone > 0 {
-                        cut.written = chunks::chunks(entries[gone..].iter().copied());
+                last = Some(key);
+                if reached_kept || expired.len() >= COMPACT_CHUNK {
+                    break;
+                }
+            }
+            if !cut.removed.is_empty() {
+                let deleted = trees.remove(&expired, &cut)?;
+                let mut pending = self.pending_table();
+                for ((_, record), deleted) in expired.iter().zip(deleted) {
+                    if deleted {
+                        pending.forget_finished(record.idempotency_key.as_bytes());
+                        removed += 1;
                     }
-                    reached_kept = true;
-                    break;
-                }
-                if expired.len() >= COMPACT_CHUNK {
-                    break;
                 }
             }
-            if cut.removed.is_empty() {
-                break;
-            }
-            let deleted = trees.remove(&expired, &cut)?;
-            let mut pending = self.pending_table();
-            for ((_, record), deleted) in expired.iter().zip(deleted) {
-                if deleted {
-                    pending.forget_finished(record.idempotency_key.as_bytes());
-                    removed += 1;
+            match last {
+                Some(last) if !reached_kept && expired.len() >= COMPACT_CHUNK => {
+                    after = Bound::Excluded(last);
                 }
+                _ => break,
             }
-            drop(pending);
-            if reached_kept {
-                break;
-            }
+        }
+        if ahead > 0 {
+            tracing::warn!(records = ahead, "finished commands stamped later than now (the clock was ahead when they settled) are kept until then");
+        }
+        if unreadable > 0 {
+            tracing::error!(
+                records = unreadable,
+                "finished command records that do not parse are kept"
+            );
         }
         if removed > 0 {
             // A key is free for a new command once its record is gone; the sooner that
