@@ -176,6 +176,7 @@ impl FinishedTrees<'_> {
                     dead_letters.remove(&record.seq.to_be_bytes())?;
                     deleted.push(current);
                 }
+                // Removes first: a chunk written again may be under the id it had.
                 for chunk in &cut.removed {
                     records.remove(chunk)?;
                 }

@@ -1420,9 +1420,10 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let hours = |h| now - time::Duration::hours(h);
         let ahead = now + time::Duration::days(1);
+        // b first: the chunk is written again under its own id, without a, c and e.
         let steps = [
-            ("a", hours(5)),
             ("b", ahead),
+            ("a", hours(5)),
             ("c", hours(4)),
             ("d", hours(4)),
         ];
@@ -1439,13 +1440,13 @@ mod tests {
             (0, 3),
             "a, c and e; not f, settled since the cutoff"
         );
-        assert_eq!(record_ids(&store), [2, 4, 6]);
+        assert_eq!(record_ids(&store), [1, 4, 6]);
         assert!(store.finished_command("b").unwrap().is_some());
         assert!(store.finished_command("c").unwrap().is_none());
         // b's time has not come even for a later cutoff: it stays until then.
         let later = ahead + time::Duration::hours(1);
         assert_eq!(store.compact(u64::MAX, later).expect("compacted"), (0, 1));
-        assert_eq!(record_ids(&store), [2, 4]);
+        assert_eq!(record_ids(&store), [1, 4]);
     }
 
     #[tokio::test]
@@ -1467,10 +1468,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = Store::open(dir.path()).expect("a store");
         let settled = OffsetDateTime::now_utc() - time::Duration::hours(2);
-        // More than one batch of the move; every third one moved already (its pointer
-        // and its chunk in place), the rest in the layout before, so the ids left to
-        // move have gaps.
-        let commands: Vec<_> = (0..1100)
+        // Every third one moved already (its pointer and its chunk in place), the rest
+        // in the layout before: more than one batch of the move (1024), with gaps in
+        // the ids left to move.
+        let commands: Vec<_> = (0..2200)
             .map(|i| (create(&format!("k{i}"), "f", &store), Decision::Apply))
             .collect();
         let finished = accept_and_apply_all(&store, &commands, settled).await;
@@ -1502,7 +1503,7 @@ mod tests {
         let store = reopen(dir.path());
         let all: Vec<_> = finished.iter().map(|(_, r)| r.event_id.unwrap()).collect();
         assert_eq!(record_ids(&store), all);
-        for (accepted, record) in [&finished[0], &finished[1], &finished[1099]] {
+        for (accepted, record) in [&finished[0], &finished[1], &finished[2199]] {
             let by_key = store.finished_command(&accepted.idempotency_key).unwrap();
             assert_eq!(by_key.expect("finished").event_id, record.event_id);
             let by_id = store.command_by_id(accepted.command_id).await.unwrap();
@@ -1513,7 +1514,7 @@ mod tests {
         let by_id = store.command_by_id(ancient.command_id).await.unwrap();
         assert_eq!(by_id.expect("read").command_id, ancient.command_id);
         let removed = store.compact(u64::MAX, settled + time::Duration::hours(1));
-        assert_eq!(removed.expect("compacted"), (0, 1100));
+        assert_eq!(removed.expect("compacted"), (0, 2200));
         assert!(record_ids(&store).is_empty());
         assert!(
             store.finished_command("ancient").unwrap().is_some(),

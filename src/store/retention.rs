@@ -2,9 +2,10 @@
 //!
 //! Both are kept in sled in chunks in event order (`chunks`, `finished`), so each is
 //! trimmed from its start: events beyond a number kept, records settled before a
-//! cutoff. Either reads only what it removes (and the chunk where it stops), where a
-//! scan of every record would cost a long-running node time in proportion to its whole
-//! retention, every minute (BENCHMARKS.md, section 4).
+//! cutoff. Either reads only what it removes (and the chunk where it stops, and any
+//! record it walks past: see `Store::compact`), where a scan of every record would cost
+//! a long-running node time in proportion to its whole retention, every minute
+//! (BENCHMARKS.md, section 4).
 
 use std::ops::Bound;
 use std::sync::PoisonError;
@@ -101,7 +102,9 @@ impl Store {
     fn expire_commands(&self, before: OffsetDateTime) -> Result<usize, StoreError> {
         let now = OffsetDateTime::now_utc();
         let trees = self.inner.finished_trees();
-        let (mut removed, mut ahead, mut unreadable) = (0, 0, 0);
+        let mut removed = 0;
+        // The first of each kind of record walked past.
+        let (mut ahead, mut unreadable) = (None, None);
         // Each pass starts after the last chunk the one before it read.
         let mut after = Bound::Unbounded;
         loop {
@@ -118,7 +121,7 @@ impl Store {
                     match serde_json::from_slice::<CommandRecord>(json) {
                         Ok(record) => match record.settled_at {
                             Some(settled) if settled > now => {
-                                ahead += 1;
+                                ahead.get_or_insert(event_id);
                                 kept.push((event_id, json));
                             }
                             Some(settled) if settled >= before => {
@@ -129,9 +132,8 @@ impl Store {
                             _ => expired.push((event_id, record)),
                         },
                         Err(err) => {
-                            tracing::error!(event_id, error = %err,
-                                "a finished command record does not parse; it is kept, not expired");
-                            unreadable += 1;
+                            tracing::debug!(event_id, error = %err, "a finished command record does not parse");
+                            unreadable.get_or_insert(event_id);
                             kept.push((event_id, json));
                         }
                     }
@@ -162,13 +164,13 @@ impl Store {
                 _ => break,
             }
         }
-        if ahead > 0 {
-            tracing::warn!(records = ahead, "finished commands stamped later than now (the clock was ahead when they settled) are kept until then");
+        if let Some(event_id) = ahead {
+            tracing::warn!(first = event_id, "finished commands stamped later than now (the clock was ahead when they settled) are kept until then, and read at every compaction");
         }
-        if unreadable > 0 {
+        if let Some(event_id) = unreadable {
             tracing::error!(
-                records = unreadable,
-                "finished command records that do not parse are kept"
+                first = event_id,
+                "finished command records that do not parse are kept, and read at every compaction"
             );
         }
         if removed > 0 {
