@@ -53,43 +53,35 @@ pub(super) fn chunks<'a>(
 /// never is: sled writes a value whole) answers the entries before the cut.
 pub(super) fn entries(first: u64, value: &[u8]) -> Entries<'_> {
     match value.split_first() {
-        Some((&CHUNK_TAG, rest)) => Entries {
-            id: first,
-            rest,
-            single: None,
-        },
-        _ => Entries {
-            id: first,
-            rest: &[],
-            single: Some(value),
-        },
+        Some((&CHUNK_TAG, rest)) => Entries::Chunk { id: first, rest },
+        _ => Entries::Single(Some((first, value))),
     }
 }
 
 /// See [`entries`].
-pub(super) struct Entries<'a> {
-    id: u64,
-    rest: &'a [u8],
-    single: Option<&'a [u8]>,
+pub(super) enum Entries<'a> {
+    /// A chunk's entries from `id` on, in `rest`.
+    Chunk { id: u64, rest: &'a [u8] },
+    /// The one frame of a value written before chunks, until it is answered.
+    Single(Option<(u64, &'a [u8])>),
 }
 
 impl<'a> Iterator for Entries<'a> {
     type Item = (u64, &'a [u8]);
 
     fn next(&mut self) -> Option<Self::Item> {
-        let entry = match self.single.take() {
-            Some(frame) => frame,
-            None => {
-                let (length, rest) = self.rest.split_first_chunk::<4>()?;
+        match self {
+            Self::Chunk { id, rest } => {
+                let (length, after) = rest.split_first_chunk::<4>()?;
                 let length = u32::from_le_bytes(*length) as usize;
-                let entry = rest.get(..length)?;
-                self.rest = &rest[length..];
-                entry
+                let entry = after.get(..length)?;
+                *rest = &after[length..];
+                let entry_id = *id;
+                *id += 1;
+                Some((entry_id, entry))
             }
-        };
-        let id = self.id;
-        self.id += 1;
-        Some((id, entry))
+            Self::Single(single) => single.take(),
+        }
     }
 }
 
