@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::chunks;
-use super::finished::pointer;
+use super::finished::{pointer, unindex_id};
 use super::projection::Projection;
 use super::unwritten::WRITE_CHUNK;
 use super::{
@@ -292,7 +292,7 @@ impl Inner {
         let displaced = if displace {
             self.displaced(applies)?
         } else {
-            vec![None; applies.len()]
+            Vec::new()
         };
         // The events and the records in chunks (`chunks`), built once, outside the
         // transaction (which sled may run again).
@@ -309,11 +309,12 @@ impl Inner {
             .collect::<Result<Vec<_>, StoreError>>()?;
         let records = chunks::chunks(records.iter().map(|(id, json)| (*id, json.as_slice())));
         self.apply_transaction(|trees, meta| {
-            for (applied, stale) in applies.iter().zip(&displaced) {
-                if let Some(stale) = stale {
-                    trees.displace(stale)?;
-                }
+            for applied in applies {
                 trees.write(applied.borrow())?;
+            }
+            // After the writes: one displaced may be an earlier apply of these.
+            for stale in &displaced {
+                trees.displace(stale)?;
             }
             for (first, chunk) in &events {
                 trees
@@ -330,8 +331,8 @@ impl Inner {
         })
     }
 
-    /// Before replayed applies are written: per apply, the record of another command
-    /// under its key, if any. That is an expired record whose removal by compaction
+    /// Before replayed applies are written: the records of other commands under their
+    /// keys. Each is an expired record whose removal by compaction
     /// sled lost with the apply (the key was free, so the logged command took it); its
     /// id must no longer find the key's new record (`recover_intake` repairs the same
     /// for a command that is still pending). Read before the transaction, which cannot
@@ -339,11 +340,11 @@ impl Inner {
     fn displaced(
         &self,
         applies: &[impl Borrow<Applied>],
-    ) -> Result<Vec<Option<CommandRecord>>, StoreError> {
+    ) -> Result<Vec<CommandRecord>, StoreError> {
         let trees = self.finished_trees();
         // An earlier apply of the batch under the same key is what the later displaces.
         let mut earlier: HashMap<&str, &CommandRecord> = HashMap::new();
-        let mut displaced = Vec::with_capacity(applies.len());
+        let mut displaced = Vec::new();
         for applied in applies {
             let record = &applied.borrow().record;
             let key = record.idempotency_key.as_str();
@@ -351,12 +352,11 @@ impl Inner {
                 Some(earlier) => Some(earlier.clone()),
                 None => trees.record(key.as_bytes())?,
             };
-            let stale = stale.filter(|stale| stale.command_id != record.command_id);
-            if let Some(stale) = &stale {
+            if let Some(stale) = stale.filter(|stale| stale.command_id != record.command_id) {
                 tracing::warn!(command_id = %record.command_id, stale = %stale.command_id,
                     "an expired command's record came back under a replayed command's key; it no longer answers for the key or its id");
+                displaced.push(stale);
             }
-            displaced.push(stale);
         }
         Ok(displaced)
     }
@@ -381,24 +381,11 @@ impl ApplyTrees<'_> {
     /// its key ([`Inner::displaced`]); the key's new pointer is written over its own,
     /// and its chunk keeps it until it expires.
     fn displace(&self, stale: &CommandRecord) -> ConflictableTransactionResult<(), StoreError> {
-        let id = stale.command_id.as_bytes();
-        let key = stale.idempotency_key.as_bytes();
         // A pointer, or in the layout before, the key.
-        let points_at_it = |entry: &[u8]| {
-            stale
-                .event_id
-                .is_some_and(|event_id| entry == pointer(event_id))
-                || entry == key
-        };
-        if self
-            .command_ids
-            .get(id)?
-            .is_some_and(|entry| points_at_it(&entry))
-        {
-            self.command_ids.remove(id)?;
-        }
-        self.dead_letters.remove(&stale.seq.to_be_bytes())?;
-        Ok(())
+        let pointer = stale.event_id.map(pointer);
+        let key = stale.idempotency_key.as_bytes();
+        let held: Vec<&[u8]> = pointer.iter().map(|p| p.as_slice()).chain([key]).collect();
+        unindex_id(self.command_ids, self.dead_letters, stale, &held)
     }
 
     /// Writes what an apply decided: the row change, and the pointers from its key and

@@ -37,7 +37,9 @@ pub(super) fn chunks<'a>(
         let fits = matches!(chunks.last(), Some((_, value))
             if next_id == Some(id) && value.len() + 4 + entry.len() <= CHUNK_BYTES + 1);
         if !fits {
-            chunks.push((id, vec![CHUNK_TAG]));
+            let mut chunk = Vec::with_capacity(CHUNK_BYTES + 1);
+            chunk.push(CHUNK_TAG);
+            chunks.push((id, chunk));
         }
         let (_, value) = chunks.last_mut().expect("pushed above");
         let length = u32::try_from(entry.len()).expect("an entry is far below 4 GiB");

@@ -31,7 +31,9 @@
 
 use std::ops::Bound;
 
-use sled::transaction::ConflictableTransactionError;
+use sled::transaction::{
+    ConflictableTransactionError, ConflictableTransactionResult, TransactionalTree,
+};
 use sled::{IVec, Transactional};
 use uuid::Uuid;
 
@@ -58,11 +60,28 @@ pub(super) fn pointer(event_id: u64) -> [u8; 9] {
 }
 
 /// The event id an index entry points at; `None` for a value of the layout before.
-fn pointed(value: &[u8]) -> Option<u64> {
+pub(super) fn pointed(value: &[u8]) -> Option<u64> {
     match value.split_first() {
         Some((&POINTER_TAG, id)) if id.len() == 8 => Some(read_u64(id)),
         _ => None,
     }
+}
+
+/// Inside a transaction: removes `record`'s command-id entry if it still holds one of
+/// `held` (what pointed at the record; a newer command's entry stays), and the record's
+/// dead letter (a seq is one command's alone).
+pub(super) fn unindex_id(
+    ids: &TransactionalTree,
+    dead_letters: &TransactionalTree,
+    record: &CommandRecord,
+    held: &[&[u8]],
+) -> ConflictableTransactionResult<(), StoreError> {
+    let id = record.command_id.as_bytes();
+    if ids.get(id)?.is_some_and(|entry| held.contains(&&entry[..])) {
+        ids.remove(id)?;
+    }
+    dead_letters.remove(&record.seq.to_be_bytes())?;
+    Ok(())
 }
 
 /// The trees that hold a finished command.
@@ -168,12 +187,7 @@ impl FinishedTrees<'_> {
                     if current {
                         commands.remove(key)?;
                     }
-                    let id = record.command_id.as_bytes();
-                    if ids.get(id)?.is_some_and(|entry| entry == pointer) {
-                        ids.remove(id)?;
-                    }
-                    // A seq is one command's alone.
-                    dead_letters.remove(&record.seq.to_be_bytes())?;
+                    unindex_id(ids, dead_letters, record, &[&pointer])?;
                     deleted.push(current);
                 }
                 // Removes first: a chunk written again may be under the id it had.
@@ -202,16 +216,8 @@ impl FinishedTrees<'_> {
                 if commands.get(key)?.as_ref() == Some(entry) {
                     commands.remove(key)?;
                 }
-                let id = record.command_id.as_bytes();
                 // A pointer, or in the layout before, the key.
-                if ids
-                    .get(id)?
-                    .is_some_and(|held| held == *entry || held == key)
-                {
-                    ids.remove(id)?;
-                }
-                dead_letters.remove(&record.seq.to_be_bytes())?;
-                Ok::<_, ConflictableTransactionError<StoreError>>(())
+                unindex_id(ids, dead_letters, record, &[entry, key])
             })
             .map_err(flatten)
     }

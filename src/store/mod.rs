@@ -1176,7 +1176,7 @@ mod tests {
     fn finished_in_sled(store: &Store, key: &str) -> (sled::IVec, (sled::IVec, sled::IVec)) {
         let inner = &store.inner;
         let pointer = inner.commands.get(key).unwrap().expect("finished in sled");
-        let event_id = read_u64(&pointer[1..]);
+        let event_id = finished::pointed(&pointer).expect("a pointer");
         let chunk = inner.records.range(..=event_id.to_be_bytes()).next_back();
         (pointer, chunk.expect("a chunk").unwrap())
     }
@@ -1231,18 +1231,23 @@ mod tests {
         assert!(store.inner.commands.get("k").unwrap().is_none());
         let (answers, _) = accept_all(&store, &[create("k", "f", &store)]).await;
         assert!(matches!(&answers[0], Accepted::Replay(r) if r.command_id == new.command_id));
-        // Its chunk goes once it expires, and leaves the new command's entries.
-        store.inner.write_unwritten(u64::MAX).expect("written");
+        // Once the new command applies, the old chunk goes when it expires, and leaves
+        // the new command's entries.
+        let applied = store
+            .apply_batch(&[(new, &Decision::Apply)], OffsetDateTime::now_utc())
+            .expect("applied");
+        store.log_applied(applied.iter().flatten()).expect("logged");
+        store.finish(&new.idempotency_key, new.command_id);
         store.checkpoint().expect("checkpointed");
         assert_eq!(
             store.compact(u64::MAX, new.accepted_at).expect("compacted"),
-            (0, 0)
+            (0, 0),
+            "the old record was no longer the key's"
         );
-        assert!(record_ids(&store).is_empty());
-        assert!(
-            store.finished_command("k").unwrap().is_none(),
-            "never applied"
-        );
+        assert_eq!(record_ids(&store), [2]);
+        let finished = store.finished_command("k").unwrap().expect("finished");
+        assert_eq!(finished.command_id, new.command_id);
+        assert!(store.command_by_id(new.command_id).await.unwrap().is_some());
     }
 
     #[tokio::test]
@@ -1453,13 +1458,19 @@ mod tests {
     async fn a_read_that_took_a_pointer_before_its_record_expired_finds_nothing() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = Store::open(dir.path()).expect("a store");
-        accept_and_apply(&store, "k", "f").await;
+        let now = OffsetDateTime::now_utc();
+        // A record kept before it (stamped ahead), so the look-up finds a chunk.
+        let ahead = now + time::Duration::days(1);
+        let two_hours_ago = now - time::Duration::hours(2);
+        settle_each(&store, &[("b", ahead), ("k", two_hours_ago)]).await;
         store.checkpoint().expect("in sled");
-        let pointer = store.inner.commands.get("k").unwrap().expect("in sled");
-        let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
-        assert_eq!(store.compact(u64::MAX, later).expect("compacted"), (0, 1));
+        let entry = store.inner.commands.get("k").unwrap().expect("in sled");
+        let event_id = finished::pointed(&entry).expect("a pointer");
+        let cutoff = now - time::Duration::hours(1);
+        assert_eq!(store.compact(u64::MAX, cutoff).expect("compacted"), (0, 1));
+        assert_eq!(record_ids(&store), [1]);
         let trees = store.inner.finished_trees();
-        assert!(trees.record_at(read_u64(&pointer[1..])).unwrap().is_none());
+        assert!(trees.record_at(event_id).unwrap().is_none());
     }
 
     #[tokio::test]
@@ -2096,17 +2107,18 @@ mod tests {
         store.log_applied(applied.iter().flatten()).expect("logged");
         store.finish(&new.idempotency_key, new.command_id);
 
-        // sled loses both the removal and the apply (the log keeps the apply).
+        // sled loses the removal (the apply it never had: only the log holds it).
         bring_back(&store, old, held);
         let inner = &store.inner;
-        inner.command_ids.remove(new.command_id.as_bytes()).unwrap();
-        inner.records.remove(2_u64.to_be_bytes()).unwrap();
-        inner.events.remove(2_u64.to_be_bytes()).unwrap();
-        inner.tasks.remove(new.task_id.as_bytes()).unwrap();
-        inner
-            .meta
-            .insert(LAST_EVENT_ID, &1_u64.to_be_bytes())
-            .unwrap();
+        assert!(inner
+            .command_ids
+            .get(new.command_id.as_bytes())
+            .unwrap()
+            .is_none());
+        assert!(inner.records.get(2_u64.to_be_bytes()).unwrap().is_none());
+        assert!(inner.tasks.get(new.task_id.as_bytes()).unwrap().is_none());
+        let last = inner.meta.get(LAST_EVENT_ID).unwrap().expect("written");
+        assert_eq!(read_u64(&last), 1);
         inner.flush_sled().expect("flushed");
         drop(store);
 

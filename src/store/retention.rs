@@ -111,7 +111,8 @@ impl Store {
             let mut expired: Vec<(u64, CommandRecord)> = Vec::new();
             let mut cut = RecordsCut::default();
             let mut reached_kept = false;
-            let mut last = None;
+            // Set when this pass stopped full: the last chunk it read.
+            let mut next_after = None;
             for entry in trees.records.range((after.clone(), Bound::Unbounded)) {
                 let (key, value) = entry?;
                 let entries: Vec<_> = chunks::entries(read_u64(&key), &value).collect();
@@ -142,8 +143,11 @@ impl Store {
                     cut.removed.push(key.clone());
                     cut.written.extend(chunks::chunks(kept));
                 }
-                last = Some(key);
-                if reached_kept || expired.len() >= COMPACT_CHUNK {
+                if reached_kept {
+                    break;
+                }
+                if expired.len() >= COMPACT_CHUNK {
+                    next_after = Some(key);
                     break;
                 }
             }
@@ -157,11 +161,9 @@ impl Store {
                     }
                 }
             }
-            match last {
-                Some(last) if !reached_kept && expired.len() >= COMPACT_CHUNK => {
-                    after = Bound::Excluded(last);
-                }
-                _ => break,
+            match next_after {
+                Some(key) => after = Bound::Excluded(key),
+                None => break,
             }
         }
         if let Some(event_id) = ahead {
