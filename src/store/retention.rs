@@ -100,45 +100,26 @@ impl Store {
     /// parse (sled checksums what it stores, so it should never be), which stays. The
     /// chunk around either is written again without the records that went.
     fn expire_commands(&self, before: OffsetDateTime) -> Result<usize, StoreError> {
-        let now = OffsetDateTime::now_utc();
         let trees = self.inner.finished_trees();
         let mut removed = 0;
-        // The first of each kind of record walked past.
-        let (mut ahead, mut unreadable) = (None, None);
+        let mut walk = RecordWalk {
+            before,
+            now: OffsetDateTime::now_utc(),
+            ahead: None,
+            unreadable: None,
+        };
         // Each pass starts after the last chunk the one before it read.
         let mut after = Bound::Unbounded;
         loop {
             let mut expired: Vec<(u64, CommandRecord)> = Vec::new();
             let mut cut = RecordsCut::default();
-            let mut reached_kept = false;
             // Set when this pass stopped full: the last chunk it read.
             let mut next_after = None;
             for entry in trees.records.range((after.clone(), Bound::Unbounded)) {
                 let (key, value) = entry?;
                 let entries: Vec<_> = chunks::entries(read_u64(&key), &value).collect();
-                let mut kept = Vec::new();
                 let expired_before = expired.len();
-                for (at, &(event_id, json)) in entries.iter().enumerate() {
-                    match serde_json::from_slice::<CommandRecord>(json) {
-                        Ok(record) => match record.settled_at {
-                            Some(settled) if settled > now => {
-                                ahead.get_or_insert(event_id);
-                                kept.push((event_id, json));
-                            }
-                            Some(settled) if settled >= before => {
-                                kept.extend_from_slice(&entries[at..]);
-                                reached_kept = true;
-                                break;
-                            }
-                            _ => expired.push((event_id, record)),
-                        },
-                        Err(err) => {
-                            tracing::debug!(event_id, error = %err, "a finished command record does not parse");
-                            unreadable.get_or_insert(event_id);
-                            kept.push((event_id, json));
-                        }
-                    }
-                }
+                let (kept, reached_kept) = walk.sort(&entries, &mut expired);
                 if expired.len() > expired_before {
                     cut.removed.push(key.clone());
                     cut.written.extend(chunks::chunks(kept));
@@ -166,10 +147,10 @@ impl Store {
                 None => break,
             }
         }
-        if let Some(event_id) = ahead {
+        if let Some(event_id) = walk.ahead {
             tracing::warn!(first = event_id, "finished commands stamped later than now (the clock was ahead when they settled) are kept until then, and read at every compaction");
         }
-        if let Some(event_id) = unreadable {
+        if let Some(event_id) = walk.unreadable {
             tracing::error!(
                 first = event_id,
                 "finished command records that do not parse are kept, and read at every compaction"
@@ -181,5 +162,50 @@ impl Store {
             self.inner.flush_sled()?;
         }
         Ok(removed)
+    }
+}
+
+/// A compaction's walk of the finished records ([`Store::compact`]): its cutoff, its
+/// time, and the first of each kind of record it walked past.
+struct RecordWalk {
+    before: OffsetDateTime,
+    now: OffsetDateTime,
+    ahead: Option<u64>,
+    unreadable: Option<u64>,
+}
+
+impl RecordWalk {
+    /// Sorts a chunk's entries: the expired go to `expired`. Answers those kept (any
+    /// walked past, and every one from the first settled since the cutoff on) and
+    /// whether it reached that one, where the walk stops.
+    fn sort<'a>(
+        &mut self,
+        entries: &[(u64, &'a [u8])],
+        expired: &mut Vec<(u64, CommandRecord)>,
+    ) -> (Vec<(u64, &'a [u8])>, bool) {
+        let mut kept = Vec::new();
+        for (at, &(event_id, json)) in entries.iter().enumerate() {
+            let record = match serde_json::from_slice::<CommandRecord>(json) {
+                Ok(record) => record,
+                Err(err) => {
+                    tracing::debug!(event_id, error = %err, "a finished command record does not parse");
+                    self.unreadable.get_or_insert(event_id);
+                    kept.push((event_id, json));
+                    continue;
+                }
+            };
+            match record.settled_at {
+                Some(settled) if settled > self.now => {
+                    self.ahead.get_or_insert(event_id);
+                    kept.push((event_id, json));
+                }
+                Some(settled) if settled >= self.before => {
+                    kept.extend_from_slice(&entries[at..]);
+                    return (kept, true);
+                }
+                _ => expired.push((event_id, record)),
+            }
+        }
+        (kept, false)
     }
 }
