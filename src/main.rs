@@ -12,7 +12,7 @@ use tracing_subscriber::EnvFilter;
 /// exchange allocate and free buffers of every size on several threads, where glibc
 /// spends much of its time sorting and merging freed chunks. On the accept phase it
 /// took 12-15% less CPU per command at the same memory per subscriber (BENCHMARKS.md,
-/// section 5).
+/// section 2b).
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
