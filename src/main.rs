@@ -11,8 +11,8 @@ use tracing_subscriber::EnvFilter;
 /// jemalloc, not glibc's malloc: sled's inserts, the apply log's frames and the HTTP
 /// exchange allocate and free buffers of every size on several threads, where glibc
 /// spends much of its time sorting and merging freed chunks. On the accept phase it
-/// took 12-15% less CPU per command at the same memory per subscriber (BENCHMARKS.md,
-/// section 2b).
+/// took 12-15% less CPU per command, with the same or slightly less memory per
+/// subscriber (BENCHMARKS.md, section 2b).
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
