@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::client::{self, Conn};
 use crate::commands;
 use crate::report::{self, CpuDuring, PhaseReport, TargetCheck};
-use crate::stats::{round3, CpuMeter, Summary};
+use crate::stats::{round3, CpuMeter, CpuPerRequest, Summary};
 use crate::Ctx;
 
 const TARGET_RATE: f64 = 20_000.0;
@@ -58,6 +58,9 @@ struct RouteResult {
     elapsed_s: f64,
     rate_per_s: f64,
     latency_ms: Option<Summary>,
+    /// The server's and the bench's CPU per answered request, in µs (`None` for no
+    /// request answered).
+    cpu_per_request: Option<CpuPerRequest>,
 }
 
 #[derive(Debug, Serialize)]
@@ -116,11 +119,13 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
     }
 
     let noop_cpu = CpuMeter::start(server.info.pid, &[]);
-    let (noop, mut conns) = closed_loop(conns, addr, duration_s, StatusCode::OK, |conn, _, _| {
-        Box::pin(async move { conn.get("/api/health").await })
-    })
-    .await;
+    let (mut noop, mut conns) =
+        closed_loop(conns, addr, duration_s, StatusCode::OK, |conn, _, _| {
+            Box::pin(async move { conn.get("/api/health").await })
+        })
+        .await;
     let noop_cpu = noop_cpu.finish();
+    noop.cpu_per_request = noop_cpu.per_request(noop.ok);
     tokio::time::sleep(PAUSE).await;
 
     let metrics_before = match conns.first_mut() {
@@ -128,7 +133,7 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
         None => None,
     };
     let accept_cpu = CpuMeter::start(server.info.pid, &[]);
-    let (accept, conns) = closed_loop(conns, addr, duration_s, StatusCode::ACCEPTED, {
+    let (mut accept, conns) = closed_loop(conns, addr, duration_s, StatusCode::ACCEPTED, {
         let run = run.clone();
         move |conn, worker, index| {
             let key = format!("{run}-{worker}-{index}");
@@ -144,6 +149,7 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
     })
     .await;
     let accept_cpu = accept_cpu.finish();
+    accept.cpu_per_request = accept_cpu.per_request(accept.ok);
 
     let server_metrics = match conns.into_iter().next() {
         Some(mut conn) => conn.metrics::<ServerMetrics>().await,
@@ -232,6 +238,14 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
         route_row("accept POST /api/tasks (202)", &results.accept),
         ("ratio accept / no-op".to_owned(), format!("{ratio:.3}")),
         (
+            "CPU per request, server / bench".to_owned(),
+            format!(
+                "no-op {}, accept {}",
+                per_request(results.noop.cpu_per_request.as_ref()),
+                per_request(results.accept.cpu_per_request.as_ref())
+            ),
+        ),
+        (
             "server's counts, accept route".to_owned(),
             format!(
                 "accepted {}, settled {}, refused {}; at the end the consumer applied {} ms behind due times",
@@ -270,6 +284,16 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
         targets,
         problems,
         rows,
+    })
+}
+
+/// `server / bench µs` for a report row.
+fn per_request(cpu: Option<&CpuPerRequest>) -> String {
+    cpu.map_or("?".to_owned(), |cpu| {
+        let server = cpu
+            .server_us
+            .map_or("?".to_owned(), |us| format!("{us:.1}"));
+        format!("{server} / {:.1} µs", cpu.bench_us)
     })
 }
 
@@ -352,6 +376,7 @@ where
         elapsed_s: round3(elapsed_s),
         rate_per_s: round3(total.ok as f64 / elapsed_s.max(1e-9)),
         latency_ms: Summary::of(&mut total.latencies_ms),
+        cpu_per_request: None,
     };
     (result, conns)
 }

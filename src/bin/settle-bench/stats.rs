@@ -147,7 +147,29 @@ fn worker_ticks(pids: &[u32]) -> u64 {
         .sum()
 }
 
+/// CPU time per request over one interval, in µs: what `CpuUsage` spent, divided among
+/// the requests answered in it. Machine-independent where rates are not: a host that is
+/// slower (or busier) answers fewer requests in the same CPU.
+#[derive(Clone, Debug, Serialize)]
+pub struct CpuPerRequest {
+    /// `None` when the server's PID is unknown.
+    pub server_us: Option<f64>,
+    pub bench_us: f64,
+}
+
 impl CpuUsage {
+    /// The CPU per request of `requests` answered over this interval; `None` for none.
+    pub fn per_request(&self, requests: u64) -> Option<CpuPerRequest> {
+        if requests == 0 {
+            return None;
+        }
+        let us = |cores: f64| round3(cores * self.wall_s * 1e6 / requests as f64);
+        Some(CpuPerRequest {
+            server_us: self.server_cores.map(us),
+            bench_us: us(self.bench_cores),
+        })
+    }
+
     pub fn brief(&self) -> String {
         let show = |value: Option<f64>| value.map_or("?".to_owned(), |v| format!("{v:.2}"));
         format!(
@@ -174,6 +196,27 @@ mod tests {
         assert_eq!(summary.p99, 99.0);
         assert_eq!(summary.max, 100.0);
         assert_eq!(summary.min, 1.0);
+    }
+
+    #[test]
+    fn cpu_per_request_divides_the_cpu_seconds_among_the_requests() {
+        let usage = CpuUsage {
+            wall_s: 10.0,
+            server_cores: Some(1.5),
+            bench_cores: 0.25,
+            other_cores: None,
+            steal_cores: None,
+            loadavg_before: String::new(),
+        };
+        let per = usage.per_request(300_000).expect("requests");
+        assert_eq!(per.server_us, Some(50.0), "15 s of server CPU over 300000");
+        assert_eq!(per.bench_us, 8.333);
+        assert!(usage.per_request(0).is_none(), "nothing to divide among");
+        let unknown = CpuUsage {
+            server_cores: None,
+            ..usage
+        };
+        assert_eq!(unknown.per_request(1).expect("one").server_us, None);
     }
 
     #[test]
