@@ -284,6 +284,19 @@ impl TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        // Not stopped (a test that failed or returned early): the server's threads go on
+        // writing its store for a while, so its data dir must outlive them. Deleted
+        // under them, sled can fail to write a large page to its `blobs/` and leave its
+        // log waiting for that write for ever; its drop then holds sled's process-wide
+        // lock, and every other test's server in this process hangs behind it. The
+        // directory is left in the system's temp dir, named in the message.
+        if self.server.is_some() {
+            self._data_dir.disable_cleanup(true);
+            eprintln!(
+                "a server was dropped without a stop; its data dir is kept: {}",
+                self._data_dir.path().display()
+            );
+        }
     }
 }
 
