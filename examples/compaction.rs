@@ -37,6 +37,12 @@ struct Args {
     batch: usize,
 }
 
+/// The server's allocator (`src/main.rs`), so that a checkpoint here costs what it costs
+/// in the server.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = match &args.data_parent {

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::client::{self, Conn};
 use crate::commands;
 use crate::report::{self, CpuDuring, PhaseReport, TargetCheck};
-use crate::stats::{round3, CpuMeter, CpuPerRequest, Summary};
+use crate::stats::{round3, CpuMeter, CpuPerRequest, CpuUsage, Summary};
 use crate::Ctx;
 
 const TARGET_RATE: f64 = 20_000.0;
@@ -118,38 +118,38 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
         conns.push(client::connect(addr).await?);
     }
 
-    let noop_cpu = CpuMeter::start(server.info.pid, &[]);
-    let (mut noop, mut conns) =
-        closed_loop(conns, addr, duration_s, StatusCode::OK, |conn, _, _| {
-            Box::pin(async move { conn.get("/api/health").await })
-        })
-        .await;
-    let noop_cpu = noop_cpu.finish();
-    noop.cpu_per_request = noop_cpu.per_request(noop.ok);
+    let pid = server.info.pid;
+    let (noop, noop_cpu, mut conns) = closed_loop(
+        conns,
+        addr,
+        pid,
+        duration_s,
+        StatusCode::OK,
+        |conn, _, _| Box::pin(async move { conn.get("/api/health").await }),
+    )
+    .await;
     tokio::time::sleep(PAUSE).await;
 
     let metrics_before = match conns.first_mut() {
         Some(conn) => conn.metrics::<ServerMetrics>().await,
         None => None,
     };
-    let accept_cpu = CpuMeter::start(server.info.pid, &[]);
-    let (mut accept, conns) = closed_loop(conns, addr, duration_s, StatusCode::ACCEPTED, {
-        let run = run.clone();
-        move |conn, worker, index| {
-            let key = format!("{run}-{worker}-{index}");
-            Box::pin(async move {
-                conn.command(
-                    "/api/tasks",
-                    &key,
-                    Bytes::from_static(br#"{"title":"accept bench"}"#),
-                )
-                .await
-            })
-        }
-    })
-    .await;
-    let accept_cpu = accept_cpu.finish();
-    accept.cpu_per_request = accept_cpu.per_request(accept.ok);
+    let (accept, accept_cpu, conns) =
+        closed_loop(conns, addr, pid, duration_s, StatusCode::ACCEPTED, {
+            let run = run.clone();
+            move |conn, worker, index| {
+                let key = format!("{run}-{worker}-{index}");
+                Box::pin(async move {
+                    conn.command(
+                        "/api/tasks",
+                        &key,
+                        Bytes::from_static(br#"{"title":"accept bench"}"#),
+                    )
+                    .await
+                })
+            }
+        })
+        .await;
 
     let server_metrics = match conns.into_iter().next() {
         Some(mut conn) => conn.metrics::<ServerMetrics>().await,
@@ -241,8 +241,8 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
             "CPU per request, server / bench".to_owned(),
             format!(
                 "no-op {}, accept {}",
-                per_request(results.noop.cpu_per_request.as_ref()),
-                per_request(results.accept.cpu_per_request.as_ref())
+                CpuPerRequest::brief(results.noop.cpu_per_request.as_ref()),
+                CpuPerRequest::brief(results.accept.cpu_per_request.as_ref())
             ),
         ),
         (
@@ -287,32 +287,25 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
     })
 }
 
-/// `server / bench µs` for a report row.
-fn per_request(cpu: Option<&CpuPerRequest>) -> String {
-    cpu.map_or("?".to_owned(), |cpu| {
-        let server = cpu
-            .server_us
-            .map_or("?".to_owned(), |us| format!("{us:.1}"));
-        format!("{server} / {:.1} µs", cpu.bench_us)
-    })
-}
-
 type Exchange<'a> = std::pin::Pin<
     Box<dyn std::future::Future<Output = anyhow::Result<(StatusCode, Bytes)>> + Send + 'a>,
 >;
 
 /// Every connection sends requests back to back until `duration_s` is over. Returns
-/// the tally and the connections (a broken one is replaced, or left out).
+/// the tally, the CPU used meanwhile (by the server `server_pid`, the bench and the
+/// rest) and the connections (a broken one is replaced, or left out).
 async fn closed_loop<F>(
     conns: Vec<Conn>,
     addr: SocketAddr,
+    server_pid: Option<u32>,
     duration_s: u64,
     expected: StatusCode,
     request: F,
-) -> (RouteResult, Vec<Conn>)
+) -> (RouteResult, CpuUsage, Vec<Conn>)
 where
     F: for<'a> Fn(&'a mut Conn, usize, u64) -> Exchange<'a> + Clone + Send + Sync + 'static,
 {
+    let cpu = CpuMeter::start(server_pid, &[]);
     let start = Instant::now();
     let end = start + Duration::from_secs(duration_s);
     let mut workers = Vec::with_capacity(conns.len());
@@ -369,6 +362,7 @@ where
         }
     }
     let elapsed_s = start.elapsed().as_secs_f64();
+    let cpu = cpu.finish();
     let result = RouteResult {
         ok: total.ok,
         errors: total.errors,
@@ -376,9 +370,9 @@ where
         elapsed_s: round3(elapsed_s),
         rate_per_s: round3(total.ok as f64 / elapsed_s.max(1e-9)),
         latency_ms: Summary::of(&mut total.latencies_ms),
-        cpu_per_request: None,
+        cpu_per_request: cpu.per_request(total.ok),
     };
-    (result, conns)
+    (result, cpu, conns)
 }
 
 impl Tally {

@@ -157,6 +157,18 @@ pub struct CpuPerRequest {
     pub bench_us: f64,
 }
 
+impl CpuPerRequest {
+    /// `server / bench µs` for a report row; `?` for what was not measured.
+    pub fn brief(cpu: Option<&Self>) -> String {
+        cpu.map_or("?".to_owned(), |cpu| {
+            let server = cpu
+                .server_us
+                .map_or("?".to_owned(), |us| format!("{us:.1}"));
+            format!("{server} / {:.1} µs", cpu.bench_us)
+        })
+    }
+}
+
 impl CpuUsage {
     /// The CPU per request of `requests` answered over this interval; `None` for none.
     pub fn per_request(&self, requests: u64) -> Option<CpuPerRequest> {
