@@ -35,6 +35,9 @@ pub enum ApiError {
     /// 413: the body is larger than the limit.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// 414: the request line is longer than a request head may be (`head`).
+    #[error("{0}")]
+    UriTooLong(String),
     /// 415: the body is not JSON.
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -44,6 +47,10 @@ pub enum ApiError {
     /// 422: the idempotency key was already used for a different request.
     #[error("{0}")]
     KeyReused(String),
+    /// 431: more header fields, or a longer request head, than a request may have
+    /// (`head`).
+    #[error("{0}")]
+    HeaderFieldsTooLarge(String),
     /// 500: a bug or a storage failure; the detail stays in the log.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -99,6 +106,7 @@ impl ApiError {
                 "payload-too-large",
                 "Payload too large",
             ),
+            UriTooLong(_) => (StatusCode::URI_TOO_LONG, "uri-too-long", "URI too long"),
             UnsupportedMediaType(_) => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported-media-type",
@@ -113,6 +121,11 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency-key-reused",
                 "Idempotency-Key reused with a different request",
+            ),
+            HeaderFieldsTooLarge(_) => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "header-fields-too-large",
+                "Request header fields too large",
             ),
             Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -21,6 +21,8 @@
 //! - `sse`: `GET /api/events`, replay from the log then live, resumable by id.
 //! - `api`: reads, commands, idempotency keys, faults and metrics routes.
 //! - `net`: the HTTP/1.1 accept loop (TCP_NODELAY, graceful drain), the file limit.
+//! - `head`: a connection's first request head, judged before hyper reads it, so that
+//!   what hyper would refuse with an empty body gets a problem instead.
 //! - `metrics`: counters, the window histogram and the apply step timings (JSON and
 //!   OpenMetrics).
 //! - `assets`: the embedded browser app and the 404 fallback.
@@ -32,6 +34,7 @@ pub mod config;
 pub mod consumer;
 pub mod error;
 pub mod faults;
+pub mod head;
 pub mod hub;
 pub mod lag;
 pub mod metrics;

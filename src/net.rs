@@ -13,19 +13,26 @@
 //! read a request head, and on shutdown stops accepting, lets every connection finish
 //! its current response (event streams end on the same shutdown token) and waits for
 //! them, up to [`DRAIN_TIMEOUT`]. A connection that opens with an event-stream request
-//! skips hyper altogether (`sse::direct`): an idle subscriber then costs a few KiB.
+//! skips hyper altogether (`sse::direct`): an idle subscriber then costs a few KiB. One
+//! that opens with a head hyper would refuse with an empty body is answered here with
+//! a problem (`head`).
 
 use std::io;
 use std::time::Duration;
 
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::error::ApiError;
+use crate::head::{self, Verdict};
 use crate::sse::direct;
 use crate::AppState;
 
@@ -36,6 +43,14 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after an accept error such as `EMFILE` (out of file descriptors), so that the
 /// loop does not spin while connections close and free some.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// How much of a connection's first bytes are looked at at once: every head but a
+/// long one. A head not whole in it is looked at again up to `head::MAX_HEAD_BYTES`.
+const FIRST_LOOK_BYTES: usize = 4096;
+/// After refusing a head, how long and how much of what the client still sends is
+/// read and dropped before closing: closing with unread bytes resets the connection,
+/// and a reset can reach the client before it has read the answer.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+const REFUSAL_LINGER_BYTES: usize = 1 << 20;
 
 /// Serves the app (`crate::app`) on `listener` until `shutdown` is cancelled, then
 /// drains.
@@ -69,12 +84,13 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
         let shutdown = shutdown.clone();
         connections.spawn(async move {
             match sniff(&stream, &shutdown).await {
-                Some(Some(request)) => {
+                Some(First::Events(request)) => {
                     if let Err(err) = direct::serve(stream, request, state).await {
                         tracing::debug!(error = %err, "event stream ended with an error");
                     }
                 }
-                Some(None) => {
+                Some(First::Refused(problem)) => refuse(stream, problem).await,
+                Some(First::Http) => {
                     let connection = builder.serve_connection(TokioIo::new(stream), service);
                     if let Err(err) = watcher.watch(connection).await {
                         tracing::debug!(error = %err, "connection ended with an error");
@@ -98,19 +114,25 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
     }
 }
 
+/// What a connection opens with, by its first bytes.
+enum First {
+    /// An event-stream request, answered on the socket (`sse::direct`).
+    Events(direct::EventsRequest),
+    /// A head hyper would refuse with an empty body: answered here with this problem.
+    Refused(ApiError),
+    /// Anything else: hyper's.
+    Http,
+}
+
 /// Waits for a new connection's first bytes (as long as hyper would wait for a request
-/// head) and tells whether it opens with an event-stream request. `None`: the client
-/// sent nothing in time or hung up, or shutdown started first (an idle connection must
-/// not hold up the drain).
-async fn sniff(
-    stream: &TcpStream,
-    shutdown: &CancellationToken,
-) -> Option<Option<direct::EventsRequest>> {
-    let first_bytes = tokio::time::timeout(HEADER_READ_TIMEOUT, direct::sniff(stream));
+/// head) and tells what it opens with. `None`: the client sent nothing in time or hung
+/// up, or shutdown started first (an idle connection must not hold up the drain).
+async fn sniff(stream: &TcpStream, shutdown: &CancellationToken) -> Option<First> {
+    let first = tokio::time::timeout(HEADER_READ_TIMEOUT, first_request(stream));
     tokio::select! {
         _ = shutdown.cancelled() => None,
-        sniffed = first_bytes => match sniffed {
-            Ok(Ok(sniffed)) => Some(sniffed),
+        sniffed = first => match sniffed {
+            Ok(Ok(first)) => Some(first),
             Ok(Err(err)) => {
                 tracing::debug!(error = %err, "connection closed before its first request");
                 None
@@ -118,6 +140,81 @@ async fn sniff(
             Err(_) => None,
         },
     }
+}
+
+/// Peeks at the first bytes (consuming nothing) and judges them.
+async fn first_request(stream: &TcpStream) -> io::Result<First> {
+    let mut bytes = vec![0; FIRST_LOOK_BYTES];
+    let peeked = stream.peek(&mut bytes).await?;
+    if peeked == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    let seen = &bytes[..peeked];
+    if let Some(request) = direct::parse(seen) {
+        return Ok(First::Events(request));
+    }
+    let verdict = match head::judge(seen, peeked == bytes.len()) {
+        Verdict::Partial { filled: true } => head::judge_long(stream).await?,
+        verdict => verdict,
+    };
+    Ok(match verdict {
+        Verdict::Refuse(problem) => First::Refused(problem),
+        Verdict::Pass | Verdict::Partial { .. } => First::Http,
+    })
+}
+
+/// Answers a refused head with its problem and closes the connection.
+async fn refuse(mut stream: TcpStream, problem: ApiError) {
+    tracing::debug!(detail = %problem, "request head refused");
+    let (mut parts, body) = problem.into_response().into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    let head = closing_head(&Response::from_parts(parts, ()));
+    let answered = async {
+        stream.write_all(&head).await?;
+        stream.write_all(&body).await?;
+        stream.shutdown().await
+    };
+    if let Err(err) = answered.await {
+        tracing::debug!(error = %err, "could not answer a refused head");
+        return;
+    }
+    let linger = async {
+        let mut scratch = [0u8; 4096];
+        let mut left = REFUSAL_LINGER_BYTES;
+        while left > 0 {
+            match stream.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => left = left.saturating_sub(read),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(REFUSAL_LINGER, linger).await;
+}
+
+/// The status line and headers of `response`, and `Connection: close`: its body ends
+/// where the connection does, or where its own `Content-Length` says (RFC 9112,
+/// section 6.3).
+pub(crate) fn closing_head<B>(response: &Response<B>) -> Vec<u8> {
+    let status = response.status();
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or("")
+    )
+    .into_bytes();
+    for (name, value) in response.headers() {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"connection: close\r\n\r\n");
+    head
 }
 
 async fn on_accept_error(err: io::Error) {

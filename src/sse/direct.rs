@@ -11,7 +11,7 @@
 //! Only an unambiguous request takes this path: its whole head arrived in the first
 //! read, parses as HTTP/1.1 (httparse), is `GET /api/events` with no body and no
 //! upgrade. Anything else, and every connection that has served another request first,
-//! goes to hyper untouched: [`sniff`] only peeks. The answer is the same response as the
+//! goes to hyper untouched: the accept loop (`net`) only peeks. The answer is the same response as the
 //! routed handler's ([`events_response`]), status line and headers written as they are,
 //! with `Connection: close` and a close-delimited body, which every SSE client reads.
 
@@ -19,20 +19,17 @@ use std::io;
 
 use axum::extract::Query;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri};
-use axum::response::Response;
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::events_response;
+use crate::net::closing_head;
 use crate::AppState;
 
 /// The path this module serves, and the first bytes of a request for it.
 const EVENTS_PATH: &str = "/api/events";
 const EVENTS_REQUEST_PREFIX: &[u8] = b"GET /api/events";
-/// How much of a connection's first bytes are looked at. A request head longer than
-/// this goes to hyper.
-const PEEK_LIMIT: usize = 4096;
 /// Most request headers considered; a request with more goes to hyper.
 const MAX_HEADERS: usize = 32;
 
@@ -43,21 +40,9 @@ pub struct EventsRequest {
     headers: HeaderMap,
 }
 
-/// Peeks at the first bytes of a new connection: an event-stream request that this
-/// module can answer, or `None` for hyper. Consumes nothing.
-///
-/// # Errors
-/// When the socket fails or the peer closed it before sending anything.
-pub async fn sniff(stream: &TcpStream) -> io::Result<Option<EventsRequest>> {
-    let mut head = vec![0; PEEK_LIMIT];
-    let peeked = stream.peek(&mut head).await?;
-    if peeked == 0 {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(parse(&head[..peeked]))
-}
-
-fn parse(bytes: &[u8]) -> Option<EventsRequest> {
+/// An event-stream request that this module can answer, from a connection's first
+/// bytes (peeked, not consumed), or `None` for hyper.
+pub fn parse(bytes: &[u8]) -> Option<EventsRequest> {
     // A cheap look first: nearly every connection is something else.
     if !bytes.starts_with(EVENTS_REQUEST_PREFIX) {
         return None;
@@ -112,7 +97,7 @@ pub async fn serve(
     let query = Query::try_from_uri(&request.uri);
     let response = events_response(state, &request.headers, query);
     let (mut reader, mut writer) = stream.split();
-    writer.write_all(&response_head(&response)).await?;
+    writer.write_all(&closing_head(&response)).await?;
     let mut body = response.into_body().into_data_stream();
     let mut scratch = [0u8; 64];
     loop {
@@ -131,26 +116,6 @@ pub async fn serve(
         }
     }
     writer.shutdown().await
-}
-
-/// The status line and headers of `response`, for a body delimited by closing the
-/// connection (RFC 9112, section 6.3).
-fn response_head(response: &Response) -> Vec<u8> {
-    let status = response.status();
-    let mut head = format!(
-        "HTTP/1.1 {} {}\r\n",
-        status.as_str(),
-        status.canonical_reason().unwrap_or("")
-    )
-    .into_bytes();
-    for (name, value) in response.headers() {
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
-    head.extend_from_slice(b"connection: close\r\n\r\n");
-    head
 }
 
 #[cfg(test)]

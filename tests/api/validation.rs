@@ -488,3 +488,97 @@ async fn the_app_is_served_at_the_root_with_a_strict_policy() {
     assert_eq!(cached.status(), 304);
     app.stop().await;
 }
+
+/// Sends `request` on a connection of its own and reads the answer to its end (the
+/// server closes the connection after a refused head).
+async fn send_raw(app: &TestApp, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = app.base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the server answers and closes within 10 s")
+    .expect("readable");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn a_head_hyper_cannot_take_gets_a_problem_with_its_status() {
+    let app = spawn_app().await;
+    let fields: Vec<u8> = (0..120)
+        .flat_map(|n| format!("X-Field-{n}: v\r\n").into_bytes())
+        .collect();
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("garbage", b"GARBAGE\r\n\r\n".to_vec(), 400),
+        ("another HTTP", b"GET / HTTP/9.9\r\n\r\n".to_vec(), 400),
+        (
+            "bytes that are no URI",
+            b"GET /api/tasks/\xff\xfe HTTP/1.1\r\nHost: t\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "a Content-Length past u64",
+            b"POST /api/tasks HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "a negative Content-Length",
+            b"POST /api/tasks HTTP/1.1\r\nContent-Length: -1\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "120 header fields",
+            [&b"GET /api/tasks HTTP/1.1\r\n"[..], &fields, b"\r\n"].concat(),
+            431,
+        ),
+        (
+            "a 1 MiB header field",
+            [
+                &b"GET /api/tasks HTTP/1.1\r\nX-Big: "[..],
+                &vec![b'a'; 1 << 20],
+                b"\r\n\r\n",
+            ]
+            .concat(),
+            431,
+        ),
+        (
+            "a 70000-byte target",
+            [&b"GET /"[..], &vec![b'a'; 70_000], b" HTTP/1.1\r\n\r\n"].concat(),
+            414,
+        ),
+    ];
+    for (what, request, status) in cases {
+        let answer = send_raw(&app, &request).await;
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("{what}: a whole answer, got {answer:?}"));
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{what}: {head:?}"
+        );
+        assert!(
+            head.contains("content-type: application/problem+json\r\n"),
+            "{what}: {head:?}"
+        );
+        let problem: Value = serde_json::from_str(body).expect("a JSON problem body");
+        assert_eq!(problem["status"], status, "{what}: {problem}");
+        for field in ["type", "title", "detail"] {
+            assert!(problem[field].is_string(), "{what}: {field} in {problem}");
+        }
+    }
+    // A long head within the bound is served, and the server is still up.
+    let long_field = [
+        &b"GET /api/health HTTP/1.1\r\nHost: t\r\nX-Long: "[..],
+        &vec![b'a'; 20_000],
+        b"\r\nConnection: close\r\n\r\n",
+    ]
+    .concat();
+    let answer = send_raw(&app, &long_field).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
+    app.stop().await;
+}

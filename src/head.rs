@@ -1,0 +1,263 @@
+//! A connection's first request head, judged before hyper reads it.
+//!
+//! Why: hyper refuses a head it cannot take (not HTTP/1.x, more header fields than it
+//! keeps, a request line or a head too long, a target that is not a URI, a
+//! `Content-Length` that is not a number, a `Transfer-Encoding` that does not end in
+//! `chunked`) with a bare status line and an empty body, and offers no hook to answer
+//! otherwise. Every other error leaves this server as an RFC 9457 problem (`error`). So
+//! the accept loop (`net`), which already peeks at each connection's first bytes for
+//! the event-stream path, asks [`judge`] about them, and answers what hyper would
+//! refuse itself: the same status, a problem+json body, and the connection closed.
+//!
+//! What this does not cover, and hyper answers as it does: a later request on a
+//! keep-alive connection, and a head that arrives in pieces more slowly than it is
+//! looked at (judged only once it is whole, by hyper).
+
+use std::io;
+use std::time::Duration;
+
+use axum::http::Uri;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::error::ApiError;
+
+/// Header fields a request may carry: hyper's own limit, past which it answers 431.
+pub const MAX_HEADERS: usize = 100;
+/// The longest request head taken here, request line included. Longer is refused: 414
+/// when the request line alone is, 431 otherwise.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// How long a head longer than the first look may take to arrive whole before it is
+/// left to hyper (which then waits for it up to `net::HEADER_READ_TIMEOUT`).
+const LONG_HEAD_WAIT: Duration = Duration::from_secs(1);
+/// Between two looks at a long head still arriving: a peek returns at once while
+/// unread bytes wait, so waiting for more takes a pause.
+const LONG_HEAD_POLL: Duration = Duration::from_millis(2);
+
+/// What to do with the bytes of a head seen so far.
+#[derive(Debug)]
+pub enum Verdict {
+    /// A whole head that hyper takes as it is.
+    Pass,
+    /// A head hyper would refuse without a body: answer this problem and close.
+    Refuse(ApiError),
+    /// Not whole yet. `filled`: the bytes filled the buffer they were peeked into, so
+    /// more of the head may be there already.
+    Partial { filled: bool },
+}
+
+/// Judges the first `bytes` of a connection, peeked and not consumed. `filled`: they
+/// filled the buffer they were peeked into.
+pub fn judge(bytes: &[u8], filled: bool) -> Verdict {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(bytes) {
+        Err(httparse::Error::TooManyHeaders) => Verdict::Refuse(ApiError::HeaderFieldsTooLarge(
+            format!("a request may carry at most {MAX_HEADERS} header fields"),
+        )),
+        Err(err) => Verdict::Refuse(ApiError::BadRequest(format!(
+            "the request head does not parse as HTTP/1.1 ({err})"
+        ))),
+        Ok(httparse::Status::Partial) => Verdict::Partial { filled },
+        Ok(httparse::Status::Complete(_)) => match refusal(&request) {
+            Some(problem) => Verdict::Refuse(problem),
+            None => Verdict::Pass,
+        },
+    }
+}
+
+/// Judges a head longer than the first look: peeks at up to [`MAX_HEAD_BYTES`] until
+/// it is whole or longer than that, for at most [`LONG_HEAD_WAIT`]. A head still
+/// arriving then is left to hyper (`Partial`).
+///
+/// # Errors
+/// When the socket fails.
+pub async fn judge_long(stream: &TcpStream) -> io::Result<Verdict> {
+    let mut buffer = vec![0; MAX_HEAD_BYTES];
+    let deadline = Instant::now() + LONG_HEAD_WAIT;
+    loop {
+        let peeked = stream.peek(&mut buffer).await?;
+        let seen = &buffer[..peeked];
+        match judge(seen, peeked == buffer.len()) {
+            Verdict::Partial { filled: true } => return Ok(Verdict::Refuse(too_long(seen))),
+            Verdict::Partial { filled: false } if Instant::now() < deadline => {
+                tokio::time::sleep(LONG_HEAD_POLL).await;
+            }
+            verdict => return Ok(verdict),
+        }
+    }
+}
+
+/// The problem for a head of [`MAX_HEAD_BYTES`] that is not whole.
+fn too_long(seen: &[u8]) -> ApiError {
+    let limit = MAX_HEAD_BYTES / 1024;
+    if seen.contains(&b'\n') {
+        ApiError::HeaderFieldsTooLarge(format!("a request head may be at most {limit} KiB"))
+    } else {
+        ApiError::UriTooLong(format!("a request line may be at most {limit} KiB"))
+    }
+}
+
+/// What hyper would refuse in a head that parses: the checks of its request decoder.
+fn refusal(request: &httparse::Request) -> Option<ApiError> {
+    let target = request.path.unwrap_or_default();
+    if Uri::try_from(target).is_err() {
+        return Some(ApiError::BadRequest(
+            "the request target is not a valid URI".to_owned(),
+        ));
+    }
+    let mut content_length = None;
+    let mut transfer_coding = None;
+    for header in request.headers.iter() {
+        if header.name.eq_ignore_ascii_case("content-length") {
+            // A list of equal values is one value (RFC 9110, section 8.6).
+            for value in header.value.split(|&byte| byte == b',') {
+                let length = parse_length(value.trim_ascii());
+                if length.is_none() || content_length.is_some_and(|first| Some(first) != length) {
+                    return Some(ApiError::BadRequest(
+                        "Content-Length must be one number of bytes".to_owned(),
+                    ));
+                }
+                content_length = length;
+            }
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            transfer_coding = header
+                .value
+                .rsplit(|&byte| byte == b',')
+                .next()
+                .map(<[u8]>::trim_ascii);
+        }
+    }
+    match transfer_coding {
+        Some(_) if request.version == Some(0) => Some(ApiError::BadRequest(
+            "HTTP/1.0 has no Transfer-Encoding".to_owned(),
+        )),
+        Some(last) if !last.eq_ignore_ascii_case(b"chunked") => Some(ApiError::BadRequest(
+            "a request's Transfer-Encoding must end in chunked".to_owned(),
+        )),
+        _ => None,
+    }
+}
+
+/// A `Content-Length` value: ASCII digits only, no sign, within `u64`.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(verdict: Verdict) -> Option<u16> {
+        match verdict {
+            Verdict::Refuse(problem) => Some(
+                axum::response::IntoResponse::into_response(problem)
+                    .status()
+                    .as_u16(),
+            ),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn heads_hyper_takes_pass() {
+        for head in [
+            &b"GET /api/tasks HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"GET /api/tasks?x=%ff HTTP/1.0\r\n\r\n",
+            b"POST /api/tasks HTTP/1.1\r\nContent-Length: 12\r\n\r\n{\"title\":1}",
+            b"POST /api/tasks HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
+            b"POST /api/tasks HTTP/1.1\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\n\r\n",
+        ] {
+            let verdict = judge(head, false);
+            assert!(
+                matches!(verdict, Verdict::Pass),
+                "{}: {verdict:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    #[test]
+    fn heads_hyper_would_refuse_bare_are_problems_with_its_status() {
+        let many_fields: Vec<u8> = (0..=MAX_HEADERS)
+            .flat_map(|n| format!("X-Field-{n}: v\r\n").into_bytes())
+            .collect();
+        let cases: Vec<(Vec<u8>, u16)> = vec![
+            (b"GARBAGE\r\n\r\n".to_vec(), 400),
+            (
+                b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec(),
+                400,
+            ),
+            (b"GET / HTTP/9.9\r\n\r\n".to_vec(), 400),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(), 400),
+            (b"GET /api/tasks/\xff\xfe HTTP/1.1\r\n\r\n".to_vec(), 400),
+            (b"GET /a b HTTP/1.1\r\n\r\n".to_vec(), 400),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n".to_vec(),
+                400,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n".to_vec(),
+                400,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n".to_vec(),
+                400,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n".to_vec(),
+                400,
+            ),
+            (
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+                400,
+            ),
+            (
+                [&b"GET / HTTP/1.1\r\n"[..], &many_fields, b"\r\n"].concat(),
+                431,
+            ),
+        ];
+        for (head, expected) in cases {
+            assert_eq!(
+                status(judge(&head, false)),
+                Some(expected),
+                "{}",
+                String::from_utf8_lossy(&head)
+            );
+        }
+    }
+
+    #[test]
+    fn a_head_not_whole_is_partial_and_says_whether_it_filled_the_look() {
+        let head = b"GET /api/tasks HTTP/1.1\r\nHost: x\r\n";
+        assert!(matches!(
+            judge(head, false),
+            Verdict::Partial { filled: false }
+        ));
+        assert!(matches!(
+            judge(head, true),
+            Verdict::Partial { filled: true }
+        ));
+    }
+
+    #[test]
+    fn a_head_too_long_is_414_when_its_request_line_is_and_431_otherwise() {
+        let line = [&b"GET /"[..], &vec![b'a'; MAX_HEAD_BYTES]].concat();
+        let fields = [
+            &b"GET / HTTP/1.1\r\nX-Big: "[..],
+            &vec![b'a'; MAX_HEAD_BYTES],
+        ]
+        .concat();
+        let status = |problem: ApiError| {
+            axum::response::IntoResponse::into_response(problem)
+                .status()
+                .as_u16()
+        };
+        assert_eq!(status(too_long(&line[..MAX_HEAD_BYTES])), 414);
+        assert_eq!(status(too_long(&fields[..MAX_HEAD_BYTES])), 431);
+    }
+}
