@@ -68,7 +68,7 @@ const DEFAULT_DELAY_MS: u64 = 700;
 #[derive(Parser)]
 #[command(
     name = "settle-bench",
-    version,
+    version = settle::build_version(),
     about = "Benchmarks a settle server: window overhead, durable accept throughput, SSE fan-out."
 )]
 struct Cli {
@@ -288,6 +288,28 @@ fn die_by(signal: Signal) -> ExitCode {
     ExitCode::from(u8::try_from(128 + signal.number).unwrap_or(1))
 }
 
+/// Prints the JSON document (alone on stdout with `--json -`, after the report
+/// otherwise) and writes it to the `--json` file, opened at the start.
+fn write_document(
+    document: &Document,
+    json_on_stdout: bool,
+    json_file: Option<&mut (std::fs::File, PathBuf)>,
+) -> anyhow::Result<()> {
+    let json = serde_json::to_string_pretty(document).context("encoding the JSON document")?;
+    if json_on_stdout {
+        println!("{json}");
+        return Ok(());
+    }
+    println!("\n{json}");
+    if let Some((file, path)) = json_file {
+        file.write_all(format!("{json}\n").as_bytes())
+            .and_then(|()| file.flush())
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("(written to {})", path.display());
+    }
+    Ok(())
+}
+
 /// Runs the phases of one command.
 async fn run(command: Command) -> anyhow::Result<Outcome> {
     let nofile = match sys::raise_nofile_limit() {
@@ -305,7 +327,7 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::FanoutWorker(_) => unreachable!("workers run in their own runtime"),
     };
     let ctx = Ctx::new(&common)?;
-    // Blocking: the wake-up probe's round trips, and rustc and git run for their versions.
+    // Blocking: the wake-up probe's round trips.
     let (machine, versions) =
         tokio::task::spawn_blocking(move || (Machine::describe(nofile), Versions::collect()))
             .await
@@ -322,8 +344,17 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
         errors: Vec::new(),
         ok: true,
     };
-    // With `--json -` stdout carries the JSON document alone.
+    // With `--json -` stdout carries the JSON document alone. A file is opened now, so
+    // that a path that cannot be written fails the run before it measures.
     let json_on_stdout = common.json.as_deref() == Some(Path::new("-"));
+    let mut json_file = match &common.json {
+        Some(path) if !json_on_stdout => Some((
+            std::fs::File::create(path)
+                .with_context(|| format!("--json: cannot write {}", path.display()))?,
+            path.clone(),
+        )),
+        _ => None,
+    };
     let mut human: Box<dyn Write> = if json_on_stdout {
         Box::new(io::stderr())
     } else {
@@ -362,6 +393,10 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
             biased;
             signal = &mut interrupted => {
                 eprintln!("settle-bench: {} during the {name} phase: stopped what it started", signal.name);
+                // What the phases before it measured is kept.
+                document.errors.push(format!("{name}: interrupted by {}", signal.name));
+                document.ok = false;
+                write_document(&document, json_on_stdout, json_file.as_mut())?;
                 return Ok(Outcome::Interrupted(signal));
             }
             outcome = phase => outcome,
@@ -382,17 +417,7 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
     }
     document.ok &= document.errors.is_empty();
 
-    let json = serde_json::to_string_pretty(&document).context("encoding the JSON document")?;
-    if json_on_stdout {
-        println!("{json}");
-    } else {
-        println!("\n{json}");
-        if let Some(path) = &common.json {
-            std::fs::write(path, format!("{json}\n"))
-                .with_context(|| format!("writing {}", path.display()))?;
-            println!("(written to {})", path.display());
-        }
-    }
+    write_document(&document, json_on_stdout, json_file.as_mut())?;
     // A signal while the report was written: the run is over, but it was asked to stop.
     if let Some(signal) = futures::FutureExt::now_or_never(&mut interrupted) {
         return Ok(Outcome::Interrupted(signal));

@@ -14,8 +14,9 @@ use crate::sys::{self, Machine};
 pub struct TargetCheck {
     pub target: String,
     pub measured: String,
-    /// `None` when the run's parameters are not the target's (a smoke run, fewer
-    /// subscribers, another rate): then it says nothing about the target.
+    /// `None` when the run's parameters are not the target's (fewer subscribers,
+    /// another rate or concurrency, as in a smoke run's defaults): then it says nothing
+    /// about the target. `--smoke` itself changes only defaults, not the verdict.
     pub met: Option<bool>,
 }
 
@@ -98,40 +99,25 @@ impl PhaseReport {
     }
 }
 
-/// Versions of what was measured.
+/// Versions of what was measured: of the bench as built (`build.rs`); the server's
+/// are in its own row (`settle --version`, which names its commit the same way).
 #[derive(Debug, Serialize)]
 pub struct Versions {
     pub settle_bench: &'static str,
-    /// `rustc -V` of the toolchain on PATH (normally the one that built the bench).
+    /// The compiler that built the bench.
     pub rustc: Option<String>,
-    /// HEAD of the source tree the bench was built in, read when it runs (not
-    /// necessarily what this binary, or a `--server-bin`, was built from), `-dirty`
-    /// if the tree has uncommitted changes.
+    /// The commit the bench was built from, `-dirty` if that tree had uncommitted
+    /// changes; `None` when built outside a git tree.
     pub git: Option<String>,
     pub bench_profile: &'static str,
 }
 
 impl Versions {
     pub fn collect() -> Self {
-        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        let git = sys::command_line_output("git", &["rev-parse", "--short", "HEAD"], Some(repo))
-            .map(|commit| {
-                let dirty = std::process::Command::new("git")
-                    .args(["status", "--porcelain", "--untracked-files=no"])
-                    .current_dir(repo)
-                    .output()
-                    .map(|out| !out.stdout.is_empty())
-                    .unwrap_or(false);
-                if dirty {
-                    format!("{commit}-dirty")
-                } else {
-                    commit
-                }
-            });
         Self {
             settle_bench: env!("CARGO_PKG_VERSION"),
-            rustc: sys::command_line_output("rustc", &["-V"], None),
-            git,
+            rustc: Some(format!("rustc {}", settle::BUILD_RUSTC)),
+            git: settle::build_commit(),
             bench_profile: if cfg!(debug_assertions) {
                 "debug (figures are not representative: use --release)"
             } else {

@@ -288,7 +288,9 @@ impl Server {
             None => builder.tempdir(),
         }
         .context("creating a temporary data directory")?;
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        sys::stop_with_bench(&mut command);
+        let mut child = command
             .arg("--addr")
             .arg("127.0.0.1:0")
             .arg("--data-dir")

@@ -23,6 +23,14 @@ pub fn raise_nofile_limit() -> anyhow::Result<(u64, u64)> {
     rlimit::getrlimit(rlimit::Resource::NOFILE).context("reading RLIMIT_NOFILE")
 }
 
+/// This process's soft RLIMIT_NOFILE now, which the processes it starts inherit; `None`
+/// when it cannot be read.
+pub fn nofile_soft() -> Option<u64> {
+    rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
+}
+
 /// Nanoseconds since the Unix epoch on the wall clock. Used where two processes (the
 /// server's `settled_at`, the fan-out workers' arrivals) must share one time line; they
 /// run on one machine, so they read one clock.
@@ -500,6 +508,29 @@ pub fn open_fds(pid: u32) -> Option<usize> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .ok()
         .map(|entries| entries.count())
+}
+
+/// Has the kernel send `command`'s process SIGTERM when the bench dies, however it
+/// dies: a SIGKILL gives the bench no chance to stop what it started itself (`main`
+/// does on SIGINT and SIGTERM). A server stopped so drains and exits; only its fresh
+/// data directory is left behind. Linux's `PR_SET_PDEATHSIG`, which is tied to the
+/// thread that spawns: the bench spawns from its runtime's long-lived threads.
+pub fn stop_with_bench(command: &mut tokio::process::Command) {
+    let bench = libc::pid_t::try_from(std::process::id()).unwrap_or(libc::pid_t::MAX);
+    // SAFETY: the closure runs in the child between fork and exec, and makes only
+    // async-signal-safe calls (prctl, getppid) and no allocation.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The bench died before the prctl took effect: no signal would come.
+            if libc::getppid() != bench {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]
