@@ -1,17 +1,20 @@
 //! A connection's first request head, judged before hyper reads it.
 //!
 //! Why: hyper refuses a head it cannot take (not HTTP/1.x, more header fields than it
-//! keeps, a request line or a head too long, a target that is not a URI, a
+//! keeps, a head longer than its buffer, a target that is not a URI, a
 //! `Content-Length` that is not a number, a `Transfer-Encoding` that does not end in
 //! `chunked`) with a bare status line and an empty body, and offers no hook to answer
 //! otherwise. Every other error leaves this server as an RFC 9457 problem (`error`). So
 //! the accept loop (`net`), which already peeks at each connection's first bytes for
 //! the event-stream path, asks [`judge`] about them, and answers what hyper would
 //! refuse itself: the same status, a problem+json body, and the connection closed.
+//! The longest head is this server's choice, [`MAX_HEAD_BYTES`], which `net` gives
+//! hyper too.
 //!
-//! What this does not cover, and hyper answers as it does: a later request on a
-//! keep-alive connection, and a head that arrives in pieces more slowly than it is
-//! looked at (judged only once it is whole, by hyper).
+//! Only what has arrived is judged, without consuming it: the head that came with the
+//! connection's first read (on loopback, a whole head of up to 64 KiB comes at once; over
+//! a network, often one segment). A head still arriving then, and any later request on
+//! a keep-alive connection, are hyper's, which answers them as it does.
 
 use std::io;
 use std::time::Duration;
@@ -24,15 +27,18 @@ use crate::error::ApiError;
 
 /// Header fields a request may carry: hyper's own limit, past which it answers 431.
 pub const MAX_HEADERS: usize = 100;
-/// The longest request head taken here, request line included. Longer is refused: 414
-/// when the request line alone is, 431 otherwise.
+/// The longest request head this server takes, request line included (hyper's own
+/// default is about 400 KiB; browsers and proxies send a few KiB). Longer is refused:
+/// 414 when the request line alone is, 431 otherwise.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// How long a head longer than the first look may take to arrive whole before it is
 /// left to hyper (which then waits for it up to `net::HEADER_READ_TIMEOUT`).
 const LONG_HEAD_WAIT: Duration = Duration::from_secs(1);
-/// Between two looks at a long head still arriving: a peek returns at once while
-/// unread bytes wait, so waiting for more takes a pause.
+/// The first pause between two looks at a long head still arriving (a peek returns at
+/// once while unread bytes wait, so waiting for more takes a pause); it doubles up to
+/// [`LONG_HEAD_POLL_MAX`], and a look that finds nothing new is not parsed again.
 const LONG_HEAD_POLL: Duration = Duration::from_millis(2);
+const LONG_HEAD_POLL_MAX: Duration = Duration::from_millis(100);
 
 /// What to do with the bytes of a head seen so far.
 #[derive(Debug)]
@@ -75,16 +81,24 @@ pub fn judge(bytes: &[u8], filled: bool) -> Verdict {
 pub async fn judge_long(stream: &TcpStream) -> io::Result<Verdict> {
     let mut buffer = vec![0; MAX_HEAD_BYTES];
     let deadline = Instant::now() + LONG_HEAD_WAIT;
+    let mut pause = LONG_HEAD_POLL;
+    let mut judged = 0;
     loop {
         let peeked = stream.peek(&mut buffer).await?;
-        let seen = &buffer[..peeked];
-        match judge(seen, peeked == buffer.len()) {
-            Verdict::Partial { filled: true } => return Ok(Verdict::Refuse(too_long(seen))),
-            Verdict::Partial { filled: false } if Instant::now() < deadline => {
-                tokio::time::sleep(LONG_HEAD_POLL).await;
+        if peeked > judged {
+            judged = peeked;
+            let seen = &buffer[..peeked];
+            match judge(seen, peeked == buffer.len()) {
+                Verdict::Partial { filled: true } => return Ok(Verdict::Refuse(too_long(seen))),
+                Verdict::Partial { filled: false } => {}
+                verdict => return Ok(verdict),
             }
-            verdict => return Ok(verdict),
         }
+        if Instant::now() >= deadline {
+            return Ok(Verdict::Partial { filled: false });
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(LONG_HEAD_POLL_MAX);
     }
 }
 
@@ -98,7 +112,9 @@ fn too_long(seen: &[u8]) -> ApiError {
     }
 }
 
-/// What hyper would refuse in a head that parses: the checks of its request decoder.
+/// What hyper would refuse in a head that parses: the checks of its request decoder
+/// (hyper 1's `role.rs`), in its order. A `Content-Length` after a `Transfer-Encoding`
+/// is not read at all, as there.
 fn refusal(request: &httparse::Request) -> Option<ApiError> {
     let target = request.path.unwrap_or_default();
     if Uri::try_from(target).is_err() {
@@ -106,45 +122,53 @@ fn refusal(request: &httparse::Request) -> Option<ApiError> {
             "the request target is not a valid URI".to_owned(),
         ));
     }
+    let bad = |detail: &str| Some(ApiError::BadRequest(detail.to_owned()));
     let mut content_length = None;
-    let mut transfer_coding = None;
+    let mut transfer_coding: Option<&[u8]> = None;
     for header in request.headers.iter() {
-        if header.name.eq_ignore_ascii_case("content-length") {
-            // A list of equal values is one value (RFC 9110, section 8.6).
-            for value in header.value.split(|&byte| byte == b',') {
-                let length = parse_length(value.trim_ascii());
-                if length.is_none() || content_length.is_some_and(|first| Some(first) != length) {
-                    return Some(ApiError::BadRequest(
-                        "Content-Length must be one number of bytes".to_owned(),
-                    ));
-                }
-                content_length = length;
+        if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            if request.version == Some(0) {
+                return bad("HTTP/1.0 has no Transfer-Encoding");
             }
-        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            if !header
+                .value
+                .iter()
+                .all(|byte| matches!(byte, b' '..=b'~' | b'\t'))
+            {
+                return bad("Transfer-Encoding must be visible ASCII");
+            }
             transfer_coding = header
                 .value
                 .rsplit(|&byte| byte == b',')
                 .next()
                 .map(<[u8]>::trim_ascii);
+        } else if header.name.eq_ignore_ascii_case("content-length") && transfer_coding.is_none() {
+            let length = parse_length(header.value);
+            if length.is_none() || content_length.is_some_and(|first| Some(first) != length) {
+                return bad("Content-Length must be one number of bytes");
+            }
+            content_length = length;
         }
     }
     match transfer_coding {
-        Some(_) if request.version == Some(0) => Some(ApiError::BadRequest(
-            "HTTP/1.0 has no Transfer-Encoding".to_owned(),
-        )),
-        Some(last) if !last.eq_ignore_ascii_case(b"chunked") => Some(ApiError::BadRequest(
-            "a request's Transfer-Encoding must end in chunked".to_owned(),
-        )),
+        Some(last) if !last.eq_ignore_ascii_case(b"chunked") => {
+            bad("a request's Transfer-Encoding must end in chunked")
+        }
         _ => None,
     }
 }
 
-/// A `Content-Length` value: ASCII digits only, no sign, within `u64`.
+/// The largest `Content-Length` hyper takes (it keeps the two values above for itself).
+const MAX_CONTENT_LENGTH: u64 = u64::MAX - 2;
+
+/// A `Content-Length` value as hyper reads one: ASCII digits only (no sign, no list),
+/// at most [`MAX_CONTENT_LENGTH`].
 fn parse_length(value: &[u8]) -> Option<u64> {
     if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    std::str::from_utf8(value).ok()?.parse().ok()
+    let length: u64 = std::str::from_utf8(value).ok()?.parse().ok()?;
+    (length <= MAX_CONTENT_LENGTH).then_some(length)
 }
 
 #[cfg(test)]
@@ -168,8 +192,10 @@ mod tests {
             &b"GET /api/tasks HTTP/1.1\r\nHost: x\r\n\r\n"[..],
             b"GET /api/tasks?x=%ff HTTP/1.0\r\n\r\n",
             b"POST /api/tasks HTTP/1.1\r\nContent-Length: 12\r\n\r\n{\"title\":1}",
-            b"POST /api/tasks HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
+            b"POST /api/tasks HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n",
             b"POST /api/tasks HTTP/1.1\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n",
+            // hyper does not read a Content-Length after a Transfer-Encoding.
+            b"POST /api/tasks HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: x\r\n\r\n",
             b"OPTIONS * HTTP/1.1\r\n\r\n",
         ] {
             let verdict = judge(head, false);
@@ -206,6 +232,18 @@ mod tests {
             ),
             (
                 b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n".to_vec(),
+                400,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n".to_vec(),
+                400,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 18446744073709551615\r\n\r\n".to_vec(),
+                400,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: \xe9chunked\r\n\r\n".to_vec(),
                 400,
             ),
             (

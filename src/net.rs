@@ -61,7 +61,10 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // The longest head this server takes, also on a keep-alive connection's later
+        // requests, which `head` does not see (hyper's own default is about 400 KiB).
+        .max_buf_size(head::MAX_HEAD_BYTES);
     loop {
         let stream = tokio::select! {
             biased;
@@ -89,7 +92,9 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
                         tracing::debug!(error = %err, "event stream ended with an error");
                     }
                 }
-                Some(First::Refused(problem)) => refuse(stream, problem).await,
+                // Boxed: a connection's task is as large as its largest state for its
+                // whole life, and an idle subscriber must not carry a refusal's buffers.
+                Some(First::Refused(problem)) => Box::pin(refuse(stream, problem)).await,
                 Some(First::Http) => {
                     let connection = builder.serve_connection(TokioIo::new(stream), service);
                     if let Err(err) = watcher.watch(connection).await {
@@ -154,7 +159,8 @@ async fn first_request(stream: &TcpStream) -> io::Result<First> {
         return Ok(First::Events(request));
     }
     let verdict = match head::judge(seen, peeked == bytes.len()) {
-        Verdict::Partial { filled: true } => head::judge_long(stream).await?,
+        // Boxed, as a refusal is (above): rare, and not to be carried by every task.
+        Verdict::Partial { filled: true } => Box::pin(head::judge_long(stream)).await?,
         verdict => verdict,
     };
     Ok(match verdict {

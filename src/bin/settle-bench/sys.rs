@@ -514,7 +514,9 @@ pub fn open_fds(pid: u32) -> Option<usize> {
 /// dies: a SIGKILL gives the bench no chance to stop what it started itself (`main`
 /// does on SIGINT and SIGTERM). A server stopped so drains and exits; only its fresh
 /// data directory is left behind. Linux's `PR_SET_PDEATHSIG`, which is tied to the
-/// thread that spawns: the bench spawns from its runtime's long-lived threads.
+/// thread that spawns, not the process: the bench spawns its server and workers from
+/// its main thread (`main` polls the phases with `block_on`), never from a pool thread
+/// that may exit before them.
 pub fn stop_with_bench(command: &mut tokio::process::Command) {
     let bench = libc::pid_t::try_from(std::process::id()).unwrap_or(libc::pid_t::MAX);
     // SAFETY: the closure runs in the child between fork and exec, and makes only
