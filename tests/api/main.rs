@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod bench;
 mod commands;
 mod events;
 mod faults;
