@@ -126,7 +126,9 @@ fn open_stream(
     Ok(response)
 }
 
-/// A `reset` frame: the client refetches the snapshot and resumes from `watermark`.
+/// A `reset` frame: the history after `watermark` up to what follows is gone; the
+/// client refetches the snapshot, whose own watermark says which of the events after
+/// the reset it already includes.
 fn reset_frame(watermark: u64, reason: &'static str) -> Option<Bytes> {
     EventFrame::encode(watermark, EVENT_RESET, &ResetEvent { watermark, reason })
         .ok()
@@ -134,7 +136,8 @@ fn reset_frame(watermark: u64, reason: &'static str) -> Option<Bytes> {
 }
 
 /// The SSE byte stream after `last_event_id` (live only when `None`): a `retry:` hint,
-/// a `reset` when that history is gone, the log replay, then live events, keep-alive
+/// a `reset` when part of that history is gone, the replay of what the log holds, then
+/// live events, keep-alive
 /// comments, and the end when `shutdown` is cancelled. The log is read on the blocking
 /// pool ([`Store::blocking`]); if a read fails, the stream ends (the client
 /// reconnects after `retry`).
@@ -175,17 +178,26 @@ pub fn event_stream(
                 let (after, upto) = (sent, target);
                 let read = store.blocking(move |store| store.events_after(after, upto, REPLAY_CHUNK));
                 match read.await {
-                    // Contiguous with what was sent.
-                    Ok(frames) if frames.first().is_some_and(|frame| frame.id == sent + 1) => {
+                    Ok(frames) if !frames.is_empty() => {
+                        let first = frames[0].id;
+                        if first != sent + 1 {
+                            // The log no longer holds `sent + 1` (compacted before a
+                            // resume, or under a lagging subscriber's replay): `reset`
+                            // first, under the last id it no longer holds, so that ids
+                            // still only grow; then what it holds, as for any resume.
+                            tracing::info!(sent, first, "event log no longer holds a subscriber's next event; resetting");
+                            if let Some(reset) = reset_frame(first - 1, "history_compacted") {
+                                yield Ok(reset);
+                            }
+                        }
                         for frame in frames {
                             sent = frame.id;
                             yield Ok(frame.bytes);
                         }
                     }
                     Ok(_) => {
-                        // The log no longer holds `sent + 1` (compacted before a resume,
-                        // or under a lagging subscriber's replay): the client must refetch.
-                        tracing::info!(sent, target, "event log no longer holds a subscriber's next event; resetting");
+                        // Nothing after `sent` up to `target` is left (not expected: the
+                        // newest events are always kept): refetch, and go on from there.
                         if let Some(reset) = reset_frame(target, "history_compacted") {
                             yield Ok(reset);
                         }

@@ -110,14 +110,26 @@ async fn a_resume_from_before_the_retained_log_starts_with_reset() {
     let app = app.restart(|_| {}).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let mut stale = app.events(Some(1)).await;
-    let reset = stale.next().await;
-    assert_eq!(reset.name, "reset");
-    assert_eq!(reset.id, 6);
-    assert_eq!(reset.data["watermark"], 6);
-    assert_eq!(reset.data["reason"], "history_compacted");
-    app.create("fresh").await;
-    assert_eq!(stale.next().await.id, 7, "live events follow the reset");
+    // The log keeps 4, 5 and 6: a resume from before them is told so first, under the
+    // last id it lost, then gets what is kept, then live events.
+    for from in [0, 1] {
+        let mut stale = app.events(Some(from)).await;
+        let reset = stale.next().await;
+        assert_eq!(reset.name, "reset");
+        assert_eq!(reset.id, 3);
+        assert_eq!(reset.data["watermark"], 3);
+        assert_eq!(reset.data["reason"], "history_compacted");
+        let kept: Vec<u64> = stale.take(3).await.iter().map(|event| event.id).collect();
+        assert_eq!(
+            kept,
+            [4, 5, 6],
+            "Last-Event-ID {from}: the whole retained log"
+        );
+        if from == 1 {
+            app.create("fresh").await;
+            assert_eq!(stale.next().await.id, 7, "live events follow the replay");
+        }
+    }
 
     // Within the retained log there is no reset.
     let mut recent = app.events(Some(4)).await;
