@@ -36,7 +36,7 @@ pub const MAX_DELAY_MS: u64 = 60_000;
 #[derive(Clone, Debug, Parser)]
 #[command(
     name = "settle",
-    version = crate::build_version(),
+    version = crate::build_info::version(),
     about = "A task server whose writes are asynchronous: 202 Accepted, applied ~700 ms later, reconciled over SSE."
 )]
 pub struct Config {

@@ -7,9 +7,11 @@
 //! otherwise. Every other error leaves this server as an RFC 9457 problem (`error`). So
 //! the accept loop (`net`), which already peeks at each connection's first bytes for
 //! the event-stream path, asks [`judge`] about them, and answers what hyper would
-//! refuse itself: the same status, a problem+json body, and the connection closed.
-//! The longest head is this server's choice, [`MAX_HEAD_BYTES`], which `net` gives
-//! hyper too.
+//! refuse itself: a problem+json body, and the connection closed. The status is
+//! hyper's (a test holds it to hyper's own answers), but for two heads: an HTTP/2
+//! preface gets 400 (hyper closes without an answer), and so does a `Content-Length`
+//! past what a body can be (hyper: 431). The longest head is this server's choice,
+//! [`MAX_HEAD_BYTES`], which `net` gives hyper too.
 //!
 //! Only what has arrived is judged, without consuming it: the head that came with the
 //! connection's first read (on loopback, a whole head of up to 64 KiB comes at once; over
@@ -47,24 +49,24 @@ pub enum Verdict {
     Pass,
     /// A head hyper would refuse without a body: answer this problem and close.
     Refuse(ApiError),
-    /// Not whole yet. `filled`: the bytes filled the buffer they were peeked into, so
-    /// more of the head may be there already.
-    Partial { filled: bool },
+    /// Not whole yet.
+    Partial,
 }
 
-/// Judges the first `bytes` of a connection, peeked and not consumed. `filled`: they
-/// filled the buffer they were peeked into.
-pub fn judge(bytes: &[u8], filled: bool) -> Verdict {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut headers);
-    match request.parse(bytes) {
+/// Judges the first `bytes` of a connection, peeked and not consumed.
+pub fn judge(bytes: &[u8]) -> Verdict {
+    // Not initialised: this runs for every new connection, and httparse writes each
+    // header it parses before it is read.
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    match request.parse_with_uninit_headers(bytes, &mut headers) {
         Err(httparse::Error::TooManyHeaders) => Verdict::Refuse(ApiError::HeaderFieldsTooLarge(
             format!("a request may carry at most {MAX_HEADERS} header fields"),
         )),
         Err(err) => Verdict::Refuse(ApiError::BadRequest(format!(
             "the request head does not parse as HTTP/1.1 ({err})"
         ))),
-        Ok(httparse::Status::Partial) => Verdict::Partial { filled },
+        Ok(httparse::Status::Partial) => Verdict::Partial,
         Ok(httparse::Status::Complete(_)) => match refusal(&request) {
             Some(problem) => Verdict::Refuse(problem),
             None => Verdict::Pass,
@@ -74,7 +76,8 @@ pub fn judge(bytes: &[u8], filled: bool) -> Verdict {
 
 /// Judges a head longer than the first look: peeks at up to [`MAX_HEAD_BYTES`] until
 /// it is whole or longer than that, for at most [`LONG_HEAD_WAIT`]. A head still
-/// arriving then is left to hyper (`Partial`).
+/// arriving then is left to hyper (`Partial`); one that fills [`MAX_HEAD_BYTES`] and is
+/// not whole is refused.
 ///
 /// # Errors
 /// When the socket fails.
@@ -88,14 +91,16 @@ pub async fn judge_long(stream: &TcpStream) -> io::Result<Verdict> {
         if peeked > judged {
             judged = peeked;
             let seen = &buffer[..peeked];
-            match judge(seen, peeked == buffer.len()) {
-                Verdict::Partial { filled: true } => return Ok(Verdict::Refuse(too_long(seen))),
-                Verdict::Partial { filled: false } => {}
+            match judge(seen) {
+                Verdict::Partial if peeked == buffer.len() => {
+                    return Ok(Verdict::Refuse(too_long(seen)))
+                }
+                Verdict::Partial => {}
                 verdict => return Ok(verdict),
             }
         }
         if Instant::now() >= deadline {
-            return Ok(Verdict::Partial { filled: false });
+            return Ok(Verdict::Partial);
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(LONG_HEAD_POLL_MAX);
@@ -145,7 +150,7 @@ fn refusal(request: &httparse::Request) -> Option<ApiError> {
         } else if header.name.eq_ignore_ascii_case("content-length") && transfer_coding.is_none() {
             let length = parse_length(header.value);
             if length.is_none() || content_length.is_some_and(|first| Some(first) != length) {
-                return bad("Content-Length must be one number of bytes");
+                return bad("Content-Length must be one number of bytes a body can have");
             }
             content_length = length;
         }
@@ -158,7 +163,8 @@ fn refusal(request: &httparse::Request) -> Option<ApiError> {
     }
 }
 
-/// The largest `Content-Length` hyper takes (it keeps the two values above for itself).
+/// The largest `Content-Length` hyper takes (it keeps the two values above for itself,
+/// and answers 431 to them).
 const MAX_CONTENT_LENGTH: u64 = u64::MAX - 2;
 
 /// A `Content-Length` value as hyper reads one: ASCII digits only (no sign, no list),
@@ -198,7 +204,7 @@ mod tests {
             b"POST /api/tasks HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: x\r\n\r\n",
             b"OPTIONS * HTTP/1.1\r\n\r\n",
         ] {
-            let verdict = judge(head, false);
+            let verdict = judge(head);
             assert!(
                 matches!(verdict, Verdict::Pass),
                 "{}: {verdict:?}",
@@ -261,7 +267,7 @@ mod tests {
         ];
         for (head, expected) in cases {
             assert_eq!(
-                status(judge(&head, false)),
+                status(judge(&head)),
                 Some(expected),
                 "{}",
                 String::from_utf8_lossy(&head)
@@ -270,16 +276,143 @@ mod tests {
     }
 
     #[test]
-    fn a_head_not_whole_is_partial_and_says_whether_it_filled_the_look() {
-        let head = b"GET /api/tasks HTTP/1.1\r\nHost: x\r\n";
+    fn a_head_not_whole_is_partial() {
         assert!(matches!(
-            judge(head, false),
-            Verdict::Partial { filled: false }
+            judge(b"GET /api/tasks HTTP/1.1\r\nHost: x\r\n"),
+            Verdict::Partial
         ));
-        assert!(matches!(
-            judge(head, true),
-            Verdict::Partial { filled: true }
-        ));
+    }
+
+    /// What hyper, configured as `net` configures it, answers to `head` on a connection
+    /// of its own: its status, `None` when it closes without an answer.
+    async fn hyper_status(head: &[u8]) -> Option<u16> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let service = hyper::service::service_fn(|_request| async {
+            Ok::<_, std::convert::Infallible>(axum::http::Response::new(axum::body::Body::empty()))
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.max_buf_size(MAX_HEAD_BYTES);
+        let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(server), service);
+        let served = tokio::spawn(connection);
+        let (mut read, mut write) = tokio::io::split(client);
+        // The write side stays open: hyper (without half-close) drops a request whose
+        // client closed its side. Each head here ends in hyper closing the connection.
+        let _ = write.write_all(head).await;
+        // Up to the end of the answer's head, or the end of the connection.
+        let mut answer = Vec::new();
+        let read_head = async {
+            let mut chunk = [0u8; 1024];
+            while !answer.windows(4).any(|window| window == b"\r\n\r\n") {
+                match read.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(read) => answer.extend_from_slice(&chunk[..read]),
+                }
+            }
+        };
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(10), read_head).await;
+        assert!(answered.is_ok(), "hyper neither answered nor closed");
+        served.abort();
+        let answer = String::from_utf8_lossy(&answer);
+        answer.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+    }
+
+    /// The refusals follow hyper's own: checked against hyper itself, so that an upgrade
+    /// that moves its rules shows here. Where this server says more than hyper does, the
+    /// difference is named.
+    #[tokio::test]
+    async fn each_refusal_is_hyper_s_own_status_or_a_named_difference() {
+        let many_fields: Vec<u8> = (0..=MAX_HEADERS)
+            .flat_map(|n| format!("X-Field-{n}: v\r\n").into_bytes())
+            .collect();
+        let long_line = [
+            &b"GET /"[..],
+            &vec![b'a'; MAX_HEAD_BYTES],
+            b" HTTP/1.1\r\n\r\n",
+        ]
+        .concat();
+        let long_field = [
+            &b"GET / HTTP/1.1\r\nX-Big: "[..],
+            &vec![b'a'; 2 * MAX_HEAD_BYTES],
+            b"\r\n\r\n",
+        ]
+        .concat();
+        // (head, hyper's status, ours when it differs)
+        let cases: Vec<(Vec<u8>, Option<u16>, Option<u16>)> = vec![
+            (
+                b"GET /api/tasks HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+                Some(200),
+                None,
+            ),
+            (b"GARBAGE\r\n\r\n".to_vec(), Some(400), None),
+            (b"GET / HTTP/9.9\r\n\r\n".to_vec(), Some(400), None),
+            (
+                b"GET /api/tasks/\xff\xfe HTTP/1.1\r\n\r\n".to_vec(),
+                Some(400),
+                None,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n".to_vec(),
+                Some(400),
+                None,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n".to_vec(),
+                Some(400),
+                None,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n".to_vec(),
+                Some(400),
+                None,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n".to_vec(),
+                Some(400),
+                None,
+            ),
+            (
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+                Some(400),
+                None,
+            ),
+            (
+                [&b"GET / HTTP/1.1\r\n"[..], &many_fields, b"\r\n"].concat(),
+                Some(431),
+                None,
+            ),
+            (long_field, Some(431), None),
+            (long_line, Some(414), None),
+            // Named differences: a length past any body is malformed input here, and an
+            // HTTP/2 preface gets an answer.
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 18446744073709551615\r\n\r\n".to_vec(),
+                Some(431),
+                Some(400),
+            ),
+            (
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+                None,
+                Some(400),
+            ),
+        ];
+        for (head, hyper, differs) in cases {
+            let shown = String::from_utf8_lossy(&head[..head.len().min(60)]).into_owned();
+            assert_eq!(
+                hyper_status(&head).await,
+                hyper,
+                "hyper's answer to {shown:?}"
+            );
+            let bounded = &head[..head.len().min(MAX_HEAD_BYTES)];
+            let ours = match judge(bounded) {
+                Verdict::Pass => Some(200),
+                // A look as full as a head may be, and still not whole: what
+                // `judge_long` answers.
+                Verdict::Partial => status(Verdict::Refuse(too_long(bounded))),
+                refused => status(refused),
+            };
+            assert_eq!(ours, differs.or(hyper), "our answer to {shown:?}");
+        }
     }
 
     #[test]

@@ -27,9 +27,11 @@
 //!   OpenMetrics).
 //! - `assets`: the embedded browser app and the 404 fallback.
 //! - `error`: the problem+json error boundary.
+//! - `build_info`: the commit and compiler a binary was built from (`build.rs`).
 
 pub mod api;
 pub mod assets;
+pub mod build_info;
 pub mod config;
 pub mod consumer;
 pub mod error;
@@ -43,37 +45,6 @@ pub mod net;
 pub mod signal;
 pub mod sse;
 pub mod store;
-
-/// The commit this binary was built from (`-dirty` when the tree had uncommitted
-/// changes), recorded by `build.rs`; `None` when it was built outside a git tree.
-pub fn build_commit() -> Option<String> {
-    let sha = env!("VERGEN_GIT_SHA");
-    // What vergen writes when it cannot read git.
-    if sha.is_empty() || sha == "VERGEN_IDEMPOTENT_OUTPUT" {
-        return None;
-    }
-    Some(if env!("VERGEN_GIT_DIRTY") == "true" {
-        format!("{sha}-dirty")
-    } else {
-        sha.to_owned()
-    })
-}
-
-/// The compiler this binary was built with (`build.rs`), e.g. `1.95.0`.
-pub const BUILD_RUSTC: &str = env!("VERGEN_RUSTC_SEMVER");
-
-/// What `--version` prints after the name: the package version, the commit and the
-/// compiler, e.g. `0.1.0 (a26896d, rustc 1.95.0)`.
-pub fn build_version() -> &'static str {
-    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    VERSION.get_or_init(|| {
-        let commit = build_commit().unwrap_or_else(|| "commit unknown".to_owned());
-        format!(
-            "{} ({commit}, rustc {BUILD_RUSTC})",
-            env!("CARGO_PKG_VERSION")
-        )
-    })
-}
 
 use std::sync::Arc;
 use std::time::Duration;

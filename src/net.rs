@@ -64,6 +64,8 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
         .header_read_timeout(HEADER_READ_TIMEOUT)
         // The longest head this server takes, also on a keep-alive connection's later
         // requests, which `head` does not see (hyper's own default is about 400 KiB).
+        // hyper bounds its write buffer by the same size: a larger response is flushed
+        // in parts, as a body stream is anyway.
         .max_buf_size(head::MAX_HEAD_BYTES);
     loop {
         let stream = tokio::select! {
@@ -158,14 +160,16 @@ async fn first_request(stream: &TcpStream) -> io::Result<First> {
     if let Some(request) = direct::parse(seen) {
         return Ok(First::Events(request));
     }
-    let verdict = match head::judge(seen, peeked == bytes.len()) {
+    let verdict = match head::judge(seen) {
+        // Not whole in the first look, and more may be there already: look at more.
         // Boxed, as a refusal is (above): rare, and not to be carried by every task.
-        Verdict::Partial { filled: true } => Box::pin(head::judge_long(stream)).await?,
+        Verdict::Partial if peeked == bytes.len() => Box::pin(head::judge_long(stream)).await?,
         verdict => verdict,
     };
     Ok(match verdict {
         Verdict::Refuse(problem) => First::Refused(problem),
-        Verdict::Pass | Verdict::Partial { .. } => First::Http,
+        // A head still arriving is hyper's, which waits for the rest.
+        Verdict::Pass | Verdict::Partial => First::Http,
     })
 }
 
@@ -179,7 +183,7 @@ async fn refuse(mut stream: TcpStream, problem: ApiError) {
     parts
         .headers
         .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    let head = closing_head(&Response::from_parts(parts, ()));
+    let head = direct::closing_head(&Response::from_parts(parts, ()));
     let answered = async {
         stream.write_all(&head).await?;
         stream.write_all(&body).await?;
@@ -200,27 +204,6 @@ async fn refuse(mut stream: TcpStream, problem: ApiError) {
         }
     };
     let _ = tokio::time::timeout(REFUSAL_LINGER, linger).await;
-}
-
-/// The status line and headers of `response`, and `Connection: close`: its body ends
-/// where the connection does, or where its own `Content-Length` says (RFC 9112,
-/// section 6.3).
-pub(crate) fn closing_head<B>(response: &Response<B>) -> Vec<u8> {
-    let status = response.status();
-    let mut head = format!(
-        "HTTP/1.1 {} {}\r\n",
-        status.as_str(),
-        status.canonical_reason().unwrap_or("")
-    )
-    .into_bytes();
-    for (name, value) in response.headers() {
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
-    head.extend_from_slice(b"connection: close\r\n\r\n");
-    head
 }
 
 async fn on_accept_error(err: io::Error) {

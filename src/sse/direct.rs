@@ -11,7 +11,8 @@
 //! Only an unambiguous request takes this path: its whole head arrived in the first
 //! read, parses as HTTP/1.1 (httparse), is `GET /api/events` with no body and no
 //! upgrade. Anything else, and every connection that has served another request first,
-//! goes to hyper untouched: the accept loop (`net`) only peeks. The answer is the same response as the
+//! is the accept loop's (`net`), which only peeked: it goes to hyper, or is refused
+//! there (`head`). The answer is the same response as the
 //! routed handler's ([`events_response`]), status line and headers written as they are,
 //! with `Connection: close` and a close-delimited body, which every SSE client reads.
 
@@ -19,12 +20,12 @@ use std::io;
 
 use axum::extract::Query;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use axum::response::Response;
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::events_response;
-use crate::net::closing_head;
 use crate::AppState;
 
 /// The path this module serves, and the first bytes of a request for it.
@@ -116,6 +117,27 @@ pub async fn serve(
         }
     }
     writer.shutdown().await
+}
+
+/// The status line and headers of `response`, and `Connection: close`: its body ends
+/// where the connection does, or where its own `Content-Length` says (RFC 9112,
+/// section 6.3).
+pub(crate) fn closing_head<B>(response: &Response<B>) -> Vec<u8> {
+    let status = response.status();
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or("")
+    )
+    .into_bytes();
+    for (name, value) in response.headers() {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"connection: close\r\n\r\n");
+    head
 }
 
 #[cfg(test)]

@@ -126,9 +126,9 @@ fn open_stream(
     Ok(response)
 }
 
-/// A `reset` frame: the history after `watermark` up to what follows is gone; the
-/// client refetches the snapshot, whose own watermark says which of the events after
-/// the reset it already includes.
+/// A `reset` frame: events up to and including `watermark` that the client has not
+/// seen may be gone; it refetches the snapshot, whose own watermark says which of the
+/// events that follow the reset it already includes.
 fn reset_frame(watermark: u64, reason: &'static str) -> Option<Bytes> {
     EventFrame::encode(watermark, EVENT_RESET, &ResetEvent { watermark, reason })
         .ok()
@@ -178,30 +178,23 @@ pub fn event_stream(
                 let (after, upto) = (sent, target);
                 let read = store.blocking(move |store| store.events_after(after, upto, REPLAY_CHUNK));
                 match read.await {
-                    Ok(frames) if !frames.is_empty() => {
-                        let first = frames[0].id;
-                        if first != sent + 1 {
-                            // The log no longer holds `sent + 1` (compacted before a
-                            // resume, or under a lagging subscriber's replay): `reset`
-                            // first, under the last id it no longer holds, so that ids
-                            // still only grow; then what it holds, as for any resume.
-                            tracing::info!(sent, first, "event log no longer holds a subscriber's next event; resetting");
-                            if let Some(reset) = reset_frame(first - 1, "history_compacted") {
+                    Ok(frames) => {
+                        // The log no longer holds `sent + 1` (compacted before a resume,
+                        // or under a lagging subscriber's replay, up to all of it): `reset`
+                        // first, under the last id it no longer holds, so that ids only
+                        // grow; then what it holds, as for any resume.
+                        let lost_upto = frames.first().map_or(target, |frame| frame.id - 1);
+                        if lost_upto > sent {
+                            tracing::info!(sent, lost_upto, "event log no longer holds a subscriber's next events; resetting");
+                            if let Some(reset) = reset_frame(lost_upto, "history_compacted") {
                                 yield Ok(reset);
                             }
+                            sent = lost_upto;
                         }
                         for frame in frames {
                             sent = frame.id;
                             yield Ok(frame.bytes);
                         }
-                    }
-                    Ok(_) => {
-                        // Nothing after `sent` up to `target` is left (not expected: the
-                        // newest events are always kept): refetch, and go on from there.
-                        if let Some(reset) = reset_frame(target, "history_compacted") {
-                            yield Ok(reset);
-                        }
-                        sent = target;
                     }
                     Err(err) => {
                         tracing::error!(error = %err, "event log read failed; closing stream");

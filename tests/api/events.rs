@@ -131,7 +131,20 @@ async fn a_resume_from_before_the_retained_log_starts_with_reset() {
         }
     }
 
-    // Within the retained log there is no reset.
+    // Within the retained log there is no reset: from the reset's own id (what an
+    // EventSource reconnects with) and from inside the log.
+    let mut from_reset = app.events(Some(3)).await;
+    let replay: Vec<(String, u64)> = from_reset
+        .take(3)
+        .await
+        .into_iter()
+        .map(|event| (event.name, event.id))
+        .collect();
+    let settled = "projection:settled".to_owned();
+    assert_eq!(
+        replay,
+        [(settled.clone(), 4), (settled.clone(), 5), (settled, 6)]
+    );
     let mut recent = app.events(Some(4)).await;
     assert_eq!(recent.next().await.id, 5);
 

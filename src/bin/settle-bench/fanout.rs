@@ -134,17 +134,17 @@ fn max_subscribers(limit: (u32, usize)) -> anyhow::Result<usize> {
     Ok(room.min(MAX_SUBSCRIBERS_FOR_MAX))
 }
 
-/// Refuses a count of subscribers the server has no files for, before any connects:
+/// `count`, or a refusal when the server has no files for that many, before any connects:
 /// the ones past its limit would wait in its listen queue until `--connect-seconds`
 /// ran out. Nothing to check without the server's PID.
-fn check_room(count: usize, limit: Option<(u32, usize)>) -> anyhow::Result<()> {
+fn check_room(count: usize, limit: Option<(u32, usize)>) -> anyhow::Result<usize> {
     let Some((room, open, soft)) = limit.and_then(|limit| server_room(limit).ok()) else {
-        return Ok(());
+        return Ok(count);
     };
     if count > room {
         bail!("the server can open {room} more files (its limit {soft}, {open} open), too few for {count} subscribers: ask for at most {room}, or --subscribers max");
     }
-    Ok(())
+    Ok(count)
 }
 
 /// The files the server may still open, those it has open, and its soft limit.
@@ -336,12 +336,9 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
     let task = commands::create_tasks(&mut conn, &mut observer, 1, &run, settle_timeout).await?[0];
     let subscribers = match (args.subscribers, fd_limit) {
         (Some(Subscribers::Max), Some(fd_limit)) => max_subscribers(fd_limit)?,
-        (Some(Subscribers::Count(count)), _) => count,
-        _ => ctx.pick(None, 200, TARGET_SUBSCRIBERS),
+        (Some(Subscribers::Count(count)), _) => check_room(count, fd_limit)?,
+        _ => check_room(ctx.pick(None, 200, TARGET_SUBSCRIBERS), fd_limit)?,
     };
-    if !matches!(args.subscribers, Some(Subscribers::Max)) {
-        check_room(subscribers, fd_limit)?;
-    }
     let worker_count = check_workers(subscribers)?;
 
     tokio::time::sleep(settle).await;

@@ -68,7 +68,7 @@ const DEFAULT_DELAY_MS: u64 = 700;
 #[derive(Parser)]
 #[command(
     name = "settle-bench",
-    version = settle::build_version(),
+    version = settle::build_info::version(),
     about = "Benchmarks a settle server: window overhead, durable accept throughput, SSE fan-out."
 )]
 struct Cli {
@@ -328,10 +328,10 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
     };
     let ctx = Ctx::new(&common)?;
     // Blocking: the wake-up probe's round trips.
-    let (machine, versions) =
-        tokio::task::spawn_blocking(move || (Machine::describe(nofile), Versions::collect()))
-            .await
-            .context("describing the machine")?;
+    let machine = tokio::task::spawn_blocking(move || Machine::describe(nofile))
+        .await
+        .context("describing the machine")?;
+    let versions = Versions::collect();
     let mut document = Document {
         tool: "settle-bench",
         command: std::env::args().collect::<Vec<_>>().join(" "),

@@ -105,7 +105,7 @@ impl PhaseReport {
 pub struct Versions {
     pub settle_bench: &'static str,
     /// The compiler that built the bench.
-    pub rustc: Option<String>,
+    pub rustc: String,
     /// The commit the bench was built from, `-dirty` if that tree had uncommitted
     /// changes; `None` when built outside a git tree.
     pub git: Option<String>,
@@ -116,8 +116,8 @@ impl Versions {
     pub fn collect() -> Self {
         Self {
             settle_bench: env!("CARGO_PKG_VERSION"),
-            rustc: Some(format!("rustc {}", settle::BUILD_RUSTC)),
-            git: settle::build_commit(),
+            rustc: format!("rustc {}", settle::build_info::RUSTC),
+            git: settle::build_info::commit(),
             bench_profile: if cfg!(debug_assertions) {
                 "debug (figures are not representative: use --release)"
             } else {
@@ -184,7 +184,7 @@ impl Document {
         writeln!(
             out,
             "  versions {}, git {}",
-            v.rustc.as_deref().unwrap_or("rustc ?"),
+            v.rustc,
             v.git.as_deref().unwrap_or("?")
         )
     }

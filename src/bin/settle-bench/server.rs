@@ -184,9 +184,7 @@ impl ServerProcess {
         let version = binary
             .as_deref()
             .filter(|binary| is_settle(binary))
-            .and_then(|_| {
-                sys::command_line_output(&format!("/proc/{pid}/exe"), &["--version"], None)
-            });
+            .and_then(|_| sys::command_line_output(&format!("/proc/{pid}/exe"), &["--version"]));
         Self {
             pid,
             binary,
@@ -325,7 +323,7 @@ impl Server {
                 tail_text(&log_tail)
             );
         };
-        let version = sys::command_line_output(&binary.to_string_lossy(), &["--version"], None);
+        let version = sys::command_line_output(&binary.to_string_lossy(), &["--version"]);
         let mut server = Self {
             info: ServerInfo {
                 addr,

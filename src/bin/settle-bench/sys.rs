@@ -474,12 +474,9 @@ fn wake_round_trip_us(probe_cpu: usize, echo_cpu: usize, round_trips: usize) -> 
 }
 
 /// Runs a command and returns its first output line, or `None` if it cannot run.
-pub fn command_line_output(program: &str, args: &[&str], dir: Option<&Path>) -> Option<String> {
+pub fn command_line_output(program: &str, args: &[&str]) -> Option<String> {
     let mut command = std::process::Command::new(program);
     command.args(args);
-    if let Some(dir) = dir {
-        command.current_dir(dir);
-    }
     let output = command.output().ok()?;
     if !output.status.success() {
         return None;
