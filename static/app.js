@@ -104,8 +104,27 @@ core.subscribe(() => {
 const list = $('task-list');
 /** task id -> the parts of its list item, reused across every render. */
 const taskNodes = new Map();
-/** task id -> the idempotency key of the open editor: one editing session = one intent. */
+/**
+ * task id -> the open editor's idempotency key (one editing session = one intent) and the
+ * version the user was shown when it opened: the edit is made on that version, so a change
+ * by someone else while the editor was open conflicts instead of being overwritten.
+ */
 const editorKeys = new Map();
+
+/**
+ * A click handler that ignores the second click of a double click (`detail` 2 and up; a
+ * keyboard activation has 0). One intent per gesture: a toggle double-clicked would undo
+ * itself, and after a delete or a save the next row moves up under the pointer.
+ */
+function singleClick(handler) {
+  return (event) => {
+    if (event.detail > 1) {
+      event.preventDefault();
+      return;
+    }
+    handler(event);
+  };
+}
 
 function createTaskNode(taskId) {
   const li = element('li', { class: 'task', 'data-testid': 'task', 'data-id': taskId });
@@ -140,10 +159,12 @@ function createTaskNode(taskId) {
 
   li.append(row, notes, editor, stuck, conflict);
 
+  // A checkbox toggles itself before `change`: a cancelled click leaves it as it was.
+  done.addEventListener('click', singleClick(() => {}));
   done.addEventListener('change', () => sync.setDone(taskId, done.checked));
-  likeButton.addEventListener('click', () => toggleLike(taskId));
-  remove.addEventListener('click', () => sync.deleteTask(taskId));
-  rename.addEventListener('click', () => openEditor(taskId));
+  likeButton.addEventListener('click', singleClick(() => toggleLike(taskId)));
+  remove.addEventListener('click', singleClick(() => sync.deleteTask(taskId)));
+  rename.addEventListener('click', singleClick(() => openEditor(taskId)));
   cancel.addEventListener('click', () => closeEditor(taskId));
   editor.addEventListener('keydown', (event) => {
     if (event.key === 'Escape') closeEditor(taskId);
@@ -165,7 +186,9 @@ function openEditor(taskId) {
   const parts = taskNodes.get(taskId);
   const task = parts?.item?.task;
   if (!task) return;
-  if (!editorKeys.has(taskId)) editorKeys.set(taskId, sync.newId());
+  if (!editorKeys.has(taskId)) {
+    editorKeys.set(taskId, { key: sync.newId(), baseVersion: core.expectedVersion(taskId) });
+  }
   parts.titleInput.value = task.title;
   parts.notesInput.value = task.notes ?? '';
   parts.editor.hidden = false;
@@ -183,14 +206,14 @@ function closeEditor(taskId) {
 
 function submitEditor(taskId) {
   const parts = taskNodes.get(taskId);
-  const key = editorKeys.get(taskId);
+  const editing = editorKeys.get(taskId);
   const task = parts?.item?.task;
-  if (!parts || !key || !task) return; // already submitted: a second Enter finds no open editor
+  if (!parts || !editing || !task) return; // already submitted: a second Enter finds no open editor
   const patch = {};
   const title = parts.titleInput.value.trim();
   if (title && title !== task.title) patch.title = title;
   if (parts.notesInput.value !== (task.notes ?? '')) patch.notes = parts.notesInput.value;
-  if (Object.keys(patch).length) sync.editTask(taskId, patch, key);
+  if (Object.keys(patch).length) sync.editTask(taskId, patch, editing.key, editing.baseVersion);
   closeEditor(taskId);
 }
 

@@ -236,9 +236,13 @@ export function createSync({
     createTask({ title, notes = '', id = newId(), key = newId() }) {
       return issue({ kind: 'create', key, task_id: id, title, notes });
     },
-    /** Edit title and/or notes: on the version we expect, so only someone else's change conflicts. */
-    editTask(taskId, patch, key = newId()) {
-      return issue({ kind: 'update', key, task_id: taskId, patch, base_version: core.expectedVersion(taskId) });
+    /**
+     * Edit title and/or notes on `baseVersion`: by default the version we expect once our
+     * own pending ops apply, so only someone else's change conflicts; an editor passes the
+     * one it showed when it opened.
+     */
+    editTask(taskId, patch, key = newId(), baseVersion = core.expectedVersion(taskId)) {
+      return issue({ kind: 'update', key, task_id: taskId, patch, base_version: baseVersion });
     },
     /** Set done: a set-to-value intent, last writer wins by design (no base_version). */
     setDone(taskId, done, key = newId()) {

@@ -95,3 +95,31 @@ test('Take theirs closes the conflict, keeps their value and sends nothing', asy
     await server.stop();
   }
 });
+
+test('an editor opened before someone else’s change conflicts on save instead of overwriting it', async () => {
+  const server = await startServer(['--delay-ms', '300']);
+  try {
+    const task = await server.api.createSettled('shared');
+    const { page, pageErrors } = await openApp(browser, server.url);
+    const commands = recordCommands(page);
+    const item = taskItem(page, task.id);
+    await item.waitFor();
+
+    // The editor opens on version 1; their rename settles while it is open.
+    await item.getByTestId('rename').click();
+    await item.getByTestId('rename-input').fill('mine');
+    await secondWriterRenames(server, task.id, 'theirs', 1);
+    await eventually(async () => assert.equal((await shown(page, task.id)).title, 'theirs'));
+    await item.getByTestId('save').click();
+
+    await sentOnVersionOne(commands);
+    const conflict = item.getByTestId('conflict');
+    await conflict.waitFor();
+    assert.match(await conflict.getByTestId('conflict-yours').textContent(), /Title: mine/);
+    assert.match(await conflict.getByTestId('conflict-theirs').textContent(), /Title: theirs/);
+    assert.equal((await server.api.task(task.id)).title, 'theirs', 'nothing was overwritten');
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});

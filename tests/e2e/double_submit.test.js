@@ -5,7 +5,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 
 import {
-  startServer, launchBrowser, openApp, eventually, recordCommands, taskByTitle, waitSettled,
+  startServer, launchBrowser, openApp, eventually, recordCommands, taskByTitle, taskItem, shown, waitSettled,
 } from './helpers.js';
 
 let browser;
@@ -70,6 +70,46 @@ test('a create whose 202 is lost on the network is retried with the same key: on
     assert.equal(new Set(creates().map((command) => command.key)).size, 1, 'every attempt carries the same key');
     assert.deepEqual(await titlesOnServer(server), ['answer lost'], 'the server applied it once');
     assert.equal(await item.count(), 1);
+  } finally {
+    await server.stop();
+  }
+});
+
+test('a double click on Like, Done or Delete is one intent: nothing undone, no neighbour hit', async () => {
+  const server = await startServer(['--delay-ms', '300']);
+  try {
+    const tasks = [];
+    for (const title of ['first', 'second', 'third']) tasks.push(await server.api.createSettled(title));
+    const { page, pageErrors } = await openApp(browser, server.url);
+    const commands = recordCommands(page);
+    for (const task of tasks) await taskItem(page, task.id).waitFor();
+
+    await taskItem(page, tasks[0].id).getByTestId('like').dblclick();
+    await taskItem(page, tasks[0].id).getByTestId('done').dblclick();
+    // The deleted row leaves; the third moves up under the pointer before the second click.
+    await taskItem(page, tasks[1].id).getByTestId('delete').dblclick();
+
+    await eventually(async () => {
+      const { tasks: left } = await server.api.tasks();
+      assert.deepEqual(left.map((task) => [task.title, task.likes, task.done]), [
+        ['first', 1, true],
+        ['third', 0, false],
+      ]);
+    });
+    await waitSettled(page, tasks[0].id);
+    assert.deepEqual(await shown(page, tasks[0].id), {
+      title: 'first', likes: 1, done: true, pending: false, state: 'settled',
+    });
+    assert.deepEqual(
+      commands.map((command) => `${command.method} ${command.path}`),
+      [
+        `POST /api/tasks/${tasks[0].id}/likes`,
+        `PATCH /api/tasks/${tasks[0].id}`,
+        `DELETE /api/tasks/${tasks[1].id}`,
+      ],
+      'one command per double click',
+    );
+    assert.deepEqual(pageErrors, []);
   } finally {
     await server.stop();
   }
