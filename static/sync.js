@@ -76,6 +76,9 @@ export function createSync({
 
   /** After a failure, snap to ground truth: the counts fragment for likes, the task otherwise. */
   async function refetchGroundTruth(op) {
+    // A failed create left no row (its id is ours, new): there is nothing to fetch, and the
+    // 404 would only be logged as a console error.
+    if (op.kind === 'create') return undefined;
     try {
       if (op.kind === 'like') {
         const counts = await transport.fetchCounts(op.task_id);

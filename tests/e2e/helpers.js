@@ -134,8 +134,9 @@ export async function launchBrowser() {
 }
 
 /**
- * A page on the app in a fresh browser context, recording uncaught page errors and dialogs
- * (an `alert` from an injected title would land in `dialogs`).
+ * A page on the app in a fresh browser context, recording uncaught page errors, console
+ * errors (a failed request among them) and dialogs (an `alert` from an injected title
+ * would land in `dialogs`).
  */
 export async function openApp(browser, url, query = '') {
   const context = await browser.newContext();
@@ -147,15 +148,19 @@ export async function openApp(browser, url, query = '') {
 export async function openTab(context, url, query = '') {
   const page = await context.newPage();
   const pageErrors = [];
+  const consoleErrors = [];
   const dialogs = [];
   page.on('pageerror', (error) => pageErrors.push(error.message));
+  page.on('console', (message) => {
+    if (message.type() === 'error') consoleErrors.push(message.text());
+  });
   page.on('dialog', async (dialog) => {
     dialogs.push(dialog.message());
     await dialog.dismiss();
   });
   await page.goto(`${url}/${query}`);
   await waitForLive(page);
-  return { page, pageErrors, dialogs };
+  return { page, pageErrors, consoleErrors, dialogs };
 }
 
 export async function waitForLive(page) {

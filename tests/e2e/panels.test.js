@@ -26,9 +26,13 @@ test('the fault panel shows the live settings, applies changes and reports refus
     await page.getByTestId('fault-failure-rate').fill('0.3');
     await page.getByTestId('fault-drop-rate').fill('0.1');
     await page.getByTestId('fault-apply').click();
-    await eventually(async () => assert.equal(await page.getByTestId('fault-status').textContent(), 'Applied.'));
-    const applied = await faultsOnServer(server);
-    assert.deepEqual([applied.delay_ms, applied.jitter_ms, applied.failure_rate, applied.drop_rate], [250, 10, 0.3, 0.1]);
+    // Each field applies on its own change too, so an earlier "Applied." may be the
+    // failure rate's alone: wait for the server to hold both.
+    await eventually(async () => {
+      assert.equal(await page.getByTestId('fault-status').textContent(), 'Applied.');
+      const applied = await faultsOnServer(server);
+      assert.deepEqual([applied.delay_ms, applied.jitter_ms, applied.failure_rate, applied.drop_rate], [250, 10, 0.3, 0.1]);
+    });
 
     await page.getByTestId('fault-failure-rate').fill('2');
     await page.getByTestId('fault-apply').click();

@@ -15,7 +15,7 @@ after(async () => { await browser?.close(); });
 test('a failed create shows at once, then disappears with a notice and leaves no row', async () => {
   const server = await startServer(['--failure-rate', '1', '--delay-ms', '400']);
   try {
-    const { page, pageErrors } = await openApp(browser, server.url);
+    const { page, pageErrors, consoleErrors } = await openApp(browser, server.url);
     const id = await createViaUi(page, 'doomed task');
     assert.equal((await shown(page, id)).pending, true, 'predicted at once, marked pending');
 
@@ -26,6 +26,7 @@ test('a failed create shows at once, then disappears with a notice and leaves no
     assert.equal(await page.locator('[data-testid="task"]').count(), 0, 'no orphaned row');
     assert.equal((await server.api.tasks()).tasks.length, 0);
     assert.deepEqual(pageErrors, []);
+    assert.deepEqual(consoleErrors, [], 'nothing is fetched for a row that never was');
   } finally {
     await server.stop();
   }
