@@ -353,7 +353,8 @@ function renderNotices(notices) {
       'data-task-id': notice.task_id ?? '',
     });
     if (notice.level === 'error') node.setAttribute('role', 'alert');
-    const dismiss = element('button', { type: 'button', class: 'dismiss', 'aria-label': 'Dismiss notice' }, '×');
+    // Its "×" is drawn by CSS, so that the notice's text is the message alone.
+    const dismiss = element('button', { type: 'button', class: 'dismiss', 'aria-label': 'Dismiss notice' });
     dismiss.addEventListener('click', () => sync.dismissNotice(notice.id));
     node.append(element('span', {}, notice.text), dismiss);
     $('notices').append(node);

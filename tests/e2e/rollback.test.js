@@ -23,6 +23,7 @@ test('a failed create shows at once, then disappears with a notice and leaves no
     const notice = page.getByTestId('notice').filter({ hasText: 'Create “doomed task” failed' });
     await notice.waitFor();
     assert.match(await notice.textContent(), /injected/);
+    assert.doesNotMatch(await notice.textContent(), /×/, 'the text is the message alone');
     assert.equal(await page.locator('[data-testid="task"]').count(), 0, 'no orphaned row');
     assert.equal((await server.api.tasks()).tasks.length, 0);
     assert.deepEqual(pageErrors, []);
