@@ -109,7 +109,7 @@ const taskNodes = new Map();
  * version the user was shown when it opened: the edit is made on that version, so a change
  * by someone else while the editor was open conflicts instead of being overwritten.
  */
-const editorKeys = new Map();
+const editors = new Map();
 
 /**
  * A click handler that ignores the second click of a double click (`detail` 2 and up; a
@@ -186,8 +186,8 @@ function openEditor(taskId) {
   const parts = taskNodes.get(taskId);
   const task = parts?.item?.task;
   if (!task) return;
-  if (!editorKeys.has(taskId)) {
-    editorKeys.set(taskId, { key: sync.newId(), baseVersion: core.expectedVersion(taskId) });
+  if (!editors.has(taskId)) {
+    editors.set(taskId, { key: sync.newId(), baseVersion: core.expectedVersion(taskId) });
   }
   parts.titleInput.value = task.title;
   parts.notesInput.value = task.notes ?? '';
@@ -197,7 +197,7 @@ function openEditor(taskId) {
 }
 
 function closeEditor(taskId) {
-  editorKeys.delete(taskId);
+  editors.delete(taskId);
   const parts = taskNodes.get(taskId);
   if (!parts) return;
   parts.editor.hidden = true;
@@ -206,7 +206,7 @@ function closeEditor(taskId) {
 
 function submitEditor(taskId) {
   const parts = taskNodes.get(taskId);
-  const editing = editorKeys.get(taskId);
+  const editing = editors.get(taskId);
   const task = parts?.item?.task;
   if (!parts || !editing || !task) return; // already submitted: a second Enter finds no open editor
   const patch = {};
@@ -319,7 +319,7 @@ function renderList(items) {
     if (!visible.has(taskId)) {
       parts.li.remove();
       taskNodes.delete(taskId);
-      editorKeys.delete(taskId);
+      editors.delete(taskId);
     }
   }
   items.forEach((item, index) => {

@@ -74,10 +74,12 @@ export function createSync({
 
   // ---- events and ground truth ---------------------------------------------------------
 
-  /** After a failure, snap to ground truth: the counts fragment for likes, the task otherwise. */
+  /**
+   * After a failure, snap to ground truth: the counts fragment for likes, the task for edits
+   * and deletes. A failed create left no row (its id is ours, new): nothing to fetch, and
+   * the 404 would only be logged as a console error.
+   */
   async function refetchGroundTruth(op) {
-    // A failed create left no row (its id is ours, new): there is nothing to fetch, and the
-    // 404 would only be logged as a console error.
     if (op.kind === 'create') return undefined;
     try {
       if (op.kind === 'like') {

@@ -30,24 +30,36 @@ async function sentOnVersionOne(commands) {
   ));
 }
 
+/** A settled task 'shared' on the server, and the app open on it, recording its commands. */
+async function openOnSharedTask(server) {
+  const task = await server.api.createSettled('shared');
+  const { page, pageErrors } = await openApp(browser, server.url);
+  const commands = recordCommands(page);
+  const item = taskItem(page, task.id);
+  await item.waitFor();
+  return { task, page, pageErrors, commands, item };
+}
+
+/** The item's conflict view, once open, with the UI's 'mine' against their 'theirs'. */
+async function conflictShown(item) {
+  const conflict = item.getByTestId('conflict');
+  await conflict.waitFor();
+  assert.match(await conflict.getByTestId('conflict-yours').textContent(), /Title: mine/);
+  assert.match(await conflict.getByTestId('conflict-theirs').textContent(), /Title: theirs/);
+  return conflict;
+}
+
 test('a conflicting rename shows yours and theirs; Keep mine re-submits on the current version', async () => {
   const server = await startServer(['--delay-ms', '3000']);
   try {
-    const task = await server.api.createSettled('shared');
-    const { page, pageErrors } = await openApp(browser, server.url);
-    const commands = recordCommands(page);
-    const item = taskItem(page, task.id);
-    await item.waitFor();
+    const { task, page, pageErrors, commands, item } = await openOnSharedTask(server);
 
     await secondWriterRenames(server, task.id, 'theirs', 1);
     await renameViaUi(page, task.id, 'mine');
     assert.equal((await shown(page, task.id)).title, 'mine');
     await sentOnVersionOne(commands);
 
-    const conflict = item.getByTestId('conflict');
-    await conflict.waitFor();
-    assert.match(await conflict.getByTestId('conflict-yours').textContent(), /Title: mine/);
-    assert.match(await conflict.getByTestId('conflict-theirs').textContent(), /Title: theirs/);
+    const conflict = await conflictShown(item);
     assert.equal((await shown(page, task.id)).title, 'theirs', 'the item shows what the server has');
     await page.getByTestId('notice').filter({ hasText: 'someone else changed it first' }).waitFor();
 
@@ -74,11 +86,7 @@ test('a conflicting rename shows yours and theirs; Keep mine re-submits on the c
 test('Take theirs closes the conflict, keeps their value and sends nothing', async () => {
   const server = await startServer(['--delay-ms', '3000']);
   try {
-    const task = await server.api.createSettled('shared');
-    const { page } = await openApp(browser, server.url);
-    const commands = recordCommands(page);
-    const item = taskItem(page, task.id);
-    await item.waitFor();
+    const { task, page, commands, item } = await openOnSharedTask(server);
 
     await secondWriterRenames(server, task.id, 'theirs', 1);
     await renameViaUi(page, task.id, 'mine');
@@ -99,11 +107,7 @@ test('Take theirs closes the conflict, keeps their value and sends nothing', asy
 test('an editor opened before someone else’s change conflicts on save instead of overwriting it', async () => {
   const server = await startServer(['--delay-ms', '300']);
   try {
-    const task = await server.api.createSettled('shared');
-    const { page, pageErrors } = await openApp(browser, server.url);
-    const commands = recordCommands(page);
-    const item = taskItem(page, task.id);
-    await item.waitFor();
+    const { task, page, pageErrors, commands, item } = await openOnSharedTask(server);
 
     // The editor opens on version 1; their rename settles while it is open.
     await item.getByTestId('rename').click();
@@ -113,10 +117,7 @@ test('an editor opened before someone else’s change conflicts on save instead 
     await item.getByTestId('save').click();
 
     await sentOnVersionOne(commands);
-    const conflict = item.getByTestId('conflict');
-    await conflict.waitFor();
-    assert.match(await conflict.getByTestId('conflict-yours').textContent(), /Title: mine/);
-    assert.match(await conflict.getByTestId('conflict-theirs').textContent(), /Title: theirs/);
+    await conflictShown(item);
     assert.equal((await server.api.task(task.id)).title, 'theirs', 'nothing was overwritten');
     assert.deepEqual(pageErrors, []);
   } finally {
