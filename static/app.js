@@ -106,8 +106,9 @@ const list = $('task-list');
 const taskNodes = new Map();
 /**
  * task id -> the open editor's idempotency key (one editing session = one intent) and the
- * version the user was shown when it opened: the edit is made on that version, so a change
- * by someone else while the editor was open conflicts instead of being overwritten.
+ * base it opened on (`core.editBase`: the version and the values the user was shown): the
+ * edit is made on it, so a change by someone else while the editor was open conflicts
+ * instead of being overwritten.
  */
 const editors = new Map();
 
@@ -187,7 +188,7 @@ function openEditor(taskId) {
   const task = parts?.item?.task;
   if (!task) return;
   if (!editors.has(taskId)) {
-    editors.set(taskId, { key: sync.newId(), baseVersion: core.expectedVersion(taskId) });
+    editors.set(taskId, { key: sync.newId(), base: core.editBase(taskId) });
   }
   parts.titleInput.value = task.title;
   parts.notesInput.value = task.notes ?? '';
@@ -213,7 +214,7 @@ function submitEditor(taskId) {
   const title = parts.titleInput.value.trim();
   if (title && title !== task.title) patch.title = title;
   if (parts.notesInput.value !== (task.notes ?? '')) patch.notes = parts.notesInput.value;
-  if (Object.keys(patch).length) sync.editTask(taskId, patch, editing.key, editing.baseVersion);
+  if (Object.keys(patch).length) sync.editTask(taskId, patch, editing.key, editing.base);
   closeEditor(taskId);
 }
 

@@ -49,6 +49,13 @@ const MAX_NOTICES = 6;
 const MAX_WINDOW_SAMPLES = 500;
 /** The stack of a task with no pending op: one shared object, so memoized items stay equal. */
 const NO_OPS = Object.freeze([]);
+/** The fields an edit sets, whose values it was made on are recorded (see `seenValues`). */
+const EDIT_FIELDS = Object.freeze(['title', 'notes', 'done']);
+/**
+ * How many times one edit is re-sent by itself on a newer version (see `rebase`) before the
+ * conflict is put to the user: versions that keep moving (likes, say) cannot hold it forever.
+ */
+const MAX_REBASES = 3;
 
 /**
  * The HTTP request that carries an operation. Deterministic: a retry under the same
@@ -140,17 +147,22 @@ export function describeOp(op, title) {
 /** The fields of an operation that survive a page reload (see `restore`). */
 const PERSISTED_FIELDS = [
   'key', 'command_id', 'task_id', 'kind', 'title', 'notes', 'patch', 'delta', 'base_version',
-  'issued_at',
+  'seen', 'rebased', 'issued_at',
 ];
 
 /**
  * Create a client core.
- * @param {{now?: () => number, stuckMs?: number, syncMs?: number}} options
+ * @param {{now?: () => number, newKey?: () => string, stuckMs?: number, syncMs?: number}} options
  *   `now` in milliseconds (Date.now by default, so issue times survive a reload);
  *   `stuckMs`: age since the last send after which an op is checked and offered Retry;
  *   `syncMs`: age since issue after which an op lights the sync indicator.
  */
-export function createCore({ now = Date.now, stuckMs = 5000, syncMs = 800 } = {}) {
+export function createCore({
+  now = Date.now,
+  newKey = () => globalThis.crypto.randomUUID(),
+  stuckMs = 5000,
+  syncMs = 800,
+} = {}) {
   /** @type {Map<string, object>} confirmed tasks, frozen */
   let base = new Map();
   /** @type {string[]} display order: the snapshot's creation order, then later creates */
@@ -168,6 +180,8 @@ export function createCore({ now = Date.now, stuckMs = 5000, syncMs = 800 } = {}
    * still pending: they fail too (`not_found`), and their notices name the task and say why.
    */
   const failedCreates = new Map();
+  /** Ops the core issued by itself (a rebased edit): the sync engine takes and sends them. */
+  let outbox = [];
   let watermark = 0;
   let notices = [];
   let nextNoticeId = 1;
@@ -285,9 +299,12 @@ export function createCore({ now = Date.now, stuckMs = 5000, syncMs = 800 } = {}
   function failOp(op, { reason, message, current }) {
     const title = titleOf(op);
     const orphaned = reason === 'not_found' && failedCreates.has(op.task_id);
+    const stack = pending.get(op.task_id) ?? NO_OPS;
+    const later = stack.slice(stack.indexOf(op) + 1);
     removeOp(op);
     if (current) confirm(current);
     else if (reason === 'not_found') forget(op.task_id, { tombstone: false });
+    if (reason === 'conflict' && rebase(op, later)) return;
     if (op.kind === 'create' && pending.has(op.task_id)) failedCreates.set(op.task_id, title);
     const why = REASON_TEXT[reason] ?? reason;
     const detail = message && (REASON_WITH_DETAIL.has(reason) || !REASON_TEXT[reason]) ? ` (${message})` : '';
@@ -313,14 +330,69 @@ export function createCore({ now = Date.now, stuckMs = 5000, syncMs = 800 } = {}
     }
   }
 
+  /**
+   * For each field an edit may set, every value the user could have been shown: the
+   * confirmed one and the ones our own pending ops predict on top of it. An edit records
+   * them with its `base_version`, as the state that version stands for.
+   */
+  function seenValues(taskId) {
+    const confirmed = base.get(taskId);
+    const seen = {};
+    for (const field of EDIT_FIELDS) {
+      const values = confirmed ? [confirmed[field]] : [];
+      for (const op of pending.get(taskId) ?? NO_OPS) {
+        if (op.kind === 'update' && field in op.patch) values.push(op.patch[field]);
+        else if (op.kind === 'create') values.push(applyOp(null, op)[field]);
+      }
+      seen[field] = Object.freeze([...new Set(values)]);
+    }
+    return Object.freeze(seen);
+  }
+
+  /**
+   * An edit refused as a conflict that nobody else's edit explains: every field it sets
+   * still holds a value the user was shown. The version moved for another reason (a like,
+   * someone's change to another field, or our own op before it that failed), so it is
+   * sent again, by itself, on the current version: a new command under a new key, as Keep
+   * mine would send. Fields a later edit of ours sets anyway are left out (the server
+   * would apply this one last), and an edit left with none is dropped.
+   * @returns {boolean} whether the conflict was taken care of here
+   */
+  function rebase(op, later) {
+    const theirs = base.get(op.task_id);
+    if (op.kind !== 'update' || !op.seen || !theirs || (op.rebased ?? 0) >= MAX_REBASES) return false;
+    const fields = Object.keys(op.patch);
+    if (!fields.every((field) => op.seen[field]?.includes(theirs[field]))) return false;
+    const superseded = (field) => later.some((next) => next.kind === 'update' && field in next.patch);
+    const kept = fields.filter((field) => !superseded(field));
+    if (kept.length) {
+      const next = Object.freeze({
+        ...op,
+        key: newKey(),
+        command_id: null,
+        patch: Object.freeze(Object.fromEntries(kept.map((field) => [field, op.patch[field]]))),
+        base_version: expectedVersion(op.task_id),
+        seen: seenValues(op.task_id),
+        rebased: (op.rebased ?? 0) + 1,
+        sent_at: now(),
+        state: 'sending',
+      });
+      pushOp(next);
+      outbox = [...outbox, next];
+    }
+    return true;
+  }
+
   // ---- the public API ----------------------------------------------------------------
 
   /**
    * Push a user intent onto its task's stack; the view shows it at once.
    * Issuing a key that is already pending returns the existing op unchanged: one intent,
    * one key, one effect, however many times the user clicks.
+   * An edit with a `base_version` also records the values it was made on (`seen`, by
+   * default as of now; an editor passes those of `editBase` when it opened).
    * @param {{kind: string, key: string, task_id: string, title?: string, notes?: string,
-   *          patch?: object, delta?: number, base_version?: number}} intent
+   *          patch?: object, delta?: number, base_version?: number, seen?: object}} intent
    * @returns {object} the (frozen) op
    */
   function issue(intent) {
@@ -339,6 +411,9 @@ export function createCore({ now = Date.now, stuckMs = 5000, syncMs = 800 } = {}
       patch: intent.kind === 'update' ? Object.freeze({ ...intent.patch }) : undefined,
       delta: intent.kind === 'like' ? intent.delta : undefined,
       base_version: intent.base_version ?? undefined,
+      seen: intent.kind === 'update' && intent.base_version != null
+        ? intent.seen ?? seenValues(intent.task_id)
+        : undefined,
       issued_at: issuedAt,
       sent_at: issuedAt,
       state: 'sending',
@@ -537,9 +612,25 @@ export function createCore({ now = Date.now, stuckMs = 5000, syncMs = 800 } = {}
     conflicts.delete(taskId);
     changed();
     if (choice !== 'mine') return null;
-    const intent = { kind: conflict.kind, task_id: taskId, base_version: expectedVersion(taskId) };
+    const intent = { kind: conflict.kind, task_id: taskId, ...editBase(taskId) };
     if (conflict.kind === 'update') intent.patch = { ...conflict.yours };
     return intent;
+  }
+
+  /**
+   * What an edit opened now is made on: the version our pending ops lead to, and the
+   * values the user is shown. An editor takes it when it opens, so a change by someone
+   * else while it is open conflicts.
+   */
+  function editBase(taskId) {
+    return { base_version: expectedVersion(taskId), seen: seenValues(taskId) };
+  }
+
+  /** Ops the core issued by itself since the last call, to be sent (their keys are new). */
+  function takeOutbox() {
+    const taken = outbox;
+    outbox = [];
+    return taken;
   }
 
   /**
@@ -668,6 +759,8 @@ export function createCore({ now = Date.now, stuckMs = 5000, syncMs = 800 } = {}
     countsFetched,
     resolveConflict,
     expectedVersion,
+    editBase,
+    takeOutbox,
     dismissNotice,
     setConnection,
     persistedOps,

@@ -215,7 +215,13 @@ export function createSync({
 
   // ---- the public API ------------------------------------------------------------------------
 
+  /** Send what the core issued by itself (an edit rebased on a newer version). */
+  function sendOutbox() {
+    for (const op of core.takeOutbox()) enqueueSend(op);
+  }
+
   const unsubscribePersist = core.subscribe(persist);
+  const unsubscribeOutbox = core.subscribe(sendOutbox);
 
   return {
     /** Restore pending ops, load the snapshot, open the stream, start the clock. */
@@ -229,6 +235,7 @@ export function createSync({
       stopInterval(tickHandle);
       stream?.close();
       unsubscribePersist();
+      unsubscribeOutbox();
     },
     resync,
     /** A fresh identifier for a task or an intent's key. */
@@ -242,12 +249,13 @@ export function createSync({
       return issue({ kind: 'create', key, task_id: id, title, notes });
     },
     /**
-     * Edit title and/or notes on `baseVersion`: by default the version we expect once our
-     * own pending ops apply, so only someone else's change conflicts; an editor passes the
-     * one it showed when it opened.
+     * Edit title and/or notes on `base` ({base_version, seen}, from `core.editBase`): by
+     * default the version we expect once our own pending ops apply and the values shown
+     * now, so only someone else's change conflicts; an editor passes the base it took
+     * when it opened.
      */
-    editTask(taskId, patch, key = newId(), baseVersion = core.expectedVersion(taskId)) {
-      return issue({ kind: 'update', key, task_id: taskId, patch, base_version: baseVersion });
+    editTask(taskId, patch, key = newId(), base = core.editBase(taskId)) {
+      return issue({ kind: 'update', key, task_id: taskId, patch, ...base });
     },
     /** Set done: a set-to-value intent, last writer wins by design (no base_version). */
     setDone(taskId, done, key = newId()) {

@@ -124,3 +124,35 @@ test('an editor opened before someone else’s change conflicts on save instead 
     await server.stop();
   }
 });
+
+test('a like by someone else while the editor is open is no conflict: the rename is re-sent and lands', async () => {
+  const server = await startServer(['--delay-ms', '300']);
+  try {
+    const { task, page, pageErrors, commands, item } = await openOnSharedTask(server);
+
+    // The editor opens on version 1; their like settles while it is open (version 2).
+    await item.getByTestId('rename').click();
+    await item.getByTestId('rename-input').fill('mine');
+    await server.api.command('POST', `/api/tasks/${task.id}/likes`, { delta: 1 });
+    await eventually(async () => assert.equal((await shown(page, task.id)).likes, 1));
+    await item.getByTestId('save').click();
+
+    await eventually(() => assert.deepEqual(
+      commands.filter((command) => command.method === 'PATCH').map((command) => command.body),
+      [{ title: 'mine', base_version: 1 }, { title: 'mine', base_version: 2 }],
+    ));
+    await waitSettled(page, task.id);
+    assert.deepEqual(await shown(page, task.id), { title: 'mine', likes: 1, done: false, pending: false, state: 'settled' });
+    assert.deepEqual(
+      { title: (await server.api.task(task.id)).title, likes: (await server.api.task(task.id)).likes },
+      { title: 'mine', likes: 1 },
+    );
+    assert.equal(await item.getByTestId('conflict').isVisible(), false, 'nobody else renamed: nothing to choose');
+    assert.equal(await page.getByTestId('notice').count(), 0, 'and nothing failed');
+    const patches = commands.filter((command) => command.method === 'PATCH');
+    assert.notEqual(patches[1].key, patches[0].key, 'the refused command keeps its key; the re-send is a new one');
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});

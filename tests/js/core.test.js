@@ -193,7 +193,7 @@ describe('failure removes only the failed operation', () => {
   test('the server message is shown where it says more than the reason', () => {
     const { core } = setup();
     const edit = core.issue({ kind: 'update', key: 'u1', task_id: 'a', patch: { title: 'x' }, base_version: 1 });
-    core.applyEvent(failed(edit, 'conflict', task('a', { version: 2 })));
+    core.applyEvent(failed(edit, 'conflict', task('a', { title: 'theirs', version: 2 })));
     assert.match(core.getSnapshot().notices.at(-1).text, /someone else changed it first\. \(it conflict\)$/);
   });
 
@@ -394,7 +394,11 @@ describe('conflicts', () => {
     assert.deepEqual({ ...conflict.yours }, { title: 'mine' });
     assert.equal(conflict.theirs.title, 'theirs');
     const intent = core.resolveConflict('a', 'mine');
-    assert.deepEqual(intent, { kind: 'update', task_id: 'a', base_version: 2, patch: { title: 'mine' } });
+    assert.deepEqual(
+      { ...intent, seen: undefined },
+      { kind: 'update', task_id: 'a', base_version: 2, patch: { title: 'mine' }, seen: undefined },
+    );
+    assert.deepEqual(intent.seen.title, ['theirs'], 'Keep mine is made on what the user chose over');
     assert.equal(item(core, 'a').conflict, null);
   });
 
@@ -413,6 +417,126 @@ describe('conflicts', () => {
     assert.equal(core.expectedVersion('b'), 5);
     core.issue({ kind: 'update', key: 'u', task_id: 'b', patch: { title: 't' }, base_version: core.expectedVersion('b') });
     assert.equal(commandRequest(core.getOp('u')).body.base_version, 5);
+  });
+});
+
+describe('conflicts nobody else caused are re-sent, not put to the user', () => {
+  /** A core whose only outbox is read by the test; keys of rebased edits are r1, r2, ... */
+  function rebaseSetup() {
+    let keys = 0;
+    return setup({ newKey: () => `r${(keys += 1)}` });
+  }
+  const errors = (core) => core.getSnapshot().notices.filter((notice) => notice.level === 'error');
+
+  test('our own failed like made the rename stacked on it stale: it is re-sent on the current version', () => {
+    const { core } = rebaseSetup();
+    const like = core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });
+    const rename = core.issue({ kind: 'update', key: 'u', task_id: 'b', patch: { title: 'mine' }, ...core.editBase('b') });
+    assert.equal(rename.base_version, 5, 'the rename counts the like as applied');
+    const groundTruth = task('b', { likes: 3, version: 4 });
+    core.applyEvent(failed(like, 'injected', groundTruth));
+    core.applyEvent(failed(rename, 'conflict', groundTruth));
+
+    const { task: shown, conflict, ops } = item(core, 'b');
+    assert.equal(conflict, null, 'no yours / theirs: nobody else changed the task');
+    assert.equal(shown.title, 'mine', 'the rename is still predicted');
+    assert.deepEqual(ops.map((op) => [op.key, op.kind]), [['r1', 'update']]);
+    assert.equal(errors(core).length, 1, "only the like's failure is told");
+    const [resent] = core.takeOutbox();
+    assert.equal(resent.key, 'r1', 'a new command: the refused one keeps its key and its answer');
+    assert.equal(resent.issued_at, rename.issued_at, 'still the same intent: its age runs on');
+    assert.deepEqual(commandRequest(resent).body, { title: 'mine', base_version: 4 });
+    assert.deepEqual(core.takeOutbox(), [], 'taken once');
+  });
+
+  test("someone else's like or change to another field is no reason to ask: the edit is re-sent", () => {
+    const { core } = rebaseSetup();
+    const rename = core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'mine' }, ...core.editBase('a') });
+    core.applyEvent(failed(rename, 'conflict', task('a', { likes: 1, notes: 'their notes', version: 3 })));
+    assert.equal(item(core, 'a').conflict, null);
+    const [resent] = core.takeOutbox();
+    assert.deepEqual(commandRequest(resent).body, { title: 'mine', base_version: 3 });
+    assert.deepEqual(item(core, 'a').task, { ...task('a', { likes: 1, notes: 'their notes', version: 3 }), title: 'mine' });
+  });
+
+  test("an edit whose field someone else changed is put to the user, whatever else moved", () => {
+    const { core } = rebaseSetup();
+    const edit = core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'mine', notes: 'n' }, ...core.editBase('a') });
+    core.applyEvent(failed(edit, 'conflict', task('a', { notes: 'their notes', likes: 2, version: 4 })));
+    assert.deepEqual({ ...item(core, 'a').conflict.yours }, { title: 'mine', notes: 'n' });
+    assert.deepEqual(core.takeOutbox(), []);
+    assert.equal(errors(core).length, 1);
+  });
+
+  test('an editor keeps the values it opened on: a rename that lands while it is open conflicts', () => {
+    const { core } = rebaseSetup();
+    const opened = core.editBase('a');
+    core.applyEvent(settled({ key: 'theirs', task_id: 'a', kind: 'update' }, task('a', { title: 'theirs', version: 2 })));
+    const edit = core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'mine' }, ...opened });
+    assert.equal(edit.base_version, 1);
+    core.applyEvent(failed(edit, 'conflict', task('a', { title: 'theirs', version: 2 })));
+    assert.equal(item(core, 'a').conflict.theirs.title, 'theirs');
+    assert.deepEqual(core.takeOutbox(), []);
+  });
+
+  test('of two stacked renames made stale by our failed like, the later one alone is re-sent', () => {
+    const { core } = rebaseSetup();
+    const like = core.issue({ kind: 'like', key: 'l', task_id: 'a', delta: 1 });
+    const first = core.issue({ kind: 'update', key: 'u1', task_id: 'a', patch: { title: 'B', notes: 'b' }, ...core.editBase('a') });
+    const second = core.issue({ kind: 'update', key: 'u2', task_id: 'a', patch: { title: 'C' }, ...core.editBase('a') });
+    assert.deepEqual([first.base_version, second.base_version], [2, 3]);
+    assert.deepEqual([...second.seen.title], ['task a', 'B']);
+    core.applyEvent(failed(like, 'injected', task('a')));
+    core.applyEvent(failed(first, 'conflict', task('a')));
+    const [firstAgain] = core.takeOutbox();
+    assert.deepEqual(commandRequest(firstAgain).body, { notes: 'b', base_version: 2 },
+      'its title is left to the later rename, which the server applies before it');
+    core.applyEvent(failed(second, 'conflict', task('a')));
+    const [secondAgain] = core.takeOutbox();
+    assert.deepEqual(commandRequest(secondAgain).body, { title: 'C', base_version: 2 });
+    assert.deepEqual(item(core, 'a').ops.map((op) => op.key), ['r1', 'r2']);
+    assert.equal(item(core, 'a').task.title, 'C');
+    assert.equal(item(core, 'a').conflict, null);
+  });
+
+  test('an edit superseded whole by a later one of ours is dropped without a word', () => {
+    const { core } = rebaseSetup();
+    const like = core.issue({ kind: 'like', key: 'l', task_id: 'a', delta: 1 });
+    const first = core.issue({ kind: 'update', key: 'u1', task_id: 'a', patch: { title: 'B' }, ...core.editBase('a') });
+    core.issue({ kind: 'update', key: 'u2', task_id: 'a', patch: { title: 'C' }, ...core.editBase('a') });
+    core.applyEvent(failed(like, 'injected', task('a')));
+    core.applyEvent(failed(first, 'conflict', task('a')));
+    assert.deepEqual(core.takeOutbox(), []);
+    assert.deepEqual(item(core, 'a').ops.map((op) => op.key), ['u2']);
+    assert.equal(errors(core).length, 1, "the like's notice alone");
+  });
+
+  test('after three re-sends on versions that keep moving, the conflict is put to the user', () => {
+    const { core } = rebaseSetup();
+    let op = core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'mine' }, ...core.editBase('a') });
+    for (let version = 2; version <= 4; version += 1) {
+      core.applyEvent(failed(op, 'conflict', task('a', { likes: version, version })));
+      [op] = core.takeOutbox();
+      assert.equal(op.base_version, version);
+    }
+    core.applyEvent(failed(op, 'conflict', task('a', { likes: 5, version: 5 })));
+    assert.deepEqual(core.takeOutbox(), []);
+    assert.deepEqual({ ...item(core, 'a').conflict.yours }, { title: 'mine' });
+    assert.equal(item(core, 'a').task.title, 'task a', 'ground truth, nothing overwritten');
+  });
+
+  test('what an edit was made on survives a reload', () => {
+    const { core } = rebaseSetup();
+    core.issue({ kind: 'like', key: 'l', task_id: 'a', delta: 1 });
+    core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'mine' }, ...core.editBase('a') });
+    const reloaded = createCore({ now: () => 2_000_000, newKey: () => 'after-reload' });
+    reloaded.loadSnapshot({ tasks: [task('a')], watermark: 10 });
+    reloaded.restore(JSON.parse(JSON.stringify(core.persistedOps())));
+    reloaded.applyEvent(failed(reloaded.getOp('l'), 'injected', task('a')));
+    reloaded.applyEvent(failed(reloaded.getOp('u'), 'conflict', task('a')));
+    const [resent] = reloaded.takeOutbox();
+    assert.equal(resent.key, 'after-reload');
+    assert.deepEqual(commandRequest(resent).body, { title: 'mine', base_version: 1 });
   });
 });
 

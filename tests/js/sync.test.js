@@ -168,6 +168,34 @@ describe('the sync engine', () => {
     assert.equal(core.getSnapshot().items[0].task.title, 'moved on');
   });
 
+  test('an edit refused only because a like moved the version is sent again, under a new key', async () => {
+    const sent = [];
+    const transport = fakeTransport({
+      sendCommand: async (request, key) => {
+        sent.push([key, request.body]);
+        return { outcome: 'accepted', command_id: `cmd-${key}` };
+      },
+    });
+    const { core, sync } = setup({ transport });
+    await sync.start();
+    const edit = sync.editTask('a', { title: 'mine' }, 'edit');
+    await flush();
+    transport.streams[0].handlers.onEvent({
+      id: 6,
+      type: 'command:failed',
+      data: {
+        command_id: 'cmd-edit', idempotency_key: edit.key, task_id: 'a', kind: 'update', reason: 'conflict',
+        message: 'base_version 1, current version 2', current: task('a', { likes: 1, version: 2 }),
+      },
+    });
+    await flush();
+    assert.deepEqual(sent.map(([, body]) => body), [{ title: 'mine', base_version: 1 }, { title: 'mine', base_version: 2 }]);
+    assert.notEqual(sent[1][0], 'edit', 'a new command: the refused one keeps its key and its answer');
+    const [item] = core.getSnapshot().items;
+    assert.equal(item.conflict, null);
+    assert.deepEqual([item.task.title, item.ops[0].state], ['mine', 'pending']);
+  });
+
   test('an overdue op is checked on the status endpoint, then Retry re-sends its key', async () => {
     let time = 1_000_000;
     const { core, sync, transport, tick } = setup({ now: () => time });
