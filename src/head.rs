@@ -5,25 +5,19 @@
 //! `Content-Length` that is not a number, a `Transfer-Encoding` that does not end in
 //! `chunked`) with a bare status line and an empty body, and offers no hook to answer
 //! otherwise. Every other error leaves this server as an RFC 9457 problem (`error`). So
-//! the accept loop (`net`), which already peeks at each connection's first bytes for
-//! the event-stream path, asks [`judge`] about them, and answers what hyper would
+//! the accept loop (`net`), which already reads each connection's first head for the
+//! event-stream path, asks [`judge`] about it, and answers what hyper would
 //! refuse itself: a problem+json body, and the connection closed. The status is
 //! hyper's (a test holds it to hyper's own answers), but for two heads: an HTTP/2
 //! preface gets 400 (hyper closes without an answer), and so does a `Content-Length`
 //! past what a body can be (hyper: 431). The longest head is this server's choice,
 //! [`MAX_HEAD_BYTES`], which `net` gives hyper too.
 //!
-//! Only what has arrived is judged, without consuming it: the head that came with the
-//! connection's first read (on loopback, a whole head of up to 64 KiB comes at once; over
-//! a network, often one segment). A head still arriving then, and any later request on
-//! a keep-alive connection, are hyper's, which answers them as it does.
-
-use std::io;
-use std::time::Duration;
+//! `net` reads the first head until it is whole, however many segments it comes in,
+//! and hands hyper what it read. A later request on a keep-alive connection is hyper's
+//! alone, which answers a head it cannot take as it does.
 
 use axum::http::Uri;
-use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use crate::error::ApiError;
 
@@ -33,14 +27,6 @@ pub const MAX_HEADERS: usize = 100;
 /// default is about 400 KiB; browsers and proxies send a few KiB). Longer is refused:
 /// 414 when the request line alone is, 431 otherwise.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// How long a head longer than the first look may take to arrive whole before it is
-/// left to hyper (which then waits for it up to `net::HEADER_READ_TIMEOUT`).
-const LONG_HEAD_WAIT: Duration = Duration::from_secs(1);
-/// The first pause between two looks at a long head still arriving (a peek returns at
-/// once while unread bytes wait, so waiting for more takes a pause); it doubles up to
-/// [`LONG_HEAD_POLL_MAX`], and a look that finds nothing new is not parsed again.
-const LONG_HEAD_POLL: Duration = Duration::from_millis(2);
-const LONG_HEAD_POLL_MAX: Duration = Duration::from_millis(100);
 
 /// What to do with the bytes of a head seen so far.
 #[derive(Debug)]
@@ -53,7 +39,8 @@ pub enum Verdict {
     Partial,
 }
 
-/// Judges the first `bytes` of a connection, peeked and not consumed.
+/// Judges the first `bytes` of a connection: a head, whole or not yet, and maybe what
+/// follows it.
 pub fn judge(bytes: &[u8]) -> Verdict {
     // Not initialised: this runs for every new connection, and httparse writes each
     // header it parses before it is read.
@@ -74,41 +61,8 @@ pub fn judge(bytes: &[u8]) -> Verdict {
     }
 }
 
-/// Judges a head longer than the first look: peeks at up to [`MAX_HEAD_BYTES`] until
-/// it is whole or longer than that, for at most [`LONG_HEAD_WAIT`]. A head still
-/// arriving then is left to hyper (`Partial`); one that fills [`MAX_HEAD_BYTES`] and is
-/// not whole is refused.
-///
-/// # Errors
-/// When the socket fails.
-pub async fn judge_long(stream: &TcpStream) -> io::Result<Verdict> {
-    let mut buffer = vec![0; MAX_HEAD_BYTES];
-    let deadline = Instant::now() + LONG_HEAD_WAIT;
-    let mut pause = LONG_HEAD_POLL;
-    let mut judged = 0;
-    loop {
-        let peeked = stream.peek(&mut buffer).await?;
-        if peeked > judged {
-            judged = peeked;
-            let seen = &buffer[..peeked];
-            match judge(seen) {
-                Verdict::Partial if peeked == buffer.len() => {
-                    return Ok(Verdict::Refuse(too_long(seen)))
-                }
-                Verdict::Partial => {}
-                verdict => return Ok(verdict),
-            }
-        }
-        if Instant::now() >= deadline {
-            return Ok(Verdict::Partial);
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(LONG_HEAD_POLL_MAX);
-    }
-}
-
 /// The problem for a head of [`MAX_HEAD_BYTES`] that is not whole.
-fn too_long(seen: &[u8]) -> ApiError {
+pub fn too_long(seen: &[u8]) -> ApiError {
     let limit = MAX_HEAD_BYTES / 1024;
     if seen.contains(&b'\n') {
         ApiError::HeaderFieldsTooLarge(format!("a request head may be at most {limit} KiB"))
@@ -406,8 +360,8 @@ mod tests {
             let bounded = &head[..head.len().min(MAX_HEAD_BYTES)];
             let ours = match judge(bounded) {
                 Verdict::Pass => Some(200),
-                // A look as full as a head may be, and still not whole: what
-                // `judge_long` answers.
+                // As much as a head may be, and still not whole: what `net`
+                // answers.
                 Verdict::Partial => status(Verdict::Refuse(too_long(bounded))),
                 refused => status(refused),
             };

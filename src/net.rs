@@ -15,17 +15,20 @@
 //! them, up to [`DRAIN_TIMEOUT`]. A connection that opens with an event-stream request
 //! skips hyper altogether (`sse::direct`): an idle subscriber then costs a few KiB. One
 //! that opens with a head hyper would refuse with an empty body is answered here with
-//! a problem (`head`).
+//! a problem (`head`). To tell them apart, the loop reads each connection's first head
+//! itself; hyper then reads those bytes before the socket's.
 
 use std::io;
 use std::time::Duration;
 
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use std::io::Cursor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -43,9 +46,12 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after an accept error such as `EMFILE` (out of file descriptors), so that the
 /// loop does not spin while connections close and free some.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
-/// How much of a connection's first bytes are looked at at once: every head but a
-/// long one. A head not whole in it is looked at again up to `head::MAX_HEAD_BYTES`.
+/// The first read of a connection's bytes: every head but a long one. A head not whole
+/// in it is read on, up to `head::MAX_HEAD_BYTES`.
 const FIRST_LOOK_BYTES: usize = 4096;
+/// How many times a first head still arriving is judged before it is left to hyper
+/// (see `first_request`).
+const MAX_LOOKS: u32 = 8;
 /// After refusing a head, how long and how much of what the client still sends is
 /// read and dropped before closing: closing with unread bytes resets the connection,
 /// and a reset can reach the client before it has read the answer.
@@ -88,7 +94,8 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
         let state = state.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
-            match sniff(&stream, &shutdown).await {
+            let mut stream = stream;
+            match sniff(&mut stream, &shutdown).await {
                 Some(First::Events(request)) => {
                     if let Err(err) = direct::serve(stream, request, state).await {
                         tracing::debug!(error = %err, "event stream ended with an error");
@@ -97,8 +104,11 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
                 // Boxed: a connection's task is as large as its largest state for its
                 // whole life, and an idle subscriber must not carry a refusal's buffers.
                 Some(First::Refused(problem)) => Box::pin(refuse(stream, problem)).await,
-                Some(First::Http) => {
-                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                Some(First::Http(read)) => {
+                    // hyper reads the bytes read so far, then the socket's.
+                    let (reader, writer) = stream.into_split();
+                    let io = tokio::io::join(Cursor::new(read).chain(reader), writer);
+                    let connection = builder.serve_connection(TokioIo::new(io), service);
                     if let Err(err) = watcher.watch(connection).await {
                         tracing::debug!(error = %err, "connection ended with an error");
                     }
@@ -127,14 +137,14 @@ enum First {
     Events(direct::EventsRequest),
     /// A head hyper would refuse with an empty body: answered here with this problem.
     Refused(ApiError),
-    /// Anything else: hyper's.
-    Http,
+    /// Anything else: hyper's, with the bytes read from the connection so far.
+    Http(Bytes),
 }
 
-/// Waits for a new connection's first bytes (as long as hyper would wait for a request
-/// head) and tells what it opens with. `None`: the client sent nothing in time or hung
-/// up, or shutdown started first (an idle connection must not hold up the drain).
-async fn sniff(stream: &TcpStream, shutdown: &CancellationToken) -> Option<First> {
+/// Waits for a new connection's first request head (as long as hyper would wait for
+/// one) and tells what it opens with. `None`: the head did not come in time, the client
+/// hung up, or shutdown started first (an idle connection must not hold up the drain).
+async fn sniff(stream: &mut TcpStream, shutdown: &CancellationToken) -> Option<First> {
     let first = tokio::time::timeout(HEADER_READ_TIMEOUT, first_request(stream));
     tokio::select! {
         _ = shutdown.cancelled() => None,
@@ -149,28 +159,56 @@ async fn sniff(stream: &TcpStream, shutdown: &CancellationToken) -> Option<First
     }
 }
 
-/// Peeks at the first bytes (consuming nothing) and judges them.
-async fn first_request(stream: &TcpStream) -> io::Result<First> {
-    let mut bytes = vec![0; FIRST_LOOK_BYTES];
-    let peeked = stream.peek(&mut bytes).await?;
-    if peeked == 0 {
-        return Err(io::ErrorKind::UnexpectedEof.into());
+/// Reads until the first request head is whole (or longer than a head may be) and
+/// judges it.
+///
+/// A head is judged on the first read (garbage is refused at once), and after that
+/// only when the bytes read may have ended it (an empty line): a head sent a byte at a
+/// time costs one parse, not one per byte. One still not whole after [`MAX_LOOKS`]
+/// (empty lines before its request line) is left to hyper.
+async fn first_request(stream: &mut TcpStream) -> io::Result<First> {
+    let mut read = BytesMut::with_capacity(FIRST_LOOK_BYTES);
+    let mut looks = 0;
+    loop {
+        if read.len() == read.capacity() {
+            read.reserve(read.len());
+        }
+        let before = read.len();
+        let room = head::MAX_HEAD_BYTES - before;
+        if stream.read_buf(&mut (&mut read).limit(room)).await? == 0 {
+            if read.is_empty() {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            // The client stopped sending mid-head: hyper answers that as it does.
+            return Ok(First::Http(read.freeze()));
+        }
+        let full = read.len() == head::MAX_HEAD_BYTES;
+        let may_end = ends_a_line_on_an_empty_one(&read[before.saturating_sub(2)..]);
+        if !full && before > 0 && !may_end {
+            continue;
+        }
+        looks += 1;
+        if let Some(request) = direct::parse(&read) {
+            return Ok(First::Events(request));
+        }
+        match head::judge(&read) {
+            // Copied: the head alone, not the buffer's room, stays with the connection.
+            Verdict::Pass => return Ok(First::Http(Bytes::copy_from_slice(&read))),
+            Verdict::Refuse(problem) => return Ok(First::Refused(problem)),
+            Verdict::Partial if full => return Ok(First::Refused(head::too_long(&read))),
+            Verdict::Partial if looks == MAX_LOOKS => return Ok(First::Http(read.freeze())),
+            Verdict::Partial => {}
+        }
     }
-    let seen = &bytes[..peeked];
-    if let Some(request) = direct::parse(seen) {
-        return Ok(First::Events(request));
-    }
-    let verdict = match head::judge(seen) {
-        // Not whole in the first look, and more may be there already: look at more.
-        // Boxed, as a refusal is (above): rare, and not to be carried by every task.
-        Verdict::Partial if peeked == bytes.len() => Box::pin(head::judge_long(stream)).await?,
-        verdict => verdict,
-    };
-    Ok(match verdict {
-        Verdict::Refuse(problem) => First::Refused(problem),
-        // A head still arriving is hyper's, which waits for the rest.
-        Verdict::Pass | Verdict::Partial => First::Http,
-    })
+}
+
+/// Whether `bytes` hold the end of a head: a line break followed by an empty line
+/// (`\n\n` or `\n\r\n`, as httparse takes either).
+fn ends_a_line_on_an_empty_one(bytes: &[u8]) -> bool {
+    bytes
+        .windows(2)
+        .enumerate()
+        .any(|(at, pair)| pair == b"\n\n" || pair == b"\n\r" && bytes.get(at + 2) == Some(&b'\n'))
 }
 
 /// Answers a refused head with its problem and closes the connection.

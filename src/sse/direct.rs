@@ -8,11 +8,11 @@
 //! server's memory. Here a subscriber costs its task, its broadcast receiver and its
 //! keep-alive timer, a few KiB.
 //!
-//! Only an unambiguous request takes this path: its whole head arrived in the first
-//! read, parses as HTTP/1.1 (httparse), is `GET /api/events` with no body and no
-//! upgrade. Anything else, and every connection that has served another request first,
-//! is the accept loop's (`net`), which only peeked: it goes to hyper, or is refused
-//! there (`head`). The answer is the same response as the
+//! Only an unambiguous request takes this path: the connection's first head parses as
+//! HTTP/1.1 (httparse), is `GET /api/events` with no body and no upgrade. Anything
+//! else, and every connection that has served another request first, goes to hyper
+//! with the bytes the accept loop (`net`) read, or is refused there (`head`). The
+//! answer is the same response as the
 //! routed handler's ([`events_response`]), status line and headers written as they are,
 //! with `Connection: close` and a close-delimited body, which every SSE client reads.
 
@@ -34,15 +34,14 @@ const EVENTS_REQUEST_PREFIX: &[u8] = b"GET /api/events";
 /// Most request headers considered; a request with more goes to hyper.
 const MAX_HEADERS: usize = 32;
 
-/// A parsed `GET /api/events` request head, not yet consumed from the socket.
+/// A parsed `GET /api/events` request head.
 pub struct EventsRequest {
-    head_len: usize,
     uri: Uri,
     headers: HeaderMap,
 }
 
 /// An event-stream request that this module can answer, from a connection's first
-/// bytes (peeked, not consumed), or `None` for hyper.
+/// bytes, or `None` for hyper (also while the head is not whole).
 pub fn parse(bytes: &[u8]) -> Option<EventsRequest> {
     // A cheap look first: nearly every connection is something else.
     if !bytes.starts_with(EVENTS_REQUEST_PREFIX) {
@@ -50,7 +49,7 @@ pub fn parse(bytes: &[u8]) -> Option<EventsRequest> {
     }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
-    let httparse::Status::Complete(head_len) = request.parse(bytes).ok()? else {
+    let httparse::Status::Complete(_) = request.parse(bytes).ok()? else {
         return None;
     };
     if request.method != Some("GET") || request.version != Some(1) {
@@ -74,7 +73,6 @@ pub fn parse(bytes: &[u8]) -> Option<EventsRequest> {
         return None;
     }
     Some(EventsRequest {
-        head_len,
         uri,
         headers: header_map,
     })
@@ -90,11 +88,6 @@ pub async fn serve(
     request: EventsRequest,
     state: AppState,
 ) -> io::Result<()> {
-    // The head was peeked whole, so this returns at once.
-    let mut head = vec![0; request.head_len];
-    stream.read_exact(&mut head).await?;
-    drop(head);
-
     let query = Query::try_from_uri(&request.uri);
     let response = events_response(state, &request.headers, query);
     let (mut reader, mut writer) = stream.split();
@@ -153,7 +146,6 @@ mod tests {
         let request = parse(&bytes).expect("an events request");
         assert_eq!(request.uri.query(), Some("last_event_id=7"));
         assert_eq!(request.headers["last-event-id"], "9");
-        assert_eq!(request.head_len, head.len());
     }
 
     #[test]

@@ -507,6 +507,93 @@ async fn send_raw(app: &TestApp, request: &[u8]) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// Sends `pieces` on a connection of its own, 50 ms apart (each its own segment), and
+/// reads until `done` holds for what came back, or the server closes.
+async fn send_in_pieces(app: &TestApp, pieces: &[&[u8]], done: impl Fn(&str) -> bool) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = app.base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    for piece in pieces {
+        stream.write_all(piece).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut answer = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut chunk).await.expect("readable");
+            answer.extend_from_slice(&chunk[..n]);
+            if n == 0 || done(&String::from_utf8_lossy(&answer)) {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("an answer within 10 s");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn a_first_head_is_judged_whole_however_many_pieces_it_comes_in() {
+    let app = spawn_app().await;
+    let closed = |_: &str| false;
+
+    // The fault is in the second piece: refused with a problem, not hyper's bare 400.
+    let answer = send_in_pieces(
+        &app,
+        &[
+            b"POST /api/tasks HTTP/1.1\r\nHost: t\r\n",
+            b"Content-Length: -1\r\n\r\n",
+        ],
+        closed,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    assert!(answer.contains("application/problem+json"), "{answer:?}");
+
+    // A good head in three pieces, then a body: hyper reads what was read for it.
+    let body = br#"{"title":"in pieces"}"#;
+    let length = format!("Content-Length: {}\r\n\r\n", body.len());
+    let answer = send_in_pieces(
+        &app,
+        &[
+            b"POST /api/tasks HTTP/1.1\r\nHo",
+            b"st: t\r\nContent-Type: application/json\r\nIdempotency-Key: pieces\r\n",
+            format!("Connection: close\r\n{length}").as_bytes(),
+            body,
+        ],
+        closed,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 202 "), "{answer:?}");
+
+    // Two requests in one write: both answered, in order.
+    let answer = send_in_pieces(
+        &app,
+        &[b"GET /api/health HTTP/1.1\r\nHost: t\r\n\r\nGET /api/nowhere HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"],
+        closed,
+    )
+    .await;
+    let statuses: Vec<&str> = answer
+        .match_indices("HTTP/1.1 ")
+        .map(|(at, _)| &answer[at + 9..at + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "404"], "{answer:?}");
+
+    // An event-stream request sent a byte at a time is a stream still.
+    let request = b"GET /api/events HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n";
+    let bytes: Vec<&[u8]> = request.chunks(1).collect();
+    let answer = send_in_pieces(&app, &bytes, |answer| answer.contains("\r\n\r\n")).await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+    assert!(
+        answer.contains("content-type: text/event-stream"),
+        "{answer:?}"
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_head_hyper_cannot_take_gets_a_problem_with_its_status() {
     let app = spawn_app().await;
