@@ -71,11 +71,36 @@ const $ = (id) => document.getElementById(id);
 
 // ---- likes as a toggle -------------------------------------------------------------------
 
-const liked = new Set(JSON.parse(safeStorage(() => localStorage.getItem(LIKED_STORAGE_KEY)) ?? '[]'));
+const liked = new Set(readLiked(safeStorage(() => localStorage.getItem(LIKED_STORAGE_KEY))));
+
+function readLiked(stored) {
+  try {
+    const ids = JSON.parse(stored ?? '[]');
+    return Array.isArray(ids) ? ids : [];
+  } catch {
+    return [];
+  }
+}
 
 function saveLiked() {
   safeStorage(() => localStorage.setItem(LIKED_STORAGE_KEY, JSON.stringify([...liked])));
 }
+
+/** The toggle as this browser stands: another tab's like or unlike shows here at once. */
+function drawLike(parts, taskId) {
+  const isLiked = liked.has(taskId);
+  setAttr(parts.likeButton, 'aria-pressed', String(isLiked));
+  setText(parts.likeButton, isLiked ? '♥ Liked' : '♡ Like');
+}
+
+// Another tab of this browser liked or unliked: take its set (a `storage` event never
+// fires in the tab that wrote), so a click here toggles from where the browser stands.
+window.addEventListener('storage', (event) => {
+  if (event.key !== LIKED_STORAGE_KEY) return;
+  liked.clear();
+  for (const id of readLiked(event.newValue)) liked.add(id);
+  for (const [taskId, parts] of taskNodes) drawLike(parts, taskId);
+});
 
 function toggleLike(taskId) {
   const delta = liked.has(taskId) ? -1 : 1;
@@ -237,9 +262,7 @@ function updateTaskNode(parts, item) {
   if (parts.done.checked !== task.done) parts.done.checked = task.done;
   setAttr(parts.done, 'aria-label', `Done: ${task.title}`);
   setText(parts.likes, String(task.likes));
-  const isLiked = liked.has(item.id);
-  setAttr(parts.likeButton, 'aria-pressed', String(isLiked));
-  setText(parts.likeButton, isLiked ? '♥ Liked' : '♡ Like');
+  drawLike(parts, item.id);
   setAttr(parts.rename, 'aria-label', `Rename ${task.title}`);
   setAttr(parts.remove, 'aria-label', `Delete ${task.title}`);
   setText(parts.notes, task.notes ?? '');

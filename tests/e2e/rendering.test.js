@@ -79,6 +79,22 @@ test('two tabs see each other’s changes live', async () => {
       title: 'renamed in tab B', likes: 0, done: true, pending: false, state: 'settled',
     }));
 
+    // Likes are a toggle per browser: tab A's like reads Liked in tab B at once, so tab
+    // B's click takes it back instead of liking twice.
+    await tabA.bringToFront();
+    await taskItem(tabA, id).getByTestId('like').click();
+    await eventually(async () => assert.equal(
+      await taskItem(tabB, id).getByTestId('like').getAttribute('aria-pressed'), 'true',
+    ));
+    await eventually(async () => assert.equal((await shown(tabB, id)).likes, 1));
+    await tabB.bringToFront();
+    await taskItem(tabB, id).getByTestId('like').click();
+    await eventually(async () => assert.deepEqual(
+      [(await shown(tabA, id)).likes, (await shown(tabA, id)).state], [0, 'settled'],
+    ));
+    assert.equal(await taskItem(tabA, id).getByTestId('like').getAttribute('aria-pressed'), 'false');
+    assert.equal((await server.api.task(id)).likes, 0);
+
     await tabA.bringToFront();
     await taskItem(tabA, id).getByTestId('delete').click();
     await eventually(async () => assert.equal(await shown(tabB, id), null));
