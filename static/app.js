@@ -317,7 +317,8 @@ function renderConflict(parts, item) {
   parts.conflictFor = conflict;
   parts.conflict.replaceChildren();
   if (!conflict) return;
-  const heading = element('p', { class: 'conflict-heading' }, 'Someone else changed this task before your edit applied. Nothing was overwritten: choose.');
+  const what = conflict.kind === 'delete' ? 'your delete' : 'your edit';
+  const heading = element('p', { class: 'conflict-heading' }, `Someone else changed this task before ${what} applied. Nothing was overwritten: choose.`);
   const table = element('div', { class: 'conflict-sides' });
   const yours = element('div', { class: 'side yours', 'data-testid': 'conflict-yours' });
   const theirs = element('div', { class: 'side theirs', 'data-testid': 'conflict-theirs' });
@@ -328,6 +329,12 @@ function renderConflict(parts, item) {
     yours.append(element('div', { 'data-field': field }, `${label}: ${fieldText(field, value)}`));
     const current = field === 'deleted' ? false : conflict.theirs[field];
     theirs.append(element('div', { 'data-field': field }, `${label}: ${fieldText(field, current)}`));
+  }
+  // A delete sets no field: theirs shows what they changed, which the user had not seen.
+  if (conflict.kind === 'delete') {
+    for (const field of conflict.changed) {
+      theirs.append(element('div', { 'data-field': field }, `${FIELD_LABELS[field]}: ${fieldText(field, conflict.theirs[field])}`));
+    }
   }
   table.append(yours, theirs);
   const keep = element('button', { type: 'button', 'data-testid': 'keep-mine' }, 'Keep mine');

@@ -49,7 +49,10 @@ const MAX_NOTICES = 6;
 const MAX_WINDOW_SAMPLES = 500;
 /** The stack of a task with no pending op: one shared object, so memoized items stay equal. */
 const NO_OPS = Object.freeze([]);
-/** The fields an edit sets, whose values it was made on are recorded (see `seenValues`). */
+/**
+ * The fields an edit sets, whose values an edit or a delete was made on are recorded
+ * (see `seenValues`): someone else's change to one of them is what a conflict is about.
+ */
 const EDIT_FIELDS = Object.freeze(['title', 'notes', 'done']);
 /**
  * How many times one edit is re-sent by itself on a newer version (see `rebase`) before the
@@ -325,6 +328,8 @@ export function createCore({
         kind: op.kind,
         yours: Object.freeze(op.kind === 'update' ? { ...op.patch } : { deleted: true }),
         theirs: Object.freeze({ ...theirs }),
+        // What someone else changed that the user had not seen (all fields, unknown).
+        changed: Object.freeze(EDIT_FIELDS.filter((field) => !op.seen?.[field]?.includes(theirs[field]))),
         failed_key: op.key,
       }));
     }
@@ -350,27 +355,29 @@ export function createCore({
   }
 
   /**
-   * An edit refused as a conflict that nobody else's edit explains: every field it sets
-   * still holds a value the user was shown. The version moved for another reason (a like,
-   * someone's change to another field, or our own op before it that failed), so it is
-   * sent again, by itself, on the current version: a new command under a new key, as Keep
-   * mine would send. Fields a later edit of ours sets anyway are left out (the server
-   * would apply this one last), and an edit left with none is dropped.
+   * An edit or a delete refused as a conflict that nobody else's edit explains: every
+   * field it sets (a delete: every field) still holds a value the user was shown. The
+   * version moved for another reason (a like, someone's change to another field, or our
+   * own op before it that failed), so it is sent again, by itself, on the current
+   * version: a new command under a new key, as Keep mine would send. Fields a later edit
+   * of ours sets anyway are left out (the server would apply this one last), and an edit
+   * left with none is dropped.
    * @returns {boolean} whether the conflict was taken care of here
    */
   function rebase(op, later) {
     const theirs = base.get(op.task_id);
-    if (op.kind !== 'update' || !op.seen || !theirs || (op.rebased ?? 0) >= MAX_REBASES) return false;
-    const fields = Object.keys(op.patch);
+    if (!op.seen || !theirs || (op.rebased ?? 0) >= MAX_REBASES) return false;
+    if (op.kind !== 'update' && op.kind !== 'delete') return false;
+    const fields = op.kind === 'update' ? Object.keys(op.patch) : EDIT_FIELDS;
     if (!fields.every((field) => op.seen[field]?.includes(theirs[field]))) return false;
     const superseded = (field) => later.some((next) => next.kind === 'update' && field in next.patch);
-    const kept = fields.filter((field) => !superseded(field));
+    const kept = op.kind === 'update' ? fields.filter((field) => !superseded(field)) : fields;
     if (kept.length) {
       const next = Object.freeze({
         ...op,
         key: newKey(),
         command_id: null,
-        patch: Object.freeze(Object.fromEntries(kept.map((field) => [field, op.patch[field]]))),
+        patch: op.patch && Object.freeze(Object.fromEntries(kept.map((field) => [field, op.patch[field]]))),
         base_version: expectedVersion(op.task_id),
         seen: seenValues(op.task_id),
         rebased: (op.rebased ?? 0) + 1,
@@ -389,8 +396,8 @@ export function createCore({
    * Push a user intent onto its task's stack; the view shows it at once.
    * Issuing a key that is already pending returns the existing op unchanged: one intent,
    * one key, one effect, however many times the user clicks.
-   * An edit with a `base_version` also records the values it was made on (`seen`, by
-   * default as of now; an editor passes those of `editBase` when it opened).
+   * An edit or a delete with a `base_version` also records the values it was made on
+   * (`seen`, by default as of now; an editor passes those of `editBase` when it opened).
    * @param {{kind: string, key: string, task_id: string, title?: string, notes?: string,
    *          patch?: object, delta?: number, base_version?: number, seen?: object}} intent
    * @returns {object} the (frozen) op
@@ -411,7 +418,7 @@ export function createCore({
       patch: intent.kind === 'update' ? Object.freeze({ ...intent.patch }) : undefined,
       delta: intent.kind === 'like' ? intent.delta : undefined,
       base_version: intent.base_version ?? undefined,
-      seen: intent.kind === 'update' && intent.base_version != null
+      seen: intent.base_version != null && (intent.kind === 'update' || intent.kind === 'delete')
         ? intent.seen ?? seenValues(intent.task_id)
         : undefined,
       issued_at: issuedAt,

@@ -261,8 +261,12 @@ export function createSync({
     setDone(taskId, done, key = newId()) {
       return issue({ kind: 'update', key, task_id: taskId, patch: { done } });
     },
-    deleteTask(taskId, key = newId()) {
-      return issue({ kind: 'delete', key, task_id: taskId });
+    /**
+     * Delete on the base shown now (`core.editBase`): someone else's edit that the user
+     * has not seen yet makes it conflict instead of being deleted with the task.
+     */
+    deleteTask(taskId, key = newId(), base = core.editBase(taskId)) {
+      return issue({ kind: 'delete', key, task_id: taskId, ...base });
     },
     /** A counter delta (+1 / -1): commutes, never conflicts. */
     like(taskId, delta, key = newId()) {

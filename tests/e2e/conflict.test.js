@@ -156,3 +156,29 @@ test('a like by someone else while the editor is open is no conflict: the rename
     await server.stop();
   }
 });
+
+test('a delete made before someone else’s rename reached the page asks instead of deleting their edit', async () => {
+  const server = await startServer(['--delay-ms', '3000']);
+  try {
+    const { task, page, pageErrors, commands, item } = await openOnSharedTask(server);
+
+    await secondWriterRenames(server, task.id, 'theirs', 1);
+    await item.getByTestId('delete').click();
+    assert.equal(await shown(page, task.id), null, 'the delete is predicted at once');
+    assert.deepEqual(commands.map((command) => [command.method, command.body]), [['DELETE', { base_version: 1 }]]);
+
+    const conflict = item.getByTestId('conflict');
+    await conflict.waitFor({ timeout: 15_000 });
+    assert.match(await conflict.getByTestId('conflict-yours').textContent(), /Deleted: yes/);
+    assert.match(await conflict.getByTestId('conflict-theirs').textContent(), /Deleted: no.*Title: theirs/);
+    assert.match(await conflict.textContent(), /before your delete applied/);
+    assert.equal((await server.api.task(task.id)).title, 'theirs', 'their rename stands');
+
+    await conflict.getByRole('button', { name: 'Take theirs' }).click();
+    assert.deepEqual(await shown(page, task.id), { title: 'theirs', likes: 0, done: false, pending: false, state: 'settled' });
+    assert.equal(commands.length, 1, 'nothing more was sent');
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});

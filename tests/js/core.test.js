@@ -525,6 +525,22 @@ describe('conflicts nobody else caused are re-sent, not put to the user', () => 
     assert.equal(item(core, 'a').task.title, 'task a', 'ground truth, nothing overwritten');
   });
 
+  test("a delete is re-sent past someone else's like, and put to the user after their rename", () => {
+    const { core } = rebaseSetup();
+    const liked = core.issue({ kind: 'delete', key: 'd1', task_id: 'a', ...core.editBase('a') });
+    core.applyEvent(failed(liked, 'conflict', task('a', { likes: 1, version: 2 })));
+    const [resent] = core.takeOutbox();
+    assert.deepEqual(commandRequest(resent), { method: 'DELETE', path: '/api/tasks/a', body: { base_version: 2 } });
+    assert.equal(item(core, 'a'), undefined, 'still predicted deleted');
+
+    const renamed = core.issue({ kind: 'delete', key: 'd2', task_id: 'c', ...core.editBase('c') });
+    core.applyEvent(failed(renamed, 'conflict', task('c', { title: 'theirs', version: 2 })));
+    const { conflict, task: shown } = item(core, 'c');
+    assert.deepEqual([conflict.kind, { ...conflict.yours }, [...conflict.changed]], ['delete', { deleted: true }, ['title']]);
+    assert.equal(shown.title, 'theirs', 'back, as the server has it');
+    assert.deepEqual(core.takeOutbox(), []);
+  });
+
   test('what an edit was made on survives a reload', () => {
     const { core } = rebaseSetup();
     core.issue({ kind: 'like', key: 'l', task_id: 'a', delta: 1 });
