@@ -130,10 +130,11 @@ const list = $('task-list');
 /** task id -> the parts of its list item, reused across every render. */
 const taskNodes = new Map();
 /**
- * task id -> the open editor's idempotency key (one editing session = one intent) and the
- * base it opened on (`core.editBase`: the version and the values the user was shown): the
- * edit is made on it, so a change by someone else while the editor was open conflicts
- * instead of being overwritten.
+ * task id -> the open editor's idempotency key (one editing session = one intent), the
+ * base it opened on (`core.editBase`: the version and the values the user was shown) and
+ * the values it opened with. The edit is made on that base and sets only the fields the
+ * user changed from those values, so a change by someone else while the editor was open
+ * conflicts (or, to another field, is kept) instead of being overwritten.
  */
 const editors = new Map();
 
@@ -212,11 +213,17 @@ function openEditor(taskId) {
   const parts = taskNodes.get(taskId);
   const task = parts?.item?.task;
   if (!task) return;
-  if (!editors.has(taskId)) {
-    editors.set(taskId, { key: sync.newId(), base: core.editBase(taskId) });
+  // Opened again with nothing typed yet: it takes what the task shows now, and its base.
+  // Once the user typed, it stays as it is, on the base their typing started from.
+  const open = editors.get(taskId);
+  const untouched = open && parts.titleInput.value === open.opened.title
+    && parts.notesInput.value === open.opened.notes;
+  if (!open || untouched) {
+    const opened = { title: task.title, notes: task.notes ?? '' };
+    editors.set(taskId, { key: open?.key ?? sync.newId(), base: core.editBase(taskId), opened });
+    parts.titleInput.value = opened.title;
+    parts.notesInput.value = opened.notes;
   }
-  parts.titleInput.value = task.title;
-  parts.notesInput.value = task.notes ?? '';
   parts.editor.hidden = false;
   parts.titleInput.focus();
   parts.titleInput.select();
@@ -233,12 +240,12 @@ function closeEditor(taskId) {
 function submitEditor(taskId) {
   const parts = taskNodes.get(taskId);
   const editing = editors.get(taskId);
-  const task = parts?.item?.task;
-  if (!parts || !editing || !task) return; // already submitted: a second Enter finds no open editor
+  if (!parts || !editing || !parts.item) return; // already submitted: a second Enter finds no open editor
+  const { opened } = editing;
   const patch = {};
   const title = parts.titleInput.value.trim();
-  if (title && title !== task.title) patch.title = title;
-  if (parts.notesInput.value !== (task.notes ?? '')) patch.notes = parts.notesInput.value;
+  if (title && title !== opened.title) patch.title = title;
+  if (parts.notesInput.value !== opened.notes) patch.notes = parts.notesInput.value;
   if (Object.keys(patch).length) sync.editTask(taskId, patch, editing.key, editing.base);
   closeEditor(taskId);
 }
@@ -318,7 +325,11 @@ function renderConflict(parts, item) {
   parts.conflict.replaceChildren();
   if (!conflict) return;
   const what = conflict.kind === 'delete' ? 'your delete' : 'your edit';
-  const heading = element('p', { class: 'conflict-heading' }, `Someone else changed this task before ${what} applied. Nothing was overwritten: choose.`);
+  // Nobody changed what the user edited: say that the version kept moving, not who.
+  const headingText = conflict.kept_moving
+    ? `The task kept changing while ${what} was sent (likes, or other changes to it), so it was not applied. Nothing was overwritten: send it again or leave it.`
+    : `Someone else changed this task before ${what} applied. Nothing was overwritten: choose.`;
+  const heading = element('p', { class: 'conflict-heading' }, headingText);
   const table = element('div', { class: 'conflict-sides' });
   const yours = element('div', { class: 'side yours', 'data-testid': 'conflict-yours' });
   const theirs = element('div', { class: 'side theirs', 'data-testid': 'conflict-theirs' });

@@ -58,7 +58,7 @@ const EDIT_FIELDS = Object.freeze(['title', 'notes', 'done']);
  * How many times one edit is re-sent by itself on a newer version (see `rebase`) before the
  * conflict is put to the user: versions that keep moving (likes, say) cannot hold it forever.
  */
-const MAX_REBASES = 3;
+const MAX_REBASES = 5;
 
 /**
  * The HTTP request that carries an operation. Deterministic: a retry under the same
@@ -183,6 +183,8 @@ export function createCore({
    * still pending: they fail too (`not_found`), and their notices name the task and say why.
    */
   const failedCreates = new Map();
+  /** Task id -> last confirmed title of a task that is gone, to name it in a notice. */
+  const goneTitles = new Map();
   /** Ops the core issued by itself (a rebased edit): the sync engine takes and sends them. */
   let outbox = [];
   let watermark = 0;
@@ -242,10 +244,14 @@ export function createCore({
     return (event.idempotency_key && findOp(event.idempotency_key)) || findOpByCommandId(event.command_id);
   }
 
-  /** The title to name an op by: the confirmed one, else the predicted one (a create). */
+  /**
+   * The title to name an op by: the confirmed one, else the one it is being created with,
+   * else the last one known (the task is gone: deleted elsewhere, or its create failed).
+   */
   function titleOf(op) {
-    return base.get(op.task_id)?.title ?? fold(null, pending.get(op.task_id) ?? [])?.title
-      ?? failedCreates.get(op.task_id) ?? op.title;
+    return base.get(op.task_id)?.title
+      ?? pending.get(op.task_id)?.find((candidate) => candidate.kind === 'create')?.title
+      ?? failedCreates.get(op.task_id) ?? goneTitles.get(op.task_id) ?? op.title;
   }
 
   // ---- mutations of the stacks -----------------------------------------------------
@@ -285,6 +291,8 @@ export function createCore({
   }
 
   function forget(taskId, { tombstone }) {
+    const gone = base.get(taskId);
+    if (gone) goneTitles.set(taskId, gone.title);
     base.delete(taskId);
     if (tombstone) deleted.add(taskId);
     conflicts.delete(taskId);
@@ -307,19 +315,24 @@ export function createCore({
     removeOp(op);
     if (current) confirm(current);
     else if (reason === 'not_found') forget(op.task_id, { tombstone: false });
-    if (reason === 'conflict' && rebase(op, later)) return;
+    const fate = reason === 'conflict' ? rebase(op, later) : null;
+    if (fate === 'resent') return;
     if (op.kind === 'create' && pending.has(op.task_id)) failedCreates.set(op.task_id, title);
     const why = REASON_TEXT[reason] ?? reason;
     const detail = message && (REASON_WITH_DETAIL.has(reason) || !REASON_TEXT[reason]) ? ` (${message})` : '';
+    let text = `${describeOp(op, title)} failed: ${why}.${detail}`;
+    if (orphaned) text = `${describeOp(op, title)} was dropped: creating the task failed.`;
+    else if (fate === 'kept_moving') {
+      text = `${describeOp(op, title)} was not applied: the task kept changing while it was sent `
+        + `(likes, or other changes to it), ${(op.rebased ?? 0) + 1} times. Nothing was overwritten.`;
+    }
     addNotice({
       level: 'error',
       task_id: op.task_id,
       op_kind: op.kind,
       delta: op.delta,
-      reason,
-      text: orphaned
-        ? `${describeOp(op, title)} was dropped: creating the task failed.`
-        : `${describeOp(op, title)} failed: ${why}.${detail}`,
+      reason: fate ?? reason,
+      text,
     });
     const theirs = current ?? base.get(op.task_id);
     if (reason === 'conflict' && theirs && (op.kind === 'update' || op.kind === 'delete')) {
@@ -330,6 +343,8 @@ export function createCore({
         theirs: Object.freeze({ ...theirs }),
         // What someone else changed that the user had not seen (all fields, unknown).
         changed: Object.freeze(EDIT_FIELDS.filter((field) => !op.seen?.[field]?.includes(theirs[field]))),
+        // Nobody changed what it sets: the version kept moving under it (see `rebase`).
+        kept_moving: fate === 'kept_moving',
         failed_key: op.key,
       }));
     }
@@ -361,15 +376,16 @@ export function createCore({
    * own op before it that failed), so it is sent again, by itself, on the current
    * version: a new command under a new key, as Keep mine would send. Fields a later edit
    * of ours sets anyway are left out (the server would apply this one last), and an edit
-   * left with none is dropped.
-   * @returns {boolean} whether the conflict was taken care of here
+   * left with none is dropped. After MAX_REBASES re-sends the user decides, told that the
+   * task kept changing, not that someone changed what they edited.
+   * @returns {'resent' | 'kept_moving' | null} null: someone else changed what it sets
    */
   function rebase(op, later) {
     const theirs = base.get(op.task_id);
-    if (!op.seen || !theirs || (op.rebased ?? 0) >= MAX_REBASES) return false;
-    if (op.kind !== 'update' && op.kind !== 'delete') return false;
+    if (!op.seen || !theirs || (op.kind !== 'update' && op.kind !== 'delete')) return null;
     const fields = op.kind === 'update' ? Object.keys(op.patch) : EDIT_FIELDS;
-    if (!fields.every((field) => op.seen[field]?.includes(theirs[field]))) return false;
+    if (!fields.every((field) => op.seen[field]?.includes(theirs[field]))) return null;
+    if ((op.rebased ?? 0) >= MAX_REBASES) return 'kept_moving';
     const superseded = (field) => later.some((next) => next.kind === 'update' && field in next.patch);
     const kept = op.kind === 'update' ? fields.filter((field) => !superseded(field)) : fields;
     if (kept.length) {
@@ -387,7 +403,7 @@ export function createCore({
       pushOp(next);
       outbox = [...outbox, next];
     }
-    return true;
+    return 'resent';
   }
 
   // ---- the public API ----------------------------------------------------------------
@@ -505,9 +521,11 @@ export function createCore({
    */
   function loadSnapshot({ tasks, watermark: snapshotWatermark }, { outcomes = [], force = false } = {}) {
     if (!force && snapshotWatermark < watermark) return false;
+    const before = base;
     base = new Map(tasks.filter((task) => !deleted.has(task.id)).map((task) => [task.id, Object.freeze({ ...task })]));
     const optimisticCreates = order.filter((id) => !base.has(id) && pending.get(id)?.some((op) => op.kind === 'create'));
     order = [...base.keys(), ...optimisticCreates];
+    for (const [id, task] of before) if (!base.has(id)) goneTitles.set(id, task.title);
     watermark = snapshotWatermark;
     for (const outcome of outcomes) {
       const op = findOp(outcome.key);

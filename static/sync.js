@@ -76,11 +76,11 @@ export function createSync({
 
   /**
    * After a failure, snap to ground truth: the counts fragment for likes, the task for edits
-   * and deletes. A failed create left no row (its id is ours, new): nothing to fetch, and
-   * the 404 would only be logged as a console error.
+   * and deletes. A failed create left no row (its id is ours, new), and a `not_found` says
+   * the row is gone: nothing to fetch, and the 404 would only be logged as a console error.
    */
-  async function refetchGroundTruth(op) {
-    if (op.kind === 'create') return undefined;
+  async function refetchGroundTruth(op, reason) {
+    if (op.kind === 'create' || reason === 'not_found') return undefined;
     try {
       if (op.kind === 'like') {
         const counts = await transport.fetchCounts(op.task_id);
@@ -101,7 +101,7 @@ export function createSync({
     }
     if (!event.data || !Number.isFinite(event.id)) return;
     const { applied, op } = core.applyEvent(event);
-    if (applied && op && event.type === EVENT_FAILED) refetchGroundTruth(op);
+    if (applied && op && event.type === EVENT_FAILED) refetchGroundTruth(op, event.data.reason);
   }
 
   function openStream() {
@@ -178,7 +178,9 @@ export function createSync({
     let task;
     try {
       command = await transport.fetchCommand(op.command_id);
-      if (command && command.status !== 'pending') task = await transport.fetchTask(op.task_id);
+      // A command failed with `not_found` has no row to fetch (the 404 would be logged).
+      if (command?.error?.reason === 'not_found') task = null;
+      else if (command && command.status !== 'pending') task = await transport.fetchTask(op.task_id);
     } catch (error) {
       log('status check failed', error);
     }

@@ -182,3 +182,57 @@ test('a delete made before someone else’s rename reached the page asks instead
     await server.stop();
   }
 });
+
+test('an editor sends only what the user changed: their rename while it was open stands beside my notes', async () => {
+  const server = await startServer(['--delay-ms', '300']);
+  try {
+    const { task, page, pageErrors, commands, item } = await openOnSharedTask(server);
+
+    await item.getByTestId('rename').click();
+    await item.getByTestId('notes-input').fill('my notes');
+    await secondWriterRenames(server, task.id, 'theirs', 1);
+    await eventually(async () => assert.equal((await shown(page, task.id)).title, 'theirs'));
+    // Rename clicked again after typing: the editor keeps what it opened with.
+    await item.getByTestId('rename').click();
+    assert.equal(await item.getByTestId('rename-input').inputValue(), 'shared');
+    await item.getByTestId('save').click();
+
+    await eventually(() => assert.deepEqual(
+      commands.filter((command) => command.method === 'PATCH').map((command) => command.body),
+      [{ notes: 'my notes', base_version: 1 }, { notes: 'my notes', base_version: 2 }],
+    ));
+    await waitSettled(page, task.id);
+    const row = await server.api.task(task.id);
+    assert.deepEqual([row.title, row.notes], ['theirs', 'my notes'], 'both changes stand');
+    assert.equal(await item.getByTestId('conflict').isVisible(), false);
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});
+
+test('an editor opened again before anything was typed takes the task as it is now', async () => {
+  const server = await startServer(['--delay-ms', '300']);
+  try {
+    const { task, page, pageErrors, commands, item } = await openOnSharedTask(server);
+
+    await item.getByTestId('rename').click();
+    await secondWriterRenames(server, task.id, 'theirs', 1);
+    await eventually(async () => assert.equal((await shown(page, task.id)).title, 'theirs'));
+    await item.getByTestId('rename').click();
+    assert.equal(await item.getByTestId('rename-input').inputValue(), 'theirs');
+    await item.getByTestId('rename-input').fill('mine');
+    await item.getByTestId('save').click();
+
+    await waitSettled(page, task.id);
+    assert.deepEqual(
+      commands.filter((command) => command.method === 'PATCH').map((command) => command.body),
+      [{ title: 'mine', base_version: 2 }],
+      'made on the version it showed: no conflict',
+    );
+    assert.equal((await server.api.task(task.id)).title, 'mine');
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});

@@ -190,6 +190,23 @@ describe('failure removes only the failed operation', () => {
     assert.match(core.getSnapshot().notices.at(-1).text, /failed: the task no longer exists\.$/);
   });
 
+  test('a notice names a task by its title, also once it is gone or never was', () => {
+    const { core } = setup();
+    const like = core.issue({ kind: 'like', key: 'l', task_id: 'c', delta: 1 });
+    core.applyEvent(settled({ key: 'elsewhere', task_id: 'c', kind: 'delete' }, null));
+    core.applyEvent(failed(like, 'not_found', null));
+    assert.equal(core.getSnapshot().notices.at(-1).text, 'Like “task c” failed: the task no longer exists.');
+
+    const create = core.issue({ kind: 'create', key: 'k', task_id: 'n', title: 'FC' });
+    const rename = core.issue({ kind: 'update', key: 'r', task_id: 'n', patch: { title: 'FC2' }, ...core.editBase('n') });
+    core.applyEvent(failed(create, 'injected', null));
+    core.applyEvent(failed(rename, 'not_found', null));
+    assert.deepEqual(core.getSnapshot().notices.slice(-2).map((notice) => notice.text), [
+      'Create “FC” failed: the server rejected it (injected failure).',
+      'Rename “FC” to “FC2” was dropped: creating the task failed.',
+    ]);
+  });
+
   test('the server message is shown where it says more than the reason', () => {
     const { core } = setup();
     const edit = core.issue({ kind: 'update', key: 'u1', task_id: 'a', patch: { title: 'x' }, base_version: 1 });
@@ -464,6 +481,7 @@ describe('conflicts nobody else caused are re-sent, not put to the user', () => 
     const edit = core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'mine', notes: 'n' }, ...core.editBase('a') });
     core.applyEvent(failed(edit, 'conflict', task('a', { notes: 'their notes', likes: 2, version: 4 })));
     assert.deepEqual({ ...item(core, 'a').conflict.yours }, { title: 'mine', notes: 'n' });
+    assert.equal(item(core, 'a').conflict.kept_moving, false);
     assert.deepEqual(core.takeOutbox(), []);
     assert.equal(errors(core).length, 1);
   });
@@ -511,18 +529,24 @@ describe('conflicts nobody else caused are re-sent, not put to the user', () => 
     assert.equal(errors(core).length, 1, "the like's notice alone");
   });
 
-  test('after three re-sends on versions that keep moving, the conflict is put to the user', () => {
+  test('after five re-sends on versions that keep moving, the user decides, told why', () => {
     const { core } = rebaseSetup();
     let op = core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'mine' }, ...core.editBase('a') });
-    for (let version = 2; version <= 4; version += 1) {
+    for (let version = 2; version <= 6; version += 1) {
       core.applyEvent(failed(op, 'conflict', task('a', { likes: version, version })));
       [op] = core.takeOutbox();
       assert.equal(op.base_version, version);
     }
-    core.applyEvent(failed(op, 'conflict', task('a', { likes: 5, version: 5 })));
+    core.applyEvent(failed(op, 'conflict', task('a', { likes: 7, version: 7 })));
     assert.deepEqual(core.takeOutbox(), []);
-    assert.deepEqual({ ...item(core, 'a').conflict.yours }, { title: 'mine' });
-    assert.equal(item(core, 'a').task.title, 'task a', 'ground truth, nothing overwritten');
+    const { conflict, task: shown } = item(core, 'a');
+    assert.deepEqual([{ ...conflict.yours }, conflict.kept_moving], [{ title: 'mine' }, true]);
+    assert.equal(shown.title, 'task a', 'ground truth, nothing overwritten');
+    const [notice] = errors(core);
+    assert.match(notice.text, /was not applied: the task kept changing while it was sent .*6 times/);
+    assert.doesNotMatch(notice.text, /someone else/, 'nobody changed the title: no one is blamed');
+    const again = core.resolveConflict('a', 'mine');
+    assert.deepEqual([again.base_version, again.patch], [7, { title: 'mine' }]);
   });
 
   test("a delete is re-sent past someone else's like, and put to the user after their rename", () => {

@@ -168,6 +168,22 @@ describe('the sync engine', () => {
     assert.equal(core.getSnapshot().items[0].task.title, 'moved on');
   });
 
+  test('a failure saying the task is gone fetches nothing (a 404 would be logged)', async () => {
+    const { core, sync, transport } = setup();
+    await sync.start();
+    const op = sync.like('a', 1, 'l');
+    await flush();
+    transport.streams[0].handlers.onEvent({
+      id: 6,
+      type: 'command:failed',
+      data: { command_id: 'cmd-l', idempotency_key: op.key, task_id: 'a', kind: 'like', reason: 'not_found', message: '', current: null },
+    });
+    await flush();
+    await flush();
+    assert.deepEqual(transport.calls.filter((call) => call[0] !== 'send'), []);
+    assert.deepEqual(core.getSnapshot().items, []);
+  });
+
   test('an edit refused only because a like moved the version is sent again, under a new key', async () => {
     const sent = [];
     const transport = fakeTransport({
