@@ -111,15 +111,16 @@ function toggleLike(taskId) {
 }
 
 // A like that failed, was refused or was discarded is not shown any more: the toggle goes
-// back with the count.
+// back with the count. One discarded and applied after all comes back with it.
 const handledNotices = new Set();
 core.subscribe(() => {
   for (const notice of core.getSnapshot().notices) {
     if (handledNotices.has(notice.id)) continue;
     handledNotices.add(notice.id);
     if (notice.op_kind !== 'like') continue;
-    if (notice.delta > 0) liked.delete(notice.task_id);
-    else liked.add(notice.task_id);
+    const nowLiked = notice.reason === 'applied_late' ? notice.delta > 0 : notice.delta < 0;
+    if (nowLiked) liked.add(notice.task_id);
+    else liked.delete(notice.task_id);
     saveLiked();
   }
 });

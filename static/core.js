@@ -43,6 +43,8 @@ const REASON_TEXT = Object.freeze({
 /** Reasons whose server message says more than REASON_TEXT (which versions, which fault). */
 const REASON_WITH_DETAIL = new Set(['conflict', 'dead_lettered']);
 
+/** How many discarded ops are remembered, to tell when one is applied after all. */
+const MAX_DISCARDED = 100;
 /** How many notices stay on screen; older ones drop off. */
 const MAX_NOTICES = 6;
 /** How many client-measured windows are kept for the chart. */
@@ -185,6 +187,12 @@ export function createCore({
   const failedCreates = new Map();
   /** Task id -> last confirmed title of a task that is gone, to name it in a notice. */
   const goneTitles = new Map();
+  /**
+   * Idempotency key -> op the user stopped waiting for (Discard), newest last, so that its
+   * event, if the server applies it after all, says so instead of passing for someone
+   * else's change.
+   */
+  const discarded = new Map();
   /** Ops the core issued by itself (a rebased edit): the sync engine takes and sends them. */
   let outbox = [];
   let watermark = 0;
@@ -502,6 +510,7 @@ export function createCore({
       if (op) failOp(op, data);
       else if (data.current) confirm(data.current);
     }
+    if (!op) discardedOutcome(type, data);
     changed();
     return { applied: true, op };
   }
@@ -589,6 +598,10 @@ export function createCore({
     if (!op) return;
     const title = titleOf(op);
     removeOp(op);
+    if (op.command_id) {
+      discarded.set(op.key, Object.freeze({ ...op, title_then: title }));
+      if (discarded.size > MAX_DISCARDED) discarded.delete(discarded.keys().next().value);
+    }
     addNotice({
       level: 'info',
       task_id: op.task_id,
@@ -598,6 +611,22 @@ export function createCore({
       text: `${describeOp(op, title)}: stopped waiting. If the server applies it later, it will show up.`,
     });
     changed();
+  }
+
+  /** The event of an op the user stopped waiting for: applied after all, it says so. */
+  function discardedOutcome(type, data) {
+    const op = data.idempotency_key && discarded.get(data.idempotency_key);
+    if (!op) return;
+    discarded.delete(op.key);
+    if (type !== EVENT_SETTLED) return;
+    addNotice({
+      level: 'info',
+      task_id: op.task_id,
+      op_kind: op.kind,
+      delta: op.delta,
+      reason: 'applied_late',
+      text: `${describeOp(op, op.title_then)}, which you stopped waiting for, was applied after all.`,
+    });
   }
 
   /** Ground truth from GET /api/tasks/{id} (`null` on 404). Only moves forward. */
@@ -708,6 +737,27 @@ export function createCore({
     changed();
   }
 
+  /** The open conflicts, in the shape `restoreConflicts` takes back after a reload. */
+  function persistedConflicts() {
+    return [...conflicts.values()];
+  }
+
+  /** Put back conflicts persisted before a reload: a refused edit waits for the user still. */
+  function restoreConflicts(saved) {
+    let restored = false;
+    for (const conflict of saved) {
+      if (!conflict?.task_id || !conflict.yours || !conflict.theirs || conflicts.has(conflict.task_id)) continue;
+      conflicts.set(conflict.task_id, Object.freeze({
+        ...conflict,
+        yours: Object.freeze({ ...conflict.yours }),
+        theirs: Object.freeze({ ...conflict.theirs }),
+        changed: Object.freeze([...(conflict.changed ?? [])]),
+      }));
+      restored = true;
+    }
+    if (restored) changed();
+  }
+
   function buildItem(id) {
     const confirmed = base.get(id) ?? null;
     const ops = pending.get(id) ?? NO_OPS;
@@ -790,6 +840,8 @@ export function createCore({
     setConnection,
     persistedOps,
     restore,
+    persistedConflicts,
+    restoreConflicts,
     getOp: (key) => findOp(key),
     /** Every pending op, flat (for the transport: re-send, status checks). */
     pendingOps: () => [...pending.values()].flat(),

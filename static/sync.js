@@ -8,6 +8,8 @@ import { commandRequest, EVENT_FAILED, EVENT_RESET } from './core.js';
 
 /** Where pending ops survive a reload. Per tab (sessionStorage): each tab owns its ops. */
 export const STORAGE_KEY = 'settle.pending-ops.v1';
+/** Where open conflicts (refused edits waiting for the user's choice) survive a reload. */
+export const CONFLICTS_KEY = 'settle.conflicts.v1';
 /** Longest wait between two attempts to re-open a closed stream. */
 const MAX_RECONNECT_DELAY_MS = 10_000;
 
@@ -36,7 +38,7 @@ export function createSync({
   const sendingKeys = new Set();
   /** Per-task promise chain: a task's commands reach the server in issue order. */
   const sendChains = new Map();
-  let lastPersisted = null;
+  let lastPersisted = { ops: null, conflicts: null };
 
   // ---- commands ----------------------------------------------------------------------
 
@@ -195,11 +197,13 @@ export function createSync({
 
   function persist() {
     if (!storage) return;
-    const serialized = JSON.stringify(core.persistedOps());
-    if (serialized === lastPersisted) return;
-    lastPersisted = serialized;
+    const ops = JSON.stringify(core.persistedOps());
+    const conflicts = JSON.stringify(core.persistedConflicts());
+    if (ops === lastPersisted.ops && conflicts === lastPersisted.conflicts) return;
     try {
-      storage.setItem(STORAGE_KEY, serialized);
+      if (ops !== lastPersisted.ops) storage.setItem(STORAGE_KEY, ops);
+      if (conflicts !== lastPersisted.conflicts) storage.setItem(CONFLICTS_KEY, conflicts);
+      lastPersisted = { ops, conflicts };
     } catch (error) {
       log('cannot persist pending operations', error);
     }
@@ -207,11 +211,13 @@ export function createSync({
 
   function restore() {
     if (!storage) return;
-    try {
-      const saved = JSON.parse(storage.getItem(STORAGE_KEY) ?? '[]');
-      if (Array.isArray(saved) && saved.length) core.restore(saved);
-    } catch (error) {
-      log('ignoring unreadable persisted operations', error);
+    for (const [key, put] of [[STORAGE_KEY, core.restore], [CONFLICTS_KEY, core.restoreConflicts]]) {
+      try {
+        const saved = JSON.parse(storage.getItem(key) ?? '[]');
+        if (Array.isArray(saved) && saved.length) put(saved);
+      } catch (error) {
+        log(`ignoring unreadable ${key}`, error);
+      }
     }
   }
 

@@ -6,7 +6,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 
 import {
-  startServer, launchBrowser, openApp, eventually, renameViaUi, shown, taskItem, recordCommands, waitSettled,
+  startServer, launchBrowser, openApp, eventually, renameViaUi, shown, taskItem, recordCommands, waitSettled, waitForLive,
 } from './helpers.js';
 
 let browser;
@@ -230,6 +230,28 @@ test('an editor opened again before anything was typed takes the task as it is n
       [{ title: 'mine', base_version: 2 }],
       'made on the version it showed: no conflict',
     );
+    assert.equal((await server.api.task(task.id)).title, 'mine');
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});
+
+test('an open conflict survives a reload: the refused edit still waits for a choice', async () => {
+  const server = await startServer(['--delay-ms', '1500']);
+  try {
+    const { task, page, pageErrors, commands, item } = await openOnSharedTask(server);
+
+    await secondWriterRenames(server, task.id, 'theirs', 1);
+    await renameViaUi(page, task.id, 'mine');
+    await sentOnVersionOne(commands);
+    await conflictShown(item);
+
+    await page.reload();
+    await waitForLive(page);
+    const conflict = await conflictShown(taskItem(page, task.id));
+    await conflict.getByRole('button', { name: 'Keep mine' }).click();
+    await waitSettled(page, task.id);
     assert.equal((await server.api.task(task.id)).title, 'mine');
     assert.deepEqual(pageErrors, []);
   } finally {

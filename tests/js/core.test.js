@@ -383,6 +383,22 @@ describe('timeouts and the sync indicator', () => {
     assert.equal(core.getSnapshot().notices[0].level, 'info');
   });
 
+  test('a discarded op that the server applies after all says so, by its key', () => {
+    const { core } = setup();
+    const like = core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });
+    core.accepted('l', { command_id: 'cmd-l' });
+    core.discard('l');
+    core.applyEvent(settled(core.getOp('l') ?? { ...like, command_id: 'cmd-l' }, task('b', { likes: 4, version: 5 })));
+    const notice = core.getSnapshot().notices.at(-1);
+    assert.deepEqual(
+      [notice.reason, notice.op_kind, notice.delta, notice.text],
+      ['applied_late', 'like', 1, 'Like “task b”, which you stopped waiting for, was applied after all.'],
+    );
+    assert.equal(item(core, 'b').task.likes, 4);
+    core.applyEvent(settled({ ...like, command_id: 'cmd-l' }, task('b', { likes: 4, version: 5 })));
+    assert.equal(core.getSnapshot().notices.filter((n) => n.reason === 'applied_late').length, 1, 'told once');
+  });
+
   test('the sync figures count ops older than syncMs and clear on settle', () => {
     const { core, time } = setup();
     const op = core.issue({ kind: 'like', key: 'l', task_id: 'a', delta: 1 });

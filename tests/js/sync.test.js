@@ -4,7 +4,7 @@ import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 
 import { createCore } from '../../static/core.js';
-import { createSync, STORAGE_KEY } from '../../static/sync.js';
+import { createSync, STORAGE_KEY, CONFLICTS_KEY } from '../../static/sync.js';
 import { createTransport } from '../../static/transport.js';
 
 function task(id, fields = {}) {
@@ -166,6 +166,28 @@ describe('the sync engine', () => {
     await flush();
     assert.deepEqual(transport.calls.filter((call) => call[0] !== 'send'), [['counts', 'a'], ['task', 'a']]);
     assert.equal(core.getSnapshot().items[0].task.title, 'moved on');
+  });
+
+  test('an open conflict survives a reload, and closing it is kept too', async () => {
+    const first = setup();
+    await first.sync.start();
+    const edit = first.sync.editTask('a', { title: 'mine' }, 'edit');
+    await flush();
+    first.transport.streams[0].handlers.onEvent({
+      id: 6,
+      type: 'command:failed',
+      data: {
+        command_id: 'cmd-edit', idempotency_key: edit.key, task_id: 'a', kind: 'update', reason: 'conflict',
+        message: '', current: task('a', { title: 'theirs', version: 2 }),
+      },
+    });
+    await flush();
+    const reloaded = setup({ storage: memoryStorage({ [CONFLICTS_KEY]: first.storage.getItem(CONFLICTS_KEY) }) });
+    await reloaded.sync.start();
+    const [item] = reloaded.core.getSnapshot().items;
+    assert.deepEqual([{ ...item.conflict.yours }, item.conflict.theirs.title], [{ title: 'mine' }, 'theirs']);
+    reloaded.sync.takeTheirs('a');
+    assert.deepEqual(JSON.parse(reloaded.storage.getItem(CONFLICTS_KEY)), []);
   });
 
   test('a failure saying the task is gone fetches nothing (a 404 would be logged)', async () => {
