@@ -10,6 +10,7 @@
 import { createCore } from './core.js';
 import { createTransport } from './transport.js';
 import { createSync } from './sync.js';
+import { isLiked, toggleDelta, compensation, readContributions } from './likes.js';
 import { rollingPercentiles, linePath, niceCeiling, percentile } from './stats.js';
 
 // ---- configuration from the URL: ?stuck_ms=5000&sync_ms=800 -----------------------------
@@ -26,8 +27,10 @@ const SYNC_MS = numberParam(params, 'sync_ms', 800);
 const METRICS_POLL_MS = 2000;
 /** How much history the chart shows. */
 const CHART_SPAN_MS = 120_000;
-/** Likes are a toggle per browser: which tasks this browser currently likes. */
-const LIKED_STORAGE_KEY = 'settle.liked.v1';
+/** Likes are a toggle per browser: its settled share of each task's count (likes.js). */
+const LIKES_STORAGE_KEY = 'settle.likes.v2';
+/** Before v2: the set of task ids this browser liked, read once to carry it over. */
+const LEGACY_LIKED_STORAGE_KEY = 'settle.liked.v1';
 
 const core = createCore({ now: Date.now, stuckMs: STUCK_MS, syncMs: SYNC_MS });
 const transport = createTransport();
@@ -69,59 +72,101 @@ function setAttr(node, name, value) {
 
 const $ = (id) => document.getElementById(id);
 
-// ---- likes as a toggle -------------------------------------------------------------------
+// ---- likes as a toggle (static/likes.js) ---------------------------------------------------
 
-const liked = new Set(readLiked(safeStorage(() => localStorage.getItem(LIKED_STORAGE_KEY))));
+/** This browser's settled share of each task's likes, shared by its tabs. */
+let contributions = loadContributions();
+/** Like ops of this tab still on a stack: key -> {task_id, delta}, to tell how each left. */
+const trackedLikes = new Map();
+/** Keys of the likes and unlikes this tab sent to compensate (see below). */
+const compensations = new Set();
+/** Notices of discarded likes applied after all, already added to the share. */
+const lateApplied = new Set();
 
-function readLiked(stored) {
+function loadContributions() {
+  const stored = safeStorage(() => localStorage.getItem(LIKES_STORAGE_KEY));
+  if (stored != null) return readContributions(stored);
+  // Before: the set of liked task ids.
+  const liked = safeStorage(() => localStorage.getItem(LEGACY_LIKED_STORAGE_KEY));
+  return new Map(readContributions(JSON.stringify(Object.fromEntries(
+    (Array.isArray(safeJson(liked)) ? safeJson(liked) : []).map((id) => [id, 1]),
+  ))));
+}
+
+function safeJson(text) {
   try {
-    const ids = JSON.parse(stored ?? '[]');
-    return Array.isArray(ids) ? ids : [];
+    return JSON.parse(text ?? 'null');
   } catch {
-    return [];
+    return null;
   }
 }
 
-function saveLiked() {
-  safeStorage(() => localStorage.setItem(LIKED_STORAGE_KEY, JSON.stringify([...liked])));
+/** Add `delta` to this browser's share of a task, from the freshest stored map. */
+function addContribution(taskId, delta) {
+  contributions = loadContributions();
+  const next = (contributions.get(taskId) ?? 0) + delta;
+  if (next === 0) contributions.delete(taskId);
+  else contributions.set(taskId, next);
+  safeStorage(() => localStorage.setItem(LIKES_STORAGE_KEY, JSON.stringify(Object.fromEntries(contributions))));
 }
 
-/** The toggle as this browser stands: another tab's like or unlike shows here at once. */
+/** This tab's pending like deltas on a task. */
+function pendingLikes(taskId) {
+  let net = 0;
+  for (const op of core.pendingOps()) if (op.kind === 'like' && op.task_id === taskId) net += op.delta;
+  return net;
+}
+
 function drawLike(parts, taskId) {
-  const isLiked = liked.has(taskId);
-  setAttr(parts.likeButton, 'aria-pressed', String(isLiked));
-  setText(parts.likeButton, isLiked ? '♥ Liked' : '♡ Like');
+  const liked = isLiked(contributions.get(taskId) ?? 0, pendingLikes(taskId));
+  setAttr(parts.likeButton, 'aria-pressed', String(liked));
+  setText(parts.likeButton, liked ? '♥ Liked' : '♡ Like');
 }
 
-// Another tab of this browser liked or unliked: take its set (a `storage` event never
+// Another tab of this browser liked or unliked: take its shares (a `storage` event never
 // fires in the tab that wrote), so a click here toggles from where the browser stands.
 window.addEventListener('storage', (event) => {
-  if (event.key !== LIKED_STORAGE_KEY) return;
-  liked.clear();
-  for (const id of readLiked(event.newValue)) liked.add(id);
+  if (event.key !== LIKES_STORAGE_KEY) return;
+  contributions = readContributions(event.newValue);
   for (const [taskId, parts] of taskNodes) drawLike(parts, taskId);
 });
 
 function toggleLike(taskId) {
-  const delta = liked.has(taskId) ? -1 : 1;
-  if (delta > 0) liked.add(taskId);
-  else liked.delete(taskId);
-  saveLiked();
-  sync.like(taskId, delta);
+  sync.like(taskId, toggleDelta(contributions.get(taskId) ?? 0, pendingLikes(taskId)));
 }
 
-// A like that failed, was refused or was discarded is not shown any more: the toggle goes
-// back with the count. One discarded and applied after all comes back with it.
-const handledNotices = new Set();
+// How each like op of this tab left its stack: settled, it adds to this browser's share;
+// failed, refused or discarded, it does not, and if ops stacked on it leave the share
+// past 0 or 1 (an unlike of a like that failed), a compensating like or unlike is sent.
+// A discarded one applied after all adds to the share then.
 core.subscribe(() => {
+  const unapplied = new Map();
   for (const notice of core.getSnapshot().notices) {
-    if (handledNotices.has(notice.id)) continue;
-    handledNotices.add(notice.id);
-    if (notice.op_kind !== 'like') continue;
-    const nowLiked = notice.reason === 'applied_late' ? notice.delta > 0 : notice.delta < 0;
-    if (nowLiked) liked.add(notice.task_id);
-    else liked.delete(notice.task_id);
-    saveLiked();
+    if (notice.op_kind === 'like' && notice.key) unapplied.set(notice.key, notice);
+  }
+  const touched = new Set();
+  for (const op of core.pendingOps()) {
+    if (op.kind === 'like') trackedLikes.set(op.key, { task_id: op.task_id, delta: op.delta });
+  }
+  for (const [key, like] of trackedLikes) {
+    if (core.getOp(key)) continue;
+    trackedLikes.delete(key);
+    const notice = unapplied.get(key);
+    const compensating = compensations.delete(key);
+    if (!notice) addContribution(like.task_id, like.delta);
+    // A compensation that failed is not sent again: its notice says so, and the next
+    // click toggles from the share as it is (no loop while the server fails them all).
+    else if (!compensating) touched.add(like.task_id);
+  }
+  for (const notice of unapplied.values()) {
+    if (notice.reason !== 'applied_late' || lateApplied.has(notice.id)) continue;
+    lateApplied.add(notice.id);
+    addContribution(notice.task_id, notice.delta);
+    touched.add(notice.task_id);
+  }
+  for (const taskId of touched) {
+    const delta = compensation(contributions.get(taskId) ?? 0, pendingLikes(taskId));
+    for (let sent = 0; sent < Math.abs(delta); sent += 1) compensations.add(sync.like(taskId, Math.sign(delta)).key);
   }
 });
 

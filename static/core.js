@@ -336,6 +336,7 @@ export function createCore({
     }
     addNotice({
       level: 'error',
+      key: op.key,
       task_id: op.task_id,
       op_kind: op.kind,
       delta: op.delta,
@@ -478,6 +479,7 @@ export function createCore({
     removeOp(op);
     addNotice({
       level: 'error',
+      key: op.key,
       task_id: op.task_id,
       op_kind: op.kind,
       delta: op.delta,
@@ -604,6 +606,7 @@ export function createCore({
     }
     addNotice({
       level: 'info',
+      key: op.key,
       task_id: op.task_id,
       op_kind: op.kind,
       delta: op.delta,
@@ -621,6 +624,7 @@ export function createCore({
     if (type !== EVENT_SETTLED) return;
     addNotice({
       level: 'info',
+      key: op.key,
       task_id: op.task_id,
       op_kind: op.kind,
       delta: op.delta,

@@ -77,3 +77,38 @@ test('a failed rename, like and delete snap back to the confirmed state, the del
     await server.stop();
   }
 });
+
+test('a like that fails under a pending unlike is compensated: the count does not drift', async () => {
+  const server = await startServer(['--delay-ms', '3000']);
+  try {
+    const task = await server.api.createSettled('liked once');
+    const { page, pageErrors } = await openApp(browser, server.url);
+    const likes = [];
+    page.on('request', (request) => {
+      if (request.method() === 'POST' && request.url().endsWith('/likes')) likes.push(request.postDataJSON().delta);
+    });
+    const like = taskItem(page, task.id).getByTestId('like');
+    await server.api.setFaults({ failure_rate: 1 });
+    await like.click();
+    assert.equal(await like.getAttribute('aria-pressed'), 'true');
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    await like.click();
+    assert.deepEqual([await like.getAttribute('aria-pressed'), (await shown(page, task.id)).likes], ['false', 0]);
+
+    // The like fails (its event comes about 3 s after it); the unlike, 1.5 s later, applies.
+    await page.getByTestId('notice').filter({ hasText: /^Like “liked once” failed/ }).waitFor({ timeout: 10_000 });
+    await server.api.setFaults({ failure_rate: 0 });
+
+    await eventually(async () => {
+      assert.deepEqual(await shown(page, task.id), { title: 'liked once', likes: 0, done: false, pending: false, state: 'settled' });
+      assert.equal((await server.api.task(task.id)).likes, 0, 'the unlike of a like that never was is taken back');
+    }, { timeout: 15_000 });
+    assert.deepEqual(likes, [1, -1, 1]);
+    assert.equal(await like.getAttribute('aria-pressed'), 'false');
+    await like.click();
+    await eventually(async () => assert.equal((await server.api.task(task.id)).likes, 1), { timeout: 10_000 });
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});
