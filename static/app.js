@@ -78,8 +78,9 @@ const $ = (id) => document.getElementById(id);
 let contributions = loadContributions();
 /** Like ops of this tab still on a stack: key -> {task_id, delta}, to tell how each left. */
 const trackedLikes = new Map();
-/** Keys of the likes and unlikes this tab sent to compensate (see below). */
-const compensations = new Set();
+/** How many compensations a task may still get before the user's next click. */
+const compensationBudget = new Map();
+const MAX_COMPENSATIONS = 5;
 /** Notices of discarded likes applied after all, already added to the share. */
 const lateApplied = new Set();
 
@@ -132,13 +133,15 @@ window.addEventListener('storage', (event) => {
 });
 
 function toggleLike(taskId) {
+  compensationBudget.delete(taskId);
   sync.like(taskId, toggleDelta(contributions.get(taskId) ?? 0, pendingLikes(taskId)));
 }
 
 // How each like op of this tab left its stack: settled, it adds to this browser's share;
 // failed, refused or discarded, it does not, and if ops stacked on it leave the share
-// past 0 or 1 (an unlike of a like that failed), a compensating like or unlike is sent.
-// A discarded one applied after all adds to the share then.
+// past 0 or 1 (an unlike of a like that failed), a compensating like or unlike is sent
+// (a compensation that fails is compensated in turn, within a budget per click). A
+// discarded one applied after all adds to the share then.
 core.subscribe(() => {
   const unapplied = new Map();
   for (const notice of core.getSnapshot().notices) {
@@ -152,11 +155,8 @@ core.subscribe(() => {
     if (core.getOp(key)) continue;
     trackedLikes.delete(key);
     const notice = unapplied.get(key);
-    const compensating = compensations.delete(key);
     if (!notice) addContribution(like.task_id, like.delta);
-    // A compensation that failed is not sent again: its notice says so, and the next
-    // click toggles from the share as it is (no loop while the server fails them all).
-    else if (!compensating) touched.add(like.task_id);
+    else touched.add(like.task_id);
   }
   for (const notice of unapplied.values()) {
     if (notice.reason !== 'applied_late' || lateApplied.has(notice.id)) continue;
@@ -166,7 +166,12 @@ core.subscribe(() => {
   }
   for (const taskId of touched) {
     const delta = compensation(contributions.get(taskId) ?? 0, pendingLikes(taskId));
-    for (let sent = 0; sent < Math.abs(delta); sent += 1) compensations.add(sync.like(taskId, Math.sign(delta)).key);
+    // A few compensations per click at most: while the server fails them all, the
+    // notices say so and the next click toggles from the share as it is.
+    const budget = compensationBudget.get(taskId) ?? MAX_COMPENSATIONS;
+    const count = Math.min(Math.abs(delta), budget);
+    compensationBudget.set(taskId, budget - count);
+    for (let sent = 0; sent < count; sent += 1) sync.like(taskId, Math.sign(delta));
   }
 });
 
