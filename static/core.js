@@ -152,7 +152,7 @@ export function describeOp(op, title) {
 /** The fields of an operation that survive a page reload (see `restore`). */
 const PERSISTED_FIELDS = [
   'key', 'command_id', 'task_id', 'kind', 'title', 'notes', 'patch', 'delta', 'base_version',
-  'seen', 'rebased', 'issued_at',
+  'seen', 'rebased', 'named', 'issued_at',
 ];
 
 /**
@@ -254,12 +254,13 @@ export function createCore({
 
   /**
    * The title to name an op by: the confirmed one, else the one it is being created with,
-   * else the last one known (the task is gone: deleted elsewhere, or its create failed).
+   * else the last one known (the task is gone: deleted elsewhere, or its create failed),
+   * else the one it had when the op was issued (kept across a reload).
    */
   function titleOf(op) {
     return base.get(op.task_id)?.title
       ?? pending.get(op.task_id)?.find((candidate) => candidate.kind === 'create')?.title
-      ?? failedCreates.get(op.task_id) ?? goneTitles.get(op.task_id) ?? op.title;
+      ?? failedCreates.get(op.task_id) ?? goneTitles.get(op.task_id) ?? op.named ?? op.title;
   }
 
   // ---- mutations of the stacks -----------------------------------------------------
@@ -433,6 +434,7 @@ export function createCore({
     if (!KINDS.includes(intent.kind)) throw new Error(`unknown operation kind ${intent.kind}`);
     if (!intent.key || !intent.task_id) throw new Error('an operation needs a key and a task id');
     const issuedAt = now();
+    const named = intent.kind === 'create' ? intent.title : titleOf({ task_id: intent.task_id });
     const op = Object.freeze({
       key: intent.key,
       command_id: null,
@@ -446,6 +448,7 @@ export function createCore({
       seen: intent.base_version != null && (intent.kind === 'update' || intent.kind === 'delete')
         ? intent.seen ?? seenValues(intent.task_id)
         : undefined,
+      named: named ?? undefined,
       issued_at: issuedAt,
       sent_at: issuedAt,
       state: 'sending',
@@ -854,5 +857,7 @@ export function createCore({
     },
     /** The confirmed (not predicted) task, for tests and re-fetch decisions. */
     confirmedTask: (taskId) => base.get(taskId) ?? null,
+    /** Whether a settled delete of the task was seen: there is nothing to fetch. */
+    isDeleted: (taskId) => deleted.has(taskId),
   };
 }

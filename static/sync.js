@@ -82,7 +82,7 @@ export function createSync({
    * the row is gone: nothing to fetch, and the 404 would only be logged as a console error.
    */
   async function refetchGroundTruth(op, reason) {
-    if (op.kind === 'create' || reason === 'not_found') return undefined;
+    if (op.kind === 'create' || reason === 'not_found' || core.isDeleted(op.task_id)) return undefined;
     try {
       if (op.kind === 'like') {
         const counts = await transport.fetchCounts(op.task_id);
@@ -181,7 +181,7 @@ export function createSync({
     try {
       command = await transport.fetchCommand(op.command_id);
       // A command failed with `not_found` has no row to fetch (the 404 would be logged).
-      if (command?.error?.reason === 'not_found') task = null;
+      if (command?.error?.reason === 'not_found' || core.isDeleted(op.task_id)) task = null;
       else if (command && command.status !== 'pending') task = await transport.fetchTask(op.task_id);
     } catch (error) {
       log('status check failed', error);

@@ -205,6 +205,14 @@ describe('failure removes only the failed operation', () => {
       'Create “FC” failed: the server rejected it (injected failure).',
       'Rename “FC” to “FC2” was dropped: creating the task failed.',
     ]);
+
+    // After a reload on a snapshot that no longer has the task: the name it had then.
+    const remove = core.issue({ kind: 'delete', key: 'd', task_id: 'a' });
+    const reloaded = createCore({ now: () => 2_000_000 });
+    reloaded.loadSnapshot({ tasks: [], watermark: 30 });
+    reloaded.restore(JSON.parse(JSON.stringify(core.persistedOps())));
+    reloaded.applyEvent(failed(remove, 'not_found', null, { id: 31 }));
+    assert.equal(reloaded.getSnapshot().notices.at(-1).text, 'Delete “task a” failed: the task no longer exists.');
   });
 
   test('the server message is shown where it says more than the reason', () => {
