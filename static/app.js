@@ -84,8 +84,14 @@ const MAX_COMPENSATIONS = 5;
 /** Notices of discarded likes applied after all, already added to the share. */
 const lateApplied = new Set();
 
-function loadContributions() {
-  const stored = safeStorage(() => localStorage.getItem(LIKES_STORAGE_KEY));
+/** The stored shares; `fallback` when storage cannot be read (disabled: memory only). */
+function loadContributions(fallback = new Map()) {
+  let stored;
+  try {
+    stored = localStorage.getItem(LIKES_STORAGE_KEY);
+  } catch {
+    return fallback;
+  }
   if (stored != null) return readContributions(stored);
   // Before: the set of liked task ids.
   const liked = safeStorage(() => localStorage.getItem(LEGACY_LIKED_STORAGE_KEY));
@@ -104,7 +110,7 @@ function safeJson(text) {
 
 /** Add `delta` to this browser's share of a task, from the freshest stored map. */
 function addContribution(taskId, delta) {
-  contributions = loadContributions();
+  contributions = loadContributions(contributions);
   const next = (contributions.get(taskId) ?? 0) + delta;
   if (next === 0) contributions.delete(taskId);
   else contributions.set(taskId, next);
