@@ -93,19 +93,14 @@ function loadContributions(fallback = new Map()) {
     return fallback;
   }
   if (stored != null) return readContributions(stored);
-  // Before: the set of liked task ids.
-  const liked = safeStorage(() => localStorage.getItem(LEGACY_LIKED_STORAGE_KEY));
-  return new Map(readContributions(JSON.stringify(Object.fromEntries(
-    (Array.isArray(safeJson(liked)) ? safeJson(liked) : []).map((id) => [id, 1]),
-  ))));
-}
-
-function safeJson(text) {
+  // Before: the set of liked task ids, each a share of 1.
+  let liked = [];
   try {
-    return JSON.parse(text ?? 'null');
+    liked = JSON.parse(localStorage.getItem(LEGACY_LIKED_STORAGE_KEY) ?? '[]');
   } catch {
-    return null;
+    // unreadable: nothing to carry over
   }
+  return new Map((Array.isArray(liked) ? liked : []).filter((id) => typeof id === 'string').map((id) => [id, 1]));
 }
 
 /** Add `delta` to this browser's share of a task, from the freshest stored map. */

@@ -308,6 +308,11 @@ export function createCore({
     if (!pending.has(taskId)) order = order.filter((id) => id !== taskId);
   }
 
+  /** A notice about one op: what the view needs to tie it back to the op and its task. */
+  function noticeOf(op, level, reason, text) {
+    return { level, key: op.key, task_id: op.task_id, op_kind: op.kind, delta: op.delta, reason, text };
+  }
+
   function addNotice(notice) {
     notices = [...notices, Object.freeze({ id: nextNoticeId++, at: now(), ...notice })].slice(-MAX_NOTICES);
   }
@@ -335,15 +340,7 @@ export function createCore({
       text = `${describeOp(op, title)} was not applied: the task kept changing while it was sent `
         + `(likes, or other changes to it), ${(op.rebased ?? 0) + 1} times. Nothing was overwritten.`;
     }
-    addNotice({
-      level: 'error',
-      key: op.key,
-      task_id: op.task_id,
-      op_kind: op.kind,
-      delta: op.delta,
-      reason: fate ?? reason,
-      text,
-    });
+    addNotice(noticeOf(op, 'error', fate ?? reason, text));
     const theirs = current ?? base.get(op.task_id);
     if (reason === 'conflict' && theirs && (op.kind === 'update' || op.kind === 'delete')) {
       conflicts.set(op.task_id, Object.freeze({
@@ -480,15 +477,8 @@ export function createCore({
     if (!op) return;
     const title = titleOf(op);
     removeOp(op);
-    addNotice({
-      level: 'error',
-      key: op.key,
-      task_id: op.task_id,
-      op_kind: op.kind,
-      delta: op.delta,
-      reason: `http_${status}`,
-      text: `${describeOp(op, title)} was refused: ${detail || `HTTP ${status}`}.`,
-    });
+    const text = `${describeOp(op, title)} was refused: ${detail || `HTTP ${status}`}.`;
+    addNotice(noticeOf(op, 'error', `http_${status}`, text));
     changed();
   }
 
@@ -607,15 +597,8 @@ export function createCore({
       discarded.set(op.key, Object.freeze({ ...op, title_then: title }));
       if (discarded.size > MAX_DISCARDED) discarded.delete(discarded.keys().next().value);
     }
-    addNotice({
-      level: 'info',
-      key: op.key,
-      task_id: op.task_id,
-      op_kind: op.kind,
-      delta: op.delta,
-      reason: 'discarded',
-      text: `${describeOp(op, title)}: stopped waiting. If the server applies it later, it will show up.`,
-    });
+    const text = `${describeOp(op, title)}: stopped waiting. If the server applies it later, it will show up.`;
+    addNotice(noticeOf(op, 'info', 'discarded', text));
     changed();
   }
 
@@ -625,15 +608,8 @@ export function createCore({
     if (!op) return;
     discarded.delete(op.key);
     if (type !== EVENT_SETTLED) return;
-    addNotice({
-      level: 'info',
-      key: op.key,
-      task_id: op.task_id,
-      op_kind: op.kind,
-      delta: op.delta,
-      reason: 'applied_late',
-      text: `${describeOp(op, op.title_then)}, which you stopped waiting for, was applied after all.`,
-    });
+    const text = `${describeOp(op, op.title_then)}, which you stopped waiting for, was applied after all.`;
+    addNotice(noticeOf(op, 'info', 'applied_late', text));
   }
 
   /** Ground truth from GET /api/tasks/{id} (`null` on 404). Only moves forward. */

@@ -18,6 +18,17 @@ function memoryStorage(initial = {}) {
 
 const flush = () => new Promise((resolve) => setImmediate(resolve));
 
+/** The stream's `command:failed` event for `op` (sent as `cmd-KEY` by the fake transport). */
+function failOnStream(transport, op, reason, current = null) {
+  transport.streams.at(-1).handlers.onEvent({
+    id: 6,
+    type: 'command:failed',
+    data: {
+      command_id: `cmd-${op.key}`, idempotency_key: op.key, task_id: op.task_id, kind: op.kind, reason, message: '', current,
+    },
+  });
+}
+
 /** A fake transport recording calls; behaviour overridable per test. */
 function fakeTransport(overrides = {}) {
   const calls = [];
@@ -157,11 +168,7 @@ describe('the sync engine', () => {
     await sync.start();
     const op = sync.like('a', 1, 'l');
     await flush();
-    transport.streams[0].handlers.onEvent({
-      id: 6,
-      type: 'command:failed',
-      data: { command_id: 'cmd-l', idempotency_key: op.key, task_id: 'a', kind: 'like', reason: 'injected', message: '', current: null },
-    });
+    failOnStream(transport, op, 'injected');
     await flush();
     await flush();
     assert.deepEqual(transport.calls.filter((call) => call[0] !== 'send'), [['counts', 'a'], ['task', 'a']]);
@@ -173,14 +180,7 @@ describe('the sync engine', () => {
     await first.sync.start();
     const edit = first.sync.editTask('a', { title: 'mine' }, 'edit');
     await flush();
-    first.transport.streams[0].handlers.onEvent({
-      id: 6,
-      type: 'command:failed',
-      data: {
-        command_id: 'cmd-edit', idempotency_key: edit.key, task_id: 'a', kind: 'update', reason: 'conflict',
-        message: '', current: task('a', { title: 'theirs', version: 2 }),
-      },
-    });
+    failOnStream(first.transport, edit, 'conflict', task('a', { title: 'theirs', version: 2 }));
     await flush();
     const reloaded = setup({ storage: memoryStorage({ [CONFLICTS_KEY]: first.storage.getItem(CONFLICTS_KEY) }) });
     await reloaded.sync.start();
@@ -195,11 +195,7 @@ describe('the sync engine', () => {
     await sync.start();
     const op = sync.like('a', 1, 'l');
     await flush();
-    transport.streams[0].handlers.onEvent({
-      id: 6,
-      type: 'command:failed',
-      data: { command_id: 'cmd-l', idempotency_key: op.key, task_id: 'a', kind: 'like', reason: 'not_found', message: '', current: null },
-    });
+    failOnStream(transport, op, 'not_found');
     await flush();
     await flush();
     assert.deepEqual(transport.calls.filter((call) => call[0] !== 'send'), []);
@@ -218,14 +214,7 @@ describe('the sync engine', () => {
     await sync.start();
     const edit = sync.editTask('a', { title: 'mine' }, 'edit');
     await flush();
-    transport.streams[0].handlers.onEvent({
-      id: 6,
-      type: 'command:failed',
-      data: {
-        command_id: 'cmd-edit', idempotency_key: edit.key, task_id: 'a', kind: 'update', reason: 'conflict',
-        message: 'base_version 1, current version 2', current: task('a', { likes: 1, version: 2 }),
-      },
-    });
+    failOnStream(transport, edit, 'conflict', task('a', { likes: 1, version: 2 }));
     await flush();
     assert.deepEqual(sent.map(([, body]) => body), [{ title: 'mine', base_version: 1 }, { title: 'mine', base_version: 2 }]);
     assert.notEqual(sent[1][0], 'edit', 'a new command: the refused one keeps its key and its answer');
