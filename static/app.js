@@ -76,13 +76,9 @@ const $ = (id) => document.getElementById(id);
 
 /** This browser's settled share of each task's likes, shared by its tabs. */
 let contributions = loadContributions();
-/** Like ops of this tab still on a stack: key -> {task_id, delta}, to tell how each left. */
-const trackedLikes = new Map();
 /** How many compensations a task may still get before the user's next click. */
 const compensationBudget = new Map();
 const MAX_COMPENSATIONS = 5;
-/** Notices of discarded likes applied after all, already added to the share. */
-const lateApplied = new Set();
 
 /** The stored shares; `fallback` when storage cannot be read (disabled: memory only). */
 function loadContributions(fallback = new Map()) {
@@ -138,34 +134,21 @@ function toggleLike(taskId) {
   sync.like(taskId, toggleDelta(contributions.get(taskId) ?? 0, pendingLikes(taskId)));
 }
 
-// How each like op of this tab left its stack: settled, it adds to this browser's share;
-// failed, refused or discarded, it does not, and if ops stacked on it leave the share
-// past 0 or 1 (an unlike of a like that failed), a compensating like or unlike is sent
-// (a compensation that fails is compensated in turn, within a budget per click). A
-// discarded one applied after all adds to the share then.
+// How each like op of this tab left its stack (`core.takeDeparted`): settled, it adds to
+// this browser's share; failed, refused or discarded, it does not, and if ops stacked on
+// it leave the share past 0 or 1 (an unlike of a like that failed), a compensating like
+// or unlike is sent (one that fails is compensated in turn, within a budget per click).
+// A discarded one applied after all adds to the share then. A task that is gone needs
+// no compensation.
 core.subscribe(() => {
-  const unapplied = new Map();
-  for (const notice of core.getSnapshot().notices) {
-    if (notice.op_kind === 'like' && notice.key) unapplied.set(notice.key, notice);
-  }
   const touched = new Set();
-  for (const op of core.pendingOps()) {
-    if (op.kind === 'like') trackedLikes.set(op.key, { task_id: op.task_id, delta: op.delta });
-  }
-  for (const [key, like] of trackedLikes) {
-    if (core.getOp(key)) continue;
-    trackedLikes.delete(key);
-    const notice = unapplied.get(key);
-    if (!notice) addContribution(like.task_id, like.delta);
-    else touched.add(like.task_id);
-  }
-  for (const notice of unapplied.values()) {
-    if (notice.reason !== 'applied_late' || lateApplied.has(notice.id)) continue;
-    lateApplied.add(notice.id);
-    addContribution(notice.task_id, notice.delta);
-    touched.add(notice.task_id);
+  for (const { op, outcome, reason } of core.takeDeparted()) {
+    if (op.kind !== 'like') continue;
+    if (outcome === 'settled' || outcome === 'applied_late') addContribution(op.task_id, op.delta);
+    if (outcome !== 'settled' && reason !== 'not_found') touched.add(op.task_id);
   }
   for (const taskId of touched) {
+    if (core.isDeleted(taskId) || !core.confirmedTask(taskId)) continue;
     const delta = compensation(contributions.get(taskId) ?? 0, pendingLikes(taskId));
     // A few compensations per click at most: while the server fails them all, the
     // notices say so and the next click toggles from the share as it is.

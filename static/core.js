@@ -195,6 +195,8 @@ export function createCore({
   const discarded = new Map();
   /** Ops the core issued by itself (a rebased edit): the sync engine takes and sends them. */
   let outbox = [];
+  /** How ops left their stacks since the last `takeDeparted` (the view's like toggle reads it). */
+  let departed = [];
   let watermark = 0;
   let notices = [];
   let nextNoticeId = 1;
@@ -272,7 +274,9 @@ export function createCore({
     return next;
   }
 
-  function removeOp(op) {
+  /** Take `op` off its stack, and note how it left (`takeDeparted`). */
+  function removeOp(op, outcome, reason) {
+    departed = [...departed, Object.freeze({ op, outcome, reason })];
     const ops = pending.get(op.task_id) ?? [];
     const rest = ops.filter((candidate) => candidate !== op);
     if (rest.length) pending.set(op.task_id, Object.freeze(rest));
@@ -326,7 +330,7 @@ export function createCore({
     const orphaned = reason === 'not_found' && failedCreates.has(op.task_id);
     const stack = pending.get(op.task_id) ?? NO_OPS;
     const later = stack.slice(stack.indexOf(op) + 1);
-    removeOp(op);
+    removeOp(op, 'failed', reason);
     if (current) confirm(current);
     else if (reason === 'not_found') forget(op.task_id, { tombstone: false });
     const fate = reason === 'conflict' ? rebase(op, later) : null;
@@ -476,7 +480,7 @@ export function createCore({
     const op = findOp(key);
     if (!op) return;
     const title = titleOf(op);
-    removeOp(op);
+    removeOp(op, 'rejected');
     const text = `${describeOp(op, title)} was refused: ${detail || `HTTP ${status}`}.`;
     addNotice(noticeOf(op, 'error', `http_${status}`, text));
     changed();
@@ -496,7 +500,7 @@ export function createCore({
       if (data.task) confirm(data.task);
       else if (data.kind === 'delete') forget(data.task_id, { tombstone: true });
       if (op) {
-        removeOp(op);
+        removeOp(op, 'settled');
         const at = now();
         windowSamples = [...windowSamples, Object.freeze({ at, ms: Math.max(0, at - op.issued_at) })]
           .slice(-MAX_WINDOW_SAMPLES);
@@ -534,7 +538,7 @@ export function createCore({
     for (const outcome of outcomes) {
       const op = findOp(outcome.key);
       if (!op || outcome.event_id == null || outcome.event_id > snapshotWatermark) continue;
-      if (outcome.status === 'settled') removeOp(op);
+      if (outcome.status === 'settled') removeOp(op, 'settled');
       else if (outcome.status === 'failed') {
         failOp(op, { ...outcome.error, current: base.get(op.task_id) ?? null });
       }
@@ -578,7 +582,7 @@ export function createCore({
     if (command?.status === 'settled') {
       if (task) confirm(task);
       else if (task === null && op.kind === 'delete') forget(op.task_id, { tombstone: true });
-      removeOp(op);
+      removeOp(op, 'settled');
     } else if (command?.status === 'failed') {
       failOp(op, { ...(command.error ?? { reason: 'failed' }), current: task ?? null });
     } else {
@@ -592,7 +596,7 @@ export function createCore({
     const op = findOp(key);
     if (!op) return;
     const title = titleOf(op);
-    removeOp(op);
+    removeOp(op, 'discarded');
     if (op.command_id) {
       discarded.set(op.key, Object.freeze({ ...op, title_then: title }));
       if (discarded.size > MAX_DISCARDED) discarded.delete(discarded.keys().next().value);
@@ -608,6 +612,7 @@ export function createCore({
     if (!op) return;
     discarded.delete(op.key);
     if (type !== EVENT_SETTLED) return;
+    departed = [...departed, Object.freeze({ op, outcome: 'applied_late' })];
     const text = `${describeOp(op, op.title_then)}, which you stopped waiting for, was applied after all.`;
     addNotice(noticeOf(op, 'info', 'applied_late', text));
   }
@@ -661,6 +666,17 @@ export function createCore({
    */
   function editBase(taskId) {
     return { base_version: expectedVersion(taskId), seen: seenValues(taskId) };
+  }
+
+  /**
+   * How ops left their stacks since the last call, in order: `{op, outcome, reason?}` with
+   * outcome `settled`, `failed` (and its reason), `rejected` or `discarded`, or
+   * `applied_late` for a discarded op whose settled event came after all.
+   */
+  function takeDeparted() {
+    const taken = departed;
+    departed = [];
+    return taken;
   }
 
   /** Ops the core issued by itself since the last call, to be sent (their keys are new). */
@@ -723,6 +739,18 @@ export function createCore({
   /** The open conflicts, in the shape `restoreConflicts` takes back after a reload. */
   function persistedConflicts() {
     return [...conflicts.values()];
+  }
+
+  /** The discarded ops still remembered, in the shape `restoreDiscarded` takes back. */
+  function persistedDiscarded() {
+    return [...discarded.values()];
+  }
+
+  /** Put back discarded ops persisted before a reload, so a late apply is told still. */
+  function restoreDiscarded(saved) {
+    for (const op of saved) {
+      if (op?.key && op.task_id && KINDS.includes(op.kind) && !discarded.has(op.key)) discarded.set(op.key, Object.freeze({ ...op }));
+    }
   }
 
   /** Put back conflicts persisted before a reload: a refused edit waits for the user still. */
@@ -819,12 +847,15 @@ export function createCore({
     expectedVersion,
     editBase,
     takeOutbox,
+    takeDeparted,
     dismissNotice,
     setConnection,
     persistedOps,
     restore,
     persistedConflicts,
     restoreConflicts,
+    persistedDiscarded,
+    restoreDiscarded,
     getOp: (key) => findOp(key),
     /** Every pending op, flat (for the transport: re-send, status checks). */
     pendingOps: () => [...pending.values()].flat(),

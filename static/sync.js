@@ -10,6 +10,8 @@ import { commandRequest, EVENT_FAILED, EVENT_RESET } from './core.js';
 export const STORAGE_KEY = 'settle.pending-ops.v1';
 /** Where open conflicts (refused edits waiting for the user's choice) survive a reload. */
 export const CONFLICTS_KEY = 'settle.conflicts.v1';
+/** Where discarded ops are remembered across a reload, to tell if one applies after all. */
+export const DISCARDED_KEY = 'settle.discarded.v1';
 /** Longest wait between two attempts to re-open a closed stream. */
 const MAX_RECONNECT_DELAY_MS = 10_000;
 
@@ -38,7 +40,8 @@ export function createSync({
   const sendingKeys = new Set();
   /** Per-task promise chain: a task's commands reach the server in issue order. */
   const sendChains = new Map();
-  let lastPersisted = { ops: null, conflicts: null };
+  /** Storage key -> what was last written there. */
+  const lastPersisted = new Map();
 
   // ---- commands ----------------------------------------------------------------------
 
@@ -195,23 +198,30 @@ export function createSync({
 
   // ---- persistence -------------------------------------------------------------------------
 
+  /** What a tab keeps across a reload: storage key, the core's list of it, and its restore. */
+  const persisted = [
+    [STORAGE_KEY, core.persistedOps, core.restore],
+    [CONFLICTS_KEY, core.persistedConflicts, core.restoreConflicts],
+    [DISCARDED_KEY, core.persistedDiscarded, core.restoreDiscarded],
+  ];
+
   function persist() {
     if (!storage) return;
-    const ops = JSON.stringify(core.persistedOps());
-    const conflicts = JSON.stringify(core.persistedConflicts());
-    if (ops === lastPersisted.ops && conflicts === lastPersisted.conflicts) return;
-    try {
-      if (ops !== lastPersisted.ops) storage.setItem(STORAGE_KEY, ops);
-      if (conflicts !== lastPersisted.conflicts) storage.setItem(CONFLICTS_KEY, conflicts);
-      lastPersisted = { ops, conflicts };
-    } catch (error) {
-      log('cannot persist pending operations', error);
+    for (const [key, list] of persisted) {
+      const serialized = JSON.stringify(list());
+      if (serialized === lastPersisted.get(key)) continue;
+      try {
+        storage.setItem(key, serialized);
+        lastPersisted.set(key, serialized);
+      } catch (error) {
+        log(`cannot persist ${key}`, error);
+      }
     }
   }
 
   function restore() {
     if (!storage) return;
-    for (const [key, put] of [[STORAGE_KEY, core.restore], [CONFLICTS_KEY, core.restoreConflicts]]) {
+    for (const [key, , put] of persisted) {
       try {
         const saved = JSON.parse(storage.getItem(key) ?? '[]');
         if (Array.isArray(saved) && saved.length) put(saved);

@@ -407,6 +407,48 @@ describe('timeouts and the sync indicator', () => {
     assert.equal(core.getSnapshot().notices.filter((n) => n.reason === 'applied_late').length, 1, 'told once');
   });
 
+  test('a discarded op is remembered across a reload, to tell its late apply', () => {
+    const { core } = setup();
+    core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });
+    core.accepted('l', { command_id: 'cmd-l' });
+    core.discard('l');
+    const reloaded = createCore({ now: () => 2_000_000 });
+    reloaded.loadSnapshot({ tasks: [task('b', { likes: 3, version: 4 })], watermark: 10 });
+    reloaded.restoreDiscarded(JSON.parse(JSON.stringify(core.persistedDiscarded())));
+    reloaded.applyEvent({ id: 11, type: EVENT_SETTLED, data: { command_id: 'cmd-l', idempotency_key: 'l', task_id: 'b', kind: 'like', task: task('b', { likes: 4, version: 5 }) } });
+    assert.equal(reloaded.getSnapshot().notices.at(-1).reason, 'applied_late');
+    assert.deepEqual(reloaded.takeDeparted().map(({ op, outcome }) => [op.key, outcome]), [['l', 'applied_late']]);
+  });
+
+  test('takeDeparted tells how each op left, however many left in one step', () => {
+    const { core } = setup();
+    const ok = core.issue({ kind: 'like', key: 'ok', task_id: 'a', delta: 1 });
+    const bad = core.issue({ kind: 'like', key: 'bad', task_id: 'b', delta: 1 });
+    const refused = core.issue({ kind: 'like', key: 'refused', task_id: 'c', delta: -1 });
+    const late = core.issue({ kind: 'like', key: 'late', task_id: 'c', delta: 1 });
+    core.accepted('late', { command_id: 'cmd-late' });
+    core.applyEvent(settled(ok, task('a', { likes: 1, version: 2 })));
+    core.applyEvent(failed(bad, 'not_found', null));
+    core.rejected('refused', { status: 422, detail: 'no' });
+    core.discard('late');
+    core.applyEvent(settled({ ...late, command_id: 'cmd-late' }, task('c', { likes: 1, version: 2 })));
+    const inSnapshot = [1, 2, 3].map((n) => core.issue({ kind: 'like', key: `s${n}`, task_id: 'a', delta: 1 }));
+    core.loadSnapshot({ tasks: [task('a', { likes: 4, version: 5 })], watermark: 200 }, {
+      outcomes: inSnapshot.map((op) => ({ key: op.key, status: 'settled', event_id: 150 })),
+    });
+    assert.deepEqual(core.takeDeparted().map(({ op, outcome, reason }) => [op.key, outcome, reason]), [
+      ['ok', 'settled', undefined],
+      ['bad', 'failed', 'not_found'],
+      ['refused', 'rejected', undefined],
+      ['late', 'discarded', undefined],
+      ['late', 'applied_late', undefined],
+      ['s1', 'settled', undefined],
+      ['s2', 'settled', undefined],
+      ['s3', 'settled', undefined],
+    ]);
+    assert.deepEqual(core.takeDeparted(), []);
+  });
+
   test('the sync figures count ops older than syncMs and clear on settle', () => {
     const { core, time } = setup();
     const op = core.issue({ kind: 'like', key: 'l', task_id: 'a', delta: 1 });
