@@ -135,9 +135,10 @@ function toggleLike(taskId) {
 }
 
 // How each like op of this tab left its stack (`core.takeDeparted`): settled, it adds to
-// this browser's share; failed, refused or discarded, it does not, and if ops stacked on
-// it leave the share past 0 or 1 (an unlike of a like that failed), a compensating like
-// or unlike is sent (one that fails is compensated in turn, within a budget per click).
+// this browser's share; failed, refused or discarded, it does not. If that leaves the
+// share past 0 or 1 (an unlike of a like that failed, or two tabs that both liked), a
+// compensating like or unlike is sent (one that fails is compensated in turn, within a
+// budget per click).
 // A discarded one applied after all adds to the share then. A task that is gone needs
 // no compensation.
 core.subscribe(() => {
@@ -145,7 +146,9 @@ core.subscribe(() => {
   for (const { op, outcome, reason } of core.takeDeparted()) {
     if (op.kind !== 'like') continue;
     if (outcome === 'settled' || outcome === 'applied_late') addContribution(op.task_id, op.delta);
-    if (outcome !== 'settled' && reason !== 'not_found') touched.add(op.task_id);
+    // Settled too: another tab of this browser may have liked in the same window (a tab
+    // does not see another's pending ops), which leaves the share at 2.
+    if (reason !== 'not_found') touched.add(op.task_id);
   }
   for (const taskId of touched) {
     if (core.isDeleted(taskId) || !core.confirmedTask(taskId)) continue;

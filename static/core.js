@@ -300,7 +300,25 @@ export function createCore({
     if (known && known.version >= task.version) return false;
     base.set(task.id, Object.freeze({ ...task }));
     if (!order.includes(task.id)) order = [...order, task.id];
+    refreshConflict(task.id);
     return true;
+  }
+
+  /**
+   * An open conflict shows theirs as the task is now: Keep mine is made on the current
+   * version, so the view must show what it would replace (a later change by someone else
+   * included, among the fields they changed).
+   */
+  function refreshConflict(taskId) {
+    const conflict = conflicts.get(taskId);
+    const current = base.get(taskId);
+    if (!conflict || !current || current.version <= (conflict.theirs.version ?? 0)) return;
+    const moved = EDIT_FIELDS.filter((field) => current[field] !== conflict.theirs[field]);
+    conflicts.set(taskId, Object.freeze({
+      ...conflict,
+      theirs: Object.freeze({ ...current }),
+      changed: Object.freeze([...new Set([...conflict.changed, ...moved])]),
+    }));
   }
 
   function forget(taskId, { tombstone }) {
@@ -534,6 +552,7 @@ export function createCore({
     const optimisticCreates = order.filter((id) => !base.has(id) && pending.get(id)?.some((op) => op.kind === 'create'));
     order = [...base.keys(), ...optimisticCreates];
     for (const [id, task] of before) if (!base.has(id)) goneTitles.set(id, task.title);
+    for (const id of conflicts.keys()) refreshConflict(id);
     watermark = snapshotWatermark;
     for (const outcome of outcomes) {
       const op = findOp(outcome.key);

@@ -103,3 +103,29 @@ test('two tabs see each other’s changes live', async () => {
     await server.stop();
   }
 });
+
+test('two tabs of one browser that both like in one window end at one like', async () => {
+  const server = await startServer(['--delay-ms', '1500']);
+  try {
+    const task = await server.api.createSettled('liked twice');
+    const { page: tabA, context, pageErrors } = await openApp(browser, server.url);
+    const { page: tabB } = await openTab(context, server.url);
+
+    // Tab B cannot see tab A's pending like: both send +1 within the window.
+    await tabA.bringToFront();
+    await taskItem(tabA, task.id).getByTestId('like').click();
+    await tabB.bringToFront();
+    await taskItem(tabB, task.id).getByTestId('like').click();
+
+    await eventually(async () => {
+      assert.equal((await server.api.task(task.id)).likes, 1, 'the browser likes once');
+      for (const tab of [tabA, tabB]) {
+        assert.deepEqual([(await shown(tab, task.id)).likes, (await shown(tab, task.id)).state], [1, 'settled']);
+        assert.equal(await taskItem(tab, task.id).getByTestId('like').getAttribute('aria-pressed'), 'true');
+      }
+    }, { timeout: 15_000 });
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});

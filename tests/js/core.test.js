@@ -485,6 +485,16 @@ describe('conflicts', () => {
     assert.equal(item(core, 'a').conflict, null);
   });
 
+  test('an open conflict shows theirs as it is now: Keep mine replaces what the view shows', () => {
+    const { core } = setup();
+    const op = core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'mine' }, ...core.editBase('a') });
+    core.applyEvent(failed(op, 'conflict', task('a', { title: 'theirs 1', version: 2 })));
+    core.applyEvent(settled({ key: 'x', task_id: 'a', kind: 'update' }, task('a', { title: 'theirs 2', notes: 'n', version: 3 })));
+    const { conflict } = item(core, 'a');
+    assert.deepEqual([conflict.theirs.title, [...conflict.changed]], ['theirs 2', ['title', 'notes']]);
+    assert.equal(core.resolveConflict('a', 'mine').base_version, 3);
+  });
+
   test('take theirs closes the conflict and sends nothing', () => {
     const { core } = setup();
     const op = core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'mine' }, base_version: 1 });
