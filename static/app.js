@@ -10,7 +10,7 @@
 import { createCore } from './core.js';
 import { createTransport } from './transport.js';
 import { createSync } from './sync.js';
-import { isLiked, toggleDelta, compensation, readContributions } from './likes.js';
+import { isLiked, toggleDelta, compensation, readContributions, sumShares } from './likes.js';
 import { rollingPercentiles, linePath, niceCeiling, percentile } from './stats.js';
 
 // ---- configuration from the URL: ?stuck_ms=5000&sync_ms=800 -----------------------------
@@ -27,9 +27,9 @@ const SYNC_MS = numberParam(params, 'sync_ms', 800);
 const METRICS_POLL_MS = 2000;
 /** How much history the chart shows. */
 const CHART_SPAN_MS = 120_000;
-/** Likes are a toggle per browser: its settled share of each task's count (likes.js). */
-const LIKES_STORAGE_KEY = 'settle.likes.v2';
-/** Before v2: the set of task ids this browser liked, read once to carry it over. */
+/** Likes are a toggle per browser: each tab's ledger of its settled likes (likes.js). */
+const LIKE_LEDGER_PREFIX = 'settle.like-ledger.v1.';
+/** Before the ledgers: the set of task ids this browser liked, still counted. */
 const LEGACY_LIKED_STORAGE_KEY = 'settle.liked.v1';
 
 const core = createCore({ now: Date.now, stuckMs: STUCK_MS, syncMs: SYNC_MS });
@@ -74,38 +74,55 @@ const $ = (id) => document.getElementById(id);
 
 // ---- likes as a toggle (static/likes.js) ---------------------------------------------------
 
-/** This browser's settled share of each task's likes, shared by its tabs. */
-let contributions = loadContributions();
+/**
+ * Each tab keeps a ledger of its own settled likes under a key of its own (its id lives in
+ * sessionStorage, so it survives a reload), and the browser's share of a task is the sum
+ * of all ledgers. No tab writes what another writes: two tabs settling likes at once
+ * cannot lose one another's update, as a shared read-add-write could.
+ */
+const TAB_ID_KEY = 'settle.tab-id.v1';
+const ownLedgerKey = `${LIKE_LEDGER_PREFIX}${tabId()}`;
+/** This tab's ledger: memory is its truth (only this tab writes it), storage its copy. */
+const ownLedger = readContributions(safeStorage(() => localStorage.getItem(ownLedgerKey)));
+/** This browser's settled share of each task's likes: every tab's ledger summed. */
+let contributions = browserShares();
 /** How many compensations a task may still get before the user's next click. */
 const compensationBudget = new Map();
 const MAX_COMPENSATIONS = 5;
 
-/** The stored shares; `fallback` when storage cannot be read (disabled: memory only). */
-function loadContributions(fallback = new Map()) {
-  let stored;
-  try {
-    stored = localStorage.getItem(LIKES_STORAGE_KEY);
-  } catch {
-    return fallback;
+function tabId() {
+  let id = safeStorage(() => sessionStorage.getItem(TAB_ID_KEY));
+  if (!id) {
+    id = crypto.randomUUID();
+    safeStorage(() => sessionStorage.setItem(TAB_ID_KEY, id));
   }
-  if (stored != null) return readContributions(stored);
-  // Before: the set of liked task ids, each a share of 1.
-  let liked = [];
-  try {
-    liked = JSON.parse(localStorage.getItem(LEGACY_LIKED_STORAGE_KEY) ?? '[]');
-  } catch {
-    // unreadable: nothing to carry over
-  }
-  return new Map((Array.isArray(liked) ? liked : []).filter((id) => typeof id === 'string').map((id) => [id, 1]));
+  return id;
 }
 
-/** Add `delta` to this browser's share of a task, from the freshest stored map. */
+/** Every tab's ledger, this one's from memory, and the set of liked ids from before. */
+function browserShares() {
+  const ledgers = [ownLedger];
+  safeStorage(() => {
+    for (let index = 0; index < localStorage.length; index += 1) {
+      const key = localStorage.key(index);
+      if (key !== ownLedgerKey && key.startsWith(LIKE_LEDGER_PREFIX)) {
+        ledgers.push(readContributions(localStorage.getItem(key)));
+      }
+    }
+    // Before the ledgers: the set of task ids this browser liked, each a share of 1.
+    const liked = JSON.parse(localStorage.getItem(LEGACY_LIKED_STORAGE_KEY) ?? '[]');
+    if (Array.isArray(liked)) ledgers.push(new Map(liked.filter((id) => typeof id === 'string').map((id) => [id, 1])));
+  });
+  return sumShares(ledgers);
+}
+
+/** Add `delta` to this tab's ledger, and so to this browser's share of a task. */
 function addContribution(taskId, delta) {
-  contributions = loadContributions(contributions);
-  const next = (contributions.get(taskId) ?? 0) + delta;
-  if (next === 0) contributions.delete(taskId);
-  else contributions.set(taskId, next);
-  safeStorage(() => localStorage.setItem(LIKES_STORAGE_KEY, JSON.stringify(Object.fromEntries(contributions))));
+  const next = (ownLedger.get(taskId) ?? 0) + delta;
+  if (next === 0) ownLedger.delete(taskId);
+  else ownLedger.set(taskId, next);
+  safeStorage(() => localStorage.setItem(ownLedgerKey, JSON.stringify(Object.fromEntries(ownLedger))));
+  contributions = browserShares();
 }
 
 /** This tab's pending like deltas on a task. */
@@ -124,8 +141,8 @@ function drawLike(parts, taskId) {
 // Another tab of this browser liked or unliked: take its shares (a `storage` event never
 // fires in the tab that wrote), so a click here toggles from where the browser stands.
 window.addEventListener('storage', (event) => {
-  if (event.key !== LIKES_STORAGE_KEY) return;
-  contributions = readContributions(event.newValue);
+  if (event.key !== null && !event.key.startsWith(LIKE_LEDGER_PREFIX)) return;
+  contributions = browserShares();
   for (const [taskId, parts] of taskNodes) drawLike(parts, taskId);
 });
 

@@ -2,8 +2,9 @@
 //
 // The server keeps one number per task; it does not know who liked what. This browser
 // keeps its own share of that number per task (its `contribution`: the deltas of its
-// likes that settled, shared by its tabs), and a tab adds its pending deltas on top, as
-// the core does for every other field: liked = contribution + pending > 0.
+// likes that settled, each tab's in a ledger of its own, summed), and a tab adds its
+// pending deltas on top, as the core does for every other field:
+// liked = contribution + pending > 0.
 //
 // Deltas commute and a failure removes only its own op, so a like that fails under an
 // unlike stacked on it would leave this browser at -1 (and a discarded like applied
@@ -30,6 +31,16 @@ export function compensation(contribution, pending) {
   if (eventual < 0) return -eventual;
   if (eventual > 1) return 1 - eventual;
   return 0;
+}
+
+/** Task id -> the sum of its shares over `ledgers` (maps of task id -> share). */
+export function sumShares(ledgers) {
+  const total = new Map();
+  for (const ledger of ledgers) {
+    for (const [taskId, share] of ledger) total.set(taskId, (total.get(taskId) ?? 0) + share);
+  }
+  for (const [taskId, share] of total) if (share === 0) total.delete(taskId);
+  return total;
 }
 
 /** A stored map of task id -> contribution, read leniently (a bad value counts as none). */

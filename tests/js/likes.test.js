@@ -3,7 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { isLiked, toggleDelta, compensation, readContributions } from '../../static/likes.js';
+import { isLiked, toggleDelta, compensation, readContributions, sumShares } from '../../static/likes.js';
 
 test('the toggle reads settled and pending together', () => {
   assert.equal(isLiked(0, 0), false);
@@ -33,4 +33,11 @@ test('stored contributions are read leniently', () => {
   assert.deepEqual([...readContributions('not json')], []);
   assert.deepEqual([...readContributions('[1,2]')], []);
   assert.deepEqual([...readContributions(null)], []);
+});
+
+test("the browser's share is every tab's ledger summed; a task at 0 has none", () => {
+  const tabA = new Map([['a', 1], ['b', 1]]);
+  const tabB = new Map([['a', 1], ['b', -1], ['c', -1]]);
+  assert.deepEqual([...sumShares([tabA, tabB, new Map()])], [['a', 2], ['c', -1]]);
+  assert.deepEqual([...sumShares([])], []);
 });
