@@ -132,8 +132,10 @@ function pendingLikes(taskId) {
   return net;
 }
 
-function drawLike(parts, taskId) {
-  const liked = isLiked(contributions.get(taskId) ?? 0, pendingLikes(taskId));
+/** An item's toggle: its own ops give the pending deltas (no scan of every op). */
+function drawLike(parts, item) {
+  const pending = item.ops.reduce((net, op) => net + (op.kind === 'like' ? op.delta : 0), 0);
+  const liked = isLiked(contributions.get(item.id) ?? 0, pending);
   setAttr(parts.likeButton, 'aria-pressed', String(liked));
   setText(parts.likeButton, liked ? '♥ Liked' : '♡ Like');
 }
@@ -143,7 +145,7 @@ function drawLike(parts, taskId) {
 window.addEventListener('storage', (event) => {
   if (event.key !== null && !event.key.startsWith(LIKE_LEDGER_PREFIX)) return;
   contributions = browserShares();
-  for (const [taskId, parts] of taskNodes) drawLike(parts, taskId);
+  for (const parts of taskNodes.values()) if (parts.item) drawLike(parts, parts.item);
 });
 
 function toggleLike(taskId) {
@@ -324,7 +326,7 @@ function updateTaskNode(parts, item) {
   if (parts.done.checked !== task.done) parts.done.checked = task.done;
   setAttr(parts.done, 'aria-label', `Done: ${task.title}`);
   setText(parts.likes, String(task.likes));
-  drawLike(parts, item.id);
+  drawLike(parts, item);
   setAttr(parts.rename, 'aria-label', `Rename ${task.title}`);
   setAttr(parts.remove, 'aria-label', `Delete ${task.title}`);
   setText(parts.notes, task.notes ?? '');

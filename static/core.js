@@ -330,9 +330,9 @@ export function createCore({
     if (!pending.has(taskId)) order = order.filter((id) => id !== taskId);
   }
 
-  /** A notice about one op: what the view needs to tie it back to the op and its task. */
+  /** A notice about one op: what it says, and the op's task and kind. */
   function noticeOf(op, level, reason, text) {
-    return { level, key: op.key, task_id: op.task_id, op_kind: op.kind, delta: op.delta, reason, text };
+    return { level, task_id: op.task_id, op_kind: op.kind, delta: op.delta, reason, text };
   }
 
   function addNotice(notice) {
@@ -374,7 +374,6 @@ export function createCore({
         changed: Object.freeze(EDIT_FIELDS.filter((field) => !op.seen?.[field]?.includes(theirs[field]))),
         // Nobody changed what it sets: the version kept moving under it (see `rebase`).
         kept_moving: fate === 'kept_moving',
-        failed_key: op.key,
       }));
     }
   }
@@ -808,6 +807,7 @@ export function createCore({
       ops: Object.freeze(ops.map((op) => Object.freeze({
         key: op.key,
         kind: op.kind,
+        delta: op.delta,
         state: op.state,
         issued_at: op.issued_at,
         description: describeOp(op, confirmed?.title ?? task.title),
