@@ -10,7 +10,7 @@
 import { createCore } from './core.js';
 import { createTransport } from './transport.js';
 import { createSync } from './sync.js';
-import { isLiked, toggleDelta, compensation, readContributions, sumShares } from './likes.js';
+import { createLikes } from './likes.js';
 import { rollingPercentiles, linePath, niceCeiling, percentile } from './stats.js';
 
 // ---- configuration from the URL: ?stuck_ms=5000&sync_ms=800 -----------------------------
@@ -27,10 +27,6 @@ const SYNC_MS = numberParam(params, 'sync_ms', 800);
 const METRICS_POLL_MS = 2000;
 /** How much history the chart shows. */
 const CHART_SPAN_MS = 120_000;
-/** Likes are a toggle per browser: each tab's ledger of its settled likes (likes.js). */
-const LIKE_LEDGER_PREFIX = 'settle.like-ledger.v1.';
-/** Before the ledgers: the set of task ids this browser liked, still counted. */
-const LEGACY_LIKED_STORAGE_KEY = 'settle.liked.v1';
 
 const core = createCore({ now: Date.now, stuckMs: STUCK_MS, syncMs: SYNC_MS });
 const transport = createTransport();
@@ -75,110 +71,42 @@ const $ = (id) => document.getElementById(id);
 // ---- likes as a toggle (static/likes.js) ---------------------------------------------------
 
 /**
- * Each tab keeps a ledger of its own settled likes under a key of its own (its id lives in
- * sessionStorage, so it survives a reload), and the browser's share of a task is the sum
- * of all ledgers. No tab writes what another writes: two tabs settling likes at once
- * cannot lose one another's update, as a shared read-add-write could.
+ * Whether another tab of this browser is still open: each tab holds a Web Lock named for
+ * its id as long as it lives, so a tab that holds the browser's intent on a task but was
+ * closed leaves its compensations to the others (likes.js).
  */
-const TAB_ID_KEY = 'settle.tab-id.v1';
-const ownLedgerKey = `${LIKE_LEDGER_PREFIX}${tabId()}`;
-/** This tab's ledger: memory is its truth (only this tab writes it), storage its copy. */
-const ownLedger = readContributions(safeStorage(() => localStorage.getItem(ownLedgerKey)));
-/** This browser's settled share of each task's likes: every tab's ledger summed. */
-let contributions = browserShares();
-/** How many compensations a task may still get before the user's next click. */
-const compensationBudget = new Map();
-const MAX_COMPENSATIONS = 5;
-
-function tabId() {
-  let id = safeStorage(() => sessionStorage.getItem(TAB_ID_KEY));
-  if (!id) {
-    id = crypto.randomUUID();
-    safeStorage(() => sessionStorage.setItem(TAB_ID_KEY, id));
-  }
-  return id;
+const TAB_LOCK_PREFIX = 'settle.tab.';
+async function isTabAlive(id) {
+  if (!navigator.locks) return false;
+  const { held = [] } = await navigator.locks.query();
+  return held.some((lock) => lock.name === `${TAB_LOCK_PREFIX}${id}`);
 }
 
-/** Every tab's ledger, this one's from memory, and the set of liked ids from before. */
-function browserShares() {
-  const ledgers = [ownLedger];
-  safeStorage(() => {
-    for (let index = 0; index < localStorage.length; index += 1) {
-      const key = localStorage.key(index);
-      if (key !== ownLedgerKey && key.startsWith(LIKE_LEDGER_PREFIX)) {
-        ledgers.push(readContributions(localStorage.getItem(key)));
-      }
-    }
-    // Before the ledgers: the set of task ids this browser liked, each a share of 1.
-    const liked = JSON.parse(localStorage.getItem(LEGACY_LIKED_STORAGE_KEY) ?? '[]');
-    if (Array.isArray(liked)) ledgers.push(new Map(liked.filter((id) => typeof id === 'string').map((id) => [id, 1])));
-  });
-  return sumShares(ledgers);
-}
-
-/** Add `delta` to this tab's ledger, and so to this browser's share of a task. */
-function addContribution(taskId, delta) {
-  const next = (ownLedger.get(taskId) ?? 0) + delta;
-  if (next === 0) ownLedger.delete(taskId);
-  else ownLedger.set(taskId, next);
-  safeStorage(() => localStorage.setItem(ownLedgerKey, JSON.stringify(Object.fromEntries(ownLedger))));
-  contributions = browserShares();
-}
-
-/** This tab's pending like deltas on a task. */
-function pendingLikes(taskId) {
-  let net = 0;
-  for (const op of core.pendingOps()) if (op.kind === 'like' && op.task_id === taskId) net += op.delta;
-  return net;
-}
+const likeToggle = createLikes({
+  core,
+  sync,
+  local: safeStorage(() => localStorage),
+  session: safeStorage(() => sessionStorage),
+  isTabAlive,
+  log: (message, error) => console.warn(`settle: ${message}`, error ?? ''),
+});
+navigator.locks?.request(`${TAB_LOCK_PREFIX}${likeToggle.tabId}`, () => new Promise(() => {}));
+window.settle.likes = likeToggle;
 
 /** An item's toggle: its own ops give the pending deltas (no scan of every op). */
 function drawLike(parts, item) {
   const pending = item.ops.reduce((net, op) => net + (op.kind === 'like' ? op.delta : 0), 0);
-  const liked = isLiked(contributions.get(item.id) ?? 0, pending);
+  const liked = likeToggle.isLiked(item.id, pending);
   setAttr(parts.likeButton, 'aria-pressed', String(liked));
   setText(parts.likeButton, liked ? '♥ Liked' : '♡ Like');
 }
 
-// Another tab of this browser liked or unliked: take its shares (a `storage` event never
-// fires in the tab that wrote), so a click here toggles from where the browser stands.
+// Another tab of this browser liked or unliked: take its shares and intents (a `storage`
+// event never fires in the tab that wrote), so a click here toggles from where the
+// browser stands.
 window.addEventListener('storage', (event) => {
-  if (event.key !== null && !event.key.startsWith(LIKE_LEDGER_PREFIX)) return;
-  contributions = browserShares();
+  if (!likeToggle.storageChanged(event.key)) return;
   for (const parts of taskNodes.values()) if (parts.item) drawLike(parts, parts.item);
-});
-
-function toggleLike(taskId) {
-  compensationBudget.delete(taskId);
-  sync.like(taskId, toggleDelta(contributions.get(taskId) ?? 0, pendingLikes(taskId)));
-}
-
-// How each like op of this tab left its stack (`core.takeDeparted`): settled, it adds to
-// this browser's share; failed, refused or discarded, it does not. If that leaves the
-// share past 0 or 1 (an unlike of a like that failed, or two tabs that both liked), a
-// compensating like or unlike is sent (one that fails is compensated in turn, within a
-// budget per click).
-// A discarded one applied after all adds to the share then. A task that is gone needs
-// no compensation.
-core.subscribe(() => {
-  const touched = new Set();
-  for (const { op, outcome, reason } of core.takeDeparted()) {
-    if (op.kind !== 'like') continue;
-    if (outcome === 'settled' || outcome === 'applied_late') addContribution(op.task_id, op.delta);
-    // Settled too: another tab of this browser may have liked in the same window (a tab
-    // does not see another's pending ops), which leaves the share at 2.
-    if (reason !== 'not_found') touched.add(op.task_id);
-  }
-  for (const taskId of touched) {
-    if (core.isDeleted(taskId) || !core.confirmedTask(taskId)) continue;
-    const delta = compensation(contributions.get(taskId) ?? 0, pendingLikes(taskId));
-    // A few compensations per click at most: while the server fails them all, the
-    // notices say so and the next click toggles from the share as it is.
-    const budget = compensationBudget.get(taskId) ?? MAX_COMPENSATIONS;
-    const count = Math.min(Math.abs(delta), budget);
-    compensationBudget.set(taskId, budget - count);
-    for (let sent = 0; sent < count; sent += 1) sync.like(taskId, Math.sign(delta));
-  }
 });
 
 // ---- the task list -------------------------------------------------------------------------
@@ -246,7 +174,7 @@ function createTaskNode(taskId) {
   // A checkbox toggles itself before `change`: a cancelled click leaves it as it was.
   done.addEventListener('click', singleClick(() => {}));
   done.addEventListener('change', () => sync.setDone(taskId, done.checked));
-  likeButton.addEventListener('click', singleClick(() => toggleLike(taskId)));
+  likeButton.addEventListener('click', singleClick(() => likeToggle.toggle(taskId)));
   remove.addEventListener('click', singleClick(() => sync.deleteTask(taskId)));
   rename.addEventListener('click', singleClick(() => openEditor(taskId)));
   cancel.addEventListener('click', () => closeEditor(taskId));
@@ -412,7 +340,7 @@ function renderConflict(parts, item) {
   parts.conflict.append(heading, table, keep, take);
 }
 
-function renderList(items) {
+function renderList(items, loaded) {
   const visible = new Set(items.map((item) => item.id));
   for (const [taskId, parts] of taskNodes) {
     if (!visible.has(taskId)) {
@@ -428,7 +356,14 @@ function renderList(items) {
     const atIndex = list.children[index];
     if (atIndex !== parts.li) list.insertBefore(parts.li, atIndex ?? null);
   });
-  $('empty').hidden = items.length > 0;
+  // Before the first snapshot only the tab's own pending creates are known (restored
+  // after a reload): say so, rather than show them as if they were the whole list.
+  setAttr(list, 'aria-busy', String(!loaded));
+  const empty = $('empty');
+  empty.hidden = loaded && items.length > 0;
+  setText(empty, loaded ? 'No tasks yet.'
+    : items.length ? 'Loading the task list… Until it comes, only your own pending changes are shown.'
+      : 'Loading the task list…');
 }
 
 // ---- notices ------------------------------------------------------------------------------
@@ -662,7 +597,7 @@ function render() {
   renderQueued = false;
   const snapshot = core.getSnapshot();
   if (snapshot === rendered) return;
-  if (snapshot.items !== rendered?.items) renderList(snapshot.items);
+  if (snapshot.items !== rendered?.items || snapshot.loaded !== rendered?.loaded) renderList(snapshot.items, snapshot.loaded);
   if (snapshot.notices !== rendered?.notices) renderNotices(snapshot.notices);
   if (snapshot.sync !== rendered?.sync) renderSync(snapshot.sync);
   if (snapshot.connection !== rendered?.connection) renderConnection(snapshot.connection);

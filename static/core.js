@@ -198,6 +198,8 @@ export function createCore({
   /** How ops left their stacks since the last `takeDeparted` (the view's like toggle reads it). */
   let departed = [];
   let watermark = 0;
+  /** Whether a snapshot of the server's tasks has come: before it, only pending creates are known. */
+  let loaded = false;
   let notices = [];
   let nextNoticeId = 1;
   let windowSamples = [];
@@ -553,6 +555,7 @@ export function createCore({
     for (const [id, task] of before) if (!base.has(id)) goneTitles.set(id, task.title);
     for (const id of conflicts.keys()) refreshConflict(id);
     watermark = snapshotWatermark;
+    loaded = true;
     for (const outcome of outcomes) {
       const op = findOp(outcome.key);
       if (!op || outcome.event_id == null || outcome.event_id > snapshotWatermark) continue;
@@ -614,12 +617,21 @@ export function createCore({
     const op = findOp(key);
     if (!op) return;
     const title = titleOf(op);
-    removeOp(op, 'discarded');
-    if (op.command_id) {
-      discarded.set(op.key, Object.freeze({ ...op, title_then: title }));
+    // A create that never applied takes the changes stacked on it along: without its row
+    // they could be neither shown nor retried nor discarded.
+    const along = op.kind === 'create' && !base.has(op.task_id)
+      ? (pending.get(op.task_id) ?? []).filter((other) => other !== op) : [];
+    for (const gone of [op, ...along]) {
+      const goneTitle = titleOf(gone);
+      removeOp(gone, 'discarded');
+      if (!gone.command_id) continue;
+      discarded.set(gone.key, Object.freeze({ ...gone, title_then: goneTitle }));
       if (discarded.size > MAX_DISCARDED) discarded.delete(discarded.keys().next().value);
     }
-    const text = `${describeOp(op, title)}: stopped waiting. If the server applies it later, it will show up.`;
+    const text = along.length
+      ? `${describeOp(op, title)} and ${along.length === 1 ? 'a change' : `${along.length} changes`} made to it: `
+        + 'stopped waiting. If the server applies them later, they will show up.'
+      : `${describeOp(op, title)}: stopped waiting. If the server applies it later, it will show up.`;
     addNotice(noticeOf(op, 'info', 'discarded', text));
     changed();
   }
@@ -836,6 +848,7 @@ export function createCore({
       notices,
       sync,
       watermark,
+      loaded,
       connection,
       pending_count: opsCount,
       window_samples: windowSamples,

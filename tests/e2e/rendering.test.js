@@ -129,3 +129,39 @@ test('two tabs of one browser that both like in one window end at one like', asy
     await server.stop();
   }
 });
+
+test('after a reload with a pending create, the list says it is loading until the snapshot comes', async () => {
+  const server = await startServer(['--delay-ms', '8000']);
+  try {
+    await server.api.createSettled('already there');
+    const { page, pageErrors } = await openApp(browser, server.url);
+    const empty = page.getByTestId('empty');
+    const list = page.getByTestId('task-list');
+    assert.equal(await empty.isHidden(), true);
+    assert.equal(await list.getAttribute('aria-busy'), 'false');
+    await createViaUi(page, 'mine, pending');
+
+    // The snapshot after the reload is held back; the pending create comes back from
+    // sessionStorage at once, and must not pass for the whole list.
+    let release;
+    const held = new Promise((resolve) => { release = resolve; });
+    await page.route((url) => url.pathname === '/api/tasks', async (route) => {
+      if (route.request().method() !== 'GET') return route.continue();
+      await held;
+      return route.continue();
+    });
+    await page.reload({ waitUntil: 'domcontentloaded' });
+    await eventually(async () => assert.deepEqual(await listedTitles(page), ['mine, pending']));
+    assert.equal(await list.getAttribute('aria-busy'), 'true');
+    assert.match(await empty.textContent(), /^Loading the task list… Until it comes, only your own pending changes are shown\.$/);
+    assert.equal(await empty.isVisible(), true);
+
+    release();
+    await eventually(async () => assert.deepEqual(await listedTitles(page), ['already there', 'mine, pending']));
+    assert.equal(await list.getAttribute('aria-busy'), 'false');
+    assert.equal(await empty.isHidden(), true);
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});

@@ -12,6 +12,15 @@ let browser;
 before(async () => { browser = await launchBrowser(); });
 after(async () => { await browser?.close(); });
 
+/** Every like delta the page sends, in order. */
+function likeDeltas(page) {
+  const deltas = [];
+  page.on('request', (request) => {
+    if (request.method() === 'POST' && request.url().endsWith('/likes')) deltas.push(request.postDataJSON().delta);
+  });
+  return deltas;
+}
+
 test('a failed create shows at once, then disappears with a notice and leaves no row', async () => {
   const server = await startServer(['--failure-rate', '1', '--delay-ms', '400']);
   try {
@@ -83,10 +92,7 @@ test('a like that fails under a pending unlike is compensated: the count does no
   try {
     const task = await server.api.createSettled('liked once');
     const { page, pageErrors } = await openApp(browser, server.url);
-    const likes = [];
-    page.on('request', (request) => {
-      if (request.method() === 'POST' && request.url().endsWith('/likes')) likes.push(request.postDataJSON().delta);
-    });
+    const likes = likeDeltas(page);
     const like = taskItem(page, task.id).getByTestId('like');
     await server.api.setFaults({ failure_rate: 1 });
     await like.click();
@@ -107,6 +113,69 @@ test('a like that fails under a pending unlike is compensated: the count does no
     assert.equal(await like.getAttribute('aria-pressed'), 'false');
     await like.click();
     await eventually(async () => assert.equal((await server.api.task(task.id)).likes, 1), { timeout: 10_000 });
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});
+
+test('like, unlike, like with the first like failed: the last click stands, one like', async () => {
+  const server = await startServer(['--delay-ms', '3000']);
+  try {
+    const task = await server.api.createSettled('three clicks');
+    const { page, pageErrors } = await openApp(browser, server.url);
+    const deltas = likeDeltas(page);
+    const like = taskItem(page, task.id).getByTestId('like');
+    await server.api.setFaults({ failure_rate: 1 });
+    await like.click();
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    await like.click();
+    await like.click();
+    assert.deepEqual([await like.getAttribute('aria-pressed'), (await shown(page, task.id)).likes], ['true', 1]);
+
+    // The first like fails (its event comes about 3 s after it); the unlike and the like
+    // after it, 1.5 s later, apply. The user's last click was Like: the page makes up for
+    // the failed one, it does not leave the task unliked.
+    await page.getByTestId('notice').filter({ hasText: /^Like “three clicks” failed/ }).waitFor({ timeout: 10_000 });
+    await server.api.setFaults({ failure_rate: 0 });
+    await eventually(async () => {
+      assert.deepEqual(await shown(page, task.id), { title: 'three clicks', likes: 1, done: false, pending: false, state: 'settled' });
+      assert.equal((await server.api.task(task.id)).likes, 1);
+    }, { timeout: 15_000 });
+    assert.deepEqual(deltas, [1, -1, 1, 1]);
+    assert.equal(await like.getAttribute('aria-pressed'), 'true');
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});
+
+test('a discarded like that the server applies after all is taken back when the last click was Unlike', async () => {
+  const server = await startServer(['--delay-ms', '200', '--redeliver-after-ms', '5000']);
+  try {
+    const task = await server.api.createSettled('lost like');
+    const { page, pageErrors } = await openApp(browser, server.url, '?stuck_ms=800');
+    const deltas = likeDeltas(page);
+    const item = taskItem(page, task.id);
+    const like = item.getByTestId('like');
+    await server.api.setFaults({ drop_rate: 1 });
+    await like.click();
+    await item.getByRole('button', { name: 'Discard' }).click();
+    await server.api.setFaults({ drop_rate: 0 });
+    assert.equal(await like.getAttribute('aria-pressed'), 'false');
+
+    // Like and unlike again. A task's commands apply in order, so both wait behind the
+    // dropped like until it is delivered again; then all three apply.
+    await like.click();
+    await like.click();
+    assert.deepEqual([await like.getAttribute('aria-pressed'), (await shown(page, task.id)).likes], ['false', 0]);
+    await page.getByTestId('notice').filter({ hasText: 'was applied after all' }).waitFor({ timeout: 15_000 });
+    await eventually(async () => {
+      assert.equal((await server.api.task(task.id)).likes, 0, 'the like applied after all is taken back');
+      assert.deepEqual(await shown(page, task.id), { title: 'lost like', likes: 0, done: false, pending: false, state: 'settled' });
+    }, { timeout: 10_000 });
+    assert.deepEqual(deltas, [1, 1, -1, -1]);
+    assert.equal(await like.getAttribute('aria-pressed'), 'false');
     assert.deepEqual(pageErrors, []);
   } finally {
     await server.stop();

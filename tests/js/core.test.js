@@ -260,6 +260,16 @@ describe('failure removes only the failed operation', () => {
 });
 
 describe('snapshots and the watermark', () => {
+  test('until a snapshot comes, the core says the list is not loaded: only pending creates are known', () => {
+    const core = createCore({ now: () => 1_000_000 });
+    core.restore([{ kind: 'create', key: 'c', task_id: 'n', title: 'mine', state: 'pending', issued_at: 999_000 }]);
+    assert.deepEqual([core.getSnapshot().loaded, ids(core)], [false, ['n']]);
+    assert.equal(core.loadSnapshot({ tasks: [task('a')], watermark: 3 }), true);
+    assert.deepEqual([core.getSnapshot().loaded, ids(core)], [true, ['a', 'n']]);
+    assert.equal(core.loadSnapshot({ tasks: [], watermark: 2 }), false, 'an older one is refused');
+    assert.equal(core.getSnapshot().loaded, true);
+  });
+
   test('pending ops are re-folded over a new snapshot (read-your-own-writes)', () => {
     const { core } = setup();
     core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'mine' } });
@@ -389,6 +399,34 @@ describe('timeouts and the sync indicator', () => {
     core.discard('u');
     assert.equal(item(core, 'a').task.title, 'task a');
     assert.equal(core.getSnapshot().notices[0].level, 'info');
+  });
+
+  test('a discarded create that never applied takes the changes stacked on it along', () => {
+    const { core } = setup();
+    core.issue({ kind: 'create', key: 'c', task_id: 'n', title: 'lost' });
+    core.issue({ kind: 'like', key: 'l', task_id: 'n', delta: 1 });
+    core.issue({ kind: 'update', key: 'u', task_id: 'n', patch: { title: 'lost, renamed' } });
+    for (const key of ['c', 'l', 'u']) core.accepted(key, { command_id: `cmd-${key}` });
+    core.takeDeparted();
+    core.discard('c');
+    assert.deepEqual(ids(core), ['a', 'b', 'c'], 'no row, and no op left without one');
+    assert.deepEqual(core.pendingOps(), []);
+    assert.deepEqual(core.takeDeparted().map(({ op, outcome }) => [op.key, outcome]), [['c', 'discarded'], ['l', 'discarded'], ['u', 'discarded']]);
+    assert.equal(core.getSnapshot().notices.at(-1).text,
+      'Create “lost” and 2 changes made to it: stopped waiting. If the server applies them later, they will show up.');
+    // The server applies them after all: each is told.
+    core.applyEvent(settled({ kind: 'create', key: 'c', task_id: 'n' }, task('n', { title: 'lost' })));
+    core.applyEvent(settled({ kind: 'like', key: 'l', task_id: 'n' }, task('n', { title: 'lost', likes: 1, version: 2 })));
+    assert.deepEqual(core.takeDeparted().map(({ op, outcome }) => [op.key, outcome]), [['c', 'applied_late'], ['l', 'applied_late']]);
+    assert.equal(item(core, 'n').task.likes, 1);
+  });
+
+  test('a discarded create of a task that applied leaves the changes on it', () => {
+    const { core } = setup();
+    core.issue({ kind: 'like', key: 'l', task_id: 'a', delta: 1 });
+    core.issue({ kind: 'create', key: 'c', task_id: 'a', title: 'again' }); // a replayed create of a known task
+    core.discard('c');
+    assert.deepEqual(core.pendingOps().map((op) => op.key), ['l']);
   });
 
   test('a discarded op that the server applies after all says so, by its key', () => {
