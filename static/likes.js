@@ -49,13 +49,7 @@ export function sumShares(ledgers) {
 
 /** A stored map of task id -> contribution, read leniently (a bad value counts as none). */
 export function readContributions(stored) {
-  try {
-    const parsed = JSON.parse(stored ?? '{}');
-    if (!parsed || typeof parsed !== 'object' || Array.isArray(parsed)) return new Map();
-    return new Map(Object.entries(parsed).filter(([, value]) => Number.isInteger(value) && value !== 0));
-  } catch {
-    return new Map();
-  }
+  return readStoredMap(stored, (value) => Number.isInteger(value) && value !== 0);
 }
 
 // ---- the toggle's wiring: ledgers, intents, departures, compensation ----------------------
@@ -87,17 +81,16 @@ export const MAX_CLICKED_TASKS = 200;
  * for did not happen, and the toggle rolls back to the click before it. Clicks before
  * the last one that settled can never be the intent again, so they are dropped.
  *
- * @param {{key: string, liked: boolean, at: number, settled?: boolean}[]} clicks oldest first
+ * @param {{key: string, liked: boolean, at: number}[]} clicks oldest first
  */
 export function intentOf(clicks) {
   return clicks.length ? clicks[clicks.length - 1] : undefined;
 }
 
-/** `clicks` with the click of op `key` settled, and the ones it supersedes dropped. */
+/** `clicks` once the op of `key` settled: the clicks before it are dropped. */
 export function clickSettled(clicks, key) {
   const index = clicks.findIndex((click) => click.key === key);
-  if (index < 0) return clicks;
-  return [{ ...clicks[index], settled: true }, ...clicks.slice(index + 1)];
+  return index < 0 ? clicks : clicks.slice(index);
 }
 
 /** `clicks` without the click of op `key` (its op left without applying). */
@@ -122,11 +115,21 @@ export function latestIntents(records) {
 
 /** A stored map of task id -> [liked, at], read leniently. */
 export function readIntents(stored) {
+  return readStoredMap(stored, (value) => Array.isArray(value) && typeof value[0] === 'boolean' && Number.isFinite(value[1]));
+}
+
+/** The keys whose values differ between two maps (compared as JSON). */
+function differing(before, after) {
+  return [...new Set([...before.keys(), ...after.keys()])]
+    .filter((key) => JSON.stringify(before.get(key)) !== JSON.stringify(after.get(key)));
+}
+
+/** A stored JSON object as a Map of its entries whose value `isValid`; anything else, none. */
+function readStoredMap(stored, isValid) {
   try {
     const parsed = JSON.parse(stored ?? '{}');
     if (!parsed || typeof parsed !== 'object' || Array.isArray(parsed)) return new Map();
-    return new Map(Object.entries(parsed).filter(([, value]) => Array.isArray(value)
-      && typeof value[0] === 'boolean' && Number.isFinite(value[1])));
+    return new Map(Object.entries(parsed).filter(([, value]) => isValid(value)));
   } catch {
     return new Map();
   }
@@ -189,10 +192,12 @@ export function createLikes({
   readBrowser();
 
   function readClicks(stored) {
+    const isClick = (click) => typeof click?.key === 'string' && typeof click.liked === 'boolean' && Number.isFinite(click.at);
     try {
       const parsed = JSON.parse(stored ?? '[]');
-      return new Map(Array.isArray(parsed) ? parsed.filter(([taskId, list]) => typeof taskId === 'string'
-        && Array.isArray(list)) : []);
+      return new Map((Array.isArray(parsed) ? parsed : [])
+        .filter((entry) => Array.isArray(entry) && typeof entry[0] === 'string' && Array.isArray(entry[1]))
+        .map(([taskId, list]) => [taskId, list.filter(isClick)]));
     } catch {
       return new Map();
     }
@@ -323,16 +328,9 @@ export function createLikes({
     storageChanged(key) {
       if (key !== null && !key.startsWith(LEDGER_PREFIX) && !key.startsWith(INTENT_PREFIX)
         && key !== LEGACY_LIKED_KEY) return false;
-      const before = { shares, intents };
+      const [sharesBefore, intentsBefore] = [shares, intents];
       readBrowser();
-      const moved = new Set();
-      for (const map of ['shares', 'intents']) {
-        const was = before[map];
-        const is = map === 'shares' ? shares : intents;
-        for (const taskId of new Set([...was.keys(), ...is.keys()])) {
-          if (JSON.stringify(was.get(taskId)) !== JSON.stringify(is.get(taskId))) moved.add(taskId);
-        }
-      }
+      const moved = new Set([...differing(sharesBefore, shares), ...differing(intentsBefore, intents)]);
       for (const taskId of moved) if (intents.get(taskId)?.tab === tabId) compensate(taskId);
       return true;
     },

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { createCore, EVENT_SETTLED, EVENT_FAILED } from '../../static/core.js';
 import {
   isLiked, toggleDelta, compensation, readContributions, sumShares, intentOf, clickSettled, clickWithdrawn,
-  latestIntents, readIntents, createLikes, MAX_FAILED_COMPENSATIONS, LEDGER_PREFIX, INTENT_PREFIX,
+  latestIntents, readIntents, createLikes, MAX_FAILED_COMPENSATIONS, LEDGER_PREFIX, INTENT_PREFIX, CLICKS_KEY,
 } from '../../static/likes.js';
 
 test('the toggle reads settled and pending together', () => {
@@ -61,7 +61,7 @@ describe('intents: the last click still in play', () => {
   });
 
   test('a settled click drops the ones before it, which can never be the intent again', () => {
-    assert.deepEqual(clickSettled(clicks, 'u1').map(({ key, settled }) => [key, settled]), [['u1', true], ['l2', undefined]]);
+    assert.deepEqual(clickSettled(clicks, 'u1').map(({ key }) => key), ['u1', 'l2']);
     assert.deepEqual(clickSettled(clicks, 'other'), clicks);
   });
 
@@ -292,6 +292,19 @@ describe('createLikes: the toggle of one tab', () => {
     again.fail(op);
     assert.equal(again.sent.length, 0, 'its click is remembered: the rollback to liked stands, nothing sent');
     assert.equal(again.liked(), true);
+  });
+
+  test('stored clicks and ledgers are read leniently: bad ones count as none', () => {
+    const server = fakeServer();
+    for (const stored of ['nope', '{}', '[["t", "x"]]', '[["t", [{"key": 1}]]]', '[[1, []]]']) {
+      const session = memoryStorage();
+      session.setItem(CLICKS_KEY, stored);
+      const local = memoryStorage();
+      local.setItem(`${LEDGER_PREFIX}other`, stored);
+      const a = tab({ server, local, session });
+      assert.equal(a.liked(), false, stored);
+      assert.equal(a.click().delta, 1, stored);
+    }
   });
 });
 
