@@ -481,6 +481,9 @@ export function createCore({
   /** The server answered 202: the op is durable and waits for its event. */
   function accepted(key, { command_id }) {
     const op = findOp(key);
+    const gone = !op && discarded.get(key);
+    // Discarded while its request was on the way: its status can be asked after a reload.
+    if (gone) discarded.set(key, Object.freeze({ ...gone, command_id }));
     if (!op) return;
     replaceOp(op, { command_id, state: op.state === 'checking' ? 'checking' : 'pending' });
     changed();
@@ -558,7 +561,10 @@ export function createCore({
     loaded = true;
     for (const outcome of outcomes) {
       const op = findOp(outcome.key);
-      if (!op || outcome.event_id == null || outcome.event_id > snapshotWatermark) continue;
+      if (outcome.event_id == null || outcome.event_id > snapshotWatermark) continue;
+      // A discarded op whose event the snapshot holds (the stream will not send it).
+      if (!op) discardedOutcome(outcome.status === 'settled' ? EVENT_SETTLED : EVENT_FAILED, { idempotency_key: outcome.key });
+      if (!op) continue;
       if (outcome.status === 'settled') removeOp(op, 'settled');
       else if (outcome.status === 'failed') {
         failOp(op, { ...outcome.error, current: base.get(op.task_id) ?? null });
@@ -624,7 +630,7 @@ export function createCore({
     for (const gone of [op, ...along]) {
       const goneTitle = titleOf(gone);
       removeOp(gone, 'discarded');
-      if (!gone.command_id) continue;
+      // Even one whose 202 has not come: its request may have reached the server.
       discarded.set(gone.key, Object.freeze({ ...gone, title_then: goneTitle }));
       if (discarded.size > MAX_DISCARDED) discarded.delete(discarded.keys().next().value);
     }

@@ -166,7 +166,9 @@ export function createSync({
       if (stopped) return;
       const unsent = core.pendingOps().filter((op) => !op.command_id && !sendingKeys.has(op.key));
       await Promise.all(unsent.map(enqueueSend));
-      const outcomes = await commandOutcomes(core.pendingOps().filter((op) => op.command_id));
+      // Discarded ops too: one applied after all while the page was away is inside the
+      // snapshot, and its event will not come again.
+      const outcomes = await commandOutcomes([...core.pendingOps(), ...core.persistedDiscarded()].filter((op) => op.command_id));
       core.loadSnapshot(snapshot, { outcomes, force: true });
       openStream();
     })().finally(() => {

@@ -445,6 +445,38 @@ describe('timeouts and the sync indicator', () => {
     assert.equal(core.getSnapshot().notices.filter((n) => n.reason === 'applied_late').length, 1, 'told once');
   });
 
+  test('an op discarded before its 202 came is remembered too: its request may have reached the server', () => {
+    const { core } = setup();
+    const like = core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });
+    core.discard('l');
+    core.accepted('l', { command_id: 'cmd-l' });
+    assert.equal(core.persistedDiscarded()[0].command_id, 'cmd-l', 'the late 202 gives it an id to ask about');
+    core.takeDeparted();
+    core.applyEvent(settled({ ...like, command_id: 'cmd-l' }, task('b', { likes: 4, version: 5 })));
+    assert.deepEqual(core.takeDeparted().map(({ op, outcome }) => [op.key, outcome]), [['l', 'applied_late']]);
+  });
+
+  test('a discarded op applied inside a snapshot (its event will not come) is told by its status', () => {
+    const { core } = setup();
+    for (const key of ['early', 'late', 'failed']) {
+      core.issue({ kind: 'like', key, task_id: 'b', delta: 1 });
+      core.accepted(key, { command_id: `cmd-${key}` });
+      core.discard(key);
+    }
+    core.takeDeparted();
+    core.loadSnapshot({ tasks: [task('b', { likes: 4, version: 5 })], watermark: 40 }, {
+      force: true,
+      outcomes: [
+        { key: 'early', status: 'settled', event_id: 39 },
+        { key: 'late', status: 'settled', event_id: 41 }, // after the snapshot: the stream brings it
+        { key: 'failed', status: 'failed', event_id: 38, error: { reason: 'injected' } },
+      ],
+    });
+    assert.deepEqual(core.takeDeparted().map(({ op, outcome }) => [op.key, outcome]), [['early', 'applied_late']]);
+    assert.deepEqual(core.persistedDiscarded().map((op) => op.key), ['late']);
+    assert.equal(core.getSnapshot().notices.filter((n) => n.reason === 'applied_late').length, 1);
+  });
+
   test('a discarded op is remembered across a reload, to tell its late apply', () => {
     const { core } = setup();
     core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });

@@ -4,7 +4,7 @@ import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 
 import { createCore } from '../../static/core.js';
-import { createSync, STORAGE_KEY, CONFLICTS_KEY } from '../../static/sync.js';
+import { createSync, STORAGE_KEY, CONFLICTS_KEY, DISCARDED_KEY } from '../../static/sync.js';
 import { createTransport } from '../../static/transport.js';
 
 function task(id, fields = {}) {
@@ -151,6 +151,28 @@ describe('the sync engine', () => {
     assert.equal(item.task.title, 'x');
     assert.deepEqual(transport.calls.filter((call) => call[0] === 'send'), [['send', 'PATCH', '/api/tasks/a', 'never-sent']],
       'only the op that never got its 202 is sent again, under its key');
+  });
+
+  test('after a reload, a discarded op that applied meanwhile is told by its status', async () => {
+    const first = setup();
+    await first.sync.start();
+    first.sync.like('a', 1, 'given-up');
+    await flush();
+    first.sync.discard('given-up');
+    const saved = first.storage.getItem(DISCARDED_KEY);
+
+    const transport = fakeTransport({
+      fetchSnapshot: async () => ({ tasks: [task('a', { likes: 1, version: 2 })], watermark: 10 }),
+      fetchCommand: async (commandId) => {
+        transport.calls.push(['status', commandId]);
+        return { command_id: commandId, status: 'settled', event_id: 9 };
+      },
+    });
+    const reloaded = setup({ transport, storage: memoryStorage({ [DISCARDED_KEY]: saved }) });
+    await reloaded.sync.start();
+    assert.deepEqual(transport.calls.filter((call) => call[0] === 'status'), [['status', 'cmd-given-up']]);
+    assert.deepEqual(reloaded.core.takeDeparted().map(({ op, outcome }) => [op.key, outcome]), [['given-up', 'applied_late']]);
+    assert.match(reloaded.core.getSnapshot().notices.at(-1).text, /which you stopped waiting for, was applied after all/);
   });
 
   test('a failed like snaps to the counts fragment; a newer row is fetched whole', async () => {
