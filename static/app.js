@@ -92,6 +92,10 @@ const likeToggle = createLikes({
 });
 navigator.locks?.request(`${TAB_LOCK_PREFIX}${likeToggle.tabId}`, () => new Promise(() => {}));
 window.settle.likes = likeToggle;
+// Gone, its pending likes no longer count for the other tabs (a reload writes them again,
+// as does a page coming back from the back/forward cache).
+window.addEventListener('pagehide', () => likeToggle.leave());
+window.addEventListener('pageshow', (event) => { if (event.persisted) likeToggle.resume(); });
 
 /** An item's toggle: its own ops give the pending deltas (no scan of every op). */
 function drawLike(parts, item) {

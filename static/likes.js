@@ -49,15 +49,20 @@ export function sumShares(ledgers) {
 
 /** A stored map of task id -> contribution, read leniently (a bad value counts as none). */
 export function readContributions(stored) {
-  return readStoredMap(stored, (value) => Number.isInteger(value) && value !== 0);
+  return entriesOf(stored, isShare);
 }
 
-// ---- the toggle's wiring: ledgers, intents, departures, compensation ----------------------
+// ---- the toggle's wiring: the tabs' records, departures, compensation -----------------------
 
-/** Each tab's ledger of its settled likes: task id -> share (localStorage). */
-export const LEDGER_PREFIX = 'settle.like-ledger.v1.';
-/** Each tab's intents: task id -> [liked, at] of the user's last click still in play. */
-export const INTENT_PREFIX = 'settle.like-intent.v1.';
+/**
+ * Each tab's record (localStorage), one key per tab so that no tab writes what another
+ * writes: its settled `share` of each task's likes, its `pending` deltas, and its
+ * `intent` (the user's last click still in play, with its time). One key, so that another
+ * tab never reads a like settled in the share and still pending beside it.
+ */
+export const TAB_RECORD_PREFIX = 'settle.like-tab.v2.';
+/** Before the records: each tab's ledger of settled likes, task id -> share; still counted. */
+export const LEGACY_LEDGER_PREFIX = 'settle.like-ledger.v1.';
 /** Before the ledgers: the set of task ids this browser liked, still counted. */
 export const LEGACY_LIKED_KEY = 'settle.liked.v1';
 /** This tab's id (sessionStorage, so a reload keeps it). */
@@ -81,7 +86,7 @@ export const MAX_CLICKED_TASKS = 200;
  * for did not happen, and the toggle rolls back to the click before it. Clicks before
  * the last one that settled can never be the intent again, so they are dropped.
  *
- * @param {{key: string, liked: boolean, at: number}[]} clicks oldest first
+ * @param {{key: string | null, liked: boolean, at: number}[]} clicks oldest first
  */
 export function intentOf(clicks) {
   return clicks.length ? clicks[clicks.length - 1] : undefined;
@@ -93,9 +98,17 @@ export function clickSettled(clicks, key) {
   return index < 0 ? clicks : clicks.slice(index);
 }
 
-/** `clicks` without the click of op `key` (its op left without applying). */
+/**
+ * `clicks` without the click of op `key` (its op left without applying). When it is the
+ * first click in play, the toggle goes back to what it showed before it, and that stays
+ * the intent (a click of no op, `key` null) until a later click: a discarded like that
+ * the server applies after all is then taken back.
+ */
 export function clickWithdrawn(clicks, key) {
-  return clicks.filter((click) => click.key !== key);
+  const index = clicks.findIndex((click) => click.key === key);
+  if (index < 0) return clicks;
+  const rest = clicks.filter((_, at) => at !== index);
+  return index === 0 ? [{ key: null, liked: !clicks[0].liked, at: clicks[0].at }, ...rest] : rest;
 }
 
 /**
@@ -113,23 +126,62 @@ export function latestIntents(records) {
   return latest;
 }
 
-/** A stored map of task id -> [liked, at], read leniently. */
-export function readIntents(stored) {
-  return readStoredMap(stored, (value) => Array.isArray(value) && typeof value[0] === 'boolean' && Number.isFinite(value[1]));
-}
-
 /** The keys whose values differ between two maps (compared as JSON). */
 function differing(before, after) {
   return [...new Set([...before.keys(), ...after.keys()])]
     .filter((key) => JSON.stringify(before.get(key)) !== JSON.stringify(after.get(key)));
 }
 
-/** A stored JSON object as a Map of its entries whose value `isValid`; anything else, none. */
-function readStoredMap(stored, isValid) {
+/** A JSON object (or its text) as a Map of its entries whose value `isValid`; anything else, none. */
+function entriesOf(value, isValid) {
+  let parsed = value;
   try {
-    const parsed = JSON.parse(stored ?? '{}');
-    if (!parsed || typeof parsed !== 'object' || Array.isArray(parsed)) return new Map();
-    return new Map(Object.entries(parsed).filter(([, value]) => isValid(value)));
+    if (typeof value === 'string' || value == null) parsed = JSON.parse(value ?? '{}');
+  } catch {
+    return new Map();
+  }
+  if (!parsed || typeof parsed !== 'object' || Array.isArray(parsed)) return new Map();
+  return new Map(Object.entries(parsed).filter(([, entry]) => isValid(entry)));
+}
+
+const isShare = (value) => Number.isInteger(value) && value !== 0;
+const isIntent = (value) => Array.isArray(value) && typeof value[0] === 'boolean' && Number.isFinite(value[1]);
+
+/**
+ * A tab's record as stored (its text): `share` and `pending`, task id -> delta, and
+ * `intent`, task id -> [liked, at]; read leniently, anything malformed counts as none.
+ */
+export function readTabRecord(stored) {
+  let parsed = null;
+  try {
+    parsed = JSON.parse(stored ?? 'null');
+  } catch {
+    // counts as empty
+  }
+  return {
+    share: entriesOf(parsed?.share ?? {}, isShare),
+    pending: entriesOf(parsed?.pending ?? {}, isShare),
+    intent: entriesOf(parsed?.intent ?? {}, isIntent),
+  };
+}
+
+/** Task id -> this browser's settled share, from every record (and ledger) in `storage`. */
+export function browserShares(storage) {
+  const ledgers = [];
+  for (let index = 0; index < storage.length; index += 1) {
+    const key = storage.key(index);
+    if (key.startsWith(TAB_RECORD_PREFIX)) ledgers.push(readTabRecord(storage.getItem(key)).share);
+    if (key.startsWith(LEGACY_LEDGER_PREFIX)) ledgers.push(readContributions(storage.getItem(key)));
+  }
+  ledgers.push(legacyLiked(storage.getItem(LEGACY_LIKED_KEY)));
+  return sumShares(ledgers);
+}
+
+/** The set of liked task ids from before the ledgers, each a share of 1. */
+function legacyLiked(stored) {
+  try {
+    const liked = JSON.parse(stored ?? '[]');
+    return new Map(Array.isArray(liked) ? liked.filter((id) => typeof id === 'string').map((id) => [id, 1]) : []);
   } catch {
     return new Map();
   }
@@ -138,18 +190,20 @@ function readStoredMap(stored, isValid) {
 /**
  * The like toggle of one tab, wired to its core and sync engine.
  *
- * - The share: this tab writes its own ledger; every tab's ledger summed is the browser's.
+ * - Each tab writes one record: its settled share of each task's likes, its pending
+ *   deltas and its intent. Every tab reads all of them, so the browser acts as one user:
+ *   its share is every share summed, and what it will be once everything applies adds
+ *   every tab's pending deltas.
  * - The intent: each click is recorded with the op it sent; the tab's intent on a task is
- *   its last click still in play, written to localStorage under the tab's id with the
- *   click's time, so the browser's intent is the latest click of any tab.
- * - Compensation: when the browser's eventual share (settled + this tab's pending) is not
- *   what the intent asks (1 or 0), or out of 0..1 where no click is in play, a like or
- *   unlike is sent that brings it there: a like that failed under an unlike stacked on it,
- *   two tabs that both liked in one window, a discarded like applied after all.
+ *   its last click still in play, and the browser's is the latest of any tab's.
+ * - Compensation: when the browser's eventual share is not what the intent asks (1 or 0),
+ *   or out of 0..1 where no click is in play, a like or unlike is sent that brings it
+ *   there: a like that failed under an unlike stacked on it, two tabs that both liked in
+ *   one window, a discarded like applied after all.
  * - Who compensates: the tab that holds the browser's intent, on its own ops leaving and on
- *   other tabs' ledgers changing. Another tab, on its own ops leaving, only when that tab
- *   is gone (`isTabAlive`). One tab acting on a task, not two, so they cannot overshoot
- *   each other (each sees only its own pending ops).
+ *   other tabs' records changing; another tab, on its own ops leaving, only when that tab
+ *   is gone (`isTabAlive`). One tab acting on a task, not two, so they cannot both send
+ *   what one of them would have.
  *
  * @param {{core: object, sync: object, local?: Storage | null, session?: Storage | null,
  *   newId?: () => string, now?: () => number, isTabAlive?: (tabId: string) => Promise<boolean>,
@@ -175,11 +229,15 @@ export function createLikes({
   };
   const tabId = guard(() => session?.getItem(TAB_ID_KEY), null) ?? newId();
   guard(() => session?.setItem(TAB_ID_KEY, tabId));
-  const ledgerKey = `${LEDGER_PREFIX}${tabId}`;
-  const intentKey = `${INTENT_PREFIX}${tabId}`;
+  const recordKey = `${TAB_RECORD_PREFIX}${tabId}`;
+  const legacyLedgerKey = `${LEGACY_LEDGER_PREFIX}${tabId}`;
 
-  /** This tab's ledger: memory is its truth (only this tab writes it), storage its copy. */
-  const ledger = readContributions(guard(() => local?.getItem(ledgerKey), null));
+  /** This tab's settled share per task: memory is its truth (only this tab writes it). */
+  const ownShare = readTabRecord(guard(() => local?.getItem(recordKey), null)).share;
+  // A ledger this tab kept before the records is taken into its share, once.
+  for (const [taskId, share] of readContributions(guard(() => local?.getItem(legacyLedgerKey), null))) {
+    ownShare.set(taskId, (ownShare.get(taskId) ?? 0) + share);
+  }
   /** task id -> this tab's clicks still in play, oldest first. */
   const clicks = readClicks(guard(() => session?.getItem(CLICKS_KEY), null));
   /** The keys of the compensations this tab sent, to tell their failures apart. */
@@ -187,12 +245,16 @@ export function createLikes({
   /** Per task: compensations sent since the user's last click, and failed since the last settle. */
   const sentSinceClick = new Map();
   const failedInARow = new Map();
-  let shares = new Map();
-  let intents = new Map();
-  readBrowser();
+  /** Every other tab's record, summed: shares, pending deltas, and the latest intents. */
+  let others = { share: new Map(), pending: new Map(), intents: new Map() };
+  let written = null;
+  writeOwn();
+  guard(() => local?.removeItem(legacyLedgerKey)); // now in this tab's record
+  readOthers();
 
   function readClicks(stored) {
-    const isClick = (click) => typeof click?.key === 'string' && typeof click.liked === 'boolean' && Number.isFinite(click.at);
+    const isClick = (click) => (typeof click?.key === 'string' || click?.key === null)
+      && typeof click.liked === 'boolean' && Number.isFinite(click.at);
     try {
       const parsed = JSON.parse(stored ?? '[]');
       return new Map((Array.isArray(parsed) ? parsed : [])
@@ -203,23 +265,34 @@ export function createLikes({
     }
   }
 
-  /** Every tab's ledger and intents, this tab's from memory; the liked ids from before. */
-  function readBrowser() {
-    const ledgers = [ledger];
-    const records = [[tabId, ownIntents()]];
+  function readOthers() {
+    const shares = [];
+    const pending = [];
+    const intents = [];
     guard(() => {
       if (!local) return;
       for (let index = 0; index < local.length; index += 1) {
         const key = local.key(index);
-        if (key === ledgerKey || key === intentKey) continue;
-        if (key.startsWith(LEDGER_PREFIX)) ledgers.push(readContributions(local.getItem(key)));
-        if (key.startsWith(INTENT_PREFIX)) records.push([key.slice(INTENT_PREFIX.length), readIntents(local.getItem(key))]);
+        if (key === recordKey) continue;
+        if (key.startsWith(LEGACY_LEDGER_PREFIX)) shares.push(readContributions(local.getItem(key)));
+        if (!key.startsWith(TAB_RECORD_PREFIX)) continue;
+        const record = readTabRecord(local.getItem(key));
+        shares.push(record.share);
+        pending.push(record.pending);
+        intents.push([key.slice(TAB_RECORD_PREFIX.length), record.intent]);
       }
-      const liked = JSON.parse(local.getItem(LEGACY_LIKED_KEY) ?? '[]');
-      if (Array.isArray(liked)) ledgers.push(new Map(liked.filter((id) => typeof id === 'string').map((id) => [id, 1])));
+      shares.push(legacyLiked(local.getItem(LEGACY_LIKED_KEY)));
     });
-    shares = sumShares(ledgers);
-    intents = latestIntents(records);
+    others = { share: sumShares(shares), pending: sumShares(pending), intents: latestIntents(intents) };
+  }
+
+  function ownPending() {
+    const pending = new Map();
+    for (const op of core.pendingOps()) {
+      if (op.kind === 'like') pending.set(op.task_id, (pending.get(op.task_id) ?? 0) + op.delta);
+    }
+    for (const [taskId, delta] of pending) if (delta === 0) pending.delete(taskId);
+    return pending;
   }
 
   function ownIntents() {
@@ -231,10 +304,21 @@ export function createLikes({
     return own;
   }
 
+  /** Write this tab's record when it changed; `leaving` drops its pending deltas. */
+  function writeOwn({ leaving = false } = {}) {
+    const record = JSON.stringify({
+      share: Object.fromEntries(ownShare),
+      pending: leaving ? {} : Object.fromEntries(ownPending()),
+      intent: Object.fromEntries(ownIntents()),
+    });
+    if (record === written) return;
+    written = record;
+    guard(() => local?.setItem(recordKey, record));
+  }
+
   function writeClicks() {
     while (clicks.size > MAX_CLICKED_TASKS) clicks.delete(clicks.keys().next().value);
     guard(() => session?.setItem(CLICKS_KEY, JSON.stringify([...clicks])));
-    guard(() => local?.setItem(intentKey, JSON.stringify(Object.fromEntries(ownIntents()))));
   }
 
   function setClicks(taskId, list) {
@@ -242,25 +326,48 @@ export function createLikes({
     if (list.length) clicks.set(taskId, list);
   }
 
-  function addToLedger(taskId, delta) {
-    const next = (ledger.get(taskId) ?? 0) + delta;
-    if (next === 0) ledger.delete(taskId);
-    else ledger.set(taskId, next);
-    guard(() => local?.setItem(ledgerKey, JSON.stringify(Object.fromEntries(ledger))));
+  function addToShare(taskId, delta) {
+    const next = (ownShare.get(taskId) ?? 0) + delta;
+    if (next === 0) ownShare.delete(taskId);
+    else ownShare.set(taskId, next);
+  }
+
+  /** This browser's settled share of a task: every tab's. */
+  function share(taskId) {
+    return (ownShare.get(taskId) ?? 0) + (others.share.get(taskId) ?? 0);
+  }
+
+  /** The browser's intent on a task: the latest click of any tab still in play. */
+  function intent(taskId) {
+    const own = intentOf(clicks.get(taskId) ?? []);
+    const theirs = others.intents.get(taskId);
+    if (own && (!theirs || own.at > theirs.at || (own.at === theirs.at && tabId > theirs.tab))) {
+      return { liked: own.liked, at: own.at, tab: tabId };
+    }
+    return theirs;
   }
 
   /** This tab's pending like deltas on a task. */
   function pendingOn(taskId) {
-    let net = 0;
-    for (const op of core.pendingOps()) if (op.kind === 'like' && op.task_id === taskId) net += op.delta;
-    return net;
+    return ownPending().get(taskId) ?? 0;
+  }
+
+  /**
+   * Whether the toggle shows Liked: the browser's share and this tab's pending deltas, as
+   * the count beside it adds this tab's pending deltas to the server's. Another tab's
+   * pending like shows here once it settles; a click here meanwhile likes too, and the
+   * compensation, which does count every tab's pending deltas, brings it back to one.
+   */
+  function liked(taskId, ownPendingOnTask) {
+    return isLiked(share(taskId), ownPendingOnTask);
   }
 
   /** Send what brings the eventual share to what the intent asks, within the bounds. */
   function compensate(taskId) {
     if (core.isDeleted(taskId) || !core.confirmedTask(taskId)) return;
     if ((failedInARow.get(taskId) ?? 0) >= MAX_FAILED_COMPENSATIONS) return;
-    const delta = compensation(shares.get(taskId) ?? 0, pendingOn(taskId), intents.get(taskId)?.liked);
+    const pending = pendingOn(taskId) + (others.pending.get(taskId) ?? 0);
+    const delta = compensation(share(taskId), pending, intent(taskId)?.liked);
     const sent = sentSinceClick.get(taskId) ?? 0;
     const count = Math.min(Math.abs(delta), MAX_COMPENSATIONS_PER_CLICK - sent);
     if (count <= 0) return;
@@ -268,14 +375,29 @@ export function createLikes({
     for (let index = 0; index < count; index += 1) compensations.add(sync.like(taskId, Math.sign(delta)).key);
   }
 
-  /** After an op of ours on the task left: this tab acts if it holds the intent, or its holder is gone. */
+  /**
+   * After an op of ours on the task left (or on start): this tab acts if it holds the
+   * intent, or its holder is gone, or no tab holds one.
+   */
   function ownOpLeft(taskId) {
-    const holder = intents.get(taskId)?.tab;
+    const holder = intent(taskId)?.tab;
     if (holder === undefined || holder === tabId) return compensate(taskId);
     isTabAlive(holder).then((alive) => {
-      if (!alive && intents.get(taskId)?.tab === holder) compensate(taskId);
+      if (!alive && intent(taskId)?.tab === holder) compensate(taskId);
     }, (error) => log('cannot tell whether a tab is open', error));
     return undefined;
+  }
+
+  /**
+   * Once the first snapshot is in: a task whose share this tab (or a tab now closed)
+   * should bring to the intent gets what it needs. After a reload, compensations that
+   * stopped after failing in a row go on.
+   */
+  let checkedOnStart = false;
+  function checkOnStart() {
+    if (checkedOnStart || !core.getSnapshot().loaded) return;
+    checkedOnStart = true;
+    for (const taskId of new Set([...clicks.keys(), ...others.intents.keys()])) ownOpLeft(taskId);
   }
 
   const unsubscribe = core.subscribe(() => {
@@ -285,8 +407,10 @@ export function createLikes({
       if (op.kind !== 'like') continue;
       const list = clicks.get(op.task_id);
       if (outcome === 'settled' || outcome === 'applied_late') {
-        addToLedger(op.task_id, op.delta);
+        addToShare(op.task_id, op.delta);
         failedInARow.delete(op.task_id);
+        // Something the user did not do now: a fresh allowance to make up for it.
+        if (outcome === 'applied_late') sentSinceClick.delete(op.task_id);
       } else if (compensations.has(op.key) && reason !== 'not_found') {
         failedInARow.set(op.task_id, (failedInARow.get(op.task_id) ?? 0) + 1);
       }
@@ -294,45 +418,59 @@ export function createLikes({
       if (list && outcome === 'settled') setClicks(op.task_id, clickSettled(list, op.key));
       else if (list && outcome !== 'applied_late') setClicks(op.task_id, clickWithdrawn(list, op.key));
       clicksChanged ||= Boolean(list);
-      // Settled too: another tab of this browser may have liked in the same window (a tab
-      // does not see another's pending ops), which leaves the share at 2.
+      // Settled too: another tab of this browser may have liked in the same window, which
+      // leaves the share at 2.
       if (reason !== 'not_found') touched.add(op.task_id);
     }
     if (clicksChanged) writeClicks();
-    if (clicksChanged || touched.size) readBrowser();
     for (const taskId of touched) ownOpLeft(taskId);
+    checkOnStart(); // after the departures: the ops a snapshot settled are in the share
+    writeOwn(); // after the compensations: they are pending too
   });
+
+  checkOnStart();
 
   return {
     tabId,
-    /** Whether this browser likes the task, with this tab's `pending` deltas on it. */
-    isLiked(taskId, pending) {
-      return isLiked(shares.get(taskId) ?? 0, pending);
-    },
+    /** Whether the toggle shows Liked, with this tab's `pending` deltas on the task. */
+    isLiked: liked,
     /** A click: the delta that flips the toggle as shown, recorded as this tab's intent. */
     toggle(taskId) {
-      const liked = !isLiked(shares.get(taskId) ?? 0, pendingOn(taskId));
-      const op = sync.like(taskId, liked ? 1 : -1);
+      const wanted = !liked(taskId, pendingOn(taskId));
+      const op = sync.like(taskId, wanted ? 1 : -1);
       sentSinceClick.delete(taskId);
       failedInARow.delete(taskId);
-      setClicks(taskId, [...(clicks.get(taskId) ?? []), { key: op.key, liked, at: now() }]);
+      setClicks(taskId, [...(clicks.get(taskId) ?? []), { key: op.key, liked: wanted, at: now() }]);
       writeClicks();
-      readBrowser();
+      writeOwn();
       return op;
     },
     /**
      * Another tab wrote `key` (a `storage` event; `null` when storage was cleared).
      * Returns whether anything the toggles show may have changed. The tab that holds the
-     * browser's intent on a task whose share or intent moved brings it where it should be.
+     * browser's intent on a task whose share, pending deltas or intent moved brings it
+     * where it should be.
      */
     storageChanged(key) {
-      if (key !== null && !key.startsWith(LEDGER_PREFIX) && !key.startsWith(INTENT_PREFIX)
+      if (key !== null && !key.startsWith(TAB_RECORD_PREFIX) && !key.startsWith(LEGACY_LEDGER_PREFIX)
         && key !== LEGACY_LIKED_KEY) return false;
-      const [sharesBefore, intentsBefore] = [shares, intents];
-      readBrowser();
-      const moved = new Set([...differing(sharesBefore, shares), ...differing(intentsBefore, intents)]);
-      for (const taskId of moved) if (intents.get(taskId)?.tab === tabId) compensate(taskId);
+      const before = others;
+      readOthers();
+      const moved = new Set([
+        ...differing(before.share, others.share),
+        ...differing(before.pending, others.pending),
+        ...differing(before.intents, others.intents),
+      ]);
+      for (const taskId of moved) if (intent(taskId)?.tab === tabId) compensate(taskId);
       return true;
+    },
+    /** The page goes away: its pending deltas stop counting for the other tabs. */
+    leave() {
+      writeOwn({ leaving: true });
+    },
+    /** The page is back (from the back/forward cache): its pending deltas count again. */
+    resume() {
+      writeOwn();
     },
     stop: unsubscribe,
   };

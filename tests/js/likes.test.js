@@ -6,7 +6,8 @@ import assert from 'node:assert/strict';
 import { createCore, EVENT_SETTLED, EVENT_FAILED } from '../../static/core.js';
 import {
   isLiked, toggleDelta, compensation, readContributions, sumShares, intentOf, clickSettled, clickWithdrawn,
-  latestIntents, readIntents, createLikes, MAX_FAILED_COMPENSATIONS, LEDGER_PREFIX, INTENT_PREFIX, CLICKS_KEY,
+  latestIntents, readTabRecord, browserShares, createLikes, MAX_FAILED_COMPENSATIONS, TAB_RECORD_PREFIX,
+  LEGACY_LEDGER_PREFIX, LEGACY_LIKED_KEY, CLICKS_KEY,
 } from '../../static/likes.js';
 
 test('the toggle reads settled and pending together', () => {
@@ -60,6 +61,14 @@ describe('intents: the last click still in play', () => {
     assert.equal(intentOf([]), undefined);
   });
 
+  test('the first click in play withdrawn leaves the toggle as it was before it, as the intent', () => {
+    assert.deepEqual(clickWithdrawn([clicks[0]], 'l1'), [{ key: null, liked: false, at: 1 }]);
+    assert.deepEqual(intentOf(clickWithdrawn(clickWithdrawn(clicks, 'l1'), 'u1')), clicks[2]);
+    assert.deepEqual(intentOf(clickWithdrawn(clickWithdrawn(clickWithdrawn(clicks, 'l1'), 'u1'), 'l2')),
+      { key: null, liked: false, at: 1 });
+    assert.equal(clickWithdrawn(clicks, 'other'), clicks);
+  });
+
   test('a settled click drops the ones before it, which can never be the intent again', () => {
     assert.deepEqual(clickSettled(clicks, 'u1').map(({ key }) => key), ['u1', 'l2']);
     assert.deepEqual(clickSettled(clicks, 'other'), clicks);
@@ -76,9 +85,22 @@ describe('intents: the last click still in play', () => {
     });
   });
 
-  test('stored intents are read leniently', () => {
-    assert.deepEqual([...readIntents('{"a":[true,5],"b":[1,2],"c":[false],"d":"x"}')], [['a', [true, 5]]]);
-    assert.deepEqual([...readIntents('nope')], []);
+  test('a stored tab record is read leniently', () => {
+    const record = readTabRecord('{"share":{"a":1,"b":0,"c":"x"},"pending":{"a":-1},"intent":{"a":[true,5],"b":[1,2],"c":[false]}}');
+    assert.deepEqual([[...record.share], [...record.pending], [...record.intent]], [[['a', 1]], [['a', -1]], [['a', [true, 5]]]]);
+    for (const stored of ['nope', null, '[1]', '{"share":[1],"pending":"x"}']) {
+      const empty = readTabRecord(stored);
+      assert.deepEqual([empty.share.size, empty.pending.size, empty.intent.size], [0, 0, 0], String(stored));
+    }
+  });
+
+  test("the browser's shares: every tab's record, the ledgers and the liked set from before", () => {
+    const storage = memoryStorage();
+    storage.setItem(`${TAB_RECORD_PREFIX}a`, JSON.stringify({ share: { x: 1, y: -1 }, pending: { x: 5 } }));
+    storage.setItem(`${LEGACY_LEDGER_PREFIX}b`, JSON.stringify({ y: 1, z: 1 }));
+    storage.setItem(LEGACY_LIKED_KEY, JSON.stringify(['w']));
+    storage.setItem('unrelated', '{"x": 1}');
+    assert.deepEqual(Object.fromEntries(browserShares(storage)), { x: 1, z: 1, w: 1 });
   });
 
   test('compensation goes to the intent when there is one', () => {
@@ -124,8 +146,11 @@ function fakeServer() {
  * One tab: a core with task `t` confirmed, a sync engine that only records, and the
  * likes under test. `settle` and `fail` deliver an op's event as the stream would.
  */
-function tab({ server, local, session = memoryStorage(), alive = async () => true, name = 'tab', clock = { time: 1000 } }) {
+function tab({
+  server, local, session = memoryStorage(), alive = async () => true, name = 'tab', clock = { time: 1000 }, restored = [],
+}) {
   const core = createCore({ now: () => clock.time, stuckMs: 5000, syncMs: 800 });
+  core.restore(restored); // as sync does after a reload, before the snapshot
   core.loadSnapshot({ tasks: [server.task('t')], watermark: 10 });
   const sent = [];
   let count = 0;
@@ -231,6 +256,18 @@ describe('createLikes: the toggle of one tab', () => {
     assert.equal(a.liked(), false);
   });
 
+  test('a discarded like applied after all, with no other click, is taken back: the toggle was not liked before it', () => {
+    const server = fakeServer();
+    const a = tab({ server, local: memoryStorage() });
+    const lost = a.click();
+    a.core.discard(lost.key);
+    a.settle(lost);
+    assert.deepEqual(a.sent.map((op) => op.delta), [1, -1]);
+    a.settleAll();
+    assert.equal(server.task('t').likes, 0);
+    assert.equal(a.liked(), false);
+  });
+
   test('compensations that all fail stop after a few in a row', () => {
     const server = fakeServer();
     const a = tab({ server, local: memoryStorage() });
@@ -266,6 +303,25 @@ describe('createLikes: the toggle of one tab', () => {
     assert.equal(a.liked(), true);
   });
 
+  test('compensations that stopped after failing in a row go on after a reload', () => {
+    const server = fakeServer();
+    const local = memoryStorage();
+    const session = memoryStorage();
+    const a = tab({ server, local, session });
+    const like = a.click();
+    const unlike = a.click();
+    a.fail(like);
+    a.settle(unlike); // the share is -1; the user's last click was Unlike: one like is owed
+    for (let failures = 0; failures < MAX_FAILED_COMPENSATIONS; failures += 1) a.fail(a.core.pendingOps()[0]);
+    assert.equal(a.core.pendingOps().length, 0, 'it stopped');
+    a.likes.stop();
+    const again = tab({ server, local, session });
+    assert.deepEqual(again.sent.map((op) => op.delta), [1], 'the reloaded tab sends the like owed');
+    again.settleAll();
+    assert.equal(server.task('t').likes, 0);
+    assert.equal(again.liked(), false);
+  });
+
   test('a like on a task that is gone is not made up for', () => {
     const server = fakeServer();
     const a = tab({ server, local: memoryStorage() });
@@ -283,13 +339,11 @@ describe('createLikes: the toggle of one tab', () => {
     a.settle(a.click());
     const like1 = a.click(); // unlike, pending across the reload
     a.likes.stop();
-    const again = tab({ server, local, session });
+    const again = tab({ server, local, session, restored: a.core.persistedOps() });
     assert.equal(again.likes.tabId, a.likes.tabId);
     assert.equal(again.likes.isLiked('t', 0), true, 'the settled like is in the share');
-    // the pending unlike is restored by sync in the app; here it is re-issued under its key
-    const op = again.core.issue({ kind: 'like', key: like1.key, task_id: 't', delta: -1 });
-    again.core.accepted(op.key, { command_id: `cmd-${op.key}` });
-    again.fail(op);
+    assert.equal(again.sent.length, 0, 'nothing owed: the unlike is pending still');
+    again.fail(again.core.getOp(like1.key));
     assert.equal(again.sent.length, 0, 'its click is remembered: the rollback to liked stands, nothing sent');
     assert.equal(again.liked(), true);
   });
@@ -300,7 +354,8 @@ describe('createLikes: the toggle of one tab', () => {
       const session = memoryStorage();
       session.setItem(CLICKS_KEY, stored);
       const local = memoryStorage();
-      local.setItem(`${LEDGER_PREFIX}other`, stored);
+      local.setItem(`${TAB_RECORD_PREFIX}other`, stored);
+      local.setItem(`${LEGACY_LEDGER_PREFIX}other`, stored);
       const a = tab({ server, local, session });
       assert.equal(a.liked(), false, stored);
       assert.equal(a.click().delta, 1, stored);
@@ -316,17 +371,17 @@ describe('createLikes: two tabs of one browser', () => {
       const clock = { time: 1000 };
       const tabs = { a: tab({ server, local, name: 'a', clock }), b: tab({ server, local, name: 'b', clock }) };
       const ops = { a: tabs.a.click(), b: tabs.b.click() };
-      tabs.a.likes.storageChanged(`${INTENT_PREFIX}${tabs.b.likes.tabId}`);
+      tabs.a.likes.storageChanged(`${TAB_RECORD_PREFIX}${tabs.b.likes.tabId}`);
       for (const name of order) {
         tabs[name].settle(ops[name]);
         const other = name === 'a' ? tabs.b : tabs.a;
-        other.likes.storageChanged(`${LEDGER_PREFIX}${tabs[name].likes.tabId}`);
+        other.likes.storageChanged(`${TAB_RECORD_PREFIX}${tabs[name].likes.tabId}`);
         await flush();
       }
       assert.equal(tabs.a.sent.length, 1, `${order}: tab a, whose click came first, sends nothing more`);
       assert.deepEqual(tabs.b.sent.map((op) => op.delta), [1, -1], `${order}: tab b makes up for the second like`);
       tabs.b.settleAll();
-      tabs.a.likes.storageChanged(`${LEDGER_PREFIX}${tabs.b.likes.tabId}`);
+      tabs.a.likes.storageChanged(`${TAB_RECORD_PREFIX}${tabs.b.likes.tabId}`);
       await flush();
       assert.equal(server.task('t').likes, 1, `${order}: one like`);
       assert.equal(tabs.a.liked(), true);
@@ -343,12 +398,27 @@ describe('createLikes: two tabs of one browser', () => {
     const lost = a.click();
     a.core.discard(lost.key);
     b.settle(b.click()); // b liked last, then b was closed
-    a.likes.storageChanged(`${LEDGER_PREFIX}${b.likes.tabId}`);
+    a.likes.storageChanged(`${TAB_RECORD_PREFIX}${b.likes.tabId}`);
     a.settle(lost); // a's discarded like applied after all: the browser's share is 2
     await flush();
     assert.deepEqual(a.sent.map((op) => op.delta), [1, -1]);
     a.settleAll();
     assert.equal(server.task('t').likes, 1);
+  });
+
+  test("another tab's pending like counts for compensation at once, until that tab goes away", () => {
+    for (const gone of [false, true]) {
+      const server = fakeServer();
+      const local = memoryStorage();
+      const a = tab({ server, local, name: 'a' });
+      const b = tab({ server, local, name: 'b' });
+      a.click();
+      b.click(); // b's toggle does not show a's pending like: its click likes too
+      if (gone) a.likes.leave();
+      b.likes.storageChanged(`${TAB_RECORD_PREFIX}${a.likes.tabId}`);
+      assert.deepEqual(b.sent.map((op) => op.delta), gone ? [1] : [1, -1],
+        gone ? 'a closed tab no longer counts what it had pending' : 'b, whose click is the latest, takes one back at once');
+    }
   });
 
   test('a tab takes the latest click of another into its toggle', () => {
@@ -357,9 +427,138 @@ describe('createLikes: two tabs of one browser', () => {
     const a = tab({ server, local, name: 'a' });
     const b = tab({ server, local, name: 'b' });
     b.settle(b.click());
-    assert.equal(a.likes.storageChanged(`${LEDGER_PREFIX}${b.likes.tabId}`), true);
+    assert.equal(a.likes.storageChanged(`${TAB_RECORD_PREFIX}${b.likes.tabId}`), true);
     assert.equal(a.liked(), true);
     assert.equal(a.likes.storageChanged('something.else'), false);
     assert.equal(a.click().delta, -1, 'a click in a unlikes');
   });
+});
+
+// ---- a property: two tabs, random clicks, failures, discards, late storage events -----------
+
+/** A small seeded random source (mulberry32). */
+function seeded(seed) {
+  let state = seed >>> 0;
+  const next = () => {
+    state = (state + 0x6d2b79f5) | 0;
+    let t = Math.imul(state ^ (state >>> 15), 1 | state);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  next.below = (n) => Math.floor(next() * n);
+  return next;
+}
+
+/**
+ * Two tabs of one browser against a server that applies each task's commands in order and
+ * fails some; the user clicks in either tab and discards pending ops now and then; each
+ * tab hears the other's storage writes late and out of order. Then the faults stop and
+ * everything is delivered. Returns the server's count and the browser's share.
+ */
+function simulate(seed, { steps, failRate, discardRate, spread }) {
+  const random = seeded(seed);
+  const queue = [];
+  const storageEvents = [];
+  const tabs = [];
+  const shared = memoryStorage();
+  let likes = 0;
+  let version = 1;
+  let eventId = 10;
+  const snapshotTask = () => ({ id: 't', title: 't', notes: '', done: false, likes, version, updated_at: 'x' });
+  const clock = { time: 1000 };
+  for (const name of ['a', 'b']) {
+    const core = createCore({ now: () => clock.time, stuckMs: 5000, syncMs: 800 });
+    core.loadSnapshot({ tasks: [snapshotTask()], watermark: eventId });
+    const tab = { name, core };
+    let count = 0;
+    const sync = {
+      like(taskId, delta) {
+        const op = core.issue({ kind: 'like', key: `${name}-${(count += 1)}`, task_id: taskId, delta });
+        core.accepted(op.key, { command_id: `cmd-${op.key}` });
+        queue.push(op);
+        return op;
+      },
+    };
+    // This tab's writes reach the other tab as storage events, later.
+    const local = {
+      get length() { return shared.length; },
+      key: (index) => shared.key(index),
+      getItem: (key) => shared.getItem(key),
+      removeItem: (key) => shared.removeItem(key),
+      setItem(key, value) {
+        shared.setItem(key, value);
+        for (const other of tabs) if (other !== tab) storageEvents.push({ to: other, key });
+      },
+    };
+    tab.likes = createLikes({
+      core, sync, local, session: memoryStorage(), now: () => (clock.time += 1), newId: () => `tab-${name}`,
+    });
+    tabs.push(tab);
+  }
+  function applyNext(rate) {
+    const op = queue.shift();
+    const failed = random() < rate;
+    if (!failed) {
+      likes += op.delta;
+      version += 1;
+    }
+    eventId += 1;
+    const data = failed
+      ? { reason: 'injected', message: 'injected', current: snapshotTask() }
+      : { task: snapshotTask(), version, window_ms: 700 };
+    for (const tab of tabs) {
+      tab.core.applyEvent({
+        id: eventId,
+        type: failed ? EVENT_FAILED : EVENT_SETTLED,
+        data: { command_id: `cmd-${op.key}`, idempotency_key: op.key, task_id: 't', kind: 'like', ...data },
+      });
+    }
+  }
+  const deliverStorageEvent = (index) => {
+    const { to, key } = storageEvents.splice(index, 1)[0];
+    to.likes.storageChanged(key);
+  };
+  for (let step = 0; step < steps; step += 1) {
+    const tab = tabs[random.below(2)];
+    const roll = random();
+    if (roll < 0.3) tab.likes.toggle('t');
+    else if (roll < 0.6) {
+      if (queue.length) applyNext(failRate);
+    } else if (roll < 0.6 + discardRate) {
+      const ops = tab.core.pendingOps();
+      if (ops.length) tab.core.discard(ops[random.below(ops.length)].key);
+    } else if (storageEvents.length) {
+      deliverStorageEvent(random.below(Math.min(spread, storageEvents.length)));
+    }
+  }
+  for (let guard = 0; guard < 100_000 && (queue.length || storageEvents.length); guard += 1) {
+    if (storageEvents.length) deliverStorageEvent(0);
+    else applyNext(0);
+  }
+  const pending = (tab) => tab.core.pendingOps().reduce((net, op) => net + op.delta, 0);
+  return {
+    drained: !queue.length && !storageEvents.length,
+    likes,
+    share: browserShares(shared).get('t') ?? 0,
+    shown: tabs.map((tab) => tab.likes.isLiked('t', pending(tab))),
+  };
+}
+
+describe('createLikes: a property over random runs of two tabs', () => {
+  const cases = [
+    { steps: 200, failRate: 0.3, discardRate: 0.05, spread: 3 },
+    { steps: 400, failRate: 0.6, discardRate: 0.02, spread: 10 },
+    { steps: 300, failRate: 0.3, discardRate: 0.3, spread: 20 },
+  ];
+  for (const params of cases) {
+    test(`the share ends in 0..1, equal to the server's count and shown alike in both tabs (${JSON.stringify(params)})`, () => {
+      for (let seed = 1; seed <= 100; seed += 1) {
+        const { drained, likes, share, shown } = simulate(seed, params);
+        assert.equal(drained, true, `seed ${seed}`);
+        assert.equal(share, likes, `seed ${seed}: the share is the server's count`);
+        assert.ok(share === 0 || share === 1, `seed ${seed}: share ${share}`);
+        assert.deepEqual(shown, [share === 1, share === 1], `seed ${seed}: both toggles show it`);
+      }
+    });
+  }
 });
