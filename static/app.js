@@ -88,12 +88,33 @@ const likeToggle = createLikes({
   local: safeStorage(() => localStorage),
   session: safeStorage(() => sessionStorage),
   isTabAlive,
+  withLock: (name, critical) => (navigator.locks ? navigator.locks.request(name, critical) : Promise.resolve().then(critical)),
+  onChange: () => redrawLikes(),
   log: (message, error) => console.warn(`settle: ${message}`, error ?? ''),
 });
-navigator.locks?.request(`${TAB_LOCK_PREFIX}${likeToggle.tabId}`, () => new Promise(() => {}));
+/** How long a page waits for its tab's lock before it takes itself for a copy of another page. */
+const COPY_CHECK_MS = 2000;
+
+/**
+ * Hold this tab's Web Lock for the page's life. A page opened as a copy of another
+ * (window.open, Duplicate tab) came with its sessionStorage, tab id included, and finds
+ * the lock held: it takes an id of its own. A reload's old page may hold it a moment longer.
+ */
+async function holdTabLock() {
+  if (!navigator.locks) return;
+  const holdForever = () => new Promise(() => {});
+  try {
+    await navigator.locks.request(`${TAB_LOCK_PREFIX}${likeToggle.tabId}`, { signal: AbortSignal.timeout(COPY_CHECK_MS) }, holdForever);
+  } catch (error) {
+    if (error?.name !== 'TimeoutError' && error?.name !== 'AbortError') throw error;
+    likeToggle.becomeCopy();
+    navigator.locks.request(`${TAB_LOCK_PREFIX}${likeToggle.tabId}`, holdForever);
+  }
+}
+holdTabLock().catch((error) => console.warn('settle: cannot hold the tab lock', error));
 window.settle.likes = likeToggle;
-// Gone, its pending likes no longer count for the other tabs (a reload writes them again,
-// as does a page coming back from the back/forward cache).
+// Gone, its pending likes are left for another tab to take over, unless it comes back (a
+// reload, or the back/forward cache) and takes them back.
 window.addEventListener('pagehide', () => likeToggle.leave());
 window.addEventListener('pageshow', (event) => { if (event.persisted) likeToggle.resume(); });
 
@@ -109,9 +130,12 @@ function drawLike(parts, item) {
 // event never fires in the tab that wrote), so a click here toggles from where the
 // browser stands.
 window.addEventListener('storage', (event) => {
-  if (!likeToggle.storageChanged(event.key)) return;
-  for (const parts of taskNodes.values()) if (parts.item) drawLike(parts, parts.item);
+  if (likeToggle.storageChanged(event.key)) redrawLikes();
 });
+
+function redrawLikes() {
+  for (const parts of taskNodes.values()) if (parts.item) drawLike(parts, parts.item);
+}
 
 // ---- the task list -------------------------------------------------------------------------
 

@@ -43,6 +43,8 @@ const REASON_TEXT = Object.freeze({
 /** Reasons whose server message says more than REASON_TEXT (which versions, which fault). */
 const REASON_WITH_DETAIL = new Set(['conflict', 'dead_lettered']);
 
+/** How many outcomes of events that matched no op are remembered (`restore`). */
+const MAX_UNMATCHED = 500;
 /** How many discarded ops are remembered, to tell when one is applied after all. */
 const MAX_DISCARDED = 100;
 /** How many notices stay on screen; older ones drop off. */
@@ -193,6 +195,12 @@ export function createCore({
    * else's change.
    */
   const discarded = new Map();
+  /**
+   * Key -> {type, reason} of recent events that matched no op of this tab: an op taken over
+   * from a tab that closed (`restore`) may have had its event already, and is settled or
+   * failed at once instead of waiting for a status check.
+   */
+  const unmatched = new Map();
   /** Ops the core issued by itself (a rebased edit): the sync engine takes and sends them. */
   let outbox = [];
   /** How ops left their stacks since the last `takeDeparted` (the view's like toggle reads it). */
@@ -532,6 +540,10 @@ export function createCore({
       else if (data.current) confirm(data.current);
     }
     if (!op) discardedOutcome(type, data);
+    if (!op && data.idempotency_key) {
+      unmatched.set(data.idempotency_key, Object.freeze({ type, reason: data.reason }));
+      if (unmatched.size > MAX_UNMATCHED) unmatched.delete(unmatched.keys().next().value);
+    }
     changed();
     return { applied: true, op };
   }
@@ -761,6 +773,13 @@ export function createCore({
     const at = now();
     for (const fields of saved) {
       if (!fields?.key || !fields.task_id || !KINDS.includes(fields.kind) || findOp(fields.key)) continue;
+      const seen = unmatched.get(fields.key);
+      if (seen) {
+        // Its event came before it did (an op taken over from a tab that closed).
+        const outcome = seen.type === EVENT_SETTLED ? 'settled' : 'failed';
+        departed = [...departed, Object.freeze({ op: Object.freeze({ ...fields }), outcome, reason: seen.reason })];
+        continue;
+      }
       pushOp(Object.freeze({
         ...fields,
         patch: fields.patch && Object.freeze({ ...fields.patch }),

@@ -79,6 +79,35 @@ export const MAX_FAILED_COMPENSATIONS = 5;
 export const MAX_COMPENSATIONS_PER_CLICK = 20;
 /** How many tasks a tab keeps clicks for; the oldest go first. */
 export const MAX_CLICKED_TASKS = 200;
+/**
+ * The like ops a tab had pending when its page went away (`{ops, at}`), for another tab
+ * to take over if it does not come back; once taken, `{taken: [keys], at}`, so that the
+ * tab, reopened with its session, leaves them to the taker.
+ */
+export const ORPHANS_PREFIX = 'settle.like-orphans.v1.';
+/** The Web Lock under which a tab takes over orphans, or takes back its own. */
+export const ORPHANS_LOCK = 'settle.like-orphans';
+/** How long orphans wait for their tab to come back (a reload) before another takes them. */
+export const ADOPT_AFTER_MS = 3000;
+/** How long a record of taken orphans is kept for its tab to be reopened. */
+export const KEEP_TAKEN_MS = 24 * 60 * 60 * 1000;
+
+/** A stored orphans record, read leniently. */
+export function readOrphans(stored) {
+  try {
+    const parsed = JSON.parse(stored ?? 'null');
+    const at = Number.isFinite(parsed?.at) ? parsed.at : 0;
+    if (Array.isArray(parsed?.taken)) return { taken: parsed.taken.filter((key) => typeof key === 'string'), at };
+    const ops = Array.isArray(parsed?.ops) ? parsed.ops : [];
+    return {
+      ops: ops.filter((op) => op?.kind === 'like' && typeof op.key === 'string' && typeof op.task_id === 'string'
+        && (op.delta === 1 || op.delta === -1)),
+      at,
+    };
+  } catch {
+    return { ops: [], at: 0 };
+  }
+}
 
 /**
  * The intent a tab's clicks on one task leave: the last click still in play. A click
@@ -207,6 +236,8 @@ function legacyLiked(stored) {
  *
  * @param {{core: object, sync: object, local?: Storage | null, session?: Storage | null,
  *   newId?: () => string, now?: () => number, isTabAlive?: (tabId: string) => Promise<boolean>,
+ *   withLock?: (name: string, critical: () => unknown) => Promise<unknown>,
+ *   later?: (callback: () => void, ms: number) => unknown, onChange?: () => void,
  *   log?: (message: string, error?: unknown) => void}} options
  */
 export function createLikes({
@@ -217,6 +248,9 @@ export function createLikes({
   newId = () => crypto.randomUUID(),
   now = Date.now,
   isTabAlive = async () => false,
+  withLock = async (name, critical) => critical(),
+  later = (callback, ms) => setTimeout(callback, ms),
+  onChange = () => {},
   log = () => {},
 }) {
   const guard = (what, fallback) => {
@@ -227,13 +261,18 @@ export function createLikes({
       return fallback;
     }
   };
-  const tabId = guard(() => session?.getItem(TAB_ID_KEY), null) ?? newId();
+  // A tab opened as a copy of another (window.open, Duplicate tab) starts with its
+  // sessionStorage, this id included, and takes one of its own (`becomeCopy`).
+  let tabId = guard(() => session?.getItem(TAB_ID_KEY), null) ?? newId();
   guard(() => session?.setItem(TAB_ID_KEY, tabId));
-  const recordKey = `${TAB_RECORD_PREFIX}${tabId}`;
+  let recordKey = `${TAB_RECORD_PREFIX}${tabId}`;
   const legacyLedgerKey = `${LEGACY_LEDGER_PREFIX}${tabId}`;
+  let orphansKey = `${ORPHANS_PREFIX}${tabId}`;
+  /** Keys of this tab's like ops that another tab took over while this one was away. */
+  const givenAway = new Set();
 
   /** This tab's settled share per task: memory is its truth (only this tab writes it). */
-  const ownShare = readTabRecord(guard(() => local?.getItem(recordKey), null)).share;
+  let ownShare = readTabRecord(guard(() => local?.getItem(recordKey), null)).share;
   // A ledger this tab kept before the records is taken into its share, once.
   for (const [taskId, share] of readContributions(guard(() => local?.getItem(legacyLedgerKey), null))) {
     ownShare.set(taskId, (ownShare.get(taskId) ?? 0) + share);
@@ -251,6 +290,14 @@ export function createLikes({
   writeOwn();
   guard(() => local?.removeItem(legacyLedgerKey)); // now in this tab's record
   readOthers();
+  // What this tab had pending before a reload is its own again, unless another tab took
+  // it over meanwhile; then it is that tab's to count.
+  withLock(ORPHANS_LOCK, () => {
+    const left = readOrphans(guard(() => local?.getItem(orphansKey), null));
+    for (const key of left.taken ?? []) givenAway.add(key);
+    guard(() => local?.removeItem(orphansKey));
+    writeOwn();
+  }).then(adoptOrphans, (error) => log('cannot take back pending likes', error));
 
   function readClicks(stored) {
     const isClick = (click) => (typeof click?.key === 'string' || click?.key === null)
@@ -275,6 +322,9 @@ export function createLikes({
         const key = local.key(index);
         if (key === recordKey) continue;
         if (key.startsWith(LEGACY_LEDGER_PREFIX)) shares.push(readContributions(local.getItem(key)));
+        if (key.startsWith(ORPHANS_PREFIX) && key !== orphansKey) {
+          pending.push(sumShares((readOrphans(local.getItem(key)).ops ?? []).map((op) => new Map([[op.task_id, op.delta]]))));
+        }
         if (!key.startsWith(TAB_RECORD_PREFIX)) continue;
         const record = readTabRecord(local.getItem(key));
         shares.push(record.share);
@@ -289,7 +339,7 @@ export function createLikes({
   function ownPending() {
     const pending = new Map();
     for (const op of core.pendingOps()) {
-      if (op.kind === 'like') pending.set(op.task_id, (pending.get(op.task_id) ?? 0) + op.delta);
+      if (op.kind === 'like' && !givenAway.has(op.key)) pending.set(op.task_id, (pending.get(op.task_id) ?? 0) + op.delta);
     }
     for (const [taskId, delta] of pending) if (delta === 0) pending.delete(taskId);
     return pending;
@@ -400,11 +450,51 @@ export function createLikes({
     for (const taskId of new Set([...clicks.keys(), ...others.intents.keys()])) ownOpLeft(taskId);
   }
 
+  /**
+   * Take over the like ops of tabs that went away and did not come back: they may still
+   * apply, and this browser's share must count them. Each is restored into this tab's
+   * core (one that never had its 202 is sent again, same key), under a Web Lock so that
+   * one tab takes them, not two.
+   */
+  let adoptScheduled = false;
+  async function adoptOrphans() {
+    const keys = [];
+    guard(() => {
+      for (let index = 0; index < (local?.length ?? 0); index += 1) {
+        const key = local.key(index);
+        if (key.startsWith(ORPHANS_PREFIX) && key !== orphansKey) keys.push(key);
+      }
+    });
+    for (const key of keys) {
+      const left = readOrphans(guard(() => local.getItem(key), null));
+      const age = now() - left.at;
+      if (left.taken || !left.ops.length) {
+        if (age > KEEP_TAKEN_MS || (!left.taken && age > ADOPT_AFTER_MS)) guard(() => local.removeItem(key));
+        continue;
+      }
+      if (age < ADOPT_AFTER_MS) {
+        // Its tab may be reloading: look again once it has had the time to take them back.
+        if (!adoptScheduled) later(() => { adoptScheduled = false; adoptOrphans(); }, ADOPT_AFTER_MS - age);
+        adoptScheduled = true;
+        continue;
+      }
+      if (await isTabAlive(key.slice(ORPHANS_PREFIX.length))) continue;
+      await withLock(ORPHANS_LOCK, () => {
+        const { ops } = readOrphans(guard(() => local.getItem(key), null));
+        if (!ops?.length) return;
+        guard(() => local.setItem(key, JSON.stringify({ taken: ops.map((op) => op.key), at: now() })));
+        readOthers(); // they are this tab's pending now, not that tab's
+        core.restore(ops);
+        for (const op of ops) if (!op.command_id && core.getOp(op.key)) sync.retry(op.key);
+      });
+    }
+  }
+
   const unsubscribe = core.subscribe(() => {
     const touched = new Set();
     let clicksChanged = false;
     for (const { op, outcome, reason } of core.takeDeparted()) {
-      if (op.kind !== 'like') continue;
+      if (op.kind !== 'like' || givenAway.delete(op.key)) continue;
       const list = clicks.get(op.task_id);
       if (outcome === 'settled' || outcome === 'applied_late') {
         addToShare(op.task_id, op.delta);
@@ -426,12 +516,36 @@ export function createLikes({
     for (const taskId of touched) ownOpLeft(taskId);
     checkOnStart(); // after the departures: the ops a snapshot settled are in the share
     writeOwn(); // after the compensations: they are pending too
+    // A share can move with no item changing (an op taken over settles as it comes in).
+    if (touched.size) onChange();
   });
 
   checkOnStart();
 
   return {
-    tabId,
+    get tabId() {
+      return tabId;
+    },
+    /**
+     * Another open page holds this tab's id: this page was opened as a copy of it and
+     * came with its sessionStorage. It takes an id, a share and clicks of its own; the like
+     * ops it restored are the other page's to count.
+     */
+    becomeCopy() {
+      for (const op of core.pendingOps()) if (op.kind === 'like') givenAway.add(op.key);
+      tabId = newId();
+      guard(() => session?.setItem(TAB_ID_KEY, tabId));
+      recordKey = `${TAB_RECORD_PREFIX}${tabId}`;
+      orphansKey = `${ORPHANS_PREFIX}${tabId}`;
+      ownShare = new Map();
+      clicks.clear();
+      writeClicks();
+      written = null;
+      writeOwn();
+      readOthers();
+      onChange();
+      return tabId;
+    },
     /** Whether the toggle shows Liked, with this tab's `pending` deltas on the task. */
     isLiked: liked,
     /** A click: the delta that flips the toggle as shown, recorded as this tab's intent. */
@@ -453,7 +567,8 @@ export function createLikes({
      */
     storageChanged(key) {
       if (key !== null && !key.startsWith(TAB_RECORD_PREFIX) && !key.startsWith(LEGACY_LEDGER_PREFIX)
-        && key !== LEGACY_LIKED_KEY) return false;
+        && !key.startsWith(ORPHANS_PREFIX) && key !== LEGACY_LIKED_KEY) return false;
+      if (key === null || key.startsWith(ORPHANS_PREFIX)) adoptOrphans().catch((error) => log('cannot take over pending likes', error));
       const before = others;
       readOthers();
       const moved = new Set([
@@ -466,11 +581,17 @@ export function createLikes({
     },
     /** The page goes away: its pending deltas stop counting for the other tabs. */
     leave() {
+      const ops = core.persistedOps().filter((op) => op.kind === 'like' && !givenAway.has(op.key));
+      guard(() => local?.setItem(orphansKey, JSON.stringify({ ops, at: now() })));
       writeOwn({ leaving: true });
     },
-    /** The page is back (from the back/forward cache): its pending deltas count again. */
+    /** The page is back (from the back/forward cache): its pending deltas are its own again. */
     resume() {
-      writeOwn();
+      withLock(ORPHANS_LOCK, () => {
+        for (const key of readOrphans(guard(() => local?.getItem(orphansKey), null)).taken ?? []) givenAway.add(key);
+        guard(() => local?.removeItem(orphansKey));
+        writeOwn();
+      }).catch((error) => log('cannot take back pending likes', error));
     },
     stop: unsubscribe,
   };

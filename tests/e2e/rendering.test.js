@@ -165,3 +165,74 @@ test('after a reload with a pending create, the list says it is loading until th
     await server.stop();
   }
 });
+
+test('a tab closed with its like still pending: another tab of the browser takes it over and counts it', async () => {
+  const server = await startServer(['--delay-ms', '1500']);
+  try {
+    const task = await server.api.createSettled('liked, then closed');
+    const { page: tabA, context, pageErrors } = await openApp(browser, server.url);
+    const { page: tabB } = await openTab(context, server.url);
+    await taskItem(tabA, task.id).getByTestId('like').click();
+    await eventually(async () => assert.equal((await shown(tabA, task.id)).state, 'pending'));
+    await tabA.close();
+
+    // The like applies; tab B, which took it over, counts it as this browser's.
+    const likeInB = taskItem(tabB, task.id).getByTestId('like');
+    await eventually(async () => {
+      assert.equal((await server.api.task(task.id)).likes, 1);
+      assert.equal(await likeInB.getAttribute('aria-pressed'), 'true');
+      assert.deepEqual([(await shown(tabB, task.id)).likes, (await shown(tabB, task.id)).state], [1, 'settled']);
+    }, { timeout: 15_000 });
+    await likeInB.click();
+    await eventually(async () => assert.equal((await server.api.task(task.id)).likes, 0, 'a click in B unlikes'), { timeout: 10_000 });
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});
+
+test('a tab opened as a copy of another (window.open) keeps a like share of its own', async () => {
+  const server = await startServer(['--delay-ms', '300']);
+  try {
+    const x = await server.api.createSettled('x');
+    const y = await server.api.createSettled('y');
+    const { page: opener, context, pageErrors } = await openApp(browser, server.url);
+    await taskItem(opener, x.id).getByTestId('like').click();
+    await eventually(async () => assert.equal((await server.api.task(x.id)).likes, 1));
+
+    // The popup starts with the opener's sessionStorage, its tab id included.
+    const [popup] = await Promise.all([context.waitForEvent('page'), opener.evaluate(() => { window.open(location.href); })]);
+    await popup.waitForSelector('[data-testid="connection"][data-state="live"]');
+    const ids = async () => Promise.all([opener, popup].map((page) => page.evaluate(() => window.settle.likes.tabId)));
+    await eventually(async () => {
+      const [openerId, popupId] = await ids();
+      assert.notEqual(popupId, openerId, 'the copy took an id of its own');
+    });
+
+    const likeX = (page) => taskItem(page, x.id).getByTestId('like');
+    assert.equal(await likeX(popup).getAttribute('aria-pressed'), 'true');
+    await likeX(popup).click(); // unlike, from the copy
+    await eventually(async () => assert.equal((await server.api.task(x.id)).likes, 0));
+    await taskItem(opener, y.id).getByTestId('like').click(); // a like elsewhere, from the opener
+    await eventually(async () => {
+      assert.equal((await server.api.task(y.id)).likes, 1);
+      for (const page of [opener, popup]) {
+        assert.equal(await likeX(page).getAttribute('aria-pressed'), 'false', 'x is not liked, in either tab');
+        assert.equal(await taskItem(page, y.id).getByTestId('like').getAttribute('aria-pressed'), 'true');
+      }
+    });
+    await likeX(opener).click();
+    await eventually(async () => assert.equal((await server.api.task(x.id)).likes, 1, 'a click in the opener likes x again'));
+
+    // A reload is no copy: the page keeps its id (its old page let go of the lock).
+    const [openerId] = await ids();
+    await opener.reload();
+    await opener.waitForSelector('[data-testid="connection"][data-state="live"]');
+    await new Promise((resolve) => setTimeout(resolve, 2500));
+    assert.equal(await opener.evaluate(() => window.settle.likes.tabId), openerId);
+    assert.equal(await likeX(opener).getAttribute('aria-pressed'), 'true');
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});

@@ -7,7 +7,7 @@ import { createCore, EVENT_SETTLED, EVENT_FAILED } from '../../static/core.js';
 import {
   isLiked, toggleDelta, compensation, readContributions, sumShares, intentOf, clickSettled, clickWithdrawn,
   latestIntents, readTabRecord, browserShares, createLikes, MAX_FAILED_COMPENSATIONS, TAB_RECORD_PREFIX,
-  LEGACY_LEDGER_PREFIX, LEGACY_LIKED_KEY, CLICKS_KEY,
+  LEGACY_LEDGER_PREFIX, LEGACY_LIKED_KEY, CLICKS_KEY, ORPHANS_PREFIX, ADOPT_AFTER_MS, TAB_ID_KEY,
 } from '../../static/likes.js';
 
 test('the toggle reads settled and pending together', () => {
@@ -153,6 +153,8 @@ function tab({
   core.restore(restored); // as sync does after a reload, before the snapshot
   core.loadSnapshot({ tasks: [server.task('t')], watermark: 10 });
   const sent = [];
+  const retried = [];
+  const timers = [];
   let count = 0;
   const sync = {
     like(taskId, delta) {
@@ -161,10 +163,21 @@ function tab({
       sent.push(op);
       return op;
     },
+    retry(key) {
+      retried.push(key);
+      core.resending(key);
+    },
   };
   let ids = 0;
   const likes = createLikes({
-    core, sync, local, session, now: () => (clock.time += 1), isTabAlive: alive, newId: () => `${name}-id-${(ids += 1)}`,
+    core,
+    sync,
+    local,
+    session,
+    now: () => (clock.time += 1),
+    isTabAlive: alive,
+    newId: () => `${name}-id-${(ids += 1)}`,
+    later: (callback, ms) => timers.push({ callback, ms }),
   });
   const event = (op, type, data) => core.applyEvent({
     id: server.nextId(),
@@ -175,7 +188,10 @@ function tab({
     core,
     likes,
     sent,
+    retried,
     session,
+    /** Run the timers set so far (the clock is moved by the test). */
+    runTimers: () => timers.splice(0).forEach(({ callback }) => callback()),
     click: () => likes.toggle('t'),
     settle: (op) => event(op, EVENT_SETTLED, { task: server.apply(op), version: server.task(op.task_id).version, window_ms: 700 }),
     fail: (op, reason = 'injected') => event(op, EVENT_FAILED, { reason, message: reason, current: server.task(op.task_id) }),
@@ -406,19 +422,107 @@ describe('createLikes: two tabs of one browser', () => {
     assert.equal(server.task('t').likes, 1);
   });
 
-  test("another tab's pending like counts for compensation at once, until that tab goes away", () => {
-    for (const gone of [false, true]) {
-      const server = fakeServer();
-      const local = memoryStorage();
-      const a = tab({ server, local, name: 'a' });
-      const b = tab({ server, local, name: 'b' });
-      a.click();
-      b.click(); // b's toggle does not show a's pending like: its click likes too
-      if (gone) a.likes.leave();
-      b.likes.storageChanged(`${TAB_RECORD_PREFIX}${a.likes.tabId}`);
-      assert.deepEqual(b.sent.map((op) => op.delta), gone ? [1] : [1, -1],
-        gone ? 'a closed tab no longer counts what it had pending' : 'b, whose click is the latest, takes one back at once');
-    }
+  test("another tab's pending like counts for compensation at once", () => {
+    const server = fakeServer();
+    const local = memoryStorage();
+    const a = tab({ server, local, name: 'a' });
+    const b = tab({ server, local, name: 'b' });
+    a.click();
+    b.click(); // b's toggle does not show a's pending like: its click likes too
+    b.likes.storageChanged(`${TAB_RECORD_PREFIX}${a.likes.tabId}`);
+    assert.deepEqual(b.sent.map((op) => op.delta), [1, -1], 'b, whose click is the latest, takes one back at once');
+  });
+
+  test('a tab closed with a like pending: another takes it over and counts it; the tab reopened leaves it', async () => {
+    const server = fakeServer();
+    const local = memoryStorage();
+    const clock = { time: 1000 };
+    const a = tab({ server, local, name: 'a', clock });
+    const like = a.click();
+    const aId = a.likes.tabId;
+    const b = tab({ server, local, name: 'b', clock, alive: async (id) => id !== aId });
+    a.likes.leave();
+    a.likes.stop();
+    b.likes.storageChanged(`${ORPHANS_PREFIX}${aId}`);
+    await flush();
+    assert.equal(b.core.pendingOps().length, 0, 'not at once: the tab may be reloading');
+    clock.time += ADOPT_AFTER_MS;
+    b.runTimers();
+    await flush();
+    assert.deepEqual(b.core.pendingOps().map((op) => op.key), [like.key], 'taken over');
+    b.settle(like);
+    assert.equal(browserShares(local).get('t'), 1, 'counted once, by the tab that took it');
+    assert.equal(b.liked(), true);
+
+    // The closed tab reopened with its session (its pending ops restored): they are b's.
+    const reopened = tab({ server, local, session: a.session, name: 'a2', clock, restored: a.core.persistedOps() });
+    reopened.settle(reopened.core.getOp(like.key) ?? like);
+    assert.equal(browserShares(local).get('t'), 1, 'not counted twice');
+    assert.equal(reopened.sent.length, 0);
+  });
+
+  test('a tab reloaded with a like pending takes it back; no other tab takes it over', async () => {
+    const server = fakeServer();
+    const local = memoryStorage();
+    const clock = { time: 1000 };
+    const a = tab({ server, local, name: 'a', clock });
+    const like = a.click();
+    const b = tab({ server, local, name: 'b', clock, alive: async () => false });
+    a.likes.leave();
+    a.likes.stop();
+    b.likes.storageChanged(`${ORPHANS_PREFIX}${a.likes.tabId}`);
+    const reloaded = tab({ server, local, session: a.session, name: 'a', clock, restored: a.core.persistedOps() });
+    clock.time += ADOPT_AFTER_MS;
+    b.runTimers();
+    await flush();
+    assert.equal(b.core.pendingOps().length, 0);
+    reloaded.settle(reloaded.core.getOp(like.key));
+    assert.equal(browserShares(local).get('t'), 1);
+  });
+
+  test('a like taken over after its event came is counted at once', async () => {
+    const server = fakeServer();
+    const local = memoryStorage();
+    const clock = { time: 1000 };
+    const a = tab({ server, local, name: 'a', clock });
+    const like = a.click();
+    const b = tab({ server, local, name: 'b', clock, alive: async () => false });
+    a.likes.leave();
+    b.settle(like); // the event reaches b, which has no op of that key yet
+    clock.time += ADOPT_AFTER_MS;
+    b.likes.storageChanged(`${ORPHANS_PREFIX}${a.likes.tabId}`);
+    await flush();
+    assert.deepEqual(b.sent, [], 'nothing pending, nothing to make up for');
+    assert.equal(b.core.pendingOps().length, 0);
+    assert.equal(browserShares(local).get('t'), 1);
+  });
+
+  test('a page opened as a copy of a tab takes an id, a share and clicks of its own', () => {
+    const server = fakeServer();
+    const local = memoryStorage();
+    const a = tab({ server, local, name: 'a' });
+    a.settle(a.click());
+    const pendingUnlike = a.click();
+    const session = memoryStorage();
+    for (const key of [TAB_ID_KEY, CLICKS_KEY]) session.setItem(key, a.session.getItem(key));
+    const copy = tab({ server, local, session, name: 'copy', restored: a.core.persistedOps() });
+    assert.equal(copy.likes.tabId, a.likes.tabId, 'it came with the same id');
+    const copyId = copy.likes.becomeCopy();
+    assert.notEqual(copyId, a.likes.tabId);
+    assert.equal(session.getItem(TAB_ID_KEY), copyId);
+    // The unlike both pages track settles in both: the tab that clicked counts it, once.
+    a.settle(pendingUnlike);
+    copy.core.applyEvent({
+      id: server.nextId(),
+      type: EVENT_SETTLED,
+      data: {
+        command_id: `cmd-${pendingUnlike.key}`, idempotency_key: pendingUnlike.key, task_id: 't', kind: 'like', task: server.task('t'),
+      },
+    });
+    assert.equal(copy.core.pendingOps().length, 0);
+    assert.equal(browserShares(local).get('t') ?? 0, 0);
+    assert.equal(server.task('t').likes, 0);
+    assert.deepEqual(copy.sent, [], 'nothing to make up for');
   });
 
   test('a tab takes the latest click of another into its toggle', () => {
@@ -491,7 +595,7 @@ function simulate(seed, { steps, failRate, discardRate, spread }) {
       },
     };
     tab.likes = createLikes({
-      core, sync, local, session: memoryStorage(), now: () => (clock.time += 1), newId: () => `tab-${name}`,
+      core, sync, local, session: memoryStorage(), now: () => (clock.time += 1), newId: () => `tab-${name}`, later: () => {},
     });
     tabs.push(tab);
   }
