@@ -379,6 +379,17 @@ describe('createLikes: the toggle of one tab', () => {
   });
 });
 
+/** Tabs a and b of one browser; a has a like pending; b takes every other tab for closed. */
+function likePendingInA() {
+  const server = fakeServer();
+  const local = memoryStorage();
+  const clock = { time: 1000 };
+  const a = tab({ server, local, name: 'a', clock });
+  const like = a.click();
+  const b = tab({ server, local, name: 'b', clock, alive: async () => false });
+  return { server, local, clock, a, like, b };
+}
+
 describe('createLikes: two tabs of one browser', () => {
   test('both like in one window: one unlike, from the tab whose click came last, whichever settles first', async () => {
     for (const order of [['a', 'b'], ['b', 'a']]) {
@@ -462,12 +473,7 @@ describe('createLikes: two tabs of one browser', () => {
   });
 
   test('a tab reloaded with a like pending takes it back; no other tab takes it over', async () => {
-    const server = fakeServer();
-    const local = memoryStorage();
-    const clock = { time: 1000 };
-    const a = tab({ server, local, name: 'a', clock });
-    const like = a.click();
-    const b = tab({ server, local, name: 'b', clock, alive: async () => false });
+    const { server, local, clock, a, like, b } = likePendingInA();
     a.likes.leave();
     a.likes.stop();
     b.likes.storageChanged(`${ORPHANS_PREFIX}${a.likes.tabId}`);
@@ -481,12 +487,7 @@ describe('createLikes: two tabs of one browser', () => {
   });
 
   test('a like taken over after its event came is counted at once', async () => {
-    const server = fakeServer();
-    const local = memoryStorage();
-    const clock = { time: 1000 };
-    const a = tab({ server, local, name: 'a', clock });
-    const like = a.click();
-    const b = tab({ server, local, name: 'b', clock, alive: async () => false });
+    const { server, local, clock, a, like, b } = likePendingInA();
     a.likes.leave();
     b.settle(like); // the event reaches b, which has no op of that key yet
     clock.time += ADOPT_AFTER_MS;
