@@ -290,14 +290,21 @@ export function createLikes({
   writeOwn();
   guard(() => local?.removeItem(legacyLedgerKey)); // now in this tab's record
   readOthers();
-  // What this tab had pending before a reload is its own again, unless another tab took
-  // it over meanwhile; then it is that tab's to count.
-  withLock(ORPHANS_LOCK, () => {
-    const left = readOrphans(guard(() => local?.getItem(orphansKey), null));
-    for (const key of left.taken ?? []) givenAway.add(key);
-    guard(() => local?.removeItem(orphansKey));
-    writeOwn();
-  }).then(adoptOrphans, (error) => log('cannot take back pending likes', error));
+  takeBackOwn().then(adoptOrphans, (error) => log('cannot take back pending likes', error));
+
+  /**
+   * What this tab left pending when its page went away (a reload, the back/forward cache)
+   * is its own again, unless another tab took it over meanwhile: then it is that tab's to
+   * count.
+   */
+  function takeBackOwn() {
+    return withLock(ORPHANS_LOCK, () => {
+      const left = readOrphans(guard(() => local?.getItem(orphansKey), null));
+      for (const key of left.taken ?? []) givenAway.add(key);
+      guard(() => local?.removeItem(orphansKey));
+      writeOwn();
+    });
+  }
 
   function readClicks(stored) {
     const isClick = (click) => (typeof click?.key === 'string' || click?.key === null)
@@ -587,11 +594,7 @@ export function createLikes({
     },
     /** The page is back (from the back/forward cache): its pending deltas are its own again. */
     resume() {
-      withLock(ORPHANS_LOCK, () => {
-        for (const key of readOrphans(guard(() => local?.getItem(orphansKey), null)).taken ?? []) givenAway.add(key);
-        guard(() => local?.removeItem(orphansKey));
-        writeOwn();
-      }).catch((error) => log('cannot take back pending likes', error));
+      takeBackOwn().catch((error) => log('cannot take back pending likes', error));
     },
     stop: unsubscribe,
   };

@@ -486,6 +486,17 @@ describe('createLikes: two tabs of one browser', () => {
     assert.equal(browserShares(local).get('t'), 1);
   });
 
+  test('a page back from the back/forward cache takes its pending likes back', async () => {
+    const { clock, a, like, b } = likePendingInA();
+    a.likes.leave();
+    a.likes.resume();
+    clock.time += ADOPT_AFTER_MS;
+    b.likes.storageChanged(`${ORPHANS_PREFIX}${a.likes.tabId}`);
+    await flush();
+    assert.equal(b.core.pendingOps().length, 0, 'nothing left to take over');
+    assert.deepEqual(a.core.pendingOps().map((op) => op.key), [like.key]);
+  });
+
   test('a like taken over after its event came is counted at once', async () => {
     const { server, local, clock, a, like, b } = likePendingInA();
     a.likes.leave();
