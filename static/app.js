@@ -90,6 +90,7 @@ const likeToggle = createLikes({
   isTabAlive,
   withLock: (name, critical) => (navigator.locks ? navigator.locks.request(name, critical) : Promise.resolve().then(critical)),
   onChange: () => redrawLikes(),
+  identityPending: true, // until this page holds its tab's lock, or finds it a copy's (below)
   log: (message, error) => console.warn(`settle: ${message}`, error ?? ''),
 });
 /** How long a page waits for its tab's lock before it takes itself for a copy of another page. */
@@ -101,14 +102,17 @@ const COPY_CHECK_MS = 2000;
  * the lock held: it takes an id of its own. A reload's old page may hold it a moment longer.
  */
 async function holdTabLock() {
-  if (!navigator.locks) return;
+  if (!navigator.locks) return likeToggle.confirmTab();
   const holdForever = () => new Promise(() => {});
   try {
-    await navigator.locks.request(`${TAB_LOCK_PREFIX}${likeToggle.tabId}`, { signal: AbortSignal.timeout(COPY_CHECK_MS) }, holdForever);
+    return await navigator.locks.request(`${TAB_LOCK_PREFIX}${likeToggle.tabId}`, { signal: AbortSignal.timeout(COPY_CHECK_MS) }, () => {
+      likeToggle.confirmTab();
+      return holdForever();
+    });
   } catch (error) {
     if (error?.name !== 'TimeoutError' && error?.name !== 'AbortError') throw error;
     likeToggle.becomeCopy();
-    navigator.locks.request(`${TAB_LOCK_PREFIX}${likeToggle.tabId}`, holdForever);
+    return navigator.locks.request(`${TAB_LOCK_PREFIX}${likeToggle.tabId}`, holdForever);
   }
 }
 holdTabLock().catch((error) => console.warn('settle: cannot hold the tab lock', error));

@@ -251,6 +251,7 @@ export function createLikes({
   withLock = async (name, critical) => critical(),
   later = (callback, ms) => setTimeout(callback, ms),
   onChange = () => {},
+  identityPending = false,
   log = () => {},
 }) {
   const guard = (what, fallback) => {
@@ -272,7 +273,7 @@ export function createLikes({
   const givenAway = new Set();
 
   /** This tab's settled share per task: memory is its truth (only this tab writes it). */
-  let ownShare = readTabRecord(guard(() => local?.getItem(recordKey), null)).share;
+  const ownShare = readTabRecord(guard(() => local?.getItem(recordKey), null)).share;
   // A ledger this tab kept before the records is taken into its share, once.
   for (const [taskId, share] of readContributions(guard(() => local?.getItem(legacyLedgerKey), null))) {
     ownShare.set(taskId, (ownShare.get(taskId) ?? 0) + share);
@@ -287,10 +288,21 @@ export function createLikes({
   /** Every other tab's record, summed: shares, pending deltas, and the latest intents. */
   let others = { share: new Map(), pending: new Map(), intents: new Map() };
   let written = null;
+  /** Whether the id is known to be this page's (a copy finds another page holding it). */
+  let identified = !identityPending;
+  /** When this page was opened: ops and clicks from before it came with a copied session. */
+  const openedAt = now();
+  /** The share this page came with, and what ops from before it added since: the other page's if this is a copy. */
+  const inheritedShare = new Map(ownShare);
+  /** Tasks whose compensation waits for the page to know its id. */
+  const deferred = new Set();
+  /** Whether the page went away (`leave`), and when. */
+  let away = false;
+  let leftAt = 0;
   writeOwn();
   guard(() => local?.removeItem(legacyLedgerKey)); // now in this tab's record
   readOthers();
-  takeBackOwn().then(adoptOrphans, (error) => log('cannot take back pending likes', error));
+  if (identified) takeBackOwn().then(adoptOrphans, (error) => log('cannot take back pending likes', error));
 
   /**
    * What this tab left pending when its page went away (a reload, the back/forward cache)
@@ -302,8 +314,27 @@ export function createLikes({
       const left = readOrphans(guard(() => local?.getItem(orphansKey), null));
       for (const key of left.taken ?? []) givenAway.add(key);
       guard(() => local?.removeItem(orphansKey));
+      // Left by another page under this id (the tab this one is a copy of, closed since).
+      adopt(left.ops ?? []);
       writeOwn();
     });
+  }
+
+  /** The page knows its id: it writes its record, and acts on what waited for that. */
+  function identify() {
+    identified = true;
+    written = null;
+    writeOwn();
+    readOthers();
+    for (const taskId of deferred) ownOpLeft(taskId);
+    deferred.clear();
+  }
+
+  /** Make `ops` this tab's: restored into its core, the unsent sent again (same key). */
+  function adopt(ops) {
+    for (const op of ops) givenAway.delete(op.key);
+    core.restore(ops);
+    for (const op of ops) if (!op.command_id && core.getOp(op.key)) sync.retry(op.key);
   }
 
   function readClicks(stored) {
@@ -362,10 +393,20 @@ export function createLikes({
   }
 
   /** Write this tab's record when it changed; `leaving` drops its pending deltas. */
-  function writeOwn({ leaving = false } = {}) {
+  /**
+   * Write this tab's record when it changed. Gone (`leave`), its pending like ops are
+   * written as orphans instead, kept up as they settle (a 202 may still come after
+   * `pagehide`). Not before the page knows the id is its own (`confirmTab`, `becomeCopy`).
+   */
+  function writeOwn() {
+    if (!identified) return;
+    if (away) {
+      const ops = core.persistedOps().filter((op) => op.kind === 'like' && !givenAway.has(op.key));
+      guard(() => local?.setItem(orphansKey, JSON.stringify({ ops, at: leftAt })));
+    }
     const record = JSON.stringify({
       share: Object.fromEntries(ownShare),
-      pending: leaving ? {} : Object.fromEntries(ownPending()),
+      pending: away ? {} : Object.fromEntries(ownPending()),
       intent: Object.fromEntries(ownIntents()),
     });
     if (record === written) return;
@@ -421,6 +462,10 @@ export function createLikes({
 
   /** Send what brings the eventual share to what the intent asks, within the bounds. */
   function compensate(taskId) {
+    if (!identified) {
+      deferred.add(taskId);
+      return;
+    }
     if (core.isDeleted(taskId) || !core.confirmedTask(taskId)) return;
     if ((failedInARow.get(taskId) ?? 0) >= MAX_FAILED_COMPENSATIONS) return;
     const pending = pendingOn(taskId) + (others.pending.get(taskId) ?? 0);
@@ -491,8 +536,7 @@ export function createLikes({
         if (!ops?.length) return;
         guard(() => local.setItem(key, JSON.stringify({ taken: ops.map((op) => op.key), at: now() })));
         readOthers(); // they are this tab's pending now, not that tab's
-        core.restore(ops);
-        for (const op of ops) if (!op.command_id && core.getOp(op.key)) sync.retry(op.key);
+        adopt(ops);
       });
     }
   }
@@ -505,6 +549,9 @@ export function createLikes({
       const list = clicks.get(op.task_id);
       if (outcome === 'settled' || outcome === 'applied_late') {
         addToShare(op.task_id, op.delta);
+        if (!identified && op.issued_at < openedAt) {
+          inheritedShare.set(op.task_id, (inheritedShare.get(op.task_id) ?? 0) + op.delta);
+        }
         failedInARow.delete(op.task_id);
         // Something the user did not do now: a fresh allowance to make up for it.
         if (outcome === 'applied_late') sentSinceClick.delete(op.task_id);
@@ -539,19 +586,24 @@ export function createLikes({
      * ops it restored are the other page's to count.
      */
     becomeCopy() {
-      for (const op of core.pendingOps()) if (op.kind === 'like') givenAway.add(op.key);
+      // What came with the copied session is the other page's; what was done here since is this one's.
+      for (const op of core.pendingOps()) if (op.kind === 'like' && op.issued_at < openedAt) givenAway.add(op.key);
+      for (const [taskId, list] of [...clicks]) setClicks(taskId, list.filter((click) => click.at >= openedAt));
       tabId = newId();
       guard(() => session?.setItem(TAB_ID_KEY, tabId));
       recordKey = `${TAB_RECORD_PREFIX}${tabId}`;
       orphansKey = `${ORPHANS_PREFIX}${tabId}`;
-      ownShare = new Map();
-      clicks.clear();
+      for (const [taskId, share] of inheritedShare) addToShare(taskId, -share);
       writeClicks();
-      written = null;
-      writeOwn();
-      readOthers();
+      identify();
       onChange();
+      adoptOrphans().catch((error) => log('cannot take over pending likes', error));
       return tabId;
+    },
+    /** This page holds its tab's lock: the id is its own (what it left before a reload included). */
+    confirmTab() {
+      identify();
+      return takeBackOwn().then(adoptOrphans);
     },
     /** Whether the toggle shows Liked, with this tab's `pending` deltas on the task. */
     isLiked: liked,
@@ -588,12 +640,13 @@ export function createLikes({
     },
     /** The page goes away: its pending deltas stop counting for the other tabs. */
     leave() {
-      const ops = core.persistedOps().filter((op) => op.kind === 'like' && !givenAway.has(op.key));
-      guard(() => local?.setItem(orphansKey, JSON.stringify({ ops, at: now() })));
-      writeOwn({ leaving: true });
+      away = true;
+      leftAt = now();
+      writeOwn();
     },
     /** The page is back (from the back/forward cache): its pending deltas are its own again. */
     resume() {
+      away = false;
       takeBackOwn().catch((error) => log('cannot take back pending likes', error));
     },
     stop: unsubscribe,

@@ -148,6 +148,7 @@ function fakeServer() {
  */
 function tab({
   server, local, session = memoryStorage(), alive = async () => true, name = 'tab', clock = { time: 1000 }, restored = [],
+  identityPending = false,
 }) {
   const core = createCore({ now: () => clock.time, stuckMs: 5000, syncMs: 800 });
   core.restore(restored); // as sync does after a reload, before the snapshot
@@ -178,6 +179,7 @@ function tab({
     isTabAlive: alive,
     newId: () => `${name}-id-${(ids += 1)}`,
     later: (callback, ms) => timers.push({ callback, ms }),
+    identityPending,
   });
   const event = (op, type, data) => core.applyEvent({
     id: server.nextId(),
@@ -512,12 +514,14 @@ describe('createLikes: two tabs of one browser', () => {
   test('a page opened as a copy of a tab takes an id, a share and clicks of its own', () => {
     const server = fakeServer();
     const local = memoryStorage();
-    const a = tab({ server, local, name: 'a' });
+    const clock = { time: 1000 };
+    const a = tab({ server, local, name: 'a', clock });
     a.settle(a.click());
     const pendingUnlike = a.click();
     const session = memoryStorage();
     for (const key of [TAB_ID_KEY, CLICKS_KEY]) session.setItem(key, a.session.getItem(key));
-    const copy = tab({ server, local, session, name: 'copy', restored: a.core.persistedOps() });
+    clock.time += 100;
+    const copy = tab({ server, local, session, name: 'copy', clock, restored: a.core.persistedOps() });
     assert.equal(copy.likes.tabId, a.likes.tabId, 'it came with the same id');
     const copyId = copy.likes.becomeCopy();
     assert.notEqual(copyId, a.likes.tabId);
@@ -535,6 +539,50 @@ describe('createLikes: two tabs of one browser', () => {
     assert.equal(browserShares(local).get('t') ?? 0, 0);
     assert.equal(server.task('t').likes, 0);
     assert.deepEqual(copy.sent, [], 'nothing to make up for');
+  });
+
+  test('a copy that clicks before it knows it is one: its click is its own, and the tab it copied keeps its record', () => {
+    const server = fakeServer();
+    const local = memoryStorage();
+    const clock = { time: 1000 };
+    const a = tab({ server, local, name: 'a', clock });
+    a.settle(a.click()); // a likes t
+    const session = memoryStorage();
+    for (const key of [TAB_ID_KEY, CLICKS_KEY]) session.setItem(key, a.session.getItem(key));
+    clock.time += 100;
+    const before = local.getItem(`${TAB_RECORD_PREFIX}${a.likes.tabId}`);
+    const copy = tab({ server, local, session, name: 'copy', clock, identityPending: true });
+    const unlike = copy.click(); // within the detection window
+    assert.equal(unlike.delta, -1);
+    assert.equal(local.getItem(`${TAB_RECORD_PREFIX}${a.likes.tabId}`), before, 'nothing written under the id it came with');
+    copy.settle(unlike);
+    copy.likes.becomeCopy();
+    assert.equal(browserShares(local).get('t') ?? 0, 0, "the copy's unlike counts, once");
+    assert.equal(server.task('t').likes, 0);
+    assert.deepEqual(copy.sent.map((op) => op.delta), [-1], 'nothing to make up for');
+    assert.equal(copy.liked(), false);
+  });
+
+  test('a page that finds its tab lock free takes over what a page of that id left (the tab it copied, closed)', async () => {
+    const { local, a, like } = likePendingInA();
+    const session = memoryStorage();
+    session.setItem(TAB_ID_KEY, a.session.getItem(TAB_ID_KEY));
+    const copy = tab({ server: fakeServer(), local, session, name: 'copy', identityPending: true });
+    a.likes.leave(); // the original closes with its like pending; the copy never had it
+    await copy.likes.confirmTab();
+    assert.deepEqual(copy.core.pendingOps().map((op) => op.key), [like.key]);
+  });
+
+  test('a 202 that comes after pagehide does not put the like back among the pending', () => {
+    const server = fakeServer();
+    const local = memoryStorage();
+    const a = tab({ server, local, name: 'a' });
+    const op = a.core.issue({ kind: 'like', key: 'late-202', task_id: 't', delta: 1 });
+    a.likes.leave();
+    a.core.accepted(op.key, { command_id: 'cmd-late-202' });
+    assert.deepEqual(readTabRecord(local.getItem(`${TAB_RECORD_PREFIX}${a.likes.tabId}`)).pending.size, 0);
+    assert.equal(JSON.parse(local.getItem(`${ORPHANS_PREFIX}${a.likes.tabId}`)).ops[0].command_id, 'cmd-late-202',
+      'the orphan gets its command id');
   });
 
   test('a tab takes the latest click of another into its toggle', () => {
