@@ -609,8 +609,9 @@ export function createLikes({
     isLiked: liked,
     /** A click: the delta that flips the toggle as shown, recorded as this tab's intent. */
     toggle(taskId) {
-      const wanted = !liked(taskId, pendingOn(taskId));
-      const op = sync.like(taskId, wanted ? 1 : -1);
+      const delta = toggleDelta(share(taskId), pendingOn(taskId));
+      const wanted = delta > 0;
+      const op = sync.like(taskId, delta);
       sentSinceClick.delete(taskId);
       failedInARow.delete(taskId);
       setClicks(taskId, [...(clicks.get(taskId) ?? []), { key: op.key, liked: wanted, at: now() }]);
