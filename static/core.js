@@ -145,7 +145,9 @@ export function describeOp(op, title) {
     case 'delete':
       return `Delete ${name}`;
     case 'like':
-      return `${op.delta > 0 ? 'Like' : 'Unlike'} ${name}`;
+      return op.compensating
+        ? `The ${op.delta > 0 ? 'like' : 'unlike'} of ${name} that the page sent to match your last click`
+        : `${op.delta > 0 ? 'Like' : 'Unlike'} ${name}`;
     default:
       return `Change ${name}`;
   }
@@ -154,7 +156,7 @@ export function describeOp(op, title) {
 /** The fields of an operation that survive a page reload (see `restore`). */
 const PERSISTED_FIELDS = [
   'key', 'command_id', 'task_id', 'kind', 'title', 'notes', 'patch', 'delta', 'base_version',
-  'seen', 'rebased', 'named', 'issued_at',
+  'seen', 'rebased', 'named', 'issued_at', 'compensating',
 ];
 
 /**
@@ -477,6 +479,9 @@ export function createCore({
         ? intent.seen ?? seenValues(intent.task_id)
         : undefined,
       named: named ?? undefined,
+      // A like or unlike the page sent by itself, to bring the browser's share where the
+      // user's clicks put it (likes.js): its notices say so.
+      compensating: intent.kind === 'like' && intent.compensating ? true : undefined,
       issued_at: issuedAt,
       sent_at: issuedAt,
       state: 'sending',

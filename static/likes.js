@@ -474,7 +474,9 @@ export function createLikes({
     const count = Math.min(Math.abs(delta), MAX_COMPENSATIONS_PER_CLICK - sent);
     if (count <= 0) return;
     sentSinceClick.set(taskId, sent + count);
-    for (let index = 0; index < count; index += 1) compensations.add(sync.like(taskId, Math.sign(delta)).key);
+    for (let index = 0; index < count; index += 1) {
+      compensations.add(sync.like(taskId, Math.sign(delta), undefined, { compensating: true }).key);
+    }
   }
 
   /**

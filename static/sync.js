@@ -288,9 +288,12 @@ export function createSync({
     deleteTask(taskId, key = newId(), base = core.editBase(taskId)) {
       return issue({ kind: 'delete', key, task_id: taskId, ...base });
     },
-    /** A counter delta (+1 / -1): commutes, never conflicts. */
-    like(taskId, delta, key = newId()) {
-      return issue({ kind: 'like', key, task_id: taskId, delta });
+    /**
+     * A counter delta (+1 / -1): commutes, never conflicts. `compensating`: sent by the
+     * page itself, not by a click (likes.js).
+     */
+    like(taskId, delta, key = newId(), { compensating = false } = {}) {
+      return issue({ kind: 'like', key, task_id: taskId, delta, compensating });
     },
     /** Send a stuck op again under its own key: the server answers a replay, never a second effect. */
     retry(key) {

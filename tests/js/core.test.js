@@ -215,6 +215,21 @@ describe('failure removes only the failed operation', () => {
     assert.equal(reloaded.getSnapshot().notices.at(-1).text, 'Delete “task a” failed: the task no longer exists.');
   });
 
+  test("a like the page sent by itself says so when it fails, and keeps saying so after a reload", () => {
+    const { core } = setup();
+    const op = core.issue({ kind: 'like', key: 'c', task_id: 'b', delta: -1, compensating: true });
+    const reloaded = createCore({ now: () => 2_000_000 });
+    reloaded.loadSnapshot({ tasks: [task('b', { likes: 3, version: 4 })], watermark: 10 });
+    reloaded.restore(JSON.parse(JSON.stringify(core.persistedOps())));
+    for (const which of [core, reloaded]) {
+      which.applyEvent(failed(op, 'injected', task('b', { likes: 3, version: 4 }), { id: 40 }));
+      assert.match(which.getSnapshot().notices.at(-1).text,
+        /^The unlike of “task b” that the page sent to match your last click failed: /);
+    }
+    assert.equal(core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'x' }, compensating: true }).compensating, undefined,
+      'only likes are sent by the page itself');
+  });
+
   test('the server message is shown where it says more than the reason', () => {
     const { core } = setup();
     const edit = core.issue({ kind: 'update', key: 'u1', task_id: 'a', patch: { title: 'x' }, base_version: 1 });

@@ -158,8 +158,8 @@ function tab({
   const timers = [];
   let count = 0;
   const sync = {
-    like(taskId, delta) {
-      const op = core.issue({ kind: 'like', key: `${name}-${(count += 1)}`, task_id: taskId, delta });
+    like(taskId, delta, key = `${name}-${(count += 1)}`, { compensating = false } = {}) {
+      const op = core.issue({ kind: 'like', key, task_id: taskId, delta, compensating });
       core.accepted(op.key, { command_id: `cmd-${op.key}` });
       sent.push(op);
       return op;
@@ -217,6 +217,7 @@ describe('createLikes: the toggle of one tab', () => {
     a.fail(like1);
     assert.equal(a.sent.length, 4, 'one like sent to make up for the failed one');
     assert.equal(a.sent[3].delta, 1);
+    assert.deepEqual(a.sent.map((op) => op.compensating ?? false), [false, false, false, true], 'marked as the page\'s');
     assert.equal(a.liked(), true);
     a.settleAll();
     assert.equal(server.task('t').likes, 1);
