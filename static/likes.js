@@ -148,8 +148,7 @@ export function latestIntents(records) {
   const latest = new Map();
   for (const [tab, intents] of records) {
     for (const [taskId, [liked, at]] of intents) {
-      const known = latest.get(taskId);
-      if (!known || at > known.at || (at === known.at && tab > known.tab)) latest.set(taskId, { liked, at, tab });
+      if (isLaterThan({ at, tab }, latest.get(taskId))) latest.set(taskId, { liked, at, tab });
     }
   }
   return latest;
@@ -159,6 +158,11 @@ export function latestIntents(records) {
 function differing(before, after) {
   return [...new Set([...before.keys(), ...after.keys()])]
     .filter((key) => JSON.stringify(before.get(key)) !== JSON.stringify(after.get(key)));
+}
+
+/** Whether a click ({at, tab}) comes after `other` (none: yes); a tie goes to the greater tab id. */
+function isLaterThan(click, other) {
+  return !other || click.at > other.at || (click.at === other.at && click.tab > other.tab);
 }
 
 /** A JSON object (or its text) as a Map of its entries whose value `isValid`; anything else, none. */
@@ -392,7 +396,6 @@ export function createLikes({
     return own;
   }
 
-  /** Write this tab's record when it changed; `leaving` drops its pending deltas. */
   /**
    * Write this tab's record when it changed. Gone (`leave`), its pending like ops are
    * written as orphans instead, kept up as they settle (a 202 may still come after
@@ -439,7 +442,7 @@ export function createLikes({
   function intent(taskId) {
     const own = intentOf(clicks.get(taskId) ?? []);
     const theirs = others.intents.get(taskId);
-    if (own && (!theirs || own.at > theirs.at || (own.at === theirs.at && tabId > theirs.tab))) {
+    if (own && isLaterThan({ at: own.at, tab: tabId }, theirs)) {
       return { liked: own.liked, at: own.at, tab: tabId };
     }
     return theirs;

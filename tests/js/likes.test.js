@@ -206,12 +206,17 @@ function tab({
   };
 }
 
+/** A server and one tab on it. */
+function oneTab() {
+  const server = fakeServer();
+  return { server, a: tab({ server, local: memoryStorage() }) };
+}
+
 const flush = () => new Promise((resolve) => setImmediate(resolve));
 
 describe('createLikes: the toggle of one tab', () => {
   test('like, unlike, like, and the first like fails: the last click stands, liked', () => {
-    const server = fakeServer();
-    const a = tab({ server, local: memoryStorage() });
+    const { server, a } = oneTab();
     const [like1, unlike, like2] = [a.click(), a.click(), a.click()];
     assert.deepEqual([like1.delta, unlike.delta, like2.delta], [1, -1, 1]);
     a.fail(like1);
@@ -225,16 +230,14 @@ describe('createLikes: the toggle of one tab', () => {
   });
 
   test('a like that fails on its own rolls back and is not re-sent', () => {
-    const server = fakeServer();
-    const a = tab({ server, local: memoryStorage() });
+    const { a } = oneTab();
     a.fail(a.click());
     assert.equal(a.sent.length, 1);
     assert.equal(a.liked(), false);
   });
 
   test('an unlike that fails under nothing else leaves the like, and sends nothing', () => {
-    const server = fakeServer();
-    const a = tab({ server, local: memoryStorage() });
+    const { server, a } = oneTab();
     a.settle(a.click());
     a.fail(a.click());
     assert.equal(a.sent.length, 2);
@@ -243,8 +246,7 @@ describe('createLikes: the toggle of one tab', () => {
   });
 
   test('a discarded like applied after a later like and unlike settled is taken back: the last click was unlike', () => {
-    const server = fakeServer();
-    const a = tab({ server, local: memoryStorage() });
+    const { server, a } = oneTab();
     const lost = a.click();
     a.core.discard(lost.key);
     assert.equal(a.liked(), false);
@@ -260,8 +262,7 @@ describe('createLikes: the toggle of one tab', () => {
   });
 
   test('a discarded like applied after all, with a like and an unlike queued behind it, is taken back', () => {
-    const server = fakeServer();
-    const a = tab({ server, local: memoryStorage() });
+    const { server, a } = oneTab();
     const lost = a.click();
     a.core.discard(lost.key);
     const like = a.click();
@@ -276,8 +277,7 @@ describe('createLikes: the toggle of one tab', () => {
   });
 
   test('a discarded like applied after all, with no other click, is taken back: the toggle was not liked before it', () => {
-    const server = fakeServer();
-    const a = tab({ server, local: memoryStorage() });
+    const { server, a } = oneTab();
     const lost = a.click();
     a.core.discard(lost.key);
     a.settle(lost);
@@ -288,8 +288,7 @@ describe('createLikes: the toggle of one tab', () => {
   });
 
   test('compensations that all fail stop after a few in a row', () => {
-    const server = fakeServer();
-    const a = tab({ server, local: memoryStorage() });
+    const { a } = oneTab();
     const like = a.click();
     const unlike = a.click(); // pending
     a.fail(like);
@@ -305,8 +304,7 @@ describe('createLikes: the toggle of one tab', () => {
     // The intent is liked; likes that are not the user's (another tab's, say) keep
     // raising the share to 2, and the unlikes that make up for them settle, then fail
     // three times in a row (a failure rate), then settle again.
-    const server = fakeServer();
-    const a = tab({ server, local: memoryStorage() });
+    const { server, a } = oneTab();
     a.settle(a.click());
     const compensations = () => a.sent.slice(1);
     for (let round = 0; round < 2; round += 1) {
@@ -342,8 +340,7 @@ describe('createLikes: the toggle of one tab', () => {
   });
 
   test('a like on a task that is gone is not made up for', () => {
-    const server = fakeServer();
-    const a = tab({ server, local: memoryStorage() });
+    const { a } = oneTab();
     const like = a.click();
     a.click();
     a.fail(like, 'not_found');
