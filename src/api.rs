@@ -48,6 +48,7 @@ pub fn router() -> Router<AppState> {
         )
         .route("/api/tasks/{id}/counts", get(tasks_counts))
         .route("/api/tasks/{id}/likes", post(tasks_like))
+        .route("/api/commands", get(commands_by_key))
         .route("/api/commands/{command_id}", get(commands_get))
         .route("/api/dead-letters", get(dead_letters_list))
         .route("/api/faults", get(faults_get).put(faults_update))
@@ -67,6 +68,11 @@ pub struct AppJson<T>(pub T);
 #[derive(FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct AppPath<T>(pub T);
+
+/// A query string whose rejection is a 400 problem.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct AppQuery<T>(pub T);
 
 /// The `Idempotency-Key` header (draft-ietf-httpapi-idempotency-key-header): 1 to 255
 /// visible ASCII characters, bare or as an RFC 8941 string (`"abc"` is the key `abc`).
@@ -89,6 +95,14 @@ impl IdempotencyKey {
             String::from_utf8(raw.to_vec())
                 .map_err(|_| "the key must be visible ASCII".to_owned())?
         };
+        Self::parse_bare(key)
+    }
+
+    /// A key as it is, never quoted: 1 to 255 visible ASCII characters.
+    ///
+    /// # Errors
+    /// A message saying what is wrong with the value.
+    pub fn parse_bare(key: String) -> Result<Self, String> {
         if key.is_empty() || key.len() > IDEMPOTENCY_KEY_MAX {
             return Err(format!(
                 "the key must be 1 to {IDEMPOTENCY_KEY_MAX} characters, got {}",
@@ -289,6 +303,37 @@ async fn commands_get(
     record.map(|record| Json(record.view())).ok_or_else(|| {
         ApiError::NotFound(format!(
             "command {command_id} is unknown (or past its retention)"
+        ))
+    })
+}
+
+/// `GET /api/commands?key=K`: `key` is an idempotency key as the header carries it
+/// unquoted, percent-encoded as a query value.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandsQuery {
+    key: Option<String>,
+}
+
+/// The command stored under an idempotency key: for a client that sent a command and
+/// never saw its 202 (the answer was lost, the page went away), and so has no command
+/// id to ask after. A 404 says no command with this key is pending or finished within
+/// retention; it does not say one is not on its way.
+async fn commands_by_key(
+    State(state): State<AppState>,
+    AppQuery(query): AppQuery<CommandsQuery>,
+) -> Result<Json<CommandView>, ApiError> {
+    let raw = query.key.ok_or_else(|| {
+        ApiError::BadRequest(
+            "name the command by its idempotency key: GET /api/commands?key=KEY".to_owned(),
+        )
+    })?;
+    let IdempotencyKey(key) = IdempotencyKey::parse_bare(raw)
+        .map_err(|why| ApiError::BadRequest(format!("malformed key: {why}")))?;
+    let record = state.store.command_by_key(key.clone()).await?;
+    record.map(|record| Json(record.view())).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "no command under the idempotency key {key:?} (never accepted, or past its retention)"
         ))
     })
 }

@@ -130,11 +130,14 @@ export function createSync({
     });
   }
 
-  /** Ask the status endpoint about pending ops; the answers go into `loadSnapshot`. */
+  /**
+   * Ask the status endpoint about ops, by command id, or by key for one that never got
+   * its 202; the answers go into `loadSnapshot`.
+   */
   async function commandOutcomes(ops) {
     const outcomes = await Promise.all(ops.map(async (op) => {
       try {
-        const command = await transport.fetchCommand(op.command_id);
+        const command = op.command_id ? await transport.fetchCommand(op.command_id) : await transport.fetchCommandByKey(op.key);
         return command && { key: op.key, status: command.status, event_id: command.event_id, error: command.error };
       } catch {
         return null;
@@ -167,8 +170,10 @@ export function createSync({
       const unsent = core.pendingOps().filter((op) => !op.command_id && !sendingKeys.has(op.key));
       await Promise.all(unsent.map(enqueueSend));
       // Discarded ops too: one applied after all while the page was away is inside the
-      // snapshot, and its event will not come again.
-      const outcomes = await commandOutcomes([...core.pendingOps(), ...core.persistedDiscarded()].filter((op) => op.command_id));
+      // snapshot, and its event will not come again. One discarded before its 202 is
+      // asked after by its key: the request may have arrived all the same.
+      const sent = core.pendingOps().filter((op) => op.command_id);
+      const outcomes = await commandOutcomes([...sent, ...core.persistedDiscarded()]);
       core.loadSnapshot(snapshot, { outcomes, force: true });
       openStream();
     })().finally(() => {

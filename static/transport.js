@@ -152,6 +152,8 @@ export function createTransport({
     fetchCounts: (id) => getJson(`/api/tasks/${encodeURIComponent(id)}/counts`),
     /** The command's status record, or null when the server does not know it. */
     fetchCommand: (commandId) => getJson(`/api/commands/${encodeURIComponent(commandId)}`),
+    /** The command stored under an idempotency key (for an op that never got its 202), or null. */
+    fetchCommandByKey: (key) => getJson(`/api/commands?key=${encodeURIComponent(key)}`),
     fetchMetrics: () => getJson('/api/metrics'),
     fetchFaults: () => getJson('/api/faults'),
     putFaults,

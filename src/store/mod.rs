@@ -769,6 +769,23 @@ impl Store {
             .await
     }
 
+    /// The command under this idempotency key, pending or finished, in the order and
+    /// on the threads [`Store::command_by_id`] uses: the pending table, then the applies
+    /// not yet in sled, then sled on the blocking pool.
+    ///
+    /// # Errors
+    /// On storage failure or a corrupt record.
+    pub async fn command_by_key(&self, key: String) -> Result<Option<CommandRecord>, StoreError> {
+        if let Some(record) = self.pending_command(&key) {
+            return Ok(Some(record));
+        }
+        if let Some(record) = self.inner.unwritten().by_key(&key) {
+            return Ok(Some(record.clone()));
+        }
+        self.blocking(move |store| store.inner.finished_trees().record(key.as_bytes()))
+            .await
+    }
+
     /// The finished command with this id, from sled: [`Store::command_by_id`] after its
     /// looks in the pending table and the table of applies not yet in sled.
     ///
@@ -1046,6 +1063,45 @@ mod tests {
             store.command_by_id(ids[0]).await.unwrap().map(|r| r.status),
             Some(CommandStatus::Settled)
         );
+    }
+
+    #[tokio::test]
+    async fn a_command_is_found_by_its_key_pending_applied_and_checkpointed() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let records: Vec<_> = ["a/b+c?d", "e"]
+            .iter()
+            .map(|key| create(key, key, &store))
+            .collect();
+        accept_all(&store, &records).await;
+        let by_key = |key: &str| {
+            let store = store.clone();
+            let key = key.to_owned();
+            async move {
+                let record = store.command_by_key(key).await.expect("read");
+                record.map(|r| (r.command_id, r.status))
+            }
+        };
+        let pending = (records[0].command_id, CommandStatus::Pending);
+        assert_eq!(
+            by_key("a/b+c?d").await,
+            Some(pending),
+            "from the pending table"
+        );
+        assert_eq!(by_key("nobody").await, None);
+
+        let batch = [(&records[0], &Decision::Apply)];
+        let applied = store.apply_batch(&batch, OffsetDateTime::now_utc());
+        let applied = applied.expect("applied");
+        store.log_applied(applied.iter().flatten()).expect("logged");
+        store.finish(&records[0].idempotency_key, records[0].command_id);
+        let settled = (records[0].command_id, CommandStatus::Settled);
+        assert_eq!(by_key("a/b+c?d").await, Some(settled), "not yet in sled");
+        store.checkpoint().expect("in sled");
+        assert_eq!(store.inner.unwritten().by_key("a/b+c?d").map(|_| ()), None);
+        assert_eq!(by_key("a/b+c?d").await, Some(settled), "from sled");
+        let other = (records[1].command_id, CommandStatus::Pending);
+        assert_eq!(by_key("e").await, Some(other), "still pending");
     }
 
     #[tokio::test]

@@ -211,6 +211,38 @@ async fn a_key_reused_for_another_request_is_refused() {
     app.stop().await;
 }
 
+/// A client that never saw its 202 has only the key: the command is found by it,
+/// percent-encoded, pending and then settled, as by its id.
+#[tokio::test]
+async fn a_command_is_found_by_its_idempotency_key() {
+    let app = spawn_app().await;
+    let key = "create/1+2?&=%";
+    let accepted = app
+        .accepted(Method::POST, "/api/tasks", key, json!({ "title": "keyed" }))
+        .await;
+    let path = "/api/commands?key=create%2F1%2B2%3F%26%3D%25";
+    let (status, command) = app.get_json(path).await;
+    assert_eq!(status, 200, "{command}");
+    assert_eq!(command["command_id"], accepted.command_id.to_string());
+    assert_eq!(command["idempotency_key"], key);
+    assert_eq!(command["status"], "pending");
+
+    let mut events = app.events(None).await;
+    let (event, _) = events.until_command(accepted.command_id).await;
+    let (status, command) = app.get_json(path).await;
+    assert_eq!(status, 200);
+    assert_eq!(command["status"], "settled");
+    assert_eq!(command["event_id"], event.id);
+    let (_, by_id) = app
+        .get_json(&format!("/api/commands/{}", accepted.command_id))
+        .await;
+    assert_eq!(command, by_id, "the same record as by its id");
+    // Unencoded, `+` is a space: no such key, and said so.
+    let (status, problem) = app.get_json("/api/commands?key=create/1+2").await;
+    assert_eq!(status, 400, "{problem}");
+    app.stop().await;
+}
+
 /// With `--max-lag-ms`, a new command is refused while the consumer applies further
 /// behind due times than that: here a task's likes that fall due while the server is
 /// down, which apply one step each once it is back. The refused key is taken as new

@@ -181,3 +181,40 @@ test('a discarded like that the server applies after all is taken back when the 
     await server.stop();
   }
 });
+
+test('a like discarded before its 202 and applied while the page was away is learned on return, by its key', async () => {
+  const server = await startServer(['--delay-ms', '1500']);
+  try {
+    const task = await server.api.createSettled('answer lost');
+    const { page, pageErrors } = await openApp(browser, server.url, '?stuck_ms=400');
+    const deltas = likeDeltas(page);
+    // The server gets the like and answers 202; the page never sees the answer.
+    let accepted = null;
+    await page.route('**/likes', async (route) => {
+      accepted = await route.fetch();
+    });
+    const item = taskItem(page, task.id);
+    await item.getByTestId('like').click();
+    await item.getByRole('button', { name: 'Discard' }).click();
+    assert.equal(await item.getByTestId('like').getAttribute('aria-pressed'), 'false');
+    assert.equal(accepted?.status(), 202, 'the server took the like');
+
+    // Away (same tab, same session) while the like applies, so its event is not seen.
+    // Leaving cancels the held request; only then may later likes through.
+    await page.goto('about:blank');
+    await page.unrouteAll({ behavior: 'ignoreErrors' });
+    await eventually(async () => assert.equal((await server.api.task(task.id)).likes, 1));
+    await page.goto(`${server.url}/?stuck_ms=400`);
+
+    await page.getByTestId('notice').filter({ hasText: 'was applied after all' }).waitFor({ timeout: 15_000 });
+    await eventually(async () => {
+      assert.equal((await server.api.task(task.id)).likes, 0, 'the like the user gave up on is taken back');
+      assert.deepEqual(await shown(page, task.id), { title: 'answer lost', likes: 0, done: false, pending: false, state: 'settled' });
+    });
+    assert.deepEqual(deltas, [1, -1]);
+    assert.equal(await taskItem(page, task.id).getByTestId('like').getAttribute('aria-pressed'), 'false');
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});

@@ -175,6 +175,32 @@ describe('the sync engine', () => {
     assert.match(reloaded.core.getSnapshot().notices.at(-1).text, /which you stopped waiting for, was applied after all/);
   });
 
+  test('after a reload, a discarded op that never got its 202 is asked after by its key', async () => {
+    const first = setup({ transport: fakeTransport({ sendCommand: () => new Promise(() => {}) }) });
+    await first.sync.start();
+    first.sync.like('a', 1, 'answer-lost');
+    first.sync.like('a', 1, 'never-arrived');
+    await flush();
+    first.sync.discard('answer-lost');
+    first.sync.discard('never-arrived');
+    const saved = JSON.parse(first.storage.getItem(DISCARDED_KEY));
+    assert.deepEqual(saved.map((op) => [op.key, op.command_id]), [['answer-lost', null], ['never-arrived', null]]);
+
+    const transport = fakeTransport({
+      fetchSnapshot: async () => ({ tasks: [task('a', { likes: 1, version: 2 })], watermark: 10 }),
+      fetchCommandByKey: async (key) => {
+        transport.calls.push(['by key', key]);
+        return key === 'answer-lost' ? { command_id: 'cmd-late', idempotency_key: key, status: 'settled', event_id: 9 } : null;
+      },
+    });
+    const reloaded = setup({ transport, storage: memoryStorage({ [DISCARDED_KEY]: JSON.stringify(saved) }) });
+    await reloaded.sync.start();
+    assert.deepEqual(transport.calls.filter((call) => call[0] !== 'task'), [['by key', 'answer-lost'], ['by key', 'never-arrived']]);
+    assert.deepEqual(reloaded.core.takeDeparted().map(({ op, outcome }) => [op.key, outcome]), [['answer-lost', 'applied_late']]);
+    assert.deepEqual(reloaded.core.persistedDiscarded().map((op) => op.key), ['never-arrived'],
+      'the one the server does not know stays remembered, in case it arrives yet');
+  });
+
   test('a failed like snaps to the counts fragment; a newer row is fetched whole', async () => {
     const transport = fakeTransport({
       fetchCounts: async (id) => {
@@ -325,6 +351,15 @@ describe('the transport', () => {
     const result = await createTransport({ fetch, sleep: async () => {} }).sendCommand(request, 'k');
     assert.equal(result.outcome, 'unavailable');
     assert.equal(requests.length, 4);
+  });
+
+  test('a command is looked up by its key percent-encoded, and an unknown one is null', async () => {
+    const found = { command_id: 'c1', idempotency_key: 'a+b/c?d&e', status: 'settled', event_id: 3 };
+    const { fetch, requests } = fakeFetch([{ status: 200, body: found }, { status: 404, body: { detail: 'no command' } }]);
+    const transport = createTransport({ fetch, sleep: async () => {} });
+    assert.deepEqual(await transport.fetchCommandByKey('a+b/c?d&e'), found);
+    assert.equal(await transport.fetchCommandByKey('gone'), null);
+    assert.deepEqual(requests.map((r) => r.url), ['/api/commands?key=a%2Bb%2Fc%3Fd%26e', '/api/commands?key=gone']);
   });
 
   test('a body-less DELETE sends no content type', async () => {
