@@ -23,6 +23,8 @@ function numberParam(params, name, fallback) {
 const params = new URLSearchParams(location.search);
 const STUCK_MS = numberParam(params, 'stuck_ms', 5000);
 const SYNC_MS = numberParam(params, 'sync_ms', 800);
+/** How long after a tab closed its like record is taken into an open tab's (likes.js). */
+const ABSORB_AFTER_MS = numberParam(params, 'absorb_after_ms', 60 * 60 * 1000);
 /** How often the server's metrics are polled for the chart. */
 const METRICS_POLL_MS = 2000;
 /** How much history the chart shows. */
@@ -91,6 +93,7 @@ const likeToggle = createLikes({
   withLock: (name, critical) => (navigator.locks ? navigator.locks.request(name, critical) : Promise.resolve().then(critical)),
   onChange: () => redrawLikes(),
   identityPending: true, // until this page holds its tab's lock, or finds it a copy's (below)
+  absorbAfterMs: ABSORB_AFTER_MS,
   log: (message, error) => console.warn(`settle: ${message}`, error ?? ''),
 });
 /** How long a page waits for its tab's lock before it takes itself for a copy of another page. */

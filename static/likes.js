@@ -91,6 +91,13 @@ export const ORPHANS_LOCK = 'settle.like-orphans';
 export const ADOPT_AFTER_MS = 3000;
 /** How long a record of taken orphans is kept for its tab to be reopened. */
 export const KEEP_TAKEN_MS = 24 * 60 * 60 * 1000;
+/**
+ * How long after its page went away a closed tab's record is taken into an open tab's
+ * (its share and its intents), so that records do not pile up, one per tab ever opened:
+ * well past the back/forward cache's few minutes, the one way a page that left runs again
+ * without reading storage afresh.
+ */
+export const ABSORB_AFTER_MS = 60 * 60 * 1000;
 
 /** A stored orphans record, read leniently. */
 export function readOrphans(stored) {
@@ -178,11 +185,14 @@ function entriesOf(value, isValid) {
 }
 
 const isShare = (value) => Number.isInteger(value) && value !== 0;
+const isTabId = (value) => typeof value === 'string' && value !== '';
 const isIntent = (value) => Array.isArray(value) && typeof value[0] === 'boolean' && Number.isFinite(value[1]);
 
 /**
  * A tab's record as stored (its text): `share` and `pending`, task id -> delta, and
- * `intent`, task id -> [liked, at]; read leniently, anything malformed counts as none.
+ * `intent`, task id -> [liked, at]; `left`, when its page went away (null while it is
+ * open); `absorbed`, the tabs whose records it took in (`ABSORB_AFTER_MS`). Read
+ * leniently: anything malformed counts as none.
  */
 export function readTabRecord(stored) {
   let parsed = null;
@@ -195,15 +205,32 @@ export function readTabRecord(stored) {
     share: entriesOf(parsed?.share ?? {}, isShare),
     pending: entriesOf(parsed?.pending ?? {}, isShare),
     intent: entriesOf(parsed?.intent ?? {}, isIntent),
+    left: Number.isFinite(parsed?.left) ? parsed.left : null,
+    absorbed: Array.isArray(parsed?.absorbed) ? parsed.absorbed.filter(isTabId) : [],
   };
+}
+
+/**
+ * Every tab's record in `storage` that counts, as [tab id, record]: not a closed tab's
+ * that another record names as taken in (the taker's removal of it comes next). One
+ * written since by its tab, back and open, counts again: the taker of a record that names
+ * it cannot have left it behind on purpose, only by crashing between the two writes.
+ */
+export function tabRecords(storage) {
+  const records = [];
+  for (let index = 0; index < storage.length; index += 1) {
+    const key = storage.key(index);
+    if (key?.startsWith(TAB_RECORD_PREFIX)) records.push([key.slice(TAB_RECORD_PREFIX.length), readTabRecord(storage.getItem(key))]);
+  }
+  const absorbed = new Set(records.flatMap(([, record]) => record.absorbed));
+  return records.filter(([tab, record]) => record.left === null || !absorbed.has(tab));
 }
 
 /** Task id -> this browser's settled share, from every record (and ledger) in `storage`. */
 export function browserShares(storage) {
-  const ledgers = [];
+  const ledgers = tabRecords(storage).map(([, record]) => record.share);
   for (let index = 0; index < storage.length; index += 1) {
     const key = storage.key(index);
-    if (key.startsWith(TAB_RECORD_PREFIX)) ledgers.push(readTabRecord(storage.getItem(key)).share);
     if (key.startsWith(LEGACY_LEDGER_PREFIX)) ledgers.push(readContributions(storage.getItem(key)));
   }
   ledgers.push(legacyLiked(storage.getItem(LEGACY_LIKED_KEY)));
@@ -242,6 +269,7 @@ function legacyLiked(stored) {
  *   newId?: () => string, now?: () => number, isTabAlive?: (tabId: string) => Promise<boolean>,
  *   withLock?: (name: string, critical: () => unknown) => Promise<unknown>,
  *   later?: (callback: () => void, ms: number) => unknown, onChange?: () => void,
+ *   identityPending?: boolean, absorbAfterMs?: number,
  *   log?: (message: string, error?: unknown) => void}} options
  */
 export function createLikes({
@@ -256,6 +284,7 @@ export function createLikes({
   later = (callback, ms) => setTimeout(callback, ms),
   onChange = () => {},
   identityPending = false,
+  absorbAfterMs = ABSORB_AFTER_MS,
   log = () => {},
 }) {
   const guard = (what, fallback) => {
@@ -276,8 +305,14 @@ export function createLikes({
   /** Keys of this tab's like ops that another tab took over while this one was away. */
   const givenAway = new Set();
 
-  /** This tab's settled share per task: memory is its truth (only this tab writes it). */
-  const ownShare = readTabRecord(guard(() => local?.getItem(recordKey), null)).share;
+  /**
+   * This tab's settled share per task: memory is its truth (only this tab writes it). Its
+   * record as stored counts unless an open tab took it in while the page was away.
+   */
+  const ownRecord = guard(() => local && tabRecords(local).find(([tab]) => tab === tabId)?.[1], undefined);
+  const ownShare = new Map(ownRecord?.share ?? []);
+  /** The share as this tab's record holds it now: what a tab that takes the record in counts. */
+  let storedShare = new Map(ownShare);
   // A ledger this tab kept before the records is taken into its share, once.
   for (const [taskId, share] of readContributions(guard(() => local?.getItem(legacyLedgerKey), null))) {
     ownShare.set(taskId, (ownShare.get(taskId) ?? 0) + share);
@@ -306,15 +341,20 @@ export function createLikes({
   writeOwn();
   guard(() => local?.removeItem(legacyLedgerKey)); // now in this tab's record
   readOthers();
-  if (identified) takeBackOwn().then(adoptOrphans, (error) => log('cannot take back pending likes', error));
+  if (identified) {
+    takeBackOwn().then(adoptOrphans).then(absorbClosed).catch((error) => log('cannot take back pending likes', error));
+  }
 
   /**
    * What this tab left pending when its page went away (a reload, the back/forward cache)
    * is its own again, unless another tab took it over meanwhile: then it is that tab's to
-   * count.
+   * count. So is its record, unless an open tab took it in (`absorbClosed`). With
+   * `identifying`, the page learns its id is its own only then: it writes nothing before.
    */
-  function takeBackOwn() {
+  function takeBackOwn({ identifying = false } = {}) {
     return withLock(ORPHANS_LOCK, () => {
+      reconcileOwn();
+      if (identifying) identify();
       const left = readOrphans(guard(() => local?.getItem(orphansKey), null));
       for (const key of left.taken ?? []) givenAway.add(key);
       guard(() => local?.removeItem(orphansKey));
@@ -322,6 +362,18 @@ export function createLikes({
       adopt(left.ops ?? []);
       writeOwn();
     });
+  }
+
+  /**
+   * This tab's record was taken in by an open tab while the page was away (a session
+   * restored after `ABSORB_AFTER_MS`): the share it held is counted there, not here.
+   */
+  function reconcileOwn() {
+    const mine = guard(() => local && tabRecords(local).some(([tab]) => tab === tabId), true);
+    if (mine || !storedShare.size) return;
+    for (const [taskId, share] of storedShare) addToShare(taskId, -share);
+    storedShare = new Map();
+    written = null;
   }
 
   /** The page knows its id: it writes its record, and acts on what waited for that. */
@@ -360,18 +412,18 @@ export function createLikes({
     const intents = [];
     guard(() => {
       if (!local) return;
+      for (const [tab, record] of tabRecords(local)) {
+        if (tab === tabId) continue;
+        shares.push(record.share);
+        pending.push(record.pending);
+        intents.push([tab, record.intent]);
+      }
       for (let index = 0; index < local.length; index += 1) {
         const key = local.key(index);
-        if (key === recordKey) continue;
         if (key.startsWith(LEGACY_LEDGER_PREFIX)) shares.push(readContributions(local.getItem(key)));
         if (key.startsWith(ORPHANS_PREFIX) && key !== orphansKey) {
           pending.push(sumShares((readOrphans(local.getItem(key)).ops ?? []).map((op) => new Map([[op.task_id, op.delta]]))));
         }
-        if (!key.startsWith(TAB_RECORD_PREFIX)) continue;
-        const record = readTabRecord(local.getItem(key));
-        shares.push(record.share);
-        pending.push(record.pending);
-        intents.push([key.slice(TAB_RECORD_PREFIX.length), record.intent]);
       }
       shares.push(legacyLiked(local.getItem(LEGACY_LIKED_KEY)));
     });
@@ -399,9 +451,11 @@ export function createLikes({
   /**
    * Write this tab's record when it changed. Gone (`leave`), its pending like ops are
    * written as orphans instead, kept up as they settle (a 202 may still come after
-   * `pagehide`). Not before the page knows the id is its own (`confirmTab`, `becomeCopy`).
+   * `pagehide`), and the record says when it left. Not before the page knows the id is its
+   * own (`confirmTab`, `becomeCopy`). `absorbing`: the tabs whose records it takes in, whose
+   * keys are removed next.
    */
-  function writeOwn() {
+  function writeOwn(absorbing = []) {
     if (!identified) return;
     if (away) {
       const ops = core.persistedOps().filter((op) => op.kind === 'like' && !givenAway.has(op.key));
@@ -411,10 +465,33 @@ export function createLikes({
       share: Object.fromEntries(ownShare),
       pending: away ? {} : Object.fromEntries(ownPending()),
       intent: Object.fromEntries(ownIntents()),
+      ...(away ? { left: leftAt } : {}),
+      ...(absorbing.length ? { absorbed: absorbing } : {}),
     });
     if (record === written) return;
-    written = record;
-    guard(() => local?.setItem(recordKey, record));
+    if (guard(() => { local?.setItem(recordKey, record); return true; }, false)) {
+      written = record;
+      storedShare = new Map(ownShare);
+    }
+  }
+
+  /**
+   * A task that is gone (deleted, in the snapshot and the events since) and has nothing
+   * pending here: its share and clicks are dropped from this tab's record. Returns whether
+   * any was.
+   */
+  function pruneGone() {
+    if (!checkedOnStart) return false; // the first snapshot is not in yet
+    const busy = new Set(core.pendingOps().map((op) => op.task_id));
+    let pruned = false;
+    for (const taskId of new Set([...ownShare.keys(), ...clicks.keys()])) {
+      if (busy.has(taskId) || core.confirmedTask(taskId)) continue;
+      ownShare.delete(taskId);
+      clicks.delete(taskId);
+      pruned = true;
+    }
+    if (pruned) writeClicks();
+    return pruned;
   }
 
   function writeClicks() {
@@ -508,6 +585,59 @@ export function createLikes({
   }
 
   /**
+   * Take in the records of tabs closed more than `absorbAfterMs` ago, so that they do not
+   * pile up: their shares are added to this tab's, their intents become this tab's where
+   * later than its own, and their keys are removed. Not a tab that left pending likes
+   * (`adoptOrphans` takes those first), nor one that went without saying so (a crash: its
+   * pending deltas are unknown), nor one whose lock is held.
+   */
+  let absorbScheduled = false;
+  async function absorbClosed() {
+    if (!identified || away || !local) return;
+    const due = [];
+    let next = Infinity;
+    for (const [tab, record] of guard(() => tabRecords(local), [])) {
+      if (tab === tabId || record.left === null) continue;
+      const age = now() - record.left;
+      if (age >= absorbAfterMs) due.push(tab);
+      else next = Math.min(next, absorbAfterMs - age);
+    }
+    if (next < Infinity && !absorbScheduled) {
+      absorbScheduled = true;
+      later(() => {
+        absorbScheduled = false;
+        absorbClosed().catch((error) => log('cannot take in the records of closed tabs', error));
+      }, next);
+    }
+    for (const tab of due) {
+      if (!(await isTabAlive(tab))) await withLock(ORPHANS_LOCK, () => absorb(tab));
+    }
+  }
+
+  /** Under the orphans' lock, which a tab coming back takes before it writes (`takeBackOwn`). */
+  function absorb(tab) {
+    const record = guard(() => tabRecords(local).find(([id]) => id === tab)?.[1], undefined);
+    // Taken in already, or back since (an open page's record has no `left`).
+    if (!record || record.left === null || record.pending.size || away) return;
+    if (readOrphans(guard(() => local.getItem(`${ORPHANS_PREFIX}${tab}`), null)).ops?.length) return;
+    for (const [taskId, share] of record.share) addToShare(taskId, share);
+    for (const [taskId, [liked, at]] of record.intent) {
+      const list = clicks.get(taskId) ?? [];
+      const own = intentOf(list);
+      if (isLaterThan({ at, tab }, own && { at: own.at, tab: tabId })) setClicks(taskId, [...list, { key: null, liked, at }]);
+    }
+    writeClicks();
+    pruneGone();
+    // Counted here and that record hidden from every reader, before it goes. So are the ones
+    // it was taking in itself when its page went (their shares are in it).
+    const absorbing = [tab, ...record.absorbed];
+    writeOwn(absorbing);
+    for (const id of absorbing) guard(() => local.removeItem(`${TAB_RECORD_PREFIX}${id}`));
+    writeOwn(); // no longer hiding the id: its tab, reopened, writes under it again
+    readOthers();
+  }
+
+  /**
    * Take over the like ops of tabs that went away and did not come back: they may still
    * apply, and this browser's share must count them. Each is restored into this tab's
    * core (one that never had its 202 is sent again, same key), under a Web Lock so that
@@ -574,6 +704,7 @@ export function createLikes({
     if (clicksChanged) writeClicks();
     for (const taskId of touched) ownOpLeft(taskId);
     checkOnStart(); // after the departures: the ops a snapshot settled are in the share
+    pruneGone();
     writeOwn(); // after the compensations: they are pending too
     // A share can move with no item changing (an op taken over settles as it comes in).
     if (touched.size) onChange();
@@ -599,16 +730,16 @@ export function createLikes({
       recordKey = `${TAB_RECORD_PREFIX}${tabId}`;
       orphansKey = `${ORPHANS_PREFIX}${tabId}`;
       for (const [taskId, share] of inheritedShare) addToShare(taskId, -share);
+      storedShare = new Map(); // no record under the new id yet
       writeClicks();
       identify();
       onChange();
-      adoptOrphans().catch((error) => log('cannot take over pending likes', error));
+      adoptOrphans().then(absorbClosed).catch((error) => log('cannot take over pending likes', error));
       return tabId;
     },
     /** This page holds its tab's lock: the id is its own (what it left before a reload included). */
     confirmTab() {
-      identify();
-      return takeBackOwn().then(adoptOrphans);
+      return takeBackOwn({ identifying: true }).then(adoptOrphans).then(absorbClosed);
     },
     /** Whether the toggle shows Liked, with this tab's `pending` deltas on the task. */
     isLiked: liked,
@@ -634,6 +765,11 @@ export function createLikes({
       if (key !== null && !key.startsWith(TAB_RECORD_PREFIX) && !key.startsWith(LEGACY_LEDGER_PREFIX)
         && !key.startsWith(ORPHANS_PREFIX) && key !== LEGACY_LIKED_KEY) return false;
       if (key === null || key.startsWith(ORPHANS_PREFIX)) adoptOrphans().catch((error) => log('cannot take over pending likes', error));
+      // A tab that left: taken in once it has been gone long enough.
+      if (key?.startsWith(TAB_RECORD_PREFIX) && !absorbScheduled
+        && readTabRecord(guard(() => local?.getItem(key), null)).left !== null) {
+        absorbClosed().catch((error) => log('cannot take in the records of closed tabs', error));
+      }
       const before = others;
       readOthers();
       const moved = new Set([

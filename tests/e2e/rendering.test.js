@@ -191,6 +191,33 @@ test('a tab closed with its like still pending: another tab of the browser takes
   }
 });
 
+test('a tab closed for a while has its like record taken into an open tab: one record left, the like still counted', async () => {
+  const server = await startServer(['--delay-ms', '200']);
+  try {
+    const task = await server.api.createSettled('liked, then closed for good');
+    const { page: tabA, context, pageErrors } = await openApp(browser, server.url);
+    await taskItem(tabA, task.id).getByTestId('like').click();
+    await eventually(async () => assert.equal((await shown(tabA, task.id)).state, 'settled'));
+    await tabA.close();
+
+    const { page: tabB } = await openTab(context, server.url, '?absorb_after_ms=500');
+    const records = () => tabB.evaluate(() => Object.entries(localStorage)
+      .filter(([key]) => key.startsWith('settle.like-tab.v2.'))
+      .map(([, value]) => JSON.parse(value).share));
+    await eventually(async () => assert.deepEqual(await records(), [{ [task.id]: 1 }], "A's share, now in B's record"));
+    const likeInB = taskItem(tabB, task.id).getByTestId('like');
+    assert.equal(await likeInB.getAttribute('aria-pressed'), 'true');
+    await likeInB.click();
+    await eventually(async () => {
+      assert.equal((await server.api.task(task.id)).likes, 0, 'a click in B unlikes');
+      assert.deepEqual(await records(), [{}]);
+    });
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});
+
 test('a tab opened as a copy of another (window.open) keeps a like share of its own', async () => {
   const server = await startServer(['--delay-ms', '300']);
   try {

@@ -7,7 +7,8 @@ import { createCore, EVENT_SETTLED, EVENT_FAILED } from '../../static/core.js';
 import {
   isLiked, toggleDelta, compensation, readContributions, sumShares, intentOf, clickSettled, clickWithdrawn,
   latestIntents, readTabRecord, browserShares, createLikes, MAX_FAILED_COMPENSATIONS, TAB_RECORD_PREFIX,
-  LEGACY_LEDGER_PREFIX, LEGACY_LIKED_KEY, CLICKS_KEY, ORPHANS_PREFIX, ADOPT_AFTER_MS, TAB_ID_KEY,
+  LEGACY_LEDGER_PREFIX, LEGACY_LIKED_KEY, CLICKS_KEY, ORPHANS_PREFIX, ADOPT_AFTER_MS, TAB_ID_KEY, ABSORB_AFTER_MS,
+  tabRecords,
 } from '../../static/likes.js';
 
 test('the toggle reads settled and pending together', () => {
@@ -599,6 +600,124 @@ describe('createLikes: two tabs of one browser', () => {
 // ---- a property: two tabs, random clicks, failures, discards, late storage events -----------
 
 /** A small seeded random source (mulberry32). */
+/**
+ * A tab `a` that liked `t`, saw it settle, and was closed; `openTab` opens another that
+ * sees it closed.
+ */
+function likedAndClosed() {
+  const server = fakeServer();
+  const local = memoryStorage();
+  const clock = { time: 1000 };
+  const a = tab({ server, local, name: 'a', clock });
+  a.settle(a.click());
+  a.likes.leave();
+  a.likes.stop();
+  const openTab = () => tab({ server, local, name: 'b', clock, alive: async (id) => id !== a.likes.tabId });
+  return { server, local, clock, a, openTab };
+}
+
+describe('createLikes: the records of closed tabs and deleted tasks', () => {
+  test('a tab closed over an hour ago is taken into an open one: its share counted once, its intent kept, its key gone', async () => {
+    const { local, clock, a, openTab } = likedAndClosed();
+    const aKey = `${TAB_RECORD_PREFIX}${a.likes.tabId}`;
+    const b = openTab();
+    await flush();
+    assert.notEqual(local.getItem(aKey), null, 'not within the hour');
+    clock.time += ABSORB_AFTER_MS;
+    b.runTimers();
+    await flush();
+    assert.equal(local.getItem(aKey), null);
+    assert.deepEqual(tabRecords(local).map(([id]) => id), [b.likes.tabId]);
+    assert.equal(browserShares(local).get('t'), 1);
+    assert.equal(b.liked(), true);
+    assert.deepEqual(b.sent, [], 'nothing to make up for');
+    const [, record] = tabRecords(local)[0];
+    assert.equal(record.intent.get('t')[0], true, "a's click is b's intent now");
+    assert.equal(b.click().delta, -1, 'a click in b unlikes');
+  });
+
+  test('a record being taken in counts once, for every reader, before its key goes', () => {
+    const local = memoryStorage();
+    local.setItem(`${TAB_RECORD_PREFIX}x`, JSON.stringify({ share: { t: 1 }, left: 5 }));
+    local.setItem(`${TAB_RECORD_PREFIX}y`, JSON.stringify({ share: { t: 1, u: 1 }, absorbed: ['x', 'w'] }));
+    assert.deepEqual(Object.fromEntries(browserShares(local)), { t: 1, u: 1 });
+    assert.deepEqual(tabRecords(local).map(([id]) => id), ['y']);
+    // Its tab back and open (no `left`): its record counts again, whoever names it.
+    local.setItem(`${TAB_RECORD_PREFIX}x`, JSON.stringify({ share: { v: 1 } }));
+    assert.deepEqual(Object.fromEntries(browserShares(local)), { t: 1, u: 1, v: 1 });
+  });
+
+  test('not taken in: a tab still open, one that closed without saying so, one closed within the hour', async () => {
+    const server = fakeServer();
+    const local = memoryStorage();
+    const clock = { time: 10 * ABSORB_AFTER_MS };
+    const records = {
+      held: { share: { t: 1 }, left: 0 },
+      crashed: { share: { t: -1 }, pending: { t: 1 } },
+      recent: { share: { t: 1 }, left: clock.time - 1000 },
+    };
+    for (const [id, record] of Object.entries(records)) local.setItem(`${TAB_RECORD_PREFIX}${id}`, JSON.stringify(record));
+    const b = tab({ server, local, name: 'b', clock, alive: async (id) => id === 'held' });
+    await flush();
+    assert.deepEqual(tabRecords(local).map(([id]) => id).sort(), ['b-id-1', 'crashed', 'held', 'recent']);
+    assert.equal(browserShares(local).get('t'), 1);
+    clock.time += ABSORB_AFTER_MS;
+    b.runTimers();
+    await flush();
+    assert.deepEqual(tabRecords(local).map(([id]) => id).sort(), ['b-id-1', 'crashed', 'held']);
+    assert.equal(browserShares(local).get('t'), 1);
+    assert.deepEqual(b.sent, []);
+  });
+
+  test('a closed tab whose session is restored after its record was taken in counts nothing twice', async () => {
+    const { server, local, clock, a, openTab } = likedAndClosed();
+    clock.time += ABSORB_AFTER_MS;
+    openTab();
+    await flush();
+    const restored = tab({ server, local, session: a.session, name: 'a2', clock });
+    await flush();
+    assert.equal(restored.likes.tabId, a.likes.tabId);
+    assert.equal(browserShares(local).get('t'), 1);
+    assert.equal(restored.liked(), true, "b's share shows here");
+    assert.deepEqual(restored.sent, []);
+  });
+
+  test('a page that read its record before it was taken in drops that share once it knows its id', async () => {
+    const { server, local, clock, a, openTab } = likedAndClosed();
+    clock.time += ABSORB_AFTER_MS;
+    const restored = tab({ server, local, session: a.session, name: 'a2', clock, identityPending: true });
+    openTab();
+    await flush();
+    assert.equal(local.getItem(`${TAB_RECORD_PREFIX}${a.likes.tabId}`), null, 'taken in meanwhile');
+    await restored.likes.confirmTab();
+    assert.equal(browserShares(local).get('t'), 1, 'counted once');
+    assert.equal(restored.liked(), true);
+    assert.deepEqual(restored.sent, []);
+    // Its record counts again: an unlike there takes the browser's like back.
+    restored.settle(restored.click());
+    assert.deepEqual(tabRecords(local).map(([id]) => id).sort(), [a.likes.tabId, 'b-id-1']);
+    assert.equal(browserShares(local).get('t') ?? 0, 0);
+  });
+
+  test('a deleted task leaves no share or clicks in the record', () => {
+    const server = fakeServer();
+    const local = memoryStorage();
+    const a = tab({ server, local });
+    a.settle(a.click());
+    assert.equal(JSON.parse(a.session.getItem(CLICKS_KEY)).length, 1);
+    assert.equal(browserShares(local).get('t'), 1);
+    a.core.applyEvent({
+      id: server.nextId(),
+      type: EVENT_SETTLED,
+      data: { command_id: 'cmd-del', idempotency_key: 'del', task_id: 't', kind: 'delete', version: 3, window_ms: 700 },
+    });
+    const [[, record]] = tabRecords(local);
+    assert.deepEqual([...record.share], []);
+    assert.deepEqual([...record.intent], []);
+    assert.deepEqual(JSON.parse(a.session.getItem(CLICKS_KEY)), []);
+  });
+});
+
 function seeded(seed) {
   let state = seed >>> 0;
   const next = () => {
