@@ -79,9 +79,16 @@ const $ = (id) => document.getElementById(id);
  */
 const TAB_LOCK_PREFIX = 'settle.tab.';
 async function isTabAlive(id) {
-  if (!navigator.locks) return false;
+  if (!navigator.locks) return undefined; // cannot tell: taken for gone, but never for crashed (likes.js)
   const { held = [] } = await navigator.locks.query();
   return held.some((lock) => lock.name === `${TAB_LOCK_PREFIX}${id}`);
+}
+
+/** The ids of this browser's open tabs (their locks held), or undefined without Web Locks. */
+async function liveTabs() {
+  if (!navigator.locks) return undefined;
+  const { held = [] } = await navigator.locks.query();
+  return held.map((lock) => lock.name).filter((name) => name.startsWith(TAB_LOCK_PREFIX)).map((name) => name.slice(TAB_LOCK_PREFIX.length));
 }
 
 const likeToggle = createLikes({
@@ -90,6 +97,7 @@ const likeToggle = createLikes({
   local: safeStorage(() => localStorage),
   session: safeStorage(() => sessionStorage),
   isTabAlive,
+  liveTabs,
   withLock: (name, critical) => (navigator.locks ? navigator.locks.request(name, critical) : Promise.resolve().then(critical)),
   onChange: () => redrawLikes(),
   identityPending: true, // until this page holds its tab's lock, or finds it a copy's (below)
@@ -124,6 +132,10 @@ window.settle.likes = likeToggle;
 // reload, or the back/forward cache) and takes them back.
 window.addEventListener('pagehide', () => likeToggle.leave());
 window.addEventListener('pageshow', (event) => { if (event.persisted) likeToggle.resume(); });
+// Back to this tab: a good moment to look for tabs that crashed meanwhile.
+document.addEventListener('visibilitychange', () => {
+  if (document.visibilityState === 'visible') likeToggle.sweep().catch((error) => console.warn('settle: cannot look for closed tabs', error));
+});
 
 /** An item's toggle: its own ops give the pending deltas (no scan of every op). */
 function drawLike(parts, item) {

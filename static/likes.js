@@ -89,6 +89,8 @@ export const ORPHANS_PREFIX = 'settle.like-orphans.v1.';
 export const ORPHANS_LOCK = 'settle.like-orphans';
 /** How long orphans wait for their tab to come back (a reload) before another takes them. */
 export const ADOPT_AFTER_MS = 3000;
+/** How often a tab looks for the records of tabs gone (`sweepClosed`). */
+export const SWEEP_EVERY_MS = 60 * 1000;
 /** How long a record of taken orphans is kept for its tab to be reopened. */
 export const KEEP_TAKEN_MS = 24 * 60 * 60 * 1000;
 /**
@@ -99,18 +101,19 @@ export const KEEP_TAKEN_MS = 24 * 60 * 60 * 1000;
  */
 export const ABSORB_AFTER_MS = 60 * 60 * 1000;
 
+/** The like ops in a stored list, read leniently (anything else is left out). */
+function likeOps(list) {
+  return (Array.isArray(list) ? list : []).filter((op) => op?.kind === 'like' && typeof op.key === 'string'
+    && typeof op.task_id === 'string' && (op.delta === 1 || op.delta === -1));
+}
+
 /** A stored orphans record, read leniently. */
 export function readOrphans(stored) {
   try {
     const parsed = JSON.parse(stored ?? 'null');
     const at = Number.isFinite(parsed?.at) ? parsed.at : 0;
     if (Array.isArray(parsed?.taken)) return { taken: parsed.taken.filter((key) => typeof key === 'string'), at };
-    const ops = Array.isArray(parsed?.ops) ? parsed.ops : [];
-    return {
-      ops: ops.filter((op) => op?.kind === 'like' && typeof op.key === 'string' && typeof op.task_id === 'string'
-        && (op.delta === 1 || op.delta === -1)),
-      at,
-    };
+    return { ops: likeOps(parsed?.ops), at };
   } catch {
     return { ops: [], at: 0 };
   }
@@ -190,9 +193,10 @@ const isIntent = (value) => Array.isArray(value) && typeof value[0] === 'boolean
 
 /**
  * A tab's record as stored (its text): `share` and `pending`, task id -> delta, and
- * `intent`, task id -> [liked, at]; `left`, when its page went away (null while it is
- * open); `absorbed`, the tabs whose records it took in (`ABSORB_AFTER_MS`). Read
- * leniently: anything malformed counts as none.
+ * `intent`, task id -> [liked, at]; `ops`, its pending like ops (for another tab to take
+ * over should it crash); `left`, when its page went away (null while it is open);
+ * `absorbed`, the tabs whose records it took in (`ABSORB_AFTER_MS`). Read leniently:
+ * anything malformed counts as none.
  */
 export function readTabRecord(stored) {
   let parsed = null;
@@ -205,6 +209,7 @@ export function readTabRecord(stored) {
     share: entriesOf(parsed?.share ?? {}, isShare),
     pending: entriesOf(parsed?.pending ?? {}, isShare),
     intent: entriesOf(parsed?.intent ?? {}, isIntent),
+    ops: likeOps(parsed?.ops),
     left: Number.isFinite(parsed?.left) ? parsed.left : null,
     absorbed: Array.isArray(parsed?.absorbed) ? parsed.absorbed.filter(isTabId) : [],
   };
@@ -266,10 +271,10 @@ function legacyLiked(stored) {
  *   what one of them would have.
  *
  * @param {{core: object, sync: object, local?: Storage | null, session?: Storage | null,
- *   newId?: () => string, now?: () => number, isTabAlive?: (tabId: string) => Promise<boolean>,
+ *   newId?: () => string, now?: () => number, isTabAlive?: (tabId: string) => Promise<boolean | undefined>,
  *   withLock?: (name: string, critical: () => unknown) => Promise<unknown>,
  *   later?: (callback: () => void, ms: number) => unknown, onChange?: () => void,
- *   identityPending?: boolean, absorbAfterMs?: number,
+ *   identityPending?: boolean, absorbAfterMs?: number, liveTabs?: () => Promise<string[] | undefined>,
  *   log?: (message: string, error?: unknown) => void}} options
  */
 export function createLikes({
@@ -279,12 +284,13 @@ export function createLikes({
   session = null,
   newId = () => crypto.randomUUID(),
   now = Date.now,
-  isTabAlive = async () => false,
+  isTabAlive = async () => undefined, // cannot tell
   withLock = async (name, critical) => critical(),
   later = (callback, ms) => setTimeout(callback, ms),
   onChange = () => {},
   identityPending = false,
   absorbAfterMs = ABSORB_AFTER_MS,
+  liveTabs = async () => undefined,
   log = () => {},
 }) {
   const guard = (what, fallback) => {
@@ -319,6 +325,8 @@ export function createLikes({
   }
   /** task id -> this tab's clicks still in play, oldest first. */
   const clicks = readClicks(guard(() => session?.getItem(CLICKS_KEY), null));
+  /** The tasks this tab's record and clicks had when the page opened. */
+  const keptBefore = new Set([...ownShare.keys(), ...clicks.keys()]);
   /** The keys of the compensations this tab sent, to tell their failures apart. */
   const compensations = new Set();
   /** Per task: compensations sent since the user's last click, and failed since the last settle. */
@@ -327,6 +335,12 @@ export function createLikes({
   /** Every other tab's record, summed: shares, pending deltas, and the latest intents. */
   let others = { share: new Map(), pending: new Map(), intents: new Map() };
   let written = null;
+  /**
+   * While a change spans several steps (a click, `absorb`): nothing written. While a record
+   * is being taken in: that record not read.
+   */
+  let holding = false;
+  const hidden = new Set();
   /** Whether the id is known to be this page's (a copy finds another page holding it). */
   let identified = !identityPending;
   /** When this page was opened: ops and clicks from before it came with a copied session. */
@@ -342,13 +356,13 @@ export function createLikes({
   guard(() => local?.removeItem(legacyLedgerKey)); // now in this tab's record
   readOthers();
   if (identified) {
-    takeBackOwn().then(adoptOrphans).then(absorbClosed).catch((error) => log('cannot take back pending likes', error));
+    takeBackOwn().then(adoptOrphans).then(sweepClosed).catch((error) => log('cannot take back pending likes', error));
   }
 
   /**
    * What this tab left pending when its page went away (a reload, the back/forward cache)
    * is its own again, unless another tab took it over meanwhile: then it is that tab's to
-   * count. So is its record, unless an open tab took it in (`absorbClosed`). With
+   * count. So is its record, unless an open tab took it in (`sweepClosed`). With
    * `identifying`, the page learns its id is its own only then: it writes nothing before.
    */
   function takeBackOwn({ identifying = false } = {}) {
@@ -413,7 +427,7 @@ export function createLikes({
     guard(() => {
       if (!local) return;
       for (const [tab, record] of tabRecords(local)) {
-        if (tab === tabId) continue;
+        if (tab === tabId || hidden.has(tab)) continue;
         shares.push(record.share);
         pending.push(record.pending);
         intents.push([tab, record.intent]);
@@ -456,15 +470,14 @@ export function createLikes({
    * keys are removed next.
    */
   function writeOwn(absorbing = []) {
-    if (!identified) return;
-    if (away) {
-      const ops = core.persistedOps().filter((op) => op.kind === 'like' && !givenAway.has(op.key));
-      guard(() => local?.setItem(orphansKey, JSON.stringify({ ops, at: leftAt })));
-    }
+    if (!identified || holding) return;
+    const ops = core.persistedOps().filter((op) => op.kind === 'like' && !givenAway.has(op.key));
+    if (away) guard(() => local?.setItem(orphansKey, JSON.stringify({ ops, at: leftAt })));
     const record = JSON.stringify({
       share: Object.fromEntries(ownShare),
       pending: away ? {} : Object.fromEntries(ownPending()),
       intent: Object.fromEntries(ownIntents()),
+      ...(ops.length && !away ? { ops } : {}),
       ...(away ? { left: leftAt } : {}),
       ...(absorbing.length ? { absorbed: absorbing } : {}),
     });
@@ -476,16 +489,18 @@ export function createLikes({
   }
 
   /**
-   * A task that is gone (deleted, in the snapshot and the events since) and has nothing
-   * pending here: its share and clicks are dropped from this tab's record. Returns whether
-   * any was.
+   * A task that is gone and has nothing pending here: its share and clicks are dropped from
+   * this tab's record. Gone: its delete seen (a tombstone), or, with `absent`, missing from
+   * the first snapshot while the record or the clicks had it before (that snapshot is newer
+   * than them). Not merely missing from the view: a view can be behind another tab's, whose
+   * record this one took in. Returns whether any was.
    */
-  function pruneGone() {
-    if (!checkedOnStart) return false; // the first snapshot is not in yet
+  function pruneGone({ absent = false } = {}) {
     const busy = new Set(core.pendingOps().map((op) => op.task_id));
     let pruned = false;
     for (const taskId of new Set([...ownShare.keys(), ...clicks.keys()])) {
-      if (busy.has(taskId) || core.confirmedTask(taskId)) continue;
+      if (busy.has(taskId)) continue;
+      if (!core.isDeleted(taskId) && !(absent && keptBefore.has(taskId) && !core.confirmedTask(taskId))) continue;
       ownShare.delete(taskId);
       clicks.delete(taskId);
       pruned = true;
@@ -581,50 +596,115 @@ export function createLikes({
   function checkOnStart() {
     if (checkedOnStart || !core.getSnapshot().loaded) return;
     checkedOnStart = true;
+    pruneGone({ absent: true });
     for (const taskId of new Set([...clicks.keys(), ...others.intents.keys()])) ownOpLeft(taskId);
   }
 
   /**
-   * Take in the records of tabs closed more than `absorbAfterMs` ago, so that they do not
-   * pile up: their shares are added to this tab's, their intents become this tab's where
-   * later than its own, and their keys are removed. Not a tab that left pending likes
-   * (`adoptOrphans` takes those first), nor one that went without saying so (a crash: its
-   * pending deltas are unknown), nor one whose lock is held.
+   * Whether this tab is the one that takes over what closed tabs left: of the open tabs (as
+   * the lock manager lists them), the one with the least id. A Web Lock alone would not
+   * do: the tab that takes it next may not see yet what the one before wrote in
+   * localStorage, and take in the same record again. With no list (no Web Locks), every tab.
    */
-  let absorbScheduled = false;
-  async function absorbClosed() {
+  async function elected() {
+    const live = await liveTabs();
+    return !live || live.every((id) => id >= tabId);
+  }
+
+  /**
+   * The records of other tabs that are gone, taken in so that they do not pile up (one per
+   * tab ever opened): their shares added to this tab's, their intents this tab's where
+   * later than its own, their keys removed.
+   * - A tab closed (its record has `left`) more than `absorbAfterMs` ago. Not one that left
+   *   pending likes: `adoptOrphans` takes those over first.
+   * - A tab gone without `pagehide` (a crash, a kill, a tab the browser discarded): no
+   *   `left`, and its lock found free twice, `ADOPT_AFTER_MS` apart. Its pending like ops
+   *   are taken over too (they may still apply), and marked taken, as orphans are, for the
+   *   tab reopened with its session. Not when locks cannot tell (`isTabAlive` not false).
+   * Looked for on start, when a record changes, and every `SWEEP_EVERY_MS` (a crash
+   * writes nothing).
+   */
+  let sweepScheduledAt = Infinity;
+  /** Tab id -> when its lock was first found free with its record saying it is open. */
+  const suspects = new Map();
+  async function sweepClosed() {
     if (!identified || away || !local) return;
-    const due = [];
-    let next = Infinity;
+    const closed = [];
+    const crashed = [];
+    let next = SWEEP_EVERY_MS;
     for (const [tab, record] of guard(() => tabRecords(local), [])) {
-      if (tab === tabId || record.left === null) continue;
-      const age = now() - record.left;
-      if (age >= absorbAfterMs) due.push(tab);
-      else next = Math.min(next, absorbAfterMs - age);
+      if (tab === tabId) continue;
+      if (record.left !== null) {
+        const age = now() - record.left;
+        if (age >= absorbAfterMs) closed.push(tab);
+        else next = Math.min(next, absorbAfterMs - age);
+        continue;
+      }
+      if ((await isTabAlive(tab)) !== false) {
+        suspects.delete(tab);
+        continue;
+      }
+      if (!suspects.has(tab)) suspects.set(tab, now());
+      const free = now() - suspects.get(tab);
+      if (free >= ADOPT_AFTER_MS) crashed.push(tab);
+      else next = Math.min(next, ADOPT_AFTER_MS - free);
     }
-    if (next < Infinity && !absorbScheduled) {
-      absorbScheduled = true;
+    // One timer at a time, for the earliest look due.
+    if (now() + next < sweepScheduledAt) {
+      const at = now() + next;
+      sweepScheduledAt = at;
       later(() => {
-        absorbScheduled = false;
-        absorbClosed().catch((error) => log('cannot take in the records of closed tabs', error));
+        if (sweepScheduledAt === at) sweepScheduledAt = Infinity;
+        sweepClosed().catch((error) => log('cannot take in the records of closed tabs', error));
       }, next);
     }
-    for (const tab of due) {
+    // Another open tab takes them in; this one keeps looking, in case that tab closes first.
+    if (!(await elected())) return;
+    for (const tab of closed) {
       if (!(await isTabAlive(tab))) await withLock(ORPHANS_LOCK, () => absorb(tab));
+    }
+    for (const tab of crashed) {
+      await withLock(ORPHANS_LOCK, async () => {
+        if ((await isTabAlive(tab)) === false) absorb(tab, { crashed: true });
+      });
+      suspects.delete(tab);
     }
   }
 
-  /** Under the orphans' lock, which a tab coming back takes before it writes (`takeBackOwn`). */
-  function absorb(tab) {
+  /**
+   * Under the orphans' lock, which a tab coming back takes before it writes (`takeBackOwn`).
+   * `crashed`: the tab went without `pagehide`, its pending like ops are in its record.
+   */
+  function absorb(tab, { crashed = false } = {}) {
     const record = guard(() => tabRecords(local).find(([id]) => id === tab)?.[1], undefined);
-    // Taken in already, or back since (an open page's record has no `left`).
-    if (!record || record.left === null || record.pending.size || away) return;
-    if (readOrphans(guard(() => local.getItem(`${ORPHANS_PREFIX}${tab}`), null)).ops?.length) return;
-    for (const [taskId, share] of record.share) addToShare(taskId, share);
-    for (const [taskId, [liked, at]] of record.intent) {
-      const list = clicks.get(taskId) ?? [];
-      const own = intentOf(list);
-      if (isLaterThan({ at, tab }, own && { at: own.at, tab: tabId })) setClicks(taskId, [...list, { key: null, liked, at }]);
+    // Taken in already, or back since (a closed tab's record has `left`, an open one's not).
+    if (!record || (record.left === null) !== crashed || away) return;
+    const orphansKey = `${ORPHANS_PREFIX}${tab}`;
+    const orphans = readOrphans(guard(() => local.getItem(orphansKey), null));
+    if (orphans.ops?.length) return;
+    const pending = sumShares(record.ops.map((op) => new Map([[op.task_id, op.delta]])));
+    // Pending deltas without their ops (a record from before they were kept): unknown.
+    if (differing(pending, record.pending).length) return;
+    // From here this tab counts what that record held, and nothing is written until it
+    // all is: the ops taken over settle in this tab's core as they are restored, and its
+    // compensations must see the shares and intents already moved.
+    holding = true;
+    try {
+      for (const [taskId, share] of record.share) addToShare(taskId, share);
+      for (const [taskId, [liked, at]] of record.intent) {
+        const list = clicks.get(taskId) ?? [];
+        const own = intentOf(list);
+        if (isLaterThan({ at, tab }, own && { at: own.at, tab: tabId })) setClicks(taskId, [...list, { key: null, liked, at }]);
+      }
+      hidden.add(tab);
+      readOthers();
+      if (record.ops.length) {
+        const taken = [...(orphans.taken ?? []), ...record.ops.map((op) => op.key)];
+        guard(() => local.setItem(orphansKey, JSON.stringify({ taken, at: now() })));
+        adopt(record.ops);
+      }
+    } finally {
+      holding = false;
     }
     writeClicks();
     pruneGone();
@@ -633,17 +713,27 @@ export function createLikes({
     const absorbing = [tab, ...record.absorbed];
     writeOwn(absorbing);
     for (const id of absorbing) guard(() => local.removeItem(`${TAB_RECORD_PREFIX}${id}`));
+    hidden.delete(tab);
     writeOwn(); // no longer hiding the id: its tab, reopened, writes under it again
     readOthers();
   }
 
+
   /**
    * Take over the like ops of tabs that went away and did not come back: they may still
    * apply, and this browser's share must count them. Each is restored into this tab's
-   * core (one that never had its 202 is sent again, same key), under a Web Lock so that
-   * one tab takes them, not two.
+   * core (one that never had its 202 is sent again, same key), by one tab (`elected`),
+   * under a Web Lock.
    */
   let adoptScheduled = false;
+  function lookAgain(ms) {
+    if (adoptScheduled) return;
+    adoptScheduled = true;
+    later(() => {
+      adoptScheduled = false;
+      adoptOrphans().then(sweepClosed).catch((error) => log('cannot take over pending likes', error));
+    }, ms);
+  }
   async function adoptOrphans() {
     const keys = [];
     guard(() => {
@@ -661,11 +751,14 @@ export function createLikes({
       }
       if (age < ADOPT_AFTER_MS) {
         // Its tab may be reloading: look again once it has had the time to take them back.
-        if (!adoptScheduled) later(() => { adoptScheduled = false; adoptOrphans(); }, ADOPT_AFTER_MS - age);
-        adoptScheduled = true;
+        lookAgain(ADOPT_AFTER_MS - age);
         continue;
       }
       if (await isTabAlive(key.slice(ORPHANS_PREFIX.length))) continue;
+      if (!(await elected())) {
+        lookAgain(ADOPT_AFTER_MS); // another open tab takes them over, unless it closes first
+        continue;
+      }
       await withLock(ORPHANS_LOCK, () => {
         const { ops } = readOrphans(guard(() => local.getItem(key), null));
         if (!ops?.length) return;
@@ -734,12 +827,12 @@ export function createLikes({
       writeClicks();
       identify();
       onChange();
-      adoptOrphans().then(absorbClosed).catch((error) => log('cannot take over pending likes', error));
+      adoptOrphans().then(sweepClosed).catch((error) => log('cannot take over pending likes', error));
       return tabId;
     },
     /** This page holds its tab's lock: the id is its own (what it left before a reload included). */
     confirmTab() {
-      return takeBackOwn({ identifying: true }).then(adoptOrphans).then(absorbClosed);
+      return takeBackOwn({ identifying: true }).then(adoptOrphans).then(sweepClosed);
     },
     /** Whether the toggle shows Liked, with this tab's `pending` deltas on the task. */
     isLiked: liked,
@@ -747,7 +840,15 @@ export function createLikes({
     toggle(taskId) {
       const delta = toggleDelta(share(taskId), pendingOn(taskId));
       const wanted = delta > 0;
-      const op = sync.like(taskId, delta);
+      // One write with the op and the click: a record with the op's delta and the intent
+      // before it would make the tab holding that intent undo the click.
+      holding = true;
+      let op;
+      try {
+        op = sync.like(taskId, delta);
+      } finally {
+        holding = false;
+      }
       sentSinceClick.delete(taskId);
       failedInARow.delete(taskId);
       setClicks(taskId, [...(clicks.get(taskId) ?? []), { key: op.key, liked: wanted, at: now() }]);
@@ -766,9 +867,8 @@ export function createLikes({
         && !key.startsWith(ORPHANS_PREFIX) && key !== LEGACY_LIKED_KEY) return false;
       if (key === null || key.startsWith(ORPHANS_PREFIX)) adoptOrphans().catch((error) => log('cannot take over pending likes', error));
       // A tab that left: taken in once it has been gone long enough.
-      if (key?.startsWith(TAB_RECORD_PREFIX) && !absorbScheduled
-        && readTabRecord(guard(() => local?.getItem(key), null)).left !== null) {
-        absorbClosed().catch((error) => log('cannot take in the records of closed tabs', error));
+      if (key?.startsWith(TAB_RECORD_PREFIX) && readTabRecord(guard(() => local?.getItem(key), null)).left !== null) {
+        sweepClosed().catch((error) => log('cannot take in the records of closed tabs', error));
       }
       const before = others;
       readOthers();
@@ -780,6 +880,8 @@ export function createLikes({
       for (const taskId of moved) if (intent(taskId)?.tab === tabId) compensate(taskId);
       return true;
     },
+    /** Look now for the records of tabs gone (it is done every `SWEEP_EVERY_MS` too). */
+    sweep: () => sweepClosed(),
     /** The page goes away: its pending deltas stop counting for the other tabs. */
     leave() {
       away = true;

@@ -166,15 +166,19 @@ test('after a reload with a pending create, the list says it is loading until th
   }
 });
 
-test('a tab closed with its like still pending: another tab of the browser takes it over and counts it', async () => {
+/**
+ * Tab A likes, and goes (`goAway`) with the like still pending: tab B of the same browser
+ * takes the like over, counts it once it applies, and a click there unlikes.
+ */
+async function likeTakenOverWhenTabGoes(title, goAway) {
   const server = await startServer(['--delay-ms', '1500']);
   try {
-    const task = await server.api.createSettled('liked, then closed');
-    const { page: tabA, context, pageErrors } = await openApp(browser, server.url);
-    const { page: tabB } = await openTab(context, server.url);
+    const task = await server.api.createSettled(title);
+    const { page: tabA, context, pageErrors: errorsInA } = await openApp(browser, server.url);
+    const { page: tabB, pageErrors: errorsInB } = await openTab(context, server.url);
     await taskItem(tabA, task.id).getByTestId('like').click();
     await eventually(async () => assert.equal((await shown(tabA, task.id)).state, 'pending'));
-    await tabA.close();
+    await goAway(tabA, tabB, context);
 
     // The like applies; tab B, which took it over, counts it as this browser's.
     const likeInB = taskItem(tabB, task.id).getByTestId('like');
@@ -185,11 +189,24 @@ test('a tab closed with its like still pending: another tab of the browser takes
     }, { timeout: 15_000 });
     await likeInB.click();
     await eventually(async () => assert.equal((await server.api.task(task.id)).likes, 0, 'a click in B unlikes'), { timeout: 10_000 });
-    assert.deepEqual(pageErrors, []);
+    assert.deepEqual([...errorsInA, ...errorsInB], []);
   } finally {
     await server.stop();
   }
-});
+}
+
+test('a tab closed with its like still pending: another tab of the browser takes it over and counts it', () =>
+  likeTakenOverWhenTabGoes('liked, then closed', (tabA) => tabA.close()));
+
+test('a tab that crashes with its like pending: another tab of the browser takes the like over and counts it', () =>
+  likeTakenOverWhenTabGoes('liked, then crashed', async (tabA, tabB, context) => {
+    // The renderer dies: no pagehide, no orphans; the tab's Web Lock is let go.
+    const crashed = new Promise((resolve) => tabA.once('crash', resolve));
+    const cdp = await context.newCDPSession(tabA);
+    cdp.send('Page.crash').catch(() => {}); // never answered: the page is gone
+    await crashed;
+    await tabB.evaluate(() => window.settle.likes.sweep()); // else at its next look, within a minute
+  }));
 
 test('a tab closed for a while has its like record taken into an open tab: one record left, the like still counted', async () => {
   const server = await startServer(['--delay-ms', '200']);

@@ -8,7 +8,7 @@ import {
   isLiked, toggleDelta, compensation, readContributions, sumShares, intentOf, clickSettled, clickWithdrawn,
   latestIntents, readTabRecord, browserShares, createLikes, MAX_FAILED_COMPENSATIONS, TAB_RECORD_PREFIX,
   LEGACY_LEDGER_PREFIX, LEGACY_LIKED_KEY, CLICKS_KEY, ORPHANS_PREFIX, ADOPT_AFTER_MS, TAB_ID_KEY, ABSORB_AFTER_MS,
-  tabRecords,
+  tabRecords, readOrphans,
 } from '../../static/likes.js';
 
 test('the toggle reads settled and pending together', () => {
@@ -149,7 +149,7 @@ function fakeServer() {
  */
 function tab({
   server, local, session = memoryStorage(), alive = async () => true, name = 'tab', clock = { time: 1000 }, restored = [],
-  identityPending = false,
+  identityPending = false, live = async () => undefined,
 }) {
   const core = createCore({ now: () => clock.time, stuckMs: 5000, syncMs: 800 });
   core.restore(restored); // as sync does after a reload, before the snapshot
@@ -178,6 +178,7 @@ function tab({
     session,
     now: () => (clock.time += 1),
     isTabAlive: alive,
+    liveTabs: live,
     newId: () => `${name}-id-${(ids += 1)}`,
     later: (callback, ms) => timers.push({ callback, ms }),
     identityPending,
@@ -381,13 +382,13 @@ describe('createLikes: the toggle of one tab', () => {
 });
 
 /** Tabs a and b of one browser; a has a like pending; b takes every other tab for closed. */
-function likePendingInA() {
+function likePendingInA(optionsOfB = {}) {
   const server = fakeServer();
   const local = memoryStorage();
   const clock = { time: 1000 };
   const a = tab({ server, local, name: 'a', clock });
   const like = a.click();
-  const b = tab({ server, local, name: 'b', clock, alive: async () => false });
+  const b = tab({ server, local, name: 'b', clock, alive: async () => false, ...optionsOfB });
   return { server, local, clock, a, like, b };
 }
 
@@ -697,6 +698,151 @@ describe('createLikes: the records of closed tabs and deleted tasks', () => {
     restored.settle(restored.click());
     assert.deepEqual(tabRecords(local).map(([id]) => id).sort(), [a.likes.tabId, 'b-id-1']);
     assert.equal(browserShares(local).get('t') ?? 0, 0);
+  });
+
+  test('a tab gone without pagehide (a crash) with a like pending: another takes the like over once its lock stays free', async () => {
+    const server = fakeServer();
+    const local = memoryStorage();
+    const clock = { time: 1000 };
+    const a = tab({ server, local, name: 'a', clock });
+    a.settle(a.click());
+    a.settle(a.click()); // unliked
+    const like = a.click();
+    a.likes.stop(); // crashed: no leave()
+    const aId = a.likes.tabId;
+    let aAlive = true;
+    const b = tab({ server, local, name: 'b', clock, alive: async (id) => (id === aId ? aAlive : true) });
+    await flush();
+    assert.equal(b.core.pendingOps().length, 0, 'not while its lock is held');
+    aAlive = false;
+    b.runTimers(); // the periodic look
+    await flush();
+    assert.equal(b.core.pendingOps().length, 0, 'not at the first look: it may be starting');
+    clock.time += ADOPT_AFTER_MS;
+    b.runTimers();
+    await flush();
+    assert.deepEqual(b.core.pendingOps().map((op) => op.key), [like.key], 'taken over');
+    assert.deepEqual(tabRecords(local).map(([id]) => id), [b.likes.tabId], "a's record taken in");
+    assert.deepEqual(readOrphans(local.getItem(`${ORPHANS_PREFIX}${aId}`)).taken, [like.key]);
+    assert.deepEqual(b.sent, [], 'nothing to make up for');
+    assert.equal(b.liked(), true, "a's pending like, b's now");
+    b.settle(like);
+    assert.equal(browserShares(local).get('t'), 1);
+    assert.equal(b.click().delta, -1, "a's last click is b's intent: a click unlikes");
+
+    // The crashed tab restored with its session (a discarded tab coming back): the like is b's.
+    const restored = tab({ server, local, session: a.session, name: 'a2', clock, restored: a.core.persistedOps() });
+    await flush();
+    restored.settle(restored.core.getOp(like.key) ?? like);
+    assert.equal(browserShares(local).get('t') ?? 0, 1, 'counted once, with b\'s unlike still pending');
+    assert.deepEqual(restored.sent, []);
+  });
+
+  test("a crashed tab's like whose event came before the takeover is counted at once, and nothing is sent", async () => {
+    const server = fakeServer();
+    const local = memoryStorage();
+    const clock = { time: 1000 };
+    const a = tab({ server, local, name: 'a', clock });
+    const like = a.click();
+    a.likes.stop();
+    const b = tab({ server, local, name: 'b', clock, alive: async (id) => id !== a.likes.tabId });
+    b.settle(like); // b's core sees the event of an op it does not have
+    await flush();
+    clock.time += ADOPT_AFTER_MS;
+    b.runTimers();
+    await flush();
+    assert.deepEqual(b.core.pendingOps(), []);
+    assert.deepEqual(b.sent, [], 'the record taken in and the op taken over count once, not twice, meanwhile');
+    assert.equal(browserShares(local).get('t'), 1);
+    assert.equal(b.liked(), true);
+  });
+
+  test('a tab gone without pagehide is left alone when locks cannot tell, or its record has pending deltas without ops', async () => {
+    const server = fakeServer();
+    const local = memoryStorage();
+    const clock = { time: 1000 };
+    local.setItem(`${TAB_RECORD_PREFIX}old`, JSON.stringify({ share: { u: 1 }, pending: { u: -1 } }));
+    const a = tab({ server, local, name: 'a', clock });
+    a.click();
+    a.likes.stop();
+    const b = tab({ server, local, name: 'b', clock, alive: async (id) => (id === 'old' ? false : undefined) });
+    for (let look = 0; look < 3; look += 1) {
+      clock.time += ADOPT_AFTER_MS;
+      b.runTimers();
+      await flush();
+    }
+    assert.deepEqual(b.core.pendingOps(), []);
+    assert.equal(tabRecords(local).length, 3);
+  });
+
+  test('of two open tabs, only the one with the least id takes in a closed tab or takes over its likes', async () => {
+    const { server, local, clock, a } = likedAndClosed();
+    const live = async () => ['b-id-1', 'c-id-1'];
+    const notA = async (id) => id !== a.likes.tabId;
+    const c = tab({ server, local, name: 'c', clock, alive: notA, live });
+    const b = tab({ server, local, name: 'b', clock, alive: notA, live });
+    await flush();
+    clock.time += ABSORB_AFTER_MS;
+    c.runTimers();
+    await flush();
+    assert.equal(tabRecords(local).length, 3, 'not c: its storage may not show yet what b wrote');
+    b.runTimers();
+    await flush();
+    assert.deepEqual(tabRecords(local).map(([id]) => id).sort(), ['b-id-1', 'c-id-1']);
+    assert.equal(browserShares(local).get('t'), 1);
+  });
+
+  test('a tab that is not the one to take over orphans looks again, and takes them once it is', async () => {
+    let live = ['a-id-1', 'c-id-1'];
+    const { clock, a, like, b } = likePendingInA({ live: async () => live });
+    const aId = a.likes.tabId;
+    a.likes.leave();
+    a.likes.stop();
+    clock.time += ADOPT_AFTER_MS;
+    b.likes.storageChanged(`${ORPHANS_PREFIX}${aId}`);
+    await flush();
+    assert.deepEqual(b.core.pendingOps(), [], 'c, open, has the least id');
+    live = [b.likes.tabId]; // c closed
+    clock.time += ADOPT_AFTER_MS;
+    b.runTimers();
+    await flush();
+    assert.deepEqual(b.core.pendingOps().map((op) => op.key), [like.key]);
+  });
+
+  test('a record taken in keeps the share of a task this view has not seen yet; its delete drops it', async () => {
+    const server = fakeServer();
+    const local = memoryStorage();
+    const clock = { time: 10 * ABSORB_AFTER_MS };
+    local.setItem(`${TAB_RECORD_PREFIX}gone`, JSON.stringify({ share: { newer: 1 }, intent: { newer: [true, 5] }, left: 0 }));
+    const b = tab({ server, local, name: 'b', clock, alive: async (id) => id !== 'gone' });
+    await flush();
+    assert.deepEqual(tabRecords(local).map(([id, record]) => [id, Object.fromEntries(record.share)]), [['b-id-1', { newer: 1 }]],
+      'kept, though this view does not have the task (it is behind)');
+    b.core.applyEvent({
+      id: server.nextId(),
+      type: EVENT_SETTLED,
+      data: { command_id: 'cmd-del', idempotency_key: 'del', task_id: 'newer', kind: 'delete', version: 3, window_ms: 700 },
+    });
+    assert.deepEqual(Object.fromEntries(tabRecords(local)[0][1].share), {});
+  });
+
+  test('a click writes its op and its intent at once: the tab holding the intent before does not undo it', () => {
+    const server = fakeServer();
+    const tabs = {};
+    // Every write reaches the other tab at once, as a storage event would, in between too.
+    const local = memoryStorage();
+    const setItem = local.setItem;
+    local.setItem = (key, value) => {
+      setItem(key, value);
+      for (const other of Object.values(tabs)) if (key !== `${TAB_RECORD_PREFIX}${other.likes.tabId}`) other.likes.storageChanged(key);
+    };
+    tabs.a = tab({ server, local, name: 'a' });
+    tabs.b = tab({ server, local, name: 'b' });
+    tabs.a.settle(tabs.a.click());
+    tabs.b.likes.storageChanged(`${TAB_RECORD_PREFIX}${tabs.a.likes.tabId}`);
+    const unlike = tabs.b.click();
+    assert.equal(unlike.delta, -1);
+    assert.deepEqual(tabs.a.sent.map((op) => op.delta), [1], 'a sent nothing after its own like');
   });
 
   test('a deleted task leaves no share or clicks in the record', () => {
