@@ -5,11 +5,13 @@ import assert from 'node:assert/strict';
 
 import { createCore, EVENT_SETTLED, EVENT_FAILED } from '../../static/core.js';
 import {
-  isLiked, toggleDelta, compensation, readContributions, sumShares, intentOf, clickSettled, clickWithdrawn,
-  latestIntents, readTabRecord, browserShares, createLikes, MAX_FAILED_COMPENSATIONS, TAB_RECORD_PREFIX,
-  LEGACY_LEDGER_PREFIX, LEGACY_LIKED_KEY, CLICKS_KEY, ORPHANS_PREFIX, ADOPT_AFTER_MS, TAB_ID_KEY, ABSORB_AFTER_MS,
-  tabRecords, readOrphans,
+  isLiked, toggleDelta, compensation, intentOf, clickSettled, clickWithdrawn, latestIntents, createLikes,
+  MAX_FAILED_COMPENSATIONS,
 } from '../../static/likes.js';
+import {
+  readContributions, sumShares, readTabRecord, browserShares, tabRecords, readOrphans, TAB_RECORD_PREFIX,
+  LEGACY_LEDGER_PREFIX, LEGACY_LIKED_KEY, CLICKS_KEY, ORPHANS_PREFIX, ADOPT_AFTER_MS, TAB_ID_KEY, ABSORB_AFTER_MS,
+} from '../../static/like-records.js';
 
 test('the toggle reads settled and pending together', () => {
   assert.equal(isLiked(0, 0), false);
