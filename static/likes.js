@@ -260,11 +260,19 @@ export function createLikes({
     deferred.clear();
   }
 
-  /** Make `ops` this tab's: restored into its core, the unsent sent again (same key). */
+  /**
+   * Make `ops` this tab's: restored into its core, the unsent sent again (same key), the
+   * others asked after at once (one applied before this page's snapshot would show twice
+   * in the count until its status was asked, `stuckMs` later).
+   */
   function adopt(ops) {
     for (const op of ops) givenAway.delete(op.key);
     core.restore(ops);
-    for (const op of ops) if (!op.command_id && core.getOp(op.key)) sync.retry(op.key);
+    for (const op of ops) {
+      if (!core.getOp(op.key)) continue; // its event was seen: settled as restored
+      if (op.command_id) sync.askNow(op.key).catch((error) => log('cannot ask after a like taken over', error));
+      else sync.retry(op.key);
+    }
   }
 
   function readOthers() {

@@ -49,9 +49,17 @@ export function createSync({
     sendingKeys.add(op.key);
     try {
       const result = await transport.sendCommand(commandRequest(op), op.key);
-      if (result.outcome === 'accepted') core.accepted(op.key, result);
-      else if (result.outcome === 'rejected') core.rejected(op.key, result);
-      else log(`command ${op.key} not sent: ${result.detail}`);
+      if (result.outcome === 'accepted') {
+        core.accepted(op.key, result);
+        // Sent before (a retry, a reload, a like taken over from a closed tab): it may have
+        // applied already, its event before this page's stream.
+        const accepted = core.getOp(op.key);
+        if (result.replayed && accepted) checkStatus(accepted, { ifDone: true });
+      } else if (result.outcome === 'rejected') {
+        core.rejected(op.key, result);
+      } else {
+        log(`command ${op.key} not sent: ${result.detail}`);
+      }
       // 'unavailable': the op stays `sending`; the clock turns it `stuck` and the user decides.
     } finally {
       sendingKeys.delete(op.key);
@@ -184,12 +192,17 @@ export function createSync({
 
   // ---- the clock -------------------------------------------------------------------------
 
-  /** An op overdue for its event: ask the server what became of it before offering Retry. */
-  async function checkStatus(op) {
+  /**
+   * An op overdue for its event: ask the server what became of it before offering Retry.
+   * With `ifDone`, an op that is still pending (or that cannot be asked about) is left as
+   * it is.
+   */
+  async function checkStatus(op, { ifDone = false } = {}) {
     let command = null;
     let task;
     try {
       command = await transport.fetchCommand(op.command_id);
+      if (ifDone && command?.status !== 'settled' && command?.status !== 'failed') return;
       // A command failed with `not_found` has no row to fetch (the 404 would be logged).
       if (command?.error?.reason === 'not_found' || core.isDeleted(op.task_id)) task = null;
       else if (command && command.status !== 'pending') task = await transport.fetchTask(op.task_id);
@@ -299,6 +312,15 @@ export function createSync({
      */
     like(taskId, delta, key = newId(), { compensating = false } = {}) {
       return issue({ kind: 'like', key, task_id: taskId, delta, compensating });
+    },
+    /**
+     * Ask now whether an op is done (an op taken over from a tab that closed, whose event
+     * may have come before this page's snapshot: until asked, it would count twice). A
+     * pending one waits for its event as any other.
+     */
+    askNow(key) {
+      const op = core.getOp(key);
+      return op?.command_id ? checkStatus(op, { ifDone: true }) : Promise.resolve();
     },
     /** Send a stuck op again under its own key: the server answers a replay, never a second effect. */
     retry(key) {

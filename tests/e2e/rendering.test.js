@@ -5,7 +5,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 
 import {
-  startServer, launchBrowser, openApp, openTab, eventually, createViaUi, renameViaUi, shown, listedTitles, taskItem,
+  startServer, launchBrowser, openApp, openTab, eventually, createViaUi, renameViaUi, shown, listedTitles, taskItem, sleep,
   waitSettled,
 } from './helpers.js';
 
@@ -207,6 +207,32 @@ test('a tab that crashes with its like pending: another tab of the browser takes
     await crashed;
     await tabB.evaluate(() => window.settle.likes.sweep()); // else at its next look, within a minute
   }));
+
+test('a like taken over after it applied is counted once, also while it is being taken over', async () => {
+  const server = await startServer(['--delay-ms', '300']);
+  try {
+    const task = await server.api.createSettled('applied, then taken over');
+    const { page: tabA, context, pageErrors } = await openApp(browser, server.url);
+    await taskItem(tabA, task.id).getByTestId('like').click();
+    await eventually(async () => assert.equal((await shown(tabA, task.id)).state, 'pending'));
+    await tabA.close(); // its like pending, left as an orphan
+    await eventually(async () => assert.equal((await server.api.task(task.id)).likes, 1));
+
+    // B opens after the like applied: its snapshot has it, and no event for it will come.
+    const { page: tabB } = await openTab(context, server.url);
+    const counts = new Set();
+    const until = Date.now() + 6000; // past the take-over (3 s after A left)
+    while (Date.now() < until) {
+      counts.add((await shown(tabB, task.id)).likes);
+      await sleep(50);
+    }
+    assert.deepEqual([...counts], [1], 'never 2: the like taken over is asked after at once');
+    assert.equal(await taskItem(tabB, task.id).getByTestId('like').getAttribute('aria-pressed'), 'true');
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});
 
 test('a tab closed for a while has its like record taken into an open tab: one record left, the like still counted', async () => {
   const server = await startServer(['--delay-ms', '200']);

@@ -158,6 +158,7 @@ function tab({
   core.loadSnapshot({ tasks: [server.task('t')], watermark: 10 });
   const sent = [];
   const retried = [];
+  const asked = [];
   const timers = [];
   let count = 0;
   const sync = {
@@ -170,6 +171,10 @@ function tab({
     retry(key) {
       retried.push(key);
       core.resending(key);
+    },
+    askNow(key) {
+      asked.push(key);
+      return Promise.resolve();
     },
   };
   let ids = 0;
@@ -195,6 +200,7 @@ function tab({
     likes,
     sent,
     retried,
+    asked,
     session,
     /** Run the timers set so far (the clock is moved by the test). */
     runTimers: () => timers.splice(0).forEach(({ callback }) => callback()),
@@ -465,6 +471,7 @@ describe('createLikes: two tabs of one browser', () => {
     b.runTimers();
     await flush();
     assert.deepEqual(b.core.pendingOps().map((op) => op.key), [like.key], 'taken over');
+    assert.deepEqual(b.asked, [like.key], 'and asked after at once: it may have applied before b loaded');
     b.settle(like);
     assert.equal(browserShares(local).get('t'), 1, 'counted once, by the tab that took it');
     assert.equal(b.liked(), true);

@@ -287,6 +287,42 @@ describe('the sync engine', () => {
     assert.equal(core.getOp('slow').state, 'pending');
   });
 
+  test('an op taken over is asked after at once: settled, it leaves; still pending, it waits for its event', async () => {
+    const transport = fakeTransport({
+      fetchCommand: async (commandId) => ({ command_id: commandId, status: commandId === 'cmd-done' ? 'settled' : 'pending', event_id: 4 }),
+      fetchTask: async (id) => task(id, { likes: 1, version: 2 }),
+    });
+    const { core, sync } = setup({ transport });
+    await sync.start();
+    core.restore([
+      { key: 'done', command_id: 'cmd-done', task_id: 'a', kind: 'like', delta: 1, issued_at: 1 },
+      { key: 'later', command_id: 'cmd-later', task_id: 'a', kind: 'like', delta: 1, issued_at: 2 },
+    ]);
+    await sync.askNow('done');
+    await sync.askNow('later');
+    assert.deepEqual(core.takeDeparted().map(({ op, outcome }) => [op.key, outcome]), [['done', 'settled']]);
+    assert.deepEqual(core.pendingOps().map((op) => [op.key, op.state]), [['later', 'pending']], 'not offered Retry');
+    assert.equal(core.getSnapshot().items[0].task.likes, 2, 'the row as fetched (1) and the like still coming');
+  });
+
+  test('a replayed 202 has its status asked at once: the command may have applied before this page', async () => {
+    const transport = fakeTransport({
+      sendCommand: async (request, key) => ({ outcome: 'accepted', command_id: `cmd-${key}`, accepted_at: 'now', replayed: key === 'again' }),
+      fetchCommand: async (commandId) => {
+        transport.calls.push(['status', commandId]);
+        return { command_id: commandId, status: 'settled', event_id: 4 };
+      },
+    });
+    const { core, sync } = setup({ transport });
+    await sync.start();
+    sync.like('a', 1, 'first');
+    sync.like('a', 1, 'again');
+    await flush();
+    await flush();
+    assert.deepEqual(transport.calls.filter((call) => call[0] === 'status'), [['status', 'cmd-again']]);
+    assert.deepEqual(core.pendingOps().map((op) => op.key), ['first'], 'the replayed one settled by its status');
+  });
+
   test('a reset event refetches the snapshot and reopens the stream', async () => {
     const { sync, transport } = setup();
     await sync.start();
