@@ -32,7 +32,7 @@ export const ORPHANS_PREFIX = 'settle.like-orphans.v1.';
 export const ORPHANS_LOCK = 'settle.like-orphans';
 /** How long orphans wait for their tab to come back (a reload) before another takes them. */
 export const ADOPT_AFTER_MS = 3000;
-/** How often a tab looks for the records of tabs gone (`sweepClosed`). */
+/** How often a tab looks for the records of tabs gone (`sweep`, like-handover.js). */
 export const SWEEP_EVERY_MS = 60 * 1000;
 /** How long a record of taken orphans is kept for its tab to be reopened. */
 export const KEEP_TAKEN_MS = 24 * 60 * 60 * 1000;

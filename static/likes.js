@@ -16,9 +16,9 @@
 
 import {
   TAB_RECORD_PREFIX, LEGACY_LEDGER_PREFIX, LEGACY_LIKED_KEY, TAB_ID_KEY, CLICKS_KEY, ORPHANS_PREFIX, ORPHANS_LOCK,
-  ADOPT_AFTER_MS, SWEEP_EVERY_MS, KEEP_TAKEN_MS, ABSORB_AFTER_MS, readOrphans, readTabRecord, tabRecords, sumShares,
-  readContributions, legacyLiked, readClicks,
+  ABSORB_AFTER_MS, readOrphans, readTabRecord, tabRecords, sumShares, readContributions, legacyLiked, readClicks,
 } from './like-records.js';
+import { createHandover } from './like-handover.js';
 
 /** Whether this browser likes the task, its pending deltas included. */
 export function isLiked(contribution, pending) {
@@ -212,17 +212,34 @@ export function createLikes({
   /** Whether the page went away (`leave`), and when. */
   let away = false;
   let leftAt = 0;
+  const { adoptOrphans, sweep } = createHandover({
+    local,
+    now,
+    later,
+    withLock,
+    isTabAlive,
+    liveTabs,
+    absorbAfterMs,
+    guard,
+    log,
+    self: () => ({ id: tabId, orphansKey, ready: identified && !away }),
+    takeOrphans: (ops) => {
+      readOthers(); // they are this tab's pending now, not that tab's
+      adopt(ops);
+    },
+    takeIn: absorb,
+  });
   writeOwn();
   guard(() => local?.removeItem(legacyLedgerKey)); // now in this tab's record
   readOthers();
   if (identified) {
-    takeBackOwn().then(adoptOrphans).then(sweepClosed).catch((error) => log('cannot take back pending likes', error));
+    takeBackOwn().then(adoptOrphans).then(sweep).catch((error) => log('cannot take back pending likes', error));
   }
 
   /**
    * What this tab left pending when its page went away (a reload, the back/forward cache)
    * is its own again, unless another tab took it over meanwhile: then it is that tab's to
-   * count. So is its record, unless an open tab took it in (`sweepClosed`). With
+   * count. So is its record, unless an open tab took it in (`sweep`). With
    * `identifying`, the page learns its id is its own only then: it writes nothing before.
    */
   function takeBackOwn({ identifying = false } = {}) {
@@ -456,77 +473,6 @@ export function createLikes({
   }
 
   /**
-   * Whether this tab is the one that takes over what closed tabs left: of the open tabs (as
-   * the lock manager lists them), the one with the least id. A Web Lock alone would not
-   * do: the tab that takes it next may not see yet what the one before wrote in
-   * localStorage, and take in the same record again. With no list (no Web Locks), every tab.
-   */
-  async function elected() {
-    const live = await liveTabs();
-    return !live || live.every((id) => id >= tabId);
-  }
-
-  /**
-   * The records of other tabs that are gone, taken in so that they do not pile up (one per
-   * tab ever opened): their shares added to this tab's, their intents this tab's where
-   * later than its own, their keys removed.
-   * - A tab closed (its record has `left`) more than `absorbAfterMs` ago. Not one that left
-   *   pending likes: `adoptOrphans` takes those over first.
-   * - A tab gone without `pagehide` (a crash, a kill, a tab the browser discarded): no
-   *   `left`, and its lock found free twice, `ADOPT_AFTER_MS` apart. Its pending like ops
-   *   are taken over too (they may still apply), and marked taken, as orphans are, for the
-   *   tab reopened with its session. Not when locks cannot tell (`isTabAlive` not false).
-   * Looked for on start, when a record changes, and every `SWEEP_EVERY_MS` (a crash
-   * writes nothing).
-   */
-  let sweepScheduledAt = Infinity;
-  /** Tab id -> when its lock was first found free with its record saying it is open. */
-  const suspects = new Map();
-  async function sweepClosed() {
-    if (!identified || away || !local) return;
-    const closed = [];
-    const crashed = [];
-    let next = SWEEP_EVERY_MS;
-    for (const [tab, record] of guard(() => tabRecords(local), [])) {
-      if (tab === tabId) continue;
-      if (record.left !== null) {
-        const age = now() - record.left;
-        if (age >= absorbAfterMs) closed.push(tab);
-        else next = Math.min(next, absorbAfterMs - age);
-        continue;
-      }
-      if ((await isTabAlive(tab)) !== false) {
-        suspects.delete(tab);
-        continue;
-      }
-      if (!suspects.has(tab)) suspects.set(tab, now());
-      const free = now() - suspects.get(tab);
-      if (free >= ADOPT_AFTER_MS) crashed.push(tab);
-      else next = Math.min(next, ADOPT_AFTER_MS - free);
-    }
-    // One timer at a time, for the earliest look due.
-    if (now() + next < sweepScheduledAt) {
-      const at = now() + next;
-      sweepScheduledAt = at;
-      later(() => {
-        if (sweepScheduledAt === at) sweepScheduledAt = Infinity;
-        sweepClosed().catch((error) => log('cannot take in the records of closed tabs', error));
-      }, next);
-    }
-    // Another open tab takes them in; this one keeps looking, in case that tab closes first.
-    if (!(await elected())) return;
-    for (const tab of closed) {
-      if (!(await isTabAlive(tab))) await withLock(ORPHANS_LOCK, () => absorb(tab));
-    }
-    for (const tab of crashed) {
-      await withLock(ORPHANS_LOCK, async () => {
-        if ((await isTabAlive(tab)) === false) absorb(tab, { crashed: true });
-      });
-      suspects.delete(tab);
-    }
-  }
-
-  /**
    * Under the orphans' lock, which a tab coming back takes before it writes (`takeBackOwn`).
    * `crashed`: the tab went without `pagehide`, its pending like ops are in its record.
    */
@@ -571,57 +517,6 @@ export function createLikes({
     hidden.delete(tab);
     writeOwn(); // no longer hiding the id: its tab, reopened, writes under it again
     readOthers();
-  }
-
-
-  /**
-   * Take over the like ops of tabs that went away and did not come back: they may still
-   * apply, and this browser's share must count them. Each is restored into this tab's
-   * core (one that never had its 202 is sent again, same key), by one tab (`elected`),
-   * under a Web Lock.
-   */
-  let adoptScheduled = false;
-  function lookAgain(ms) {
-    if (adoptScheduled) return;
-    adoptScheduled = true;
-    later(() => {
-      adoptScheduled = false;
-      adoptOrphans().then(sweepClosed).catch((error) => log('cannot take over pending likes', error));
-    }, ms);
-  }
-  async function adoptOrphans() {
-    const keys = [];
-    guard(() => {
-      for (let index = 0; index < (local?.length ?? 0); index += 1) {
-        const key = local.key(index);
-        if (key.startsWith(ORPHANS_PREFIX) && key !== orphansKey) keys.push(key);
-      }
-    });
-    for (const key of keys) {
-      const left = readOrphans(guard(() => local.getItem(key), null));
-      const age = now() - left.at;
-      if (left.taken || !left.ops.length) {
-        if (age > KEEP_TAKEN_MS || (!left.taken && age > ADOPT_AFTER_MS)) guard(() => local.removeItem(key));
-        continue;
-      }
-      if (age < ADOPT_AFTER_MS) {
-        // Its tab may be reloading: look again once it has had the time to take them back.
-        lookAgain(ADOPT_AFTER_MS - age);
-        continue;
-      }
-      if (await isTabAlive(key.slice(ORPHANS_PREFIX.length))) continue;
-      if (!(await elected())) {
-        lookAgain(ADOPT_AFTER_MS); // another open tab takes them over, unless it closes first
-        continue;
-      }
-      await withLock(ORPHANS_LOCK, () => {
-        const { ops } = readOrphans(guard(() => local.getItem(key), null));
-        if (!ops?.length) return;
-        guard(() => local.setItem(key, JSON.stringify({ taken: ops.map((op) => op.key), at: now() })));
-        readOthers(); // they are this tab's pending now, not that tab's
-        adopt(ops);
-      });
-    }
   }
 
   const unsubscribe = core.subscribe(() => {
@@ -682,12 +577,12 @@ export function createLikes({
       writeClicks();
       identify();
       onChange();
-      adoptOrphans().then(sweepClosed).catch((error) => log('cannot take over pending likes', error));
+      adoptOrphans().then(sweep).catch((error) => log('cannot take over pending likes', error));
       return tabId;
     },
     /** This page holds its tab's lock: the id is its own (what it left before a reload included). */
     confirmTab() {
-      return takeBackOwn({ identifying: true }).then(adoptOrphans).then(sweepClosed);
+      return takeBackOwn({ identifying: true }).then(adoptOrphans).then(sweep);
     },
     /** Whether the toggle shows Liked, with this tab's `pending` deltas on the task. */
     isLiked: liked,
@@ -723,7 +618,7 @@ export function createLikes({
       if (key === null || key.startsWith(ORPHANS_PREFIX)) adoptOrphans().catch((error) => log('cannot take over pending likes', error));
       // A tab that left: taken in once it has been gone long enough.
       if (key?.startsWith(TAB_RECORD_PREFIX) && readTabRecord(guard(() => local?.getItem(key), null)).left !== null) {
-        sweepClosed().catch((error) => log('cannot take in the records of closed tabs', error));
+        sweep().catch((error) => log('cannot take in the records of closed tabs', error));
       }
       const before = others;
       readOthers();
@@ -735,8 +630,8 @@ export function createLikes({
       for (const taskId of moved) if (intent(taskId)?.tab === tabId) compensate(taskId);
       return true;
     },
-    /** Look now for the records of tabs gone (it is done every `SWEEP_EVERY_MS` too). */
-    sweep: () => sweepClosed(),
+    /** Look now for the records of tabs gone (like-handover.js looks every minute too). */
+    sweep: () => sweep(),
     /** The page goes away: its pending deltas stop counting for the other tabs. */
     leave() {
       away = true;
