@@ -773,14 +773,17 @@ export function createCore({
   /**
    * Put back ops persisted before a reload. Their timeouts start over now; an op that had
    * its 202 is `pending`, one that had not is `sending` (the caller re-sends it, same key).
+   * `known`: key -> `{type, reason}` for ops the caller knows are done (the status endpoint
+   * said so); they leave at once, settled or failed, and never show as pending.
    */
-  function restore(saved) {
+  function restore(saved, known = new Map()) {
     const at = now();
     for (const fields of saved) {
       if (!fields?.key || !fields.task_id || !KINDS.includes(fields.kind) || findOp(fields.key)) continue;
-      const seen = unmatched.get(fields.key);
+      const seen = unmatched.get(fields.key) ?? known.get(fields.key);
       if (seen) {
-        // Its event came before it did (an op taken over from a tab that closed).
+        // Its event came before it did (an op taken over from a tab that closed), or its
+        // status says it is done (`known`: {type, reason}, as an event would).
         const outcome = seen.type === EVENT_SETTLED ? 'settled' : 'failed';
         departed = [...departed, Object.freeze({ op: Object.freeze({ ...fields }), outcome, reason: seen.reason })];
         continue;

@@ -15,13 +15,16 @@ import {
  *   absorbAfterMs: number, guard: (what: () => unknown, fallback: unknown) => unknown,
  *   log: (message: string, error?: unknown) => void,
  *   self: () => {id: string, orphansKey: string, ready: boolean},
- *   takeOrphans: (ops: object[]) => void, takeIn: (tabId: string, options?: {crashed?: boolean}) => void}} options
+ *   outcomesOf: (ops: object[]) => Promise<Map<string, object>>,
+ *   takeOrphans: (ops: object[], known: Map<string, object>) => void,
+ *   takeIn: (tabId: string, options?: {crashed?: boolean}) => Promise<void>}} options
  *   `self`: this tab's id, its orphans' key, and whether it may act (it knows its id and is
- *   not going away). `takeOrphans`: make ops this tab's (under the orphans' lock, marked
- *   taken). `takeIn`: take a tab's record in (under the lock; it checks the record again).
+ *   not going away). `outcomesOf`: which ops are done, asked of the server. `takeOrphans`:
+ *   make ops this tab's (under the orphans' lock, marked taken), those known done leaving
+ *   at once. `takeIn`: take a tab's record in (under the lock; it checks the record again).
  */
 export function createHandover({
-  local, now, later, withLock, isTabAlive, liveTabs, absorbAfterMs, guard, log, self, takeOrphans, takeIn,
+  local, now, later, withLock, isTabAlive, liveTabs, absorbAfterMs, guard, log, self, outcomesOf, takeOrphans, takeIn,
 }) {
   /**
    * Whether this tab is the one that takes over what closed tabs left: of the open tabs (as
@@ -30,7 +33,11 @@ export function createHandover({
    * localStorage, and take in the same record again. With no list (no Web Locks), every tab.
    */
   async function elected() {
-    const live = await liveTabs();
+    return isLeast(await liveTabs());
+  }
+
+  /** Whether this tab has the least id of `live` (the open tabs' ids, or undefined: cannot tell). */
+  function isLeast(live) {
     return !live || live.every((id) => id >= self().id);
   }
 
@@ -55,6 +62,7 @@ export function createHandover({
     const closed = [];
     const crashed = [];
     let next = SWEEP_EVERY_MS;
+    const live = await liveTabs(); // one look at the lock manager for every record
     for (const [tab, record] of guard(() => tabRecords(local), [])) {
       if (tab === self().id) continue;
       if (record.left !== null) {
@@ -63,7 +71,7 @@ export function createHandover({
         else next = Math.min(next, absorbAfterMs - age);
         continue;
       }
-      if ((await isTabAlive(tab)) !== false) {
+      if ((live ? live.includes(tab) : await isTabAlive(tab)) !== false) {
         suspects.delete(tab);
         continue;
       }
@@ -82,13 +90,13 @@ export function createHandover({
       }, next);
     }
     // Another open tab takes them in; this one keeps looking, in case that tab closes first.
-    if (!(await elected())) return;
+    if (!isLeast(live)) return;
     for (const tab of closed) {
       if (!(await isTabAlive(tab))) await withLock(ORPHANS_LOCK, () => takeIn(tab));
     }
     for (const tab of crashed) {
       await withLock(ORPHANS_LOCK, async () => {
-        if ((await isTabAlive(tab)) === false) takeIn(tab, { crashed: true });
+        if ((await isTabAlive(tab)) === false) await takeIn(tab, { crashed: true });
       });
       suspects.delete(tab);
     }
@@ -134,11 +142,15 @@ export function createHandover({
         lookAgain(ADOPT_AFTER_MS); // another open tab takes them over, unless it closes first
         continue;
       }
-      await withLock(ORPHANS_LOCK, () => {
+      await withLock(ORPHANS_LOCK, async () => {
+        const left = readOrphans(guard(() => local.getItem(key), null)).ops;
+        if (!left?.length) return;
+        const known = await outcomesOf(left);
+        // Read again: a 202 that came after its page left may have given one its command id.
         const { ops } = readOrphans(guard(() => local.getItem(key), null));
         if (!ops?.length) return;
         guard(() => local.setItem(key, JSON.stringify({ taken: ops.map((op) => op.key), at: now() })));
-        takeOrphans(ops);
+        takeOrphans(ops, known);
       });
     }
   }

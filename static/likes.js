@@ -223,9 +223,10 @@ export function createLikes({
     guard,
     log,
     self: () => ({ id: tabId, orphansKey, ready: identified && !away }),
-    takeOrphans: (ops) => {
+    outcomesOf: (ops) => sync.outcomesOf(ops),
+    takeOrphans: (ops, known) => {
       readOthers(); // they are this tab's pending now, not that tab's
-      adopt(ops);
+      adopt(ops, known);
     },
     takeIn: absorb,
   });
@@ -243,14 +244,17 @@ export function createLikes({
    * `identifying`, the page learns its id is its own only then: it writes nothing before.
    */
   function takeBackOwn({ identifying = false } = {}) {
-    return withLock(ORPHANS_LOCK, () => {
+    return withLock(ORPHANS_LOCK, async () => {
       reconcileOwn();
       if (identifying) identify();
       const left = readOrphans(guard(() => local?.getItem(orphansKey), null));
       for (const key of left.taken ?? []) givenAway.add(key);
+      // Left by another page under this id (the tab this one is a copy of, closed since);
+      // a reload's own are in the core already.
+      const strangers = (left.ops ?? []).filter((op) => !core.getOp(op.key));
+      const known = strangers.length ? await sync.outcomesOf(strangers) : new Map();
       guard(() => local?.removeItem(orphansKey));
-      // Left by another page under this id (the tab this one is a copy of, closed since).
-      adopt(left.ops ?? []);
+      adopt(strangers, known);
       writeOwn();
     });
   }
@@ -278,18 +282,14 @@ export function createLikes({
   }
 
   /**
-   * Make `ops` this tab's: restored into its core, the unsent sent again (same key), the
-   * others asked after at once (one applied before this page's snapshot would show twice
-   * in the count until its status was asked, `stuckMs` later).
+   * Make `ops` this tab's: restored into its core, the unsent sent again (same key). Those
+   * `known` to be done (`sync.outcomesOf`, asked before) leave at once: one applied before
+   * this page's snapshot has no event to come, and would show twice in the count.
    */
-  function adopt(ops) {
+  function adopt(ops, known = new Map()) {
     for (const op of ops) givenAway.delete(op.key);
-    core.restore(ops);
-    for (const op of ops) {
-      if (!core.getOp(op.key)) continue; // its event was seen: settled as restored
-      if (op.command_id) sync.askNow(op.key).catch((error) => log('cannot ask after a like taken over', error));
-      else sync.retry(op.key);
-    }
+    core.restore(ops, known);
+    for (const op of ops) if (!op.command_id && core.getOp(op.key)) sync.retry(op.key);
   }
 
   function readOthers() {
@@ -476,7 +476,9 @@ export function createLikes({
    * Under the orphans' lock, which a tab coming back takes before it writes (`takeBackOwn`).
    * `crashed`: the tab went without `pagehide`, its pending like ops are in its record.
    */
-  function absorb(tab, { crashed = false } = {}) {
+  async function absorb(tab, { crashed = false } = {}) {
+    const ops = guard(() => tabRecords(local).find(([id]) => id === tab)?.[1].ops, undefined) ?? [];
+    const known = ops.length ? await sync.outcomesOf(ops) : new Map();
     const record = guard(() => tabRecords(local).find(([id]) => id === tab)?.[1], undefined);
     // Taken in already, or back since (a closed tab's record has `left`, an open one's not).
     if (!record || (record.left === null) !== crashed || away) return;
@@ -502,7 +504,7 @@ export function createLikes({
       if (record.ops.length) {
         const taken = [...(orphans.taken ?? []), ...record.ops.map((op) => op.key)];
         guard(() => local.setItem(orphansKey, JSON.stringify({ taken, at: now() })));
-        adopt(record.ops);
+        adopt(record.ops, known);
       }
     } finally {
       holding = false;

@@ -4,7 +4,7 @@
 //
 // Time, ids, storage and the interval are injected so this layer runs under node too.
 
-import { commandRequest, EVENT_FAILED, EVENT_RESET } from './core.js';
+import { commandRequest, EVENT_FAILED, EVENT_RESET, EVENT_SETTLED } from './core.js';
 
 /** Where pending ops survive a reload. Per tab (sessionStorage): each tab owns its ops. */
 export const STORAGE_KEY = 'settle.pending-ops.v1';
@@ -314,13 +314,23 @@ export function createSync({
       return issue({ kind: 'like', key, task_id: taskId, delta, compensating });
     },
     /**
-     * Ask now whether an op is done (an op taken over from a tab that closed, whose event
-     * may have come before this page's snapshot: until asked, it would count twice). A
-     * pending one waits for its event as any other.
+     * Which of `ops` (not this page's yet: ops taken over from a tab that closed) are done,
+     * as `core.restore` takes them: key -> `{type, reason}`. One done before this page's
+     * snapshot has no event to come, and restored as pending it would count twice until
+     * its status was asked. Ops without a command id, or not answered, are left out.
      */
-    askNow(key) {
-      const op = core.getOp(key);
-      return op?.command_id ? checkStatus(op, { ifDone: true }) : Promise.resolve();
+    async outcomesOf(ops) {
+      const known = new Map();
+      await Promise.all(ops.filter((op) => op.command_id).map(async (op) => {
+        try {
+          const command = await transport.fetchCommand(op.command_id);
+          if (command?.status === 'settled') known.set(op.key, { type: EVENT_SETTLED });
+          if (command?.status === 'failed') known.set(op.key, { type: EVENT_FAILED, reason: command.error?.reason });
+        } catch (error) {
+          log('cannot ask after an op taken over', error);
+        }
+      }));
+      return known;
     },
     /** Send a stuck op again under its own key: the server answers a replay, never a second effect. */
     retry(key) {

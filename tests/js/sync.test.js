@@ -287,22 +287,23 @@ describe('the sync engine', () => {
     assert.equal(core.getOp('slow').state, 'pending');
   });
 
-  test('an op taken over is asked after at once: settled, it leaves; still pending, it waits for its event', async () => {
+  test('ops taken over are asked after first: the done ones leave as restored, never shown pending', async () => {
+    const statuses = { 'cmd-done': 'settled', 'cmd-refused': 'failed', 'cmd-later': 'pending' };
     const transport = fakeTransport({
-      fetchCommand: async (commandId) => ({ command_id: commandId, status: commandId === 'cmd-done' ? 'settled' : 'pending', event_id: 4 }),
-      fetchTask: async (id) => task(id, { likes: 1, version: 2 }),
+      fetchCommand: async (commandId) => ({ command_id: commandId, status: statuses[commandId], error: { reason: 'injected' } }),
     });
     const { core, sync } = setup({ transport });
     await sync.start();
-    core.restore([
-      { key: 'done', command_id: 'cmd-done', task_id: 'a', kind: 'like', delta: 1, issued_at: 1 },
-      { key: 'later', command_id: 'cmd-later', task_id: 'a', kind: 'like', delta: 1, issued_at: 2 },
-    ]);
-    await sync.askNow('done');
-    await sync.askNow('later');
-    assert.deepEqual(core.takeDeparted().map(({ op, outcome }) => [op.key, outcome]), [['done', 'settled']]);
-    assert.deepEqual(core.pendingOps().map((op) => [op.key, op.state]), [['later', 'pending']], 'not offered Retry');
-    assert.equal(core.getSnapshot().items[0].task.likes, 2, 'the row as fetched (1) and the like still coming');
+    const ops = ['done', 'refused', 'later'].map((key, index) => ({
+      key, command_id: `cmd-${key}`, task_id: 'a', kind: 'like', delta: 1, issued_at: index,
+    }));
+    const known = await sync.outcomesOf([...ops, { key: 'unsent', task_id: 'a', kind: 'like', delta: 1, issued_at: 9 }]);
+    assert.deepEqual([...known.keys()], ['done', 'refused']);
+    core.restore(ops, known);
+    assert.deepEqual(core.takeDeparted().map(({ op, outcome, reason }) => [op.key, outcome, reason]),
+      [['done', 'settled', undefined], ['refused', 'failed', 'injected']]);
+    assert.deepEqual(core.pendingOps().map((op) => op.key), ['later']);
+    assert.equal(core.getSnapshot().items[0].task.likes, 1, 'the snapshot (0) and the like still coming: not the done one again');
   });
 
   test('a replayed 202 has its status asked at once: the command may have applied before this page', async () => {
