@@ -20,6 +20,12 @@ export const LEGACY_LEDGER_PREFIX = 'settle.like-ledger.v1.';
 export const LEGACY_LIKED_KEY = 'settle.liked.v1';
 /** This tab's id (sessionStorage, so a reload keeps it). */
 export const TAB_ID_KEY = 'settle.tab-id.v1';
+/**
+ * Likes of this tab that settled while its page did not know its id yet, so wrote no
+ * record: task id -> delta (sessionStorage), for the next page of the tab should this one
+ * go first (a reload in that window lost them).
+ */
+export const UNFLUSHED_KEY = 'settle.like-unflushed.v1';
 /** This tab's clicks still in play, by task (sessionStorage, so a reload keeps them). */
 export const CLICKS_KEY = 'settle.like-clicks.v1';
 /**

@@ -15,7 +15,7 @@
 // `node --test`.
 
 import {
-  TAB_RECORD_PREFIX, LEGACY_LEDGER_PREFIX, LEGACY_LIKED_KEY, TAB_ID_KEY, CLICKS_KEY, ORPHANS_PREFIX, ORPHANS_LOCK,
+  TAB_RECORD_PREFIX, LEGACY_LEDGER_PREFIX, LEGACY_LIKED_KEY, TAB_ID_KEY, CLICKS_KEY, ORPHANS_PREFIX, ORPHANS_LOCK, UNFLUSHED_KEY,
   ABSORB_AFTER_MS, readOrphans, readTabRecord, tabRecords, sumShares, readContributions, legacyLiked, readClicks,
 } from './like-records.js';
 import { createHandover } from './like-handover.js';
@@ -180,6 +180,9 @@ export function createLikes({
   /** The share as this tab's record holds it now: what a tab that takes the record in counts. */
   let storedShare = new Map(ownShare);
   // A ledger this tab kept before the records is taken into its share, once.
+  /** Settled while this tab's page (this one or one before it) did not know its id. */
+  const unflushed = readContributions(guard(() => session?.getItem(UNFLUSHED_KEY), null));
+  for (const [taskId, share] of unflushed) ownShare.set(taskId, (ownShare.get(taskId) ?? 0) + share);
   for (const [taskId, share] of readContributions(guard(() => local?.getItem(legacyLedgerKey), null))) {
     ownShare.set(taskId, (ownShare.get(taskId) ?? 0) + share);
   }
@@ -276,6 +279,10 @@ export function createLikes({
     identified = true;
     written = null;
     writeOwn();
+    if (written !== null) {
+      unflushed.clear(); // in the record now
+      guard(() => session?.removeItem(UNFLUSHED_KEY));
+    }
     readOthers();
     for (const taskId of deferred) ownOpLeft(taskId);
     deferred.clear();
@@ -529,8 +536,11 @@ export function createLikes({
       const list = clicks.get(op.task_id);
       if (outcome === 'settled' || outcome === 'applied_late') {
         addToShare(op.task_id, op.delta);
-        if (!identified && op.issued_at < openedAt) {
-          inheritedShare.set(op.task_id, (inheritedShare.get(op.task_id) ?? 0) + op.delta);
+        if (!identified) {
+          if (op.issued_at < openedAt) inheritedShare.set(op.task_id, (inheritedShare.get(op.task_id) ?? 0) + op.delta);
+          // No record is written yet: kept for the tab's next page, should this one go first.
+          unflushed.set(op.task_id, (unflushed.get(op.task_id) ?? 0) + op.delta);
+          guard(() => session?.setItem(UNFLUSHED_KEY, JSON.stringify(Object.fromEntries(unflushed))));
         }
         failedInARow.delete(op.task_id);
         // Something the user did not do now: a fresh allowance to make up for it.

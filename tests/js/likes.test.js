@@ -483,6 +483,24 @@ describe('createLikes: two tabs of one browser', () => {
     assert.equal(reopened.sent.length, 0);
   });
 
+  test('a like that settles before the page knows its id, then a reload: the next page counts it', async () => {
+    const server = fakeServer();
+    const local = memoryStorage();
+    const a = tab({ server, local, name: 'a', identityPending: true });
+    a.settle(a.click());
+    assert.equal(a.liked(), true);
+    a.likes.leave(); // reloaded before its lock came: no record written
+    a.likes.stop();
+    assert.equal(browserShares(local).get('t') ?? 0, 0);
+    const reloaded = tab({ server, local, session: a.session, name: 'a2', restored: a.core.persistedOps(), identityPending: true });
+    assert.equal(reloaded.liked(), true);
+    await reloaded.likes.confirmTab();
+    assert.equal(browserShares(local).get('t'), 1, 'in its record now');
+    const again = tab({ server, local, session: a.session, name: 'a3' });
+    assert.equal(again.liked(), true);
+    assert.equal(browserShares(local).get('t'), 1, 'and not twice: the note of it was cleared');
+  });
+
   test('a like taken over that had applied already is counted at once, never shown pending', async () => {
     const server = fakeServer();
     const local = memoryStorage();
