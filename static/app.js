@@ -78,17 +78,17 @@ const $ = (id) => document.getElementById(id);
  * closed leaves its compensations to the others (likes.js).
  */
 const TAB_LOCK_PREFIX = 'settle.tab.';
-async function isTabAlive(id) {
-  if (!navigator.locks) return undefined; // cannot tell: taken for gone, but never for crashed (likes.js)
-  const { held = [] } = await navigator.locks.query();
-  return held.some((lock) => lock.name === `${TAB_LOCK_PREFIX}${id}`);
-}
 
 /** The ids of this browser's open tabs (their locks held), or undefined without Web Locks. */
 async function liveTabs() {
   if (!navigator.locks) return undefined;
   const { held = [] } = await navigator.locks.query();
   return held.map((lock) => lock.name).filter((name) => name.startsWith(TAB_LOCK_PREFIX)).map((name) => name.slice(TAB_LOCK_PREFIX.length));
+}
+
+/** Whether tab `id` is open; undefined without Web Locks (cannot tell: taken for gone, never for crashed). */
+async function isTabAlive(id) {
+  return (await liveTabs())?.includes(id);
 }
 
 const likeToggle = createLikes({

@@ -390,12 +390,17 @@ describe('createLikes: the toggle of one tab', () => {
 });
 
 /** Tabs a and b of one browser; a has a like pending; b takes every other tab for closed. */
-function likePendingInA(optionsOfB = {}) {
+/** A server, shared storage and clock, and tab `a` with a like pending. */
+function aWithLikePending() {
   const server = fakeServer();
   const local = memoryStorage();
   const clock = { time: 1000 };
   const a = tab({ server, local, name: 'a', clock });
-  const like = a.click();
+  return { server, local, clock, a, like: a.click() };
+}
+
+function likePendingInA(optionsOfB = {}) {
+  const { server, local, clock, a, like } = aWithLikePending();
   const b = tab({ server, local, name: 'b', clock, alive: async () => false, ...optionsOfB });
   return { server, local, clock, a, like, b };
 }
@@ -455,11 +460,7 @@ describe('createLikes: two tabs of one browser', () => {
   });
 
   test('a tab closed with a like pending: another takes it over and counts it; the tab reopened leaves it', async () => {
-    const server = fakeServer();
-    const local = memoryStorage();
-    const clock = { time: 1000 };
-    const a = tab({ server, local, name: 'a', clock });
-    const like = a.click();
+    const { server, local, clock, a, like } = aWithLikePending();
     const aId = a.likes.tabId;
     const b = tab({ server, local, name: 'b', clock, alive: async (id) => id !== aId });
     a.likes.leave();
@@ -502,11 +503,7 @@ describe('createLikes: two tabs of one browser', () => {
   });
 
   test('a like taken over that had applied already is counted at once, never shown pending', async () => {
-    const server = fakeServer();
-    const local = memoryStorage();
-    const clock = { time: 1000 };
-    const a = tab({ server, local, name: 'a', clock });
-    const like = a.click();
+    const { server, local, clock, a, like } = aWithLikePending();
     server.apply(like); // applied; its event reached no tab that is still open
     a.likes.leave();
     a.likes.stop();
