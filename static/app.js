@@ -11,7 +11,8 @@ import { createCore } from './core.js';
 import { createTransport } from './transport.js';
 import { createSync } from './sync.js';
 import { createLikes } from './likes.js';
-import { rollingPercentiles, linePath, niceCeiling, percentile } from './stats.js';
+import { createPanels } from './panels.js';
+import { $, element, setAttr, setText } from './dom.js';
 
 // ---- configuration from the URL: ?stuck_ms=5000&sync_ms=800 -----------------------------
 
@@ -25,10 +26,6 @@ const STUCK_MS = numberParam(params, 'stuck_ms', 5000);
 const SYNC_MS = numberParam(params, 'sync_ms', 800);
 /** How long after a tab closed its like record is taken into an open tab's (likes.js). */
 const ABSORB_AFTER_MS = numberParam(params, 'absorb_after_ms', 60 * 60 * 1000);
-/** How often the server's metrics are polled for the chart. */
-const METRICS_POLL_MS = 2000;
-/** How much history the chart shows. */
-const CHART_SPAN_MS = 120_000;
 
 const core = createCore({ now: Date.now, stuckMs: STUCK_MS, syncMs: SYNC_MS });
 const transport = createTransport();
@@ -41,6 +38,7 @@ const sync = createSync({
 });
 // A handle for the console and for end-to-end tests that need to poke the machinery.
 window.settle = { core, sync, transport };
+const panels = createPanels({ transport, windowSamples: () => core.getSnapshot().window_samples });
 
 function safeStorage(get) {
   try {
@@ -49,26 +47,6 @@ function safeStorage(get) {
     return null; // storage disabled: pending ops then live only as long as the page
   }
 }
-
-// ---- small DOM helpers -------------------------------------------------------------------
-
-function element(tag, attributes = {}, text) {
-  const node = document.createElement(tag);
-  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
-
-/** Set text only when it differs, so unchanged nodes see no mutation at all. */
-function setText(node, text) {
-  if (node.textContent !== text) node.textContent = text;
-}
-
-function setAttr(node, name, value) {
-  if (node.getAttribute(name) !== value) node.setAttribute(name, value);
-}
-
-const $ = (id) => document.getElementById(id);
 
 // ---- likes as a toggle (static/likes.js) ---------------------------------------------------
 
@@ -485,132 +463,6 @@ function renderConnection(state) {
   setText(node, CONNECTION_TEXT[state] ?? state);
 }
 
-// ---- the consistency-window chart ------------------------------------------------------------
-
-const SVG_NS = 'http://www.w3.org/2000/svg';
-const CHART = { width: 300, height: 130, left: 16, top: 8 };
-let serverSeries = [];
-
-function svg(tag, attributes = {}) {
-  const node = document.createElementNS(SVG_NS, tag);
-  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
-  return node;
-}
-
-function formatMs(value) {
-  return value == null ? '–' : `${Math.round(value)} ms`;
-}
-
-function renderChart(samples) {
-  const clientSeries = rollingPercentiles(samples);
-  const to = Date.now();
-  const from = to - CHART_SPAN_MS;
-  const inRange = (point) => point.at >= from;
-  const peak = Math.max(0, ...[...clientSeries, ...serverSeries].filter(inRange).flatMap((point) => [point.p99 ?? 0]));
-  const maxMs = niceCeiling(peak);
-  const box = { from, to, maxMs, width: CHART.width, height: CHART.height };
-  const chart = $('window-chart');
-  const plot = svg('g', { transform: `translate(${CHART.left},${CHART.top})` });
-  plot.append(svg('rect', { class: 'plot-area', x: '0', y: '0', width: String(CHART.width), height: String(CHART.height) }));
-  for (const fraction of [0.5, 1]) {
-    const y = String(CHART.height - fraction * CHART.height);
-    plot.append(svg('line', { class: 'grid', x1: '0', x2: String(CHART.width), y1: y, y2: y }));
-    const label = svg('text', { class: 'axis', x: '2', y: String(Number(y) + 10) });
-    label.textContent = `${Math.round(fraction * maxMs)} ms`;
-    plot.append(label);
-  }
-  const series = [
-    ['client-p50', clientSeries, (point) => point.p50],
-    ['client-p99', clientSeries, (point) => point.p99],
-    ['server-p50', serverSeries, (point) => point.p50],
-    ['server-p99', serverSeries, (point) => point.p99],
-  ];
-  for (const [name, points, pick] of series) {
-    const d = linePath(points, pick, box);
-    if (d) plot.append(svg('path', { class: `series ${name}`, 'data-series': name, d }));
-  }
-  chart.replaceChildren(plot);
-
-  const recent = samples.map((sample) => sample.ms);
-  setText($('client-figures'), recent.length
-    ? `p50 ${formatMs(percentile(recent, 50))}, p99 ${formatMs(percentile(recent, 99))} over ${recent.length} settled`
-    : 'no sample yet');
-}
-
-async function pollMetrics() {
-  try {
-    const metrics = await transport.fetchMetrics();
-    const window = metrics.window_ms ?? {};
-    if (window.count > 0) {
-      serverSeries = [...serverSeries, { at: Date.now(), p50: window.p50, p99: window.p99 }].slice(-200);
-    }
-    setText($('server-figures'), window.count > 0
-      ? `p50 ${formatMs(window.p50)}, p99 ${formatMs(window.p99)}, max ${formatMs(window.max)} over ${window.count}`
-      : 'no settled command yet');
-    setText($('server-counts'), `accepted ${metrics.accepted}, settled ${metrics.settled}, failed ${metrics.failed}, `
-      + `deduplicated ${metrics.deduplicated}, pending ${metrics.pending}`
-      + (metrics.lag_ms >= 1000 ? `, applying ${formatMs(metrics.lag_ms)} behind due times` : '')
-      + (metrics.refused ? `, refused ${metrics.refused} (the server's backlog was full or too far behind)` : ''));
-    renderChart(core.getSnapshot().window_samples);
-  } catch (error) {
-    setText($('server-figures'), `unavailable (${error.message})`);
-  }
-}
-
-// ---- the fault panel ------------------------------------------------------------------------
-
-const FAULT_FIELDS = ['delay_ms', 'jitter_ms', 'failure_rate', 'drop_rate', 'transient_rate'];
-/** PUTs go out one after the other, so the server ends with the last thing the user set. */
-let faultChain = Promise.resolve();
-
-function showFaults(settings) {
-  const form = $('faults');
-  for (const field of FAULT_FIELDS) {
-    const input = form.elements[field];
-    // Never overwrite what the user is typing.
-    if (input && settings[field] !== undefined && input !== document.activeElement) input.value = String(settings[field]);
-  }
-}
-
-function readFaults(fields) {
-  const form = $('faults');
-  const update = {};
-  for (const field of fields) {
-    const raw = form.elements[field]?.value.trim() ?? '';
-    if (raw !== '') update[field] = Number(raw);
-  }
-  return update;
-}
-
-/** PUT a subset of the settings (the server accepts any subset) and report the outcome. */
-function applyFaults(update) {
-  const status = $('fault-status');
-  faultChain = faultChain.then(async () => {
-    try {
-      showFaults(await transport.putFaults(update));
-      status.setAttribute('role', 'status');
-      status.className = 'fault-status ok';
-      setText(status, 'Applied.');
-    } catch (error) {
-      status.setAttribute('role', 'alert');
-      status.className = 'fault-status error';
-      setText(status, `Refused: ${error.message}`);
-    }
-  });
-  return faultChain;
-}
-
-function bindFaultPanel() {
-  const form = $('faults');
-  form.addEventListener('submit', (event) => {
-    event.preventDefault();
-    applyFaults(readFaults(FAULT_FIELDS));
-  });
-  // A changed field applies on its own too: only that field, so it never resets the others.
-  form.addEventListener('change', (event) => applyFaults(readFaults([event.target.name])));
-  transport.fetchFaults().then((settings) => settings && showFaults(settings)).catch(() => {});
-}
-
 // ---- the new-task form ------------------------------------------------------------------------
 
 /**
@@ -648,7 +500,7 @@ function render() {
   if (snapshot.notices !== rendered?.notices) renderNotices(snapshot.notices);
   if (snapshot.sync !== rendered?.sync) renderSync(snapshot.sync);
   if (snapshot.connection !== rendered?.connection) renderConnection(snapshot.connection);
-  if (snapshot.window_samples !== rendered?.window_samples) renderChart(snapshot.window_samples);
+  if (snapshot.window_samples !== rendered?.window_samples) panels.renderChart(snapshot.window_samples);
   rendered = snapshot;
 }
 
@@ -662,11 +514,9 @@ function scheduleRender() {
 function main() {
   core.subscribe(scheduleRender);
   bindNewTaskForm();
-  bindFaultPanel();
   render();
   sync.start();
-  setInterval(pollMetrics, METRICS_POLL_MS);
-  pollMetrics();
+  panels.start();
   // The tooltip's "how old" moves with time even when the core does not.
   setInterval(() => refreshSyncText(core.getSnapshot().sync), 250);
 }

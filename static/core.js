@@ -16,32 +16,14 @@
 // operation and leave the others standing. Folding the remaining ops over the confirmed
 // base gives all three for free.
 
-/** Operation kinds, as the server names them in command records and events. */
-export const KINDS = Object.freeze(['create', 'update', 'delete', 'like']);
-
-/**
- * Life of an operation on the client:
- * - `sending`:  issued, no 202 yet (or being re-sent by Retry);
- * - `pending`:  202 received, waiting for its event;
- * - `checking`: no event after `stuckMs`, the command's status endpoint is being asked;
- * - `stuck`:    still pending on the server after the check, or never accepted:
- *               the view offers Retry (same key) and Discard.
- * A settled or failed operation leaves the stack; it has no state of its own.
- */
-export const OP_STATES = Object.freeze(['sending', 'pending', 'checking', 'stuck']);
-
-export const EVENT_SETTLED = 'projection:settled';
-export const EVENT_FAILED = 'command:failed';
-export const EVENT_RESET = 'reset';
-
-const REASON_TEXT = Object.freeze({
-  not_found: 'the task no longer exists',
-  conflict: 'someone else changed it first',
-  injected: 'the server rejected it (injected failure)',
-  dead_lettered: 'the server gave up after repeated faults',
-});
-/** Reasons whose server message says more than REASON_TEXT (which versions, which fault). */
-const REASON_WITH_DETAIL = new Set(['conflict', 'dead_lettered']);
+import {
+  describeOp, discardText, EVENT_FAILED, EVENT_SETTLED, failureText, isSavedOp, itemOf, KINDS,
+  noticeOf, persistedFields,
+} from './ops.js';
+import {
+  conflictOf, rebasePlan, refreshedConflict, revivedConflict, seenValues as seenOn,
+} from './conflicts.js';
+import { createStacks } from './stacks.js';
 
 /** How many outcomes of events that matched no op are remembered (`restore`). */
 const MAX_UNMATCHED = 500;
@@ -51,113 +33,6 @@ const MAX_DISCARDED = 100;
 const MAX_NOTICES = 6;
 /** How many client-measured windows are kept for the chart. */
 const MAX_WINDOW_SAMPLES = 500;
-/** The stack of a task with no pending op: one shared object, so memoized items stay equal. */
-const NO_OPS = Object.freeze([]);
-/**
- * The fields an edit sets, whose values an edit or a delete was made on are recorded
- * (see `seenValues`): someone else's change to one of them is what a conflict is about.
- */
-const EDIT_FIELDS = Object.freeze(['title', 'notes', 'done']);
-/**
- * How many times one edit is re-sent by itself on a newer version (see `rebase`) before the
- * conflict is put to the user: versions that keep moving (likes, say) cannot hold it forever.
- */
-const MAX_REBASES = 5;
-
-/**
- * The HTTP request that carries an operation. Deterministic: a retry under the same
- * idempotency key must send the very same body, or the server answers 422.
- * @returns {{method: string, path: string, body: object | null}}
- */
-export function commandRequest(op) {
-  const taskPath = `/api/tasks/${encodeURIComponent(op.task_id)}`;
-  switch (op.kind) {
-    case 'create': {
-      const body = { id: op.task_id, title: op.title };
-      if (op.notes) body.notes = op.notes;
-      return { method: 'POST', path: '/api/tasks', body };
-    }
-    case 'update': {
-      const body = { ...op.patch };
-      if (op.base_version != null) body.base_version = op.base_version;
-      return { method: 'PATCH', path: taskPath, body };
-    }
-    case 'delete':
-      return {
-        method: 'DELETE',
-        path: taskPath,
-        body: op.base_version != null ? { base_version: op.base_version } : null,
-      };
-    case 'like':
-      return { method: 'POST', path: `${taskPath}/likes`, body: { delta: op.delta } };
-    default:
-      throw new Error(`unknown operation kind ${op.kind}`);
-  }
-}
-
-/** One pending operation applied to a task (or to its absence, `null`). */
-export function applyOp(task, op) {
-  switch (op.kind) {
-    case 'create':
-      // A create whose row is already confirmed (its event or a snapshot came first)
-      // predicts nothing more.
-      return task ?? {
-        id: op.task_id,
-        title: op.title,
-        notes: op.notes ?? '',
-        done: false,
-        likes: 0,
-        version: 0,
-        updated_at: null,
-      };
-    case 'update':
-      return task && { ...task, ...op.patch };
-    case 'delete':
-      return null;
-    case 'like':
-      return task && { ...task, likes: task.likes + op.delta };
-    default:
-      return task;
-  }
-}
-
-/** view(id): the pending operations folded, in issue order, over the confirmed task. */
-export function fold(confirmed, ops) {
-  let task = confirmed ?? null;
-  for (const op of ops) task = applyOp(task, op);
-  return task;
-}
-
-/** A short human description of an operation, for notices and the stuck view. */
-export function describeOp(op, title) {
-  const name = `“${title ?? op.title ?? 'task'}”`;
-  switch (op.kind) {
-    case 'create':
-      return `Create ${name}`;
-    case 'update': {
-      const parts = [];
-      if ('title' in op.patch) parts.push(`rename ${name} to “${op.patch.title}”`);
-      if ('notes' in op.patch) parts.push(`edit the notes of ${name}`);
-      if ('done' in op.patch) parts.push(`mark ${name} ${op.patch.done ? 'done' : 'not done'}`);
-      const text = parts.join(', ') || `edit ${name}`;
-      return text[0].toUpperCase() + text.slice(1);
-    }
-    case 'delete':
-      return `Delete ${name}`;
-    case 'like':
-      return op.compensating
-        ? `The ${op.delta > 0 ? 'like' : 'unlike'} of ${name} that the page sent to match your last click`
-        : `${op.delta > 0 ? 'Like' : 'Unlike'} ${name}`;
-    default:
-      return `Change ${name}`;
-  }
-}
-
-/** The fields of an operation that survive a page reload (see `restore`). */
-const PERSISTED_FIELDS = [
-  'key', 'command_id', 'task_id', 'kind', 'title', 'notes', 'patch', 'delta', 'base_version',
-  'seen', 'rebased', 'named', 'issued_at', 'compensating',
-];
 
 /**
  * Create a client core.
@@ -176,10 +51,8 @@ export function createCore({
   let base = new Map();
   /** @type {string[]} display order: the snapshot's creation order, then later creates */
   let order = [];
-  /** @type {Map<string, object[]>} task id -> frozen ops in issue order (arrays replaced, never mutated) */
-  const pending = new Map();
-  /** @type {Map<string, string>} idempotency key -> task id, to find an op by key */
-  const keyIndex = new Map();
+  /** Task id -> the user's ops not yet settled, in issue order (stacks.js). */
+  const pending = createStacks();
   /** Tasks whose delete settled: a late re-fetch must not bring them back. */
   const deleted = new Set();
   /** @type {Map<string, object>} task id -> open conflict (yours vs theirs) */
@@ -232,12 +105,10 @@ export function createCore({
   function refreshSync(at) {
     let count = 0;
     let oldest = null;
-    for (const ops of pending.values()) {
-      for (const op of ops) {
-        if (at - op.issued_at >= syncMs) {
-          count += 1;
-          if (oldest === null || op.issued_at < oldest) oldest = op.issued_at;
-        }
+    for (const op of pending.all()) {
+      if (at - op.issued_at >= syncMs) {
+        count += 1;
+        if (oldest === null || op.issued_at < oldest) oldest = op.issued_at;
       }
     }
     if (count === sync.count && oldest === sync.oldest_issued_at) return false;
@@ -247,23 +118,9 @@ export function createCore({
 
   // ---- lookups -------------------------------------------------------------------
 
-  function findOp(key) {
-    const taskId = keyIndex.get(key);
-    return taskId === undefined ? null : pending.get(taskId)?.find((op) => op.key === key) ?? null;
-  }
-
-  function findOpByCommandId(commandId) {
-    if (!commandId) return null;
-    for (const ops of pending.values()) {
-      const op = ops.find((candidate) => candidate.command_id === commandId);
-      if (op) return op;
-    }
-    return null;
-  }
-
   /** An event names its op by idempotency key (known from the click on), else by command id. */
   function opOfEvent(event) {
-    return (event.idempotency_key && findOp(event.idempotency_key)) || findOpByCommandId(event.command_id);
+    return (event.idempotency_key && pending.find(event.idempotency_key)) || pending.findByCommandId(event.command_id);
   }
 
   /**
@@ -273,35 +130,23 @@ export function createCore({
    */
   function titleOf(op) {
     return base.get(op.task_id)?.title
-      ?? pending.get(op.task_id)?.find((candidate) => candidate.kind === 'create')?.title
+      ?? pending.of(op.task_id).find((candidate) => candidate.kind === 'create')?.title
       ?? failedCreates.get(op.task_id) ?? goneTitles.get(op.task_id) ?? op.named ?? op.title;
   }
 
   // ---- mutations of the stacks -----------------------------------------------------
 
-  function replaceOp(op, changes) {
-    const ops = pending.get(op.task_id);
-    const next = Object.freeze({ ...op, ...changes });
-    pending.set(op.task_id, Object.freeze(ops.map((candidate) => (candidate === op ? next : candidate))));
-    return next;
-  }
-
   /** Take `op` off its stack, and note how it left (`takeDeparted`). */
   function removeOp(op, outcome, reason) {
     departed = [...departed, Object.freeze({ op, outcome, reason })];
-    const ops = pending.get(op.task_id) ?? [];
-    const rest = ops.filter((candidate) => candidate !== op);
-    if (rest.length) pending.set(op.task_id, Object.freeze(rest));
-    else pending.delete(op.task_id);
-    keyIndex.delete(op.key);
+    pending.remove(op);
     if (!pending.has(op.task_id)) failedCreates.delete(op.task_id);
     // A failed or discarded create leaves no orphan row in the order.
     if (!base.has(op.task_id) && !pending.has(op.task_id)) order = order.filter((id) => id !== op.task_id);
   }
 
   function pushOp(op) {
-    pending.set(op.task_id, Object.freeze([...(pending.get(op.task_id) ?? []), op]));
-    keyIndex.set(op.key, op.task_id);
+    pending.push(op);
     if (op.kind === 'create' && !order.includes(op.task_id)) order = [...order, op.task_id];
   }
 
@@ -316,21 +161,10 @@ export function createCore({
     return true;
   }
 
-  /**
-   * An open conflict shows theirs as the task is now: Keep mine is made on the current
-   * version, so the view must show what it would replace (a later change by someone else
-   * included, among the fields they changed).
-   */
+  /** An open conflict shows theirs as the task is now (`refreshedConflict`). */
   function refreshConflict(taskId) {
     const conflict = conflicts.get(taskId);
-    const current = base.get(taskId);
-    if (!conflict || !current || current.version <= (conflict.theirs.version ?? 0)) return;
-    const moved = EDIT_FIELDS.filter((field) => current[field] !== conflict.theirs[field]);
-    conflicts.set(taskId, Object.freeze({
-      ...conflict,
-      theirs: Object.freeze({ ...current }),
-      changed: Object.freeze([...new Set([...conflict.changed, ...moved])]),
-    }));
+    if (conflict) conflicts.set(taskId, refreshedConflict(conflict, base.get(taskId)));
   }
 
   function forget(taskId, { tombstone }) {
@@ -340,11 +174,6 @@ export function createCore({
     if (tombstone) deleted.add(taskId);
     conflicts.delete(taskId);
     if (!pending.has(taskId)) order = order.filter((id) => id !== taskId);
-  }
-
-  /** A notice about one op: what it says, and the op's task and kind. */
-  function noticeOf(op, level, reason, text) {
-    return { level, task_id: op.task_id, op_kind: op.kind, delta: op.delta, reason, text };
   }
 
   function addNotice(notice) {
@@ -358,7 +187,7 @@ export function createCore({
   function failOp(op, { reason, message, current }) {
     const title = titleOf(op);
     const orphaned = reason === 'not_found' && failedCreates.has(op.task_id);
-    const stack = pending.get(op.task_id) ?? NO_OPS;
+    const stack = pending.of(op.task_id);
     const later = stack.slice(stack.indexOf(op) + 1);
     removeOp(op, 'failed', reason);
     if (current) confirm(current);
@@ -366,74 +195,34 @@ export function createCore({
     const fate = reason === 'conflict' ? rebase(op, later) : null;
     if (fate === 'resent') return;
     if (op.kind === 'create' && pending.has(op.task_id)) failedCreates.set(op.task_id, title);
-    const why = REASON_TEXT[reason] ?? reason;
-    const detail = message && (REASON_WITH_DETAIL.has(reason) || !REASON_TEXT[reason]) ? ` (${message})` : '';
-    let text = `${describeOp(op, title)} failed: ${why}.${detail}`;
-    if (orphaned) text = `${describeOp(op, title)} was dropped: creating the task failed.`;
-    else if (fate === 'kept_moving') {
-      text = `${describeOp(op, title)} was not applied: the task kept changing while it was sent `
-        + `(likes, or other changes to it), ${(op.rebased ?? 0) + 1} times. Nothing was overwritten.`;
-    }
+    const keptMoving = fate === 'kept_moving';
+    const text = failureText(op, title, { reason, message, orphaned, keptMoving });
     addNotice(noticeOf(op, 'error', fate ?? reason, text));
     const theirs = current ?? base.get(op.task_id);
     if (reason === 'conflict' && theirs && (op.kind === 'update' || op.kind === 'delete')) {
-      conflicts.set(op.task_id, Object.freeze({
-        task_id: op.task_id,
-        kind: op.kind,
-        yours: Object.freeze(op.kind === 'update' ? { ...op.patch } : { deleted: true }),
-        theirs: Object.freeze({ ...theirs }),
-        // What someone else changed that the user had not seen (all fields, unknown).
-        changed: Object.freeze(EDIT_FIELDS.filter((field) => !op.seen?.[field]?.includes(theirs[field]))),
-        // Nobody changed what it sets: the version kept moving under it (see `rebase`).
-        kept_moving: fate === 'kept_moving',
-      }));
+      conflicts.set(op.task_id, conflictOf(op, theirs, keptMoving));
     }
   }
 
-  /**
-   * For each field an edit may set, every value the user could have been shown: the
-   * confirmed one and the ones our own pending ops predict on top of it. An edit records
-   * them with its `base_version`, as the state that version stands for.
-   */
+  /** The values the user may have been shown of a task (`seenValues` in conflicts.js). */
   function seenValues(taskId) {
-    const confirmed = base.get(taskId);
-    const seen = {};
-    for (const field of EDIT_FIELDS) {
-      const values = confirmed ? [confirmed[field]] : [];
-      for (const op of pending.get(taskId) ?? NO_OPS) {
-        if (op.kind === 'update' && field in op.patch) values.push(op.patch[field]);
-        else if (op.kind === 'create') values.push(applyOp(null, op)[field]);
-      }
-      seen[field] = Object.freeze([...new Set(values)]);
-    }
-    return Object.freeze(seen);
+    return seenOn(base.get(taskId), pending.of(taskId));
   }
 
   /**
-   * An edit or a delete refused as a conflict that nobody else's edit explains: every
-   * field it sets (a delete: every field) still holds a value the user was shown. The
-   * version moved for another reason (a like, someone's change to another field, or our
-   * own op before it that failed), so it is sent again, by itself, on the current
-   * version: a new command under a new key, as Keep mine would send. Fields a later edit
-   * of ours sets anyway are left out (the server would apply this one last), and an edit
-   * left with none is dropped. After MAX_REBASES re-sends the user decides, told that the
-   * task kept changing, not that someone changed what they edited.
+   * An edit or a delete refused as a conflict: re-sent by itself on the current version
+   * when nobody else's edit explains it (`rebasePlan`), as a new command under a new key.
    * @returns {'resent' | 'kept_moving' | null} null: someone else changed what it sets
    */
   function rebase(op, later) {
-    const theirs = base.get(op.task_id);
-    if (!op.seen || !theirs || (op.kind !== 'update' && op.kind !== 'delete')) return null;
-    const fields = op.kind === 'update' ? Object.keys(op.patch) : EDIT_FIELDS;
-    if (!fields.every((field) => op.seen[field]?.includes(theirs[field]))) return null;
-    if ((op.rebased ?? 0) >= MAX_REBASES) return 'kept_moving';
-    const superseded = (field) => later.some((next) => next.kind === 'update' && field in next.patch);
-    const kept = op.kind === 'update' ? fields.filter((field) => !superseded(field)) : fields;
-    if (kept.length) {
+    const plan = rebasePlan(op, base.get(op.task_id), later);
+    if (plan?.fate !== 'resent') return plan?.fate ?? null;
+    if (plan.fields.length) {
       const next = Object.freeze({
         ...op,
         key: newKey(),
         command_id: null,
-        patch: op.patch && Object.freeze(Object.fromEntries(kept.map((field) => [field, op.patch[field]]))),
+        patch: op.patch && Object.freeze(Object.fromEntries(plan.fields.map((field) => [field, op.patch[field]]))),
         base_version: expectedVersion(op.task_id),
         seen: seenValues(op.task_id),
         rebased: (op.rebased ?? 0) + 1,
@@ -459,7 +248,7 @@ export function createCore({
    * @returns {object} the (frozen) op
    */
   function issue(intent) {
-    const existing = findOp(intent.key);
+    const existing = pending.find(intent.key);
     if (existing) return existing;
     if (!KINDS.includes(intent.kind)) throw new Error(`unknown operation kind ${intent.kind}`);
     if (!intent.key || !intent.task_id) throw new Error('an operation needs a key and a task id');
@@ -493,26 +282,26 @@ export function createCore({
 
   /** The server answered 202: the op is durable and waits for its event. */
   function accepted(key, { command_id }) {
-    const op = findOp(key);
+    const op = pending.find(key);
     const gone = !op && discarded.get(key);
     // Discarded while its request was on the way: its status can be asked after a reload.
     if (gone) discarded.set(key, Object.freeze({ ...gone, command_id }));
     if (!op) return;
-    replaceOp(op, { command_id, state: op.state === 'checking' ? 'checking' : 'pending' });
+    pending.replace(op, { command_id, state: op.state === 'checking' ? 'checking' : 'pending' });
     changed();
   }
 
   /** Retry: the op is being sent again under its own key; its timeout starts over. */
   function resending(key) {
-    const op = findOp(key);
+    const op = pending.find(key);
     if (!op) return;
-    replaceOp(op, { state: 'sending', sent_at: now() });
+    pending.replace(op, { state: 'sending', sent_at: now() });
     changed();
   }
 
   /** The server refused the command before accepting it (a 4xx): it never becomes pending. */
   function rejected(key, { status, detail }) {
-    const op = findOp(key);
+    const op = pending.find(key);
     if (!op) return;
     const title = titleOf(op);
     removeOp(op, 'rejected');
@@ -570,14 +359,14 @@ export function createCore({
     if (!force && snapshotWatermark < watermark) return false;
     const before = base;
     base = new Map(tasks.filter((task) => !deleted.has(task.id)).map((task) => [task.id, Object.freeze({ ...task })]));
-    const optimisticCreates = order.filter((id) => !base.has(id) && pending.get(id)?.some((op) => op.kind === 'create'));
+    const optimisticCreates = order.filter((id) => !base.has(id) && pending.of(id).some((op) => op.kind === 'create'));
     order = [...base.keys(), ...optimisticCreates];
     for (const [id, task] of before) if (!base.has(id)) goneTitles.set(id, task.title);
     for (const id of conflicts.keys()) refreshConflict(id);
     watermark = snapshotWatermark;
     loaded = true;
     for (const outcome of outcomes) {
-      const op = findOp(outcome.key);
+      const op = pending.find(outcome.key);
       if (outcome.event_id == null || outcome.event_id > snapshotWatermark) continue;
       // A discarded op whose event the snapshot holds (the stream will not send it).
       if (!op) discardedOutcome(outcome.status === 'settled' ? EVENT_SETTLED : EVENT_FAILED, { idempotency_key: outcome.key });
@@ -601,13 +390,11 @@ export function createCore({
     const at = now();
     const toCheck = [];
     let stateChanged = false;
-    for (const ops of [...pending.values()]) {
-      for (const op of ops) {
-        if ((op.state === 'sending' || op.state === 'pending') && at - op.sent_at >= stuckMs) {
-          const next = replaceOp(op, { state: op.command_id ? 'checking' : 'stuck' });
-          if (next.state === 'checking') toCheck.push(next);
-          stateChanged = true;
-        }
+    for (const op of pending.all()) {
+      if ((op.state === 'sending' || op.state === 'pending') && at - op.sent_at >= stuckMs) {
+        const next = pending.replace(op, { state: op.command_id ? 'checking' : 'stuck' });
+        if (next.state === 'checking') toCheck.push(next);
+        stateChanged = true;
       }
     }
     const syncChanged = refreshSync(at);
@@ -621,7 +408,7 @@ export function createCore({
    * (`task`: the row, or null on 404). Pending -> `stuck`: the view offers Retry/Discard.
    */
   function statusChecked(key, command, task) {
-    const op = findOp(key);
+    const op = pending.find(key);
     if (!op) return;
     if (command?.status === 'settled') {
       if (task) confirm(task);
@@ -630,20 +417,20 @@ export function createCore({
     } else if (command?.status === 'failed') {
       failOp(op, { ...(command.error ?? { reason: 'failed' }), current: task ?? null });
     } else {
-      replaceOp(op, { state: 'stuck' });
+      pending.replace(op, { state: 'stuck' });
     }
     changed();
   }
 
   /** Discard: stop waiting for an op. The server may still apply it; then it shows as any change would. */
   function discard(key) {
-    const op = findOp(key);
+    const op = pending.find(key);
     if (!op) return;
     const title = titleOf(op);
     // A create that never applied takes the changes stacked on it along: without its row
     // they could be neither shown nor retried nor discarded.
     const along = op.kind === 'create' && !base.has(op.task_id)
-      ? (pending.get(op.task_id) ?? []).filter((other) => other !== op) : [];
+      ? pending.of(op.task_id).filter((other) => other !== op) : [];
     for (const gone of [op, ...along]) {
       const goneTitle = titleOf(gone);
       removeOp(gone, 'discarded');
@@ -651,11 +438,7 @@ export function createCore({
       discarded.set(gone.key, Object.freeze({ ...gone, title_then: goneTitle }));
       if (discarded.size > MAX_DISCARDED) discarded.delete(discarded.keys().next().value);
     }
-    const text = along.length
-      ? `${describeOp(op, title)} and ${along.length === 1 ? 'a change' : `${along.length} changes`} made to it: `
-        + 'stopped waiting. If the server applies them later, they will show up.'
-      : `${describeOp(op, title)}: stopped waiting. If the server applies it later, it will show up.`;
-    addNotice(noticeOf(op, 'info', 'discarded', text));
+    addNotice(noticeOf(op, 'info', 'discarded', discardText(op, title, along.length)));
     changed();
   }
 
@@ -745,7 +528,7 @@ export function createCore({
    * so that only someone else's change in between makes it conflict, never our own.
    */
   function expectedVersion(taskId) {
-    return (base.get(taskId)?.version ?? 0) + (pending.get(taskId)?.length ?? 0);
+    return (base.get(taskId)?.version ?? 0) + pending.of(taskId).length;
   }
 
   function dismissNotice(id) {
@@ -765,9 +548,9 @@ export function createCore({
 
   /** Every pending op, in issue order across tasks, in the shape `restore` takes back. */
   function persistedOps() {
-    return [...pending.values()].flat()
+    return pending.all()
       .sort((a, b) => a.issued_at - b.issued_at)
-      .map((op) => Object.fromEntries(PERSISTED_FIELDS.filter((field) => op[field] !== undefined).map((field) => [field, op[field]])));
+      .map(persistedFields);
   }
 
   /**
@@ -779,7 +562,7 @@ export function createCore({
   function restore(saved, known = new Map()) {
     const at = now();
     for (const fields of saved) {
-      if (!fields?.key || !fields.task_id || !KINDS.includes(fields.kind) || findOp(fields.key)) continue;
+      if (!isSavedOp(fields) || pending.find(fields.key)) continue;
       const seen = unmatched.get(fields.key) ?? known.get(fields.key);
       if (seen) {
         // Its event came before it did (an op taken over from a tab that closed), or its
@@ -812,21 +595,16 @@ export function createCore({
   /** Put back discarded ops persisted before a reload, so a late apply is told still. */
   function restoreDiscarded(saved) {
     for (const op of saved) {
-      if (op?.key && op.task_id && KINDS.includes(op.kind) && !discarded.has(op.key)) discarded.set(op.key, Object.freeze({ ...op }));
+      if (isSavedOp(op) && !discarded.has(op.key)) discarded.set(op.key, Object.freeze({ ...op }));
     }
   }
 
   /** Put back conflicts persisted before a reload: a refused edit waits for the user still. */
   function restoreConflicts(saved) {
     let restored = false;
-    for (const conflict of saved) {
-      if (!conflict?.task_id || !conflict.yours || !conflict.theirs || conflicts.has(conflict.task_id)) continue;
-      conflicts.set(conflict.task_id, Object.freeze({
-        ...conflict,
-        yours: Object.freeze({ ...conflict.yours }),
-        theirs: Object.freeze({ ...conflict.theirs }),
-        changed: Object.freeze([...(conflict.changed ?? [])]),
-      }));
+    for (const conflict of saved.map(revivedConflict)) {
+      if (!conflict || conflicts.has(conflict.task_id)) continue;
+      conflicts.set(conflict.task_id, conflict);
       restored = true;
     }
     if (restored) changed();
@@ -834,31 +612,11 @@ export function createCore({
 
   function buildItem(id) {
     const confirmed = base.get(id) ?? null;
-    const ops = pending.get(id) ?? NO_OPS;
+    const ops = pending.of(id);
     const conflict = conflicts.get(id) ?? null;
     const memo = itemMemo.get(id);
     if (memo && memo.confirmed === confirmed && memo.ops === ops && memo.conflict === conflict) return memo.item;
-    let task = fold(confirmed, ops);
-    // A delete the server has not confirmed after the timeout must stay reachable: the
-    // item shows again, marked as being deleted, so its Retry and Discard can be offered.
-    const stuckDelete = ops.some((op) => op.kind === 'delete' && op.state === 'stuck');
-    if (!task && stuckDelete) task = fold(confirmed, ops.filter((op) => op.kind !== 'delete'));
-    const item = task && Object.freeze({
-      id,
-      task: Object.freeze(task),
-      confirmed,
-      deleting: Boolean(stuckDelete && task),
-      pending: ops.length > 0,
-      ops: Object.freeze(ops.map((op) => Object.freeze({
-        key: op.key,
-        kind: op.kind,
-        delta: op.delta,
-        state: op.state,
-        issued_at: op.issued_at,
-        description: describeOp(op, confirmed?.title ?? task.title),
-      }))),
-      conflict,
-    });
+    const item = itemOf(id, confirmed, ops, conflict);
     itemMemo.set(id, { confirmed, ops, conflict, item });
     return item;
   }
@@ -875,7 +633,6 @@ export function createCore({
       if (item) items.push(item);
     }
     for (const id of itemMemo.keys()) if (!base.has(id) && !pending.has(id) && !conflicts.has(id)) itemMemo.delete(id);
-    const opsCount = [...pending.values()].reduce((sum, ops) => sum + ops.length, 0);
     snapshot = Object.freeze({
       items: Object.freeze(items),
       notices,
@@ -883,7 +640,7 @@ export function createCore({
       watermark,
       loaded,
       connection,
-      pending_count: opsCount,
+      pending_count: pending.size,
       window_samples: windowSamples,
     });
     return snapshot;
@@ -921,9 +678,9 @@ export function createCore({
     restoreConflicts,
     persistedDiscarded,
     restoreDiscarded,
-    getOp: (key) => findOp(key),
+    getOp: (key) => pending.find(key),
     /** Every pending op, flat (for the transport: re-send, status checks). */
-    pendingOps: () => [...pending.values()].flat(),
+    pendingOps: () => pending.all(),
     get watermark() {
       return watermark;
     },

@@ -4,7 +4,7 @@
 //
 // Time, ids, storage and the interval are injected so this layer runs under node too.
 
-import { commandRequest, EVENT_FAILED, EVENT_RESET, EVENT_SETTLED } from './core.js';
+import { commandRequest, EVENT_FAILED, EVENT_RESET, EVENT_SETTLED } from './ops.js';
 
 /** Where pending ops survive a reload. Per tab (sessionStorage): each tab owns its ops. */
 export const STORAGE_KEY = 'settle.pending-ops.v1';

@@ -5,7 +5,8 @@
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { createCore, commandRequest, fold, EVENT_SETTLED, EVENT_FAILED } from '../../static/core.js';
+import { createCore } from '../../static/core.js';
+import { commandRequest, fold, EVENT_SETTLED, EVENT_FAILED } from '../../static/ops.js';
 
 /** A controllable clock. */
 function clock(start = 1_000_000) {

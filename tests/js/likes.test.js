@@ -3,11 +3,12 @@
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { createCore, EVENT_SETTLED, EVENT_FAILED } from '../../static/core.js';
+import { createCore } from '../../static/core.js';
+import { EVENT_SETTLED, EVENT_FAILED } from '../../static/ops.js';
+import { createLikes, MAX_FAILED_COMPENSATIONS } from '../../static/likes.js';
 import {
-  isLiked, toggleDelta, compensation, intentOf, clickSettled, clickWithdrawn, latestIntents, createLikes,
-  MAX_FAILED_COMPENSATIONS,
-} from '../../static/likes.js';
+  isLiked, toggleDelta, compensation, intentOf, clickSettled, clickWithdrawn, latestIntents,
+} from '../../static/like-intents.js';
 import {
   readContributions, sumShares, readTabRecord, browserShares, tabRecords, readOrphans, TAB_RECORD_PREFIX,
   LEGACY_LEDGER_PREFIX, LEGACY_LIKED_KEY, CLICKS_KEY, ORPHANS_PREFIX, ADOPT_AFTER_MS, TAB_ID_KEY, ABSORB_AFTER_MS,

@@ -1,0 +1,154 @@
+// The side panels: the consistency-window chart (the windows this page measured, beside
+// the server's from GET /api/metrics, polled) and the fault panel (the server's failure
+// knobs, PUT /api/faults). DOM only: the figures come from stats.js, the requests from
+// the transport.
+
+import { $, setText } from './dom.js';
+import { linePath, niceCeiling, percentile, rollingPercentiles } from './stats.js';
+
+/** How often the server's metrics are polled for the chart. */
+const METRICS_POLL_MS = 2000;
+/** How much history the chart shows. */
+const CHART_SPAN_MS = 120_000;
+/** How many of the server's polled figures the chart keeps. */
+const MAX_SERVER_POINTS = 200;
+const SVG_NS = 'http://www.w3.org/2000/svg';
+const CHART = { width: 300, height: 130, left: 16, top: 8 };
+const FAULT_FIELDS = ['delay_ms', 'jitter_ms', 'failure_rate', 'drop_rate', 'transient_rate'];
+
+function svg(tag, attributes = {}) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+  return node;
+}
+
+function formatMs(value) {
+  return value == null ? '–' : `${Math.round(value)} ms`;
+}
+
+/**
+ * @param {{transport: object, windowSamples: () => {at: number, ms: number}[]}} options
+ *   `windowSamples`: the windows this page measured (the core's snapshot has them)
+ */
+export function createPanels({ transport, windowSamples }) {
+  /** The server's window percentiles as polled: {at, p50, p99}, oldest first. */
+  let serverSeries = [];
+
+  function renderChart(samples) {
+    const clientSeries = rollingPercentiles(samples);
+    const to = Date.now();
+    const from = to - CHART_SPAN_MS;
+    const inRange = (point) => point.at >= from;
+    const peak = Math.max(0, ...[...clientSeries, ...serverSeries].filter(inRange).flatMap((point) => [point.p99 ?? 0]));
+    const maxMs = niceCeiling(peak);
+    const box = { from, to, maxMs, width: CHART.width, height: CHART.height };
+    const chart = $('window-chart');
+    const plot = svg('g', { transform: `translate(${CHART.left},${CHART.top})` });
+    plot.append(svg('rect', { class: 'plot-area', x: '0', y: '0', width: String(CHART.width), height: String(CHART.height) }));
+    for (const fraction of [0.5, 1]) {
+      const y = String(CHART.height - fraction * CHART.height);
+      plot.append(svg('line', { class: 'grid', x1: '0', x2: String(CHART.width), y1: y, y2: y }));
+      const label = svg('text', { class: 'axis', x: '2', y: String(Number(y) + 10) });
+      label.textContent = `${Math.round(fraction * maxMs)} ms`;
+      plot.append(label);
+    }
+    const series = [
+      ['client-p50', clientSeries, (point) => point.p50],
+      ['client-p99', clientSeries, (point) => point.p99],
+      ['server-p50', serverSeries, (point) => point.p50],
+      ['server-p99', serverSeries, (point) => point.p99],
+    ];
+    for (const [name, points, pick] of series) {
+      const d = linePath(points, pick, box);
+      if (d) plot.append(svg('path', { class: `series ${name}`, 'data-series': name, d }));
+    }
+    chart.replaceChildren(plot);
+
+    const recent = samples.map((sample) => sample.ms);
+    setText($('client-figures'), recent.length
+      ? `p50 ${formatMs(percentile(recent, 50))}, p99 ${formatMs(percentile(recent, 99))} over ${recent.length} settled`
+      : 'no sample yet');
+  }
+
+  async function pollMetrics() {
+    try {
+      const metrics = await transport.fetchMetrics();
+      const window = metrics.window_ms ?? {};
+      if (window.count > 0) {
+        serverSeries = [...serverSeries, { at: Date.now(), p50: window.p50, p99: window.p99 }].slice(-MAX_SERVER_POINTS);
+      }
+      setText($('server-figures'), window.count > 0
+        ? `p50 ${formatMs(window.p50)}, p99 ${formatMs(window.p99)}, max ${formatMs(window.max)} over ${window.count}`
+        : 'no settled command yet');
+      setText($('server-counts'), `accepted ${metrics.accepted}, settled ${metrics.settled}, failed ${metrics.failed}, `
+        + `deduplicated ${metrics.deduplicated}, pending ${metrics.pending}`
+        + (metrics.lag_ms >= 1000 ? `, applying ${formatMs(metrics.lag_ms)} behind due times` : '')
+        + (metrics.refused ? `, refused ${metrics.refused} (the server's backlog was full or too far behind)` : ''));
+      renderChart(windowSamples());
+    } catch (error) {
+      setText($('server-figures'), `unavailable (${error.message})`);
+    }
+  }
+
+    // ---- the fault panel ----------------------------------------------------------------
+
+  /** PUTs go out one after the other, so the server ends with the last thing the user set. */
+  let faultChain = Promise.resolve();
+
+  function showFaults(settings) {
+    const form = $('faults');
+    for (const field of FAULT_FIELDS) {
+      const input = form.elements[field];
+      // Never overwrite what the user is typing.
+      if (input && settings[field] !== undefined && input !== document.activeElement) input.value = String(settings[field]);
+    }
+  }
+
+  function readFaults(fields) {
+    const form = $('faults');
+    const update = {};
+    for (const field of fields) {
+      const raw = form.elements[field]?.value.trim() ?? '';
+      if (raw !== '') update[field] = Number(raw);
+    }
+    return update;
+  }
+
+  /** PUT a subset of the settings (the server accepts any subset) and report the outcome. */
+  function applyFaults(update) {
+    const status = $('fault-status');
+    faultChain = faultChain.then(async () => {
+      try {
+        showFaults(await transport.putFaults(update));
+        status.setAttribute('role', 'status');
+        status.className = 'fault-status ok';
+        setText(status, 'Applied.');
+      } catch (error) {
+        status.setAttribute('role', 'alert');
+        status.className = 'fault-status error';
+        setText(status, `Refused: ${error.message}`);
+      }
+    });
+    return faultChain;
+  }
+
+  function bindFaultPanel() {
+    const form = $('faults');
+    form.addEventListener('submit', (event) => {
+      event.preventDefault();
+      applyFaults(readFaults(FAULT_FIELDS));
+    });
+    // A changed field applies on its own too: only that field, so it never resets the others.
+    form.addEventListener('change', (event) => applyFaults(readFaults([event.target.name])));
+    transport.fetchFaults().then((settings) => settings && showFaults(settings)).catch(() => {});
+  }
+
+  /** Bind the fault panel and start polling the server's metrics. */
+  function start() {
+    bindFaultPanel();
+    setInterval(pollMetrics, METRICS_POLL_MS);
+    pollMetrics();
+  }
+
+  return { renderChart, start };
+}
