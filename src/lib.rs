@@ -12,9 +12,14 @@
 //!   fdatasync), sled trees for everything applied (finished commands' records and
 //!   their indexes, tasks, event log), the apply log that makes each apply step
 //!   durable against a crash until sled's checkpoint, the read projection, retention
-//!   (compaction from the oldest chunk of events and records on).
+//!   (compaction from the oldest chunk of events and records on). Its own Layout
+//!   paragraph names its modules, among them `open` (opening and recovery),
+//!   `durability` (sled's syncs and their failure), `read` (the read API) and the
+//!   intake log's `intake::pending`, `intake::segments` and `intake::bound`.
 //! - `consumer`: the due-time queue that applies commands in per-task order, with faults
-//!   (one thread with a runtime of its own).
+//!   (one thread with a runtime of its own): `consumer::inbox` (deliveries and the
+//!   handle that sends them), `consumer::schedule` (timers, per-task order, the due
+//!   set), `consumer::step` (an apply step and the checkpoints it hands off).
 //! - `faults`: the live fault knobs and their seeded RNG.
 //! - `hub`: the in-memory broadcast of finished SSE frames.
 //! - `lag`: how far behind its due times the consumer applies (metrics, `--max-lag-ms`).

@@ -47,21 +47,29 @@
 //! retry of a finished command (and a hash collision, about n in 2^32 for n finished
 //! keys). Handlers read sled on the blocking pool ([`Store::blocking`]).
 //!
-//! Layout: `intake` (the accept log, its writer thread and the pending table), `apply`
-//! (a step's decisions, and the sled writes that record them), `apply_log` (what each
-//! step applied, until sled's checkpoint), `unwritten` (the applies logged and not yet
-//! in sled), `checkpoint`, `chunks` (values of consecutive ids as one sled value),
-//! `finished` (the finished commands in sled), `frames` (the two logs' record format),
-//! `projection` (the read side), `retention` (compaction).
+//! Layout: `intake` (the accept log and its writer thread; in it `intake::pending` the
+//! pending table, `intake::segments` the log's files, `intake::bound` the pending
+//! bound and its refusals), `apply` (a step's decisions, and the sled writes that
+//! record them), `apply_log` (what each step applied, until sled's checkpoint),
+//! `unwritten` (the applies logged and not yet in sled), `checkpoint`, `chunks` (values
+//! of consecutive ids as one sled value), `finished` (the finished commands in sled),
+//! `frames` (the two logs' record format), `projection` (the read side), `retention`
+//! (compaction), `open` (opening and recovery), `durability` (sled's syncs, and the
+//! state a failed one leaves), `sync_failure` (the marker of a failed sync that
+//! outlives the process), `read` (the read API: finished commands, commands by id or
+//! key, dead letters, the event log).
 
 mod apply;
 mod apply_log;
 mod checkpoint;
 mod chunks;
+mod durability;
 mod finished;
 mod frames;
 mod intake;
+mod open;
 mod projection;
+mod read;
 mod retention;
 mod sync_failure;
 mod unwritten;
@@ -74,9 +82,8 @@ pub use intake::{
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -99,14 +106,6 @@ const SEQ_RESERVED: &[u8] = b"seq_reserved";
 /// Seqs reserved (and persisted) at a time; the reservation is one sled write and sync
 /// ([`Inner::sync_sled`]).
 const SEQ_BLOCK: u64 = 1 << 16;
-/// The intake log's directory, inside the data directory.
-const INTAKE_DIR: &str = "intake";
-/// sled 0.34's data file in its directory (`Config::db_path`).
-const SLED_FILE: &str = "db";
-/// sled 0.34's directory of items too large for its log.
-const SLED_BLOBS: &str = "blobs";
-/// Pause between attempts to open a locked directory ([`Store::open_waiting`]).
-const LOCK_RETRY: Duration = Duration::from_millis(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -274,150 +273,6 @@ struct Inner {
 }
 
 impl Inner {
-    /// Makes every sled write so far durable against a power loss, not only against a
-    /// crash of the process: `flush`, then [`Inner::sync_sled_files`].
-    fn sync_sled(&self) -> Result<(), StoreError> {
-        self.flush_sled()?;
-        self.sync_sled_files()?;
-        Ok(())
-    }
-
-    /// sled's `flush`. A failed one counts as a failed sync (see
-    /// [`Inner::sync_sled_files`]): retrying it would be the mistake PostgreSQL made
-    /// until 2018, as the pages it could not write may now look clean.
-    ///
-    /// Also fails when a sync failed elsewhere (the accept path) while this flush ran:
-    /// what it wrote may be published only if nothing has failed.
-    fn flush_sled(&self) -> Result<(), StoreError> {
-        self.check_sled_synced()?;
-        if let Err(err) = self.db.flush() {
-            self.mark_sync_failed(&err);
-            return Err(err.into());
-        }
-        Ok(self.check_synced()?)
-    }
-
-    /// Records that sled's files could not be made durable: every later sync fails,
-    /// [`Store::sync_failed`] completes (the server stops), and a marker keeps a start
-    /// in this boot from trusting the page cache (`sync_failure`).
-    fn mark_sync_failed(&self, cause: &dyn std::fmt::Display) {
-        let first = !self.sled_sync_failed.swap(true, Ordering::AcqRel);
-        self.sync_failure.cancel();
-        if first {
-            tracing::error!(error = %cause, "sled's files cannot be made durable; the server stops");
-            sync_failure::record(&self.intake_dir, cause);
-        }
-    }
-
-    /// `fdatasync` of sled's data file and of its blob files: what sled has written
-    /// (every `flush` before this call) reaches the disk itself, with the files' sizes.
-    ///
-    /// sled 0.34's `flush` writes its log with `sync_file_range`, which waits for the
-    /// data to leave the page cache but neither flushes the disk's write cache nor
-    /// commits the file's size; its flusher thread `fsync`s the file every 500 ms. So
-    /// a flushed apply survives a crash of the process (kill -9) at once, and a power
-    /// loss only after that fsync. The intake log holds each command until its apply
-    /// is durable in that stronger sense: a segment is released only after this call
-    /// (see `intake`), and a seq block is reserved with [`Inner::sync_sled`]. sled
-    /// writes an item over 128 KiB (a node of tasks with long notes) to a file of its
-    /// own in `blobs/` and never syncs it, so those files, and the directory's
-    /// entries, are synced here too; there are none unless such nodes exist.
-    ///
-    /// Once a sync fails (or a flush, [`Inner::flush_sled`]), every later call fails
-    /// too: the kernel reports a failed writeback once, so a later success would not
-    /// mean the earlier pages reached the disk (PostgreSQL's rule since 2018). The
-    /// server stops at once (`serve` watches [`Store::sync_failed`]), and a start in
-    /// the same boot refuses (`sync_failure`). Other errors (listing or opening a blob
-    /// file) are not sticky.
-    fn sync_sled_files(&self) -> io::Result<()> {
-        let _one_at_a_time = self.sync_lock.lock().expect("sync lock poisoned");
-        // Only a failed sync of sled's own files stops this one before it starts: after
-        // a failed write to the apply log it still runs (its result is refused at the
-        // end), so a writeback error on sled's files is seen and leaves its marker.
-        self.check_sled_synced()?;
-        let synced = |result: io::Result<()>| {
-            result.map_err(|err| {
-                let err = io::Error::new(
-                    err.kind(),
-                    format!("an fdatasync of sled's files failed: {err}"),
-                );
-                self.mark_sync_failed(&err);
-                err
-            })
-        };
-        synced(self.sled_file.sync_data())?;
-        let dir = &self.sled_blobs_dir;
-        let entries = match std::fs::read_dir(dir) {
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return self.check_synced(),
-            entries => entries?,
-        };
-        for entry in entries {
-            match File::open(entry?.path()) {
-                Ok(blob) => synced(blob.sync_data())?,
-                // sled dropped it meanwhile: nothing left to sync.
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(err) => return Err(err),
-            }
-        }
-        synced(File::open(dir)?.sync_all())?;
-        // A failure another sync was told of first (its mark under this lock) is one
-        // this sync's success does not undo.
-        self.check_synced()
-    }
-
-    /// Records that a step's write to the apply log failed: as after a failed sync,
-    /// every later sync fails and the server stops, since the log may hold part of the
-    /// step, where a replay would stop; but no marker is left, as no page of sled's
-    /// files was lost (a torn record at the log's end is never replayed, and was never
-    /// published).
-    fn mark_apply_log_failed(&self, cause: &dyn std::fmt::Display) {
-        let first = !self.apply_log_failed.swap(true, Ordering::AcqRel);
-        self.sync_failure.cancel();
-        if first {
-            tracing::error!(error = %cause, "the apply log cannot be written; the server stops");
-        }
-    }
-
-    /// Whether a sync of sled's files, or a write to the apply log, has failed in this
-    /// process.
-    fn sync_has_failed(&self) -> bool {
-        self.sled_sync_has_failed() || self.apply_log_has_failed()
-    }
-
-    /// Whether a sync of sled's files has failed in this process.
-    fn sled_sync_has_failed(&self) -> bool {
-        self.sled_sync_failed.load(Ordering::Acquire)
-    }
-
-    /// Whether a step's write to the apply log has failed in this process.
-    fn apply_log_has_failed(&self) -> bool {
-        self.apply_log_failed.load(Ordering::Acquire)
-    }
-
-    /// An error if a sync of sled's files, or a write to the apply log, has failed in
-    /// this process (the sync first: it is what the operator must act on).
-    fn check_synced(&self) -> io::Result<()> {
-        self.check_sled_synced()?;
-        if self.apply_log_has_failed() {
-            Err(io::Error::other(
-                "a write to the apply log failed; the server stops",
-            ))
-        } else {
-            Ok(())
-        }
-    }
-
-    /// An error if a sync of sled's files has failed in this process.
-    fn check_sled_synced(&self) -> io::Result<()> {
-        if self.sled_sync_has_failed() {
-            Err(io::Error::other(
-                "an fdatasync of sled's files failed; the server stops (see intake/sync-failed in the data directory)",
-            ))
-        } else {
-            Ok(())
-        }
-    }
-
     fn finished_trees(&self) -> FinishedTrees<'_> {
         FinishedTrees {
             commands: &self.commands,
@@ -446,12 +301,6 @@ fn flatten(err: TransactionError<StoreError>) -> StoreError {
     }
 }
 
-/// Whether sled could not open a directory because its lock is held. sled 0.34 says
-/// so only in the message.
-fn is_locked(err: &std::io::Error) -> bool {
-    err.kind() == std::io::ErrorKind::Other && err.to_string().contains("could not acquire lock")
-}
-
 fn read_u64(bytes: &[u8]) -> u64 {
     let mut buf = [0u8; 8];
     let len = bytes.len().min(8);
@@ -460,147 +309,6 @@ fn read_u64(bytes: &[u8]) -> u64 {
 }
 
 impl Store {
-    /// [`Store::open`], but while the directory is locked it tries again for up to
-    /// `wait`, or until `stop` is cancelled. sled lets go of its lock only when its
-    /// last background thread drops the last handle, a moment after the owner's own
-    /// handle, so a store reopened in the same process (a restart in the tests) can
-    /// find it still locked. A lock that another process holds is reported once `wait`
-    /// has passed.
-    ///
-    /// # Errors
-    /// [`StoreError::Locked`] when the lock is still held after `wait`,
-    /// [`StoreError::Stopped`] when `stop` was cancelled first; otherwise as
-    /// [`Store::open`].
-    pub fn open_waiting(
-        dir: &std::path::Path,
-        wait: Duration,
-        stop: &CancellationToken,
-    ) -> Result<Self, StoreError> {
-        let deadline = std::time::Instant::now() + wait;
-        loop {
-            match Self::open(dir) {
-                Err(StoreError::Sled(sled::Error::Io(err))) if is_locked(&err) => {
-                    if stop.is_cancelled() {
-                        return Err(StoreError::Stopped(dir.to_owned()));
-                    }
-                    if std::time::Instant::now() >= deadline {
-                        return Err(StoreError::Locked(dir.to_owned()));
-                    }
-                    std::thread::sleep(LOCK_RETRY);
-                }
-                opened => return opened,
-            }
-        }
-    }
-
-    /// Opens (or creates) the store in `dir`, loads the projection and reads the
-    /// intake log back (every accepted, unapplied command is pending again).
-    ///
-    /// # Errors
-    /// When sled cannot open the directory, the intake log cannot be read, or a stored
-    /// record does not parse; [`StoreError::SyncFailedThisBoot`] when a sync of sled's
-    /// files failed earlier in this boot of the machine.
-    pub fn open(dir: &std::path::Path) -> Result<Self, StoreError> {
-        Self::open_after_first_check(dir, || {})
-    }
-
-    /// [`Store::open`], running `first_checked` between its two checks for the marker
-    /// of a failed sync: where the process that held the directory could leave one.
-    fn open_after_first_check(
-        dir: &std::path::Path,
-        first_checked: impl FnOnce(),
-    ) -> Result<Self, StoreError> {
-        // Before sled's recovery, which may write, and again once sled holds the
-        // directory's lock: the process that held it may have failed a sync meanwhile.
-        let intake_dir = dir.join(INTAKE_DIR);
-        sync_failure::check(&intake_dir)?;
-        first_checked();
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
-        let earlier_failure = sync_failure::check(&intake_dir)?;
-        let (apply_log, logged) = ApplyLog::open(dir)?;
-        let tree = |name: &str| db.open_tree(name);
-        let mut inner = Inner {
-            commands: tree("commands")?,
-            command_ids: tree("command_ids")?,
-            tasks: tree("tasks")?,
-            events: tree("events")?,
-            dead_letters: tree("dead_letters")?,
-            records: tree("records")?,
-            meta: tree("meta")?,
-            projection: RwLock::new(Projection::default()),
-            pending: Mutex::new(PendingTable::default()),
-            apply_log: Mutex::new(apply_log),
-            unwritten: RwLock::new(Unwritten::default()),
-            writer: Mutex::new(()),
-            checkpointing: AtomicBool::new(false),
-            compacting: Mutex::new(()),
-            seqs: Mutex::new(Seqs {
-                next: 0,
-                reserved: 0,
-            }),
-            intake_dir,
-            sled_file: File::open(dir.join(SLED_FILE))?,
-            sled_blobs_dir: dir.join(SLED_BLOBS),
-            sled_sync_failed: AtomicBool::new(false),
-            apply_log_failed: AtomicBool::new(false),
-            sync_lock: Mutex::new(()),
-            sync_failure: CancellationToken::new(),
-            db,
-        };
-        // First: the replay's look-ups read records as they are now kept.
-        inner.chunk_records()?;
-        inner.replay(logged)?;
-        let first_seq = match inner.meta.get(SEQ_RESERVED)? {
-            Some(reserved) => read_u64(&reserved),
-            // A data directory from before the allocator: its seqs came from sled's
-            // generator, which answers above all of them.
-            None => inner.db.generate_id()?,
-        };
-        // The first block now, not on the first accept (which would write and flush
-        // sled on the intake writer's thread, just as recovered commands apply). Its
-        // sync also makes durable everything the last run applied (a kill -9 may have
-        // left it in the page cache, or only in the apply log), before recovery
-        // releases the segments it finds finished; then the apply log's files are
-        // no longer needed.
-        let reserved = first_seq + SEQ_BLOCK;
-        inner.meta.insert(SEQ_RESERVED, &reserved.to_be_bytes())?;
-        inner.sync_sled()?;
-        let apply_log = inner.apply_log.get_mut().expect("apply log lock poisoned");
-        let replayed = apply_log.retired();
-        apply_log::delete(&apply_log.release(&replayed));
-        *inner.seqs.get_mut().expect("seq lock poisoned") = Seqs {
-            next: first_seq,
-            reserved,
-        };
-        let pending = Self::recover_intake(&inner)?;
-        if let Some(marker) = earlier_failure {
-            tracing::warn!(marker = %marker.display(), "a sync of sled's files failed before the last reboot; started from what the disk holds, and the intake log applies again what it lacked");
-            std::fs::remove_file(marker)?;
-        }
-        *inner
-            .pending
-            .get_mut()
-            .expect("pending table lock poisoned") = pending;
-        let mut projection = Projection::default();
-        projection.watermark = inner.meta.get(LAST_EVENT_ID)?.map_or(0, |v| read_u64(&v));
-        inner
-            .unwritten
-            .get_mut()
-            .expect("unwritten table lock poisoned")
-            .last_event_id = projection.watermark;
-        for entry in inner.tasks.iter() {
-            let (_, value) = entry?;
-            projection.insert(serde_json::from_slice(&value)?);
-        }
-        *inner.projection.write().expect("projection lock poisoned") = projection;
-        Ok(Self {
-            inner: Arc::new(inner),
-        })
-    }
-
     /// Makes an apply step durable against a crash of the process (kill -9) and
     /// visible to reads: its applies ([`Store::step`]), in their order, appended to the
     /// apply log with one `write(2)` (see `apply_log`), then put in the table of applies
@@ -651,46 +359,6 @@ impl Store {
         self.inner.unwritten().is_full()
     }
 
-    /// Completes once a sync of sled's files has failed in this process (at once if one
-    /// has), wherever it failed: an apply step's write to the apply log, a checkpoint
-    /// (before a release of finished intake segments), a seq block's reservation on the
-    /// accept path. From then on nothing more applies, is released or reserved, so the
-    /// server cannot keep its promise and must stop: `serve` waits on this and stops
-    /// it, also when nothing is pending.
-    pub fn sync_failed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        self.inner.sync_failure.clone().cancelled_owned()
-    }
-
-    /// Whether a sync of sled's files has failed in this process ([`Store::sync_failed`]
-    /// has completed or is about to): an atomic read, for the accept path, the
-    /// consumer's steps and the exit status.
-    pub fn sync_has_failed(&self) -> bool {
-        self.inner.sync_has_failed()
-    }
-
-    /// Whether a sync of sled's files has failed in this process: then a marker
-    /// refuses a start until the machine has rebooted (`sync_failure`).
-    pub fn sled_sync_has_failed(&self) -> bool {
-        self.inner.sled_sync_has_failed()
-    }
-
-    /// Whether a step's write to the apply log has failed in this process (no marker:
-    /// the next start is safe).
-    pub fn apply_log_has_failed(&self) -> bool {
-        self.inner.apply_log_has_failed()
-    }
-
-    /// After a failed write to the apply log: flushes and syncs sled's files all the
-    /// same, publishing and releasing nothing, so that a writeback error the disk holds
-    /// for them (a full or failing disk fails both) is seen and leaves its marker; a
-    /// start in this boot would otherwise trust the page cache. The consumer runs it
-    /// when it stops. What failed is marked; nothing else is answered.
-    pub fn sync_after_apply_log_failure(&self) {
-        // Each refuses its result for the apply log's failure, after its sync ran.
-        let _ = self.inner.flush_sled();
-        let _ = self.inner.sync_sled_files();
-    }
-
     /// A new sequence number: unique and increasing, also across restarts. From
     /// memory, except once per `SEQ_BLOCK` (65536) seqs, when the next block's end is
     /// written to sled and flushed before any seq of it is handed out. (sled's
@@ -733,157 +401,14 @@ impl Store {
         let store = self.clone();
         tokio::task::spawn_blocking(move || work(&store)).await?
     }
-
-    /// The finished (applied or failed) command under `key`: logged and not yet in
-    /// sled (`unwritten`), or in sled.
-    ///
-    /// # Errors
-    /// On storage failure or a corrupt record.
-    pub fn finished_command(&self, key: &str) -> Result<Option<CommandRecord>, StoreError> {
-        // Not yet in sled first, then sled: see `unwritten` for why in this order.
-        if let Some(record) = self.inner.unwritten().by_key(key) {
-            return Ok(Some(record.clone()));
-        }
-        self.inner.finished_trees().record(key.as_bytes())
-    }
-
-    /// The command with this id, pending or finished. Pending first: a command leaves
-    /// the pending table only once its apply is logged and readable (`unwritten`), so
-    /// one of the looks finds it. Most lookups are of pending commands (clients poll
-    /// those) or of the last steps' applies, answered from memory; only the rest goes
-    /// to sled, on the blocking pool.
-    ///
-    /// # Errors
-    /// On storage failure or a corrupt record.
-    pub async fn command_by_id(
-        &self,
-        command_id: Uuid,
-    ) -> Result<Option<CommandRecord>, StoreError> {
-        if let Some(record) = self.pending_by_id(command_id) {
-            return Ok(Some(record));
-        }
-        if let Some(record) = self.inner.unwritten().by_id(command_id) {
-            return Ok(Some(record.clone()));
-        }
-        self.blocking(move |store| store.finished_by_id(command_id))
-            .await
-    }
-
-    /// The command under this idempotency key, pending or finished, in the order and
-    /// on the threads [`Store::command_by_id`] uses: the pending table, then the applies
-    /// not yet in sled, then sled on the blocking pool.
-    ///
-    /// # Errors
-    /// On storage failure or a corrupt record.
-    pub async fn command_by_key(&self, key: String) -> Result<Option<CommandRecord>, StoreError> {
-        if let Some(record) = self.pending_command(&key) {
-            return Ok(Some(record));
-        }
-        if let Some(record) = self.inner.unwritten().by_key(&key) {
-            return Ok(Some(record.clone()));
-        }
-        self.blocking(move |store| store.inner.finished_trees().record(key.as_bytes()))
-            .await
-    }
-
-    /// The finished command with this id, from sled: [`Store::command_by_id`] after its
-    /// looks in the pending table and the table of applies not yet in sled.
-    ///
-    /// # Errors
-    /// On storage failure or a corrupt record.
-    fn finished_by_id(&self, command_id: Uuid) -> Result<Option<CommandRecord>, StoreError> {
-        // Not in the table when `command_by_id` looked, so in sled if finished.
-        self.inner.finished_trees().by_id(command_id)
-    }
-
-    /// Dead-lettered commands, oldest first.
-    ///
-    /// # Errors
-    /// On storage failure or a corrupt record.
-    pub fn dead_letters(&self) -> Result<Vec<CommandRecord>, StoreError> {
-        let unwritten = self.inner.unwritten().dead_letters();
-        let mut records = std::collections::BTreeMap::new();
-        for entry in self.inner.dead_letters.iter() {
-            let (_, key) = entry?;
-            if let Some(record) = self.inner.finished_trees().record(&key)? {
-                records.insert(record.seq, record);
-            }
-        }
-        // Written to sled since they were read here: the same record twice.
-        records.extend(unwritten.into_iter().map(|record| (record.seq, record)));
-        Ok(records.into_values().collect())
-    }
-
-    /// Up to `limit` events after `after`, in id order, but none past `up_to`.
-    ///
-    /// # Errors
-    /// On storage failure.
-    pub fn events_after(
-        &self,
-        after: u64,
-        up_to: u64,
-        limit: usize,
-    ) -> Result<Vec<EventFrame>, StoreError> {
-        if after >= up_to {
-            return Ok(Vec::new());
-        }
-        // Not yet in sled first, then sled (see `unwritten`): those that left the table
-        // between the two looks are in sled by the second.
-        let (unwritten, first_unwritten) = {
-            let table = self.inner.unwritten();
-            (table.events(after, up_to, limit), table.first_event_id())
-        };
-        let in_sled_up_to = first_unwritten.map_or(up_to, |first| up_to.min(first - 1));
-        let mut frames = Vec::new();
-        let first = after + 1;
-        if first <= in_sled_up_to {
-            let events = &self.inner.events;
-            // The value holding `first`: a chunk may begin before it.
-            let start = match events.range(..=first.to_be_bytes()).next_back() {
-                Some(entry) => entry?.0,
-                None => sled::IVec::from(&first.to_be_bytes()),
-            };
-            let end = sled::IVec::from(&in_sled_up_to.to_be_bytes());
-            'read: for entry in events.range(start..=end) {
-                let (key, value) = entry?;
-                for (id, frame) in chunks::entries(read_u64(&key), &value) {
-                    if id > in_sled_up_to || frames.len() == limit {
-                        break 'read;
-                    }
-                    if id >= first {
-                        frames.push(EventFrame::from_log(id, frame));
-                    }
-                }
-            }
-        }
-        frames.extend(unwritten);
-        frames.truncate(limit);
-        // Only a contiguous run: compaction may remove events under the sled read, and
-        // a reader must see a gap where it starts (at its next read's first event). A
-        // read that crossed a compaction's cut of a chunk may also meet the cut's ids
-        // again: a repeat ends the run too, and the next read goes on after it.
-        if let Some(gap) = frames
-            .windows(2)
-            .position(|pair| pair[1].id != pair[0].id + 1)
-        {
-            frames.truncate(gap + 1);
-        }
-        Ok(frames)
-    }
-}
-
-#[cfg(test)]
-impl Store {
-    /// As if an fdatasync of sled's files had failed (see [`Inner::sync_sled_files`]).
-    pub(crate) fn fail_sled_sync(&self) {
-        self.inner
-            .mark_sync_failed(&"a sync failure a test injected");
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::finished::{pointer, RECORDS_CHUNKED};
+    use super::open::INTAKE_DIR;
     use super::retention::COMPACT_CHUNK;
     use super::*;
     use crate::model::{CommandBody, CommandStatus};

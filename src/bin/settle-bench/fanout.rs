@@ -11,11 +11,16 @@
 //! The subscribers live in worker processes (see `worker`), each on its own
 //! 127.0.0.x source address; the bench keeps one observing subscriber of its own to
 //! learn each event's id and `settled_at`.
+//!
+//! Layout: this file runs the phase; `room` decides how many subscribers it asks for
+//! and how many each worker takes, `process` is the bench's end of a worker process,
+//! `worker` the worker itself.
 
+mod process;
+mod room;
 pub mod worker;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::Stdio;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -23,8 +28,6 @@ use bytes::Bytes;
 use clap::Args;
 use hyper::StatusCode;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::time::Instant;
 
 use crate::client;
@@ -34,6 +37,8 @@ use crate::sse::Observer;
 use crate::stats::{self, round3, CpuMeter, Summary};
 use crate::sys;
 use crate::Ctx;
+use process::WorkerProcess;
+use room::{check_room, max_subscribers, per_worker_within_limit, server_fd_limit, Subscribers};
 use worker::{WorkerCommand, WorkerMessage};
 
 const TARGET_SUBSCRIBERS: usize = 10_000;
@@ -48,13 +53,6 @@ const EVENT_PAUSE: Duration = Duration::from_millis(300);
 const SETTLE_GRACE: Duration = Duration::from_secs(10);
 /// Worker source addresses are 127.0.0.2 to 127.0.0.254.
 const MAX_WORKERS: usize = 253;
-/// Files a fan-out worker keeps besides its subscribers' sockets: its pipes, its
-/// runtime's, the standard streams, with room to spare.
-const WORKER_OWN_FILES: u64 = 32;
-/// The most `--subscribers max` asks for, whatever the server's limit: issue 4's aim
-/// per node. Each costs the machine ~25 KiB (server, kernel, worker), so a limit of a
-/// million (a container's) would otherwise ask for tens of GiB. A count goes beyond.
-const MAX_SUBSCRIBERS_FOR_MAX: usize = 50_000;
 /// Well under the server's idle timeout for a keep-alive connection.
 const KEEP_ALIVE_EVERY: Duration =
     Duration::from_secs(settle::net::HEADER_READ_TIMEOUT.as_secs() / 3);
@@ -82,91 +80,6 @@ pub struct FanoutArgs {
     /// Seconds the workers may take to open every subscription.
     #[arg(long, default_value_t = 120, value_parser = crate::positive_u64())]
     pub connect_seconds: u64,
-}
-
-/// `--subscribers`: a count, or as many as the server can hold.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Subscribers {
-    Count(usize),
-    Max,
-}
-
-impl std::str::FromStr for Subscribers {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        if text == "max" {
-            return Ok(Self::Max);
-        }
-        match text.parse() {
-            Ok(0) | Err(_) => Err(format!(
-                "a number of subscribers (at least 1) or `max`, got {text:?}"
-            )),
-            Ok(count) => Ok(Self::Count(count)),
-        }
-    }
-}
-
-/// The server's PID and numeric soft open-file limit, which `--subscribers max` needs.
-fn server_fd_limit(server: &crate::server::Server) -> anyhow::Result<(u32, usize)> {
-    let pid = server
-        .info
-        .pid
-        .context("--subscribers max needs the server's PID (give --server-pid)")?;
-    let soft = server
-        .info
-        .nofile_soft
-        .context("--subscribers max needs the server's open-file limit")?;
-    // Unlimited, or beyond this machine's word: the cap decides.
-    Ok((pid, usize::try_from(soft).unwrap_or(usize::MAX)))
-}
-
-/// How many subscribers `--subscribers max` asks for: the files the server may still
-/// open (its soft limit less what it has open), at most [`MAX_SUBSCRIBERS_FOR_MAX`].
-fn max_subscribers(limit: (u32, usize)) -> anyhow::Result<usize> {
-    let (room, open, soft) = server_room(limit).context("--subscribers max")?;
-    if room == 0 {
-        bail!("--subscribers max: the server has {open} files open, at its limit of {soft}: no room for a subscriber");
-    }
-    if room > MAX_SUBSCRIBERS_FOR_MAX {
-        eprintln!("settle-bench: the server could open {room} more files; --subscribers max stops at {MAX_SUBSCRIBERS_FOR_MAX} (give a count for more)");
-    }
-    Ok(room.min(MAX_SUBSCRIBERS_FOR_MAX))
-}
-
-/// `count`, or a refusal when the server has no files for that many, before any connects:
-/// the ones past its limit would wait in its listen queue until `--connect-seconds`
-/// ran out. Nothing to check without the server's PID.
-fn check_room(count: usize, limit: Option<(u32, usize)>) -> anyhow::Result<usize> {
-    let Some((room, open, soft)) = limit.and_then(|limit| server_room(limit).ok()) else {
-        return Ok(count);
-    };
-    if count > room {
-        bail!("the server can open {room} more files (its limit {soft}, {open} open), too few for {count} subscribers: ask for at most {room}, or --subscribers max");
-    }
-    Ok(count)
-}
-
-/// The files the server may still open, those it has open, and its soft limit.
-fn server_room((pid, soft): (u32, usize)) -> anyhow::Result<(usize, usize, usize)> {
-    let open = sys::open_fds(pid).context("counting the server's open files")?;
-    Ok((soft.saturating_sub(open), open, soft))
-}
-
-/// Subscribers one worker takes: `--per-worker`, within the file limit the workers
-/// inherit from the bench (each subscriber is a socket; a worker keeps a few more
-/// files of its own).
-fn per_worker_within_limit(per_worker: usize) -> usize {
-    let Some(soft) = sys::nofile_soft() else {
-        return per_worker;
-    };
-    let fits = usize::try_from(soft.saturating_sub(WORKER_OWN_FILES))
-        .unwrap_or(usize::MAX)
-        .max(1);
-    if per_worker > fits {
-        eprintln!("settle-bench: a worker may open {soft} files: {fits} subscribers per worker, not {per_worker}");
-    }
-    per_worker.min(fits)
 }
 
 #[derive(Debug, Serialize)]
@@ -222,81 +135,6 @@ struct Results {
 #[derive(Deserialize)]
 struct ServerMetrics {
     subscribers: u64,
-}
-
-/// One worker process and its pipes.
-struct WorkerProcess {
-    child: Child,
-    pid: u32,
-    stdin: ChildStdin,
-    stdout: Lines<BufReader<ChildStdout>>,
-}
-
-impl WorkerProcess {
-    fn spawn(
-        exe: &std::path::Path,
-        target: SocketAddr,
-        count: usize,
-        source_ip: IpAddr,
-        args: &FanoutArgs,
-    ) -> anyhow::Result<Self> {
-        let mut command = Command::new(exe);
-        sys::stop_with_bench(&mut command);
-        let mut child = command
-            .arg("fanout-worker")
-            .args(["--target", &target.to_string()])
-            .args(["--count", &count.to_string()])
-            .args(["--source-ip", &source_ip.to_string()])
-            .args([
-                "--connect-concurrency",
-                &args.connect_concurrency.to_string(),
-            ])
-            .args(["--connect-seconds", &args.connect_seconds.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting a fan-out worker ({})", exe.display()))?;
-        let pid = child.id().context("the worker exited at once")?;
-        let stdin = child.stdin.take().context("worker stdin")?;
-        let stdout = BufReader::new(child.stdout.take().context("worker stdout")?).lines();
-        Ok(Self {
-            child,
-            pid,
-            stdin,
-            stdout,
-        })
-    }
-
-    async fn send(&mut self, command: &WorkerCommand) -> anyhow::Result<()> {
-        let line = serde_json::to_string(command).context("encoding a worker command")?;
-        self.stdin
-            .write_all(format!("{line}\n").as_bytes())
-            .await
-            .context("writing to a worker")?;
-        self.stdin.flush().await.context("writing to a worker")
-    }
-
-    async fn receive(&mut self, timeout: Duration) -> anyhow::Result<WorkerMessage> {
-        let line = tokio::time::timeout(timeout, self.stdout.next_line())
-            .await
-            .with_context(|| format!("worker {} silent for {timeout:?}", self.pid))?
-            .context("reading from a worker")?
-            .with_context(|| format!("worker {} exited", self.pid))?;
-        serde_json::from_str(&line).with_context(|| format!("parsing the worker line {line:?}"))
-    }
-
-    /// Asks the worker to exit, and kills it if it does not.
-    async fn stop(mut self) {
-        let _ = self.send(&WorkerCommand::Exit).await;
-        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
-    }
 }
 
 /// Runs the fan-out phase.
@@ -670,18 +508,4 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
         problems,
         rows,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn subscribers_are_a_count_or_max() {
-        assert_eq!("15000".parse(), Ok(Subscribers::Count(15000)));
-        assert_eq!("max".parse(), Ok(Subscribers::Max));
-        for bad in ["", "0", "-1", "all", "MAX", "1e4"] {
-            assert!(bad.parse::<Subscribers>().is_err(), "{bad:?}");
-        }
-    }
 }

@@ -58,25 +58,35 @@
 //! after its fsync, so a torn record (a crash mid-write) can only be at the end of the
 //! written part and was never acknowledged: recovery stops reading a segment at the
 //! first record that is short, empty or fails its checksum.
+//!
+//! Layout: this file owns the handle handlers accept through ([`Intake`]) and the
+//! writer thread; `pending` the pending table, `segments` the segment files (their
+//! names, recovery on start, release), `bound` the pending bound and the log of its
+//! refusals.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
-use std::hash::{BuildHasher, RandomState};
+mod bound;
+mod pending;
+mod segments;
+
+pub use self::bound::PendingBound;
+pub(super) use self::pending::PendingTable;
+pub(super) use self::segments::release_segment;
+
+use std::collections::HashSet;
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-use super::frames::{decode_frames, encode_frame, list_files, FRAME_HEADER};
-use super::{Accepted, Inner, Overload, Refusal, Store, StoreError};
-use crate::lag::Lag;
+use self::bound::RefusalLog;
+use self::segments::open_segment;
+use super::frames::encode_frame;
+use super::{Accepted, Refusal, Store, StoreError};
 use crate::model::CommandRecord;
 
 /// Most accepts written in one batch. Larger batches amortize the fsync further, but
@@ -88,314 +98,6 @@ pub const INTAKE_CAPACITY: usize = 8_192;
 /// A segment is closed and a new one started once it holds this many bytes. Small
 /// enough that segments finish (and can be recycled) soon after they close.
 pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
-/// Finished segments kept for reuse; more are deleted.
-pub const SPARE_SEGMENTS: usize = 4;
-
-const SEGMENT_SUFFIX: &str = ".log";
-const SPARE_SUFFIX: &str = ".spare";
-
-/// Accepted commands not yet applied: the part of the idempotency table that lives in
-/// the intake log instead of sled.
-#[derive(Default)]
-pub(super) struct PendingTable {
-    by_key: HashMap<String, Pending>,
-    key_by_id: HashMap<Uuid, String>,
-    /// The encoded size of every pending command's record, summed.
-    bytes: usize,
-    /// Unfinished commands per segment; a closed segment at zero moves to
-    /// `releasable`.
-    unfinished: BTreeMap<u64, usize>,
-    /// Closed segments whose commands have all finished, to be released (kept as a
-    /// spare or deleted) by a checkpoint (`checkpoint`).
-    pub(super) releasable: Vec<u64>,
-    /// The segment the writer appends to; never released while it is active.
-    active: u64,
-    /// Spare files, by the segment number they last had (and their records carry).
-    spares: Vec<u64>,
-    /// How many finished records (logged, or in sled) each idempotency key's 32-bit
-    /// hash stands for. One per finished command in the retention, so it is kept small: 9 bytes a
-    /// bucket, 10–21 bytes a key by the table's fill (against 17 a bucket for a 64-bit
-    /// hash and count). A 32-bit hash makes a new key look possibly finished, one sled
-    /// read, with a chance of (finished keys / 2^32): 2% at a day of 1000 commands/s.
-    finished: HashMap<u32, u16>,
-    /// Seeded per process, so no client can choose keys that collide.
-    key_hasher: RandomState,
-}
-
-struct Pending {
-    record: CommandRecord,
-    segment: u64,
-    /// The record's encoded size in the log.
-    bytes: usize,
-}
-
-impl PendingTable {
-    /// Enters a command whose record takes `bytes` in `segment`.
-    fn insert(&mut self, record: CommandRecord, segment: u64, bytes: usize) {
-        *self.unfinished.entry(segment).or_default() += 1;
-        self.bytes += bytes;
-        self.key_by_id
-            .insert(record.command_id, record.idempotency_key.clone());
-        self.by_key.insert(
-            record.idempotency_key.clone(),
-            Pending {
-                record,
-                segment,
-                bytes,
-            },
-        );
-    }
-
-    /// Removes a command that will not finish (its batch was refused).
-    fn remove(&mut self, key: &str, command_id: Uuid) {
-        self.take(key, command_id);
-    }
-
-    /// Removes a command whose finished record is now logged (`unwritten`) and counts its
-    /// key as finished.
-    fn finish(&mut self, key: &str, command_id: Uuid) {
-        if self.take(key, command_id) {
-            self.count_finished(key.as_bytes());
-        }
-    }
-
-    /// Removes the command if it is pending under this id (false if not); its segment
-    /// becomes releasable if it was the last unfinished one of a closed segment.
-    fn take(&mut self, key: &str, command_id: Uuid) -> bool {
-        match self.by_key.get(key) {
-            Some(pending) if pending.record.command_id == command_id => {}
-            _ => return false,
-        }
-        let pending = self.by_key.remove(key).expect("looked up above");
-        self.key_by_id.remove(&command_id);
-        self.bytes -= pending.bytes;
-        if let Some(left) = self.unfinished.get_mut(&pending.segment) {
-            *left -= 1;
-            if *left == 0 && pending.segment != self.active {
-                self.unfinished.remove(&pending.segment);
-                self.releasable.push(pending.segment);
-            }
-        }
-        true
-    }
-
-    /// Commands accepted and not finished.
-    pub(super) fn len(&self) -> usize {
-        self.by_key.len()
-    }
-
-    /// What waits to be applied: commands, and bytes of their records.
-    fn waiting(&self) -> Waiting {
-        Waiting {
-            commands: self.by_key.len(),
-            bytes: self.bytes,
-        }
-    }
-
-    fn finished_hash(&self, key: &[u8]) -> u32 {
-        // The low half of SipHash's output: as evenly spread as the whole.
-        self.key_hasher.hash_one(key) as u32
-    }
-
-    fn count_finished(&mut self, key: &[u8]) {
-        let hash = self.finished_hash(key);
-        let count = self.finished.entry(hash).or_default();
-        *count = count.saturating_add(1);
-    }
-
-    /// A finished record under `key` was removed from sled (compaction). A count that
-    /// reached its ceiling stays there: it no longer knows how many it stands for, and
-    /// counting down from it could say "certainly not finished" of a finished key.
-    pub(super) fn forget_finished(&mut self, key: &[u8]) {
-        let hash = self.finished_hash(key);
-        if let Some(count) = self.finished.get_mut(&hash) {
-            if *count == u16::MAX {
-                return;
-            }
-            *count -= 1;
-            if *count == 0 {
-                self.finished.remove(&hash);
-            }
-        }
-    }
-
-    /// False when `key` certainly has no finished record (logged, or in sled).
-    pub(super) fn may_be_finished(&self, key: &[u8]) -> bool {
-        self.finished.contains_key(&self.finished_hash(key))
-    }
-
-    /// What waits, if `key` is certainly new (neither pending nor possibly finished):
-    /// enough for a handler to refuse it from memory ([`PendingBound::refusal`]).
-    /// `None` leaves the decision to the writer.
-    fn waiting_if_new(&self, key: &str) -> Option<Waiting> {
-        let known = self.by_key.contains_key(key) || self.may_be_finished(key.as_bytes());
-        (!known).then(|| self.waiting())
-    }
-}
-
-/// What waits to be applied, as the pending table counts it.
-#[derive(Clone, Copy, Debug)]
-struct Waiting {
-    commands: usize,
-    bytes: usize,
-}
-
-fn segment_path(dir: &Path, segment: u64) -> PathBuf {
-    dir.join(format!("{segment:020}{SEGMENT_SUFFIX}"))
-}
-
-fn spare_path(dir: &Path, segment: u64) -> PathBuf {
-    dir.join(format!("{segment:020}{SPARE_SUFFIX}"))
-}
-
-/// Makes a new or removed directory entry durable.
-pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-impl Store {
-    /// Reads the intake log back: every command without a finished record in sled is
-    /// pending again. Deletes the segments that hold nothing unfinished, and makes the
-    /// next segment number the active one.
-    ///
-    /// A logged command whose key has another command's finished record in sled wins
-    /// over it, and that record is unindexed (its chunk keeps it until it expires,
-    /// pointed at by nothing): the writer admits a key only when it has no record, so
-    /// the record must be one whose removal by compaction (not flushed before a crash)
-    /// came back.
-    ///
-    /// Call once sled is synced ([`Inner::sync_sled`], as `open` does when it reserves
-    /// the first seq block): a released segment no longer brings its commands back.
-    pub(super) fn recover_intake(inner: &Inner) -> Result<PendingTable, StoreError> {
-        let trees = inner.finished_trees();
-        let dir = inner.intake_dir.as_path();
-        let commands = trees.commands;
-        fs::create_dir_all(dir)?;
-        let mut table = PendingTable::default();
-        let mut stale_removed = false;
-        let segments = list_files(dir, SEGMENT_SUFFIX)?;
-        let spares = list_files(dir, SPARE_SUFFIX)?;
-        for &segment in &segments {
-            let path = segment_path(dir, segment);
-            let bytes = fs::read(&path)?;
-            // What follows the intact part is a torn record (never acknowledged) or a
-            // recycled file's stale records.
-            let (payloads, _) = decode_frames(&bytes, segment);
-            for payload in payloads {
-                let size = FRAME_HEADER + payload.len();
-                let record: CommandRecord = serde_json::from_slice(payload)?;
-                let key = record.idempotency_key.as_bytes();
-                let finished = match trees.entry(key)? {
-                    Some((entry, stored)) => {
-                        if stored.command_id == record.command_id {
-                            true
-                        } else {
-                            tracing::warn!(command_id = %record.command_id, stale = %stored.command_id,
-                                "an expired command's record came back under a logged command's key; it no longer answers for the key or its id");
-                            trees.unindex(key, &entry, &stored)?;
-                            stale_removed = true;
-                            false
-                        }
-                    }
-                    None => false,
-                };
-                if !finished && !table.by_key.contains_key(&record.idempotency_key) {
-                    table.insert(record, segment, size);
-                }
-            }
-        }
-        if stale_removed {
-            inner.flush_sled()?;
-        }
-        for key in commands.iter().keys() {
-            table.count_finished(&key?);
-        }
-        // Numbers are never reused, spares' included: a spare's records carry its
-        // last number, so its next one must differ.
-        let newest = segments.iter().chain(&spares).max().copied().unwrap_or(0);
-        table.active = newest + 1;
-        for spare in spares {
-            if table.spares.len() < SPARE_SEGMENTS {
-                table.spares.push(spare);
-            } else {
-                fs::remove_file(spare_path(dir, spare))?;
-            }
-        }
-        // What the records were found finished in is on the disk: `open` synced sled
-        // before this.
-        for &segment in &segments {
-            if !table.unfinished.contains_key(&segment) {
-                release_segment(dir, &mut table, segment)?;
-            }
-        }
-        sync_dir(dir)?;
-        Ok(table)
-    }
-
-    pub(super) fn pending_table(&self) -> std::sync::MutexGuard<'_, PendingTable> {
-        self.inner
-            .pending
-            .lock()
-            .expect("pending table lock poisoned")
-    }
-
-    /// The accepted, unapplied command under `key`, if any.
-    pub fn pending_command(&self, key: &str) -> Option<CommandRecord> {
-        self.pending_table()
-            .by_key
-            .get(key)
-            .map(|pending| pending.record.clone())
-    }
-
-    /// The accepted, unapplied command with this id, if any: from memory, the first
-    /// half of [`Store::command_by_id`].
-    pub(super) fn pending_by_id(&self, command_id: Uuid) -> Option<CommandRecord> {
-        let table = self.pending_table();
-        let key = table.key_by_id.get(&command_id)?;
-        table.by_key.get(key).map(|pending| pending.record.clone())
-    }
-
-    /// How many accepted commands are not finished yet.
-    pub fn pending_count(&self) -> usize {
-        self.pending_table().len()
-    }
-
-    /// Every accepted command not yet applied, in acceptance order.
-    pub fn unapplied(&self) -> Vec<CommandRecord> {
-        let mut records: Vec<_> = self
-            .pending_table()
-            .by_key
-            .values()
-            .map(|pending| pending.record.clone())
-            .collect();
-        records.sort_unstable_by_key(|record| record.seq);
-        records
-    }
-
-    /// Marks a pending command finished: its apply is durable against a crash and
-    /// readable (call after [`Store::log_applied`]). A closed segment with
-    /// nothing else unfinished becomes releasable
-    /// (by a checkpoint: `checkpoint`).
-    pub fn finish(&self, key: &str, command_id: Uuid) {
-        self.pending_table().finish(key, command_id);
-    }
-}
-
-/// Turns a closed segment whose commands have all finished into a spare, or deletes it
-/// when there are enough spares.
-pub(super) fn release_segment(
-    dir: &Path,
-    table: &mut PendingTable,
-    segment: u64,
-) -> io::Result<()> {
-    if table.spares.len() < SPARE_SEGMENTS {
-        fs::rename(segment_path(dir, segment), spare_path(dir, segment))?;
-        table.spares.push(segment);
-        Ok(())
-    } else {
-        fs::remove_file(segment_path(dir, segment))
-    }
-}
 
 /// Why an accept did not reach the log.
 #[derive(Debug, thiserror::Error)]
@@ -437,53 +139,6 @@ pub struct Intake {
 /// The writer thread; stop it with [`Intake::stop`].
 pub struct IntakeThread(thread::JoinHandle<()>);
 
-/// How much the pending table may hold before the writer refuses new keys
-/// ([`Accepted::Overloaded`]): commands, and bytes of their records in the log; and,
-/// if `max_lag` is set, how far behind its due times the consumer may apply.
-#[derive(Clone, Debug)]
-pub struct PendingBound {
-    pub commands: usize,
-    pub bytes: usize,
-    pub max_lag: Option<Duration>,
-    /// The consumer's lag, reported with every refusal.
-    pub lag: Lag,
-}
-
-impl PendingBound {
-    /// The answer to a new key while `waiting` waits: `Some` refusal when a bound is
-    /// reached. Reads the consumer's lag where it is bounded or reported (outside the
-    /// pending table's lock: the lag is not the table's).
-    fn refusal(&self, waiting: Waiting) -> Option<Refusal> {
-        let lag = self.max_lag.map(|max| (max, self.lag.current()));
-        let bound = if waiting.commands >= self.commands {
-            Overload::Commands
-        } else if waiting.bytes >= self.bytes {
-            Overload::Bytes
-        } else if lag.is_some_and(|(max, lag)| lag > max) {
-            Overload::Lag
-        } else {
-            return None;
-        };
-        let lag = lag.map_or_else(|| self.lag.current(), |(_, lag)| lag);
-        Some(Refusal {
-            pending: waiting.commands,
-            bytes: waiting.bytes,
-            lag_ms: u64::try_from(lag.as_millis()).unwrap_or(u64::MAX),
-            bound,
-        })
-    }
-
-    /// No bound (tests that are not about it).
-    pub fn none() -> Self {
-        Self {
-            commands: usize::MAX,
-            bytes: usize::MAX,
-            max_lag: None,
-            lag: Lag::new(),
-        }
-    }
-}
-
 /// What the writer found under a key ([`IntakeWriter::look_up`]).
 #[allow(
     clippy::large_enum_variant,
@@ -514,53 +169,6 @@ struct IntakeWriter {
     /// when it starts and when it ends, not per request.
     refusing: Arc<AtomicBool>,
     refusal_log: RefusalLog,
-}
-
-/// The log of refusals starting and ending: a warning and an info line, unless a
-/// warning went out less than [`RefusalLog::QUIET`] ago (a bound the backlog hovers
-/// at flips many times a second): then debug lines. So a warning and its info line
-/// stand for the next 10 s, whose refusals `refused` in `/api/metrics` counts.
-#[derive(Default)]
-struct RefusalLog {
-    warned_at: Option<Instant>,
-    /// Whether the refusal going on was warned of.
-    warned: bool,
-}
-
-impl RefusalLog {
-    const QUIET: Duration = Duration::from_secs(10);
-
-    /// Logs that `refusal` starts a refusal; answers at which level.
-    fn started(&mut self, refusal: &Refusal) -> tracing::Level {
-        let Refusal {
-            pending,
-            bytes,
-            lag_ms,
-            bound,
-        } = refusal;
-        self.warned = self.warned_at.is_none_or(|at| at.elapsed() >= Self::QUIET);
-        let message = "new commands are answered 503 while a bound is reached (refused in /api/metrics counts them; logged again at most every 10 s)";
-        if self.warned {
-            self.warned_at = Some(Instant::now());
-            tracing::warn!(pending, bytes, lag_ms, %bound, "{message}");
-            tracing::Level::WARN
-        } else {
-            tracing::debug!(pending, bytes, lag_ms, %bound, "{message}");
-            tracing::Level::DEBUG
-        }
-    }
-
-    /// Logs that a refusal ended; answers at which level.
-    fn ended(&mut self) -> tracing::Level {
-        let message = "a new command was taken: within the bounds again, for now";
-        if self.warned {
-            tracing::info!("{message}");
-            tracing::Level::INFO
-        } else {
-            tracing::debug!("{message}");
-            tracing::Level::DEBUG
-        }
-    }
 }
 
 impl Intake {
@@ -654,25 +262,6 @@ impl Intake {
         let _ = self.sender.send(Request::Stop).await;
         crate::join_thread(thread.0, "intake writer").await
     }
-}
-
-/// Opens segment `segment` for writing from its start: a spare renamed, or a new file.
-fn open_segment(store: &Store, segment: u64) -> Result<File, StoreError> {
-    let dir = &store.inner.intake_dir;
-    let path = segment_path(dir, segment);
-    let spare = store.pending_table().spares.pop();
-    if let Some(spare) = spare {
-        if let Err(err) = fs::rename(spare_path(dir, spare), &path) {
-            tracing::warn!(error = %err, spare, "cannot reuse a spare intake segment");
-        }
-    }
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)?;
-    sync_dir(dir)?;
-    Ok(file)
 }
 
 impl IntakeWriter {
@@ -857,9 +446,19 @@ impl IntakeWriter {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::fs;
+    use std::path::{Path, PathBuf};
+    use std::time::{Duration, Instant};
 
-    fn record(key: &str) -> CommandRecord {
+    use uuid::Uuid;
+
+    use super::segments::{segment_path, spare_path, SEGMENT_SUFFIX};
+    use super::*;
+    use crate::lag::Lag;
+    use crate::store::frames::{decode_frames, list_files};
+    use crate::store::Overload;
+
+    pub(super) fn record(key: &str) -> CommandRecord {
         CommandRecord {
             seq: 1,
             ..CommandRecord::accepted(
@@ -916,28 +515,6 @@ mod tests {
             decode_frames(&[0; 64], 9).0.is_empty(),
             "zeros end a segment"
         );
-    }
-
-    #[test]
-    fn a_closed_segment_is_releasable_with_its_last_unfinished_command() {
-        let mut table = PendingTable {
-            active: 2,
-            ..PendingTable::default()
-        };
-        let (a, b, c) = (record("a"), record("b"), record("c"));
-        table.insert(a.clone(), 1, 0);
-        table.insert(b.clone(), 1, 0);
-        table.insert(c.clone(), 2, 0);
-        table.remove("a", b.command_id);
-        assert!(table.by_key.contains_key("a"), "another command's id");
-        table.remove("a", a.command_id);
-        assert!(table.releasable.is_empty(), "b is still unfinished");
-        table.finish("b", b.command_id);
-        assert_eq!(table.releasable, [1]);
-        assert!(table.may_be_finished(b"b"));
-        table.finish("c", c.command_id);
-        assert_eq!(table.releasable, [1], "the active segment stays");
-        assert!(table.by_key.is_empty() && table.key_by_id.is_empty());
     }
 
     #[test]
@@ -1269,56 +846,6 @@ mod tests {
             .sum();
         assert_eq!(unapplied.len(), 3);
         assert_eq!(store.pending_table().bytes, sizes);
-    }
-
-    /// The finished keys' count answers "possibly finished" for every counted key
-    /// until each of its records is forgotten, and a count at its ceiling never comes
-    /// down: it could otherwise say "certainly not" of a finished key.
-    #[test]
-    fn the_finished_count_never_says_certainly_not_of_a_finished_key() {
-        let mut table = PendingTable::default();
-        assert!(!table.may_be_finished(b"a"));
-        table.count_finished(b"a");
-        table.count_finished(b"a");
-        table.forget_finished(b"a");
-        assert!(table.may_be_finished(b"a"), "one of two forgotten");
-        table.forget_finished(b"a");
-        assert!(!table.may_be_finished(b"a"), "both forgotten");
-        table.forget_finished(b"a");
-        assert!(!table.may_be_finished(b"a"), "forgetting more is a no-op");
-
-        for _ in 0..=u32::from(u16::MAX) {
-            table.count_finished(b"b");
-        }
-        for _ in 0..=u32::from(u16::MAX) {
-            table.forget_finished(b"b");
-        }
-        assert!(table.may_be_finished(b"b"), "a count at its ceiling stays");
-    }
-
-    /// A refusal that flips on and off is warned of once per quiet period, each
-    /// warning with its info line; the flips between are debug lines.
-    #[test]
-    fn a_flipping_refusal_is_warned_of_once_per_quiet_period() {
-        use tracing::Level;
-        let mut log = RefusalLog::default();
-        let refused = Refusal {
-            pending: 1,
-            bytes: 1,
-            lag_ms: 0,
-            bound: Overload::Commands,
-        };
-        assert_eq!(log.started(&refused), Level::WARN);
-        assert_eq!(log.ended(), Level::INFO);
-        assert_eq!(
-            log.started(&refused),
-            Level::DEBUG,
-            "within the quiet period"
-        );
-        assert_eq!(log.ended(), Level::DEBUG);
-        log.warned_at = log.warned_at.map(|at| at - RefusalLog::QUIET);
-        assert_eq!(log.started(&refused), Level::WARN, "after it");
-        assert_eq!(log.ended(), Level::INFO);
     }
 
     /// Beyond `--max-lag-ms` (the oldest command the consumer may apply has been due
