@@ -97,13 +97,16 @@ export function refreshedConflict(conflict, current) {
   });
 }
 
-/** A conflict stored before a reload, frozen again; null when it is not one. */
+/**
+ * A conflict stored before a reload, frozen again; null when it is not one. Read
+ * leniently, as storage may hold what an older build or a hand wrote.
+ */
 export function revivedConflict(saved) {
   if (!saved?.task_id || !saved.yours || !saved.theirs) return null;
   return Object.freeze({
     ...saved,
     yours: Object.freeze({ ...saved.yours }),
     theirs: Object.freeze({ ...saved.theirs }),
-    changed: Object.freeze([...(saved.changed ?? [])]),
+    changed: Object.freeze(Array.isArray(saved.changed) ? saved.changed.filter((field) => typeof field === 'string') : []),
   });
 }

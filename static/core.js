@@ -5,9 +5,10 @@
 // the view drive it; a React app would bind it with
 // `useSyncExternalStore(core.subscribe, core.getSnapshot)`.
 //
-// The model (see DESIGN.md, "Client: the core's state"):
+// The model (see ../shared/DESIGN.md, "Client: the core's state"):
 //   base:      Map<task_id, Task>   confirmed, from the snapshot and settled events
-//   pending:   Map<task_id, Op[]>   the user's operations in issue order, not yet settled
+//   pending:   task_id -> Op[]      the user's operations in issue order, not yet settled
+//                                   (stacks.js)
 //   watermark: id of the last event whose effect `base` includes
 //   view(id) = pending[id] folded over base[id]
 //
@@ -17,8 +18,8 @@
 // base gives all three for free.
 
 import {
-  describeOp, discardText, EVENT_FAILED, EVENT_SETTLED, failureText, isSavedOp, itemOf, KINDS,
-  noticeOf, persistedFields,
+  appliedLateText, discardText, EVENT_FAILED, EVENT_SETTLED, failureText, isSavedOp, itemOf, KINDS,
+  noticeOf, persistedFields, refusedText,
 } from './ops.js';
 import {
   conflictOf, rebasePlan, refreshedConflict, revivedConflict, seenValues as seenOn,
@@ -305,8 +306,7 @@ export function createCore({
     if (!op) return;
     const title = titleOf(op);
     removeOp(op, 'rejected');
-    const text = `${describeOp(op, title)} was refused: ${detail || `HTTP ${status}`}.`;
-    addNotice(noticeOf(op, 'error', `http_${status}`, text));
+    addNotice(noticeOf(op, 'error', `http_${status}`, refusedText(op, title, { status, detail })));
     changed();
   }
 
@@ -449,8 +449,7 @@ export function createCore({
     discarded.delete(op.key);
     if (type !== EVENT_SETTLED) return;
     departed = [...departed, Object.freeze({ op, outcome: 'applied_late' })];
-    const text = `${describeOp(op, op.title_then)}, which you stopped waiting for, was applied after all.`;
-    addNotice(noticeOf(op, 'info', 'applied_late', text));
+    addNotice(noticeOf(op, 'info', 'applied_late', appliedLateText(op)));
   }
 
   /** Ground truth from GET /api/tasks/{id} (`null` on 404). Only moves forward. */
@@ -602,7 +601,8 @@ export function createCore({
   /** Put back conflicts persisted before a reload: a refused edit waits for the user still. */
   function restoreConflicts(saved) {
     let restored = false;
-    for (const conflict of saved.map(revivedConflict)) {
+    for (const stored of saved) {
+      const conflict = revivedConflict(stored);
       if (!conflict || conflicts.has(conflict.task_id)) continue;
       conflicts.set(conflict.task_id, conflict);
       restored = true;

@@ -1,7 +1,8 @@
 // Operations: one user intent on its way to the server, and all that can be said of one
 // without the core's state: the request that carries it (`commandRequest`), what it
-// predicts (`applyOp`, `fold`), how it is named to the user (`describeOp` and the texts
-// of its notices), and what of it survives a reload (`persistedFields`, `isSavedOp`).
+// predicts (`applyOp`, `fold`, and the list's row of a task with its stack, `itemOf`),
+// how it is named to the user (`describeOp`, and its notices: `noticeOf` and the texts),
+// and what of it survives a reload (`persistedFields`, `isSavedOp`).
 //
 // Pure: no state, no DOM, no time. The core (core.js) keeps the stacks of them.
 
@@ -166,7 +167,6 @@ const REASON_TEXT = Object.freeze({
 /** Reasons whose server message says more than REASON_TEXT (which versions, which fault). */
 const REASON_WITH_DETAIL = new Set(['conflict', 'dead_lettered']);
 
-
 /** A notice about one op: what it says, and the op's task and kind. */
 export function noticeOf(op, level, reason, text) {
   return { level, task_id: op.task_id, op_kind: op.kind, delta: op.delta, reason, text };
@@ -185,6 +185,16 @@ export function failureText(op, title, { reason, message, orphaned = false, kept
   const why = REASON_TEXT[reason] ?? reason;
   const detail = message && (REASON_WITH_DETAIL.has(reason) || !REASON_TEXT[reason]) ? ` (${message})` : '';
   return `${describeOp(op, title)} failed: ${why}.${detail}`;
+}
+
+/** What the notice of an op the server refused before accepting it (a 4xx) says. */
+export function refusedText(op, title, { status, detail }) {
+  return `${describeOp(op, title)} was refused: ${detail || `HTTP ${status}`}.`;
+}
+
+/** What the notice of a discarded op that the server applied after all says. */
+export function appliedLateText(op) {
+  return `${describeOp(op, op.title_then)}, which you stopped waiting for, was applied after all.`;
 }
 
 /** What the notice of a Discard says; `along`: how many changes stacked on a create went with it. */

@@ -90,7 +90,7 @@ export function createPanels({ transport, windowSamples }) {
     }
   }
 
-    // ---- the fault panel ----------------------------------------------------------------
+  // ---- the fault panel ----------------------------------------------------------------
 
   /** PUTs go out one after the other, so the server ends with the last thing the user set. */
   let faultChain = Promise.resolve();

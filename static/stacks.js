@@ -38,10 +38,14 @@ export function createStacks() {
       keyIndex.set(op.key, op.task_id);
     },
 
-    /** `op` with `changes`, in its place on its stack. @returns {object} the new op */
+    /**
+     * `op` with `changes`, in its place on its stack.
+     * @returns {object} the new op; `op` itself, unchanged, when it is on no stack
+     */
     replace(op, changes) {
-      const next = Object.freeze({ ...op, ...changes });
       const ops = stacks.get(op.task_id) ?? NO_OPS;
+      if (!ops.includes(op)) return op;
+      const next = Object.freeze({ ...op, ...changes });
       stacks.set(op.task_id, Object.freeze(ops.map((candidate) => (candidate === op ? next : candidate))));
       return next;
     },

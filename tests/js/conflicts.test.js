@@ -98,6 +98,8 @@ describe('conflicts', () => {
     const revived = revivedConflict({ task_id: 'a', kind: 'update', yours: { title: 'b' }, theirs: task() });
     assert.deepEqual(revived.changed, []);
     assert.ok(Object.isFrozen(revived) && Object.isFrozen(revived.theirs));
+    const odd = revivedConflict({ task_id: 'a', yours: {}, theirs: task(), changed: 5 });
+    assert.deepEqual(odd.changed, [], 'a stored list that is not one reads as empty');
     assert.equal(revivedConflict({ task_id: 'a', yours: {} }), null);
     assert.equal(revivedConflict(null), null);
   });
@@ -130,5 +132,7 @@ describe('stacks', () => {
     assert.equal(stacks.has('a'), false);
     assert.equal(stacks.find('k1'), null);
     assert.deepEqual(before.map((o) => o.key), ['k1'], 'the old stack is untouched');
+    assert.equal(stacks.replace(op, { state: 'pending' }), op, 'an op on no stack is left as it is');
+    assert.equal(stacks.has('a'), false);
   });
 });
