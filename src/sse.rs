@@ -1,7 +1,7 @@
 //! `GET /api/events`: the event stream clients close their consistency window on.
 //!
 //! Each event is the frame stored in the durable log (see `hub`), so replayed and live
-//! events are byte-identical. The seam between them (DESIGN.md): subscribe to the
+//! events are byte-identical. The seam between them (../shared/DESIGN.md): subscribe to the
 //! broadcast first, then replay the log up to the projection's watermark, then take
 //! live frames, skipping ids already sent. A subscriber that lags behind the broadcast,
 //! or sees a gap, reads the missing ids back from the log: nothing is skipped silently.
