@@ -239,16 +239,28 @@ export function createSync({
     }
   }
 
+  /**
+   * Every list is read before any is put back, and all are written once they are: putting
+   * one back changes the core, whose change persists every list, so a list not read yet
+   * would be overwritten with the core's empty one (pending ops restored, then the
+   * discarded ops and open conflicts lost with them), and one put back without a change
+   * would stay overwritten until the next.
+   */
   function restore() {
     if (!storage) return;
-    for (const [key, , put] of persisted) {
+    const lists = persisted.map(([key]) => {
       try {
         const saved = JSON.parse(storage.getItem(key) ?? '[]');
-        if (Array.isArray(saved) && saved.length) put(saved);
+        return Array.isArray(saved) ? saved : [];
       } catch (error) {
         log(`ignoring unreadable ${key}`, error);
+        return [];
       }
-    }
+    });
+    persisted.forEach(([, , put], index) => {
+      if (lists[index].length) put(lists[index]);
+    });
+    persist();
   }
 
   // ---- the public API ------------------------------------------------------------------------

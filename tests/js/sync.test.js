@@ -201,6 +201,38 @@ describe('the sync engine', () => {
       'the one the server does not know stays remembered, in case it arrives yet');
   });
 
+  test('a reload keeps pending ops, discarded ops and open conflicts together', async () => {
+    const first = setup();
+    await first.sync.start();
+    const edit = first.sync.editTask('a', { title: 'mine' }, 'edit');
+    first.sync.like('a', 1, 'given-up');
+    first.sync.like('a', 1, 'still-coming');
+    await flush();
+    failOnStream(first.transport, edit, 'conflict', task('a', { title: 'theirs', version: 2 }));
+    first.sync.discard('given-up');
+    await flush();
+
+    // The whole tab's storage comes back, as it does for a reload.
+    const transport = fakeTransport({ fetchSnapshot: async () => ({ tasks: [task('a', { title: 'theirs', version: 2 })], watermark: 10 }) });
+    const reloaded = setup({ transport, storage: first.storage });
+    const started = reloaded.sync.start();
+    for (const key of [STORAGE_KEY, DISCARDED_KEY, CONFLICTS_KEY]) {
+      assert.equal(JSON.parse(first.storage.getItem(key)).length, 1, `${key} is stored still, should the page go again at once`);
+    }
+    await started;
+    const [item] = reloaded.core.getSnapshot().items;
+    assert.deepEqual(item.ops.map((op) => op.key), ['still-coming']);
+    assert.equal(item.conflict?.yours.title, 'mine', 'the open conflict is still there');
+    assert.deepEqual(transport.calls.filter((call) => call[0] === 'status'), [['status', 'cmd-still-coming'], ['status', 'cmd-given-up']],
+      'the discarded op is still remembered, and asked after');
+    reloaded.transport.streams.at(-1).handlers.onEvent({
+      id: 11,
+      type: 'projection:settled',
+      data: { command_id: 'cmd-given-up', idempotency_key: 'given-up', task_id: 'a', kind: 'like', version: 3, task: task('a', { title: 'theirs', likes: 1, version: 3 }) },
+    });
+    assert.match(reloaded.core.getSnapshot().notices.at(-1).text, /which you stopped waiting for, was applied after all/);
+  });
+
   test('a failed like snaps to the counts fragment; a newer row is fetched whole', async () => {
     const transport = fakeTransport({
       fetchCounts: async (id) => {
