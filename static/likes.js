@@ -24,11 +24,16 @@ import {
 } from './like-intents.js';
 
 /**
- * Compensations that fail in a row on a task before the tab stops sending them (until the
+ * Compensations that fail in a row on a task before the tab pauses between them (until the
  * next click, or until a like of the tab's settles on the task): a server that fails them
  * all cannot loop it, and one that fails some (a failure rate) does not strand the share.
  */
 export const MAX_FAILED_COMPENSATIONS = 5;
+/**
+ * The pauses after that, one per further failure, the last repeated: a failure rate that
+ * strings several failures together delays the share, and no longer strands it.
+ */
+export const COMPENSATION_PAUSES_MS = Object.freeze([2_000, 4_000, 8_000, 16_000, 30_000]);
 /** Compensations per task per click, whatever becomes of them. */
 export const MAX_COMPENSATIONS_PER_CLICK = 20;
 /** How many tasks a tab keeps clicks for; the oldest go first. */
@@ -123,6 +128,8 @@ export function createLikes({
   /** Per task: compensations sent since the user's last click, and failed since the last settle. */
   const sentSinceClick = new Map();
   const failedInARow = new Map();
+  /** Per task, after MAX_FAILED_COMPENSATIONS in a row: no compensation before this time. */
+  const pausedUntil = new Map();
   /** Every other tab's record, summed: shares, pending deltas, and the latest intents. */
   let others = { share: new Map(), pending: new Map(), intents: new Map() };
   let written = null;
@@ -369,7 +376,7 @@ export function createLikes({
       return;
     }
     if (core.isDeleted(taskId) || !core.confirmedTask(taskId)) return;
-    if ((failedInARow.get(taskId) ?? 0) >= MAX_FAILED_COMPENSATIONS) return;
+    if ((failedInARow.get(taskId) ?? 0) >= MAX_FAILED_COMPENSATIONS && now() < (pausedUntil.get(taskId) ?? 0)) return;
     const pending = pendingOn(taskId) + (others.pending.get(taskId) ?? 0);
     const delta = compensation(share(taskId), pending, intent(taskId)?.liked);
     const sent = sentSinceClick.get(taskId) ?? 0;
@@ -379,6 +386,18 @@ export function createLikes({
     for (let index = 0; index < count; index += 1) {
       compensations.add(sync.like(taskId, Math.sign(delta), undefined, { compensating: true }).key);
     }
+  }
+
+  /** No compensation on the task for a while, then one more try (`COMPENSATION_PAUSES_MS`). */
+  function pauseCompensations(taskId, failures) {
+    const steps = COMPENSATION_PAUSES_MS.length;
+    const pause = COMPENSATION_PAUSES_MS[Math.min(failures - MAX_FAILED_COMPENSATIONS, steps - 1)];
+    pausedUntil.set(taskId, now() + pause);
+    later(() => {
+      if (away || failedInARow.get(taskId) !== failures) return; // gone, or moved on since
+      pausedUntil.delete(taskId);
+      ownOpLeft(taskId);
+    }, pause);
   }
 
   /**
@@ -397,7 +416,7 @@ export function createLikes({
   /**
    * Once the first snapshot is in: a task whose share this tab (or a tab now closed)
    * should bring to the intent gets what it needs. After a reload, compensations that
-   * stopped after failing in a row go on.
+   * paused after failing in a row go on at once.
    */
   let checkedOnStart = false;
   function checkOnStart() {
@@ -471,10 +490,13 @@ export function createLikes({
           guard(() => session?.setItem(UNFLUSHED_KEY, JSON.stringify(Object.fromEntries(unflushed))));
         }
         failedInARow.delete(op.task_id);
+        pausedUntil.delete(op.task_id);
         // Something the user did not do now: a fresh allowance to make up for it.
         if (outcome === 'applied_late') sentSinceClick.delete(op.task_id);
       } else if (compensations.has(op.key) && reason !== 'not_found') {
-        failedInARow.set(op.task_id, (failedInARow.get(op.task_id) ?? 0) + 1);
+        const failures = (failedInARow.get(op.task_id) ?? 0) + 1;
+        failedInARow.set(op.task_id, failures);
+        if (failures >= MAX_FAILED_COMPENSATIONS) pauseCompensations(op.task_id, failures);
       }
       compensations.delete(op.key);
       if (list && outcome === 'settled') setClicks(op.task_id, clickSettled(list, op.key));
@@ -541,6 +563,7 @@ export function createLikes({
       }
       sentSinceClick.delete(taskId);
       failedInARow.delete(taskId);
+      pausedUntil.delete(taskId);
       setClicks(taskId, [...(clicks.get(taskId) ?? []), { key: op.key, liked: wanted, at: now() }]);
       writeClicks();
       writeOwn();

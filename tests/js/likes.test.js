@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 
 import { createCore } from '../../static/core.js';
 import { EVENT_SETTLED, EVENT_FAILED } from '../../static/ops.js';
-import { createLikes, MAX_FAILED_COMPENSATIONS } from '../../static/likes.js';
+import { createLikes, MAX_COMPENSATIONS_PER_CLICK, MAX_FAILED_COMPENSATIONS } from '../../static/likes.js';
 import {
   readTabRecord, browserShares, TAB_RECORD_PREFIX, LEGACY_LEDGER_PREFIX, CLICKS_KEY, ORPHANS_PREFIX, ADOPT_AFTER_MS, TAB_ID_KEY,
 } from '../../static/like-records.js';
@@ -88,17 +88,43 @@ describe('createLikes: the toggle of one tab', () => {
     assert.equal(a.liked(), false);
   });
 
-  test('compensations that all fail stop after a few in a row', () => {
+  test('compensations that all fail pause after a few in a row, and stop at the bound of a click', () => {
     const { a } = oneTab();
     const like = a.click();
     const unlike = a.click(); // pending
     a.fail(like);
-    for (let guard = 0; guard < 20; guard += 1) {
-      const next = a.core.pendingOps().find((op) => op.key !== unlike.key);
-      if (!next) break;
-      a.fail(next);
-    }
+    const failAll = () => {
+      for (let guard = 0; guard < 50; guard += 1) {
+        const next = a.core.pendingOps().find((op) => op.key !== unlike.key);
+        if (!next) break;
+        a.fail(next);
+      }
+    };
+    failAll();
     assert.equal(a.sent.length, 2 + MAX_FAILED_COMPENSATIONS);
+    // Each pause over, one more try, until a click's bound.
+    for (let round = 0; round < 30; round += 1) {
+      a.runTimers();
+      failAll();
+    }
+    assert.equal(a.sent.length, 2 + MAX_COMPENSATIONS_PER_CLICK);
+    a.runTimers();
+    assert.equal(a.sent.length, 2 + MAX_COMPENSATIONS_PER_CLICK, 'nothing more, however long');
+  });
+
+  test('compensations paused after failing in a row go on once the pause is over, and set the share right', () => {
+    const { server, a } = oneTab();
+    const like = a.click();
+    const unlike = a.click();
+    a.fail(like);
+    a.settle(unlike); // the share is -1; the last click was Unlike: one like is owed
+    for (let failures = 0; failures < MAX_FAILED_COMPENSATIONS; failures += 1) a.fail(a.core.pendingOps()[0]);
+    assert.equal(a.core.pendingOps().length, 0, 'paused');
+    a.runTimers(); // the pause is over
+    assert.deepEqual(a.core.pendingOps().map((op) => op.delta), [1]);
+    a.settleAll();
+    assert.equal(server.task('t').likes, 0);
+    assert.equal(a.liked(), false);
   });
 
   test('compensations go on past a few failures when others settle between them: the share is not stranded', () => {
