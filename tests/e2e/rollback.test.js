@@ -150,71 +150,43 @@ test('like, unlike, like with the first like failed: the last click stands, one 
   }
 });
 
-test('a discarded like that the server applies after all is taken back when the last click was Unlike', async () => {
-  const server = await startServer(['--delay-ms', '200', '--redeliver-after-ms', '5000']);
-  try {
-    const task = await server.api.createSettled('lost like');
-    const { page, pageErrors } = await openApp(browser, server.url, '?stuck_ms=800');
-    const deltas = likeDeltas(page);
-    const item = taskItem(page, task.id);
-    const like = item.getByTestId('like');
-    await server.api.setFaults({ drop_rate: 1 });
-    await like.click();
-    await item.getByRole('button', { name: 'Discard' }).click();
-    await server.api.setFaults({ drop_rate: 0 });
-    assert.equal(await like.getAttribute('aria-pressed'), 'false');
+// Across a reload too, with the two later likes pending: the page keeps the discarded like
+// as well as the pending ones (restoring the pending ones once overwrote the discarded).
+for (const reload of [false, true]) {
+  const across = reload ? ', across a reload with likes pending' : '';
+  test(`a discarded like that the server applies after all is taken back when the last click was Unlike${across}`, async () => {
+    const server = await startServer(['--delay-ms', '200', '--redeliver-after-ms', '5000']);
+    try {
+      const task = await server.api.createSettled('lost like');
+      const { page, pageErrors } = await openApp(browser, server.url, '?stuck_ms=800');
+      const deltas = likeDeltas(page);
+      const item = taskItem(page, task.id);
+      const like = item.getByTestId('like');
+      await server.api.setFaults({ drop_rate: 1 });
+      await like.click();
+      await item.getByRole('button', { name: 'Discard' }).click();
+      await server.api.setFaults({ drop_rate: 0 });
+      assert.equal(await like.getAttribute('aria-pressed'), 'false');
 
-    // Like and unlike again. A task's commands apply in order, so both wait behind the
-    // dropped like until it is delivered again; then all three apply.
-    await like.click();
-    await like.click();
-    assert.deepEqual([await like.getAttribute('aria-pressed'), (await shown(page, task.id)).likes], ['false', 0]);
-    await page.getByTestId('notice').filter({ hasText: 'was applied after all' }).waitFor({ timeout: 15_000 });
-    await eventually(async () => {
-      assert.equal((await server.api.task(task.id)).likes, 0, 'the like applied after all is taken back');
-      assert.deepEqual(await shown(page, task.id), { title: 'lost like', likes: 0, done: false, pending: false, state: 'settled' });
-    }, { timeout: 10_000 });
-    assert.deepEqual(deltas, [1, 1, -1, -1]);
-    assert.equal(await like.getAttribute('aria-pressed'), 'false');
-    assert.deepEqual(pageErrors, []);
-  } finally {
-    await server.stop();
-  }
-});
-
-test('a discarded like applied after a reload is still told, when other likes were pending across it', async () => {
-  const server = await startServer(['--delay-ms', '200', '--redeliver-after-ms', '4000']);
-  try {
-    const task = await server.api.createSettled('late like');
-    const { page, pageErrors } = await openApp(browser, server.url, '?stuck_ms=800');
-    const deltas = likeDeltas(page);
-    const item = taskItem(page, task.id);
-    const like = item.getByTestId('like');
-    await server.api.setFaults({ drop_rate: 1 });
-    await like.click();
-    await new Promise((resolve) => setTimeout(resolve, 500)); // its delivery (at 200 ms) lost
-    await server.api.setFaults({ drop_rate: 0 });
-    // Unlike and like again: both wait behind the lost like (one task's commands apply in order).
-    await like.click();
-    await like.click();
-    await item.getByRole('button', { name: 'Discard' }).click();
-    // Reloaded with two likes pending and one discarded: all three are kept for the new page.
-    await page.reload();
-    await page.getByTestId('notice').filter({ hasText: 'was applied after all' }).waitFor({ timeout: 15_000 });
-    await eventually(async () => {
-      assert.equal((await server.api.task(task.id)).likes, 1, 'liked once, as the last click asked');
-      assert.deepEqual(await shown(page, task.id), { title: 'late like', likes: 1, done: false, pending: false, state: 'settled' });
-    }, { timeout: 10_000 });
-    assert.equal(await taskItem(page, task.id).getByTestId('like').getAttribute('aria-pressed'), 'true');
-    // The discard made up for the like it gave up on (+1); once that like applied after
-    // all, the page took one back (-1). Without the discarded op kept across the reload the
-    // late like went unseen, and the task ended at 2.
-    assert.deepEqual(deltas, [1, -1, 1, 1, -1]);
-    assert.deepEqual(pageErrors, []);
-  } finally {
-    await server.stop();
-  }
-});
+      // Like and unlike again. A task's commands apply in order, so both wait behind the
+      // dropped like until it is delivered again; then all three apply.
+      await like.click();
+      await like.click();
+      assert.deepEqual([await like.getAttribute('aria-pressed'), (await shown(page, task.id)).likes], ['false', 0]);
+      if (reload) await page.reload();
+      await page.getByTestId('notice').filter({ hasText: 'was applied after all' }).waitFor({ timeout: 15_000 });
+      await eventually(async () => {
+        assert.equal((await server.api.task(task.id)).likes, 0, 'the like applied after all is taken back');
+        assert.deepEqual(await shown(page, task.id), { title: 'lost like', likes: 0, done: false, pending: false, state: 'settled' });
+      }, { timeout: 10_000 });
+      assert.deepEqual(deltas, [1, 1, -1, -1]);
+      assert.equal(await like.getAttribute('aria-pressed'), 'false');
+      assert.deepEqual(pageErrors, []);
+    } finally {
+      await server.stop();
+    }
+  });
+}
 
 test('a like discarded before its 202 and applied while the page was away is learned on return, by its key', async () => {
   const server = await startServer(['--delay-ms', '1500']);
