@@ -22,7 +22,7 @@ import {
   noticeOf, persistedFields, refusedText,
 } from './ops.js';
 import {
-  conflictOf, rebasePlan, refreshedConflict, revivedConflict, seenValues as seenOn,
+  conflictOf, rebasePlan, refreshedConflict, revivedConflict, seenValues,
 } from './conflicts.js';
 import { createStacks } from './stacks.js';
 
@@ -205,9 +205,9 @@ export function createCore({
     }
   }
 
-  /** The values the user may have been shown of a task (`seenValues` in conflicts.js). */
-  function seenValues(taskId) {
-    return seenOn(base.get(taskId), pending.of(taskId));
+  /** The values the user may have been shown of a task, as of now (`seenValues`). */
+  function seenNow(taskId) {
+    return seenValues(base.get(taskId), pending.of(taskId));
   }
 
   /**
@@ -225,7 +225,7 @@ export function createCore({
         command_id: null,
         patch: op.patch && Object.freeze(Object.fromEntries(plan.fields.map((field) => [field, op.patch[field]]))),
         base_version: expectedVersion(op.task_id),
-        seen: seenValues(op.task_id),
+        seen: seenNow(op.task_id),
         rebased: (op.rebased ?? 0) + 1,
         sent_at: now(),
         state: 'sending',
@@ -266,7 +266,7 @@ export function createCore({
       delta: intent.kind === 'like' ? intent.delta : undefined,
       base_version: intent.base_version ?? undefined,
       seen: intent.base_version != null && (intent.kind === 'update' || intent.kind === 'delete')
-        ? intent.seen ?? seenValues(intent.task_id)
+        ? intent.seen ?? seenNow(intent.task_id)
         : undefined,
       named: named ?? undefined,
       // A like or unlike the page sent by itself, to bring the browser's share where the
@@ -500,7 +500,7 @@ export function createCore({
    * else while it is open conflicts.
    */
   function editBase(taskId) {
-    return { base_version: expectedVersion(taskId), seen: seenValues(taskId) };
+    return { base_version: expectedVersion(taskId), seen: seenNow(taskId) };
   }
 
   /**

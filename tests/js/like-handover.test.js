@@ -111,9 +111,7 @@ describe('createLikes: the records of closed tabs and deleted tasks', () => {
     b.runTimers(); // the periodic look
     await flush();
     assert.equal(b.core.pendingOps().length, 0, 'not at the first look: it may be starting');
-    clock.time += ADOPT_AFTER_MS;
-    b.runTimers();
-    await flush();
+    await b.lookAfterAdoptWait();
     assert.deepEqual(b.core.pendingOps().map((op) => op.key), [like.key], 'taken over');
     assert.deepEqual(tabRecords(local).map(([id]) => id), [b.likes.tabId], "a's record taken in");
     assert.deepEqual(readOrphans(local.getItem(`${ORPHANS_PREFIX}${aId}`)).taken, [like.key]);
@@ -141,9 +139,7 @@ describe('createLikes: the records of closed tabs and deleted tasks', () => {
     const b = tab({ server, local, name: 'b', clock, alive: async (id) => id !== a.likes.tabId });
     b.settle(like); // b's core sees the event of an op it does not have
     await flush();
-    clock.time += ADOPT_AFTER_MS;
-    b.runTimers();
-    await flush();
+    await b.lookAfterAdoptWait();
     assert.deepEqual(b.core.pendingOps(), []);
     assert.deepEqual(b.sent, [], 'the record taken in and the op taken over count once, not twice, meanwhile');
     assert.equal(browserShares(local).get('t'), 1);
@@ -160,9 +156,7 @@ describe('createLikes: the records of closed tabs and deleted tasks', () => {
     a.likes.stop();
     const b = tab({ server, local, name: 'b', clock, alive: async (id) => (id === 'old' ? false : undefined) });
     for (let look = 0; look < 3; look += 1) {
-      clock.time += ADOPT_AFTER_MS;
-      b.runTimers();
-      await flush();
+      await b.lookAfterAdoptWait();
     }
     assert.deepEqual(b.core.pendingOps(), []);
     assert.equal(tabRecords(local).length, 3);
@@ -196,9 +190,7 @@ describe('createLikes: the records of closed tabs and deleted tasks', () => {
     await flush();
     assert.deepEqual(b.core.pendingOps(), [], 'c, open, has the least id');
     live = [b.likes.tabId]; // c closed
-    clock.time += ADOPT_AFTER_MS;
-    b.runTimers();
-    await flush();
+    await b.lookAfterAdoptWait();
     assert.deepEqual(b.core.pendingOps().map((op) => op.key), [like.key]);
   });
 

@@ -4,6 +4,7 @@
 import { createCore } from '../../static/core.js';
 import { EVENT_SETTLED, EVENT_FAILED } from '../../static/ops.js';
 import { createLikes } from '../../static/likes.js';
+import { ADOPT_AFTER_MS } from '../../static/like-records.js';
 
 /** localStorage or sessionStorage in memory. */
 export function memoryStorage() {
@@ -91,6 +92,12 @@ export function tab({
     session,
     /** Run the timers set so far (the clock is moved by the test). */
     runTimers: () => timers.splice(0).forEach(({ callback }) => callback()),
+    /** Move the clock past the wait before orphans are taken over, run the timers set so far, let them finish. */
+    async lookAfterAdoptWait() {
+      clock.time += ADOPT_AFTER_MS;
+      this.runTimers();
+      await flush();
+    },
     click: () => likes.toggle('t'),
     settle: (op) => event(op, EVENT_SETTLED, { task: server.apply(op), version: server.task(op.task_id).version, window_ms: 700 }),
     fail: (op, reason = 'injected') => event(op, EVENT_FAILED, { reason, message: reason, current: server.task(op.task_id) }),

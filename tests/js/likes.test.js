@@ -272,9 +272,7 @@ describe('createLikes: two tabs of one browser', () => {
     b.likes.storageChanged(`${ORPHANS_PREFIX}${aId}`);
     await flush();
     assert.equal(b.core.pendingOps().length, 0, 'not at once: the tab may be reloading');
-    clock.time += ADOPT_AFTER_MS;
-    b.runTimers();
-    await flush();
+    await b.lookAfterAdoptWait();
     assert.deepEqual(b.core.pendingOps().map((op) => op.key), [like.key], 'taken over');
     assert.deepEqual(b.asked, [like.key], 'asked after first: it may have applied before b loaded');
     b.settle(like);
@@ -328,9 +326,7 @@ describe('createLikes: two tabs of one browser', () => {
     a.likes.stop();
     b.likes.storageChanged(`${ORPHANS_PREFIX}${a.likes.tabId}`);
     const reloaded = tab({ server, local, session: a.session, name: 'a', clock, restored: a.core.persistedOps() });
-    clock.time += ADOPT_AFTER_MS;
-    b.runTimers();
-    await flush();
+    await b.lookAfterAdoptWait();
     assert.equal(b.core.pendingOps().length, 0);
     reloaded.settle(reloaded.core.getOp(like.key));
     assert.equal(browserShares(local).get('t'), 1);
