@@ -394,10 +394,15 @@ export function createLikes({
     const pause = COMPENSATION_PAUSES_MS[Math.min(failures - MAX_FAILED_COMPENSATIONS, steps - 1)];
     pausedUntil.set(taskId, now() + pause);
     later(() => {
-      if (away || failedInARow.get(taskId) !== failures) return; // gone, or moved on since
-      pausedUntil.delete(taskId);
-      ownOpLeft(taskId);
+      if (failedInARow.get(taskId) !== failures) return; // moved on since
+      if (!away) endPause(taskId); // else when the page is back (`resume`)
     }, pause);
+  }
+
+  /** A pause is over: one more try. */
+  function endPause(taskId) {
+    pausedUntil.delete(taskId);
+    ownOpLeft(taskId);
   }
 
   /**
@@ -604,7 +609,9 @@ export function createLikes({
     /** The page is back (from the back/forward cache): its pending deltas are its own again. */
     resume() {
       away = false;
-      takeBackOwn().catch((error) => log('cannot take back pending likes', error));
+      takeBackOwn().then(() => {
+        for (const [taskId, until] of pausedUntil) if (until <= now()) endPause(taskId);
+      }).catch((error) => log('cannot take back pending likes', error));
     },
     stop: unsubscribe,
   };

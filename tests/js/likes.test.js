@@ -127,6 +127,27 @@ describe('createLikes: the toggle of one tab', () => {
     assert.equal(a.liked(), false);
   });
 
+  test('a pause that ends while the page is away (the back/forward cache) ends when it is back', async () => {
+    const server = fakeServer();
+    const clock = { time: 1000 };
+    const a = tab({ server, local: memoryStorage(), clock });
+    const like = a.click();
+    const unlike = a.click();
+    a.fail(like);
+    a.settle(unlike); // one like is owed
+    for (let failures = 0; failures < MAX_FAILED_COMPENSATIONS; failures += 1) a.fail(a.core.pendingOps()[0]);
+    a.likes.leave();
+    clock.time += 60_000;
+    a.runTimers(); // the pause ends while the page is away: nothing is sent from there
+    assert.equal(a.core.pendingOps().length, 0);
+    a.likes.resume();
+    await flush();
+    assert.deepEqual(a.core.pendingOps().map((op) => op.delta), [1], 'back: the owed like goes');
+    a.settleAll();
+    assert.equal(server.task('t').likes, 0);
+    assert.equal(a.liked(), false);
+  });
+
   test('compensations go on past a few failures when others settle between them: the share is not stranded', () => {
     // The intent is liked; likes that are not the user's (another tab's, say) keep
     // raising the share to 2, and the unlikes that make up for them settle, then fail
