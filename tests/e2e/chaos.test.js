@@ -6,23 +6,11 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { startServer, launchBrowser, openApp, openTab, eventually, renameViaUi } from './helpers.js';
+import { startServer, launchBrowser, openApp, openTab, eventually, renameViaUi, seededRandom } from './helpers.js';
 
 let browser;
 before(async () => { browser = await launchBrowser(); });
 after(async () => { await browser?.close(); });
-
-/** A small seeded PRNG (mulberry32) so a failing run can be replayed. */
-function random(seed) {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let mixed = state;
-    mixed = Math.imul(mixed ^ (mixed >>> 15), mixed | 1);
-    mixed ^= mixed + Math.imul(mixed ^ (mixed >>> 7), mixed | 61);
-    return ((mixed ^ (mixed >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Every item of a tab: id, shown values and state. */
 function itemsOf(page) {
@@ -48,7 +36,7 @@ test('fast clicks in two tabs under failures and drops: every item settles, roll
 
     // Short action timeouts while clicking at random: an item may vanish under a click.
     for (const page of [tabA, tabB]) page.setDefaultTimeout(500);
-    const next = random(SEED);
+    const next = seededRandom(SEED);
     let created = 0;
     let missed = 0;
     for (let step = 0; step < 36; step += 1) {

@@ -182,6 +182,23 @@ export async function eventually(assertion, { timeout = EVENTUALLY_MS, interval 
 
 export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+/**
+ * A small seeded PRNG (mulberry32), so that a run of random clicks can be replayed:
+ * `next()` in [0, 1), `next.below(n)` an integer in [0, n).
+ */
+export function seededRandom(seed) {
+  let state = seed >>> 0;
+  const next = () => {
+    state = (state + 0x6d2b79f5) >>> 0;
+    let mixed = state;
+    mixed = Math.imul(mixed ^ (mixed >>> 15), mixed | 1);
+    mixed ^= mixed + Math.imul(mixed ^ (mixed >>> 7), mixed | 61);
+    return ((mixed ^ (mixed >>> 14)) >>> 0) / 4294967296;
+  };
+  next.below = (count) => Math.floor(next() * count);
+  return next;
+}
+
 /** The list item of a task (by id) and of the first item with a title. */
 export const taskItem = (page, id) => page.locator(`[data-testid="task"][data-id="${id}"]`);
 export const taskByTitle = (page, title) =>
@@ -229,14 +246,14 @@ export async function listedTitles(page) {
   return page.locator('[data-testid="task"] [data-testid="title"]').allTextContents();
 }
 
-/** Record the commands the page sends: method, path, Idempotency-Key and parsed body. */
+/** Record the commands the page sends: when, method, path, Idempotency-Key and parsed body. */
 export function recordCommands(page) {
   const commands = [];
   page.on('request', (request) => {
     const key = request.headers()['idempotency-key'];
     if (!key) return;
     const body = request.postData();
-    commands.push({ method: request.method(), path: new URL(request.url()).pathname, key, body: body ? JSON.parse(body) : null });
+    commands.push({ at: Date.now(), method: request.method(), path: new URL(request.url()).pathname, key, body: body ? JSON.parse(body) : null });
   });
   return commands;
 }
