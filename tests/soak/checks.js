@@ -5,7 +5,7 @@
 // They judge by versions, never by the clock: a `projection:settled` event carries the
 // task as it stands at its version, and the page reports the confirmed version each edit
 // was made on (a PATCH's or DELETE's `base_version` is that plus the tab's own ops
-// pending ahead of it, static/core.js `expectedVersion`).
+// pending ahead of it when its editor opened, static/core.js `editBase`).
 
 export const EVENT_SETTLED = 'projection:settled';
 export const EVENT_FAILED = 'command:failed';
@@ -78,9 +78,9 @@ const refusedAsConflict = (event) => event?.type === EVENT_FAILED && event.data.
 
 /**
  * The version the user's view of the task stood on when the edit sent as `command` was
- * made: the confirmed version the page reported as the edit was issued (`edits`, by key;
- * null: the task was not confirmed yet). Without a report, its `base_version`, which also
- * counts the tab's own ops pending ahead of it, so the range after it is narrower.
+ * made: the confirmed version the page reported for it (`edits`, by key: as its editor
+ * opened, or as it was issued; 0: the task was not confirmed yet). Without a report, its
+ * `base_version`, which also counts the tab's own ops pending ahead of it.
  */
 function madeOn(command, edits) {
   return edits.has(command.key) ? (edits.get(command.key) ?? 0) : command.body?.base_version;

@@ -53,13 +53,24 @@ function watchPage() {
     const open = new Set();
     const noticed = new Set();
     const edits = new Set();
+    // The confirmed version an edit is made on: an editor takes its base when it opens
+    // (`core.editBase`), so the version then, else the version as the edit is issued.
+    const opened = new Map();
+    const editBase = core.editBase;
+    core.editBase = (taskId) => {
+      const base = editBase(taskId);
+      opened.set(taskId, { base_version: base.base_version, confirmed: core.confirmedTask(taskId)?.version ?? 0 });
+      return base;
+    };
     const look = () => {
       const snapshot = core.getSnapshot();
-      // An edit or delete as it is issued: the confirmed version the user's view stood on.
       for (const op of core.pendingOps()) {
         if ((op.kind !== 'update' && op.kind !== 'delete') || edits.has(op.key)) continue;
         edits.add(op.key);
-        window.soakRecord('edit', { key: op.key, confirmed: core.confirmedTask(op.task_id)?.version ?? null });
+        if (op.issued_at < performance.timeOrigin) continue; // restored: reported by the page that issued it
+        const editor = opened.get(op.task_id);
+        const confirmed = editor && editor.base_version === op.base_version ? editor.confirmed : core.confirmedTask(op.task_id)?.version ?? 0;
+        window.soakRecord('edit', { key: op.key, confirmed });
       }
       const now = new Set();
       for (const { conflict } of snapshot.items) {
@@ -79,8 +90,16 @@ function watchPage() {
         window.soakRecord('notice', { at: Date.now(), task_id: notice.task_id, reason: notice.reason, text: notice.text });
       }
     };
-    core.subscribe(look);
-    look();
+    // Run among the app's own listeners: a fault here must not break the app under test.
+    const guarded = () => {
+      try {
+        look();
+      } catch (error) {
+        window.soakRecord('fault', { at: Date.now(), text: String(error?.stack ?? error) });
+      }
+    };
+    core.subscribe(guarded);
+    guarded();
   };
   watch();
 }
@@ -91,7 +110,7 @@ function watchPage() {
  */
 const reports = new Map();
 function reportsOf(page) {
-  if (!reports.has(page)) reports.set(page, { views: [], notices: [], edits: new Map() });
+  if (!reports.has(page)) reports.set(page, { views: [], notices: [], edits: new Map(), faults: [] });
   return reports.get(page);
 }
 
@@ -102,6 +121,7 @@ async function newBrowser(browser) {
     const report = reportsOf(page);
     if (kind === 'view') report.views.push(entry);
     else if (kind === 'notice') report.notices.push(entry);
+    else if (kind === 'fault') report.faults.push(entry);
     else if (!report.edits.has(entry.key)) report.edits.set(entry.key, entry.confirmed);
   });
   await context.addInitScript(watchPage);
@@ -349,12 +369,15 @@ async function run(browser, seed) {
       problems.push(...checkRebases(tab.name, sends, events, tab.views, tab.edits));
       problems.push(...checkNoticeTitles(tab.name, tab.notices, events, sends));
       problems.push(...tab.pageErrors.map((error) => `[${tab.name}] page error: ${error}`));
+      problems.push(...[...new Set(tab.faults.map((fault) => fault.text))].map((text) => `[${tab.name}] the soak's page watcher failed (not the app): ${text}`));
     }
 
     const failed = events.filter((event) => event.type === EVENT_FAILED).length;
     const views = tabs.reduce((total, tab) => total + tab.views.length, 0);
     console.log(`seed ${seed}: ${tasks.length} tasks, ${events.length} events (${failed} failed), ${views} conflict views`);
-    const named = new Set(problems.flatMap((problem) => problem.match(/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/g) ?? []));
+    const taskIds = new Set(events.map((event) => event.data.task_id));
+    const named = new Set(problems.flatMap((problem) => problem.match(/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/g) ?? [])
+      .filter((id) => taskIds.has(id)));
     const stories = [...named].map((taskId) => `task ${taskId}:\n${timeline(taskId, tabs.map((tab) => ({ name: tab.name, sends: firstSends(tab.sends) })), events)}`);
     return { problems, stories };
   } finally {
