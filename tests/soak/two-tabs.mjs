@@ -10,8 +10,9 @@
 //    count; no conflict view says someone else changed what nobody else changed; no edit
 //    re-sent without asking overwrote another tab's change; every notice names a title
 //    its task had.
-// tests/e2e/chaos.test.js is the short run of this in CI. A problem prints the story of
-// its task (every send and event) and the run exits 1; the same seed replays the clicks.
+// ./scripts/test runs 12 steps of it; tests/e2e/chaos.test.js is a short chaos run with
+// assertions of its own. A problem prints the story of its task (every send and event)
+// and the run exits 1; the same seed replays the clicks.
 //
 //   cargo build && npm run soak -- --seed 44 --runs 5 --browsers 2
 //
