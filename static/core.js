@@ -34,6 +34,8 @@ const MAX_DISCARDED = 100;
 const MAX_NOTICES = 6;
 /** How many client-measured windows are kept for the chart. */
 const MAX_WINDOW_SAMPLES = 500;
+/** How many versions of a task's own settled changes are remembered (`ownSince`). */
+const MAX_OWN_VERSIONS = 32;
 
 /**
  * Create a client core.
@@ -77,7 +79,16 @@ export function createCore({
    * failed at once instead of waiting for a status check.
    */
   const unmatched = new Map();
-  /** Ops the core issued by itself (a rebased edit): the sync engine takes and sends them. */
+  /**
+   * Task id -> the versions our own ops settled at, as their events said (the last
+   * MAX_OWN_VERSIONS): how far our own changes moved a task since an edit's base was taken
+   * (`ownSince`).
+   */
+  const ownVersions = new Map();
+  /**
+   * Ops the core sends by itself: a rebased edit, and a queued one whose turn came. The
+   * sync engine takes and sends them.
+   */
   let outbox = [];
   /** How ops left their stacks since the last `takeDeparted` (the view's like toggle reads it). */
   let departed = [];
@@ -144,11 +155,49 @@ export function createCore({
     if (!pending.has(op.task_id)) failedCreates.delete(op.task_id);
     // A failed or discarded create leaves no orphan row in the order.
     if (!base.has(op.task_id) && !pending.has(op.task_id)) order = order.filter((id) => id !== op.task_id);
+    sendQueued(op.task_id);
+  }
+
+  /**
+   * How many of our own changes the task took after `version`: those whose events came.
+   * One that applied without its event here yet is not counted: an edit sent on the sum
+   * then conflicts and is re-sent (`rebase`), never applied over a change unseen.
+   */
+  function ownSince(taskId, version) {
+    return (ownVersions.get(taskId) ?? []).filter((settled) => settled > version).length;
+  }
+
+  /**
+   * An edit or a delete goes out only once every op of ours ahead of it on the task has
+   * settled or failed, on the version the task then has by the user's own doing: the
+   * version the edit was made on (`made_on`) and our changes since. Counted ahead of
+   * time, an op of ours that then failed while someone else's change applied would make
+   * the count come out right, and the edit would replace a change the user never saw.
+   */
+  function sendQueued(taskId) {
+    const first = pending.of(taskId)[0];
+    if (first?.state !== 'queued') return;
+    const next = pending.replace(first, {
+      base_version: first.made_on + ownSince(taskId, first.made_on),
+      state: 'sending',
+      sent_at: now(),
+    });
+    outbox = [...outbox, next];
+  }
+
+  /** An edit or a delete made on `made_on`: sent at once with nothing of ours ahead of it, else queued. */
+  function queuedOrSent(taskId, madeOn) {
+    if (pending.has(taskId)) return { made_on: madeOn, base_version: undefined, state: 'queued' };
+    return { made_on: madeOn, base_version: madeOn + ownSince(taskId, madeOn), state: 'sending' };
   }
 
   function pushOp(op) {
     pending.push(op);
     if (op.kind === 'create' && !order.includes(op.task_id)) order = [...order, op.task_id];
+  }
+
+  function noteOwnVersion(taskId, version) {
+    ownVersions.set(taskId, [...(ownVersions.get(taskId) ?? []), version].slice(-MAX_OWN_VERSIONS));
   }
 
   /** Confirmed state moves forward only: a newer version, never an older one. */
@@ -172,6 +221,7 @@ export function createCore({
     const gone = base.get(taskId);
     if (gone) goneTitles.set(taskId, gone.title);
     base.delete(taskId);
+    ownVersions.delete(taskId);
     if (tombstone) deleted.add(taskId);
     conflicts.delete(taskId);
     if (!pending.has(taskId)) order = order.filter((id) => id !== taskId);
@@ -224,14 +274,13 @@ export function createCore({
         key: newKey(),
         command_id: null,
         patch: op.patch && Object.freeze(Object.fromEntries(plan.fields.map((field) => [field, op.patch[field]]))),
-        base_version: expectedVersion(op.task_id),
         seen: seenNow(op.task_id),
         rebased: (op.rebased ?? 0) + 1,
         sent_at: now(),
-        state: 'sending',
+        ...queuedOrSent(op.task_id, base.get(op.task_id)?.version ?? 0),
       });
       pushOp(next);
-      outbox = [...outbox, next];
+      if (next.state === 'sending') outbox = [...outbox, next];
     }
     return 'resent';
   }
@@ -255,6 +304,7 @@ export function createCore({
     if (!intent.key || !intent.task_id) throw new Error('an operation needs a key and a task id');
     const issuedAt = now();
     const named = intent.kind === 'create' ? intent.title : titleOf({ task_id: intent.task_id });
+    const onBase = intent.base_version != null && (intent.kind === 'update' || intent.kind === 'delete');
     const op = Object.freeze({
       key: intent.key,
       command_id: null,
@@ -264,10 +314,7 @@ export function createCore({
       notes: intent.kind === 'create' ? intent.notes ?? '' : undefined,
       patch: intent.kind === 'update' ? Object.freeze({ ...intent.patch }) : undefined,
       delta: intent.kind === 'like' ? intent.delta : undefined,
-      base_version: intent.base_version ?? undefined,
-      seen: intent.base_version != null && (intent.kind === 'update' || intent.kind === 'delete')
-        ? intent.seen ?? seenNow(intent.task_id)
-        : undefined,
+      seen: onBase ? intent.seen ?? seenNow(intent.task_id) : undefined,
       named: named ?? undefined,
       // A like or unlike the page sent by itself, to bring the browser's share where the
       // user's clicks put it (likes.js): its notices say so.
@@ -275,6 +322,7 @@ export function createCore({
       issued_at: issuedAt,
       sent_at: issuedAt,
       state: 'sending',
+      ...(onBase ? queuedOrSent(intent.task_id, intent.base_version) : {}),
     });
     pushOp(op);
     changed();
@@ -324,6 +372,7 @@ export function createCore({
       if (data.task) confirm(data.task);
       else if (data.kind === 'delete') forget(data.task_id, { tombstone: true });
       if (op) {
+        if (data.task && data.version != null) noteOwnVersion(op.task_id, data.version);
         removeOp(op, 'settled');
         const at = now();
         windowSamples = [...windowSamples, Object.freeze({ at, ms: Math.max(0, at - op.issued_at) })]
@@ -431,7 +480,9 @@ export function createCore({
     // they could be neither shown nor retried nor discarded.
     const along = op.kind === 'create' && !base.has(op.task_id)
       ? pending.of(op.task_id).filter((other) => other !== op) : [];
-    for (const gone of [op, ...along]) {
+    for (const key of [op, ...along].map((each) => each.key)) {
+      // Found again: removing one may send the next (`sendQueued`), which replaces it.
+      const gone = pending.find(key);
       const goneTitle = titleOf(gone);
       removeOp(gone, 'discarded');
       // Even one whose 202 has not come: its request may have reached the server.
@@ -495,12 +546,13 @@ export function createCore({
   }
 
   /**
-   * What an edit opened now is made on: the version our pending ops lead to, and the
-   * values the user is shown. An editor takes it when it opens, so a change by someone
-   * else while it is open conflicts.
+   * What an edit opened now is made on: the confirmed version (0 before the task's create
+   * settles) and the values the user is shown. An editor takes it when it opens, so a
+   * change by someone else while it is open conflicts; the user's own changes meanwhile
+   * are counted when the edit goes out (`sendQueued`).
    */
   function editBase(taskId) {
-    return { base_version: expectedVersion(taskId), seen: seenNow(taskId) };
+    return { base_version: base.get(taskId)?.version ?? 0, seen: seenNow(taskId) };
   }
 
   /**
@@ -514,20 +566,16 @@ export function createCore({
     return taken;
   }
 
-  /** Ops the core issued by itself since the last call, to be sent (their keys are new). */
+  /**
+   * Ops the core sends by itself, since the last call: rebased edits (under new keys) and
+   * queued ones whose turn came (`sendQueued`).
+   */
   function takeOutbox() {
-    const taken = outbox;
+    // Not one that left its stack meanwhile (a queued edit discarded with the create it
+    // waited for, say).
+    const taken = outbox.filter((op) => pending.find(op.key) !== null);
     outbox = [];
     return taken;
-  }
-
-  /**
-   * The version the task will have once every pending op of ours has applied: every
-   * applied change, likes included, bumps it by one. An edit sends it as `base_version`
-   * so that only someone else's change in between makes it conflict, never our own.
-   */
-  function expectedVersion(taskId) {
-    return (base.get(taskId)?.version ?? 0) + pending.of(taskId).length;
   }
 
   function dismissNotice(id) {
@@ -570,14 +618,18 @@ export function createCore({
         departed = [...departed, Object.freeze({ op: Object.freeze({ ...fields }), outcome, reason: seen.reason })];
         continue;
       }
+      // Queued before the reload: never sent, it still waits for the ops ahead of it.
+      const queued = fields.made_on != null && fields.base_version == null;
       pushOp(Object.freeze({
         ...fields,
         patch: fields.patch && Object.freeze({ ...fields.patch }),
         command_id: fields.command_id ?? null,
-        state: fields.command_id ? 'pending' : 'sending',
+        state: queued ? 'queued' : fields.command_id ? 'pending' : 'sending',
         sent_at: at,
       }));
     }
+    // The ops ahead of one may have been left out (done meanwhile): its turn may have come.
+    for (const taskId of new Set(saved.map((fields) => fields?.task_id))) if (taskId) sendQueued(taskId);
     changed();
   }
 
@@ -666,7 +718,6 @@ export function createCore({
     taskFetched,
     countsFetched,
     resolveConflict,
-    expectedVersion,
     editBase,
     takeOutbox,
     takeDeparted,

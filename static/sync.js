@@ -81,7 +81,7 @@ export function createSync({
     const known = core.getOp(intent.key);
     if (known) return known; // the same intent again (double click, double Enter): one key, one effect
     const op = core.issue(intent);
-    enqueueSend(op);
+    if (op.state !== 'queued') enqueueSend(op); // a queued one is sent through the outbox
     return op;
   }
 
@@ -175,7 +175,7 @@ export function createSync({
         }
       }
       if (stopped) return;
-      const unsent = core.pendingOps().filter((op) => !op.command_id && !sendingKeys.has(op.key));
+      const unsent = core.pendingOps().filter((op) => !op.command_id && !sendingKeys.has(op.key) && op.state !== 'queued');
       await Promise.all(unsent.map(enqueueSend));
       // Discarded ops too: one applied after all while the page was away is inside the
       // snapshot, and its event will not come again. One discarded before its 202 is
@@ -300,9 +300,10 @@ export function createSync({
     },
     /**
      * Edit title and/or notes on `base` ({base_version, seen}, from `core.editBase`): by
-     * default the version we expect once our own pending ops apply and the values shown
-     * now, so only someone else's change conflicts; an editor passes the base it took
-     * when it opened.
+     * default the confirmed version and the values shown now; an editor passes the base it
+     * took when it opened. Behind our own pending ops on the task it waits for them, and
+     * goes out on the version they led to (the core's `sendQueued`), so only someone
+     * else's change conflicts.
      */
     editTask(taskId, patch, key = newId(), base = core.editBase(taskId)) {
       return issue({ kind: 'update', key, task_id: taskId, patch, ...base });

@@ -590,12 +590,50 @@ describe('conflicts', () => {
     assert.equal(item(core, 'a').task.title, 'theirs');
   });
 
-  test('expectedVersion counts our own pending ops so they never conflict with each other', () => {
+  test('an edit waits behind our own pending ops on the task, and goes out on the version they led to', () => {
     const { core } = setup();
-    core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });
-    assert.equal(core.expectedVersion('b'), 5);
-    core.issue({ kind: 'update', key: 'u', task_id: 'b', patch: { title: 't' }, base_version: core.expectedVersion('b') });
-    assert.equal(commandRequest(core.getOp('u')).body.base_version, 5);
+    const like = core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });
+    const rename = core.issue({ kind: 'update', key: 'u', task_id: 'b', patch: { title: 't' }, ...core.editBase('b') });
+    assert.equal(rename.state, 'queued');
+    assert.equal(item(core, 'b').task.title, 't', 'predicted at once all the same');
+    assert.deepEqual(core.takeOutbox(), [], 'not sent while the like is pending');
+    core.applyEvent(settled(like, task('b', { likes: 4, version: 5 })));
+    const [sent] = core.takeOutbox();
+    assert.equal(sent.key, 'u', 'its own key: it was never sent');
+    assert.deepEqual(commandRequest(sent).body, { title: 't', base_version: 5 });
+  });
+
+  test('an edit queued on a create goes out once the create settles, on version 1; discarded with the create, never', () => {
+    const { core } = setup();
+    const create = core.issue({ kind: 'create', key: 'c', task_id: 'n', title: 'new' });
+    core.issue({ kind: 'update', key: 'u', task_id: 'n', patch: { title: 'newer' }, ...core.editBase('n') });
+    core.applyEvent(settled(create, task('n', { title: 'new', version: 1 })));
+    assert.deepEqual(core.takeOutbox().map((op) => commandRequest(op).body), [{ title: 'newer', base_version: 1 }]);
+
+    core.issue({ kind: 'create', key: 'c2', task_id: 'm', title: 'other' });
+    core.issue({ kind: 'update', key: 'u2', task_id: 'm', patch: { title: 'others' }, ...core.editBase('m') });
+    core.discard('c2');
+    assert.deepEqual(core.takeOutbox(), [], 'the edit went with the create it waited for');
+    assert.equal(core.pendingOps().length, 1);
+  });
+
+  test("our op ahead fails while someone else's change applies: the edit behind it is not sent on a count that comes out right by chance", () => {
+    // b is at version 4. Our like and our done toggle are pending, a rename waits behind
+    // them. Someone else's rename applies (5), our like applies (6), our toggle fails: the
+    // task is at 6, as it would be had both of ours applied.
+    const { core } = setup();
+    const like = core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });
+    const done = core.issue({ kind: 'update', key: 'd', task_id: 'b', patch: { done: true } });
+    core.issue({ kind: 'update', key: 'u', task_id: 'b', patch: { title: 'mine' }, ...core.editBase('b') });
+    core.applyEvent(settled({ key: 'theirs', task_id: 'b', kind: 'update' }, task('b', { title: 'theirs', likes: 3, version: 5 })));
+    core.applyEvent(settled(like, task('b', { title: 'theirs', likes: 4, version: 6 })));
+    core.applyEvent(failed(done, 'injected', task('b', { title: 'theirs', likes: 4, version: 6 })));
+    const [sent] = core.takeOutbox();
+    assert.deepEqual(commandRequest(sent).body, { title: 'mine', base_version: 5 }, 'made on 4, and one change of ours since');
+    core.applyEvent(failed(sent, 'conflict', task('b', { title: 'theirs', likes: 4, version: 6 })));
+    const { conflict } = item(core, 'b');
+    assert.deepEqual([{ ...conflict.yours }, conflict.theirs.title, conflict.kept_moving], [{ title: 'mine' }, 'theirs', false]);
+    assert.deepEqual(core.takeOutbox(), [], 'the user decides');
   });
 });
 
@@ -607,24 +645,30 @@ describe('conflicts nobody else caused are re-sent, not put to the user', () => 
   }
   const errors = (core) => core.getSnapshot().notices.filter((notice) => notice.level === 'error');
 
-  test('our own failed like made the rename stacked on it stale: it is re-sent on the current version', () => {
+  test('our own like ahead of a rename fails: the rename goes out on the version the task has, and nothing conflicts', () => {
     const { core } = rebaseSetup();
     const like = core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });
-    const rename = core.issue({ kind: 'update', key: 'u', task_id: 'b', patch: { title: 'mine' }, ...core.editBase('b') });
-    assert.equal(rename.base_version, 5, 'the rename counts the like as applied');
-    const groundTruth = task('b', { likes: 3, version: 4 });
-    core.applyEvent(failed(like, 'injected', groundTruth));
-    core.applyEvent(failed(rename, 'conflict', groundTruth));
+    core.issue({ kind: 'update', key: 'u', task_id: 'b', patch: { title: 'mine' }, ...core.editBase('b') });
+    core.applyEvent(failed(like, 'injected', task('b', { likes: 3, version: 4 })));
 
     const { task: shown, conflict, ops } = item(core, 'b');
-    assert.equal(conflict, null, 'no yours / theirs: nobody else changed the task');
+    assert.equal(conflict, null);
     assert.equal(shown.title, 'mine', 'the rename is still predicted');
-    assert.deepEqual(ops.map((op) => [op.key, op.kind]), [['r1', 'update']]);
+    assert.deepEqual(ops.map((op) => [op.key, op.kind, op.state]), [['u', 'update', 'sending']]);
     assert.equal(errors(core).length, 1, "only the like's failure is told");
+    const [sent] = core.takeOutbox();
+    assert.deepEqual(commandRequest(sent).body, { title: 'mine', base_version: 4 });
+    assert.deepEqual(core.takeOutbox(), [], 'taken once');
+  });
+
+  test('an edit refused because the version moved for another reason is re-sent as a new command, the same intent', () => {
+    const { core } = rebaseSetup();
+    const rename = core.issue({ kind: 'update', key: 'u', task_id: 'b', patch: { title: 'mine' }, ...core.editBase('b') });
+    core.applyEvent(failed(rename, 'conflict', task('b', { likes: 4, version: 5 })));
     const [resent] = core.takeOutbox();
     assert.equal(resent.key, 'r1', 'a new command: the refused one keeps its key and its answer');
     assert.equal(resent.issued_at, rename.issued_at, 'still the same intent: its age runs on');
-    assert.deepEqual(commandRequest(resent).body, { title: 'mine', base_version: 4 });
+    assert.deepEqual(commandRequest(resent).body, { title: 'mine', base_version: 5 });
     assert.deepEqual(core.takeOutbox(), [], 'taken once');
   });
 
@@ -659,36 +703,36 @@ describe('conflicts nobody else caused are re-sent, not put to the user', () => 
     assert.deepEqual(core.takeOutbox(), []);
   });
 
-  test('of two stacked renames made stale by our failed like, the later one alone is re-sent', () => {
+  test('two renames queued behind our like go out in turn; refused after a like of someone else, the earlier leaves its title to the later', () => {
     const { core } = rebaseSetup();
     const like = core.issue({ kind: 'like', key: 'l', task_id: 'a', delta: 1 });
     const first = core.issue({ kind: 'update', key: 'u1', task_id: 'a', patch: { title: 'B', notes: 'b' }, ...core.editBase('a') });
     const second = core.issue({ kind: 'update', key: 'u2', task_id: 'a', patch: { title: 'C' }, ...core.editBase('a') });
-    assert.deepEqual([first.base_version, second.base_version], [2, 3]);
+    assert.deepEqual([first.state, second.state], ['queued', 'queued']);
     assert.deepEqual([...second.seen.title], ['task a', 'B']);
-    core.applyEvent(failed(like, 'injected', task('a')));
-    core.applyEvent(failed(first, 'conflict', task('a')));
-    const [firstAgain] = core.takeOutbox();
-    assert.deepEqual(commandRequest(firstAgain).body, { notes: 'b', base_version: 2 },
-      'its title is left to the later rename, which the server applies before it');
-    core.applyEvent(failed(second, 'conflict', task('a')));
-    const [secondAgain] = core.takeOutbox();
-    assert.deepEqual(commandRequest(secondAgain).body, { title: 'C', base_version: 2 });
-    assert.deepEqual(item(core, 'a').ops.map((op) => op.key), ['r1', 'r2']);
+    // Someone else's like takes version 2; ours fails.
+    const liked = task('a', { likes: 1, version: 2 });
+    core.applyEvent(failed(like, 'injected', liked));
+    assert.deepEqual(core.takeOutbox().map((op) => [op.key, commandRequest(op).body]), [['u1', { title: 'B', notes: 'b', base_version: 1 }]]);
+    core.applyEvent(failed(first, 'conflict', liked));
+    assert.deepEqual(core.takeOutbox().map((op) => [op.key, commandRequest(op).body]), [['u2', { title: 'C', base_version: 1 }]],
+      'the later rename\'s turn; the earlier one, re-sent without its title, waits behind it');
+    core.applyEvent(failed(second, 'conflict', liked));
+    assert.deepEqual(core.takeOutbox().map((op) => [op.key, commandRequest(op).body]), [['r1', { notes: 'b', base_version: 2 }]]);
+    assert.deepEqual(item(core, 'a').ops.map((op) => [op.key, op.state]), [['r1', 'sending'], ['r2', 'queued']]);
     assert.equal(item(core, 'a').task.title, 'C');
     assert.equal(item(core, 'a').conflict, null);
   });
 
   test('an edit superseded whole by a later one of ours is dropped without a word', () => {
     const { core } = rebaseSetup();
-    const like = core.issue({ kind: 'like', key: 'l', task_id: 'a', delta: 1 });
     const first = core.issue({ kind: 'update', key: 'u1', task_id: 'a', patch: { title: 'B' }, ...core.editBase('a') });
     core.issue({ kind: 'update', key: 'u2', task_id: 'a', patch: { title: 'C' }, ...core.editBase('a') });
-    core.applyEvent(failed(like, 'injected', task('a')));
-    core.applyEvent(failed(first, 'conflict', task('a')));
-    assert.deepEqual(core.takeOutbox(), []);
+    core.takeOutbox();
+    core.applyEvent(failed(first, 'conflict', task('a', { likes: 1, version: 2 })));
+    assert.deepEqual(core.takeOutbox().map((op) => op.key), ['u2'], 'its turn: nothing of the first is re-sent');
     assert.deepEqual(item(core, 'a').ops.map((op) => op.key), ['u2']);
-    assert.equal(errors(core).length, 1, "the like's notice alone");
+    assert.equal(errors(core).length, 0);
   });
 
   test('after five re-sends on versions that keep moving, the user decides, told why', () => {
@@ -727,18 +771,28 @@ describe('conflicts nobody else caused are re-sent, not put to the user', () => 
     assert.deepEqual(core.takeOutbox(), []);
   });
 
-  test('what an edit was made on survives a reload', () => {
+  test('an edit queued behind our ops stays queued across a reload, on what it was made on', () => {
     const { core } = rebaseSetup();
     core.issue({ kind: 'like', key: 'l', task_id: 'a', delta: 1 });
     core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'mine' }, ...core.editBase('a') });
     const reloaded = createCore({ now: () => 2_000_000, newKey: () => 'after-reload' });
     reloaded.loadSnapshot({ tasks: [task('a')], watermark: 10 });
     reloaded.restore(JSON.parse(JSON.stringify(core.persistedOps())));
+    assert.equal(reloaded.getOp('u').state, 'queued');
+    assert.deepEqual(reloaded.takeOutbox(), []);
     reloaded.applyEvent(failed(reloaded.getOp('l'), 'injected', task('a')));
-    reloaded.applyEvent(failed(reloaded.getOp('u'), 'conflict', task('a')));
-    const [resent] = reloaded.takeOutbox();
-    assert.equal(resent.key, 'after-reload');
-    assert.deepEqual(commandRequest(resent).body, { title: 'mine', base_version: 1 });
+    const [sent] = reloaded.takeOutbox();
+    assert.equal(sent.key, 'u');
+    assert.deepEqual(commandRequest(sent).body, { title: 'mine', base_version: 1 });
+  });
+
+  test('restored without the ops it waited for (done while the page was away), a queued edit goes out at once', () => {
+    const { core } = rebaseSetup();
+    core.issue({ kind: 'like', key: 'l', task_id: 'a', delta: 1 });
+    core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'mine' }, ...core.editBase('a') });
+    const reloaded = createCore({ now: () => 2_000_000 });
+    reloaded.restore(JSON.parse(JSON.stringify(core.persistedOps())).filter((op) => op.key === 'u'));
+    assert.deepEqual(reloaded.takeOutbox().map((op) => [op.key, op.base_version]), [['u', 1]]);
   });
 });
 

@@ -4,8 +4,8 @@
 //
 // They judge by versions, never by the clock: a `projection:settled` event carries the
 // task as it stands at its version, and the page reports the confirmed version each edit
-// was made on (a PATCH's or DELETE's `base_version` is that plus the tab's own ops
-// pending ahead of it when its editor opened, static/core.js `editBase`).
+// was made on, as its editor opened (its op's `made_on`; the PATCH's or DELETE's
+// `base_version` adds the tab's own changes since, static/core.js `sendQueued`).
 
 export const EVENT_SETTLED = 'projection:settled';
 export const EVENT_FAILED = 'command:failed';
@@ -78,9 +78,9 @@ const refusedAsConflict = (event) => event?.type === EVENT_FAILED && event.data.
 
 /**
  * The version the user's view of the task stood on when the edit sent as `command` was
- * made: the confirmed version the page reported for it (`edits`, by key: as its editor
- * opened, or as it was issued; 0: the task was not confirmed yet). Without a report, its
- * `base_version`, which also counts the tab's own ops pending ahead of it.
+ * made: the confirmed version the page reported for it (`edits`, by key; 0: the task was
+ * not confirmed yet). Without a report, its `base_version`, which also counts the tab's
+ * own changes since.
  */
 function madeOn(command, edits) {
   return edits.has(command.key) ? (edits.get(command.key) ?? 0) : command.body?.base_version;

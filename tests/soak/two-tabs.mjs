@@ -54,24 +54,13 @@ function watchPage() {
     const open = new Set();
     const noticed = new Set();
     const edits = new Set();
-    // The confirmed version an edit is made on: an editor takes its base when it opens
-    // (`core.editBase`), so the version then, else the version as the edit is issued.
-    const opened = new Map();
-    const editBase = core.editBase;
-    core.editBase = (taskId) => {
-      const base = editBase(taskId);
-      opened.set(taskId, { base_version: base.base_version, confirmed: core.confirmedTask(taskId)?.version ?? 0 });
-      return base;
-    };
     const look = () => {
       const snapshot = core.getSnapshot();
       for (const op of core.pendingOps()) {
-        if ((op.kind !== 'update' && op.kind !== 'delete') || edits.has(op.key)) continue;
+        // An edit or delete on a base keeps the confirmed version its editor opened on.
+        if (op.made_on === undefined || edits.has(op.key)) continue;
         edits.add(op.key);
-        if (op.issued_at < performance.timeOrigin) continue; // restored: reported by the page that issued it
-        const editor = opened.get(op.task_id);
-        const confirmed = editor && editor.base_version === op.base_version ? editor.confirmed : core.confirmedTask(op.task_id)?.version ?? 0;
-        window.soakRecord('edit', { key: op.key, confirmed });
+        window.soakRecord('edit', { key: op.key, confirmed: op.made_on });
       }
       const now = new Set();
       for (const { conflict } of snapshot.items) {
