@@ -1,6 +1,6 @@
 // Conflicts: an edit or a delete made on a version of a task that moved before it applied.
 //
-// An edit records the values it was made on (`seenValues`), with its `base_version`. When
+// An edit records the values it was made on (`seenValues`), with the version (`made_on`). When
 // the server refuses it as a conflict, one of two things happened:
 // - nobody else's edit explains it: every field it sets still holds a value the user was
 //   shown (a like moved the version, say). It is sent again on the current version
@@ -27,7 +27,7 @@ const MAX_REBASES = 5;
 /**
  * For each field an edit may set, every value the user could have been shown: the
  * confirmed one and the ones our own pending ops (`ops`, the task's stack) predict on top
- * of it. An edit records them with its `base_version`, as the state that version stands for.
+ * of it. An edit records them with the version it was made on (`made_on`).
  */
 export function seenValues(confirmed, ops) {
   const seen = {};

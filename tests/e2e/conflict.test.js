@@ -258,3 +258,31 @@ test('an open conflict survives a reload: the refused edit still waits for a cho
     await server.stop();
   }
 });
+
+test('a like of mine fails while someone else renames: my rename made behind the like does not overwrite theirs', async () => {
+  // The like applies (and fails) at 3 s, their rename at about 3.8 s, mine after. Sent at
+  // once, counting the like as applied, mine went out on version 2, which the task reached
+  // through their rename instead: the server took it over theirs, never seen. Now it waits
+  // for the like, goes out on version 1, and is refused.
+  const server = await startServer(['--delay-ms', '3000']);
+  try {
+    const { task, page, pageErrors, commands, item } = await openOnSharedTask(server);
+    await server.api.setFaults({ failure_rate: 1 });
+    await item.getByTestId('like').click();
+    await new Promise((resolve) => setTimeout(resolve, 800));
+    await server.api.command('PATCH', `/api/tasks/${task.id}`, { title: 'theirs' });
+    await renameViaUi(page, task.id, 'mine');
+    assert.equal((await shown(page, task.id)).title, 'mine', 'predicted at once');
+    await page.getByTestId('notice').filter({ hasText: 'like' }).waitFor();
+    await server.api.setFaults({ failure_rate: 0 }); // before their rename applies
+    await conflictShown(item);
+    assert.equal((await server.api.task(task.id)).title, 'theirs');
+    assert.deepEqual(
+      commands.filter((command) => command.method === 'PATCH').map((command) => command.body),
+      [{ title: 'mine', base_version: 1 }],
+    );
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});

@@ -331,6 +331,7 @@ async function run(browser, seed) {
         busy += (await shownBy(tab.page)).ops.length;
       }
       if (!busy) break;
+      if (round === 7) problems.push(`faults off: still busy after 8 rounds of Retry and Take theirs (${busy} clicks and ops in the last)`);
       await sleep(5000);
     }
     problems.push(...(await rowProblems(server, tabs, 10_000)).map((problem) => `faults off: ${problem}`));
@@ -339,7 +340,7 @@ async function run(browser, seed) {
     for (const tab of tabs) {
       const shown = await shownBy(tab.page);
       if (shown.ops.length) problems.push(`faults off: [${tab.name}] ${shown.ops.length} ops left: ${JSON.stringify(shown.ops)}`);
-      if (shown.rows.some((row) => row.state !== 'settled')) problems.push(`faults off: [${tab.name}] rows not settled: ${shown.rows.filter((row) => row.state !== 'settled').map((row) => `"${row.title}" ${row.state}`).join(', ')}`);
+      if (shown.rows.some((row) => row.state !== 'settled')) problems.push(`faults off: [${tab.name}] rows not settled: ${shown.rows.filter((row) => row.state !== 'settled').map((row) => `"${row.title}" (${row.id}) ${row.state}`).join(', ')}`);
       tab.shown = shown;
     }
     problems.push(...checkDuplicates(events));
