@@ -16,8 +16,8 @@ const settled = (key, kind, version, fields) => ({
   id: (nextId += 1), type: EVENT_SETTLED,
   data: { idempotency_key: key, task_id: T, kind, version, task: kind === 'delete' ? null : task(version, fields) },
 });
-const refused = (key, kind, current) => ({
-  id: (nextId += 1), type: EVENT_FAILED, data: { idempotency_key: key, task_id: T, kind, reason: 'conflict', current },
+const refused = (key, kind, current, reason = 'conflict') => ({
+  id: (nextId += 1), type: EVENT_FAILED, data: { idempotency_key: key, task_id: T, kind, reason, current },
 });
 const patch = (at, key, body) => ({ at, method: 'PATCH', path: `/api/tasks/${T}`, key, body });
 
@@ -76,6 +76,24 @@ describe('rebases', () => {
     const { sends, events } = rebasedRename(settled('b-rename', 'update', 2, { title: 'b-r1' }));
     const views = [{ at: 20, task_id: T, kind: 'update', yours: { title: 'a-r1' }, theirs: task(2, { title: 'b-r1' }) }];
     assert.deepEqual(checkRebases('a', sends, events, views), []);
+  });
+
+  test('a new intent of the same delete, made after the last one failed, is no re-send', () => {
+    // a's delete, made on 1, is refused at 2 (b's like) and re-sent on 2; that one fails
+    // (injected). b renames (3); a, shown b's rename, deletes again: made on 3, it applies.
+    const del = (at, key, base) => ({ at, method: 'DELETE', path: `/api/tasks/${T}`, key, body: { base_version: base } });
+    const sends = [del(10, 'd1', 1), del(20, 'd2', 2), del(40, 'd3', 3)];
+    const events = [
+      settled('create', 'create', 1),
+      settled('b-like', 'like', 2, { likes: 1 }),
+      refused('d1', 'delete', task(2, { likes: 1 })),
+      refused('d2', 'delete', task(2, { likes: 1 }), 'injected'),
+      settled('b-rename', 'update', 3, { likes: 1, title: 'b-r1' }),
+      settled('d3', 'delete', 4),
+    ];
+    const edits = new Map([['d1', 1], ['d2', 2], ['d3', 3]]);
+    assert.deepEqual(checkRebases('a', sends, events, [], edits), []);
+    assert.equal(chainStart(sends, sends[1], outcomes(events), [], edits), sends[0], 'd2 is d1 re-sent');
   });
 
   test('another tab\'s change of another field is not overwritten', () => {

@@ -89,13 +89,20 @@ function madeOn(command, edits) {
 /**
  * The send that began the edit `command` carries on. When the server refuses an edit as a
  * conflict that nobody else's change explains, the client sends it again by itself, under
- * a new key, on the current version (static/conflicts.js, rebasePlan): the same request
- * with the fields it still sets. A conflict put to the user ends a chain: Keep mine is the
- * user's decision. `views`: the conflict views the tab opened, `{ at, task_id, kind, yours }`.
+ * a new key, made on the version the refusal showed (static/conflicts.js, rebasePlan):
+ * the same request with the fields it still sets. A conflict put to the user ends a
+ * chain: Keep mine is the user's decision. `views`: the conflict views the tab opened,
+ * `{ at, task_id, kind, yours }`; `edits`: the version each key was made on.
  */
-export function chainStart(sends, command, results, views) {
+export function chainStart(sends, command, results, views, edits = new Map()) {
   const sameEdit = (earlier, later) => later.method === 'DELETE'
     || editedFields(later).every((field) => earlier.body && field in earlier.body && earlier.body[field] === later.body[field]);
+  // Made on the version its refusal showed: a new intent of the same edit is made on
+  // whatever the tab has confirmed when the user acts again.
+  const resentAfter = (earlier, later) => {
+    const refusal = results.get(earlier.key);
+    return refusedAsConflict(refusal) && madeOn(later, edits) === refusal.data.current?.version;
+  };
   const shownBetween = (earlier, later) => views.some((view) => view.task_id === taskOf(later)
     && view.at >= earlier.at && view.at <= later.at
     && (view.kind === 'delete') === (later.method === 'DELETE'));
@@ -103,7 +110,7 @@ export function chainStart(sends, command, results, views) {
   for (;;) {
     const index = sends.indexOf(current);
     const previous = sends.slice(0, index).reverse().find((earlier) => earlier.method === current.method
-      && earlier.path === current.path && refusedAsConflict(results.get(earlier.key)) && sameEdit(earlier, current));
+      && earlier.path === current.path && resentAfter(earlier, current) && sameEdit(earlier, current));
     if (!previous || shownBetween(previous, current)) return current;
     current = previous;
   }
@@ -126,7 +133,7 @@ export function checkRebases(name, sends, events, views, edits = new Map()) {
   for (const command of sends) {
     if (command.method !== 'PATCH' && command.method !== 'DELETE') continue;
     if (results.get(command.key)?.type !== EVENT_SETTLED || command.body?.base_version == null) continue;
-    const start = chainStart(sends, command, results, views);
+    const start = chainStart(sends, command, results, views, edits);
     const from = madeOn(start, edits);
     const to = madeOn(command, edits);
     if (start === command || from == null) continue;
@@ -164,7 +171,7 @@ export function checkConflictViews(name, sends, events, views, edits = new Map()
       problems.push(`[${name}] a conflict view on ${view.task_id} (yours ${JSON.stringify(view.yours)}) with no refused send of this tab behind it`);
       continue;
     }
-    const start = chainStart(sends, refused, results, views.filter((other) => other !== view));
+    const start = chainStart(sends, refused, results, views.filter((other) => other !== view), edits);
     const from = madeOn(start, edits);
     if (from == null) continue;
     const to = view.theirs?.version ?? Number.MAX_SAFE_INTEGER;
