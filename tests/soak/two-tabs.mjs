@@ -179,6 +179,9 @@ function eventLog(page) {
 /** One user action on `tab`, chosen by `next`. A click whose item went meanwhile misses. */
 async function act(tab, next, counts, labels) {
   const { page } = tab;
+  // The user switches to the tab first: a background tab gets no frames, and a click
+  // waits for them (with one browser, the other tab is in the background).
+  await page.bringToFront();
   const count = (what) => { counts[what] = (counts[what] ?? 0) + 1; };
   const fast = { timeout: 800 };
   const rows = page.locator('[data-testid="task-list"] > [data-testid="task"]');
@@ -305,8 +308,11 @@ async function run(browser, seed) {
     const labels = labeller();
     const started = Date.now();
     for (let step = 0; step < Number(options.actions); step += 1) {
-      if (next() < 0.5) await Promise.all(tabs.map((tab) => act(tab, next, counts, labels)));
-      else await act(tabs[next.below(2)], next, counts, labels);
+      if (next() < 0.5) {
+        // Both tabs: at once in two browsers side by side; one browser shows one at a time.
+        if (options.browsers === '2') await Promise.all(tabs.map((tab) => act(tab, next, counts, labels)));
+        else for (const tab of tabs) await act(tab, next, counts, labels);
+      } else await act(tabs[next.below(2)], next, counts, labels);
       await sleep(next.below(120));
     }
     console.log(`seed ${seed}: ${options.actions} steps in ${Math.round((Date.now() - started) / 1000)} s: ${JSON.stringify(counts)}`);
@@ -320,6 +326,7 @@ async function run(browser, seed) {
     for (let round = 0; round < 8; round += 1) {
       let busy = 0;
       for (const tab of tabs) {
+        await tab.page.bringToFront();
         for (const testid of ['retry', 'take-theirs']) {
           for (let guard = 0; guard < 30; guard += 1) {
             const button = tab.page.getByTestId(testid);
