@@ -34,7 +34,7 @@ const MAX_DISCARDED = 100;
 const MAX_NOTICES = 6;
 /** How many client-measured windows are kept for the chart. */
 const MAX_WINDOW_SAMPLES = 500;
-/** How many versions of a task's own settled changes are remembered (`ownSince`). */
+/** How many versions of a task's own settled changes are remembered (`baseFor`). */
 const MAX_OWN_VERSIONS = 32;
 
 /**
@@ -82,7 +82,7 @@ export function createCore({
   /**
    * Task id -> the versions our own ops settled at, as their events said (the last
    * MAX_OWN_VERSIONS): how far our own changes moved a task since an edit's base was taken
-   * (`ownSince`).
+   * (`baseFor`).
    */
   const ownVersions = new Map();
   /**
@@ -159,12 +159,13 @@ export function createCore({
   }
 
   /**
-   * How many of our own changes the task took after `version`: those whose events came.
-   * One that applied without its event here yet is not counted: an edit sent on the sum
-   * then conflicts and is re-sent (`rebase`), never applied over a change unseen.
+   * The version an edit made on `madeOn` goes out on: that one and our own changes to the
+   * task since, those whose events came. One that applied without its event here yet is
+   * not counted: the edit then conflicts and is re-sent (`rebase`), never applied over a
+   * change unseen.
    */
-  function ownSince(taskId, version) {
-    return (ownVersions.get(taskId) ?? []).filter((settled) => settled > version).length;
+  function baseFor(taskId, madeOn) {
+    return madeOn + (ownVersions.get(taskId) ?? []).filter((settled) => settled > madeOn).length;
   }
 
   /**
@@ -178,7 +179,7 @@ export function createCore({
     const first = pending.of(taskId)[0];
     if (first?.state !== 'queued') return;
     const next = pending.replace(first, {
-      base_version: first.made_on + ownSince(taskId, first.made_on),
+      base_version: baseFor(taskId, first.made_on),
       state: 'sending',
       sent_at: now(),
     });
@@ -188,7 +189,7 @@ export function createCore({
   /** An edit or a delete made on `made_on`: sent at once with nothing of ours ahead of it, else queued. */
   function queuedOrSent(taskId, madeOn) {
     if (pending.has(taskId)) return { made_on: madeOn, base_version: undefined, state: 'queued' };
-    return { made_on: madeOn, base_version: madeOn + ownSince(taskId, madeOn), state: 'sending' };
+    return { made_on: madeOn, base_version: baseFor(taskId, madeOn), state: 'sending' };
   }
 
   function pushOp(op) {

@@ -26,6 +26,8 @@ import { parseArgs } from 'node:util';
 import {
   startServer, launchBrowser, openTab, eventually, sleep, recordCommands, waitForLive, seededRandom,
 } from '../e2e/helpers.js';
+import { browserShares } from '../../static/like-records.js';
+import { memoryStorage } from '../js/like-tabs.js';
 import {
   checkRows, checkDuplicates, checkShares, checkConflictViews, checkRebases, checkNoticeTitles,
   firstSends, timeline, EVENT_SETTLED, EVENT_FAILED,
@@ -140,19 +142,19 @@ function shownBy(page) {
   }));
 }
 
-/** Each task's like share of the browser the page is in (its tabs' records in localStorage). */
-function sharesOf(page) {
-  return page.evaluate(() => {
-    const shares = {};
-    for (let index = 0; index < localStorage.length; index += 1) {
-      const key = localStorage.key(index);
-      if (!key.startsWith('settle.like-tab.v2.')) continue;
-      for (const [taskId, share] of Object.entries(JSON.parse(localStorage.getItem(key)).share ?? {})) {
-        shares[taskId] = (shares[taskId] ?? 0) + share;
-      }
-    }
-    return shares;
-  });
+/**
+ * Each task's like share of the browser the page is in, as the app counts it from its
+ * tabs' records in localStorage (`browserShares`: records taken in by another are not
+ * counted twice).
+ */
+async function sharesOf(page) {
+  const storage = memoryStorage();
+  const entries = await page.evaluate(() => Array.from({ length: localStorage.length }, (_, index) => {
+    const key = localStorage.key(index);
+    return [key, localStorage.getItem(key)];
+  }));
+  for (const [key, value] of entries) storage.setItem(key, value);
+  return Object.fromEntries(browserShares(storage));
 }
 
 /** The whole event log, read the way a browser reads it (EventSource from id 0) until quiet. */
