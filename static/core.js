@@ -28,6 +28,8 @@ import { createStacks } from './stacks.js';
 
 /** How many outcomes of events that matched no op are remembered (`restore`). */
 const MAX_UNMATCHED = 500;
+/** How many keys of ops that left their stacks are remembered (`restore`). */
+const MAX_LEFT = 1000;
 /** How many discarded ops are remembered, to tell when one is applied after all. */
 const MAX_DISCARDED = 100;
 /** How many notices stay on screen; older ones drop off. */
@@ -79,6 +81,12 @@ export function createCore({
    * failed at once instead of waiting for a status check.
    */
   const unmatched = new Map();
+  /**
+   * Keys of the ops that left their stacks here (the last MAX_LEFT): one is never put back.
+   * A reload's own op can settle before the page takes back what it left as orphans, where
+   * the same op is listed; put back, it would leave again and count twice.
+   */
+  const left = new Set();
   /**
    * Task id -> the versions our own ops settled at, as their events said (the last
    * MAX_OWN_VERSIONS): how far our own changes moved a task since an edit's base was taken
@@ -148,9 +156,16 @@ export function createCore({
 
   // ---- mutations of the stacks -----------------------------------------------------
 
-  /** Take `op` off its stack, and note how it left (`takeDeparted`). */
-  function removeOp(op, outcome, reason) {
+  /** Note how `op` left, or was done before it could be put back (`takeDeparted`). */
+  function depart(op, outcome, reason) {
     departed = [...departed, Object.freeze({ op, outcome, reason })];
+    left.add(op.key);
+    if (left.size > MAX_LEFT) left.delete(left.values().next().value);
+  }
+
+  /** Take `op` off its stack, and note how it left. */
+  function removeOp(op, outcome, reason) {
+    depart(op, outcome, reason);
     pending.remove(op);
     if (!pending.has(op.task_id)) failedCreates.delete(op.task_id);
     // A failed or discarded create leaves no orphan row in the order.
@@ -500,7 +515,7 @@ export function createCore({
     if (!op) return;
     discarded.delete(op.key);
     if (type !== EVENT_SETTLED) return;
-    departed = [...departed, Object.freeze({ op, outcome: 'applied_late' })];
+    depart(op, 'applied_late');
     addNotice(noticeOf(op, 'info', 'applied_late', appliedLateText(op)));
   }
 
@@ -610,13 +625,13 @@ export function createCore({
   function restore(saved, known = new Map()) {
     const at = now();
     for (const fields of saved) {
-      if (!isSavedOp(fields) || pending.find(fields.key)) continue;
+      if (!isSavedOp(fields) || pending.find(fields.key) || left.has(fields.key)) continue;
       const seen = unmatched.get(fields.key) ?? known.get(fields.key);
       if (seen) {
         // Its event came before it did (an op taken over from a tab that closed), or its
         // status says it is done (`known`: {type, reason}, as an event would).
         const outcome = seen.type === EVENT_SETTLED ? 'settled' : 'failed';
-        departed = [...departed, Object.freeze({ op: Object.freeze({ ...fields }), outcome, reason: seen.reason })];
+        depart(Object.freeze({ ...fields }), outcome, seen.reason);
         continue;
       }
       // Queued before the reload: never sent, it still waits for the ops ahead of it.

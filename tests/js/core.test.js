@@ -349,6 +349,20 @@ describe('snapshots and the watermark', () => {
     ]);
     assert.deepEqual(commandRequest(reloaded.getOp('u')), commandRequest(core.getOp('u')), 'same request under the same key');
   });
+
+  test('an op that left its stack is never put back: a reload\'s own op, listed again among what it left', () => {
+    const { core } = setup();
+    const like = core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });
+    core.accepted('l', { command_id: 'cmd-l' });
+    const saved = JSON.parse(JSON.stringify(core.persistedOps()));
+    core.applyEvent(settled(like, task('b', { likes: 4, version: 5 })));
+    assert.deepEqual(core.takeDeparted().map(({ op, outcome }) => [op.key, outcome]), [['l', 'settled']]);
+    core.restore(saved);
+    core.restore(saved, new Map([['l', { type: EVENT_SETTLED }]]));
+    assert.deepEqual(core.pendingOps(), []);
+    assert.deepEqual(core.takeDeparted(), [], 'it does not leave, and count, a second time');
+    assert.equal(item(core, 'b').task.likes, 4);
+  });
 });
 
 describe('timeouts and the sync indicator', () => {

@@ -341,6 +341,23 @@ describe('createLikes: two tabs of one browser', () => {
     assert.deepEqual(b.sent, []);
   });
 
+  test('a like left pending by a reload that settles before the page knows its id is counted once', async () => {
+    const server = fakeServer();
+    const local = memoryStorage();
+    const a = tab({ server, local, name: 'a' });
+    const like = a.click();
+    a.likes.leave(); // the reload: the op is left in the orphans, and in the core's persisted ops
+    a.likes.stop();
+    const reloaded = tab({
+      server, local, session: a.session, name: 'a', restored: a.core.persistedOps(), identityPending: true, done: new Set([like.key]),
+    });
+    reloaded.settle(reloaded.core.getOp(like.key)); // its event comes before the tab's lock
+    await reloaded.likes.confirmTab();
+    assert.equal(browserShares(local).get('t'), 1, 'counted once: not taken for a stranger left by another page');
+    assert.deepEqual(reloaded.sent, [], 'and nothing sent to make up for a count of 2');
+    assert.equal(reloaded.liked(), true);
+  });
+
   test('a tab reloaded with a like pending takes it back; no other tab takes it over', async () => {
     const { server, local, clock, a, like, b } = likePendingInA();
     a.likes.leave();
