@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 
 import {
   startServer, launchBrowser, openApp, openTab, eventually, createViaUi, renameViaUi, shown, listedTitles, taskItem, sleep,
-  waitSettled,
+  waitSettled, recordCommands,
 } from './helpers.js';
 
 let browser;
@@ -228,6 +228,43 @@ test('a like taken over after it applied is counted once, also while it is being
     }
     assert.deepEqual([...counts], [1], 'never 2: the like taken over is asked after at once');
     assert.equal(await taskItem(tabB, task.id).getByTestId('like').getAttribute('aria-pressed'), 'true');
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});
+
+test('a like pending across a reload that applies before the page holds its tab lock is counted once', async () => {
+  const server = await startServer(['--delay-ms', '300']);
+  try {
+    const task = await server.api.createSettled('liked, then reloaded');
+    const { page: tab, context, pageErrors } = await openApp(browser, server.url);
+    const sends = recordCommands(tab);
+    // Another page of the browser asks for this tab's lock, and will hold it for a second
+    // once the tab lets it go: the reloaded page learns its id is its own only after the
+    // like it left pending applied.
+    const lock = `settle.tab.${await tab.evaluate(() => window.settle.likes.tabId)}`;
+    const other = await context.newPage();
+    await other.goto(`${server.url}/api/health`);
+    await other.evaluate((name) => {
+      window.lockHeld = navigator.locks.request(name, () => new Promise((resolve) => setTimeout(resolve, 1000)));
+    }, lock);
+    const locks = () => other.evaluate(() => navigator.locks.query());
+    await eventually(async () => assert.ok((await locks()).pending.some((entry) => entry.name === lock)));
+    await taskItem(tab, task.id).getByTestId('like').click();
+    await tab.reload();
+    await other.evaluate(() => window.lockHeld);
+    assert.equal((await server.api.task(task.id)).likes, 1, 'applied while the other page held the lock');
+    await eventually(async () => {
+      assert.ok((await locks()).held.some((entry) => entry.name === lock), 'the reloaded page holds its lock');
+      assert.equal((await shown(tab, task.id)).state, 'settled');
+    });
+    await sleep(1500); // a compensation would be sent by now
+    // One key, sent again by the reloaded page when the reload cut its first send short.
+    const likes = new Map(sends.filter((command) => command.path.endsWith('/likes')).map((command) => [command.key, command.body.delta]));
+    assert.deepEqual([...likes.values()], [1], 'nothing sent to make up for a like counted twice');
+    assert.equal((await server.api.task(task.id)).likes, 1);
+    assert.equal(await taskItem(tab, task.id).getByTestId('like').getAttribute('aria-pressed'), 'true');
     assert.deepEqual(pageErrors, []);
   } finally {
     await server.stop();
