@@ -746,6 +746,8 @@ export function createCore({
     persistedDiscarded,
     restoreDiscarded,
     getOp: (key) => pending.find(key),
+    /** Whether the op of this key is on a stack here, or was and left (`restore` skips both). */
+    holds: (key) => Boolean(pending.find(key)) || left.has(key),
     /** Every pending op, flat (for the transport: re-send, status checks). */
     pendingOps: () => pending.all(),
     get watermark() {

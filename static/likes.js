@@ -188,8 +188,8 @@ export function createLikes({
       const left = readOrphans(guard(() => local?.getItem(orphansKey), null));
       for (const key of left.taken ?? []) givenAway.add(key);
       // Left by another page under this id (the tab this one is a copy of, closed since);
-      // a reload's own are in the core already.
-      const strangers = (left.ops ?? []).filter((op) => !core.getOp(op.key));
+      // a reload's own are in the core already, or have left it (settled meanwhile).
+      const strangers = (left.ops ?? []).filter((op) => !core.holds(op.key));
       const known = strangers.length ? await sync.outcomesOf(strangers) : new Map();
       guard(() => local?.removeItem(orphansKey));
       adopt(strangers, known);
