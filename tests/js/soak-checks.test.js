@@ -5,7 +5,7 @@ import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 
 import {
-  checkRebases, checkConflictViews, checkDuplicates, checkRows, checkShares, checkNoticeTitles,
+  checkRebases, checkConflictViews, checkDuplicates, checkRows, checkShares, checkNoticeTitles, checkShownRows,
   chainStart, histories, outcomes, writesOf, EVENT_SETTLED, EVENT_FAILED,
 } from '../soak/checks.js';
 
@@ -183,4 +183,50 @@ test('notices name a title the task had', () => {
   const notice = (title) => ({ task_id: T, text: `The rename of “${title}” failed: injected.` });
   assert.deepEqual(checkNoticeTitles('a', [notice('alpha'), notice('a-r1')], events, []), []);
   assert.match(checkNoticeTitles('a', [notice('zeta')], events, []).join(), /names "zeta", a title .* never had/);
+});
+
+describe('rows across the window', () => {
+  // alpha is created (event 1, version 1); tab a renames it to "a-r1" (event 2, version 2).
+  const events = () => [
+    { ...settled('create', 'create', 1), id: 1 },
+    { ...settled('a-1', 'update', 2, { title: 'a-r1' }), id: 2 },
+  ];
+  const rename = { key: 'a-1', kind: 'update', title: 'a-r1' };
+  const row = (version, watermark, fields = {}, ops = []) => ({
+    load: 1, task_id: T, version, watermark, title: 'alpha', done: false, likes: 0, ops, ...fields,
+  });
+
+  test('a pending rename shows until its event, then the version that holds it', () => {
+    const samples = [
+      row(null, 0, {}, [{ key: 'create', kind: 'create', title: 'alpha' }]),
+      row(1, 1),
+      row(1, 1, { title: 'a-r1' }, [rename]),
+      row(1, 1, { title: 'a-r1', likes: 1 }, [rename, { key: 'a-2', kind: 'like', delta: 1 }]),
+      row(2, 2, { title: 'a-r1', likes: 1 }, [{ key: 'a-2', kind: 'like', delta: 1 }]),
+      row(2, 2, { title: 'a-r1' }),
+      { ...row(2, 2, { title: 'a-r1' }), load: 2 },
+    ];
+    assert.deepEqual(checkShownRows('a', samples, events()), []);
+  });
+
+  test('a row behind a write the tab has applied: its own rename flickers back', () => {
+    const problems = checkShownRows('a', [row(1, 1, { title: 'a-r1' }, [rename]), row(1, 2)], events());
+    assert.equal(problems.length, 1);
+    assert.match(problems[0], /event #2 \(key a-1\) settled version 2; the tab had applied it/);
+  });
+
+  test('a pending rename that does not show', () => {
+    assert.match(checkShownRows('a', [row(1, 1, {}, [rename])], events()).join(), /its fields: .* gives title "a-r1"/);
+  });
+
+  test('a confirmed row the server never had: a field, or a version', () => {
+    assert.match(checkShownRows('a', [row(1, 1, { done: true })], events()).join(), /gives done false/);
+    assert.match(checkShownRows('a', [row(7, 2)], events()).join(), /a version: the server never had it/);
+  });
+
+  test('a version going back, after a reload too', () => {
+    const problems = checkShownRows('a', [row(2, 2, { title: 'a-r1' }), { ...row(1, 1), load: 2 }], events());
+    assert.equal(problems.length, 1);
+    assert.match(problems[0], /a version going back: it showed version 2 before/);
+  });
 });

@@ -265,6 +265,71 @@ export function checkShares(browsers, tasks) {
   return problems;
 }
 
+/** A row's fields as its stack folds them over the server's task (static/ops.js, `applyOp`). */
+function folded(server, ops) {
+  let shown = server && { title: server.title, done: server.done, likes: server.likes };
+  for (const op of ops) {
+    if (op.kind === 'create') shown ??= { title: op.title, done: false, likes: 0 };
+    else if (!shown) continue;
+    else if (op.kind === 'update') {
+      if (op.title !== undefined) shown.title = op.title;
+      if (op.done !== undefined) shown.done = op.done;
+    } else if (op.kind === 'like') shown.likes += op.delta;
+  }
+  return shown;
+}
+
+/**
+ * Read your own writes and monotonic reads, across the window: every row a tab showed, as
+ * it changed (`samples`, in order: `{ load, task_id, version, watermark, title, done,
+ * likes, ops }`, `version` the one it is confirmed at, `ops` its stack with each op's
+ * values).
+ * - It shows the server's task at that version with its stack folded on top: a confirmed
+ *   row is one the server had, and a pending write shows until it leaves.
+ * - Its version is at least that of every settled event on the task up to the tab's
+ *   watermark: a write the tab has seen applied, its own or another's, stays shown.
+ * - Its version never goes back, across reloads too.
+ */
+export function checkShownRows(name, samples, events) {
+  const problems = [];
+  const byTask = histories(events);
+  const settledVersions = new Map();
+  for (const event of events) {
+    if (event.type !== EVENT_SETTLED || !event.data.task || event.data.version == null) continue;
+    const list = settledVersions.get(event.data.task_id) ?? [];
+    list.push({ id: event.id, version: event.data.version, key: event.data.idempotency_key });
+    settledVersions.set(event.data.task_id, list);
+  }
+  const last = new Map();
+  const reported = new Set();
+  const report = (sample, what) => {
+    // One problem per task and kind: a row that is wrong stays wrong for many samples.
+    const id = `${sample.task_id} ${what.split(':')[0]}`;
+    if (reported.has(id)) return;
+    reported.add(id);
+    problems.push(`[${name}] ${sample.task_id} showed ${JSON.stringify({ title: sample.title, done: sample.done, likes: sample.likes })} at version ${sample.version} (watermark ${sample.watermark}, ops ${JSON.stringify(sample.ops)}): ${what}`);
+  };
+  for (const sample of samples) {
+    const history = byTask.get(sample.task_id);
+    const server = sample.version == null ? null : history?.find((entry) => entry.version === sample.version)?.task;
+    if (sample.version != null && !server) report(sample, 'a version: the server never had it');
+    else {
+      const expected = folded(server, sample.ops);
+      const differs = expected ? ['title', 'done', 'likes'].filter((field) => expected[field] !== sample[field]) : [];
+      if (differs.length) report(sample, `its fields: the server's version with the stack on it gives ${differs.map((field) => `${field} ${JSON.stringify(expected[field])}`).join(', ')}`);
+    }
+    const known = (settledVersions.get(sample.task_id) ?? []).filter((event) => event.id <= sample.watermark)
+      .reduce((highest, event) => (highest && highest.version >= event.version ? highest : event), undefined);
+    if (known && !(sample.version >= known.version)) {
+      report(sample, `an applied write: event #${known.id} (key ${known.key}) settled version ${known.version}; the tab had applied it (watermark), and the row is behind it`);
+    }
+    const before = last.get(sample.task_id);
+    if (before != null && sample.version != null && sample.version < before) report(sample, `a version going back: it showed version ${before} before`);
+    if (sample.version != null) last.set(sample.task_id, Math.max(before ?? 0, sample.version));
+  }
+  return problems;
+}
+
 /** A notice names a task by a title it had (the server's events, or the tabs' creates). */
 export function checkNoticeTitles(name, notices, events, sends) {
   const problems = [];

@@ -9,7 +9,9 @@
 //    rows, no op left; each browser's like share is 0 or 1 and the shares add up to the
 //    count; no conflict view says someone else changed what nobody else changed; no edit
 //    re-sent without asking overwrote another tab's change; every notice names a title
-//    its task had.
+//    its task had;
+// 3. across the window, from every row each tab showed as it changed: read your own writes
+//    and monotonic reads (checkShownRows).
 // ./scripts/test runs 12 steps of it; tests/e2e/chaos.test.js is a short chaos run with
 // assertions of its own. A problem prints the story of its task (every send and event)
 // and the run exits 1; the same seed replays the clicks.
@@ -29,7 +31,7 @@ import {
 import { browserShares } from '../../static/like-records.js';
 import { memoryStorage } from '../js/like-tabs.js';
 import {
-  checkRows, checkDuplicates, checkShares, checkConflictViews, checkRebases, checkNoticeTitles,
+  checkRows, checkDuplicates, checkShares, checkConflictViews, checkRebases, checkNoticeTitles, checkShownRows,
   firstSends, timeline, EVENT_SETTLED, EVENT_FAILED,
 } from './checks.js';
 
@@ -46,8 +48,10 @@ const { values: options } = parseArgs({
 });
 
 /**
- * Runs in every page before the app: reports each conflict view as it opens and each
- * notice, through the context's `soakRecord` binding (which outlives a reload).
+ * Runs in every page before the app: reports each conflict view as it opens, each notice,
+ * and each row as it changes (what it shows, the version it is confirmed at, its stack and
+ * the tab's watermark), through the context's `soakRecord` binding (which outlives a
+ * reload).
  */
 function watchPage() {
   const watch = () => {
@@ -56,8 +60,22 @@ function watchPage() {
     const open = new Set();
     const noticed = new Set();
     const edits = new Set();
+    const rows = new Map();
+    const load = performance.timeOrigin;
     const look = () => {
       const snapshot = core.getSnapshot();
+      for (const item of snapshot.items) {
+        if (rows.get(item.id) === item) continue;
+        rows.set(item.id, item);
+        const ops = item.ops.map(({ key, kind }) => {
+          const op = core.getOp(key);
+          return { key, kind, title: kind === 'create' ? op?.title : op?.patch?.title, done: op?.patch?.done, delta: op?.delta };
+        });
+        const { title, done, likes } = item.task;
+        window.soakRecord('row', {
+          load, task_id: item.id, version: item.confirmed?.version ?? null, watermark: snapshot.watermark, title, done, likes, ops,
+        });
+      }
       for (const op of core.pendingOps()) {
         // An edit or delete on a base keeps the confirmed version its editor opened on.
         if (op.made_on === undefined || edits.has(op.key)) continue;
@@ -102,7 +120,7 @@ function watchPage() {
  */
 const reports = new Map();
 function reportsOf(page) {
-  if (!reports.has(page)) reports.set(page, { views: [], notices: [], edits: new Map(), faults: [] });
+  if (!reports.has(page)) reports.set(page, { views: [], notices: [], edits: new Map(), faults: [], samples: [] });
   return reports.get(page);
 }
 
@@ -114,6 +132,7 @@ async function newBrowser(browser) {
     if (kind === 'view') report.views.push(entry);
     else if (kind === 'notice') report.notices.push(entry);
     else if (kind === 'fault') report.faults.push(entry);
+    else if (kind === 'row') report.samples.push(entry);
     else if (!report.edits.has(entry.key)) report.edits.set(entry.key, entry.confirmed);
   });
   await context.addInitScript(watchPage);
@@ -368,6 +387,7 @@ async function run(browser, seed) {
       problems.push(...checkConflictViews(tab.name, sends, events, tab.views, tab.edits));
       problems.push(...checkRebases(tab.name, sends, events, tab.views, tab.edits));
       problems.push(...checkNoticeTitles(tab.name, tab.notices, events, sends));
+      problems.push(...checkShownRows(tab.name, tab.samples, events));
       problems.push(...tab.pageErrors.map((error) => `[${tab.name}] page error: ${error}`));
       problems.push(...[...new Set(tab.faults.map((fault) => fault.text))].map((text) => `[${tab.name}] the soak's page watcher failed (not the app): ${text}`));
     }
