@@ -1,12 +1,12 @@
 // The side panels: the consistency-window chart (the windows this page measured, beside
 // the server's from GET /api/metrics, polled) and the fault panel (the server's failure
-// knobs, PUT /api/faults). DOM only: the figures come from stats.js, the requests from
-// the transport.
+// knobs, PUT /api/faults, and polled with the metrics: another tab, or a script, may turn
+// them). DOM only: the figures come from stats.js, the requests from the transport.
 
 import { $, setText } from './dom.js';
 import { linePath, niceCeiling, percentile, rollingPercentiles } from './stats.js';
 
-/** How often the server's metrics are polled for the chart. */
+/** How often the server's metrics (for the chart) and fault settings are polled. */
 const METRICS_POLL_MS = 2000;
 /** How much history the chart shows. */
 const CHART_SPAN_MS = 120_000;
@@ -92,8 +92,13 @@ export function createPanels({ transport, windowSamples }) {
 
   // ---- the fault panel ----------------------------------------------------------------
 
-  /** PUTs go out one after the other, so the server ends with the last thing the user set. */
+  /**
+   * PUTs go out one after the other, so the server ends with the last thing the user set;
+   * a poll goes in the same line, and only while no PUT waits, so it never shows a value
+   * from before one.
+   */
   let faultChain = Promise.resolve();
+  let putsWaiting = 0;
 
   function showFaults(settings) {
     const form = $('faults');
@@ -117,6 +122,7 @@ export function createPanels({ transport, windowSamples }) {
   /** PUT a subset of the settings (the server accepts any subset) and report the outcome. */
   function applyFaults(update) {
     const status = $('fault-status');
+    putsWaiting += 1;
     faultChain = faultChain.then(async () => {
       try {
         showFaults(await transport.putFaults(update));
@@ -127,7 +133,20 @@ export function createPanels({ transport, windowSamples }) {
         status.setAttribute('role', 'alert');
         status.className = 'fault-status error';
         setText(status, `Refused: ${error.message}`);
+      } finally {
+        putsWaiting -= 1;
       }
+    });
+    return faultChain;
+  }
+
+  /** What the server holds now, set here or anywhere else. */
+  function pollFaults() {
+    if (putsWaiting) return faultChain;
+    faultChain = faultChain.then(async () => {
+      if (putsWaiting) return;
+      const settings = await transport.fetchFaults().catch(() => null);
+      if (settings && !putsWaiting) showFaults(settings);
     });
     return faultChain;
   }
@@ -140,13 +159,16 @@ export function createPanels({ transport, windowSamples }) {
     });
     // A changed field applies on its own too: only that field, so it never resets the others.
     form.addEventListener('change', (event) => applyFaults(readFaults([event.target.name])));
-    transport.fetchFaults().then((settings) => settings && showFaults(settings)).catch(() => {});
+    pollFaults();
   }
 
   /** Bind the fault panel and start polling the server's metrics. */
   function start() {
     bindFaultPanel();
-    setInterval(pollMetrics, METRICS_POLL_MS);
+    setInterval(() => {
+      pollMetrics();
+      pollFaults();
+    }, METRICS_POLL_MS);
     pollMetrics();
   }
 

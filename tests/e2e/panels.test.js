@@ -1,4 +1,4 @@
-// The side panels: the fault panel is bound to GET/PUT /api/faults, and the consistency
+// The side panels: the fault panel is bound to GET/PUT /api/faults (polled), and the consistency
 // window chart draws the client-measured p50/p99 beside the server's /api/metrics.
 
 import { test, before, after } from 'node:test';
@@ -38,6 +38,26 @@ test('the fault panel shows the live settings, applies changes and reports refus
     await page.getByTestId('fault-apply').click();
     await eventually(async () => assert.match(await page.getByTestId('fault-status').textContent(), /^Refused: /));
     assert.equal((await faultsOnServer(server)).failure_rate, 0.3, 'a refused value changes nothing');
+  } finally {
+    await server.stop();
+  }
+});
+
+test('the fault panel follows settings turned elsewhere (another tab, a script), and keeps a field being typed in', async () => {
+  const server = await startServer(['--delay-ms', '250']);
+  try {
+    const { page } = await openApp(browser, server.url);
+    await eventually(async () => assert.equal(await page.getByTestId('fault-delay-ms').inputValue(), '250'));
+    await server.api.setFaults({ failure_rate: 0.4, drop_rate: 0.2 });
+    await eventually(async () => {
+      assert.equal(await page.getByTestId('fault-failure-rate').inputValue(), '0.4');
+      assert.equal(await page.getByTestId('fault-drop-rate').inputValue(), '0.2');
+    });
+
+    await page.getByTestId('fault-delay-ms').fill('9'); // typing, not applied yet
+    await server.api.setFaults({ delay_ms: 300, failure_rate: 0.1 });
+    await eventually(async () => assert.equal(await page.getByTestId('fault-failure-rate').inputValue(), '0.1'));
+    assert.equal(await page.getByTestId('fault-delay-ms').inputValue(), '9', 'what the user is typing stays');
   } finally {
     await server.stop();
   }
