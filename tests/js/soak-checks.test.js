@@ -191,7 +191,7 @@ describe('rows across the window', () => {
     { ...settled('create', 'create', 1), id: 1 },
     { ...settled('a-1', 'update', 2, { title: 'a-r1' }), id: 2 },
   ];
-  const rename = { key: 'a-1', kind: 'update', title: 'a-r1' };
+  const rename = { key: 'a-1', kind: 'update', patch: { title: 'a-r1' } };
   const row = (version, watermark, fields = {}, ops = []) => ({
     load: 1, task_id: T, version, watermark, title: 'alpha', done: false, likes: 0, ops, ...fields,
   });

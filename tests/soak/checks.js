@@ -7,11 +7,10 @@
 // was made on, as its editor opened (its op's `made_on`; the PATCH's or DELETE's
 // `base_version` adds the tab's own changes since, static/core.js `sendQueued`).
 
-export const EVENT_SETTLED = 'projection:settled';
-export const EVENT_FAILED = 'command:failed';
+import { fold, EVENT_SETTLED, EVENT_FAILED } from '../../static/ops.js';
+import { EDIT_FIELDS } from '../../static/conflicts.js';
 
-/** The fields an edit sets (static/conflicts.js, EDIT_FIELDS). */
-export const EDIT_FIELDS = Object.freeze(['title', 'notes', 'done']);
+export { EVENT_SETTLED, EVENT_FAILED, EDIT_FIELDS };
 
 /** A command's task id from its path (`/api/tasks/ID`, `/api/tasks/ID/likes`), or its body's. */
 export const taskOf = (command) => command.body?.id ?? decodeURIComponent(command.path.split('/')[3] ?? '');
@@ -265,25 +264,11 @@ export function checkShares(browsers, tasks) {
   return problems;
 }
 
-/** A row's fields as its stack folds them over the server's task (static/ops.js, `applyOp`). */
-function folded(server, ops) {
-  let shown = server && { title: server.title, done: server.done, likes: server.likes };
-  for (const op of ops) {
-    if (op.kind === 'create') shown ??= { title: op.title, done: false, likes: 0 };
-    else if (!shown) continue;
-    else if (op.kind === 'update') {
-      if (op.title !== undefined) shown.title = op.title;
-      if (op.done !== undefined) shown.done = op.done;
-    } else if (op.kind === 'like') shown.likes += op.delta;
-  }
-  return shown;
-}
-
 /**
  * Read your own writes and monotonic reads, across the window: every row a tab showed, as
  * it changed (`samples`, in order: `{ load, task_id, version, watermark, title, done,
  * likes, ops }`, `version` the one it is confirmed at, `ops` its stack with each op's
- * values).
+ * values, as the core holds them).
  * - It shows the server's task at that version with its stack folded on top: a confirmed
  *   row is one the server had, and a pending write shows until it leaves.
  * - Its version is at least that of every settled event on the task up to the tab's
@@ -314,7 +299,7 @@ export function checkShownRows(name, samples, events) {
     const server = sample.version == null ? null : history?.find((entry) => entry.version === sample.version)?.task;
     if (sample.version != null && !server) report(sample, 'a version: the server never had it');
     else {
-      const expected = folded(server, sample.ops);
+      const expected = fold(server ?? null, sample.ops);
       const differs = expected ? ['title', 'done', 'likes'].filter((field) => expected[field] !== sample[field]) : [];
       if (differs.length) report(sample, `its fields: the server's version with the stack on it gives ${differs.map((field) => `${field} ${JSON.stringify(expected[field])}`).join(', ')}`);
     }

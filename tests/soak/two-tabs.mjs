@@ -68,8 +68,8 @@ function watchPage() {
         if (rows.get(item.id) === item) continue;
         rows.set(item.id, item);
         const ops = item.ops.map(({ key, kind }) => {
-          const op = core.getOp(key);
-          return { key, kind, title: kind === 'create' ? op?.title : op?.patch?.title, done: op?.patch?.done, delta: op?.delta };
+          const { title, patch, delta } = core.getOp(key) ?? {};
+          return { key, kind, title, patch, delta };
         });
         const { title, done, likes } = item.task;
         window.soakRecord('row', {
