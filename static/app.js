@@ -11,6 +11,7 @@ import { createCore } from './core.js';
 import { createTransport } from './transport.js';
 import { createSync } from './sync.js';
 import { createLikes } from './likes.js';
+import { TAB_RECORD_PREFIX } from './like-records.js';
 import { createPanels } from './panels.js';
 import { $, element, setAttr, setText } from './dom.js';
 
@@ -57,11 +58,36 @@ function safeStorage(get) {
  */
 const TAB_LOCK_PREFIX = 'settle.tab.';
 
-/** The ids of this browser's open tabs (their locks held), or undefined without Web Locks. */
+/**
+ * The ids of this browser's open tabs (their locks held), or undefined without Web Locks.
+ * A tab holds its own lock exclusively; a shared hold is another tab's look (`watchTabs`).
+ */
 async function liveTabs() {
   if (!navigator.locks) return undefined;
   const { held = [] } = await navigator.locks.query();
-  return held.map((lock) => lock.name).filter((name) => name.startsWith(TAB_LOCK_PREFIX)).map((name) => name.slice(TAB_LOCK_PREFIX.length));
+  return held.filter((lock) => lock.mode === 'exclusive' && lock.name.startsWith(TAB_LOCK_PREFIX))
+    .map((lock) => lock.name.slice(TAB_LOCK_PREFIX.length));
+}
+
+/**
+ * Each other open tab's lock, asked for in shared mode: granted once that tab is gone
+ * (closed, reloading, or crashed, which writes nothing), and let go at once. Then this tab
+ * looks for what it left, at once instead of at its next look within a minute
+ * (like-handover.js). Asked again for the tabs open now on start and when a tab writes
+ * its record (a tab that opened or came back).
+ */
+const watchedTabs = new Set();
+async function watchTabs() {
+  for (const id of (await liveTabs()) ?? []) {
+    if (id === likeToggle.tabId || watchedTabs.has(id)) continue;
+    watchedTabs.add(id);
+    navigator.locks.request(`${TAB_LOCK_PREFIX}${id}`, { mode: 'shared' }, () => {})
+      .then(() => {
+        watchedTabs.delete(id);
+        return likeToggle.sweep();
+      })
+      .catch((error) => console.warn('settle: cannot watch another tab', error));
+  }
 }
 
 /** Whether tab `id` is open; undefined without Web Locks (cannot tell: taken for gone, never for crashed). */
@@ -93,14 +119,17 @@ const COPY_CHECK_MS = 2000;
 async function holdTabLock() {
   if (!navigator.locks) return likeToggle.confirmTab();
   const holdForever = () => new Promise(() => {});
+  const watchOthers = () => watchTabs().catch((error) => console.warn('settle: cannot watch the other tabs', error));
   try {
     return await navigator.locks.request(`${TAB_LOCK_PREFIX}${likeToggle.tabId}`, { signal: AbortSignal.timeout(COPY_CHECK_MS) }, () => {
       likeToggle.confirmTab();
+      watchOthers();
       return holdForever();
     });
   } catch (error) {
     if (error?.name !== 'TimeoutError' && error?.name !== 'AbortError') throw error;
     likeToggle.becomeCopy();
+    watchOthers();
     return navigator.locks.request(`${TAB_LOCK_PREFIX}${likeToggle.tabId}`, holdForever);
   }
 }
@@ -128,6 +157,9 @@ function drawLike(parts, item) {
 // browser stands.
 window.addEventListener('storage', (event) => {
   if (likeToggle.storageChanged(event.key)) redrawLikes();
+  if (event.key?.startsWith(TAB_RECORD_PREFIX) && !watchedTabs.has(event.key.slice(TAB_RECORD_PREFIX.length))) {
+    watchTabs().catch((error) => console.warn('settle: cannot watch the other tabs', error));
+  }
 });
 
 function redrawLikes() {
