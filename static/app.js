@@ -77,17 +77,19 @@ async function liveTabs() {
  * its record (a tab that opened or came back).
  */
 const watchedTabs = new Set();
-async function watchTabs() {
-  for (const id of (await liveTabs()) ?? []) {
-    if (id === likeToggle.tabId || watchedTabs.has(id)) continue;
-    watchedTabs.add(id);
-    navigator.locks.request(`${TAB_LOCK_PREFIX}${id}`, { mode: 'shared' }, () => {})
-      .then(() => {
-        watchedTabs.delete(id);
-        return likeToggle.sweep();
-      })
-      .catch((error) => console.warn('settle: cannot watch another tab', error));
-  }
+function watchTabs() {
+  liveTabs().then((ids) => {
+    for (const id of ids ?? []) {
+      if (id === likeToggle.tabId || watchedTabs.has(id)) continue;
+      watchedTabs.add(id);
+      navigator.locks.request(`${TAB_LOCK_PREFIX}${id}`, { mode: 'shared' }, () => {})
+        .then(() => {
+          watchedTabs.delete(id);
+          return likeToggle.sweep();
+        })
+        .catch((error) => console.warn('settle: cannot look at a tab gone', error));
+    }
+  }).catch((error) => console.warn('settle: cannot watch the other tabs', error));
 }
 
 /** Whether tab `id` is open; undefined without Web Locks (cannot tell: taken for gone, never for crashed). */
@@ -119,17 +121,16 @@ const COPY_CHECK_MS = 2000;
 async function holdTabLock() {
   if (!navigator.locks) return likeToggle.confirmTab();
   const holdForever = () => new Promise(() => {});
-  const watchOthers = () => watchTabs().catch((error) => console.warn('settle: cannot watch the other tabs', error));
   try {
     return await navigator.locks.request(`${TAB_LOCK_PREFIX}${likeToggle.tabId}`, { signal: AbortSignal.timeout(COPY_CHECK_MS) }, () => {
       likeToggle.confirmTab();
-      watchOthers();
+      watchTabs();
       return holdForever();
     });
   } catch (error) {
     if (error?.name !== 'TimeoutError' && error?.name !== 'AbortError') throw error;
     likeToggle.becomeCopy();
-    watchOthers();
+    watchTabs();
     return navigator.locks.request(`${TAB_LOCK_PREFIX}${likeToggle.tabId}`, holdForever);
   }
 }
@@ -157,9 +158,7 @@ function drawLike(parts, item) {
 // browser stands.
 window.addEventListener('storage', (event) => {
   if (likeToggle.storageChanged(event.key)) redrawLikes();
-  if (event.key?.startsWith(TAB_RECORD_PREFIX) && !watchedTabs.has(event.key.slice(TAB_RECORD_PREFIX.length))) {
-    watchTabs().catch((error) => console.warn('settle: cannot watch the other tabs', error));
-  }
+  if (event.key?.startsWith(TAB_RECORD_PREFIX) && !watchedTabs.has(event.key.slice(TAB_RECORD_PREFIX.length))) watchTabs();
 });
 
 function redrawLikes() {
