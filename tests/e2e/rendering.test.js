@@ -234,20 +234,25 @@ test('a like taken over after it applied is counted once, also while it is being
 });
 
 test('a like pending across a reload that applies before the page holds its tab lock is counted once', async () => {
-  const server = await startServer(['--delay-ms', '300']);
+  const server = await startServer(['--delay-ms', '100']);
   try {
     const task = await server.api.createSettled('liked, then reloaded');
     const { page: tab, context, pageErrors } = await openApp(browser, server.url);
     const sends = recordCommands(tab);
-    // Another page of the browser asks for this tab's lock, and will hold it for a second
-    // once the tab lets it go: the reloaded page learns its id is its own only after the
-    // like it left pending applied.
+    // Another page of the browser asks for this tab's lock, and once the tab lets it go
+    // holds it until the like has applied, and its event has had time to come: the
+    // reloaded page learns its id is its own only then (well within the 2 s after which it
+    // would take itself for a copy).
     const lock = `settle.tab.${await tab.evaluate(() => window.settle.likes.tabId)}`;
     const other = await context.newPage();
     await other.goto(`${server.url}/api/health`);
-    await other.evaluate((name) => {
-      window.lockHeld = navigator.locks.request(name, () => new Promise((resolve) => setTimeout(resolve, 1000)));
-    }, lock);
+    await other.evaluate(({ name, url }) => {
+      const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+      window.lockHeld = navigator.locks.request(name, async () => {
+        while ((await (await fetch(url)).json()).likes !== 1) await pause(20);
+        await pause(300);
+      });
+    }, { name: lock, url: `/api/tasks/${task.id}` });
     const locks = () => other.evaluate(() => navigator.locks.query());
     await eventually(async () => assert.ok((await locks()).pending.some((entry) => entry.name === lock)));
     await taskItem(tab, task.id).getByTestId('like').click();
