@@ -20,8 +20,10 @@
 //
 // Options: --seed N (first seed, 1), --runs K (seeds N..N+K-1, 1), --actions A (150),
 // --reload P (chance a step reloads a tab, 0.05), --browsers 1|2 (two tabs of one browser
-// context sharing localStorage, or one tab in each of two; 2), --failure-rate (0.3),
-// --drop-rate (0.1). SETTLE_BIN and CHROMIUM_PATH as for the e2e tests.
+// context sharing localStorage, or one tab in each of two; 2), --tabs T (2; more go to the
+// browsers in turn, so --tabs 3 --browsers 1 is three tabs sharing one localStorage),
+// --failure-rate (0.3), --drop-rate (0.1). SETTLE_BIN and CHROMIUM_PATH as for the e2e
+// tests.
 
 import { parseArgs } from 'node:util';
 
@@ -42,6 +44,7 @@ const { values: options } = parseArgs({
     actions: { type: 'string', default: '150' },
     reload: { type: 'string', default: '0.05' },
     browsers: { type: 'string', default: '2' },
+    tabs: { type: 'string', default: '2' },
     'failure-rate': { type: 'string', default: '0.3' },
     'drop-rate': { type: 'string', default: '0.1' },
   },
@@ -320,8 +323,9 @@ async function run(browser, seed) {
   try {
     contexts.push(await newBrowser(browser));
     if (options.browsers === '2') contexts.push(await newBrowser(browser));
-    tabs.push(await addTab(contexts[0], server.url, 'A'));
-    tabs.push(await addTab(contexts.at(-1), server.url, 'B'));
+    for (let index = 0; index < Number(options.tabs); index += 1) {
+      tabs.push(await addTab(contexts[index % contexts.length], server.url, String.fromCharCode(65 + index)));
+    }
     await setFaultsInPanel(tabs[0].page, { failure: options['failure-rate'], drop: options['drop-rate'] });
 
     const next = seededRandom(seed);
@@ -330,10 +334,11 @@ async function run(browser, seed) {
     const started = Date.now();
     for (let step = 0; step < Number(options.actions); step += 1) {
       if (next() < 0.5) {
-        // Both tabs: at once in two browsers side by side; one browser shows one at a time.
-        if (options.browsers === '2') await Promise.all(tabs.map((tab) => act(tab, next, counts, labels)));
-        else for (const tab of tabs) await act(tab, next, counts, labels);
-      } else await act(tabs[next.below(2)], next, counts, labels);
+        // Every tab: the browsers side by side at once; a browser shows one tab at a time.
+        await Promise.all(contexts.map(async (context) => {
+          for (const tab of tabs.filter((each) => each.context === context)) await act(tab, next, counts, labels);
+        }));
+      } else await act(tabs[next.below(tabs.length)], next, counts, labels);
       await sleep(next.below(120));
     }
     console.log(`seed ${seed}: ${options.actions} steps in ${Math.round((Date.now() - started) / 1000)} s: ${JSON.stringify(counts)}`);
