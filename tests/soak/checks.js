@@ -22,15 +22,16 @@ function editedFields(command) {
 }
 
 /**
- * Each task's settled versions from the event log, in version order: `{ version, task, key }`
- * with the task as it stood after that command (a delete: `task` null).
+ * Each task's settled versions from the event log, in version order: `{ version, task, key,
+ * id }` with the task as it stood after that command (a delete: `task` null) and the
+ * event's id.
  */
 export function histories(events) {
   const byTask = new Map();
   for (const event of events) {
     if (event.type !== EVENT_SETTLED || event.data.version == null) continue;
     const list = byTask.get(event.data.task_id) ?? [];
-    list.push({ version: event.data.version, task: event.data.task ?? null, key: event.data.idempotency_key });
+    list.push({ version: event.data.version, task: event.data.task ?? null, key: event.data.idempotency_key, id: event.id });
     byTask.set(event.data.task_id, list);
   }
   for (const list of byTask.values()) list.sort((a, b) => a.version - b.version);
@@ -278,13 +279,6 @@ export function checkShares(browsers, tasks) {
 export function checkShownRows(name, samples, events) {
   const problems = [];
   const byTask = histories(events);
-  const settledVersions = new Map();
-  for (const event of events) {
-    if (event.type !== EVENT_SETTLED || !event.data.task || event.data.version == null) continue;
-    const list = settledVersions.get(event.data.task_id) ?? [];
-    list.push({ id: event.id, version: event.data.version, key: event.data.idempotency_key });
-    settledVersions.set(event.data.task_id, list);
-  }
   const last = new Map();
   const reported = new Set();
   const report = (sample, what) => {
@@ -299,12 +293,12 @@ export function checkShownRows(name, samples, events) {
     const server = sample.version == null ? null : history?.find((entry) => entry.version === sample.version)?.task;
     if (sample.version != null && !server) report(sample, 'a version: the server never had it');
     else {
-      const expected = fold(server ?? null, sample.ops);
+      const expected = fold(server, sample.ops);
       const differs = expected ? ['title', 'done', 'likes'].filter((field) => expected[field] !== sample[field]) : [];
       if (differs.length) report(sample, `its fields: the server's version with the stack on it gives ${differs.map((field) => `${field} ${JSON.stringify(expected[field])}`).join(', ')}`);
     }
-    const known = (settledVersions.get(sample.task_id) ?? []).filter((event) => event.id <= sample.watermark)
-      .reduce((highest, event) => (highest && highest.version >= event.version ? highest : event), undefined);
+    // The highest version the tab has applied (the history is in version order).
+    const known = history?.filter((entry) => entry.task && entry.id <= sample.watermark).at(-1);
     if (known && !(sample.version >= known.version)) {
       report(sample, `an applied write: event #${known.id} (key ${known.key}) settled version ${known.version}; the tab had applied it (watermark), and the row is behind it`);
     }

@@ -12,9 +12,9 @@
 //    its task had;
 // 3. across the window, from every row each tab showed as it changed: read your own writes
 //    and monotonic reads (checkShownRows).
-// ./scripts/test runs 12 steps of it in each mode; tests/e2e/chaos.test.js is a short chaos run with
-// assertions of its own. A problem prints the story of its task (every send and event)
-// and the run exits 1; the same seed replays the clicks.
+// ./scripts/test runs 12 steps of it in each mode; tests/e2e/chaos.test.js is a short
+// chaos run with assertions of its own. A problem prints the story of its task (every send
+// and event) and the run exits 1; the same seed replays the clicks.
 //
 //   cargo build && npm run soak -- --seed 44 --runs 5 --browsers 2
 //
