@@ -330,19 +330,16 @@ export function createSync({
      * Which of `ops` (not this page's yet: ops taken over from a tab that closed) are done,
      * as `core.restore` takes them: key -> `{type, reason}`. One done before this page's
      * snapshot has no event to come, and restored as pending it would count twice until
-     * its status was asked. Ops without a command id, or not answered, are left out.
+     * its status was asked. Asked as after a reconnect (`commandOutcomes`): by key for one
+     * whose 202 its tab never saw, as a tab closed right after the click. Ops not answered
+     * are left out.
      */
     async outcomesOf(ops) {
       const known = new Map();
-      await Promise.all(ops.filter((op) => op.command_id).map(async (op) => {
-        try {
-          const command = await transport.fetchCommand(op.command_id);
-          if (command?.status === 'settled') known.set(op.key, { type: EVENT_SETTLED });
-          if (command?.status === 'failed') known.set(op.key, { type: EVENT_FAILED, reason: command.error?.reason });
-        } catch (error) {
-          log('cannot ask after an op taken over', error);
-        }
-      }));
+      for (const { key, status, error } of await commandOutcomes(ops)) {
+        if (status === 'settled') known.set(key, { type: EVENT_SETTLED });
+        if (status === 'failed') known.set(key, { type: EVENT_FAILED, reason: error?.reason });
+      }
       return known;
     },
     /** Send a stuck op again under its own key: the server answers a replay, never a second effect. */

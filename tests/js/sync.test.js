@@ -323,14 +323,17 @@ describe('the sync engine', () => {
     const statuses = { 'cmd-done': 'settled', 'cmd-refused': 'failed', 'cmd-later': 'pending' };
     const transport = fakeTransport({
       fetchCommand: async (commandId) => ({ command_id: commandId, status: statuses[commandId], error: { reason: 'injected' } }),
+      // No 202 seen (its tab closed right after the click): asked by key.
+      fetchCommandByKey: async (key) => (key === 'applied-unseen' ? { command_id: 'cmd-x', status: 'settled' } : null),
     });
     const { core, sync } = setup({ transport });
     await sync.start();
     const ops = ['done', 'refused', 'later'].map((key, index) => ({
       key, command_id: `cmd-${key}`, task_id: 'a', kind: 'like', delta: 1, issued_at: index,
     }));
-    const known = await sync.outcomesOf([...ops, { key: 'unsent', task_id: 'a', kind: 'like', delta: 1, issued_at: 9 }]);
-    assert.deepEqual([...known.keys()], ['done', 'refused']);
+    const unseen = ['applied-unseen', 'unsent'].map((key) => ({ key, task_id: 'a', kind: 'like', delta: 1, issued_at: 9 }));
+    const known = await sync.outcomesOf([...ops, ...unseen]);
+    assert.deepEqual([...known.keys()].sort(), ['applied-unseen', 'done', 'refused']);
     core.restore(ops, known);
     assert.deepEqual(core.takeDeparted().map(({ op, outcome, reason }) => [op.key, outcome, reason]),
       [['done', 'settled', undefined], ['refused', 'failed', 'injected']]);
