@@ -94,8 +94,9 @@ export function createCore({
    */
   const ownVersions = new Map();
   /**
-   * Ops the core sends by itself: a rebased edit, and a queued one whose turn came. The
-   * sync engine takes and sends them.
+   * Ops to send, in the order they are due: a new one not queued behind ours, a queued one
+   * whose turn came, a rebased edit. The sync engine takes and sends them (`takeOutbox`);
+   * the core alone decides when an op goes out.
    */
   let outbox = [];
   /** How ops left their stacks since the last `takeDeparted` (the view's like toggle reads it). */
@@ -193,12 +194,16 @@ export function createCore({
   function sendQueued(taskId) {
     const first = pending.of(taskId)[0];
     if (first?.state !== 'queued') return;
-    const next = pending.replace(first, {
+    send(pending.replace(first, {
       base_version: baseFor(taskId, first.made_on),
       state: 'sending',
       sent_at: now(),
-    });
-    outbox = [...outbox, next];
+    }));
+  }
+
+  /** Put `op` out for the sync engine to send (`takeOutbox`). */
+  function send(op) {
+    outbox = [...outbox, op];
   }
 
   /** An edit or a delete made on `made_on`: sent at once with nothing of ours ahead of it, else queued. */
@@ -296,7 +301,7 @@ export function createCore({
         ...queuedOrSent(op.task_id, base.get(op.task_id)?.version ?? 0),
       });
       pushOp(next);
-      if (next.state === 'sending') outbox = [...outbox, next];
+      if (next.state === 'sending') send(next);
     }
     return 'resent';
   }
@@ -341,6 +346,7 @@ export function createCore({
       ...(onBase ? queuedOrSent(intent.task_id, intent.base_version) : {}),
     });
     pushOp(op);
+    if (op.state === 'sending') send(op);
     changed();
     return op;
   }
@@ -583,8 +589,8 @@ export function createCore({
   }
 
   /**
-   * Ops the core sends by itself, since the last call: rebased edits (under new keys) and
-   * queued ones whose turn came (`sendQueued`).
+   * The ops due to be sent since the last call, in order: issued ones not queued behind
+   * ours, queued ones whose turn came (`sendQueued`), rebased edits (under new keys).
    */
   function takeOutbox() {
     // Not one that left its stack meanwhile (a queued edit discarded with the create it

@@ -77,14 +77,6 @@ export function createSync({
     return next;
   }
 
-  function issue(intent) {
-    const known = core.getOp(intent.key);
-    if (known) return known; // the same intent again (double click, double Enter): one key, one effect
-    const op = core.issue(intent);
-    if (op.state !== 'queued') enqueueSend(op); // a queued one is sent through the outbox
-    return op;
-  }
-
   // ---- events and ground truth ---------------------------------------------------------
 
   /**
@@ -264,8 +256,12 @@ export function createSync({
   }
 
   // ---- the public API ------------------------------------------------------------------------
+  //
+  // An intent is issued to the core, which shows it at once and puts it in its outbox
+  // unless it waits behind ours on the task; the same intent again (double click, double
+  // Enter) is the op already issued: one key, one effect.
 
-  /** Send what the core issued by itself (an edit rebased on a newer version). */
+  /** Send the ops the core put out: every new or rebased op, and a queued one whose turn came. */
   function sendOutbox() {
     for (const op of core.takeOutbox()) enqueueSend(op);
   }
@@ -296,7 +292,7 @@ export function createSync({
      * same draft twice is the same intent.
      */
     createTask({ title, notes = '', id = newId(), key = newId() }) {
-      return issue({ kind: 'create', key, task_id: id, title, notes });
+      return core.issue({ kind: 'create', key, task_id: id, title, notes });
     },
     /**
      * Edit title and/or notes on `base` ({base_version, seen}, from `core.editBase`): by
@@ -306,25 +302,25 @@ export function createSync({
      * else's change conflicts.
      */
     editTask(taskId, patch, key = newId(), base = core.editBase(taskId)) {
-      return issue({ kind: 'update', key, task_id: taskId, patch, ...base });
+      return core.issue({ kind: 'update', key, task_id: taskId, patch, ...base });
     },
     /** Set done: a set-to-value intent, last writer wins by design (no base_version). */
     setDone(taskId, done, key = newId()) {
-      return issue({ kind: 'update', key, task_id: taskId, patch: { done } });
+      return core.issue({ kind: 'update', key, task_id: taskId, patch: { done } });
     },
     /**
      * Delete on the base shown now (`core.editBase`): someone else's edit that the user
      * has not seen yet makes it conflict instead of being deleted with the task.
      */
     deleteTask(taskId, key = newId(), base = core.editBase(taskId)) {
-      return issue({ kind: 'delete', key, task_id: taskId, ...base });
+      return core.issue({ kind: 'delete', key, task_id: taskId, ...base });
     },
     /**
      * A counter delta (+1 / -1): commutes, never conflicts. `compensating`: sent by the
      * page itself, not by a click (likes.js).
      */
     like(taskId, delta, key = newId(), { compensating = false } = {}) {
-      return issue({ kind: 'like', key, task_id: taskId, delta, compensating });
+      return core.issue({ kind: 'like', key, task_id: taskId, delta, compensating });
     },
     /**
      * Which of `ops` (not this page's yet: ops taken over from a tab that closed) are done,
@@ -355,7 +351,7 @@ export function createSync({
     /** Keep mine: the user's change again, on the current version, as a NEW intent (new key). */
     keepMine(taskId) {
       const intent = core.resolveConflict(taskId, 'mine');
-      return intent ? issue({ ...intent, key: newId() }) : undefined;
+      return intent ? core.issue({ ...intent, key: newId() }) : undefined;
     },
     takeTheirs(taskId) {
       core.resolveConflict(taskId, 'theirs');
