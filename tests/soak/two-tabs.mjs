@@ -22,8 +22,9 @@
 // --reload P (chance a step reloads a tab, 0.05), --browsers 1|2 (two tabs of one browser
 // context sharing localStorage, or one tab in each of two; 2), --tabs T (2; more go to the
 // browsers in turn, so --tabs 3 --browsers 1 is three tabs sharing one localStorage),
-// --failure-rate (0.3), --drop-rate (0.1). SETTLE_BIN and CHROMIUM_PATH as for the e2e
-// tests.
+// --failure-rate (0.3), --drop-rate (0.1), --transient-rate (0: applies that fail and are
+// retried with backoff, dead-lettered after five), --jitter-ms (0: applies out of
+// acceptance order across tasks). SETTLE_BIN and CHROMIUM_PATH as for the e2e tests.
 
 import { parseArgs } from 'node:util';
 
@@ -47,6 +48,8 @@ const { values: options } = parseArgs({
     tabs: { type: 'string', default: '2' },
     'failure-rate': { type: 'string', default: '0.3' },
     'drop-rate': { type: 'string', default: '0.1' },
+    'transient-rate': { type: 'string', default: '0' },
+    'jitter-ms': { type: 'string', default: '0' },
   },
 });
 
@@ -297,9 +300,11 @@ function labeller() {
   return { next: (tab, what) => `${tab.name}-${what}${(made += 1)}` };
 }
 
-async function setFaultsInPanel(page, { failure, drop }) {
+async function setFaultsInPanel(page, { failure, drop, transient, jitter }) {
   await page.getByTestId('fault-failure-rate').fill(String(failure));
   await page.getByTestId('fault-drop-rate').fill(String(drop));
+  await page.getByTestId('fault-transient-rate').fill(String(transient));
+  await page.getByTestId('fault-jitter-ms').fill(String(jitter));
   await page.getByTestId('fault-apply').click();
   await page.getByTestId('fault-status').filter({ hasText: 'Applied.' }).waitFor();
 }
@@ -326,7 +331,12 @@ async function run(browser, seed) {
     for (let index = 0; index < Number(options.tabs); index += 1) {
       tabs.push(await addTab(contexts[index % contexts.length], server.url, String.fromCharCode(65 + index)));
     }
-    await setFaultsInPanel(tabs[0].page, { failure: options['failure-rate'], drop: options['drop-rate'] });
+    await setFaultsInPanel(tabs[0].page, {
+      failure: options['failure-rate'],
+      drop: options['drop-rate'],
+      transient: options['transient-rate'],
+      jitter: options['jitter-ms'],
+    });
 
     const next = seededRandom(seed);
     const counts = {};
@@ -348,7 +358,7 @@ async function run(browser, seed) {
     problems.push(...(await rowProblems(server, tabs, 40_000)).map((problem) => `faults on: ${problem}`));
 
     // 2. Faults off; Retry what is stuck, Take theirs where a conflict is open, until done.
-    await server.api.setFaults({ failure_rate: 0, drop_rate: 0 });
+    await server.api.setFaults({ failure_rate: 0, drop_rate: 0, transient_rate: 0, jitter_ms: 0 });
     for (let round = 0; round < 8; round += 1) {
       let busy = 0;
       for (const tab of tabs) {
