@@ -91,10 +91,39 @@ impl Command {
         }
     }
 
-    /// The same intent again, under a new key: a failed command's key keeps its answer.
-    fn again(&self, body: Value) -> Self {
-        Self::new(self.method.clone(), self.path.clone(), body)
+    /// The intent of this failed command again, under a new key (the failed one keeps
+    /// its answer), with the body `retry` gives for its failure; `None` from it: the
+    /// failure stands.
+    fn again(&self, reason: &str, current: &Value, retry: Retry) -> anyhow::Result<Self> {
+        let body = retry(self, reason, current)
+            .with_context(|| format!("{} {} failed: {reason}", self.method, self.path))?;
+        Ok(Self::new(self.method.clone(), self.path.clone(), body))
     }
+}
+
+/// What a failed command is sent again with, from its failure's reason and the task as
+/// its event reports it (`current`); `None`: not sent again.
+type Retry = fn(&Command, &str, &Value) -> Option<Value>;
+
+/// The command as it was: an injected failure or a dead letter says nothing against it.
+fn as_it_was(command: &Command, _reason: &str, _current: &Value) -> Option<Value> {
+    Some(command.body.clone())
+}
+
+/// A create as it was, unless refused as a conflict: then its id exists.
+fn create_unless_exists(command: &Command, reason: &str, _current: &Value) -> Option<Value> {
+    (reason != "conflict").then(|| command.body.clone())
+}
+
+/// A rename refused as a conflict (this client's likes moved the version first: nobody
+/// else changes its tasks) on the version its event reports; otherwise as it was.
+fn rename_on_current(command: &Command, reason: &str, current: &Value) -> Option<Value> {
+    let version = if reason == "conflict" {
+        current["version"].clone()
+    } else {
+        command.body["base_version"].clone()
+    };
+    Some(json!({ "title": command.body["title"], "base_version": version }))
 }
 
 /// The server's HTTP API and its event stream, with the outcomes read off it so far.
@@ -266,13 +295,13 @@ fn settled(command: &Command, version: u64, sent: Instant) {
     );
 }
 
-/// Sends `command`, and again under new keys while the server fails it, with the body
-/// `retry` gives for the outcome (`None`: give up). Returns the settled outcome.
+/// Sends `command`, and again under new keys while the server fails it (`retry`).
+/// Returns the settled outcome.
 async fn settle(
     client: &mut Client,
     mut command: Command,
     attempts: u32,
-    retry: impl Fn(&Command, &str, &Value) -> Option<Value>,
+    retry: Retry,
 ) -> anyhow::Result<(u64, Value)> {
     for attempt in 1..=attempts + 1 {
         let sent = Instant::now();
@@ -287,10 +316,7 @@ async fn settle(
                     "  {} {} failed ({reason}), attempt {attempt}",
                     command.method, command.path
                 );
-                let Some(body) = retry(&command, &reason, &current) else {
-                    bail!("{} {} failed: {reason}", command.method, command.path);
-                };
-                command = command.again(body);
+                command = command.again(&reason, &current, retry)?;
             }
         }
     }
@@ -312,11 +338,7 @@ async fn round(client: &mut Client, index: usize, attempts: u32) -> anyhow::Resu
         "/api/tasks".into(),
         json!({ "id": id, "title": title }),
     );
-    // A failed create left no row: the same create again (`conflict` would mean it exists).
-    let (version, task) = settle(client, create, attempts, |command, reason, _| {
-        (reason != "conflict").then(|| command.body.clone())
-    })
-    .await?;
+    let (version, task) = settle(client, create, attempts, create_unless_exists).await?;
     client.read_your_write(id, version, &task).await?;
 
     // The rename on the version the create settled at, and three likes at once.
@@ -346,16 +368,6 @@ async fn round(client: &mut Client, index: usize, attempts: u32) -> anyhow::Resu
         .collect();
     let mut outcomes = client.outcomes_of(&keys).await?.into_iter();
 
-    // A rename refused as a conflict (the likes moved the version first) goes again on
-    // the version its event reports: nobody else changed the title.
-    let again_on_current = |command: &Command, reason: &str, current: &Value| {
-        let version = if reason == "conflict" {
-            current["version"].clone()
-        } else {
-            command.body["base_version"].clone()
-        };
-        Some(json!({ "title": command.body["title"], "base_version": version }))
-    };
     match outcomes.next().expect("one outcome per key") {
         Outcome::Settled { version, task } => {
             settled(&rename, version, sent);
@@ -363,9 +375,8 @@ async fn round(client: &mut Client, index: usize, attempts: u32) -> anyhow::Resu
         }
         Outcome::Failed { reason, current } => {
             println!("  the rename failed ({reason}): sent again as a new intent");
-            let body = again_on_current(&rename, &reason, &current).expect("always sent again");
-            let (version, task) =
-                settle(client, rename.again(body), attempts, again_on_current).await?;
+            let again = rename.again(&reason, &current, rename_on_current)?;
+            let (version, task) = settle(client, again, attempts, rename_on_current).await?;
             client.read_your_write(id, version, &task).await?;
         }
     }
@@ -377,14 +388,10 @@ async fn round(client: &mut Client, index: usize, attempts: u32) -> anyhow::Resu
                 client.read_your_write(id, version, &task).await?;
                 liked += 1;
             }
-            Outcome::Failed { reason, .. } => {
+            Outcome::Failed { reason, current } => {
                 println!("  a like failed ({reason}): sent again as a new intent");
-                let body = like.body.clone();
-                let (version, task) =
-                    settle(client, like.again(body), attempts, |command, _, _| {
-                        Some(command.body.clone())
-                    })
-                    .await?;
+                let again = like.again(&reason, &current, as_it_was)?;
+                let (version, task) = settle(client, again, attempts, as_it_was).await?;
                 client.read_your_write(id, version, &task).await?;
                 liked += 1;
             }
@@ -404,10 +411,7 @@ async fn round(client: &mut Client, index: usize, attempts: u32) -> anyhow::Resu
         format!("/api/tasks/{id}"),
         json!({ "done": true }),
     );
-    let (version, task) = settle(client, done, attempts, |command, _, _| {
-        Some(command.body.clone())
-    })
-    .await?;
+    let (version, task) = settle(client, done, attempts, as_it_was).await?;
     let task = client.read_your_write(id, version, &task).await?;
     ensure!(
         task["title"] == json!(renamed)
