@@ -80,8 +80,11 @@ export function createPanels({ transport, windowSamples }) {
       setText($('server-figures'), window.count > 0
         ? `p50 ${formatMs(window.p50)}, p99 ${formatMs(window.p99)}, max ${formatMs(window.max)} over ${window.count}`
         : 'no settled command yet');
-      setText($('server-counts'), `accepted ${metrics.accepted}, settled ${metrics.settled}, failed ${metrics.failed}, `
-        + `deduplicated ${metrics.deduplicated}, pending ${metrics.pending}`
+      // Dead letters are among the failed: commands the server gave up on after repeated
+      // transient faults, which the transient fault rate makes happen.
+      const deadLettered = metrics.dead_lettered ? ` (${metrics.dead_lettered} dead-lettered)` : '';
+      setText($('server-counts'), `accepted ${metrics.accepted}, settled ${metrics.settled}, `
+        + `failed ${metrics.failed}${deadLettered}, deduplicated ${metrics.deduplicated}, pending ${metrics.pending}`
         + (metrics.lag_ms >= 1000 ? `, applying ${formatMs(metrics.lag_ms)} behind due times` : '')
         + (metrics.refused ? `, refused ${metrics.refused} (the server's backlog was full or too far behind)` : ''));
       renderChart(windowSamples());

@@ -85,3 +85,28 @@ test('the chart draws the client-measured window beside the server metrics', asy
     await server.stop();
   }
 });
+
+test("the command counts follow the server's metrics, with its dead letters among the failed", async () => {
+  const server = await startServer(['--delay-ms', '100']);
+  try {
+    const { page } = await openApp(browser, server.url);
+    const counts = page.getByTestId('server-counts');
+    await eventually(async () => assert.equal(await counts.textContent(), 'accepted 0, settled 0, failed 0, deduplicated 0, pending 0'));
+
+    await server.api.createSettled('applied');
+    // Every apply attempt of the next command hits a transient fault: after five it is
+    // dead-lettered. And one injected failure, to tell the two apart.
+    await server.api.setFaults({ transient_rate: 1 });
+    await server.api.command('POST', '/api/tasks', { title: 'dead letter' });
+    await eventually(async () => assert.equal((await (await fetch(`${server.url}/api/metrics`)).json()).dead_lettered, 1));
+    await server.api.setFaults({ transient_rate: 0, failure_rate: 1 });
+    const key = 'injected-once';
+    await server.api.command('POST', '/api/tasks', { title: 'injected' }, key);
+    await server.api.command('POST', '/api/tasks', { title: 'injected' }, key);
+    await eventually(async () => {
+      assert.equal(await counts.textContent(), 'accepted 3, settled 1, failed 2 (1 dead-lettered), deduplicated 1, pending 0');
+    });
+  } finally {
+    await server.stop();
+  }
+});
