@@ -237,6 +237,14 @@ describe('failure removes only the failed operation', () => {
     const edit = core.issue({ kind: 'update', key: 'u1', task_id: 'a', patch: { title: 'x' }, base_version: 1 });
     core.applyEvent(failed(edit, 'conflict', task('a', { title: 'theirs', version: 2 })));
     assert.match(core.getSnapshot().notices.at(-1).text, /someone else changed it first\. \(it conflict\)$/);
+    const like = core.issue({ kind: 'like', key: 'l1', task_id: 'b', delta: 1 });
+    core.applyEvent(failed(like, 'dead_lettered', task('b', { likes: 3, version: 4 })));
+    assert.equal(core.getSnapshot().notices.at(-1).text,
+      'Like “task b” failed: the server gave up after repeated faults. (it dead_lettered)', 'a dead letter says which faults');
+    const done = core.issue({ kind: 'update', key: 'd1', task_id: 'c', patch: { done: true } });
+    core.applyEvent(failed(done, 'injected', task('c', { version: 2 })));
+    assert.equal(core.getSnapshot().notices.at(-1).text, 'Mark “task c” done failed: the server rejected it (injected failure).',
+      'an injected failure says it all without the message');
   });
 
   test('a failed create disappears with no orphan; a failed delete comes back in its place', () => {
