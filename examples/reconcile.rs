@@ -115,8 +115,9 @@ fn create_unless_exists(command: &Command, reason: &str, _current: &Value) -> Op
     (reason != "conflict").then(|| command.body.clone())
 }
 
-/// A rename refused as a conflict (this client's likes moved the version first: nobody
-/// else changes its tasks) on the version its event reports; otherwise as it was.
+/// A rename refused as a conflict on the version its event reports; otherwise as it
+/// was. Sent before the likes, a rename applies first; sent again after a failure, it
+/// comes after them, and they moved the version (nobody else changes these tasks).
 fn rename_on_current(command: &Command, reason: &str, current: &Value) -> Option<Value> {
     let version = if reason == "conflict" {
         current["version"].clone()
