@@ -41,6 +41,10 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use launchdarkly_sdk_transport::HyperTransport;
 use serde_json::{json, Value};
+use settle::api::TaskList;
+use settle::model::{
+    FailedEvent, FailureReason, SettledEvent, Task, EVENT_FAILED, EVENT_RESET, EVENT_SETTLED,
+};
 use uuid::Uuid;
 
 /// Checks event-driven reconciliation against a running settle server.
@@ -60,17 +64,15 @@ struct Args {
     deadline_secs: u64,
 }
 
-/// The events this client reads: `projection:settled` and `command:failed`.
-const EVENT_SETTLED: &str = "projection:settled";
-const EVENT_FAILED: &str = "command:failed";
 /// Likes sent at once on each task.
 const LIKES: i64 = 3;
 
-/// What became of one command, as its event said.
+/// What became of one command, as its event said (the server's own event types: the
+/// JSON contract, so an event of another shape stops the program).
 #[derive(Debug)]
 enum Outcome {
-    Settled { version: u64, task: Value },
-    Failed { reason: String, current: Value },
+    Settled(SettledEvent),
+    Failed(FailedEvent),
 }
 
 /// One command as sent: its request and its key.
@@ -94,35 +96,34 @@ impl Command {
     /// The intent of this failed command again, under a new key (the failed one keeps
     /// its answer), with the body `retry` gives for its failure; `None` from it: the
     /// failure stands.
-    fn again(&self, reason: &str, current: &Value, retry: Retry) -> anyhow::Result<Self> {
-        let body = retry(self, reason, current)
-            .with_context(|| format!("{} {} failed: {reason}", self.method, self.path))?;
+    fn again(&self, failed: &FailedEvent, retry: Retry) -> anyhow::Result<Self> {
+        let body = retry(self, failed)
+            .with_context(|| format!("{} {} failed: {}", self.method, self.path, failed.message))?;
         Ok(Self::new(self.method.clone(), self.path.clone(), body))
     }
 }
 
-/// What a failed command is sent again with, from its failure's reason and the task as
-/// its event reports it (`current`); `None`: not sent again.
-type Retry = fn(&Command, &str, &Value) -> Option<Value>;
+/// What a failed command is sent again with, from its failure event (its reason, and
+/// the task as it is now); `None`: not sent again.
+type Retry = fn(&Command, &FailedEvent) -> Option<Value>;
 
 /// The command as it was: an injected failure or a dead letter says nothing against it.
-fn as_it_was(command: &Command, _reason: &str, _current: &Value) -> Option<Value> {
+fn as_it_was(command: &Command, _failed: &FailedEvent) -> Option<Value> {
     Some(command.body.clone())
 }
 
 /// A create as it was, unless refused as a conflict: then its id exists.
-fn create_unless_exists(command: &Command, reason: &str, _current: &Value) -> Option<Value> {
-    (reason != "conflict").then(|| command.body.clone())
+fn create_unless_exists(command: &Command, failed: &FailedEvent) -> Option<Value> {
+    (failed.reason != FailureReason::Conflict).then(|| command.body.clone())
 }
 
 /// A rename refused as a conflict on the version its event reports; otherwise as it
 /// was. Sent before the likes, a rename applies first; sent again after a failure, it
 /// comes after them, and they moved the version (nobody else changes these tasks).
-fn rename_on_current(command: &Command, reason: &str, current: &Value) -> Option<Value> {
-    let version = if reason == "conflict" {
-        current["version"].clone()
-    } else {
-        command.body["base_version"].clone()
+fn rename_on_current(command: &Command, failed: &FailedEvent) -> Option<Value> {
+    let version = match (&failed.reason, &failed.current) {
+        (FailureReason::Conflict, Some(current)) => json!(current.version),
+        _ => command.body["base_version"].clone(),
     };
     Some(json!({ "title": command.body["title"], "base_version": version }))
 }
@@ -143,7 +144,7 @@ impl Client {
     /// Reads the snapshot's watermark and opens the stream from it.
     async fn connect(base: &str, deadline: Duration) -> anyhow::Result<Self> {
         let http = reqwest::Client::new();
-        let snapshot: Value = http
+        let snapshot: TaskList = http
             .get(format!("{base}/api/tasks"))
             .send()
             .await
@@ -151,9 +152,7 @@ impl Client {
             .error_for_status()?
             .json()
             .await?;
-        let watermark = snapshot["watermark"]
-            .as_u64()
-            .context("the snapshot has a watermark")?;
+        let watermark = snapshot.watermark;
         let transport = HyperTransport::builder()
             .disable_proxy()
             .connect_timeout(Duration::from_secs(5))
@@ -166,7 +165,7 @@ impl Client {
             .stream();
         println!(
             "{} tasks in the snapshot, stream from event {watermark}",
-            snapshot["tasks"].as_array().map_or(0, Vec::len)
+            snapshot.tasks.len()
         );
         Ok(Self {
             base: base.to_owned(),
@@ -225,37 +224,36 @@ impl Client {
     }
 
     fn read(&mut self, event: &es::Event) -> anyhow::Result<()> {
-        if event.event_type == "reset" {
+        if event.event_type == EVENT_RESET {
             // The log no longer holds where this stream resumed: a client would read the
             // snapshot again. Here it means events of ours may be gone; say so and stop.
             bail!("the server reset the stream: {}", event.data);
         }
-        let data: Value = serde_json::from_str(&event.data)
-            .with_context(|| format!("event data is JSON: {}", event.data))?;
-        let Some(key) = data["idempotency_key"]
-            .as_str()
-            .filter(|key| self.sent.contains(*key))
-        else {
-            return Ok(());
+        let shape = || {
+            format!(
+                "{} data in the contract's shape: {}",
+                event.event_type, event.data
+            )
         };
-        let outcome = match event.event_type.as_str() {
-            EVENT_SETTLED => Outcome::Settled {
-                version: data["version"]
-                    .as_u64()
-                    .context("a settled event's version")?,
-                task: data["task"].clone(),
-            },
-            EVENT_FAILED => Outcome::Failed {
-                reason: data["reason"].as_str().unwrap_or_default().to_owned(),
-                current: data["current"].clone(),
-            },
+        let (key, outcome) = match event.event_type.as_str() {
+            EVENT_SETTLED => {
+                let settled: SettledEvent =
+                    serde_json::from_str(&event.data).with_context(shape)?;
+                (settled.idempotency_key.clone(), Outcome::Settled(settled))
+            }
+            EVENT_FAILED => {
+                let failed: FailedEvent = serde_json::from_str(&event.data).with_context(shape)?;
+                (failed.idempotency_key.clone(), Outcome::Failed(failed))
+            }
             _ => return Ok(()),
         };
-        self.outcomes.insert(key.to_owned(), outcome);
+        if self.sent.contains(&key) {
+            self.outcomes.insert(key, outcome);
+        }
         Ok(())
     }
 
-    async fn task(&self, id: Uuid) -> anyhow::Result<Value> {
+    async fn task(&self, id: Uuid) -> anyhow::Result<Task> {
         Ok(self
             .http
             .get(format!("{}/api/tasks/{id}", self.base))
@@ -266,58 +264,58 @@ impl Client {
             .await?)
     }
 
-    /// Reads the task after its settled event at `version`: it must be there, at that
-    /// version or a later one, and at that very version exactly as the event showed it.
-    async fn read_your_write(
-        &self,
-        id: Uuid,
-        version: u64,
-        shown: &Value,
-    ) -> anyhow::Result<Value> {
+    /// Reads the task after its settled event: it must be there, at the event's version
+    /// or a later one, and at that very version exactly as the event showed it.
+    async fn read_your_write(&self, settled: &SettledEvent) -> anyhow::Result<Task> {
+        let (id, version) = (settled.task_id, settled.version);
+        let shown = settled
+            .task
+            .as_ref()
+            .with_context(|| format!("task {id} settled at version {version} without its row"))?;
         let read = self.task(id).await?;
-        let read_version = read["version"].as_u64().unwrap_or_default();
         ensure!(
-            read_version >= version,
-            "read-your-writes: task {id} read at version {read_version} after its event at {version}"
+            read.version >= version,
+            "read-your-writes: task {id} read at version {} after its event at {version}",
+            read.version
         );
         ensure!(
-            read_version > version || read == *shown,
-            "task {id} at version {version} reads {read}, its event said {shown}"
+            read.version > version || read == *shown,
+            "task {id} at version {version} reads {read:?}, its event said {shown:?}"
         );
         Ok(read)
     }
 }
 
-fn settled(command: &Command, version: u64, sent: Instant) {
+fn report(command: &Command, settled: &SettledEvent, sent: Instant) {
     let window = sent.elapsed().as_millis();
     println!(
-        "  {} {} settled at version {version}, {window} ms after it was sent",
-        command.method, command.path
+        "  {} {} settled at version {}, {window} ms after it was sent",
+        command.method, command.path, settled.version
     );
 }
 
 /// Sends `command`, and again under new keys while the server fails it (`retry`).
-/// Returns the settled outcome.
+/// Returns its settled event.
 async fn settle(
     client: &mut Client,
     mut command: Command,
     attempts: u32,
     retry: Retry,
-) -> anyhow::Result<(u64, Value)> {
+) -> anyhow::Result<SettledEvent> {
     for attempt in 1..=attempts + 1 {
         let sent = Instant::now();
         client.send(&command).await?;
         match client.outcomes_of(&[&command.key]).await?.remove(0) {
-            Outcome::Settled { version, task } => {
-                settled(&command, version, sent);
-                return Ok((version, task));
+            Outcome::Settled(settled) => {
+                report(&command, &settled, sent);
+                return Ok(settled);
             }
-            Outcome::Failed { reason, current } => {
+            Outcome::Failed(failed) => {
                 println!(
-                    "  {} {} failed ({reason}), attempt {attempt}",
-                    command.method, command.path
+                    "  {} {} failed ({:?}), attempt {attempt}",
+                    command.method, command.path, failed.reason
                 );
-                command = command.again(&reason, &current, retry)?;
+                command = command.again(&failed, retry)?;
             }
         }
     }
@@ -327,6 +325,33 @@ async fn settle(
         command.path,
         attempts + 1
     )
+}
+
+/// A command's outcome, read in a batch: settled, or failed and then sent again as in
+/// `settle`. Its settled event, once the task has been read after it.
+async fn followed_up(
+    client: &mut Client,
+    command: &Command,
+    outcome: Outcome,
+    sent: Instant,
+    attempts: u32,
+    retry: Retry,
+) -> anyhow::Result<SettledEvent> {
+    let settled = match outcome {
+        Outcome::Settled(settled) => {
+            report(command, &settled, sent);
+            settled
+        }
+        Outcome::Failed(failed) => {
+            println!(
+                "  {} {} failed ({:?}): sent again as a new intent",
+                command.method, command.path, failed.reason
+            );
+            settle(client, command.again(&failed, retry)?, attempts, retry).await?
+        }
+    };
+    client.read_your_write(&settled).await?;
+    Ok(settled)
 }
 
 /// One task's round: create, rename and three likes, a replayed like, the checks.
@@ -339,15 +364,15 @@ async fn round(client: &mut Client, index: usize, attempts: u32) -> anyhow::Resu
         "/api/tasks".into(),
         json!({ "id": id, "title": title }),
     );
-    let (version, task) = settle(client, create, attempts, create_unless_exists).await?;
-    client.read_your_write(id, version, &task).await?;
+    let created = settle(client, create, attempts, create_unless_exists).await?;
+    client.read_your_write(&created).await?;
 
     // The rename on the version the create settled at, and three likes at once.
     let renamed = format!("{title}, renamed");
     let rename = Command::new(
         reqwest::Method::PATCH,
         format!("/api/tasks/{id}"),
-        json!({ "title": renamed, "base_version": version }),
+        json!({ "title": renamed, "base_version": created.version }),
     );
     let likes: Vec<Command> = (0..LIKES)
         .map(|_| {
@@ -368,35 +393,10 @@ async fn round(client: &mut Client, index: usize, attempts: u32) -> anyhow::Resu
         .map(|command| command.key.as_str())
         .collect();
     let mut outcomes = client.outcomes_of(&keys).await?.into_iter();
-
-    match outcomes.next().expect("one outcome per key") {
-        Outcome::Settled { version, task } => {
-            settled(&rename, version, sent);
-            client.read_your_write(id, version, &task).await?;
-        }
-        Outcome::Failed { reason, current } => {
-            println!("  the rename failed ({reason}): sent again as a new intent");
-            let again = rename.again(&reason, &current, rename_on_current)?;
-            let (version, task) = settle(client, again, attempts, rename_on_current).await?;
-            client.read_your_write(id, version, &task).await?;
-        }
-    }
-    let mut liked = 0;
+    let outcome = outcomes.next().expect("one outcome per key");
+    followed_up(client, &rename, outcome, sent, attempts, rename_on_current).await?;
     for (like, outcome) in likes.iter().zip(outcomes) {
-        match outcome {
-            Outcome::Settled { version, task } => {
-                settled(like, version, sent);
-                client.read_your_write(id, version, &task).await?;
-                liked += 1;
-            }
-            Outcome::Failed { reason, current } => {
-                println!("  a like failed ({reason}): sent again as a new intent");
-                let again = like.again(&reason, &current, as_it_was)?;
-                let (version, task) = settle(client, again, attempts, as_it_was).await?;
-                client.read_your_write(id, version, &task).await?;
-                liked += 1;
-            }
-        }
+        followed_up(client, like, outcome, sent, attempts, as_it_was).await?;
     }
 
     // The first like again, under its own key: answered as before. Whether it applied
@@ -412,18 +412,15 @@ async fn round(client: &mut Client, index: usize, attempts: u32) -> anyhow::Resu
         format!("/api/tasks/{id}"),
         json!({ "done": true }),
     );
-    let (version, task) = settle(client, done, attempts, as_it_was).await?;
-    let task = client.read_your_write(id, version, &task).await?;
+    let marked = settle(client, done, attempts, as_it_was).await?;
+    let task = client.read_your_write(&marked).await?;
     ensure!(
-        task["title"] == json!(renamed)
-            && task["done"] == json!(true)
-            && task["likes"] == json!(liked),
-        "task {id} reads {task}: expected \"{renamed}\", done, {liked} likes (one like replayed)"
+        task.title == renamed && task.done && task.likes == LIKES,
+        "task {id} reads {task:?}: expected {renamed:?}, done, {LIKES} likes (one like replayed)"
     );
     println!(
         "  read back: {:?}, done, {} likes; the replayed like applied nothing",
-        task["title"].as_str().unwrap_or_default(),
-        task["likes"]
+        task.title, task.likes
     );
     Ok(())
 }

@@ -249,11 +249,12 @@ async fn health() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-#[derive(Serialize)]
-struct TaskList {
-    tasks: Vec<Task>,
+/// `GET /api/tasks`: the snapshot of every task.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct TaskList {
+    pub tasks: Vec<Task>,
     /// The id of the last event whose effect the list includes: open the stream here.
-    watermark: u64,
+    pub watermark: u64,
 }
 
 async fn tasks_list(State(state): State<AppState>) -> Json<TaskList> {
