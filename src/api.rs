@@ -9,11 +9,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::rejection::BytesRejection;
+use axum::extract::Request;
 use axum::extract::{FromRequest, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -22,6 +24,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
+use tower_http::timeout::TimeoutBody;
 use uuid::Uuid;
 
 use crate::error::ApiError;
@@ -35,6 +38,9 @@ use crate::AppState;
 
 /// Largest accepted request body.
 pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
+/// Longest a request body may keep the server waiting for its next piece: then the
+/// read fails and the request is answered 408.
+pub const BODY_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest idempotency key, in characters (all visible ASCII).
 pub const IDEMPOTENCY_KEY_MAX: usize = 255;
 
@@ -56,10 +62,28 @@ pub fn router() -> Router<AppState> {
         .route("/metrics", get(metrics_text))
 }
 
+/// Middleware for every route. A body that declares more than [`BODY_LIMIT_BYTES`] is
+/// refused with 413 before any of it is read: a client that waits on `Expect:
+/// 100-continue`, or never sends the body it announced, still gets its answer. A body
+/// that stalls for [`BODY_STALL_TIMEOUT`] fails its read: 408, and the connection is not
+/// held by a client that went quiet mid-body.
+pub async fn guard_body(request: Request, next: Next) -> Response {
+    let declared = request.body().size_hint().lower();
+    if declared > BODY_LIMIT_BYTES as u64 {
+        return ApiError::PayloadTooLarge(format!(
+            "the body declares {declared} bytes; a request body may have at most \
+             {BODY_LIMIT_BYTES} bytes"
+        ))
+        .into_response();
+    }
+    next.run(request.map(|body| Body::new(TimeoutBody::new(BODY_STALL_TIMEOUT, body))))
+        .await
+}
+
 // ----- extractors -------------------------------------------------------------------
 
 /// A JSON body whose rejections are problem+json (400 syntax, 415 media type,
-/// 413 size, 422 shape).
+/// 413 size, 408 a body that stalled, 422 shape).
 #[derive(FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct AppJson<T>(pub T);
@@ -219,13 +243,7 @@ fn optional_json<T: DeserializeOwned + Default>(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(rejection.body_text())
-        } else {
-            ApiError::BadRequest(rejection.body_text())
-        }
-    })?;
+    let body = body?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -612,5 +630,45 @@ mod tests {
             print,
             "5ece87e88d77748985d7b89c72a127cb1d034e251184cd447321b80970c396f2"
         );
+    }
+
+    /// Whether the body never starts or stops halfway, the read fails after
+    /// [`BODY_STALL_TIMEOUT`] and the client is told so: 408, a problem.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stalls_is_answered_408() {
+        use futures::stream::{self, StreamExt};
+        use tower::ServiceExt;
+
+        type Piece = Result<Bytes, std::io::Error>;
+        let bodies: [(&str, stream::BoxStream<'static, Piece>); 2] = [
+            ("never starts", stream::pending().boxed()),
+            (
+                "stops halfway",
+                stream::once(async { Ok(Bytes::from_static(b"{\"title\":")) })
+                    .chain(stream::pending())
+                    .boxed(),
+            ),
+        ];
+        for (what, body) in bodies {
+            let app: Router = Router::new()
+                .route(
+                    "/",
+                    post(|AppJson(_): AppJson<serde_json::Value>| async { StatusCode::OK }),
+                )
+                .route_layer(axum::middleware::from_fn(guard_body));
+            let request = Request::post("/")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from_stream(body))
+                .expect("a request");
+            let started = tokio::time::Instant::now();
+            let response = app.oneshot(request).await.expect("an answer");
+            assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT, "{what}");
+            assert_eq!(
+                response.headers()[header::CONTENT_TYPE],
+                crate::error::PROBLEM_JSON,
+                "{what}"
+            );
+            assert!(started.elapsed() >= BODY_STALL_TIMEOUT, "{what}");
+        }
     }
 }

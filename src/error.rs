@@ -5,10 +5,11 @@
 //! Server-side failures are logged with their cause and answered with a generic detail:
 //! internals never leak.
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use tower_http::timeout::TimeoutError;
 
 use crate::store::StoreError;
 
@@ -35,6 +36,9 @@ pub enum ApiError {
     /// 413: the body is larger than the limit.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// 408: the request body stalled (`api::guard_body`).
+    #[error("{0}")]
+    RequestTimeout(String),
     /// 414: the request line is longer than a request head may be (`head`).
     #[error("{0}")]
     UriTooLong(String),
@@ -105,6 +109,11 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload-too-large",
                 "Payload too large",
+            ),
+            RequestTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                "Request body timed out",
             ),
             UriTooLong(_) => (StatusCode::URI_TOO_LONG, "uri-too-long", "URI too long"),
             UnsupportedMediaType(_) => (
@@ -179,14 +188,33 @@ impl IntoResponse for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         match rejection {
+            JsonRejection::BytesRejection(rejection) => rejection.into(),
             JsonRejection::JsonDataError(err) => Self::Invalid(err.body_text()),
             JsonRejection::MissingJsonContentType(err) => {
                 Self::UnsupportedMediaType(err.body_text())
             }
-            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Self::PayloadTooLarge(other.body_text())
-            }
             other => Self::BadRequest(other.body_text()),
+        }
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return Self::PayloadTooLarge(rejection.body_text());
+        }
+        let stalled = std::iter::successors(
+            Some(&rejection as &(dyn std::error::Error + 'static)),
+            |err| err.source(),
+        )
+        .any(|err| err.is::<TimeoutError>());
+        if stalled {
+            Self::RequestTimeout(format!(
+                "no part of the body came for {} s",
+                crate::api::BODY_STALL_TIMEOUT.as_secs()
+            ))
+        } else {
+            Self::BadRequest(rejection.body_text())
         }
     }
 }

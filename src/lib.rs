@@ -118,6 +118,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(api::router())
         .merge(sse::router())
+        .route_layer(axum::middleware::from_fn(api::guard_body))
         .fallback(assets::serve)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(api::BODY_LIMIT_BYTES))

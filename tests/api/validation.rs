@@ -723,3 +723,37 @@ async fn a_head_hyper_cannot_take_gets_a_problem_with_its_status() {
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
     app.stop().await;
 }
+
+/// The limit is judged on the length a body declares, before any of it is read: a
+/// client that announced too much is answered at once, whether it waits on `Expect:
+/// 100-continue` (and is never told to go on) or sends nothing more.
+#[tokio::test]
+async fn a_body_declared_over_the_limit_is_refused_before_it_is_sent() {
+    let app = spawn_app().await;
+    let head = "POST /api/tasks HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+                Idempotency-Key: declared\r\nContent-Length: 99999999\r\n";
+    for expect in ["", "Expect: 100-continue\r\n"] {
+        let request = format!("{head}{expect}\r\n");
+        let whole = |answer: &str| answer.contains("\r\n\r\n") && answer.ends_with('}');
+        let answer = send_in_pieces(&app, &[request.as_bytes()], whole).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 413 "),
+            "{expect:?}: {answer:?}"
+        );
+        assert!(!answer.contains("100 Continue"), "{expect:?}: {answer:?}");
+        assert!(
+            answer.contains("content-type: application/problem+json"),
+            "{expect:?}: {answer:?}"
+        );
+        assert!(answer.contains("99999999"), "{expect:?}: {answer:?}");
+    }
+    // Nothing was accepted.
+    let response = app
+        .http
+        .get(app.url("/api/commands?key=declared"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    app.stop().await;
+}
