@@ -316,10 +316,19 @@ function updateTaskNode(parts, item) {
   setText(parts.notes, task.notes ?? '');
   parts.notes.hidden = !task.notes;
 
+  // A row being deleted takes no new changes: they would go to a task on its way out.
+  for (const control of [parts.done, parts.likeButton, parts.rename, parts.remove]) {
+    if (control.disabled !== item.deleting) control.disabled = item.deleting;
+  }
+  if (item.deleting && editors.has(item.id)) {
+    editors.delete(item.id);
+    parts.editor.hidden = true;
+  }
+
   parts.marker.hidden = !item.pending;
   // The stuck row below carries the "still processing" wording; the marker stays terse so
   // that text appears once per stuck operation.
-  setText(parts.marker, stuckOps.length ? 'not confirmed' : 'saving…');
+  setText(parts.marker, stuckMarker(stuckOps) ?? (item.deleting ? 'deleting…' : 'saving…'));
   setAttr(parts.marker, 'title', item.ops.map((op) => `${op.description}: ${op.state}`).join('\n'));
 
   renderStuckRows(parts, item.id, stuckOps);
@@ -327,26 +336,50 @@ function updateTaskNode(parts, item) {
   parts.item = item;
 }
 
+/**
+ * What a stuck op's row says: that the server has it and has not confirmed it, or that
+ * no attempt to send it got through (`unreached`), and why.
+ */
+function stuckText(op) {
+  if (!op.unreached) return `${op.description}: still processing. The server has not confirmed it yet.`;
+  if (op.unreached.offline) {
+    return `${op.description}: no answer, the server cannot be reached. It is sent again (same key) when the connection is back.`;
+  }
+  return `${op.description}: not sent, the server did not take it (${op.unreached.detail}).`;
+}
+
+/** The marker of a row with stuck ops: what the first of them waits on; null with none. */
+function stuckMarker([op]) {
+  if (!op) return null;
+  if (!op.unreached) return 'not confirmed';
+  return op.unreached.offline ? 'no answer' : 'not sent';
+}
+
 /** One row per stuck op, keyed by its idempotency key: Retry sends it again, same key. */
 function renderStuckRows(parts, taskId, stuckOps) {
   const keys = new Set(stuckOps.map((op) => op.key));
-  for (const [key, row] of parts.stuckRows) {
+  for (const [key, { row }] of parts.stuckRows) {
     if (!keys.has(key)) {
       row.remove();
       parts.stuckRows.delete(key);
     }
   }
   for (const op of stuckOps) {
-    if (parts.stuckRows.has(op.key)) continue;
+    // An op stuck on its timeout may learn later that no attempt got through: the text follows.
+    const known = parts.stuckRows.get(op.key);
+    if (known) {
+      setText(known.text, stuckText(op));
+      continue;
+    }
     const row = element('div', { class: 'stuck-row', 'data-testid': 'stuck', 'data-key': op.key, role: 'alert' });
-    const text = element('span', {}, `${op.description}: still processing. The server has not confirmed it yet.`);
+    const text = element('span', {}, stuckText(op));
     const retry = element('button', { type: 'button', 'data-testid': 'retry' }, 'Retry');
     const discard = element('button', { type: 'button', 'data-testid': 'discard' }, 'Discard');
     retry.addEventListener('click', () => sync.retry(op.key));
     discard.addEventListener('click', () => sync.discard(op.key));
     row.append(text, retry, discard);
     parts.stuck.append(row);
-    parts.stuckRows.set(op.key, row);
+    parts.stuckRows.set(op.key, { row, text });
   }
 }
 
@@ -449,8 +482,13 @@ function renderNotices(notices) {
     node.append(element('span', {}, notice.text), dismiss);
     $('notices').append(node);
     noticeNodes.set(notice.id, node);
+    // The list scrolls past a few: the newest is brought into its view.
+    $('notices').scrollTop = $('notices').scrollHeight;
   }
+  $('dismiss-notices').hidden = notices.length < 2;
 }
+
+$('dismiss-notices').addEventListener('click', () => sync.dismissNotice());
 
 // ---- chrome: sync indicator and connection -------------------------------------------------
 

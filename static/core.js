@@ -32,8 +32,11 @@ const MAX_UNMATCHED = 500;
 const MAX_LEFT = 1000;
 /** How many discarded ops are remembered, to tell when one is applied after all. */
 const MAX_DISCARDED = 100;
-/** How many notices stay on screen; older ones drop off. */
-const MAX_NOTICES = 6;
+/**
+ * How many notices are kept until dismissed; past it the oldest drop off. Enough that
+ * a burst of failures leaves each on screen to be read (the view scrolls them).
+ */
+const MAX_NOTICES = 50;
 /** How many client-measured windows are kept for the chart. */
 const MAX_WINDOW_SAMPLES = 500;
 /** How many versions of a task's own settled changes are remembered (`baseFor`). */
@@ -366,7 +369,20 @@ export function createCore({
   function resending(key) {
     const op = pending.find(key);
     if (!op) return;
-    pending.replace(op, { state: 'sending', sent_at: now() });
+    pending.replace(op, { state: 'sending', sent_at: now(), unreached: undefined });
+    changed();
+  }
+
+  /**
+   * Every attempt to send the op failed before the server took it (no connection, or the
+   * server unavailable): it may never have arrived, and nothing is processing it that the
+   * page knows of. It is `stuck` at once, saying why (`unreached`: `{offline, detail}`),
+   * with Retry and Discard; the sync engine sends it again when the connection is back.
+   */
+  function unreached(key, { offline, detail }) {
+    const op = pending.find(key);
+    if (!op || op.command_id) return;
+    pending.replace(op, { state: 'stuck', unreached: Object.freeze({ offline, detail }) });
     changed();
   }
 
@@ -600,8 +616,9 @@ export function createCore({
     return taken;
   }
 
+  /** Dismiss the notice `id`, or every notice when `id` is omitted. */
   function dismissNotice(id) {
-    const rest = notices.filter((notice) => notice.id !== id);
+    const rest = id === undefined ? [] : notices.filter((notice) => notice.id !== id);
     if (rest.length !== notices.length) {
       notices = rest;
       changed();
@@ -731,6 +748,7 @@ export function createCore({
     issue,
     accepted,
     resending,
+    unreached,
     rejected,
     applyEvent,
     loadSnapshot,

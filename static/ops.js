@@ -14,8 +14,9 @@ export const KINDS = Object.freeze(['create', 'update', 'delete', 'like']);
  * - `sending`:  issued, no 202 yet (or being re-sent by Retry);
  * - `pending`:  202 received, waiting for its event;
  * - `checking`: no event after `stuckMs`, the command's status endpoint is being asked;
- * - `stuck`:    still pending on the server after the check, or never accepted:
- *               the view offers Retry (same key) and Discard.
+ * - `stuck`:    still pending on the server after the check, or never accepted (with
+ *               `unreached` when every attempt to send it failed): the view offers
+ *               Retry (same key) and Discard.
  * A settled or failed operation leaves the stack; it has no state of its own.
  */
 export const OP_STATES = Object.freeze(['sending', 'pending', 'checking', 'stuck']);
@@ -119,22 +120,23 @@ export function describeOp(op, title) {
  * conflict. Null when nothing is left to show (deleted, or a create that never applied).
  */
 export function itemOf(id, confirmed, ops, conflict) {
-  let task = fold(confirmed, ops);
-  // A delete the server has not confirmed after the timeout must stay reachable: the
-  // item shows again, marked as being deleted, so its Retry and Discard can be offered.
-  const stuckDelete = ops.some((op) => op.kind === 'delete' && op.state === 'stuck');
-  if (!task && stuckDelete) task = fold(confirmed, ops.filter((op) => op.kind !== 'delete'));
+  // A delete shows at once as the row being deleted, marked pending like any other op,
+  // until its event takes the row away or its failure restores it: a row gone at the
+  // click would look confirmed. Its stuck view has a row to offer Retry and Discard on.
+  const deleting = ops.some((op) => op.kind === 'delete');
+  const task = fold(confirmed, deleting ? ops.filter((op) => op.kind !== 'delete') : ops);
   return task && Object.freeze({
     id,
     task: Object.freeze(task),
     confirmed,
-    deleting: Boolean(stuckDelete && task),
+    deleting,
     pending: ops.length > 0,
     ops: Object.freeze(ops.map((op) => Object.freeze({
       key: op.key,
       kind: op.kind,
       delta: op.delta,
       state: op.state,
+      unreached: op.unreached,
       issued_at: op.issued_at,
       description: describeOp(op, confirmed?.title ?? task.title),
     }))),

@@ -58,9 +58,10 @@ export function createSync({
       } else if (result.outcome === 'rejected') {
         core.rejected(op.key, result);
       } else {
+        // 'unavailable': stuck, saying so; sent again when the stream is back (`openStream`).
         log(`command ${op.key} not sent: ${result.detail}`);
+        core.unreached(op.key, result);
       }
-      // 'unavailable': the op stays `sending`; the clock turns it `stuck` and the user decides.
     } finally {
       sendingKeys.delete(op.key);
     }
@@ -116,6 +117,7 @@ export function createSync({
       onOpen: () => {
         reconnectAttempts = 0;
         core.setConnection('live');
+        sendAgainUnreached();
       },
       onError: ({ closed }) => {
         core.setConnection('reconnecting');
@@ -128,6 +130,18 @@ export function createSync({
         }
       },
     });
+  }
+
+  /**
+   * The stream is open, so the server is there: send again, under their own keys, the ops
+   * that could not reach it (`core.unreached`) and any other that never got its 202.
+   */
+  function sendAgainUnreached() {
+    for (const op of core.pendingOps()) {
+      if (op.command_id || op.state !== 'stuck' || sendingKeys.has(op.key)) continue;
+      core.resending(op.key);
+      enqueueSend(core.getOp(op.key));
+    }
   }
 
   /**
@@ -168,7 +182,10 @@ export function createSync({
       }
       if (stopped) return;
       const unsent = core.pendingOps().filter((op) => !op.command_id && !sendingKeys.has(op.key) && op.state !== 'queued');
-      await Promise.all(unsent.map(enqueueSend));
+      await Promise.all(unsent.map((op) => {
+        if (op.state === 'stuck') core.resending(op.key);
+        return enqueueSend(core.getOp(op.key));
+      }));
       // Discarded ops too: one applied after all while the page was away is inside the
       // snapshot, and its event will not come again. One discarded before its 202 is
       // asked after by its key: the request may have arrived all the same.
@@ -356,6 +373,7 @@ export function createSync({
     takeTheirs(taskId) {
       core.resolveConflict(taskId, 'theirs');
     },
+    /** Dismiss the notice `id`, or every notice when `id` is omitted. */
     dismissNotice(id) {
       core.dismissNotice(id);
     },

@@ -67,13 +67,15 @@ export function createTransport({
    * @param {string} key
    * @returns {Promise<{outcome: 'accepted', command_id: string, accepted_at: string, replayed: boolean}
    *   | {outcome: 'rejected', status: number, detail: string}
-   *   | {outcome: 'unavailable', detail: string}>}
+   *   | {outcome: 'unavailable', offline: boolean, detail: string}>}
    */
   async function sendCommand({ method, path, body }, key, { attempts = SEND_ATTEMPTS } = {}) {
     const headers = { 'Idempotency-Key': key, Accept: 'application/json' };
     if (body) headers['Content-Type'] = 'application/json';
     const payload = body ? JSON.stringify(body) : undefined;
     let lastProblem = 'no answer';
+    // Whether the last attempt got no answer at all (rather than a 5xx or a 409).
+    let offline = true;
     let askedWaitMs = 0;
     for (let attempt = 0; attempt < attempts; attempt += 1) {
       if (attempt > 0) await sleep(Math.max(SEND_BACKOFF_MS * 2 ** (attempt - 1), askedWaitMs));
@@ -83,6 +85,7 @@ export function createTransport({
         response = await fetchImpl(baseUrl + path, { method, headers, body: payload });
       } catch (error) {
         lastProblem = `network error: ${error.message}`;
+        offline = true;
         continue;
       }
       if (response.status === 202 || response.ok) {
@@ -97,11 +100,12 @@ export function createTransport({
       if (response.status === 409 || response.status >= 500) {
         askedWaitMs = retryAfterMs(response);
         lastProblem = `${response.status}: ${await problemDetail(response)}`;
+        offline = false;
         continue;
       }
       return { outcome: 'rejected', status: response.status, detail: await problemDetail(response) };
     }
-    return { outcome: 'unavailable', detail: lastProblem };
+    return { outcome: 'unavailable', offline, detail: lastProblem };
   }
 
   /**

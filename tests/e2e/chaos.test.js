@@ -20,6 +20,7 @@ function itemsOf(page) {
     likes: Number(li.querySelector('[data-testid="likes"]').textContent),
     done: li.querySelector('[data-testid="done"]').checked,
     state: li.dataset.state,
+    deleting: li.dataset.deleting === 'true',
   })));
 }
 
@@ -43,7 +44,8 @@ test('fast clicks in two tabs under failures and drops: every item settles, roll
       const page = next() < 0.5 ? tabA : tabB;
       // The user switches to the tab before clicking (a background tab gets no frames).
       await page.bringToFront();
-      const items = (await itemsOf(page)).filter((item) => item.state !== 'stuck');
+      // Not a row being deleted either: its controls are disabled.
+      const items = (await itemsOf(page)).filter((item) => item.state !== 'stuck' && !item.deleting);
       const pick = items[Math.floor(next() * items.length)];
       const roll = next();
       const item = pick && page.locator(`[data-testid="task"][data-id="${pick.id}"]`);
@@ -93,7 +95,7 @@ test('fast clicks in two tabs under failures and drops: every item settles, roll
     // Converged: each tab shows exactly the server's rows, once each.
     await eventually(async () => {
       const { tasks } = await server.api.tasks();
-      const truth = tasks.map(({ id, title, likes, done }) => ({ id, title, likes, done, state: 'settled' })).sort(byId);
+      const truth = tasks.map(({ id, title, likes, done }) => ({ id, title, likes, done, state: 'settled', deleting: false })).sort(byId);
       for (const page of [tabA, tabB]) {
         const shownItems = await itemsOf(page);
         assert.equal(new Set(shownItems.map((item) => item.id)).size, shownItems.length, 'no duplicated item');

@@ -6,7 +6,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 
 import {
-  startServer, launchBrowser, openApp, eventually, renameViaUi, shown, taskItem, recordCommands, waitSettled, waitForLive,
+  startServer, launchBrowser, openApp, eventually, renameViaUi, shown, taskItem, recordCommands, waitSettled, waitForLive, deleting,
 } from './helpers.js';
 
 let browser;
@@ -164,7 +164,7 @@ test('a delete made before someone else’s rename reached the page asks instead
 
     await secondWriterRenames(server, task.id, 'theirs', 1);
     await item.getByTestId('delete').click();
-    assert.equal(await shown(page, task.id), null, 'the delete is predicted at once');
+    assert.equal((await deleting(page, task.id)).deleting, true, 'the delete is predicted at once');
     assert.deepEqual(commands.map((command) => [command.method, command.body]), [['DELETE', { base_version: 1 }]]);
 
     const conflict = item.getByTestId('conflict');

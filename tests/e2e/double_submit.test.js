@@ -86,7 +86,7 @@ test('a double click on Like, Done or Delete is one intent: nothing undone, no n
 
     await taskItem(page, tasks[0].id).getByTestId('like').dblclick();
     await taskItem(page, tasks[0].id).getByTestId('done').dblclick();
-    // The deleted row leaves; the third moves up under the pointer before the second click.
+    // The second click finds the row being deleted, its Delete disabled.
     await taskItem(page, tasks[1].id).getByTestId('delete').dblclick();
 
     await eventually(async () => {

@@ -29,12 +29,20 @@ export async function startServer(flags = []) {
   return {
     url,
     api: apiClient(url),
-    /** kill -9, then start again on the same address and data dir. */
-    async crashAndRestart() {
+    /** kill -9: the server is gone until `restart`. */
+    async crash() {
       const exited = new Promise((resolve) => child.once('exit', resolve));
       child.kill('SIGKILL');
       await exited;
+    },
+    /** Start again on the same address and data dir. */
+    async restart() {
       ({ child } = await spawnSettle(['--addr', new URL(url).host, '--data-dir', dataDir, ...flags]));
+    },
+    /** kill -9, then start again on the same address and data dir. */
+    async crashAndRestart() {
+      await this.crash();
+      await this.restart();
     },
     async stop() {
       if (child.exitCode === null && child.signalCode === null) {
@@ -237,6 +245,24 @@ export async function shown(page, id) {
       done: li.querySelector('[data-testid="done"]').checked,
       pending: li.dataset.pending === 'true',
       state: li.dataset.state,
+    };
+  }, id);
+}
+
+/**
+ * How a row shows a delete of it: being deleted, its marker's text ('' when hidden),
+ * pending, and its controls disabled; null when the row is gone.
+ */
+export async function deleting(page, id) {
+  return page.evaluate((taskId) => {
+    const li = document.querySelector(`[data-testid="task"][data-id="${taskId}"]`);
+    if (!li) return null;
+    const marker = li.querySelector('[data-testid="pending-marker"]');
+    return {
+      deleting: li.dataset.deleting === 'true',
+      marker: marker.hidden ? '' : marker.textContent,
+      pending: li.dataset.pending === 'true',
+      disabled: li.querySelector('[data-testid="delete"]').disabled,
     };
   }, id);
 }

@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 
 import {
   startServer, launchBrowser, openApp, eventually, createViaUi, renameViaUi, shown, listedTitles, taskItem,
+  deleting,
 } from './helpers.js';
 
 let browser;
@@ -42,6 +43,29 @@ test('a failed create shows at once, then disappears with a notice and leaves no
   }
 });
 
+test('a burst of failures leaves every notice on screen until dismissed', async () => {
+  const server = await startServer(['--failure-rate', '1', '--delay-ms', '300']);
+  try {
+    const { page, pageErrors } = await openApp(browser, server.url);
+    const titles = Array.from({ length: 10 }, (_, n) => `failing ${n}`);
+    for (const title of titles) await createViaUi(page, title);
+    const notices = page.getByTestId('notice');
+    await eventually(async () => assert.equal(await notices.count(), titles.length));
+    // Later failures do not push earlier ones out: each stays to be read.
+    await new Promise((resolve) => setTimeout(resolve, 1_000));
+    const texts = await notices.allTextContents();
+    assert.deepEqual(texts.map((text) => /“(.*)”/.exec(text)?.[1]).sort(), [...titles].sort());
+    await page.getByTestId('notice').first().getByRole('button', { name: 'Dismiss notice' }).click();
+    assert.equal(await notices.count(), titles.length - 1);
+    await page.getByTestId('dismiss-notices').click();
+    assert.equal(await notices.count(), 0);
+    assert.equal(await page.getByTestId('dismiss-notices').isVisible(), false);
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});
+
 test('a failed rename, like and delete snap back to the confirmed state, the delete in its place', async () => {
   const server = await startServer(['--delay-ms', '400']);
   try {
@@ -69,10 +93,13 @@ test('a failed rename, like and delete snap back to the confirmed state, the del
 
     await taskItem(page, first.id).getByTestId('done').click();
     await taskItem(page, middle.id).getByTestId('delete').click();
-    assert.deepEqual(await listedTitles(page), ['first', 'last'], 'the delete shows at once');
+    assert.deepEqual(await deleting(page, middle.id), { deleting: true, marker: 'deleting…', pending: true, disabled: true },
+      'the delete shows at once, pending like any change, not as if it were done');
+    assert.deepEqual(await listedTitles(page), ['first', 'middle', 'last']);
     assert.equal((await shown(page, first.id)).done, true);
     await eventually(async () => {
-      assert.deepEqual(await listedTitles(page), ['first', 'middle', 'last'], 'back in its place');
+      assert.deepEqual(await deleting(page, middle.id), { deleting: false, marker: '', pending: false, disabled: false }, 'back as it was');
+      assert.deepEqual(await listedTitles(page), ['first', 'middle', 'last'], 'in its place');
       assert.equal((await shown(page, first.id)).done, false);
       assert.equal(await page.locator('[data-testid="task"][data-pending="true"]').count(), 0);
     });

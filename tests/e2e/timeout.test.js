@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 
 import {
   startServer, launchBrowser, openApp, eventually, createViaUi, shown, taskItem, recordCommands, waitSettled,
+  renameViaUi, EVENTUALLY_MS,
 } from './helpers.js';
 
 let browser;
@@ -84,6 +85,37 @@ test('Discard drops a stuck prediction and says the server may still apply it', 
       title: 'confirmed title', likes: 0, done: false, pending: false, state: 'settled',
     });
     await page.getByTestId('notice').filter({ hasText: 'stopped waiting' }).waitFor();
+  } finally {
+    await server.stop();
+  }
+});
+
+test('a change made while the server is down says no answer came, and goes out by itself when it is back', async () => {
+  const server = await startServer(['--delay-ms', '300']);
+  try {
+    const task = await server.api.createSettled('before');
+    const { page, pageErrors } = await openApp(browser, server.url);
+    const commands = recordCommands(page);
+    const item = taskItem(page, task.id);
+    await item.waitFor();
+
+    await server.crash();
+    await renameViaUi(page, task.id, 'made while down');
+    // Every attempt failed: it says so at once (not "still processing": nothing is, that
+    // the page knows of), still shows the change, and offers Retry and Discard meanwhile.
+    await item.getByTestId('stuck').waitFor({ timeout: EVENTUALLY_MS });
+    assert.match(await item.getByTestId('stuck').textContent(), /no answer, the server cannot be reached/);
+    assert.equal(await item.getByTestId('pending-marker').textContent(), 'no answer');
+    assert.ok(await item.getByRole('button', { name: 'Retry' }).isVisible());
+    assert.equal((await shown(page, task.id)).title, 'made while down');
+    assert.equal(await server.api.tasks().catch(() => 'unreachable'), 'unreachable');
+
+    await server.restart();
+    await waitSettled(page, task.id);
+    assert.equal((await server.api.task(task.id)).title, 'made while down');
+    const keys = new Set(commands.filter((command) => command.method === 'PATCH').map((command) => command.key));
+    assert.equal(keys.size, 1, 'every attempt under one key');
+    assert.deepEqual(pageErrors, []);
   } finally {
     await server.stop();
   }

@@ -81,13 +81,17 @@ describe('composition of pending operations over the confirmed base', () => {
     assert.equal(item(core, 'b').confirmed.likes, 3);
   });
 
-  test('patches fold in issue order and delete hides the item', () => {
+  test('patches fold in issue order; a delete shows its row as being deleted until it settles', () => {
     const { core } = setup();
     core.issue({ kind: 'update', key: 'u1', task_id: 'a', patch: { title: 'first' } });
     core.issue({ kind: 'update', key: 'u2', task_id: 'a', patch: { title: 'second', done: true } });
     assert.equal(item(core, 'a').task.title, 'second');
     assert.equal(item(core, 'a').task.done, true);
-    core.issue({ kind: 'delete', key: 'd1', task_id: 'c' });
+    assert.equal(item(core, 'a').deleting, false);
+    const remove = core.issue({ kind: 'delete', key: 'd1', task_id: 'c' });
+    assert.deepEqual(ids(core), ['a', 'b', 'c'], 'not gone before its event: that would look confirmed');
+    assert.deepEqual([item(core, 'c').deleting, item(core, 'c').pending, item(core, 'c').task.title], [true, true, 'task c']);
+    core.applyEvent(settled(remove, null));
     assert.deepEqual(ids(core), ['a', 'b']);
   });
 
@@ -251,11 +255,12 @@ describe('failure removes only the failed operation', () => {
     const { core } = setup();
     const create = core.issue({ kind: 'create', key: 'c1', task_id: 'n', title: 'doomed' });
     const remove = core.issue({ kind: 'delete', key: 'd1', task_id: 'b' });
-    assert.deepEqual(ids(core), ['a', 'c', 'n']);
+    assert.deepEqual(ids(core), ['a', 'b', 'c', 'n']);
+    assert.equal(item(core, 'b').deleting, true);
     core.applyEvent(failed(create, 'injected', null));
     core.applyEvent(failed(remove, 'injected', task('b', { likes: 3, version: 4 })));
     assert.deepEqual(ids(core), ['a', 'b', 'c']);
-    assert.equal(item(core, 'b').pending, false);
+    assert.deepEqual([item(core, 'b').pending, item(core, 'b').deleting, item(core, 'b').task.likes], [false, false, 3]);
     assert.equal(core.getSnapshot().notices.length, 2);
   });
 
@@ -419,17 +424,45 @@ describe('timeouts and the sync indicator', () => {
     assert.equal(core.getSnapshot().notices.length, 1);
   });
 
-  test('a stuck delete brings its item back, marked deleting, so Retry and Discard are reachable', () => {
+  test('a stuck delete keeps its row, marked deleting, so Retry and Discard are reachable', () => {
     const { core, time } = setup();
     core.issue({ kind: 'delete', key: 'd', task_id: 'b' });
-    assert.deepEqual(ids(core), ['a', 'c']);
     time.advance(5000);
     core.tick(); // never accepted: straight to stuck
     assert.deepEqual(ids(core), ['a', 'b', 'c']);
     assert.equal(item(core, 'b').deleting, true);
     assert.equal(item(core, 'b').ops[0].state, 'stuck');
     core.resending('d');
-    assert.deepEqual(ids(core), ['a', 'c'], 'sent again: predicted deleted again');
+    assert.deepEqual([item(core, 'b').deleting, item(core, 'b').ops[0].state], [true, 'sending']);
+    core.discard('d');
+    assert.deepEqual([item(core, 'b').deleting, item(core, 'b').pending], [false, false]);
+  });
+
+  test('an op no attempt could send is stuck at once, saying why, until it is sent again', () => {
+    const { core } = setup();
+    core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'offline' } });
+    core.unreached('u', { offline: true, detail: 'network error: Failed to fetch' });
+    const [op] = item(core, 'a').ops;
+    assert.deepEqual([op.state, { ...op.unreached }], ['stuck', { offline: true, detail: 'network error: Failed to fetch' }]);
+    assert.equal(item(core, 'a').task.title, 'offline', 'still shown: it may yet apply');
+    core.resending('u');
+    assert.deepEqual([item(core, 'a').ops[0].state, item(core, 'a').ops[0].unreached], ['sending', undefined]);
+    // One the server took is not marked so by a late report of a failed attempt.
+    core.accepted('u', { command_id: 'cu' });
+    core.unreached('u', { offline: true, detail: 'late' });
+    assert.deepEqual([item(core, 'a').ops[0].state, item(core, 'a').ops[0].unreached], ['pending', undefined]);
+  });
+
+  test('a burst of failures leaves a notice for each until dismissed, one or all', () => {
+    const { core } = setup();
+    const ops = Array.from({ length: 10 }, (_, n) => core.issue({ kind: 'create', key: `c${n}`, task_id: `n${n}`, title: `new ${n}` }));
+    for (const op of ops) core.applyEvent(failed(op, 'injected', null));
+    const texts = core.getSnapshot().notices.map((notice) => notice.text);
+    assert.deepEqual(texts, ops.map((op) => `Create “${op.title}” failed: the server rejected it (injected failure).`));
+    core.dismissNotice(core.getSnapshot().notices[0].id);
+    assert.equal(core.getSnapshot().notices.length, 9);
+    core.dismissNotice();
+    assert.deepEqual(core.getSnapshot().notices, []);
   });
 
   test('discard drops the op and says so', () => {
@@ -784,7 +817,7 @@ describe('conflicts nobody else caused are re-sent, not put to the user', () => 
     core.applyEvent(failed(liked, 'conflict', task('a', { likes: 1, version: 2 })));
     const [resent] = core.takeOutbox();
     assert.deepEqual(commandRequest(resent), { method: 'DELETE', path: '/api/tasks/a', body: { base_version: 2 } });
-    assert.equal(item(core, 'a'), undefined, 'still predicted deleted');
+    assert.equal(item(core, 'a').deleting, true, 'still being deleted');
 
     const renamed = core.issue({ kind: 'delete', key: 'd2', task_id: 'c', ...core.editBase('c') });
     core.applyEvent(failed(renamed, 'conflict', task('c', { title: 'theirs', version: 2 })));

@@ -90,6 +90,31 @@ describe('the sync engine', () => {
     assert.equal(core.getSnapshot().connection, 'live');
   });
 
+  test('a command no attempt could send is stuck at once, and sent again under its key when the stream is back', async () => {
+    let reachable = true;
+    const transport = fakeTransport();
+    const accept = transport.sendCommand;
+    transport.sendCommand = async (request, key) => {
+      if (reachable) return accept(request, key);
+      transport.calls.push(['unreachable', key]);
+      return { outcome: 'unavailable', offline: true, detail: 'network error: Failed to fetch' };
+    };
+    const { core, sync } = setup({ transport });
+    await sync.start();
+    reachable = false;
+    sync.editTask('a', { title: 'made offline' }, 'k');
+    await flush();
+    const [op] = core.getSnapshot().items[0].ops;
+    assert.deepEqual([op.state, op.unreached?.offline], ['stuck', true], 'stuck at once, not "still processing"');
+
+    // The browser's EventSource reconnects by itself once the server is back.
+    reachable = true;
+    transport.streams[0].handlers.onOpen();
+    await flush();
+    assert.deepEqual(transport.calls.filter((call) => call[0] === 'send' || call[0] === 'unreachable').map((call) => call.at(-1)), ['k', 'k']);
+    assert.deepEqual([core.getOp('k').state, core.getOp('k').command_id], ['pending', 'cmd-k']);
+  });
+
   test('the same intent twice sends one command', async () => {
     const { sync, transport } = setup();
     await sync.start();

@@ -211,7 +211,8 @@ async function act(tab, next, counts, labels) {
   await page.bringToFront();
   const count = (what) => { counts[what] = (counts[what] ?? 0) + 1; };
   const fast = { timeout: 800 };
-  const rows = page.locator('[data-testid="task-list"] > [data-testid="task"]');
+  // A row being deleted takes no changes (its controls are disabled): the user picks another.
+  const rows = page.locator('[data-testid="task-list"] > [data-testid="task"]:not([data-deleting="true"])');
   const listed = await rows.count();
   const roll = next();
   try {
