@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes, HttpBody};
+use axum::body::{Bytes, HttpBody};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::Request;
 use axum::extract::{FromRequest, FromRequestParts, State};
@@ -24,7 +24,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
-use tower_http::timeout::TimeoutBody;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use uuid::Uuid;
 
 use crate::error::ApiError;
@@ -62,12 +62,19 @@ pub fn router() -> Router<AppState> {
         .route("/metrics", get(metrics_text))
 }
 
-/// Middleware for every route. A body that declares more than [`BODY_LIMIT_BYTES`] is
-/// refused with 413 before any of it is read: a client that waits on `Expect:
-/// 100-continue`, or never sends the body it announced, still gets its answer. A body
+/// The routes of `router` with their request bodies guarded. A body that declares more
+/// than [`BODY_LIMIT_BYTES`] is refused with 413 before any of it is read: a client that
+/// waits on `Expect: 100-continue`, or never sends the body it announced, still gets its
+/// answer (one without a declared length is cut off at the limit as it is read). A body
 /// that stalls for [`BODY_STALL_TIMEOUT`] fails its read: 408, and the connection is not
 /// held by a client that went quiet mid-body.
-pub async fn guard_body(request: Request, next: Next) -> Response {
+pub fn guard_bodies<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    router
+        .route_layer(RequestBodyTimeoutLayer::new(BODY_STALL_TIMEOUT))
+        .route_layer(axum::middleware::from_fn(refuse_declared_oversize))
+}
+
+async fn refuse_declared_oversize(request: Request, next: Next) -> Response {
     let declared = request.body().size_hint().lower();
     if declared > BODY_LIMIT_BYTES as u64 {
         return ApiError::PayloadTooLarge(format!(
@@ -76,8 +83,7 @@ pub async fn guard_body(request: Request, next: Next) -> Response {
         ))
         .into_response();
     }
-    next.run(request.map(|body| Body::new(TimeoutBody::new(BODY_STALL_TIMEOUT, body))))
-        .await
+    next.run(request).await
 }
 
 // ----- extractors -------------------------------------------------------------------
@@ -650,15 +656,13 @@ mod tests {
             ),
         ];
         for (what, body) in bodies {
-            let app: Router = Router::new()
-                .route(
-                    "/",
-                    post(|AppJson(_): AppJson<serde_json::Value>| async { StatusCode::OK }),
-                )
-                .route_layer(axum::middleware::from_fn(guard_body));
+            let app: Router = guard_bodies(Router::new().route(
+                "/",
+                post(|AppJson(_): AppJson<serde_json::Value>| async { StatusCode::OK }),
+            ));
             let request = Request::post("/")
                 .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from_stream(body))
+                .body(axum::body::Body::from_stream(body))
                 .expect("a request");
             let started = tokio::time::Instant::now();
             let response = app.oneshot(request).await.expect("an answer");

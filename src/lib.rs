@@ -115,10 +115,7 @@ pub struct AppStateInner {
 
 /// The whole HTTP surface, for `serve` and for in-process tests.
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .merge(api::router())
-        .merge(sse::router())
-        .route_layer(axum::middleware::from_fn(api::guard_body))
+    api::guard_bodies(Router::new().merge(api::router()).merge(sse::router()))
         .fallback(assets::serve)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(api::BODY_LIMIT_BYTES))

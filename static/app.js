@@ -393,7 +393,8 @@ function fieldText(field, value) {
 /** The inline yours / theirs view of a refused edit; rebuilt only when the conflict changes. */
 function renderConflict(parts, item) {
   const { conflict } = item;
-  parts.conflict.hidden = !conflict;
+  // Not while the task is being deleted: the delete answered it (a failed one shows it again).
+  parts.conflict.hidden = !conflict || item.deleting;
   if (parts.conflictFor === conflict) return;
   parts.conflictFor = conflict;
   parts.conflict.replaceChildren();
@@ -461,6 +462,7 @@ const noticeNodes = new Map();
 
 function renderNotices(notices) {
   const ids = new Set(notices.map((notice) => notice.id));
+  let added = false;
   for (const [id, node] of noticeNodes) {
     if (!ids.has(id)) {
       node.remove();
@@ -482,9 +484,10 @@ function renderNotices(notices) {
     node.append(element('span', {}, notice.text), dismiss);
     $('notices').append(node);
     noticeNodes.set(notice.id, node);
-    // The list scrolls past a few: the newest is brought into its view.
-    $('notices').scrollTop = $('notices').scrollHeight;
+    added = true;
   }
+  // The list scrolls past a few: the newest is brought into its view.
+  if (added) $('notices').scrollTop = $('notices').scrollHeight;
   $('dismiss-notices').hidden = notices.length < 2;
 }
 

@@ -361,7 +361,8 @@ export function createCore({
     // Discarded while its request was on the way: its status can be asked after a reload.
     if (gone) discarded.set(key, Object.freeze({ ...gone, command_id }));
     if (!op) return;
-    pending.replace(op, { command_id, state: op.state === 'checking' ? 'checking' : 'pending' });
+    // Taken after all: a concurrent attempt's failure (`unreached`) no longer holds.
+    pending.replace(op, { command_id, state: op.state === 'checking' ? 'checking' : 'pending', unreached: undefined });
     changed();
   }
 

@@ -74,7 +74,8 @@ export function applyOp(task, op) {
     case 'update':
       return task && { ...task, ...op.patch };
     case 'delete':
-      return null;
+      // The row stays until the delete's event takes it away (`itemOf` marks it deleting).
+      return task;
     case 'like':
       return task && { ...task, likes: task.likes + op.delta };
     default:
@@ -124,7 +125,7 @@ export function itemOf(id, confirmed, ops, conflict) {
   // until its event takes the row away or its failure restores it: a row gone at the
   // click would look confirmed. Its stuck view has a row to offer Retry and Discard on.
   const deleting = ops.some((op) => op.kind === 'delete');
-  const task = fold(confirmed, deleting ? ops.filter((op) => op.kind !== 'delete') : ops);
+  const task = fold(confirmed, ops);
   return task && Object.freeze({
     id,
     task: Object.freeze(task),

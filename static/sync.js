@@ -46,7 +46,6 @@ export function createSync({
   // ---- commands ----------------------------------------------------------------------
 
   async function send(op) {
-    sendingKeys.add(op.key);
     try {
       const result = await transport.sendCommand(commandRequest(op), op.key);
       if (result.outcome === 'accepted') {
@@ -58,7 +57,7 @@ export function createSync({
       } else if (result.outcome === 'rejected') {
         core.rejected(op.key, result);
       } else {
-        // 'unavailable': stuck, saying so; sent again when the stream is back (`openStream`).
+        // 'unavailable': stuck, saying so; sent again when the stream opens (`openStream`).
         log(`command ${op.key} not sent: ${result.detail}`);
         core.unreached(op.key, result);
       }
@@ -67,8 +66,13 @@ export function createSync({
     }
   }
 
-  /** Queue a send behind the task's earlier sends (202s are quick; this keeps their order). */
+  /**
+   * Queue a send behind the task's earlier sends (202s are quick; this keeps their order).
+   * A key already queued or on the wire is not sent again meanwhile.
+   */
   function enqueueSend(op) {
+    if (sendingKeys.has(op.key)) return sendChains.get(op.task_id) ?? Promise.resolve();
+    sendingKeys.add(op.key);
     const previous = sendChains.get(op.task_id) ?? Promise.resolve();
     const next = previous.then(() => send(op)).catch((error) => log('send failed', error));
     sendChains.set(op.task_id, next);
@@ -117,7 +121,9 @@ export function createSync({
       onOpen: () => {
         reconnectAttempts = 0;
         core.setConnection('live');
-        sendAgainUnreached();
+        // The server is there: what could not reach it (`core.unreached`), or got no 202
+        // in time, goes again.
+        sendAgain(core.pendingOps().filter((op) => !op.command_id && op.state === 'stuck'));
       },
       onError: ({ closed }) => {
         core.setConnection('reconnecting');
@@ -132,16 +138,12 @@ export function createSync({
     });
   }
 
-  /**
-   * The stream is open, so the server is there: send again, under their own keys, the ops
-   * that could not reach it (`core.unreached`) and any other that never got its 202.
-   */
-  function sendAgainUnreached() {
-    for (const op of core.pendingOps()) {
-      if (op.command_id || op.state !== 'stuck' || sendingKeys.has(op.key)) continue;
+  /** Send `ops` again under their own keys, those not on their way already; their timeouts start over. */
+  function sendAgain(ops) {
+    return Promise.all(ops.filter((op) => !sendingKeys.has(op.key)).map((op) => {
       core.resending(op.key);
-      enqueueSend(core.getOp(op.key));
-    }
+      return enqueueSend(core.getOp(op.key));
+    }));
   }
 
   /**
@@ -181,11 +183,7 @@ export function createSync({
         }
       }
       if (stopped) return;
-      const unsent = core.pendingOps().filter((op) => !op.command_id && !sendingKeys.has(op.key) && op.state !== 'queued');
-      await Promise.all(unsent.map((op) => {
-        if (op.state === 'stuck') core.resending(op.key);
-        return enqueueSend(core.getOp(op.key));
-      }));
+      await sendAgain(core.pendingOps().filter((op) => !op.command_id && op.state !== 'queued'));
       // Discarded ops too: one applied after all while the page was away is inside the
       // snapshot, and its event will not come again. One discarded before its 202 is
       // asked after by its key: the request may have arrived all the same.
@@ -358,9 +356,7 @@ export function createSync({
     /** Send a stuck op again under its own key: the server answers a replay, never a second effect. */
     retry(key) {
       const op = core.getOp(key);
-      if (!op || sendingKeys.has(key)) return undefined;
-      core.resending(key);
-      return send(core.getOp(key));
+      return op ? sendAgain([op]) : undefined;
     },
     discard(key) {
       core.discard(key);

@@ -757,3 +757,30 @@ async fn a_body_declared_over_the_limit_is_refused_before_it_is_sent() {
     assert_eq!(response.status(), 404);
     app.stop().await;
 }
+
+/// A body with no declared length (chunked) is cut off as it is read, at the limit.
+#[tokio::test]
+async fn a_chunked_body_over_the_limit_is_refused_as_it_comes() {
+    let app = spawn_app().await;
+    let notes = "n".repeat(70_000);
+    let body = serde_json::to_vec(&json!({ "title": "a", "notes": notes })).unwrap();
+    let pieces: Vec<Result<Vec<u8>, std::io::Error>> = body
+        .chunks(8 * 1024)
+        .map(|piece| Ok(piece.to_vec()))
+        .collect();
+    let response = app
+        .http
+        .post(app.url("/api/tasks"))
+        .header("Idempotency-Key", "chunked")
+        .header("Content-Type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(pieces)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    app.stop().await;
+}

@@ -453,6 +453,18 @@ describe('timeouts and the sync indicator', () => {
     assert.deepEqual([item(core, 'a').ops[0].state, item(core, 'a').ops[0].unreached], ['pending', undefined]);
   });
 
+  test('an op marked unreached that another attempt got accepted is pending, and says so when overdue', () => {
+    const { core, time } = setup();
+    core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'twice sent' } });
+    core.unreached('u', { offline: true, detail: 'network error' });
+    core.accepted('u', { command_id: 'cu' });
+    assert.deepEqual([item(core, 'a').ops[0].state, item(core, 'a').ops[0].unreached], ['pending', undefined]);
+    time.advance(5000);
+    assert.deepEqual(core.tick().map((op) => op.key), ['u'], 'asked about like any op the server holds');
+    core.statusChecked('u', { status: 'pending' }, undefined);
+    assert.deepEqual([item(core, 'a').ops[0].state, item(core, 'a').ops[0].unreached], ['stuck', undefined]);
+  });
+
   test('a burst of failures leaves a notice for each until dismissed, one or all', () => {
     const { core } = setup();
     const ops = Array.from({ length: 10 }, (_, n) => core.issue({ kind: 'create', key: `c${n}`, task_id: `n${n}`, title: `new ${n}` }));

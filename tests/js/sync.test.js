@@ -115,6 +115,32 @@ describe('the sync engine', () => {
     assert.deepEqual([core.getOp('k').state, core.getOp('k').command_id], ['pending', 'cmd-k']);
   });
 
+  test('a command waiting its turn behind a slow send is not sent twice when the stream opens', async () => {
+    let release;
+    const transport = fakeTransport();
+    const accept = transport.sendCommand;
+    transport.sendCommand = async (request, key) => {
+      if (key === 'slow') await new Promise((resolve) => { release = resolve; });
+      return accept(request, key);
+    };
+    let clock = 1_000_000;
+    const { core, sync, tick } = setup({ transport, now: () => clock });
+    await sync.start();
+    sync.editTask('a', { title: 'slow' }, 'slow');
+    sync.like('a', 1, 'behind');
+    await flush();
+    clock += 5000;
+    tick(); // neither has its 202: both stuck
+    assert.deepEqual(core.pendingOps().map((op) => op.state), ['stuck', 'stuck']);
+    transport.streams[0].handlers.onOpen();
+    await sync.retry('behind');
+    release();
+    await flush();
+    await flush();
+    const sends = transport.calls.filter((call) => call[0] === 'send').map((call) => call[3]);
+    assert.deepEqual(sends, ['slow', 'behind'], 'each once, in issue order');
+  });
+
   test('the same intent twice sends one command', async () => {
     const { sync, transport } = setup();
     await sync.start();
