@@ -13,6 +13,12 @@ const SEND_BACKOFF_MS = 250;
  * stuck (and retried by the user) while its first send still sleeps.
  */
 const RETRY_AFTER_MAX_MS = 1_500;
+/**
+ * Longest one attempt may wait for its answer (a 202 takes milliseconds): then it is
+ * abandoned and the next goes, under the same key. A request that hangs (a server frozen
+ * with its socket open) would otherwise hold its key for ever, and Retry with it.
+ */
+const SEND_ATTEMPT_TIMEOUT_MS = 5_000;
 
 const defaultSleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -41,13 +47,14 @@ function retryAfterMs(response, now = Date.now()) {
 
 /**
  * @param {{baseUrl?: string, fetch?: typeof fetch, EventSource?: typeof EventSource,
- *          sleep?: (ms: number) => Promise<void>}} options
+ *          sleep?: (ms: number) => Promise<void>, attemptTimeoutMs?: number}} options
  */
 export function createTransport({
   baseUrl = '',
   fetch: fetchImpl = globalThis.fetch.bind(globalThis),
   EventSource: EventSourceImpl = globalThis.EventSource,
   sleep = defaultSleep,
+  attemptTimeoutMs = SEND_ATTEMPT_TIMEOUT_MS,
 } = {}) {
   async function getJson(path) {
     const response = await fetchImpl(baseUrl + path, { headers: { Accept: 'application/json' }, cache: 'no-store' });
@@ -82,7 +89,7 @@ export function createTransport({
       askedWaitMs = 0;
       let response;
       try {
-        response = await fetchImpl(baseUrl + path, { method, headers, body: payload });
+        response = await fetchImpl(baseUrl + path, { method, headers, body: payload, signal: AbortSignal.timeout(attemptTimeoutMs) });
       } catch (error) {
         lastProblem = `network error: ${error.message}`;
         offline = true;

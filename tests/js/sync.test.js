@@ -476,6 +476,22 @@ describe('the transport', () => {
     assert.equal(requests.length, 4);
   });
 
+  test('an attempt that gets no answer is abandoned after its timeout, and the next goes under the same key', async () => {
+    const keys = [];
+    // A server frozen with its socket open: no answer until the request is aborted.
+    const fetch = (url, init) => {
+      keys.push(init.headers['Idempotency-Key']);
+      return new Promise((_, reject) => init.signal.addEventListener('abort', () => reject(init.signal.reason)));
+    };
+    const transport = createTransport({ fetch, sleep: async () => {}, attemptTimeoutMs: 20 });
+    // Node does not wait for AbortSignal.timeout's timer by itself.
+    const keepAlive = setInterval(() => {}, 1_000);
+    const result = await transport.sendCommand(request, 'k').finally(() => clearInterval(keepAlive));
+    assert.deepEqual([result.outcome, result.offline], ['unavailable', true]);
+    assert.match(result.detail, /network error: .*timed? ?out/i);
+    assert.deepEqual(keys, ['k', 'k', 'k', 'k']);
+  });
+
   test('a command is looked up by its key percent-encoded, and an unknown one is null', async () => {
     const found = { command_id: 'c1', idempotency_key: 'a+b/c?d&e', status: 'settled', event_id: 3 };
     const { fetch, requests } = fakeFetch([{ status: 200, body: found }, { status: 404, body: { detail: 'no command' } }]);
