@@ -1,5 +1,6 @@
 //! settle-bench stops by itself (issue 4): when the server it measures dies under it,
-//! and, killed with SIGKILL, it takes the server it started with it.
+//! and, killed with SIGKILL, it takes the server it started with it. It refuses, by name,
+//! a flag it cannot honour.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -155,4 +156,27 @@ fn a_bench_killed_with_sigkill_takes_its_server_with_it() {
         ended,
         "the server {server} outlived its bench by {ENDS_WITHIN:?}"
     );
+}
+
+/// A flag the phase does not use, or a negative count, is refused by name before any
+/// server starts: exit 2, and the message says which flag and why.
+#[test]
+fn the_bench_refuses_flags_it_cannot_honour() {
+    let cases: [(&[&str], &str); 3] = [
+        (&["fanout", "--duration", "1"], "fanout is not timed"),
+        (
+            &["overhead", "--rate", "-5"],
+            "invalid value '-5' for '--rate",
+        ),
+        (
+            &["fanout", "--subscribers", "-3"],
+            "invalid value '-3' for '--subscribers",
+        ),
+    ];
+    for (args, says) in cases {
+        let output = bench().args(args).output().expect("settle-bench runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
 }

@@ -35,7 +35,7 @@ const ERROR_SAMPLES: usize = 5;
 #[derive(Args, Clone, Debug)]
 pub struct AcceptArgs {
     /// Concurrent keep-alive connections, each with one request in flight.
-    #[arg(long, default_value_t = TARGET_CONCURRENCY, value_parser = crate::positive_usize())]
+    #[arg(long, default_value_t = TARGET_CONCURRENCY, allow_negative_numbers = true, value_parser = crate::positive_usize())]
     pub concurrency: usize,
 }
 

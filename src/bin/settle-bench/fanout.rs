@@ -62,23 +62,23 @@ pub struct FanoutArgs {
     /// Concurrent SSE subscribers, or `max`: as many as the server's open-file limit
     /// leaves room for (at most 50000), read from /proc once the bench's own
     /// connections are open [default: 10000; 200 with --smoke].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub subscribers: Option<Subscribers>,
     /// Subscribers per worker process, each worker on its own 127.0.0.x source
     /// address [default: 5000; 100 with --smoke].
-    #[arg(long, value_parser = crate::positive_usize())]
+    #[arg(long, allow_negative_numbers = true, value_parser = crate::positive_usize())]
     pub per_worker: Option<usize>,
     /// Events published, one at a time [default: 5; 2 with --smoke].
-    #[arg(long, value_parser = crate::positive_usize())]
+    #[arg(long, allow_negative_numbers = true, value_parser = crate::positive_usize())]
     pub events: Option<usize>,
     /// Pause before each memory reading, in ms [default: 2000; 300 with --smoke].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub settle_ms: Option<u64>,
     /// Subscriptions each worker opens at once.
-    #[arg(long, default_value_t = 64, value_parser = crate::positive_usize())]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true, value_parser = crate::positive_usize())]
     pub connect_concurrency: usize,
     /// Seconds the workers may take to open every subscription.
-    #[arg(long, default_value_t = 120, value_parser = crate::positive_u64())]
+    #[arg(long, default_value_t = 120, allow_negative_numbers = true, value_parser = crate::positive_u64())]
     pub connect_seconds: u64,
 }
 

@@ -130,15 +130,15 @@ struct CommonArgs {
     server_bin: Option<PathBuf>,
     /// --delay-ms of the started server [default: 700; 200 with --smoke]. A --target
     /// server's own setting is read from GET /api/faults.
-    #[arg(long, conflicts_with = "target")]
+    #[arg(long, conflicts_with = "target", allow_negative_numbers = true)]
     delay_ms: Option<u64>,
     /// Where the started server's fresh data directory is made [default: the system's
     /// temporary directory]. `/dev/shm` takes the disk out of the measurement.
     #[arg(long, conflicts_with = "target")]
     data_parent: Option<PathBuf>,
-    /// Seconds each timed phase runs [default: overhead 30, accept 10 per route;
-    /// 2 with --smoke].
-    #[arg(long, value_parser = crate::positive_u64())]
+    /// Seconds each timed phase runs: overhead 30, accept 10 per route [default; 2 with
+    /// --smoke]. `fanout` is not timed (its --events sets how many it publishes).
+    #[arg(long, allow_negative_numbers = true, value_parser = crate::positive_u64())]
     duration: Option<u64>,
     /// Also write the JSON document to this file; `-`: the JSON document alone on
     /// stdout (for `jq`), the human report on stderr.
@@ -320,6 +320,10 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
         }
     };
     let common = match &command {
+        Command::Fanout { common, .. } if common.duration.is_some() => anyhow::bail!(
+            "--duration times the overhead and accept phases; fanout is not timed (--events \
+             sets how many events it publishes)"
+        ),
         Command::Overhead { common, .. }
         | Command::Accept { common, .. }
         | Command::Fanout { common, .. }

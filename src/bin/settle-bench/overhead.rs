@@ -49,17 +49,17 @@ pub enum Workload {
 #[derive(Args, Clone, Debug)]
 pub struct OverheadArgs {
     /// Commands per second [default: 1000; 200 with --smoke].
-    #[arg(long, value_parser = crate::positive_u64())]
+    #[arg(long, allow_negative_numbers = true, value_parser = crate::positive_u64())]
     pub rate: Option<u64>,
     /// Most commands awaiting their 202 at once; also the number of keep-alive
     /// connections the commands go over.
-    #[arg(long, default_value_t = 64, value_parser = crate::positive_usize())]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true, value_parser = crate::positive_usize())]
     pub max_in_flight: usize,
     /// What each overhead command is.
     #[arg(long, value_enum, default_value_t = Workload::Like)]
     pub workload: Workload,
     /// How many tasks `--workload like` spreads its likes over.
-    #[arg(long, default_value_t = 100, value_parser = crate::positive_usize())]
+    #[arg(long, default_value_t = 100, allow_negative_numbers = true, value_parser = crate::positive_usize())]
     pub tasks: usize,
 }
 
@@ -121,6 +121,10 @@ async fn fetch_apply_steps(conn: &mut Conn) -> Option<StepsReport> {
 /// Commands the schedule owes `elapsed` after its start at `rate` per second: command
 /// i goes at i / rate, so the first at once, and a tick just before the end of d
 /// seconds is owed rate × d (a run whose last ticks come late sends fewer).
+/// How long past the end of the sending interval the sender may wait for a free
+/// connection to send what was scheduled before it.
+const END_GRACE: Duration = Duration::from_millis(100);
+
 fn owed(elapsed: Duration, rate: u64) -> u64 {
     (elapsed.as_secs_f64() * rate as f64) as u64 + 1
 }
@@ -216,9 +220,12 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
     // skipped (MissedTickBehavior::Skip) but the commands they owed go out at the next
     // tick, so the average rate holds; when all `max_in_flight` connections are busy
     // the sender waits, falls behind, and the lag is reported. Sending stops when the
-    // duration is over.
+    // duration is over, once the commands scheduled before its end are out (the first
+    // tick past it may still owe the last of them), waiting for a connection no later
+    // than END_GRACE past it.
     let start = Instant::now();
     let end = start + Duration::from_secs(duration_s);
+    let scheduled_total = rate.saturating_mul(duration_s);
     let mut ticker = tokio::time::interval(Duration::from_millis(1));
     ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut issued: u64 = 0;
@@ -228,20 +235,18 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
         let now = Instant::now();
         // Every connection broken and none replaced (the server is gone): nothing more
         // can be sent.
-        if now >= end || lost.load(Ordering::SeqCst) == connections {
+        if lost.load(Ordering::SeqCst) == connections {
             break;
         }
-        let due = owed(now - start, rate);
+        let due = owed(now - start, rate).min(scheduled_total);
         while issued < due {
-            // Not past the end: a permit may never come back (its connection broke).
-            let Ok(permit) = tokio::time::timeout_at(end, permits.clone().acquire_owned()).await
+            // A permit may never come back (its connection broke).
+            let Ok(permit) =
+                tokio::time::timeout_at(end + END_GRACE, permits.clone().acquire_owned()).await
             else {
                 break 'pacing;
             };
             let permit = permit.context("the connection semaphore closed")?;
-            if Instant::now() >= end {
-                break 'pacing;
-            }
             let scheduled = start + Duration::from_secs_f64(issued as f64 / rate as f64);
             max_lag = max_lag.max(Instant::now().saturating_duration_since(scheduled));
             let conn = pool
@@ -273,6 +278,9 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
                 }
             });
             issued += 1;
+        }
+        if now >= end || issued >= scheduled_total {
+            break;
         }
     }
     let sending_s = start.elapsed().as_secs_f64();
