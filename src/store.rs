@@ -471,6 +471,20 @@ mod tests {
     }
 
     /// Opens the store in `dir` again, once sled's threads have let go of it.
+    impl Store {
+        /// Compacts as if every intake segment on disk had been rotated out and released
+        /// by a checkpoint: for the tests of expiry itself. How the log holds records
+        /// back is `a_record_whose_command_is_still_in_the_intake_log_does_not_expire`.
+        fn compact_released(
+            &self,
+            keep_events: u64,
+            commands_before: OffsetDateTime,
+        ) -> Result<(usize, usize), StoreError> {
+            self.pending_table().release_all_logged();
+            self.compact(keep_events, commands_before)
+        }
+    }
+
     fn reopen(dir: &std::path::Path) -> Store {
         Store::open_waiting(dir, Duration::from_secs(10), &CancellationToken::new())
             .expect("the store reopens")
@@ -735,16 +749,53 @@ mod tests {
 
         // Past its retention the key is free again.
         let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
-        assert_eq!(store.compact(u64::MAX, later).expect("compacted").1, 1);
+        assert_eq!(
+            store
+                .compact_released(u64::MAX, later)
+                .expect("compacted")
+                .1,
+            1
+        );
         let (answers, _) = accept_all(&store, &[create("k", "f", &store)]).await;
         assert!(matches!(&answers[0], Accepted::New(r) if r.command_id != accepted.command_id));
+    }
+
+    /// A finished record is the only sign that a command in the intake log finished: a
+    /// restart reads the log's segments again. While its segment is on disk the record
+    /// does not expire, however old; expired, the command would apply a second time.
+    #[tokio::test]
+    async fn a_record_whose_command_is_still_in_the_intake_log_does_not_expire() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let accepted = accept_and_apply(&store, "k", "f").await;
+        let later = OffsetDateTime::now_utc() + time::Duration::hours(25);
+        assert_eq!(
+            store.compact(u64::MAX, later).expect("compacted").1,
+            0,
+            "its segment, the active one, is on disk"
+        );
+        drop(store);
+
+        let store = reopen(dir.path());
+        assert!(store.unapplied().is_empty(), "not taken back as pending");
+        let (answers, durable) = accept_all(&store, &[create("k", "f", &store)]).await;
+        assert!(matches!(&answers[0], Accepted::Replay(r) if r.command_id == accepted.command_id));
+        assert!(durable.is_empty());
+        // Its segment released, it goes.
+        assert_eq!(
+            store
+                .compact_released(u64::MAX, later)
+                .expect("compacted")
+                .1,
+            1
+        );
     }
 
     /// Compaction, an hour on, removes every finished record; a new command takes the
     /// freed key `k`.
     async fn retake_after_compaction(store: &Store) -> CommandRecord {
         let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
-        store.compact(u64::MAX, later).expect("compacted");
+        store.compact_released(u64::MAX, later).expect("compacted");
         let (answers, _) = accept_all(store, &[create("k", "f", store)]).await;
         match answers.into_iter().next() {
             Some(Accepted::New(new)) => new,
@@ -821,7 +872,9 @@ mod tests {
         store.finish(&new.idempotency_key, new.command_id);
         store.checkpoint().expect("checkpointed");
         assert_eq!(
-            store.compact(u64::MAX, new.accepted_at).expect("compacted"),
+            store
+                .compact_released(u64::MAX, new.accepted_at)
+                .expect("compacted"),
             (0, 0),
             "the old record was no longer the key's"
         );
@@ -867,10 +920,13 @@ mod tests {
         assert_eq!(store.dead_letters().expect("listed").len(), 2);
 
         assert_eq!(
-            store.compact(u64::MAX, cutoff).expect("compacted"),
+            store.compact_released(u64::MAX, cutoff).expect("compacted"),
             (0, gone.len())
         );
-        assert_eq!(store.compact(u64::MAX, cutoff).expect("compacted"), (0, 0));
+        assert_eq!(
+            store.compact_released(u64::MAX, cutoff).expect("compacted"),
+            (0, 0)
+        );
 
         // Gone under every index, and from the count of finished keys; the rest stay.
         let inner = &store.inner;
@@ -961,19 +1017,26 @@ mod tests {
         // Each a step of its own; the wall clock set back before each third one.
         settle_each(&store, &[("a", hours(5)), ("b", hours(3)), ("c", hours(4))]).await;
         assert_eq!(
-            store.compact(u64::MAX, hours(2)).expect("compacted"),
+            store
+                .compact_released(u64::MAX, hours(2))
+                .expect("compacted"),
             (0, 3),
             "all three settled before the cutoff"
         );
         settle_each(&store, &[("d", hours(5)), ("e", hours(1)), ("f", hours(4))]).await;
         assert_eq!(
-            store.compact(u64::MAX, hours(2)).expect("compacted"),
+            store
+                .compact_released(u64::MAX, hours(2))
+                .expect("compacted"),
             (0, 1),
             "f waits behind e"
         );
         assert_eq!(record_ids(&store), [5, 6]);
         assert!(store.finished_command("f").unwrap().is_some());
-        assert_eq!(store.compact(u64::MAX, now).expect("compacted"), (0, 2));
+        assert_eq!(
+            store.compact_released(u64::MAX, now).expect("compacted"),
+            (0, 2)
+        );
         assert!(record_ids(&store).is_empty());
     }
 
@@ -1022,7 +1085,9 @@ mod tests {
         write_records(&store, &entries);
 
         assert_eq!(
-            store.compact(u64::MAX, hours(2)).expect("compacted"),
+            store
+                .compact_released(u64::MAX, hours(2))
+                .expect("compacted"),
             (0, 3),
             "a, c and e; not f, settled since the cutoff"
         );
@@ -1031,7 +1096,10 @@ mod tests {
         assert!(store.finished_command("c").unwrap().is_none());
         // b's time has not come even for a later cutoff: it stays until then.
         let later = ahead + time::Duration::hours(1);
-        assert_eq!(store.compact(u64::MAX, later).expect("compacted"), (0, 1));
+        assert_eq!(
+            store.compact_released(u64::MAX, later).expect("compacted"),
+            (0, 1)
+        );
         assert_eq!(record_ids(&store), [1, 4]);
     }
 
@@ -1048,7 +1116,10 @@ mod tests {
         let entry = store.inner.commands.get("k").unwrap().expect("in sled");
         let event_id = finished::pointed(&entry).expect("a pointer");
         let cutoff = now - time::Duration::hours(1);
-        assert_eq!(store.compact(u64::MAX, cutoff).expect("compacted"), (0, 1));
+        assert_eq!(
+            store.compact_released(u64::MAX, cutoff).expect("compacted"),
+            (0, 1)
+        );
         assert_eq!(record_ids(&store), [1]);
         let trees = store.inner.finished_trees();
         assert!(trees.record_at(event_id).unwrap().is_none());

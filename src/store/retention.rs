@@ -105,6 +105,8 @@ impl Store {
         let mut walk = RecordWalk {
             before,
             now: OffsetDateTime::now_utc(),
+            // Read once: segments are only released meanwhile, which would let more go.
+            logged_from: self.pending_table().first_logged_seq(),
             ahead: None,
             unreadable: None,
         };
@@ -170,6 +172,10 @@ impl Store {
 struct RecordWalk {
     before: OffsetDateTime,
     now: OffsetDateTime,
+    /// The first seq still in the intake log: a record of it or a later one stops the
+    /// walk, as one settled since the cutoff does. Expired, its command would be taken
+    /// back as pending by a restart, which reads the log again, and applied twice.
+    logged_from: Option<u64>,
     ahead: Option<u64>,
     unreadable: Option<u64>,
 }
@@ -194,6 +200,10 @@ impl RecordWalk {
                     continue;
                 }
             };
+            if self.logged_from.is_some_and(|first| record.seq >= first) {
+                kept.extend_from_slice(&entries[at..]);
+                return (kept, true);
+            }
             match record.settled_at {
                 Some(settled) if settled > self.now => {
                     self.ahead.get_or_insert(event_id);

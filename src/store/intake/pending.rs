@@ -28,6 +28,11 @@ pub(in crate::store) struct PendingTable {
     pub(super) active: u64,
     /// Spare files, by the segment number they last had (and their records carry).
     pub(super) spares: Vec<u64>,
+    /// The first seq of each segment on disk (not released): a restart reads their
+    /// records again, and takes one back as pending unless its finished record says it
+    /// finished, so no finished record at or past the first of them may expire yet
+    /// (`Store::compact`).
+    first_seqs: BTreeMap<u64, u64>,
     /// How many finished records (logged, or in sled) each idempotency key's 32-bit
     /// hash stands for. One per finished command in the retention, so it is kept small: 9 bytes a
     /// bucket, 10–21 bytes a key by the table's fill (against 17 a bucket for a 64-bit
@@ -48,6 +53,7 @@ pub(super) struct Pending {
 impl PendingTable {
     /// Enters a command whose record takes `bytes` in `segment`.
     pub(super) fn insert(&mut self, record: CommandRecord, segment: u64, bytes: usize) {
+        self.hold(segment, record.seq);
         *self.unfinished.entry(segment).or_default() += 1;
         self.bytes += bytes;
         self.key_by_id
@@ -60,6 +66,29 @@ impl PendingTable {
                 bytes,
             },
         );
+    }
+
+    /// Notes that `segment`, on disk, holds the record of command `seq`.
+    pub(super) fn hold(&mut self, segment: u64, seq: u64) {
+        let first = self.first_seqs.entry(segment).or_insert(seq);
+        *first = (*first).min(seq);
+    }
+
+    /// `segment` is released: a restart no longer reads it.
+    pub(super) fn released(&mut self, segment: u64) {
+        self.first_seqs.remove(&segment);
+    }
+
+    /// The lowest seq whose record a restart would read again from the intake log, if
+    /// any: finished records from it on must stay until their segments are released.
+    pub(in crate::store) fn first_logged_seq(&self) -> Option<u64> {
+        self.first_seqs.values().min().copied()
+    }
+
+    /// As if every segment on disk had been released (`Store::compact_released`).
+    #[cfg(test)]
+    pub(in crate::store) fn release_all_logged(&mut self) {
+        self.first_seqs.clear();
     }
 
     /// Removes a command that will not finish (its batch was refused).

@@ -63,6 +63,7 @@ impl Store {
             for payload in payloads {
                 let size = FRAME_HEADER + payload.len();
                 let record: CommandRecord = serde_json::from_slice(payload)?;
+                table.hold(segment, record.seq);
                 let key = record.idempotency_key.as_bytes();
                 let finished = match trees.entry(key)? {
                     Some((entry, stored)) => {
@@ -122,10 +123,11 @@ pub(in crate::store) fn release_segment(
     if table.spares.len() < SPARE_SEGMENTS {
         fs::rename(segment_path(dir, segment), spare_path(dir, segment))?;
         table.spares.push(segment);
-        Ok(())
     } else {
-        fs::remove_file(segment_path(dir, segment))
+        fs::remove_file(segment_path(dir, segment))?;
     }
+    table.released(segment);
+    Ok(())
 }
 
 /// Opens segment `segment` for writing from its start: a spare renamed, or a new file.
