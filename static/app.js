@@ -328,7 +328,7 @@ function updateTaskNode(parts, item) {
   parts.marker.hidden = !item.pending;
   // The stuck row below carries the "still processing" wording; the marker stays terse so
   // that text appears once per stuck operation.
-  setText(parts.marker, stuckMarker(stuckOps) ?? (item.deleting ? 'deleting…' : 'saving…'));
+  setText(parts.marker, stuckOps.length ? stuckWording(stuckOps[0]).marker : item.deleting ? 'deleting…' : 'saving…');
   setAttr(parts.marker, 'title', item.ops.map((op) => `${op.description}: ${op.state}`).join('\n'));
 
   renderStuckRows(parts, item.id, stuckOps);
@@ -337,22 +337,18 @@ function updateTaskNode(parts, item) {
 }
 
 /**
- * What a stuck op's row says: that the server has it and has not confirmed it, or that
- * no attempt to send it got through (`unreached`), and why.
+ * How a stuck op reads, by what it waits on: the server, which has it and has not
+ * confirmed it, or a send no attempt of which got through (`unreached`). `marker` is
+ * the row's terse word, `text` the line of its stuck row.
  */
-function stuckText(op) {
-  if (!op.unreached) return `${op.description}: still processing. The server has not confirmed it yet.`;
-  if (op.unreached.offline) {
-    return `${op.description}: no answer, the server cannot be reached. It is sent again (same key) when the connection is back.`;
+function stuckWording(op) {
+  if (!op.unreached) {
+    return { marker: 'not confirmed', text: `${op.description}: still processing. The server has not confirmed it yet.` };
   }
-  return `${op.description}: not sent, the server did not take it (${op.unreached.detail}).`;
-}
-
-/** The marker of a row with stuck ops: what the first of them waits on; null with none. */
-function stuckMarker([op]) {
-  if (!op) return null;
-  if (!op.unreached) return 'not confirmed';
-  return op.unreached.offline ? 'no answer' : 'not sent';
+  if (op.unreached.offline) {
+    return { marker: 'no answer', text: `${op.description}: no answer, the server cannot be reached. It is sent again (same key) when the connection is back.` };
+  }
+  return { marker: 'not sent', text: `${op.description}: not sent, the server did not take it (${op.unreached.detail}).` };
 }
 
 /** One row per stuck op, keyed by its idempotency key: Retry sends it again, same key. */
@@ -368,11 +364,11 @@ function renderStuckRows(parts, taskId, stuckOps) {
     // An op stuck on its timeout may learn later that no attempt got through: the text follows.
     const known = parts.stuckRows.get(op.key);
     if (known) {
-      setText(known.text, stuckText(op));
+      setText(known.text, stuckWording(op).text);
       continue;
     }
     const row = element('div', { class: 'stuck-row', 'data-testid': 'stuck', 'data-key': op.key, role: 'alert' });
-    const text = element('span', {}, stuckText(op));
+    const text = element('span', {}, stuckWording(op).text);
     const retry = element('button', { type: 'button', 'data-testid': 'retry' }, 'Retry');
     const discard = element('button', { type: 'button', 'data-testid': 'discard' }, 'Discard');
     retry.addEventListener('click', () => sync.retry(op.key));
