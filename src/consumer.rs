@@ -269,8 +269,15 @@ impl Consumer {
             }
         }
         if !self.store.sync_has_failed() {
-            if let Err(err) = self.store.checkpoint() {
-                tracing::warn!(error = %err, "cannot checkpoint the applies at shutdown; the next start replays the apply log");
+            match self.store.checkpoint() {
+                Ok(()) => {
+                    if let Err(err) = self.store.give_back_event_ids() {
+                        tracing::warn!(error = %err, "cannot give back the event ids reserved at shutdown; a start after a reboot skips them");
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot checkpoint the applies at shutdown; the next start replays the apply log");
+                }
             }
         } else if !self.store.sled_sync_has_failed() {
             self.store.sync_after_apply_log_failure();

@@ -164,6 +164,13 @@ pub fn event_stream(
                     yield Ok(reset);
                 }
             }
+            // Given out before a power loss and lost with it (`store::event_ids`): the
+            // client may hold what those events did, which is gone.
+            Some(last) if store.is_hole(last, last) => {
+                if let Some(reset) = reset_frame(head, "history_lost") {
+                    yield Ok(reset);
+                }
+            }
             // From there on; if compaction has taken `last + 1`, the replay below resets.
             Some(last) => sent = last,
             None => {}
@@ -182,9 +189,12 @@ pub fn event_stream(
                         // The log no longer holds `sent + 1` (compacted before a resume,
                         // or under a lagging subscriber's replay, up to all of it): `reset`
                         // first, under the last id it no longer holds, so that ids only
-                        // grow; then what it holds, as for any resume.
+                        // grow; then what it holds, as for any resume. Ids that no event
+                        // ever held (a hole) are read past.
                         let lost_upto = frames.first().map_or(target, |frame| frame.id - 1);
-                        if lost_upto > sent {
+                        if lost_upto > sent && store.is_hole(sent + 1, lost_upto) {
+                            sent = lost_upto;
+                        } else if lost_upto > sent {
                             tracing::info!(sent, lost_upto, "event log no longer holds a subscriber's next events; resetting");
                             if let Some(reset) = reset_frame(lost_upto, "history_compacted") {
                                 yield Ok(reset);
@@ -224,5 +234,73 @@ pub fn event_stream(
                 _ = keep_alive.tick() => yield Ok(Bytes::from_static(b": keep-alive\n\n")),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::store::event_ids_testing::{lose_the_apply_log, open, settle};
+
+    /// The events a stream from `last_event_id` sends before it waits for live ones,
+    /// as (id, event type).
+    async fn replayed(store: &Store, last_event_id: u64) -> Vec<(u64, String)> {
+        let stream = event_stream(
+            store.clone(),
+            Hub::new(),
+            Metrics::new(),
+            CancellationToken::new(),
+            Some(last_event_id),
+        );
+        let mut stream = std::pin::pin!(stream);
+        let mut events = Vec::new();
+        while let Ok(Some(Ok(bytes))) =
+            tokio::time::timeout(Duration::from_millis(500), stream.next()).await
+        {
+            let text = String::from_utf8(bytes.to_vec()).expect("UTF-8");
+            let field = |name: &str| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix(name))
+                    .map(|value| value.trim().to_owned())
+            };
+            if let (Some(id), Some(event)) = (field("id:"), field("event:")) {
+                events.push((id.parse().expect("a numeric id"), event));
+            }
+        }
+        events
+    }
+
+    /// After a power loss took events 3 and 4 (`store::event_ids`): a client that saw
+    /// them resets; one that did not reads on across their ids as if there were none.
+    #[tokio::test]
+    async fn a_resume_reads_past_a_hole_in_the_ids_and_resets_from_inside_one() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = open(dir.path(), Some("boot-1"));
+        settle(&store, &["a", "b"]);
+        store.checkpoint().expect("in sled, synced");
+        settle(&store, &["c", "d"]);
+        drop(store);
+        lose_the_apply_log(dir.path());
+        let store = open(dir.path(), Some("boot-2"));
+        let [(first, last)] = store.event_id_holes() else {
+            panic!("one hole: {:?}", store.event_id_holes());
+        };
+        assert_eq!(*first, 3);
+        let next = settle(&store, &["e"])[0];
+        assert_eq!(next, last + 1);
+
+        let settled = |id| (id, "projection:settled".to_owned());
+        assert_eq!(replayed(&store, 1).await, [settled(2), settled(next)]);
+        assert_eq!(replayed(&store, 2).await, [settled(next)], "no reset");
+        for seen in [3, 4, *last] {
+            assert_eq!(
+                replayed(&store, seen).await,
+                [(next, "reset".to_owned())],
+                "from {seen}, which the server no longer has"
+            );
+        }
+        assert_eq!(replayed(&store, next).await, []);
     }
 }

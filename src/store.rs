@@ -23,7 +23,9 @@
 //!   chunks also holds values of one frame each, which are read as they are).
 //! - `meta`: `last_event_id` -> u64 big-endian, so ids are never reused;
 //!   `seq_reserved` -> u64 big-endian, the end of the block of seqs handed out from
-//!   memory ([`Store::next_seq`]); `records_chunked`, present once every finished
+//!   memory ([`Store::next_seq`]); `event_ids_reserved`, `event_ids_boot` and
+//!   `event_id_holes`, the event ids reserved ahead and the ones a start skipped
+//!   (`event_ids`); `records_chunked`, present once every finished
 //!   record is in `records` (those of a data directory from before are moved on open).
 //!   Like the seq allocator, both kinds of chunks are one way: an older build would
 //!   send a chunk of events as one frame, and read no record through a pointer.
@@ -54,7 +56,8 @@
 //! `unwritten` (the applies logged and not yet in sled), `checkpoint`, `chunks` (values
 //! of consecutive ids as one sled value), `finished` (the finished commands in sled),
 //! `frames` (the two logs' record format), `projection` (the read side), `retention`
-//! (compaction), `open` (opening and recovery), `durability` (sled's syncs, and the
+//! (compaction), `event_ids` (ids reserved ahead, and the holes a power loss
+//! leaves), `open` (opening and recovery), `durability` (sled's syncs, and the
 //! state a failed one leaves), `sync_failure` (the marker of a failed sync that
 //! outlives the process), `read` (the read API: finished commands, commands by id or
 //! key, dead letters, the event log).
@@ -64,6 +67,7 @@ mod apply_log;
 mod checkpoint;
 mod chunks;
 mod durability;
+mod event_ids;
 mod finished;
 mod frames;
 mod intake;
@@ -93,6 +97,9 @@ use uuid::Uuid;
 pub use self::apply::Step;
 use self::apply_log::ApplyLog;
 pub use self::checkpoint::Checkpoint;
+#[cfg(test)]
+pub(crate) use self::event_ids::testing as event_ids_testing;
+pub use self::event_ids::Hole;
 use self::finished::FinishedTrees;
 use self::intake::PendingTable;
 use self::projection::Projection;
@@ -117,6 +124,10 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("storage task: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// A step reached the event ids reserved durably (`event_ids`): its command fails
+    /// as a transient fault until a checkpoint reserves more.
+    #[error("no event id past {0} is reserved yet")]
+    EventIdUnreserved(u64),
     #[error("{0} is in use: another process holds its lock (is another settle running on it?)")]
     Locked(PathBuf),
     /// Shutdown began while a start waited for the directory's lock.
@@ -270,6 +281,8 @@ struct Inner {
     /// Cancelled with either flag set, for whoever waits ([`Store::sync_failed`]); the
     /// flags are what the hot paths read.
     sync_failure: CancellationToken,
+    /// The runs of event ids no event holds (`event_ids`): set on open, then read only.
+    event_id_holes: Vec<Hole>,
 }
 
 impl Inner {
@@ -1289,8 +1302,9 @@ mod tests {
         let intake_dir = dir.path().join(INTAKE_DIR);
         // As a process that held the directory until now would leave it, after the
         // first check passed and before sled let this open have the lock.
-        let opened =
-            Store::open_after_first_check(dir.path(), || sync_failure::record(&intake_dir, &"EIO"));
+        let opened = Store::open_in_boot(dir.path(), sync_failure::boot_id().as_deref(), || {
+            sync_failure::record(&intake_dir, &"EIO");
+        });
         assert!(
             matches!(&opened, Err(StoreError::SyncFailedThisBoot(path)) if *path == intake_dir.join("sync-failed")),
             "refused once sled is open: {:?}",

@@ -18,6 +18,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::chunks;
+use super::event_ids::EventIds;
 use super::finished::{pointer, unindex_id};
 use super::projection::Projection;
 use super::unwritten::WRITE_CHUNK;
@@ -42,6 +43,8 @@ pub struct Step<'a> {
     now: OffsetDateTime,
     /// The last event id this step gave out.
     last_event_id: u64,
+    /// How far it may give them out.
+    event_ids: EventIds,
     /// The commands this step applied: one twice in a step (one pending command per
     /// key) applies once.
     applied: HashSet<Uuid>,
@@ -54,15 +57,22 @@ impl Store {
     /// one of each task (the consumer's per-task order); after [`Store::log_applied`],
     /// [`Store::finish`] each command applied.
     pub fn step(&self, now: OffsetDateTime) -> Step<'_> {
+        // The projection's lock first, as before any look at the table.
+        let projection = self
+            .inner
+            .projection
+            .read()
+            .expect("projection lock poisoned");
+        let (last_event_id, event_ids) = {
+            let unwritten = self.inner.unwritten();
+            (unwritten.last_event_id, unwritten.event_ids)
+        };
         Step {
             store: self,
-            projection: self
-                .inner
-                .projection
-                .read()
-                .expect("projection lock poisoned"),
+            projection,
             now,
-            last_event_id: self.inner.unwritten().last_event_id,
+            last_event_id,
+            event_ids,
             applied: HashSet::new(),
             rows: HashMap::new(),
         }
@@ -115,7 +125,7 @@ impl Step<'_> {
             Some(row) => row.as_ref(),
             None => self.projection.rows.get(&pending.task_id),
         };
-        let event_id = self.last_event_id + 1;
+        let event_id = self.event_ids.check(self.last_event_id + 1)?;
         let applied = decided(pending, decision, current, self.now, event_id)?;
         self.last_event_id = event_id;
         self.applied.insert(pending.command_id);

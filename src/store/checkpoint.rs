@@ -43,8 +43,13 @@ pub struct Checkpoint {
 /// the oldest apply waiting to be written has waited long enough, and not before a
 /// failed one's backoff has passed. `None` when nothing waits for one.
 fn due_at(log: &ApplyLog, unwritten: &Unwritten, segments_wait: bool) -> Option<Instant> {
-    let at_once =
-        segments_wait || log.is_full() || log.has_retired() || unwritten.len() >= UNWRITTEN_DUE;
+    // `is_full`: the consumer waits for one, also for event ids when none wait to be
+    // written (`event_ids`).
+    let at_once = segments_wait
+        || log.is_full()
+        || log.has_retired()
+        || unwritten.len() >= UNWRITTEN_DUE
+        || unwritten.is_full();
     let due = if at_once {
         Instant::now()
     } else {
@@ -192,10 +197,14 @@ impl Checkpoint {
     /// second.
     fn finish(mut self) -> Result<Duration, StoreError> {
         self.store.inner.write_unwritten(self.logged)?;
+        let reserved = self.store.inner.reserve_event_ids(self.logged)?;
         self.store.inner.check_synced()?;
         let started = Instant::now();
         self.store.inner.sync_sled()?;
         let sync = started.elapsed();
+        if let Some(reserved) = reserved {
+            self.store.inner.event_ids_reserved(reserved);
+        }
         let released = self.store.inner.apply_log().release(&self.retired);
         apply_log::delete(&released);
         for segment in std::mem::take(&mut self.segments) {

@@ -13,9 +13,7 @@ use super::apply_log::{self, ApplyLog};
 use super::intake::PendingTable;
 use super::projection::Projection;
 use super::unwritten::Unwritten;
-use super::{
-    read_u64, sync_failure, Inner, Seqs, Store, StoreError, LAST_EVENT_ID, SEQ_BLOCK, SEQ_RESERVED,
-};
+use super::{read_u64, sync_failure, Inner, Seqs, Store, StoreError, SEQ_BLOCK, SEQ_RESERVED};
 
 /// The intake log's directory, inside the data directory.
 pub(super) const INTAKE_DIR: &str = "intake";
@@ -74,13 +72,16 @@ impl Store {
     /// record does not parse; [`StoreError::SyncFailedThisBoot`] when a sync of sled's
     /// files failed earlier in this boot of the machine.
     pub fn open(dir: &std::path::Path) -> Result<Self, StoreError> {
-        Self::open_after_first_check(dir, || {})
+        Self::open_in_boot(dir, sync_failure::boot_id().as_deref(), || {})
     }
 
-    /// [`Store::open`], running `first_checked` between its two checks for the marker
-    /// of a failed sync: where the process that held the directory could leave one.
-    pub(super) fn open_after_first_check(
+    /// [`Store::open`], as if the machine's boot id were `boot` (`None`: it cannot be
+    /// told), for what the event ids go on from (`event_ids`); running `first_checked`
+    /// between its two checks for the marker of a failed sync: where the process that
+    /// held the directory could leave one.
+    pub(crate) fn open_in_boot(
         dir: &std::path::Path,
+        boot: Option<&str>,
         first_checked: impl FnOnce(),
     ) -> Result<Self, StoreError> {
         // Before sled's recovery, which may write, and again once sled holds the
@@ -121,6 +122,7 @@ impl Store {
             apply_log_failed: AtomicBool::new(false),
             sync_lock: Mutex::new(()),
             sync_failure: CancellationToken::new(),
+            event_id_holes: Vec::new(),
             db,
         };
         // First: the replay's look-ups read records as they are now kept.
@@ -140,6 +142,8 @@ impl Store {
         // no longer needed.
         let reserved = first_seq + SEQ_BLOCK;
         inner.meta.insert(SEQ_RESERVED, &reserved.to_be_bytes())?;
+        // In the same sync: the first event ids, and any hole before them.
+        let event_ids = inner.reserve_event_ids_at_open(boot)?;
         inner.sync_sled()?;
         let apply_log = inner.apply_log.get_mut().expect("apply log lock poisoned");
         let replayed = apply_log.retired();
@@ -158,12 +162,14 @@ impl Store {
             .get_mut()
             .expect("pending table lock poisoned") = pending;
         let mut projection = Projection::default();
-        projection.watermark = inner.meta.get(LAST_EVENT_ID)?.map_or(0, |v| read_u64(&v));
-        inner
+        projection.watermark = event_ids.last;
+        let unwritten = inner
             .unwritten
             .get_mut()
-            .expect("unwritten table lock poisoned")
-            .last_event_id = projection.watermark;
+            .expect("unwritten table lock poisoned");
+        unwritten.last_event_id = event_ids.last;
+        unwritten.event_ids = event_ids.ids;
+        inner.event_id_holes = event_ids.holes;
         for entry in inner.tasks.iter() {
             let (_, value) = entry?;
             projection.insert(serde_json::from_slice(&value)?);

@@ -26,7 +26,7 @@ const MARKER: &str = "sync-failed";
 /// This boot's id, a random UUID the kernel makes at boot.
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
-fn boot_id() -> Option<String> {
+pub(super) fn boot_id() -> Option<String> {
     fs::read_to_string(BOOT_ID)
         .ok()
         .map(|id| id.trim().to_owned())

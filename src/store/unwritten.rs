@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use super::event_ids::EventIds;
 use super::{Applied, Inner, StoreError};
 use crate::hub::EventFrame;
 use crate::model::CommandRecord;
@@ -38,7 +39,7 @@ pub(super) const UNWRITTEN_DUE: usize = 4096;
 /// How long the oldest apply waits here before a checkpoint is due, however few wait:
 /// until a checkpoint has synced it, a published apply is in the page cache only (the
 /// apply log is never synced), and a power loss would take it (its command applies
-/// again from the intake log, perhaps otherwise, under the same event id). sled's own
+/// again from the intake log, perhaps otherwise, under a new event id: `event_ids`). sled's own
 /// flusher left that window at about half a second; so does this.
 const UNWRITTEN_AGE: Duration = Duration::from_millis(500);
 /// Applies waiting here beyond which the consumer waits for a checkpoint to write them.
@@ -58,6 +59,8 @@ pub(super) struct Unwritten {
     /// The last event id logged: the next step's first event follows it. Starts at
     /// sled's last event id once the apply log is replayed.
     pub(super) last_event_id: u64,
+    /// How far the next steps may give out ids (`event_ids`).
+    pub(super) event_ids: EventIds,
     /// Event id -> the apply that published it.
     applies: BTreeMap<u64, Entry>,
     /// Idempotency key -> event id.
@@ -120,9 +123,12 @@ impl Unwritten {
         self.applies.len()
     }
 
-    /// Whether the consumer should wait for a checkpoint before its next step.
+    /// Whether the consumer should wait for a checkpoint before its next step: this
+    /// table is at its bounds, or the event ids reserved are running out.
     pub(super) fn is_full(&self) -> bool {
-        self.applies.len() >= UNWRITTEN_MAX || self.bytes >= UNWRITTEN_MAX_BYTES
+        self.applies.len() >= UNWRITTEN_MAX
+            || self.bytes >= UNWRITTEN_MAX_BYTES
+            || self.event_ids.is_short(self.last_event_id)
     }
 
     /// The finished record under `key`, if its apply waits here.
