@@ -158,16 +158,16 @@ pub fn event_stream(
 
         let mut sent = head;
         match last_event_id {
-            // Ahead of this log (another data directory): its history is unknown here.
-            Some(last) if last > head => {
-                if let Some(reset) = reset_frame(head, "unknown_event_id") {
+            // Perhaps given out before a power loss and lost with it
+            // (`store::event_ids`): the client may hold what those events did.
+            Some(last) if store.is_hole(last, last) => {
+                if let Some(reset) = reset_frame(head, "history_lost") {
                     yield Ok(reset);
                 }
             }
-            // Given out before a power loss and lost with it (`store::event_ids`): the
-            // client may hold what those events did, which is gone.
-            Some(last) if store.is_hole(last, last) => {
-                if let Some(reset) = reset_frame(head, "history_lost") {
+            // Ahead of this log (another data directory): its history is unknown here.
+            Some(last) if last > head => {
+                if let Some(reset) = reset_frame(head, "unknown_event_id") {
                     yield Ok(reset);
                 }
             }
@@ -288,6 +288,11 @@ mod tests {
             panic!("one hole: {:?}", store.event_id_holes());
         };
         assert_eq!(*first, 3);
+        // No event since the hole: a client that resumes from the snapshot's watermark
+        // goes live with no reset; one that saw a lost event resets to it.
+        assert_eq!(store.watermark(), 2);
+        assert_eq!(replayed(&store, store.watermark()).await, []);
+        assert_eq!(replayed(&store, 4).await, [(2, "reset".to_owned())]);
         let next = settle(&store, &["e"])[0];
         assert_eq!(next, last + 1);
 

@@ -178,7 +178,7 @@ impl Consumer {
             && !self.stopping.is_cancelled()
         {
             if !waited {
-                tracing::warn!("the applies not yet written to sled are at their bound; the consumer waits for a checkpoint");
+                tracing::warn!("the applies not yet written to sled are at their bound, or the event ids reserved run short; the consumer waits for a checkpoint");
                 waited = true;
             }
             self.begin_checkpoint();

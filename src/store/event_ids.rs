@@ -13,7 +13,9 @@
 //! cache may have been lost since the bound was written (`event_ids_boot`, the boot
 //! the last start ran in):
 //! - In the same boot (after a kill -9, or a restart), the apply log is whole: ids go
-//!   on from the last one it holds, with no hole.
+//!   on from the last one it holds, with no hole. (This takes the boot id as the
+//!   lifetime of the page cache, which holds unless the disk is detached and attached
+//!   again within one boot.)
 //! - After a clean stop, the bound was given back ([`Store::give_back_event_ids`]):
 //!   ids go on with no hole either, whatever the boot.
 //! - Otherwise (a reboot after a crash, or no boot id here), the ids from sled's last
@@ -23,7 +25,9 @@
 //!
 //! A subscriber resuming from inside a hole may have seen events that are gone, so its
 //! stream resets (`history_lost`); one resuming from before it reads on across it
-//! ([`Store::is_hole`]).
+//! ([`Store::is_hole`]). The watermark (the snapshot's, the stream's head) is the last
+//! event there is, never the end of a hole, and a retention counts events, not ids
+//! ([`Store::first_of_last_events`]).
 
 use super::{read_u64, Inner, Store, StoreError, LAST_EVENT_ID};
 
@@ -34,12 +38,12 @@ const BOOT: &[u8] = b"event_ids_boot";
 /// `meta`: the holes, each its first and last id (u64 big-endian each).
 const HOLES: &[u8] = b"event_id_holes";
 /// How far past the last id it writes a checkpoint reserves. It writes the bound
-/// again only once less than half of this is left, so about once per half-million
-/// events; the hole a power loss leaves is at most this long.
-const BLOCK: u64 = 1 << 20;
+/// again only once less than half of this is left, so about once per 65536 events;
+/// a hole is at most about this long.
+const BLOCK: u64 = 1 << 17;
 /// The room under the bound below which the consumer waits for a checkpoint before a
-/// step: more than any step applies (the consumer's batch is a few thousand).
-const STEP_ROOM: u64 = 1 << 16;
+/// step: more than any step applies (the consumer's batch is at most 2048).
+const STEP_ROOM: u64 = 1 << 13;
 
 /// A run of event ids, first to last, that no event holds or ever will.
 pub type Hole = (u64, u64);
@@ -75,8 +79,10 @@ impl EventIds {
 
 /// What a start decided about event ids ([`Inner::reserve_event_ids_at_open`]).
 pub(super) struct Opened {
-    /// The last event id: sled's, or the end of the hole made now.
+    /// The last event id given out or skipped: the next step's follows it.
     pub(super) last: u64,
+    /// The last event there is: `last`, unless that ends a hole.
+    pub(super) watermark: u64,
     pub(super) ids: EventIds,
     pub(super) holes: Vec<Hole>,
 }
@@ -152,7 +158,18 @@ impl Inner {
             None => batch.remove(BOOT),
         }
         self.meta.apply_batch(batch)?;
-        Ok(Opened { last, ids, holes })
+        // The snapshot and the streams start from a real event, never from inside a
+        // hole, where a resume resets.
+        let watermark = match holes.last() {
+            Some(&(first, end)) if end == last => first - 1,
+            _ => last,
+        };
+        Ok(Opened {
+            last,
+            watermark,
+            ids,
+            holes,
+        })
     }
 
     /// The first id the event log holds, from the key of its first chunk.
@@ -212,6 +229,31 @@ impl Store {
             .event_id_holes
             .iter()
             .any(|&(start, end)| start <= first && last <= end)
+    }
+
+    /// The first of the last `keep` events up to `head`, counting only ids that are
+    /// not in a hole: so a hole does not take the place of events a retention keeps.
+    /// 0 when there are no more than `keep`.
+    pub fn first_of_last_events(&self, head: u64, keep: u64) -> u64 {
+        let mut upper = head;
+        let mut left = keep;
+        for &(first, last) in self.inner.event_id_holes.iter().rev() {
+            if first > upper {
+                continue;
+            }
+            // The events between this hole and `upper`.
+            let run = upper - last.min(upper);
+            if run >= left {
+                return upper - left + 1;
+            }
+            left -= run;
+            upper = first - 1;
+        }
+        if upper > left {
+            upper - left + 1
+        } else {
+            0
+        }
     }
 
     /// The holes in the event ids, oldest first.
@@ -316,14 +358,19 @@ mod tests {
 
         let store = open(dir.path(), Some("boot-2"));
         assert_eq!(
-            store.watermark(),
-            BLOCK,
-            "the first start reserved up to here"
+            store.event_id_holes(),
+            [(3, BLOCK)],
+            "the first start reserved up to BLOCK"
         );
-        assert_eq!(store.event_id_holes(), [(3, BLOCK)]);
+        assert_eq!(
+            store.watermark(),
+            2,
+            "the snapshot's: the last event there is"
+        );
         assert!(store.is_hole(3, 3) && store.is_hole(4, BLOCK) && store.is_hole(3, BLOCK));
         assert!(!store.is_hole(2, 3) && !store.is_hole(BLOCK, BLOCK + 1));
         assert_eq!(settle(&store, &["c2"]), [BLOCK + 1]);
+        assert_eq!(store.watermark(), BLOCK + 1);
         // A read stops at the hole; the next, from its start, finds what follows.
         assert_eq!(event_ids(&store, 0), [1, 2]);
         assert_eq!(event_ids(&store, 2), [BLOCK + 1]);
@@ -337,18 +384,47 @@ mod tests {
         drop(store);
 
         // Where the boot cannot be told, every start that did not follow a clean stop
-        // skips; one with no event since the last hole widens it.
+        // skips; one with no event since the last hole widens it, and the watermark
+        // stays at the last event there is.
         let store = open(dir.path(), None);
         let reserved = 2 * BLOCK + 1;
-        assert_eq!(store.watermark(), reserved);
         assert_eq!(store.event_id_holes(), [(3, BLOCK), (BLOCK + 3, reserved)]);
+        assert_eq!(store.watermark(), BLOCK + 2);
         drop(store);
         let store = open(dir.path(), None);
         assert_eq!(
             store.event_id_holes(),
             [(3, BLOCK), (BLOCK + 3, reserved + BLOCK)]
         );
+        assert_eq!(store.watermark(), BLOCK + 2);
         assert_eq!(settle(&store, &["f"]), [reserved + BLOCK + 1]);
+    }
+
+    /// A retention keeps the last events there are, not the last ids: a hole takes the
+    /// place of none of them.
+    #[test]
+    fn a_retention_counts_events_not_the_ids_of_a_hole() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = open(dir.path(), Some("boot-1"));
+        assert_eq!(settle(&store, &["a", "b", "c"]), [1, 2, 3]);
+        store.checkpoint().expect("in sled, synced");
+        drop(store);
+        let store = open(dir.path(), Some("boot-2"));
+        assert_eq!(settle(&store, &["d", "e"]), [BLOCK + 1, BLOCK + 2]);
+        assert_eq!(store.first_of_last_events(BLOCK + 2, 3), 3);
+        assert_eq!(store.first_of_last_events(BLOCK + 2, 2), BLOCK + 1);
+        assert_eq!(
+            store.first_of_last_events(BLOCK + 2, 5),
+            0,
+            "no more than 5"
+        );
+        assert_eq!(store.first_of_last_events(2, 1), 2, "before the hole");
+        let (trimmed, _) = store
+            .compact(3, time::OffsetDateTime::UNIX_EPOCH)
+            .expect("compacted");
+        assert_eq!(trimmed, 2);
+        assert_eq!(event_ids(&store, 0), [3], "read up to the hole");
+        assert_eq!(event_ids(&store, 3), [BLOCK + 1, BLOCK + 2]);
     }
 
     /// After a clean stop nothing is skipped, in whatever boot the next start runs.
@@ -403,17 +479,13 @@ mod tests {
         drop(step);
         store.checkpoint().expect("checkpointed");
         assert_eq!(store.inner.unwritten().event_ids.reserved, 1 + BLOCK);
-        let durable = store
+        let written = store
             .inner
             .meta
             .get(RESERVED)
             .expect("read")
             .expect("written");
-        assert_eq!(
-            read_u64(&durable),
-            1 + BLOCK,
-            "durable before the steps use it"
-        );
+        assert_eq!(read_u64(&written), 1 + BLOCK, "in meta, for the next start");
         assert!(!store.unwritten_is_full());
         assert_eq!(settle(&store, &["b"]), [2]);
     }

@@ -162,7 +162,7 @@ impl Store {
             .get_mut()
             .expect("pending table lock poisoned") = pending;
         let mut projection = Projection::default();
-        projection.watermark = event_ids.last;
+        projection.watermark = event_ids.watermark;
         let unwritten = inner
             .unwritten
             .get_mut()

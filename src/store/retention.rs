@@ -61,10 +61,10 @@ impl Store {
     /// before the first of them, and writes the one that holds it again from it on,
     /// under its id, in one batch. Answers how many events went.
     fn trim_events(&self, head: u64, keep_events: u64) -> Result<usize, StoreError> {
-        if head <= keep_events {
+        let first_kept = self.first_of_last_events(head, keep_events);
+        if first_kept <= 1 {
             return Ok(0);
         }
-        let first_kept = head - keep_events + 1;
         let events = &self.inner.events;
         let mut removed = 0;
         for entry in events.range(..first_kept.to_be_bytes()) {
