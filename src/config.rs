@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:3000";
 pub const DEFAULT_DATA_DIR: &str = "./data";
@@ -111,8 +111,11 @@ pub struct Config {
 
 impl Config {
     /// The defaults with another data directory and port 0: what tests start from.
+    /// Not read from the environment: a stray `SETTLE_*` would change every test.
     pub fn for_tests(data_dir: impl Into<PathBuf>) -> Self {
-        let mut config = Self::parse_from(["settle"]);
+        let command = Self::command().mut_args(|arg| arg.env(None::<&str>));
+        let matches = command.get_matches_from(["settle"]);
+        let mut config = Self::from_arg_matches(&matches).expect("the defaults parse");
         config.addr = "127.0.0.1:0".parse().expect("a valid literal address");
         config.data_dir = data_dir.into();
         config

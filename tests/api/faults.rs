@@ -54,10 +54,9 @@ async fn a_lost_delivery_is_redelivered_and_applies_once() {
     let mut events = app.events(None).await;
     let created = app.create("lost once").await;
     // Every delivery is lost for a while: the command stays pending, no event.
-    assert!(events
-        .next_within(Duration::from_millis(1_200))
-        .await
-        .is_none());
+    events
+        .assert_quiet(Duration::from_millis(1_200), "no event while lost")
+        .await;
     let (_, command) = app
         .get_json(&format!("/api/commands/{}", created.command_id))
         .await;
@@ -70,13 +69,9 @@ async fn a_lost_delivery_is_redelivered_and_applies_once() {
     let (event, before) = events.until_command(created.command_id).await;
     assert!(before.is_empty());
     assert_eq!(event.name, "projection:settled");
-    assert!(
-        events
-            .next_within(Duration::from_millis(1_000))
-            .await
-            .is_none(),
-        "applied at most once"
-    );
+    events
+        .assert_quiet(Duration::from_millis(1_000), "applied at most once")
+        .await;
     let (_, list) = app.get_json("/api/tasks").await;
     assert_eq!(list["tasks"].as_array().unwrap().len(), 1);
     app.stop().await;
@@ -84,11 +79,13 @@ async fn a_lost_delivery_is_redelivered_and_applies_once() {
 
 #[tokio::test]
 async fn a_client_retry_of_an_overdue_command_redelivers_it_at_once() {
-    // Lost at 1 s; the broker-style redelivery would come at 1 s + 3 s = 4 s.
+    // Lost at 6 s; the broker-style redelivery would come at 6 s + 4 s = 10 s. A
+    // client's retry past both the due time and the redelivery timeout (4 s after
+    // its accept) nudges it at once.
     let app = spawn_app_with(|config| {
-        config.delay_ms = 1_000;
+        config.delay_ms = 6_000;
         config.drop_rate = 1.0;
-        config.redeliver_after_ms = 3_000;
+        config.redeliver_after_ms = 4_000;
     })
     .await;
     let mut events = app.events(None).await;
@@ -97,9 +94,9 @@ async fn a_client_retry_of_an_overdue_command_redelivers_it_at_once() {
     let created = app
         .accepted(Method::POST, "/api/tasks", "retry-key", body.clone())
         .await;
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    tokio::time::sleep_until((accepted_at + Duration::from_millis(6_400)).into()).await;
     app.put_faults(json!({ "drop_rate": 0.0 })).await;
-    tokio::time::sleep_until((accepted_at + Duration::from_millis(3_100)).into()).await;
+    tokio::time::sleep_until((accepted_at + Duration::from_millis(6_500)).into()).await;
 
     let retried = app
         .accepted(Method::POST, "/api/tasks", "retry-key", body)
@@ -112,16 +109,12 @@ async fn a_client_retry_of_an_overdue_command_redelivers_it_at_once() {
     let settled_after = accepted_at.elapsed();
     assert_eq!(event.name, "projection:settled");
     assert!(
-        settled_after < Duration::from_millis(3_900),
-        "the retry re-enqueued it at once (settled after {settled_after:?}, the timer was due at 4 s)"
+        settled_after < Duration::from_millis(9_000),
+        "the retry re-enqueued it at once (settled after {settled_after:?}, the timer was due at 10 s)"
     );
-    assert!(
-        events
-            .next_within(Duration::from_millis(1_500))
-            .await
-            .is_none(),
-        "and only once"
-    );
+    events
+        .assert_quiet(Duration::from_millis(1_500), "and only once")
+        .await;
     app.stop().await;
 }
 

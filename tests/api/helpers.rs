@@ -37,7 +37,14 @@ impl BinaryServer {
     /// Starts the binary with `RUST_LOG=settle=<log_level>` and waits for the
     /// `listening on http://ADDR` line.
     pub fn start(data_dir: &Path, delay_ms: u64, log_level: &str, logs: Logs) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_settle"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_settle"));
+        // The server's own settings come from the arguments alone.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("SETTLE_") {
+                command.env_remove(name);
+            }
+        }
+        let mut child = command
             .args(["--addr", "127.0.0.1:0", "--delay-ms", &delay_ms.to_string()])
             .arg("--data-dir")
             .arg(data_dir)
@@ -324,6 +331,16 @@ impl Received {
     }
 }
 
+/// What an event stream gave within a wait ([`Events::next_or_end`]).
+#[derive(Debug)]
+pub enum Next {
+    Event(Received),
+    /// The stream ended, or failed (the client does not reconnect).
+    Ended,
+    /// Nothing came, and the stream is still open.
+    Quiet,
+}
+
 /// An open event stream, read with the `eventsource-client` crate.
 pub struct Events {
     stream: BoxStream<'static, es::Result<es::SSE>>,
@@ -363,13 +380,14 @@ impl Events {
         events
     }
 
-    /// The next event, skipping comments; `None` on timeout or end of stream.
-    pub async fn next_within(&mut self, timeout: Duration) -> Option<Received> {
-        tokio::time::timeout(timeout, async {
+    /// What the stream gives within `timeout`, skipping comments: an event, its end
+    /// (or an error, which ends it: it does not reconnect), or nothing.
+    pub async fn next_or_end(&mut self, timeout: Duration) -> Next {
+        let next = tokio::time::timeout(timeout, async {
             loop {
-                match self.stream.next().await? {
-                    Ok(es::SSE::Event(event)) => {
-                        return Some(Received {
+                match self.stream.next().await {
+                    Some(Ok(es::SSE::Event(event))) => {
+                        return Next::Event(Received {
                             id: event
                                 .id
                                 .as_deref()
@@ -379,14 +397,29 @@ impl Events {
                             name: event.event_type,
                         })
                     }
-                    Ok(_) => {}
-                    Err(_) => return None,
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return Next::Ended,
                 }
             }
-        })
-        .await
-        .ok()
-        .flatten()
+        });
+        next.await.unwrap_or(Next::Quiet)
+    }
+
+    /// The next event, skipping comments; `None` on timeout or end of stream.
+    pub async fn next_within(&mut self, timeout: Duration) -> Option<Received> {
+        match self.next_or_end(timeout).await {
+            Next::Event(event) => Some(event),
+            Next::Ended | Next::Quiet => None,
+        }
+    }
+
+    /// Asserts that nothing arrives for `wait` on a stream that stays open: a stream
+    /// that ended would say nothing too, and prove nothing.
+    pub async fn assert_quiet(&mut self, wait: Duration, what: &str) {
+        match self.next_or_end(wait).await {
+            Next::Quiet => {}
+            other => panic!("{what}: expected nothing on the open stream, got {other:?}"),
+        }
     }
 
     pub async fn next(&mut self) -> Received {

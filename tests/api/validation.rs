@@ -502,6 +502,10 @@ async fn limits_are_inclusive_and_quoted_keys_are_keys() {
         .await;
         assert_eq!(response.status(), 202, "{what} is accepted");
     }
+    // The quoted key is stored unquoted, its escape undone: found by the bare key.
+    let (status, command) = app.get_json("/api/commands?key=a%22b").await;
+    assert_eq!(status, 200, "found by its key unquoted: {command}");
+    assert_eq!(command["idempotency_key"], "a\"b");
     // A DELETE needs no body at all.
     let id = Uuid::now_v7();
     let response = send(

@@ -57,10 +57,19 @@ export async function startServer(flags = []) {
   };
 }
 
+/**
+ * The environment a test server starts with: this one without the server's own
+ * `SETTLE_*` settings, so a stray `SETTLE_FAILURE_RATE` cannot change what a test sees.
+ */
+function serverEnv() {
+  const env = Object.fromEntries(Object.entries(process.env).filter(([name]) => !name.startsWith('SETTLE_')));
+  return { ...env, RUST_LOG: process.env.RUST_LOG || 'settle=info', NO_COLOR: '1' };
+}
+
 /** Spawn the binary and wait for its `listening on http://ADDR` line. */
 async function spawnSettle(args) {
   const child = spawn(settleBin, args, {
-    env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'settle=info', NO_COLOR: '1' },
+    env: serverEnv(),
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let output = '';
