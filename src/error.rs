@@ -16,6 +16,8 @@ use crate::store::StoreError;
 /// Media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
+/// Every error a request can end in: each variant names its status, and renders as
+/// an RFC 9457 problem ([`IntoResponse`]). 5xx are logged; none shows internals.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// 400: the request is malformed (bad JSON, bad path id, bad header).
@@ -36,7 +38,7 @@ pub enum ApiError {
     /// 413: the body is larger than the limit.
     #[error("{0}")]
     PayloadTooLarge(String),
-    /// 408: the request body stalled (`api::guard_body`).
+    /// 408: the request body stalled (`api::guard_bodies`).
     #[error("{0}")]
     RequestTimeout(String),
     /// 414: the request line is longer than a request head may be (`head`).

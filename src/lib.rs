@@ -33,6 +33,7 @@
 //! - `assets`: the embedded browser app and the 404 fallback.
 //! - `error`: the problem+json error boundary.
 //! - `build_info`: the commit and compiler a binary was built from (`build.rs`).
+//! - `signal`: SIGINT and SIGTERM, which stop the server (and the load generator).
 
 pub mod api;
 pub mod assets;

@@ -114,6 +114,8 @@ const SEQ_RESERVED: &[u8] = b"seq_reserved";
 /// ([`Inner::sync_sled`]).
 const SEQ_BLOCK: u64 = 1 << 16;
 
+/// What a store call can fail with: sled's errors, a record that does not parse, the
+/// logs' file errors, and the states a start or a step can meet.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage: {0}")]

@@ -110,6 +110,7 @@ test('two tabs of one browser that both like in one window end at one like', asy
     const task = await server.api.createSettled('liked twice');
     const { page: tabA, context, pageErrors } = await openApp(browser, server.url);
     const { page: tabB } = await openTab(context, server.url);
+    const sent = [tabA, tabB].map((tab) => recordCommands(tab));
 
     // Tab B cannot see tab A's pending like: both send +1 within the window.
     await tabA.bringToFront();
@@ -124,6 +125,12 @@ test('two tabs of one browser that both like in one window end at one like', asy
         assert.equal(await taskItem(tab, task.id).getByTestId('like').getAttribute('aria-pressed'), 'true');
       }
     }, { timeout: 15_000 });
+    // Both tabs liked, and one like was taken back: not one tab doing nothing.
+    const deltas = sent.map((commands) => commands.filter((command) => command.path.endsWith('/likes'))
+      .map((command) => command.body.delta));
+    assert.deepEqual(deltas.map((tab) => tab[0]), [1, 1], 'each tab sent its like');
+    assert.deepEqual(deltas.flat().sort(), [-1, 1, 1], 'and one of them was taken back');
+    assert.equal((await server.api.task(task.id)).version, 4, 'created, liked twice, unliked once');
     assert.deepEqual(pageErrors, []);
   } finally {
     await server.stop();

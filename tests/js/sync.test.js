@@ -410,14 +410,29 @@ describe('the sync engine', () => {
     assert.deepEqual(core.pendingOps().map((op) => op.key), ['first'], 'the replayed one settled by its status');
   });
 
-  test('a reset event refetches the snapshot and reopens the stream', async () => {
-    const { sync, transport } = setup();
+  test('a reset event refetches the snapshot and reopens the stream from its watermark', async () => {
+    const snapshots = [
+      { tasks: [task('a')], watermark: 5 },
+      { tasks: [task('a', { title: 'renamed elsewhere', version: 2 }), task('b')], watermark: 9 },
+    ];
+    const transport = fakeTransport({
+      fetchSnapshot: async () => {
+        transport.calls.push(['snapshot']);
+        return snapshots.shift();
+      },
+    });
+    const { core, sync } = setup({ transport });
     await sync.start();
-    transport.streams[0].handlers.onEvent({ id: Number.NaN, type: 'reset', data: null });
+    transport.streams[0].handlers.onEvent({ id: 9, type: 'reset', data: { watermark: 9, reason: 'history_lost' } });
     await flush();
     await flush();
+    assert.equal(transport.calls.filter((call) => call[0] === 'snapshot').length, 2, 'fetched again');
     assert.equal(transport.streams.length, 2);
     assert.equal(transport.streams[0].closed, true);
+    assert.equal(transport.streams[1].lastEventId, 9, 'from the new snapshot');
+    assert.equal(core.watermark, 9);
+    const items = core.getSnapshot().items;
+    assert.deepEqual(items.map((item) => [item.id, item.task.title]), [['a', 'renamed elsewhere'], ['b', 'task b']]);
   });
 });
 
