@@ -7,6 +7,7 @@ mod bench;
 mod commands;
 mod events;
 mod faults;
+mod heads;
 mod restart;
 mod signals;
 mod validation;

@@ -1,0 +1,275 @@
+//! What a request must be before a handler sees it: the body guards (size, stall),
+//! the extractors whose rejections are problems, the `Idempotency-Key` header, the
+//! command inputs and their checks, and optional JSON bodies.
+
+use std::time::Duration;
+
+use axum::body::{Bytes, HttpBody};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tower_http::timeout::RequestBodyTimeoutLayer;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::model::{NOTES_MAX_CHARS, TITLE_MAX_CHARS};
+
+/// Largest accepted request body.
+pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
+/// Longest a request body may keep the server waiting for its next piece: then the
+/// read fails and the request is answered 408.
+pub const BODY_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest idempotency key, in characters (all visible ASCII).
+pub const IDEMPOTENCY_KEY_MAX: usize = 255;
+
+/// The routes of `router` with their request bodies guarded. A body that declares more
+/// than [`BODY_LIMIT_BYTES`] is refused with 413 before any of it is read: a client that
+/// waits on `Expect: 100-continue`, or never sends the body it announced, still gets its
+/// answer (one without a declared length is cut off at the limit as it is read). A body
+/// that stalls for [`BODY_STALL_TIMEOUT`] fails its read: 408, and the connection is not
+/// held by a client that went quiet mid-body.
+pub fn guard_bodies<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    router
+        .route_layer(RequestBodyTimeoutLayer::new(BODY_STALL_TIMEOUT))
+        .route_layer(axum::middleware::from_fn(refuse_declared_oversize))
+}
+
+async fn refuse_declared_oversize(request: Request, next: Next) -> Response {
+    let declared = request.body().size_hint().lower();
+    if declared > BODY_LIMIT_BYTES as u64 {
+        return ApiError::PayloadTooLarge(format!(
+            "the body declares {declared} bytes; a request body may have at most \
+             {BODY_LIMIT_BYTES} bytes"
+        ))
+        .into_response();
+    }
+    next.run(request).await
+}
+
+// ----- extractors -------------------------------------------------------------------
+
+/// A JSON body whose rejections are problem+json (400 syntax, 415 media type,
+/// 413 size, 408 a body that stalled, 422 shape).
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct AppJson<T>(pub T);
+
+/// A path parameter whose rejection is a 400 problem.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct AppPath<T>(pub T);
+
+/// A query string whose rejection is a 400 problem.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct AppQuery<T>(pub T);
+
+/// The `Idempotency-Key` header (draft-ietf-httpapi-idempotency-key-header): 1 to 255
+/// visible ASCII characters, bare or as an RFC 8941 string (`"abc"` is the key `abc`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdempotencyKey(pub String);
+
+impl IdempotencyKey {
+    /// # Errors
+    /// A message saying what is wrong with the value.
+    pub fn parse(raw: &[u8]) -> Result<Self, String> {
+        let key = if raw.first() == Some(&b'"') {
+            match sfv::Parser::parse_item(raw) {
+                Ok(item) => match item.bare_item {
+                    sfv::BareItem::String(text) if item.params.is_empty() => text,
+                    _ => return Err("a quoted key must be a plain RFC 8941 string".to_owned()),
+                },
+                Err(err) => return Err(format!("not a valid RFC 8941 string: {err}")),
+            }
+        } else {
+            String::from_utf8(raw.to_vec())
+                .map_err(|_| "the key must be visible ASCII".to_owned())?
+        };
+        Self::parse_bare(key)
+    }
+
+    /// A key as it is, never quoted: 1 to 255 visible ASCII characters.
+    ///
+    /// # Errors
+    /// A message saying what is wrong with the value.
+    pub fn parse_bare(key: String) -> Result<Self, String> {
+        if key.is_empty() || key.len() > IDEMPOTENCY_KEY_MAX {
+            return Err(format!(
+                "the key must be 1 to {IDEMPOTENCY_KEY_MAX} characters, got {}",
+                key.len()
+            ));
+        }
+        if !key.bytes().all(|byte| byte.is_ascii_graphic()) {
+            return Err(
+                "the key must be visible ASCII (no spaces or control characters)".to_owned(),
+            );
+        }
+        Ok(Self(key))
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let mut values = parts.headers.get_all("idempotency-key").iter();
+        let value = values.next().ok_or_else(|| {
+            ApiError::BadIdempotencyKey("every command needs an Idempotency-Key header".to_owned())
+        })?;
+        if values.next().is_some() {
+            return Err(ApiError::BadIdempotencyKey(
+                "send exactly one Idempotency-Key header".to_owned(),
+            ));
+        }
+        Self::parse(value.as_bytes())
+            .map_err(|why| ApiError::BadIdempotencyKey(format!("malformed Idempotency-Key: {why}")))
+    }
+}
+
+// ----- inputs -----------------------------------------------------------------------
+
+/// `POST /api/tasks`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTask {
+    /// Chosen by the client so an optimistic UI has a stable id; generated if absent.
+    #[serde(default)]
+    pub id: Option<Uuid>,
+    pub title: String,
+    #[serde(default)]
+    pub notes: Option<String>,
+}
+
+/// `PATCH /api/tasks/{id}`: at least one of title, notes, done.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTask {
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub notes: Option<String>,
+    #[serde(default)]
+    pub done: Option<bool>,
+    #[serde(default)]
+    pub base_version: Option<u64>,
+}
+
+/// `DELETE /api/tasks/{id}`'s optional body.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteTask {
+    #[serde(default)]
+    pub base_version: Option<u64>,
+}
+
+/// `POST /api/tasks/{id}/likes`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LikeTask {
+    pub delta: i64,
+}
+
+pub(super) fn valid_title(title: &str) -> Result<String, ApiError> {
+    let trimmed = title.trim();
+    let chars = trimmed.chars().count();
+    if chars == 0 || chars > TITLE_MAX_CHARS {
+        return Err(ApiError::Invalid(format!(
+            "title must be 1 to {TITLE_MAX_CHARS} characters after trimming, got {chars}"
+        )));
+    }
+    Ok(trimmed.to_owned())
+}
+
+pub(super) fn valid_notes(notes: &str) -> Result<String, ApiError> {
+    let chars = notes.chars().count();
+    if chars > NOTES_MAX_CHARS {
+        return Err(ApiError::Invalid(format!(
+            "notes must be at most {NOTES_MAX_CHARS} characters, got {chars}"
+        )));
+    }
+    Ok(notes.to_owned())
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(Ok(value)) = headers.get(header::CONTENT_TYPE).map(|v| v.to_str()) else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// A body that may be empty; when present it must be JSON.
+pub(super) fn optional_json<T: DeserializeOwned + Default>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    if !is_json(headers) {
+        return Err(ApiError::UnsupportedMediaType(
+            "Expected request with `Content-Type: application/json`".to_owned(),
+        ));
+    }
+    let Json(value) = Json::<T>::from_bytes(&body)?;
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+    use axum::routing::post;
+
+    use super::*;
+
+    /// Whether the body never starts or stops halfway, the read fails after
+    /// [`BODY_STALL_TIMEOUT`] and the client is told so: 408, a problem.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stalls_is_answered_408() {
+        use futures::stream::{self, StreamExt};
+        use tower::ServiceExt;
+
+        type Piece = Result<Bytes, std::io::Error>;
+        let bodies: [(&str, stream::BoxStream<'static, Piece>); 2] = [
+            ("never starts", stream::pending().boxed()),
+            (
+                "stops halfway",
+                stream::once(async { Ok(Bytes::from_static(b"{\"title\":")) })
+                    .chain(stream::pending())
+                    .boxed(),
+            ),
+        ];
+        for (what, body) in bodies {
+            let app: Router = guard_bodies(Router::new().route(
+                "/",
+                post(|AppJson(_): AppJson<serde_json::Value>| async { StatusCode::OK }),
+            ));
+            let request = Request::post("/")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(axum::body::Body::from_stream(body))
+                .expect("a request");
+            let started = tokio::time::Instant::now();
+            let response = app.oneshot(request).await.expect("an answer");
+            assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT, "{what}");
+            assert_eq!(
+                response.headers()[header::CONTENT_TYPE],
+                crate::error::PROBLEM_JSON,
+                "{what}"
+            );
+            assert!(started.elapsed() >= BODY_STALL_TIMEOUT, "{what}");
+        }
+    }
+}
