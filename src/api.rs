@@ -32,12 +32,15 @@ use crate::store::{Accepted, IntakeError, Store};
 use crate::AppState;
 
 mod extract;
+mod snapshot;
 
 pub use extract::{
-    guard_bodies, AppJson, AppPath, AppQuery, CreateTask, DeleteTask, IdempotencyKey, LikeTask,
-    UpdateTask, BODY_LIMIT_BYTES, BODY_STALL_TIMEOUT, IDEMPOTENCY_KEY_MAX,
+    guard_bodies, AppJson, AppPath, AppQuery, BodyDeadlineExceeded, CreateTask, DeleteTask,
+    IdempotencyKey, LikeTask, UpdateTask, BODY_DEADLINE, BODY_LIMIT_BYTES, BODY_STALL_TIMEOUT,
+    IDEMPOTENCY_KEY_MAX,
 };
 use extract::{optional_json, valid_notes, valid_title};
+pub use snapshot::{Snapshots, TaskList};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -68,17 +71,9 @@ async fn health() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-/// `GET /api/tasks`: the snapshot of every task.
-#[derive(Debug, Deserialize, Serialize)]
-pub struct TaskList {
-    pub tasks: Vec<Task>,
-    /// The id of the last event whose effect the list includes: open the stream here.
-    pub watermark: u64,
-}
-
-async fn tasks_list(State(state): State<AppState>) -> Json<TaskList> {
-    let (tasks, watermark) = state.store.snapshot();
-    Json(TaskList { tasks, watermark })
+async fn tasks_list(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let body = state.snapshots.current(&state.store).await?;
+    Ok(snapshot::response(body))
 }
 
 fn task_not_found(id: Uuid) -> ApiError {

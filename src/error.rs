@@ -60,6 +60,10 @@ pub enum ApiError {
     /// 500: a bug or a storage failure; the detail stays in the log.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
+    /// 503: the process has as many files open as it may: this connection was taken
+    /// only to be told so (`net`).
+    #[error("the server holds as many connections as it may open files; retry shortly")]
+    AtCapacity,
     /// 503: the server is shutting down and no longer accepts commands.
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -143,6 +147,11 @@ impl ApiError {
                 "internal",
                 "Internal server error",
             ),
+            AtCapacity => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "at-capacity",
+                "Service unavailable: no connection can be taken now",
+            ),
             ShuttingDown => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting-down",
@@ -210,7 +219,17 @@ impl From<BytesRejection> for ApiError {
             |err| err.source(),
         )
         .any(|err| err.is::<TimeoutError>());
-        if stalled {
+        let late = std::iter::successors(
+            Some(&rejection as &(dyn std::error::Error + 'static)),
+            |err| err.source(),
+        )
+        .any(|err| err.is::<crate::api::BodyDeadlineExceeded>());
+        if late {
+            Self::RequestTimeout(format!(
+                "the body was not whole {} s after its request",
+                crate::api::BODY_DEADLINE.as_secs()
+            ))
+        } else if stalled {
             Self::RequestTimeout(format!(
                 "no part of the body came for {} s",
                 crate::api::BODY_STALL_TIMEOUT.as_secs()

@@ -108,6 +108,8 @@ pub struct AppStateInner {
     pub metrics: Metrics,
     pub consumer: ConsumerHandle,
     pub in_flight: InFlight,
+    /// The last snapshot `GET /api/tasks` built, shared while nothing changes.
+    pub snapshots: api::Snapshots,
     /// A client retry of a command pending longer than this re-enqueues it at once.
     pub redeliver_after: Duration,
     /// Cancelled when shutdown starts: event streams end on it.
@@ -239,6 +241,7 @@ impl Running {
             metrics,
             consumer: consumer_handle,
             in_flight: InFlight::default(),
+            snapshots: api::Snapshots::default(),
             redeliver_after,
             shutdown,
         });

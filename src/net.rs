@@ -39,13 +39,21 @@ use crate::head::{self, Verdict};
 use crate::sse::direct;
 use crate::AppState;
 
+/// Connections the kernel queues before they are accepted: after a restart, every
+/// subscriber reconnects within about a second (`retry: 1000`), thousands at once; a
+/// full queue drops the rest's SYNs, and they wait a second or more to try again. The
+/// kernel caps it at `net.core.somaxconn` (4096 by default since Linux 5.4).
+pub const LISTEN_BACKLOG: u32 = 4096;
 /// How long a client may take to send a request head before its connection is closed.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for open connections to finish their responses.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after an accept error such as `EMFILE` (out of file descriptors), so that the
-/// loop does not spin while connections close and free some.
+/// Pause after an accept error, so that the loop does not spin on it; after `EMFILE`
+/// (out of file descriptors) when the [`Reserve`] is in use, while connections close.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// How often running out of file descriptors is logged, with how many connections
+/// were refused for it meanwhile.
+const OUT_OF_FILES_LOG_EVERY: Duration = Duration::from_secs(10);
 /// The first read of a connection's bytes: every head but a long one. A head not whole
 /// in it is read on, up to `head::MAX_HEAD_BYTES`.
 const FIRST_LOOK_BYTES: usize = 4096;
@@ -57,6 +65,9 @@ const MAX_LOOKS: u32 = 8;
 /// and a reset can reach the client before it has read the answer.
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 const REFUSAL_LINGER_BYTES: usize = 1 << 20;
+/// The same for a connection refused at the open-file limit: only what has already
+/// come (its request, usually), since the next one waits for its descriptor.
+const AT_CAPACITY_LINGER: Duration = Duration::from_millis(20);
 
 /// Serves the app (`crate::app`) on `listener` until `shutdown` is cancelled, then
 /// drains.
@@ -73,12 +84,36 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
         // hyper bounds its write buffer by the same size: a larger response is flushed
         // in parts, as a body stream is anyway.
         .max_buf_size(head::MAX_HEAD_BYTES);
+    let reserve = Reserve::new();
+    let mut out_of_files = OutOfFiles::default();
     loop {
         let stream = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => stream,
+                Err(err) if is_out_of_files(&err) => {
+                    out_of_files.note(&err);
+                    if reserve.release() {
+                        // The connection `accept` could not take: told why, with the
+                        // descriptor just let go of, which is taken again after.
+                        let refused = tokio::select! {
+                            biased;
+                            _ = shutdown.cancelled() => None,
+                            accepted = listener.accept() => accepted.ok(),
+                        };
+                        let reserve = reserve.clone();
+                        connections.spawn(async move {
+                            if let Some((stream, _peer)) = refused {
+                                refuse(stream, ApiError::AtCapacity, AT_CAPACITY_LINGER).await;
+                            }
+                            reserve.refill();
+                        });
+                    } else {
+                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    }
+                    continue;
+                }
                 Err(err) => {
                     on_accept_error(err).await;
                     continue;
@@ -103,7 +138,9 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
                 }
                 // Boxed: a connection's task is as large as its largest state for its
                 // whole life, and an idle subscriber must not carry a refusal's buffers.
-                Some(First::Refused(problem)) => Box::pin(refuse(stream, problem)).await,
+                Some(First::Refused(problem)) => {
+                    Box::pin(refuse(stream, problem, REFUSAL_LINGER)).await;
+                }
                 Some(First::Http(read)) => {
                     // hyper reads the bytes read so far, then the socket's.
                     let (reader, writer) = stream.into_split();
@@ -211,8 +248,9 @@ fn ends_a_line_on_an_empty_one(bytes: &[u8]) -> bool {
         .any(|(at, pair)| pair == b"\n\n" || pair == b"\n\r" && bytes.get(at + 2) == Some(&b'\n'))
 }
 
-/// Answers a refused head with its problem and closes the connection.
-async fn refuse(mut stream: TcpStream, problem: ApiError) {
+/// Answers a refused connection with its problem and closes it, after reading for up
+/// to `linger_for` what the client still sends.
+async fn refuse(mut stream: TcpStream, problem: ApiError, linger_for: Duration) {
     tracing::debug!(detail = %problem, "request head refused");
     let (mut parts, body) = problem.into_response().into_parts();
     let body = axum::body::to_bytes(body, usize::MAX)
@@ -241,7 +279,74 @@ async fn refuse(mut stream: TcpStream, problem: ApiError) {
             }
         }
     };
-    let _ = tokio::time::timeout(REFUSAL_LINGER, linger).await;
+    let _ = tokio::time::timeout(linger_for, linger).await;
+}
+
+/// Whether an accept failed for want of a file descriptor, in the process or the
+/// system.
+fn is_out_of_files(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// One file descriptor held back for when the process has no other: let go of, it
+/// lets the loop take the next connection in the queue and tell it so (503,
+/// [`ApiError::AtCapacity`]) rather than leave it, and every one queued behind it,
+/// waiting for an answer that does not come. Taken again once that answer is sent.
+/// (The way nginx and libev answer `EMFILE`.)
+#[derive(Clone)]
+struct Reserve(std::sync::Arc<std::sync::Mutex<Option<std::fs::File>>>);
+
+impl Reserve {
+    fn new() -> Self {
+        let reserve = Self(std::sync::Arc::default());
+        reserve.refill();
+        reserve
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<std::fs::File>> {
+        // A std lock: held for a take or an open, never across an await.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes the descriptor (again) if it is not held: it may fail while the process
+    /// is still out of them, and is tried again after the next refusal.
+    fn refill(&self) {
+        let mut slot = self.slot();
+        if slot.is_none() {
+            *slot = std::fs::File::open("/dev/null").ok();
+        }
+    }
+
+    /// Lets the descriptor go; `false` if it was not held.
+    fn release(&self) -> bool {
+        self.slot().take().is_some()
+    }
+}
+
+/// Out of file descriptors: logged once per [`OUT_OF_FILES_LOG_EVERY`], not once per
+/// connection refused, which under a flood would be thousands of lines.
+#[derive(Default)]
+struct OutOfFiles {
+    logged_at: Option<tokio::time::Instant>,
+    since: u64,
+}
+
+impl OutOfFiles {
+    fn note(&mut self, err: &io::Error) {
+        self.since += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .logged_at
+            .is_some_and(|at| now < at + OUT_OF_FILES_LOG_EVERY)
+        {
+            return;
+        }
+        tracing::error!(error = %err, failed_accepts = self.since, "out of file descriptors: new connections are answered 503 until some close");
+        self.logged_at = Some(now);
+        self.since = 0;
+    }
 }
 
 async fn on_accept_error(err: io::Error) {
@@ -254,6 +359,21 @@ async fn on_accept_error(err: io::Error) {
     }
     tracing::error!(error = %err, "accept error");
     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+}
+
+/// Binds a listener on `addr` with a queue of [`LISTEN_BACKLOG`] connections not yet
+/// accepted (`SO_REUSEADDR` set, as `TcpListener::bind` sets it).
+///
+/// # Errors
+/// When the socket cannot be made, bound or put to listen.
+pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Raises this process's soft limit of open files to its hard limit: every SSE

@@ -41,8 +41,11 @@ use crate::AppState;
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// The reconnection delay the stream suggests to clients, in milliseconds.
 pub const RETRY_MS: u64 = 1_000;
-/// Events read from the log per catch-up step.
+/// Events read from the log per catch-up step, and at most this many bytes of them:
+/// what a subscriber that is catching up holds while it writes them out (it reads
+/// the next step only once the last is written).
 const REPLAY_CHUNK: usize = 512;
+const REPLAY_BYTES: usize = 256 << 10;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/api/events", get(events_stream))
@@ -62,8 +65,15 @@ struct ResetEvent {
     reason: &'static str,
 }
 
+/// An event id as the stream sends it: decimal digits only (no sign), at most u64.
 fn parse_event_id(text: &str, source: &str) -> Result<u64, ApiError> {
-    text.trim().parse().map_err(|_| {
+    let digits = text.trim();
+    let id = digits
+        .bytes()
+        .all(|byte| byte.is_ascii_digit())
+        .then(|| digits.parse().ok())
+        .flatten();
+    id.ok_or_else(|| {
         ApiError::BadRequest(format!(
             "{source} must be a non-negative integer event id, got {text:?}"
         ))
@@ -95,7 +105,13 @@ fn open_stream(
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
-    let last_event_id = match headers.get("last-event-id") {
+    let mut sent_ids = headers.get_all("last-event-id").iter();
+    let last_event_id = match sent_ids.next() {
+        Some(_) if sent_ids.next().is_some() => {
+            return Err(ApiError::BadRequest(
+                "send at most one Last-Event-ID header".to_owned(),
+            ));
+        }
         Some(value) => {
             let text = value.to_str().map_err(|_| {
                 ApiError::BadRequest("Last-Event-ID is not visible ASCII".to_owned())
@@ -183,7 +199,7 @@ pub fn event_stream(
         loop {
             while sent < target {
                 let (after, upto) = (sent, target);
-                let read = store.blocking(move |store| store.events_after(after, upto, REPLAY_CHUNK));
+                let read = store.blocking(move |store| store.events_within(after, upto, REPLAY_CHUNK, REPLAY_BYTES));
                 match read.await {
                     Ok(frames) => {
                         // The log no longer holds `sent + 1` (compacted before a resume,

@@ -4,7 +4,11 @@
 
 use std::time::Duration;
 
-use axum::body::{Bytes, HttpBody};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -12,6 +16,7 @@ use axum::http::{header, HeaderMap};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
+use http_body::{Frame, SizeHint};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tower_http::timeout::RequestBodyTimeoutLayer;
@@ -25,6 +30,9 @@ pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
 /// Longest a request body may keep the server waiting for its next piece: then the
 /// read fails and the request is answered 408.
 pub const BODY_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a request body may take in all, however steadily it comes: then its read
+/// fails and the request is answered 408.
+pub const BODY_DEADLINE: Duration = Duration::from_secs(60);
 /// Longest idempotency key, in characters (all visible ASCII).
 pub const IDEMPOTENCY_KEY_MAX: usize = 255;
 
@@ -32,15 +40,16 @@ pub const IDEMPOTENCY_KEY_MAX: usize = 255;
 /// than [`BODY_LIMIT_BYTES`] is refused with 413 before any of it is read: a client that
 /// waits on `Expect: 100-continue`, or never sends the body it announced, still gets its
 /// answer (one without a declared length is cut off at the limit as it is read). A body
-/// that stalls for [`BODY_STALL_TIMEOUT`] fails its read: 408, and the connection is not
-/// held by a client that went quiet mid-body.
+/// that stalls for [`BODY_STALL_TIMEOUT`], or is not whole [`BODY_DEADLINE`] after its
+/// request came, fails its read: 408, and the connection is not held by a client that
+/// went quiet mid-body, or sends a byte now and then.
 pub fn guard_bodies<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
     router
         .route_layer(RequestBodyTimeoutLayer::new(BODY_STALL_TIMEOUT))
-        .route_layer(axum::middleware::from_fn(refuse_declared_oversize))
+        .route_layer(axum::middleware::from_fn(guard_body))
 }
 
-async fn refuse_declared_oversize(request: Request, next: Next) -> Response {
+async fn guard_body(request: Request, next: Next) -> Response {
     let declared = request.body().size_hint().lower();
     if declared > BODY_LIMIT_BYTES as u64 {
         return ApiError::PayloadTooLarge(format!(
@@ -49,7 +58,61 @@ async fn refuse_declared_oversize(request: Request, next: Next) -> Response {
         ))
         .into_response();
     }
-    next.run(request).await
+    if request.body().is_end_stream() {
+        // No body to wait for (a GET): no timer either.
+        return next.run(request).await;
+    }
+    let deadline = tokio::time::Instant::now() + BODY_DEADLINE;
+    next.run(request.map(|body| Body::new(Deadline::new(body, deadline))))
+        .await
+}
+
+/// A request body past its deadline ([`BODY_DEADLINE`]): the error its read fails with,
+/// which the rejection names (`ApiError`'s `From<BytesRejection>`).
+#[derive(Debug, thiserror::Error)]
+#[error("the body was not whole {} s after its request", BODY_DEADLINE.as_secs())]
+pub struct BodyDeadlineExceeded;
+
+/// A body that fails with [`BodyDeadlineExceeded`] once `deadline` has passed, however
+/// steadily its pieces come (the stall timeout resets at each one).
+struct Deadline {
+    body: Body,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Deadline {
+    fn new(body: Body, deadline: tokio::time::Instant) -> Self {
+        Self {
+            body,
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+        }
+    }
+}
+
+impl HttpBody for Deadline {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(axum::Error::new(BodyDeadlineExceeded)))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 // ----- extractors -------------------------------------------------------------------
@@ -271,5 +334,42 @@ mod tests {
             );
             assert!(started.elapsed() >= BODY_STALL_TIMEOUT, "{what}");
         }
+    }
+
+    /// A body that comes a byte at a time, each within the stall timeout, fails its
+    /// read once [`BODY_DEADLINE`] has passed: 408, a problem that says so.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_trickles_past_its_deadline_is_answered_408() {
+        use futures::stream;
+        use tower::ServiceExt;
+
+        let trickle = stream::unfold((), |()| async {
+            tokio::time::sleep(BODY_STALL_TIMEOUT / 2).await;
+            Some((Ok::<_, std::io::Error>(Bytes::from_static(b" ")), ()))
+        });
+        let app: Router = guard_bodies(Router::new().route(
+            "/",
+            post(|AppJson(_): AppJson<serde_json::Value>| async { StatusCode::OK }),
+        ));
+        let request = Request::post("/")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(axum::body::Body::from_stream(trickle))
+            .expect("a request");
+        let started = tokio::time::Instant::now();
+        let response = app.oneshot(request).await.expect("an answer");
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        assert!(started.elapsed() >= BODY_DEADLINE);
+        assert!(started.elapsed() < BODY_DEADLINE + BODY_STALL_TIMEOUT);
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("a body");
+        let problem: serde_json::Value = serde_json::from_slice(&body).expect("a problem");
+        assert_eq!(problem["status"], 408);
+        assert!(
+            problem["detail"]
+                .as_str()
+                .is_some_and(|detail| detail.contains("not whole")),
+            "{problem}"
+        );
     }
 }

@@ -89,6 +89,7 @@ pub async fn serve(
     state: AppState,
 ) -> io::Result<()> {
     let query = Query::try_from_uri(&request.uri);
+    let shutdown = state.shutdown.clone();
     let response = events_response(state, &request.headers, query);
     let (mut reader, mut writer) = stream.split();
     writer.write_all(&closing_head(&response)).await?;
@@ -97,7 +98,12 @@ pub async fn serve(
     loop {
         tokio::select! {
             chunk = body.next() => match chunk {
-                Some(Ok(bytes)) => writer.write_all(&bytes).await?,
+                // A client that does not read holds the write up: not past shutdown,
+                // which would otherwise wait the whole drain timeout for it.
+                Some(Ok(bytes)) => tokio::select! {
+                    written = writer.write_all(&bytes) => written?,
+                    () = shutdown.cancelled() => return Ok(()),
+                },
                 Some(Err(err)) => return Err(io::Error::other(err)),
                 None => break,
             },

@@ -98,6 +98,22 @@ impl Store {
         up_to: u64,
         limit: usize,
     ) -> Result<Vec<EventFrame>, StoreError> {
+        self.events_within(after, up_to, limit, usize::MAX)
+    }
+
+    /// [`Store::events_after`], and no more events than fit in `max_bytes` (one at
+    /// least, whatever its size): what a subscriber catching up holds in memory while
+    /// it writes them out, however large the events are.
+    ///
+    /// # Errors
+    /// On storage failure.
+    pub fn events_within(
+        &self,
+        after: u64,
+        up_to: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<EventFrame>, StoreError> {
         if after >= up_to {
             return Ok(Vec::new());
         }
@@ -108,7 +124,8 @@ impl Store {
             (table.events(after, up_to, limit), table.first_event_id())
         };
         let in_sled_up_to = first_unwritten.map_or(up_to, |first| up_to.min(first - 1));
-        let mut frames = Vec::new();
+        let mut frames: Vec<EventFrame> = Vec::new();
+        let mut bytes = 0;
         let first = after + 1;
         if first <= in_sled_up_to {
             let events = &self.inner.events;
@@ -121,10 +138,11 @@ impl Store {
             'read: for entry in events.range(start..=end) {
                 let (key, value) = entry?;
                 for (id, frame) in chunks::entries(read_u64(&key), &value) {
-                    if id > in_sled_up_to || frames.len() == limit {
+                    if id > in_sled_up_to || frames.len() == limit || bytes >= max_bytes {
                         break 'read;
                     }
                     if id >= first {
+                        bytes += frame.len();
                         frames.push(EventFrame::from_log(id, frame));
                     }
                 }
@@ -132,6 +150,13 @@ impl Store {
         }
         frames.extend(unwritten);
         frames.truncate(limit);
+        let mut bytes = 0;
+        if let Some(over) = frames.iter().position(|frame| {
+            bytes += frame.bytes.len();
+            bytes > max_bytes
+        }) {
+            frames.truncate(over.max(1));
+        }
         // Only a contiguous run: compaction may remove events under the sled read, and
         // a reader must see a gap where it starts (at its next read's first event). A
         // read that crossed a compaction's cut of a chunk may also meet the cut's ids

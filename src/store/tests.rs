@@ -1093,6 +1093,48 @@ fn the_event_log_is_written_in_chunks_and_read_from_inside_one() {
     assert_frame_of(&store, 5);
 }
 
+/// A read bounded by bytes answers as many events as fit, one at least, in sled and
+/// in the table of applies not yet written alike.
+#[test]
+fn a_read_of_the_event_log_stops_at_its_bytes_and_answers_one_at_least() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let store = Store::open(dir.path()).expect("a store");
+    settle_in_one_chunk(&store, &["a", "b", "c"]);
+    let records: Vec<_> = ["d", "e"]
+        .iter()
+        .map(|key| create(key, "f", &store))
+        .collect();
+    let batch: Vec<_> = records.iter().map(|r| (r, &Decision::Apply)).collect();
+    let applied = store
+        .apply_batch(&batch, OffsetDateTime::now_utc())
+        .expect("applied");
+    store.log_applied(applied.iter().flatten()).expect("logged");
+    assert_eq!(store.inner.unwritten().len(), 2, "d and e not yet in sled");
+    let sizes: Vec<usize> = store
+        .events_after(0, u64::MAX, 10)
+        .expect("read")
+        .iter()
+        .map(|frame| frame.bytes.len())
+        .collect();
+    assert_eq!(sizes.len(), 5);
+    let within = |max_bytes| -> Vec<u64> {
+        let frames = store
+            .events_within(0, u64::MAX, 10, max_bytes)
+            .expect("read");
+        frames.iter().map(|frame| frame.id).collect()
+    };
+    assert_eq!(within(1), [1], "one at least");
+    assert_eq!(within(sizes[0] + sizes[1]), [1, 2]);
+    assert_eq!(
+        within(sizes[..4].iter().sum()),
+        [1, 2, 3, 4],
+        "into the table"
+    );
+    assert_eq!(within(usize::MAX), [1, 2, 3, 4, 5]);
+    let from_the_table = store.events_within(3, u64::MAX, 10, 1).expect("read");
+    assert_eq!(from_the_table.len(), 1);
+}
+
 /// Retention keeps a number of events exactly: the chunks wholly before the first
 /// kept one go, and the one that holds it is written again from it on.
 #[test]

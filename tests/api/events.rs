@@ -175,13 +175,25 @@ async fn a_malformed_last_event_id_is_a_problem() {
         .await
         .unwrap();
     assert_problem(response, 400, "Last-Event-ID").await;
+    for query in ["-1", "%2B5", "18446744073709551616"] {
+        let response = app
+            .http
+            .get(app.url(&format!("/api/events?last_event_id={query}")))
+            .send()
+            .await
+            .unwrap();
+        assert_problem(response, 400, "last_event_id").await;
+    }
+    // Two ids: which one the client meant cannot be told.
     let response = app
         .http
-        .get(app.url("/api/events?last_event_id=-1"))
+        .get(app.url("/api/events"))
+        .header("Last-Event-ID", "5")
+        .header("Last-Event-ID", "7")
         .send()
         .await
         .unwrap();
-    assert_problem(response, 400, "last_event_id").await;
+    assert_problem(response, 400, "Last-Event-ID").await;
     app.stop().await;
 }
 
@@ -328,6 +340,48 @@ async fn graceful_shutdown_ends_open_streams_and_idle_connections() {
         matches!(end, crate::helpers::Next::Ended),
         "the stream ended: {end:?}"
     );
+}
+
+/// A subscriber that never reads holds the server's write to it up once the socket's
+/// buffers are full: the shutdown still ends its stream at once, not after the drain
+/// timeout.
+#[tokio::test]
+async fn graceful_shutdown_does_not_wait_for_a_subscriber_that_never_reads() {
+    let app = spawn_app_with(|config| config.delay_ms = 10).await;
+    let mut events = app.events(None).await;
+    // About 20 KiB an event: 400 of them are more than both buffers hold.
+    let notes = "ñ".repeat(settle::model::NOTES_MAX_CHARS);
+    for n in 0..400 {
+        app.accepted(
+            reqwest::Method::POST,
+            "/api/tasks",
+            &format!("big-{n}"),
+            json!({ "title": "big", "notes": notes }),
+        )
+        .await;
+    }
+    events.take(400).await;
+    drop(events);
+    let addr: std::net::SocketAddr = app.base.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stalled,
+        b"GET /api/events HTTP/1.1\r\nHost: t\r\nLast-Event-ID: 0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // The replay fills the buffers and waits on the write.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    app.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "drained in {:?}, the drain timeout is 10 s",
+        started.elapsed()
+    );
+    drop(stalled);
 }
 
 /// Reads from a raw connection until `needle` has arrived; returns everything read.

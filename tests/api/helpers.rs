@@ -37,7 +37,35 @@ impl BinaryServer {
     /// Starts the binary with `RUST_LOG=settle=<log_level>` and waits for the
     /// `listening on http://ADDR` line.
     pub fn start(data_dir: &Path, delay_ms: u64, log_level: &str, logs: Logs) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_settle"));
+        Self::start_with(
+            Command::new(env!("CARGO_BIN_EXE_settle")),
+            data_dir,
+            delay_ms,
+            log_level,
+            logs,
+        )
+    }
+
+    /// [`BinaryServer::start`], with at most `files` open files (soft and hard limit,
+    /// so the server cannot raise it), through `bash`'s `ulimit`.
+    pub fn start_with_file_limit(data_dir: &Path, files: u64, logs: Logs) -> Self {
+        let mut command = Command::new("bash");
+        command
+            .arg("-c")
+            .arg(format!(
+                "ulimit -Sn {files} && ulimit -Hn {files} && exec \"$0\" \"$@\""
+            ))
+            .arg(env!("CARGO_BIN_EXE_settle"));
+        Self::start_with(command, data_dir, 100, "info", logs)
+    }
+
+    fn start_with(
+        mut command: Command,
+        data_dir: &Path,
+        delay_ms: u64,
+        log_level: &str,
+        logs: Logs,
+    ) -> Self {
         // The server's own settings come from the arguments alone.
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("SETTLE_") {

@@ -5,6 +5,7 @@ mod helpers;
 
 mod bench;
 mod commands;
+mod connections;
 mod events;
 mod faults;
 mod heads;

@@ -535,7 +535,9 @@ async fn the_app_is_served_at_the_root_with_a_strict_policy() {
         .unwrap();
     assert!(policy.contains("default-src 'self'"));
     let etag = response.headers()["etag"].clone();
-    assert!(response.text().await.unwrap().contains("<html"));
+    let page = response.text().await.unwrap();
+    assert!(page.contains("<html"));
+    let body_length = page.len();
     let cached = app
         .http
         .get(app.url("/"))
@@ -544,5 +546,10 @@ async fn the_app_is_served_at_the_root_with_a_strict_policy() {
         .await
         .unwrap();
     assert_eq!(cached.status(), 304);
+    // HEAD: the headers of the GET, its length included, and no body.
+    let head = app.http.head(app.url("/")).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"], body_length.to_string());
+    assert!(head.bytes().await.unwrap().is_empty());
     app.stop().await;
 }
