@@ -51,6 +51,12 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after an accept error, so that the loop does not spin on it; after `EMFILE`
 /// (out of file descriptors) when the [`Reserve`] is in use, while connections close.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// How long the loop waits for a connection to refuse with the reserve let go of.
+const RESERVE_ACCEPT_WAIT: Duration = Duration::from_millis(50);
+/// How long a connection served by hyper may take to finish its response once the
+/// shutdown has begun: a client that does not read would otherwise hold the drain for
+/// all of [`DRAIN_TIMEOUT`] (one served on the socket ends at once: `sse::direct`).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How often running out of file descriptors is logged, with how many connections
 /// were refused for it meanwhile.
 const OUT_OF_FILES_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -87,6 +93,9 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
     let reserve = Reserve::new();
     let mut out_of_files = OutOfFiles::default();
     loop {
+        // Taken again if a refusal could not take it back (the process was still out
+        // of files then): a cheap look when it is held.
+        reserve.refill();
         let stream = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -97,10 +106,15 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
                     if reserve.release() {
                         // The connection `accept` could not take: told why, with the
                         // descriptor just let go of, which is taken again after.
+                        // Not for long: `accept` fails with EMFILE also on an empty
+                        // queue, and the next connection may come when there is
+                        // room for it again.
                         let refused = tokio::select! {
                             biased;
                             _ = shutdown.cancelled() => None,
-                            accepted = listener.accept() => accepted.ok(),
+                            accepted = tokio::time::timeout(RESERVE_ACCEPT_WAIT, listener.accept()) => {
+                                accepted.ok().and_then(Result::ok)
+                            }
                         };
                         let reserve = reserve.clone();
                         connections.spawn(async move {
@@ -146,8 +160,19 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
                     let (reader, writer) = stream.into_split();
                     let io = tokio::io::join(Cursor::new(read).chain(reader), writer);
                     let connection = builder.serve_connection(TokioIo::new(io), service);
-                    if let Err(err) = watcher.watch(connection).await {
-                        tracing::debug!(error = %err, "connection ended with an error");
+                    let grace_over = async {
+                        shutdown.cancelled().await;
+                        tokio::time::sleep(SHUTDOWN_GRACE).await;
+                    };
+                    tokio::select! {
+                        served = watcher.watch(connection) => {
+                            if let Err(err) = served {
+                                tracing::debug!(error = %err, "connection ended with an error");
+                            }
+                        }
+                        () = grace_over => {
+                            tracing::debug!("connection still busy after the shutdown's grace; closed");
+                        }
                     }
                 }
                 None => {}
@@ -343,7 +368,7 @@ impl OutOfFiles {
         {
             return;
         }
-        tracing::error!(error = %err, failed_accepts = self.since, "out of file descriptors: new connections are answered 503 until some close");
+        tracing::error!(error = %err, failed_accepts = self.since, "out of file descriptors: waiting connections are answered 503 until some close");
         self.logged_at = Some(now);
         self.since = 0;
     }

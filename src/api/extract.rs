@@ -356,7 +356,11 @@ mod tests {
             .body(axum::body::Body::from_stream(trickle))
             .expect("a request");
         let started = tokio::time::Instant::now();
-        let response = app.oneshot(request).await.expect("an answer");
+        // Bounded: without its deadline the body would trickle on for a day.
+        let response = tokio::time::timeout(2 * BODY_DEADLINE, app.oneshot(request))
+            .await
+            .expect("answered within twice the deadline")
+            .expect("an answer");
         assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
         assert!(started.elapsed() >= BODY_DEADLINE);
         assert!(started.elapsed() < BODY_DEADLINE + BODY_STALL_TIMEOUT);

@@ -5,10 +5,10 @@
 //! concurrent reads of a large list would hold both workers for as long as each takes
 //! to copy and serialize it, and every other request waits (measured by an audit:
 //! 4000 tasks with long notes, 121 MB each, `/api/health` unanswered for over 10 s).
-//! So the body is built on the blocking pool, by one request at a time, and kept with
-//! the watermark it was built at: every change to the projection comes with a new
-//! event id, so a body built at the current watermark is the current snapshot, and
-//! requests meanwhile share it.
+//! So the body is built on the blocking pool, one build at a time, and kept with the
+//! watermark it was built at: every change to the projection comes with a new event
+//! id, so a body built at a request's watermark or later answers it, and requests
+//! meanwhile share it.
 
 use std::sync::Arc;
 
@@ -29,36 +29,62 @@ pub struct TaskList {
     pub watermark: u64,
 }
 
-/// The last snapshot body built, with its watermark. Cloning is shallow.
+/// The last snapshot body built, with its watermark, and the right to build the next.
+/// Cloning is shallow.
 #[derive(Clone, Default)]
-pub struct Snapshots(Arc<tokio::sync::Mutex<Option<(u64, Bytes)>>>);
+pub struct Snapshots {
+    /// A std lock: held to copy a handle in or out, never across an await.
+    kept: Arc<std::sync::Mutex<Option<(u64, Bytes)>>>,
+    /// Held by the build running, for as long as it runs: also when the request that
+    /// began it has gone, so that builds never overlap.
+    building: Arc<tokio::sync::Mutex<()>>,
+}
 
 impl Snapshots {
-    /// The snapshot's JSON body as of now: the one kept, if nothing has changed since
-    /// it was built, else a new one, built on the blocking pool while other readers
-    /// wait for it.
+    /// The snapshot's JSON body as of the call or later: the one kept, if it was built
+    /// at the watermark of the call or after, else a new one, built on the blocking
+    /// pool while other readers wait for it.
     ///
     /// # Errors
     /// When the build fails (it cannot but by a bug: a panic, or a task that does not
     /// serialize).
     pub async fn current(&self, store: &Store) -> Result<Bytes, ApiError> {
-        // A tokio lock: held across the build, which readers queue behind.
-        let mut kept = self.0.lock().await;
-        if let Some((watermark, body)) = kept.as_ref() {
-            if *watermark == store.watermark() {
-                return Ok(body.clone());
-            }
+        let wanted = store.watermark();
+        if let Some(body) = self.kept_since(wanted) {
+            return Ok(body);
         }
-        let (watermark, body) = store
-            .blocking(|store| {
+        let building = self.building.clone().lock_owned().await;
+        // Built while this one waited: any body built after the call is its answer.
+        if let Some(body) = self.kept_since(wanted) {
+            return Ok(body);
+        }
+        let kept = self.kept.clone();
+        let body = store
+            .blocking(move |store| {
+                let _building = building;
                 let (tasks, watermark) = store.snapshot();
-                let body = serde_json::to_vec(&TaskList { tasks, watermark })?;
-                Ok((watermark, Bytes::from(body)))
+                let body = Bytes::from(serde_json::to_vec(&TaskList { tasks, watermark })?);
+                *lock(&kept) = Some((watermark, body.clone()));
+                Ok(body)
             })
             .await?;
-        *kept = Some((watermark, body.clone()));
         Ok(body)
     }
+
+    /// The body kept, if it was built at `watermark` or after.
+    fn kept_since(&self, watermark: u64) -> Option<Bytes> {
+        match &*lock(&self.kept) {
+            Some((built_at, body)) if *built_at >= watermark => Some(body.clone()),
+            _ => None,
+        }
+    }
+}
+
+fn lock(
+    kept: &std::sync::Mutex<Option<(u64, Bytes)>>,
+) -> std::sync::MutexGuard<'_, Option<(u64, Bytes)>> {
+    kept.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The snapshot body as a JSON response.
