@@ -2,6 +2,7 @@
 //! it from any working directory. Also the router's fallback: whatever is neither an
 //! API route nor an asset is a 404 problem.
 
+use axum::body::Bytes;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use rust_embed::Embed;
@@ -37,7 +38,12 @@ pub async fn serve(method: Method, uri: Uri, headers: HeaderMap) -> Response {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
         // HEAD too: hyper sends no body for it, but the length of the one GET would.
-        (StatusCode::OK, file.data.into_owned()).into_response()
+        // Embedded in the release binary: served from there, not copied per request.
+        let body = match file.data {
+            std::borrow::Cow::Borrowed(bytes) => Bytes::from_static(bytes),
+            std::borrow::Cow::Owned(bytes) => Bytes::from(bytes),
+        };
+        (StatusCode::OK, body).into_response()
     };
     let headers = response.headers_mut();
     if let Ok(mime) = HeaderValue::from_str(file.metadata.mimetype()) {
