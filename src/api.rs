@@ -83,7 +83,7 @@ fn task_not_found(id: Uuid) -> ApiError {
 async fn tasks_get(
     State(state): State<AppState>,
     AppPath(id): AppPath<Uuid>,
-) -> Result<Json<Task>, ApiError> {
+) -> Result<Json<Arc<Task>>, ApiError> {
     state
         .store
         .task(id)

@@ -142,11 +142,13 @@ pub enum StoreError {
 }
 
 /// A task row as stored: the task plus the seq of the create command, which orders the
-/// list (creation order, whatever ids clients chose).
+/// list (creation order, whatever ids clients chose). The task is shared: a snapshot
+/// of every row takes a reference to each under the projection's lock, not a copy of
+/// its notes (up to ~40 KiB), and a change makes a new one.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TaskRow {
     pub seq: u64,
-    pub task: Task,
+    pub task: Arc<Task>,
 }
 
 /// What [`Intake::accept`] found under the idempotency key.

@@ -24,7 +24,7 @@ use crate::store::Store;
 /// `GET /api/tasks`: the snapshot of every task.
 #[derive(Debug, Deserialize, Serialize)]
 pub struct TaskList {
-    pub tasks: Vec<Task>,
+    pub tasks: Vec<Arc<Task>>,
     /// The id of the last event whose effect the list includes: open the stream here.
     pub watermark: u64,
 }

@@ -10,7 +10,7 @@
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
-use std::sync::RwLockReadGuard;
+use std::sync::{Arc, RwLockReadGuard};
 
 use sled::transaction::{ConflictableTransactionResult, TransactionalTree};
 use sled::Transactional;
@@ -169,7 +169,7 @@ fn decided(
                 kind: record.kind(),
                 reason,
                 message,
-                current: current.map(|row| row.task.clone()),
+                current: current.map(|row| Task::clone(&row.task)),
             };
             let frame = EventFrame::encode(event_id, EVENT_FAILED, &event)?;
             (frame, RowChange::None)
@@ -177,7 +177,7 @@ fn decided(
         Outcome::Changed(change) => {
             record.status = CommandStatus::Settled;
             let (version, task) = match &change {
-                RowChange::Upsert(row) => (row.task.version, Some(row.task.clone())),
+                RowChange::Upsert(row) => (row.task.version, Some(Task::clone(&row.task))),
                 RowChange::Remove(_) => (current.map_or(0, |row| row.task.version) + 1, None),
                 RowChange::None => (current.map_or(0, |row| row.task.version), None),
             };
@@ -463,7 +463,7 @@ fn decide(record: &CommandRecord, current: Option<&TaskRow>, now: OffsetDateTime
         (CommandBody::Create { title, notes }, None) => {
             Outcome::Changed(RowChange::Upsert(TaskRow {
                 seq: record.seq,
-                task: Task {
+                task: Arc::new(Task {
                     id: record.task_id,
                     title: title.clone(),
                     notes: notes.clone(),
@@ -471,7 +471,7 @@ fn decide(record: &CommandRecord, current: Option<&TaskRow>, now: OffsetDateTime
                     likes: 0,
                     version: 1,
                     updated_at: now,
-                },
+                }),
             }))
         }
         (_, None) => missing(),
@@ -485,17 +485,18 @@ fn decide(record: &CommandRecord, current: Option<&TaskRow>, now: OffsetDateTime
             Some(row),
         ) => stale(base_version, row).unwrap_or_else(|| {
             let mut row = row.clone();
+            let task = Arc::make_mut(&mut row.task);
             if let Some(title) = title {
-                row.task.title = title.clone();
+                task.title = title.clone();
             }
             if let Some(notes) = notes {
-                row.task.notes = notes.clone();
+                task.notes = notes.clone();
             }
             if let Some(done) = done {
-                row.task.done = *done;
+                task.done = *done;
             }
-            row.task.version += 1;
-            row.task.updated_at = now;
+            task.version += 1;
+            task.updated_at = now;
             Outcome::Changed(RowChange::Upsert(row))
         }),
         (CommandBody::Delete { base_version }, Some(row)) => {
@@ -503,9 +504,10 @@ fn decide(record: &CommandRecord, current: Option<&TaskRow>, now: OffsetDateTime
         }
         (CommandBody::Like { delta }, Some(row)) => {
             let mut row = row.clone();
-            row.task.likes += delta;
-            row.task.version += 1;
-            row.task.updated_at = now;
+            let task = Arc::make_mut(&mut row.task);
+            task.likes += delta;
+            task.version += 1;
+            task.updated_at = now;
             Outcome::Changed(RowChange::Upsert(row))
         }
     }

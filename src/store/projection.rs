@@ -5,6 +5,7 @@
 //! published, which is what makes "read after `projection:settled` sees the change" hold.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use uuid::Uuid;
 
@@ -48,7 +49,8 @@ impl Store {
     }
 
     /// Every task in creation order, and the id of the last event the list includes.
-    pub fn snapshot(&self) -> (Vec<Task>, u64) {
+    /// Shared, not copied: the consumer waits for this lock to move the projection.
+    pub fn snapshot(&self) -> (Vec<Arc<Task>>, u64) {
         let projection = self
             .inner
             .projection
@@ -58,18 +60,18 @@ impl Store {
             .order
             .values()
             .filter_map(|id| projection.rows.get(id))
-            .map(|row| row.task.clone())
+            .map(|row| Arc::clone(&row.task))
             .collect();
         (tasks, projection.watermark)
     }
 
-    pub fn task(&self, id: Uuid) -> Option<Task> {
+    pub fn task(&self, id: Uuid) -> Option<Arc<Task>> {
         let projection = self
             .inner
             .projection
             .read()
             .expect("projection lock poisoned");
-        projection.rows.get(&id).map(|row| row.task.clone())
+        projection.rows.get(&id).map(|row| Arc::clone(&row.task))
     }
 
     /// The id of the newest event that readers can see.

@@ -1515,3 +1515,27 @@ fn a_sync_failure_after_a_failed_write_to_the_apply_log_still_refuses_a_start_in
         "the marker was left"
     );
 }
+
+/// A snapshot shares the rows' tasks instead of copying them under the projection's
+/// lock, and a later change makes a new task: a snapshot taken before it still shows
+/// the task as it was.
+#[test]
+fn a_snapshot_shares_the_tasks_and_keeps_them_as_they_were() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let store = Store::open(dir.path()).expect("a store");
+    settle_in_one_chunk(&store, &["a"]);
+    let (before, _) = store.snapshot();
+    let (again, _) = store.snapshot();
+    assert!(Arc::ptr_eq(&before[0], &again[0]), "shared, not copied");
+    let liked = like("l", before[0].id, &store);
+    let applied = store
+        .apply_batch(&[(&liked, &Decision::Apply)], OffsetDateTime::now_utc())
+        .expect("applied");
+    store.log_applied(applied.iter().flatten()).expect("logged");
+    for applied in applied.iter().flatten() {
+        store.project(applied);
+    }
+    let (after, _) = store.snapshot();
+    assert_eq!((before[0].likes, after[0].likes), (0, 1));
+    assert!(!Arc::ptr_eq(&before[0], &after[0]));
+}
