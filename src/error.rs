@@ -166,6 +166,18 @@ impl ApiError {
     }
 }
 
+/// Longest `detail` a problem carries, in characters: one may quote what the client
+/// sent (a path, a value), which can be tens of kilobytes.
+const DETAIL_MAX_CHARS: usize = 500;
+
+/// `detail` cut to [`DETAIL_MAX_CHARS`], saying so.
+fn excerpt(detail: String) -> String {
+    match detail.char_indices().nth(DETAIL_MAX_CHARS) {
+        Some((cut, _)) => format!("{}… (cut at {DETAIL_MAX_CHARS} characters)", &detail[..cut]),
+        None => detail,
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, slug, title) = self.parts();
@@ -174,7 +186,7 @@ impl IntoResponse for ApiError {
                 tracing::error!(error = ?err, "request failed");
                 "the server could not complete the request; it has been logged".to_owned()
             }
-            other => other.to_string(),
+            other => excerpt(other.to_string()),
         };
         let problem = Problem {
             kind: format!("/problems/{slug}"),

@@ -546,6 +546,17 @@ async fn the_app_is_served_at_the_root_with_a_strict_policy() {
         .await
         .unwrap();
     assert_eq!(cached.status(), 304);
+    // A problem quotes what it was sent only so far: not a 60000-character path.
+    let long = app
+        .http
+        .get(app.url(&format!("/{}", "a".repeat(60_000))))
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(long, 404, "a long unknown path").await;
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.chars().count() < 600, "{} characters", detail.len());
+    assert!(detail.ends_with("(cut at 500 characters)"), "{detail}");
     // HEAD: the headers of the GET, its length included, and no body.
     let head = app.http.head(app.url("/")).send().await.unwrap();
     assert_eq!(head.status(), 200);
