@@ -298,12 +298,26 @@ mod tests {
 
     use super::*;
 
+    /// `body` as a JSON `POST` to a route whose body is guarded and read as JSON.
+    async fn guarded_json_post(body: axum::body::Body) -> Response {
+        use tower::ServiceExt;
+
+        let app: Router = guard_bodies(Router::new().route(
+            "/",
+            post(|AppJson(_): AppJson<serde_json::Value>| async { StatusCode::OK }),
+        ));
+        let request = Request::post("/")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .expect("a request");
+        app.oneshot(request).await.expect("an answer")
+    }
+
     /// Whether the body never starts or stops halfway, the read fails after
     /// [`BODY_STALL_TIMEOUT`] and the client is told so: 408, a problem.
     #[tokio::test(start_paused = true)]
     async fn a_body_that_stalls_is_answered_408() {
         use futures::stream::{self, StreamExt};
-        use tower::ServiceExt;
 
         type Piece = Result<Bytes, std::io::Error>;
         let bodies: [(&str, stream::BoxStream<'static, Piece>); 2] = [
@@ -316,16 +330,8 @@ mod tests {
             ),
         ];
         for (what, body) in bodies {
-            let app: Router = guard_bodies(Router::new().route(
-                "/",
-                post(|AppJson(_): AppJson<serde_json::Value>| async { StatusCode::OK }),
-            ));
-            let request = Request::post("/")
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(axum::body::Body::from_stream(body))
-                .expect("a request");
             let started = tokio::time::Instant::now();
-            let response = app.oneshot(request).await.expect("an answer");
+            let response = guarded_json_post(axum::body::Body::from_stream(body)).await;
             assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT, "{what}");
             assert_eq!(
                 response.headers()[header::CONTENT_TYPE],
@@ -341,26 +347,19 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_that_trickles_past_its_deadline_is_answered_408() {
         use futures::stream;
-        use tower::ServiceExt;
 
         let trickle = stream::unfold((), |()| async {
             tokio::time::sleep(BODY_STALL_TIMEOUT / 2).await;
             Some((Ok::<_, std::io::Error>(Bytes::from_static(b" ")), ()))
         });
-        let app: Router = guard_bodies(Router::new().route(
-            "/",
-            post(|AppJson(_): AppJson<serde_json::Value>| async { StatusCode::OK }),
-        ));
-        let request = Request::post("/")
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(axum::body::Body::from_stream(trickle))
-            .expect("a request");
         let started = tokio::time::Instant::now();
         // Bounded: without its deadline the body would trickle on for a day.
-        let response = tokio::time::timeout(2 * BODY_DEADLINE, app.oneshot(request))
-            .await
-            .expect("answered within twice the deadline")
-            .expect("an answer");
+        let response = tokio::time::timeout(
+            2 * BODY_DEADLINE,
+            guarded_json_post(axum::body::Body::from_stream(trickle)),
+        )
+        .await
+        .expect("answered within twice the deadline");
         assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
         assert!(started.elapsed() >= BODY_DEADLINE);
         assert!(started.elapsed() < BODY_DEADLINE + BODY_STALL_TIMEOUT);

@@ -209,16 +209,7 @@ async fn the_stream_sends_a_retry_hint_and_counts_its_subscriber() {
     let (_, metrics) = app.get_json("/api/metrics").await;
     assert_eq!(metrics["subscribers"], 1);
     drop(body);
-    let mut subscribers = None;
-    for _ in 0..100 {
-        let (_, metrics) = app.get_json("/api/metrics").await;
-        subscribers = metrics["subscribers"].as_u64();
-        if subscribers == Some(0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(subscribers, Some(0), "no longer counted once hung up");
+    app.until_subscribers(0).await;
     app.stop().await;
 }
 
@@ -476,15 +467,6 @@ async fn a_stream_opened_first_or_after_another_request_carries_the_same_events(
     // Hanging up ends the subscription at once, also when no event is due.
     drop(direct);
     drop(routed);
-    let mut subscribers = None;
-    for _ in 0..50 {
-        let (_, metrics) = app.get_json("/api/metrics").await;
-        subscribers = metrics["subscribers"].as_u64();
-        if subscribers == Some(0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(subscribers, Some(0));
+    app.until_subscribers(0).await;
     app.stop().await;
 }

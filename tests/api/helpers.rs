@@ -298,6 +298,20 @@ impl TestApp {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Waits (up to 2 s) until `/api/metrics` counts `count` subscribers.
+    pub async fn until_subscribers(&self, count: u64) {
+        let mut subscribers = None;
+        for _ in 0..100 {
+            let (_, metrics) = self.get_json("/api/metrics").await;
+            subscribers = metrics["subscribers"].as_u64();
+            if subscribers == Some(count) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{count} subscribers counted within 2 s, got {subscribers:?}");
+    }
+
     pub async fn put_faults(&self, faults: Value) -> Value {
         let response = self
             .http
