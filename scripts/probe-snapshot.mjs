@@ -35,6 +35,10 @@ const data = await mkdtemp(join(tmpdir(), 'settle-probe-'));
 const env = Object.fromEntries(Object.entries(process.env).filter(([name]) => !name.startsWith('SETTLE_')));
 const server = spawn(binary, ['--addr', `127.0.0.1:${port}`, '--data-dir', data, '--delay-ms', '10'],
   { env, stdio: ['ignore', 'pipe', 'ignore'] });
+// Whatever ends this process ends the server: an error, a signal, the end.
+process.on('exit', () => server.kill('SIGKILL'));
+for (const signal of ['SIGINT', 'SIGTERM']) process.on(signal, () => process.exit(1));
+let prober = null;
 try {
   await new Promise((resolve, reject) => {
     let out = '';
@@ -42,6 +46,7 @@ try {
       out += chunk;
       if (out.includes('listening on')) resolve();
     });
+    server.on('error', reject);
     server.on('exit', () => reject(new Error('the server did not start')));
   });
 
@@ -57,13 +62,17 @@ try {
     await response.arrayBuffer();
     if (response.status !== 202) throw new Error(`create ${n}: ${response.status}`);
   }
-  while ((await (await fetch(`${base}/api/metrics`)).json()).settled < tasks) await sleep(200);
+  const settleBy = Date.now() + 120_000;
+  while ((await (await fetch(`${base}/api/metrics`)).json()).settled < tasks) {
+    if (Date.now() > settleBy) throw new Error(`the ${tasks} tasks did not all apply within 2 minutes`);
+    await sleep(200);
+  }
   console.log(`created ${tasks} tasks in ${((Date.now() - started) / 1000).toFixed(1)} s`);
 
   const rssKib = async () => Number(/VmRSS:\s+(\d+)/.exec(await readFile(`/proc/${server.pid}/status`, 'utf8'))[1]);
   // On a thread of its own: the readers' hundreds of megabytes keep this one's event
   // loop busy, which the health checks would otherwise count as the server's.
-  const prober = new Worker(`
+  prober = new Worker(`
     const { parentPort, workerData } = require('node:worker_threads');
     const latencies = [];
     let reading = true;
@@ -78,7 +87,11 @@ try {
       parentPort.postMessage(latencies);
     })();
   `, { eval: true, workerData: base });
-  const probed = new Promise((resolve) => prober.once('message', resolve));
+  const probed = new Promise((resolve, reject) => {
+    prober.once('message', resolve);
+    prober.once('error', reject);
+  });
+  probed.catch(() => {});
   await sleep(300);
   const before = await rssKib();
   let peak = before;
@@ -96,13 +109,14 @@ try {
   const results = await all;
   prober.postMessage('stop');
   const latencies = (await probed).sort((a, b) => a - b);
-  await prober.terminate();
   const seconds = results.map((read) => read.ms / 1000);
   console.log(`${readers} readers: bodies of ${(results[0].bytes / 1e6).toFixed(0)} MB, each `
     + `${Math.min(...seconds).toFixed(2)}-${Math.max(...seconds).toFixed(2)} s; /api/health p50 `
     + `${latencies[Math.floor(latencies.length / 2)].toFixed(1)} ms, max ${latencies.at(-1).toFixed(0)} ms `
     + `over ${latencies.length} probes; server RSS ${Math.floor(before / 1024)} -> peak ${Math.floor(peak / 1024)} MiB`);
 } finally {
+  await prober?.terminate();
   server.kill('SIGKILL');
+  await new Promise((resolve) => (server.exitCode !== null || server.signalCode !== null ? resolve() : server.once('exit', resolve)));
   await rm(data, { recursive: true, force: true });
 }

@@ -11,7 +11,8 @@
 //! So this loop sets `TCP_NODELAY`, serves HTTP/1.1 only (browsers speak HTTP/1.1 to a
 //! plain-http origin anyway), shares one router across connections, bounds the time to
 //! read a request head, and on shutdown stops accepting, lets every connection finish
-//! its current response (event streams end on the same shutdown token) and waits for
+//! its current response (event streams end on the same shutdown token; a response that
+//! writes nothing for [`SHUTDOWN_STALL`], its client not reading, is cut) and waits for
 //! them, up to [`DRAIN_TIMEOUT`]. A connection that opens with an event-stream request
 //! skips hyper altogether (`sse::direct`): an idle subscriber then costs a few KiB. One
 //! that opens with a head hyper would refuse with an empty body is answered here with
@@ -19,6 +20,8 @@
 //! itself; hyper then reads those bytes before the socket's.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{header, HeaderValue};
@@ -31,6 +34,7 @@ use hyper_util::service::TowerToHyperService;
 use std::io::Cursor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::io::InspectWriter;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -53,10 +57,13 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// How long the loop waits for a connection to refuse with the reserve let go of.
 const RESERVE_ACCEPT_WAIT: Duration = Duration::from_millis(50);
-/// How long a connection served by hyper may take to finish its response once the
-/// shutdown has begun: a client that does not read would otherwise hold the drain for
-/// all of [`DRAIN_TIMEOUT`] (one served on the socket ends at once: `sse::direct`).
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Once the shutdown has begun, how long a connection served by hyper may write
+/// nothing before it is closed: a client that does not read would otherwise hold the
+/// drain for all of [`DRAIN_TIMEOUT`], where one still reading a large response may
+/// finish it (one served on the socket ends at once: `sse::direct`). Seconds, not
+/// less: the kernel's send buffer (megabytes, autotuned) takes a slow reader's bytes in
+/// bursts, and a writer waits between them while the buffer drains.
+const SHUTDOWN_STALL: Duration = Duration::from_secs(5);
 /// How often running out of file descriptors is logged, with how many connections
 /// were refused for it meanwhile.
 const OUT_OF_FILES_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -158,11 +165,25 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
                 Some(First::Http(read)) => {
                     // hyper reads the bytes read so far, then the socket's.
                     let (reader, writer) = stream.into_split();
+                    // What it writes is counted: after the shutdown, a response that
+                    // goes on coming out may finish (up to the drain timeout); one
+                    // whose client stopped reading is closed.
+                    let written = Arc::new(AtomicU64::new(0));
+                    let counted = Arc::clone(&written);
+                    let writer = InspectWriter::new(writer, move |bytes: &[u8]| {
+                        counted.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    });
                     let io = tokio::io::join(Cursor::new(read).chain(reader), writer);
                     let connection = builder.serve_connection(TokioIo::new(io), service);
                     let grace_over = async {
                         shutdown.cancelled().await;
-                        tokio::time::sleep(SHUTDOWN_GRACE).await;
+                        loop {
+                            let before = written.load(Ordering::Relaxed);
+                            tokio::time::sleep(SHUTDOWN_STALL).await;
+                            if written.load(Ordering::Relaxed) == before {
+                                break;
+                            }
+                        }
                     };
                     tokio::select! {
                         served = watcher.watch(connection) => {
@@ -171,7 +192,7 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
                             }
                         }
                         () = grace_over => {
-                            tracing::debug!("connection still busy after the shutdown's grace; closed");
+                            tracing::debug!("connection's response stalled after the shutdown; closed");
                         }
                     }
                 }

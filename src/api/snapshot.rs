@@ -1,7 +1,7 @@
 //! `GET /api/tasks`: the snapshot of every task, serialized once per watermark.
 //!
 //! Every client reads it on load and after each `reset`, and its size grows with the
-//! tasks (up to ~10 KiB of notes each). Built per request on an async worker, a few
+//! tasks (up to ~41 KB of title and notes each). Built per request on an async worker, a few
 //! concurrent reads of a large list would hold both workers for as long as each takes
 //! to copy and serialize it, and every other request waits (measured by an audit:
 //! 4000 tasks with long notes, 121 MB each, `/api/health` unanswered for over 10 s).

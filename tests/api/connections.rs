@@ -89,3 +89,71 @@ async fn at_the_open_file_limit_a_new_connection_is_answered_503() {
         "served again once they closed"
     );
 }
+
+/// At shutdown, a response still being read may finish: a client reading a large
+/// snapshot slowly gets all of it, though it takes longer than a stalled client is
+/// given (5 s without a byte written).
+#[tokio::test]
+async fn at_shutdown_a_response_still_being_read_is_finished() {
+    let app = crate::helpers::spawn_app_with(|config| config.delay_ms = 10).await;
+    let mut events = app.events(None).await;
+    let notes = "ñ".repeat(settle::model::NOTES_MAX_CHARS);
+    for n in 0..300 {
+        app.accepted(
+            reqwest::Method::POST,
+            "/api/tasks",
+            &format!("big-{n}"),
+            serde_json::json!({ "title": "big", "notes": notes }),
+        )
+        .await;
+    }
+    events.take(300).await;
+    drop(events);
+    let addr: std::net::SocketAddr = app.base.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 << 10).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    // A request before it makes this a connection hyper serves.
+    stream
+        .write_all(b"GET /api/health HTTP/1.1\r\nHost: t\r\n\r\nGET /api/tasks HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    // About 6 MB at 1 MB/s: some 6 s, past the 5 s a stalled response gets. The
+    // shutdown begins once the snapshot's answer has begun: a request not yet read
+    // when it begins is not served.
+    let mut answer = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut app = Some(app);
+    let mut stopping = None;
+    loop {
+        if stopping.is_none()
+            && String::from_utf8_lossy(&answer)
+                .matches("HTTP/1.1 200")
+                .count()
+                == 2
+        {
+            stopping = app.take().map(|app| tokio::spawn(app.stop()));
+        }
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(read)) => answer.extend_from_slice(&chunk[..read]),
+            Ok(Err(err)) => panic!("the connection failed after {} bytes: {err}", answer.len()),
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    stopping
+        .expect("the snapshot's answer began")
+        .await
+        .expect("stopped");
+    let text = String::from_utf8_lossy(&answer);
+    let second = text.rfind("HTTP/1.1 200").expect("the snapshot's answer");
+    let (head, body) = text[second..].split_once("\r\n\r\n").expect("a head");
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .expect("a length")
+        .parse()
+        .unwrap();
+    assert!(length > 5_000_000, "a large snapshot: {length} bytes");
+    assert_eq!(body.len(), length, "the whole snapshot");
+}

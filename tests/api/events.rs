@@ -376,7 +376,7 @@ async fn graceful_shutdown_does_not_wait_for_a_subscriber_that_never_reads() {
     let started = std::time::Instant::now();
     app.stop().await;
     assert!(
-        started.elapsed() < Duration::from_secs(6),
+        started.elapsed() < Duration::from_secs(8),
         "drained in {:?}, the drain timeout is 10 s",
         started.elapsed()
     );
