@@ -96,19 +96,7 @@ async fn at_the_open_file_limit_a_new_connection_is_answered_503() {
 #[tokio::test]
 async fn at_shutdown_a_response_still_being_read_is_finished() {
     let app = crate::helpers::spawn_app_with(|config| config.delay_ms = 10).await;
-    let mut events = app.events(None).await;
-    let notes = "ñ".repeat(settle::model::NOTES_MAX_CHARS);
-    for n in 0..300 {
-        app.accepted(
-            reqwest::Method::POST,
-            "/api/tasks",
-            &format!("big-{n}"),
-            serde_json::json!({ "title": "big", "notes": notes }),
-        )
-        .await;
-    }
-    events.take(300).await;
-    drop(events);
+    app.create_settled_with_longest_notes(300).await;
     let addr: std::net::SocketAddr = app.base.trim_start_matches("http://").parse().unwrap();
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(16 << 10).unwrap();

@@ -339,20 +339,8 @@ async fn graceful_shutdown_ends_open_streams_and_idle_connections() {
 #[tokio::test]
 async fn graceful_shutdown_does_not_wait_for_a_subscriber_that_never_reads() {
     let app = spawn_app_with(|config| config.delay_ms = 10).await;
-    let mut events = app.events(None).await;
     // About 20 KiB an event: 400 of them are more than both buffers hold.
-    let notes = "ñ".repeat(settle::model::NOTES_MAX_CHARS);
-    for n in 0..400 {
-        app.accepted(
-            reqwest::Method::POST,
-            "/api/tasks",
-            &format!("big-{n}"),
-            json!({ "title": "big", "notes": notes }),
-        )
-        .await;
-    }
-    events.take(400).await;
-    drop(events);
+    app.create_settled_with_longest_notes(400).await;
     let addr: std::net::SocketAddr = app.base.trim_start_matches("http://").parse().unwrap();
     // One served on the socket (its first request is the stream), one by hyper (a
     // request before it on the same connection).

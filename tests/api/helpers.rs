@@ -298,6 +298,23 @@ impl TestApp {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Creates `count` tasks whose notes are as long as notes may be (10000 two-byte
+    /// characters: about 20 KiB an event), and waits for their events.
+    pub async fn create_settled_with_longest_notes(&self, count: usize) {
+        let mut events = self.events(None).await;
+        let notes = "ñ".repeat(settle::model::NOTES_MAX_CHARS);
+        for n in 0..count {
+            self.accepted(
+                reqwest::Method::POST,
+                "/api/tasks",
+                &format!("long-notes-{n}"),
+                json!({ "title": "long notes", "notes": notes }),
+            )
+            .await;
+        }
+        events.take(count).await;
+    }
+
     /// Waits (up to 2 s) until `/api/metrics` counts `count` subscribers.
     pub async fn until_subscribers(&self, count: u64) {
         let mut subscribers = None;
