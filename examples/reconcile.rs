@@ -279,7 +279,7 @@ impl Client {
             read.version
         );
         ensure!(
-            read.version > version || read == *shown,
+            read.version > version || read == **shown,
             "task {id} at version {version} reads {read:?}, its event said {shown:?}"
         );
         Ok(read)

@@ -22,13 +22,23 @@ const CONTENT_SECURITY_POLICY: &str =
 pub async fn serve(method: Method, uri: Uri, headers: HeaderMap) -> Response {
     let path = uri.path().trim_start_matches('/');
     let path = if path.is_empty() { "index.html" } else { path };
-    let file = match (&method, path.starts_with("api/")) {
-        (&Method::GET | &Method::HEAD, false) => Assets::get(path),
-        _ => None,
+    let file = if path.starts_with("api/") {
+        None
+    } else {
+        Assets::get(path)
     };
     let Some(file) = file else {
         return ApiError::NotFound(format!("no route for {method} {}", uri.path())).into_response();
     };
+    if method != Method::GET && method != Method::HEAD {
+        let mut refused =
+            ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+                .into_response();
+        refused
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET,HEAD"));
+        return refused;
+    }
     let etag = format!("\"{}\"", hex(&file.metadata.sha256_hash()[..16]));
     let mut response = if headers
         .get(header::IF_NONE_MATCH)

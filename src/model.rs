@@ -1,6 +1,8 @@
 //! The domain: tasks, the commands that change them, and the events that settle those
 //! commands. Pure data with serde shapes that are the public JSON contract; no I/O.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -257,8 +259,9 @@ pub struct SettledEvent {
     pub task_id: Uuid,
     pub kind: CommandKind,
     pub version: u64,
-    /// The row after the change; `null` after a delete.
-    pub task: Option<Task>,
+    /// The row after the change; `null` after a delete. Shared with the projection's
+    /// row: serialized once into the event's frame, never copied.
+    pub task: Option<Arc<Task>>,
     #[serde(with = "time::serde::rfc3339")]
     pub accepted_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -276,7 +279,7 @@ pub struct FailedEvent {
     pub reason: FailureReason,
     pub message: String,
     /// The row as it is now, so a client can snap to ground truth without a fetch.
-    pub current: Option<Task>,
+    pub current: Option<Arc<Task>>,
 }
 
 /// Unix time in milliseconds.

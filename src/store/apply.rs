@@ -169,7 +169,7 @@ fn decided(
                 kind: record.kind(),
                 reason,
                 message,
-                current: current.map(|row| Task::clone(&row.task)),
+                current: current.map(|row| Arc::clone(&row.task)),
             };
             let frame = EventFrame::encode(event_id, EVENT_FAILED, &event)?;
             (frame, RowChange::None)
@@ -177,7 +177,7 @@ fn decided(
         Outcome::Changed(change) => {
             record.status = CommandStatus::Settled;
             let (version, task) = match &change {
-                RowChange::Upsert(row) => (row.task.version, Some(Task::clone(&row.task))),
+                RowChange::Upsert(row) => (row.task.version, Some(Arc::clone(&row.task))),
                 RowChange::Remove(_) => (current.map_or(0, |row| row.task.version) + 1, None),
                 RowChange::None => (current.map_or(0, |row| row.task.version), None),
             };

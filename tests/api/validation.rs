@@ -557,6 +557,17 @@ async fn the_app_is_served_at_the_root_with_a_strict_policy() {
     let detail = problem["detail"].as_str().unwrap();
     assert!(detail.chars().count() < 600, "{} characters", detail.len());
     assert!(detail.ends_with("(cut at 500 characters)"), "{detail}");
+    // Another method on an asset: 405, saying which it takes.
+    for method in [Method::POST, Method::OPTIONS, Method::DELETE] {
+        let refused = app
+            .http
+            .request(method.clone(), app.url("/app.js"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.headers()["allow"], "GET,HEAD", "{method}");
+        assert_problem(refused, 405, "another method on an asset").await;
+    }
     // HEAD: the headers of the GET, its length included, and no body.
     let head = app.http.head(app.url("/")).send().await.unwrap();
     assert_eq!(head.status(), 200);
