@@ -110,6 +110,16 @@ pub struct Config {
 }
 
 impl Config {
+    /// The environment variables the server takes its settings from: what a program
+    /// that starts a server with arguments of its own (the tests, the bench) removes
+    /// from the server's environment, so that a stray one changes nothing.
+    pub fn env_names() -> Vec<std::ffi::OsString> {
+        Self::command()
+            .get_arguments()
+            .filter_map(|arg| arg.get_env().map(ToOwned::to_owned))
+            .collect()
+    }
+
     /// The defaults with another data directory and port 0: what tests start from.
     /// Not read from the environment: a stray `SETTLE_*` would change every test.
     pub fn for_tests(data_dir: impl Into<PathBuf>) -> Self {
@@ -128,5 +138,27 @@ fn parse_rate(text: &str) -> Result<f64, String> {
         Ok(rate)
     } else {
         Err(format!("{rate} is not a probability in [0, 1]"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag has its variable, and `env_names` names them all: a program that
+    /// starts a server of its own leaves none of them behind.
+    #[test]
+    fn every_flag_s_variable_is_named() {
+        let names = Config::env_names();
+        let flags: Vec<_> = Config::command()
+            .get_arguments()
+            .filter_map(|arg| arg.get_long().map(ToOwned::to_owned))
+            .filter(|flag| flag != "help" && flag != "version")
+            .collect();
+        assert_eq!(names.len(), flags.len(), "{names:?} for {flags:?}");
+        assert!(names.iter().any(|name| name == "SETTLE_FAILURE_RATE"));
+        assert!(names
+            .iter()
+            .all(|name| name.to_string_lossy().starts_with("SETTLE_")));
     }
 }

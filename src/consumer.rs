@@ -422,6 +422,16 @@ mod tests {
         }
     }
 
+    /// The next event the consumer publishes, within 30 s.
+    async fn published(
+        events: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<crate::hub::EventFrame>>,
+    ) -> std::sync::Arc<crate::hub::EventFrame> {
+        tokio::time::timeout(Duration::from_secs(30), events.recv())
+            .await
+            .expect("the consumer applies")
+            .expect("an event")
+    }
+
     /// A clean stop gives back the event ids it reserved and did not use: the next
     /// start goes on from the last event without a hole, after a reboot too, where one
     /// after a crash would skip them (`store::event_ids`).
@@ -432,10 +442,7 @@ mod tests {
         let running = Running::start_on(store, None).await;
         let mut events = running.hub.subscribe();
         running.accept("a").await;
-        let settled = tokio::time::timeout(Duration::from_secs(30), events.recv())
-            .await
-            .expect("the consumer applies")
-            .expect("an event");
+        let settled = published(&mut events).await;
         assert_eq!(settled.id, 1);
         assert!(running.stop().await, "a clean stop");
         let store = crate::store::event_ids_testing::open(dir.path(), Some("boot-2"));
@@ -469,10 +476,7 @@ mod tests {
         let running = Running::start().await;
         let mut events = running.hub.subscribe();
         running.accept("before").await;
-        let settled = tokio::time::timeout(Duration::from_secs(30), events.recv())
-            .await
-            .expect("the consumer applies")
-            .expect("an event");
+        let settled = published(&mut events).await;
         assert!(std::str::from_utf8(&settled.bytes)
             .expect("utf-8")
             .contains("\"before\""));
@@ -507,10 +511,7 @@ mod tests {
         let running = Running::start().await;
         let mut events = running.hub.subscribe();
         running.accept("only").await;
-        tokio::time::timeout(Duration::from_secs(30), events.recv())
-            .await
-            .expect("the consumer applies")
-            .expect("an event");
+        published(&mut events).await;
         let published = tokio::time::Instant::now();
         // Meanwhile commands due much later keep waking the consumer, which must not
         // put the checkpoint off each time.

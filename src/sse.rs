@@ -199,7 +199,7 @@ pub fn event_stream(
         loop {
             while sent < target {
                 let (after, upto) = (sent, target);
-                let read = store.blocking(move |store| store.events_within(after, upto, REPLAY_CHUNK, REPLAY_BYTES));
+                let read = store.blocking(move |store| store.events_after(after, upto, REPLAY_CHUNK, REPLAY_BYTES));
                 match read.await {
                     Ok(frames) => {
                         // The log no longer holds `sent + 1` (compacted before a resume,

@@ -339,7 +339,9 @@ mod tests {
     use crate::store::Decision;
 
     fn event_ids(store: &Store, after: u64) -> Vec<u64> {
-        let frames = store.events_after(after, u64::MAX, 100).expect("read");
+        let frames = store
+            .events_after(after, u64::MAX, 100, usize::MAX)
+            .expect("read");
         frames.iter().map(|frame| frame.id).collect()
     }
 

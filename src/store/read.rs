@@ -88,26 +88,14 @@ impl Store {
         Ok(records.into_values().collect())
     }
 
-    /// Up to `limit` events after `after`, in id order, but none past `up_to`.
+    /// Up to `limit` events after `after`, in id order, but none past `up_to`, and no
+    /// more than fit in `max_bytes` (one at least, whatever its size): what a
+    /// subscriber catching up holds in memory while it writes them out, however large
+    /// the events are.
     ///
     /// # Errors
     /// On storage failure.
     pub fn events_after(
-        &self,
-        after: u64,
-        up_to: u64,
-        limit: usize,
-    ) -> Result<Vec<EventFrame>, StoreError> {
-        self.events_within(after, up_to, limit, usize::MAX)
-    }
-
-    /// [`Store::events_after`], and no more events than fit in `max_bytes` (one at
-    /// least, whatever its size): what a subscriber catching up holds in memory while
-    /// it writes them out, however large the events are.
-    ///
-    /// # Errors
-    /// On storage failure.
-    pub fn events_within(
         &self,
         after: u64,
         up_to: u64,

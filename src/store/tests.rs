@@ -1050,14 +1050,16 @@ fn settle_in_one_chunk(store: &Store, keys: &[&str]) {
 }
 
 fn event_ids(store: &Store, after: u64, up_to: u64, limit: usize) -> Vec<u64> {
-    let frames = store.events_after(after, up_to, limit).expect("read");
+    let frames = store
+        .events_after(after, up_to, limit, usize::MAX)
+        .expect("read");
     frames.iter().map(|frame| frame.id).collect()
 }
 
 /// Asserts that event `id`, read alone, is its own frame (its bytes begin with its
 /// `id:` line).
 fn assert_frame_of(store: &Store, id: u64) {
-    let frames = store.events_after(id - 1, id, 1).expect("read");
+    let frames = store.events_after(id - 1, id, 1, usize::MAX).expect("read");
     let expected = format!("id: {id}\n");
     assert!(
         frames[0].bytes.starts_with(expected.as_bytes()),
@@ -1111,7 +1113,7 @@ fn a_read_of_the_event_log_stops_at_its_bytes_and_answers_one_at_least() {
     store.log_applied(applied.iter().flatten()).expect("logged");
     assert_eq!(store.inner.unwritten().len(), 2, "d and e not yet in sled");
     let sizes: Vec<usize> = store
-        .events_after(0, u64::MAX, 10)
+        .events_after(0, u64::MAX, 10, usize::MAX)
         .expect("read")
         .iter()
         .map(|frame| frame.bytes.len())
@@ -1119,7 +1121,7 @@ fn a_read_of_the_event_log_stops_at_its_bytes_and_answers_one_at_least() {
     assert_eq!(sizes.len(), 5);
     let within = |max_bytes| -> Vec<u64> {
         let frames = store
-            .events_within(0, u64::MAX, 10, max_bytes)
+            .events_after(0, u64::MAX, 10, max_bytes)
             .expect("read");
         frames.iter().map(|frame| frame.id).collect()
     };
@@ -1131,7 +1133,7 @@ fn a_read_of_the_event_log_stops_at_its_bytes_and_answers_one_at_least() {
         "into the table"
     );
     assert_eq!(within(usize::MAX), [1, 2, 3, 4, 5]);
-    let from_the_table = store.events_within(3, u64::MAX, 10, 1).expect("read");
+    let from_the_table = store.events_after(3, u64::MAX, 10, 1).expect("read");
     let ids: Vec<u64> = from_the_table.iter().map(|frame| frame.id).collect();
     assert_eq!(ids, [4]);
 }
@@ -1181,7 +1183,7 @@ fn values_of_one_frame_from_before_chunks_are_read_and_trimmed() {
     let store = Store::open(dir.path()).expect("a store");
     settle_in_one_chunk(&store, &["a", "b"]);
     // Event 1 and 2 as the earlier layout wrote them.
-    let frames = store.events_after(0, 2, 10).expect("read");
+    let frames = store.events_after(0, 2, 10, usize::MAX).expect("read");
     let events = &store.inner.events;
     events.remove(1_u64.to_be_bytes()).expect("removed");
     for frame in &frames {
@@ -1191,7 +1193,9 @@ fn values_of_one_frame_from_before_chunks_are_read_and_trimmed() {
     }
     settle_in_one_chunk(&store, &["c", "d"]);
     assert_eq!(event_log_keys(&store), [1, 2, 3]);
-    let read = store.events_after(0, u64::MAX, 10).expect("read");
+    let read = store
+        .events_after(0, u64::MAX, 10, usize::MAX)
+        .expect("read");
     assert_eq!(
         read.iter().map(|frame| frame.id).collect::<Vec<_>>(),
         [1, 2, 3, 4]
@@ -1222,7 +1226,10 @@ fn a_read_of_the_event_log_stops_at_a_gap() {
     assert_eq!(event_ids(&store, 2, u64::MAX, 10), [4]);
     // A repeat, as a read across a compaction's cut may meet: event 2 again, in a
     // chunk of its own beside the one that holds events 1 and 2.
-    let second = store.events_after(1, 2, 1).expect("read").remove(0);
+    let second = store
+        .events_after(1, 2, 1, usize::MAX)
+        .expect("read")
+        .remove(0);
     let [(id, chunk)] = &chunks::chunks([(2, second.bytes.as_ref())])[..] else {
         panic!("one chunk");
     };
@@ -1302,7 +1309,9 @@ fn applies_only_the_apply_log_holds_are_written_to_sled_again_on_open() {
     assert_eq!(finished.event_id, Some(1));
     let task = store.task(record.task_id).expect("the row is back");
     assert_eq!(task.version, 1);
-    let events = store.events_after(0, u64::MAX, 10).expect("read");
+    let events = store
+        .events_after(0, u64::MAX, 10, usize::MAX)
+        .expect("read");
     assert_eq!(events.len(), 1);
     let logged = applied[0].as_ref().expect("applied");
     assert_eq!(events[0].bytes, logged.frame.bytes);

@@ -67,10 +67,8 @@ impl BinaryServer {
         logs: Logs,
     ) -> Self {
         // The server's own settings come from the arguments alone.
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("SETTLE_") {
-                command.env_remove(name);
-            }
+        for name in Config::env_names() {
+            command.env_remove(name);
         }
         let mut child = command
             .args(["--addr", "127.0.0.1:0", "--delay-ms", &delay_ms.to_string()])

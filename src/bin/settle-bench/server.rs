@@ -289,10 +289,8 @@ impl Server {
         let mut command = Command::new(binary);
         sys::stop_with_bench(&mut command);
         // The parameters the report prints are the server's: none from `SETTLE_*`.
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("SETTLE_") {
-                command.env_remove(name);
-            }
+        for name in settle::config::Config::env_names() {
+            command.env_remove(name);
         }
         let mut child = command
             .arg("--addr")
