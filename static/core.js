@@ -270,6 +270,9 @@ export function createCore({
     const fate = reason === 'conflict' ? rebase(op, later) : null;
     if (fate === 'resent') return;
     if (op.kind === 'create' && pending.has(op.task_id)) failedCreates.set(op.task_id, title);
+    // A like the page sent by itself on a task now gone: the user did not click it, and
+    // the task's going is what there is to see.
+    if (op.compensating && reason === 'not_found') return;
     const keptMoving = fate === 'kept_moving';
     const text = failureText(op, title, { reason, message, orphaned, keptMoving });
     addNotice(noticeOf(op, 'error', fate ?? reason, text));

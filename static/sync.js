@@ -40,6 +40,8 @@ export function createSync({
   const sendingKeys = new Set();
   /** Per-task promise chain: a task's commands reach the server in issue order. */
   const sendChains = new Map();
+  /** Key -> how often an op found no answer while the stream was open (`sendWhenBack`). */
+  const unansweredSends = new Map();
   /** Storage key -> what was last written there. */
   const lastPersisted = new Map();
 
@@ -64,6 +66,24 @@ export function createSync({
     } finally {
       sendingKeys.delete(op.key);
     }
+    if (core.getOp(op.key)?.unreached?.offline) sendWhenBack(op.key);
+    else unansweredSends.delete(op.key);
+  }
+
+  /**
+   * An op whose attempts all got no answer waits for the stream to open (`openStream`).
+   * If the stream is open already (it came back while the attempts failed), that would
+   * not come: the op goes again after a pause, longer each time it finds no answer.
+   */
+  function sendWhenBack(key) {
+    if (core.getSnapshot().connection !== 'live') return;
+    const pauses = unansweredSends.get(key) ?? 0;
+    unansweredSends.set(key, pauses + 1);
+    later(() => {
+      const op = core.getOp(key);
+      if (!op) unansweredSends.delete(key);
+      else if (op.unreached?.offline && core.getSnapshot().connection === 'live') sendAgain([op]);
+    }, Math.min(MAX_RECONNECT_DELAY_MS, 1_000 * 2 ** pauses));
   }
 
   /**

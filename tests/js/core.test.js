@@ -236,6 +236,17 @@ describe('failure removes only the failed operation', () => {
       'only likes are sent by the page itself');
   });
 
+  test('a like the page sent by itself on a task deleted meanwhile fails without a notice; a clicked one has one', () => {
+    const { core } = setup();
+    // Another tab deletes the task while both likes are on their way.
+    const clicked = core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });
+    const page = core.issue({ kind: 'like', key: 'c', task_id: 'b', delta: -1, compensating: true });
+    core.applyEvent(failed(clicked, 'not_found', null, { id: 12 }));
+    core.applyEvent(failed(page, 'not_found', null, { id: 13 }));
+    assert.deepEqual(core.getSnapshot().notices.map((notice) => notice.text), ['Like “task b” failed: the task no longer exists.']);
+    assert.deepEqual([core.pendingOps().length, core.getSnapshot().items.some((item) => item.id === 'b')], [0, false]);
+  });
+
   test('the server message is shown where it says more than the reason', () => {
     const { core } = setup();
     const edit = core.issue({ kind: 'update', key: 'u1', task_id: 'a', patch: { title: 'x' }, base_version: 1 });

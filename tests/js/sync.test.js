@@ -115,6 +115,61 @@ describe('the sync engine', () => {
     assert.deepEqual([core.getOp('k').state, core.getOp('k').command_id], ['pending', 'cmd-k']);
   });
 
+  test('a command whose attempts failed after the stream came back is sent again after a pause, longer each time', async () => {
+    let reachable = false;
+    const transport = fakeTransport();
+    const accept = transport.sendCommand;
+    transport.sendCommand = async (request, key) => {
+      if (reachable) return accept(request, key);
+      transport.calls.push(['unreachable', key]);
+      return { outcome: 'unavailable', offline: true, detail: 'network error: Failed to fetch' };
+    };
+    const timers = [];
+    const core = createCore({ now: () => 1_000_000, stuckMs: 5000, syncMs: 800 });
+    const sync = createSync({
+      core,
+      transport,
+      newId: () => 'unused',
+      setInterval: () => 1,
+      clearInterval: () => {},
+      setTimeout: (fn, ms) => timers.push({ fn, ms }),
+    });
+    await sync.start();
+    // The stream is open (`live`) when the last attempt gives up: no `onOpen` is coming.
+    sync.editTask('a', { title: 'sent as the server came back' }, 'k');
+    await flush();
+    assert.equal(core.getOp('k').state, 'stuck');
+    assert.deepEqual(timers.map((timer) => timer.ms), [1000]);
+
+    timers.shift().fn(); // still no answer: stuck again, and the next pause is longer
+    await flush();
+    assert.equal(core.getOp('k').state, 'stuck');
+    assert.deepEqual(timers.map((timer) => timer.ms), [2000]);
+
+    reachable = true;
+    timers.shift().fn();
+    await flush();
+    assert.deepEqual(transport.calls.filter((call) => call[0] === 'send' || call[0] === 'unreachable').map((call) => call[0]), ['unreachable', 'unreachable', 'send']);
+    assert.deepEqual([core.getOp('k').state, core.getOp('k').command_id], ['pending', 'cmd-k']);
+    assert.equal(timers.length, 0, 'nothing more is scheduled once it is taken');
+  });
+
+  test('a command that found no answer while the stream was down waits for the stream, not a timer', async () => {
+    const transport = fakeTransport({
+      sendCommand: async () => ({ outcome: 'unavailable', offline: true, detail: 'network error: Failed to fetch' }),
+    });
+    const timers = [];
+    const core = createCore({ now: () => 1_000_000, stuckMs: 5000, syncMs: 800 });
+    const sync = createSync({
+      core, transport, setInterval: () => 1, clearInterval: () => {}, setTimeout: (fn, ms) => timers.push({ fn, ms }),
+    });
+    await sync.start();
+    transport.streams[0].handlers.onError({ closed: false });
+    sync.editTask('a', { title: 'offline' }, 'k');
+    await flush();
+    assert.deepEqual([core.getOp('k').state, timers.length], ['stuck', 0]);
+  });
+
   test('a command waiting its turn behind a slow send is not sent twice when the stream opens', async () => {
     let release;
     const transport = fakeTransport();
