@@ -80,7 +80,7 @@ export function createSync({
     const pauses = unansweredSends.get(key) ?? 0;
     unansweredSends.set(key, pauses + 1);
     later(() => {
-      const op = core.getOp(key);
+      const op = !stopped && core.getOp(key);
       if (!op) unansweredSends.delete(key);
       else if (op.unreached?.offline && core.getSnapshot().connection === 'live') sendAgain([op]);
     }, Math.min(MAX_RECONNECT_DELAY_MS, 1_000 * 2 ** pauses));
