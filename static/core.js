@@ -18,9 +18,10 @@
 // base gives all three for free.
 
 import {
-  appliedLateText, discardText, EVENT_FAILED, EVENT_SETTLED, failureText, isSavedOp, itemOf, KINDS,
+  appliedLateText, discardText, EVENT_FAILED, EVENT_SETTLED, failureText, isSavedOp, KINDS,
   noticeOf, persistedFields, refusedText,
 } from './ops.js';
+import { createPublisher } from './publish.js';
 import {
   conflictOf, rebasePlan, refreshedConflict, revivedConflict, seenValues,
 } from './conflicts.js';
@@ -111,33 +112,11 @@ export function createCore({
   let nextNoticeId = 1;
   let windowSamples = [];
   let connection = 'connecting';
-  /** Ops older than syncMs, as of the last tick: what the sync indicator shows. */
-  let sync = Object.freeze({ count: 0, oldest_issued_at: null });
-
-  const listeners = new Set();
-  let snapshot = null;
-  /** Per-task memo so unchanged items keep their identity across snapshots. */
-  const itemMemo = new Map();
+  /** The snapshot for the view, and who listens for its changes (publish.js). */
+  const publisher = createPublisher({ syncMs });
 
   function changed() {
-    refreshSync(now());
-    snapshot = null;
-    for (const listener of [...listeners]) listener();
-  }
-
-  /** Recount the ops older than syncMs; true when the figures moved. */
-  function refreshSync(at) {
-    let count = 0;
-    let oldest = null;
-    for (const op of pending.all()) {
-      if (at - op.issued_at >= syncMs) {
-        count += 1;
-        if (oldest === null || op.issued_at < oldest) oldest = op.issued_at;
-      }
-    }
-    if (count === sync.count && oldest === sync.oldest_issued_at) return false;
-    sync = Object.freeze({ count, oldest_issued_at: oldest });
-    return true;
+    publisher.changed(pending.all(), now());
   }
 
   // ---- lookups -------------------------------------------------------------------
@@ -488,7 +467,7 @@ export function createCore({
         stateChanged = true;
       }
     }
-    const syncChanged = refreshSync(at);
+    const syncChanged = publisher.recountSync(pending.all(), at);
     if (stateChanged || syncChanged) changed();
     return toCheck;
   }
@@ -705,49 +684,22 @@ export function createCore({
     if (restored) changed();
   }
 
-  function buildItem(id) {
-    const confirmed = base.get(id) ?? null;
-    const ops = pending.of(id);
-    const conflict = conflicts.get(id) ?? null;
-    const memo = itemMemo.get(id);
-    if (memo && memo.confirmed === confirmed && memo.ops === ops && memo.conflict === conflict) return memo.item;
-    const item = itemOf(id, confirmed, ops, conflict);
-    itemMemo.set(id, { confirmed, ops, conflict, item });
-    return item;
-  }
-
   /**
    * The immutable state for rendering. Same object until something changes, as
    * useSyncExternalStore requires.
    */
   function getSnapshot() {
-    if (snapshot) return snapshot;
-    const items = [];
-    for (const id of order) {
-      const item = buildItem(id);
-      if (item) items.push(item);
-    }
-    for (const id of itemMemo.keys()) if (!base.has(id) && !pending.has(id) && !conflicts.has(id)) itemMemo.delete(id);
-    snapshot = Object.freeze({
-      items: Object.freeze(items),
-      notices,
-      sync,
-      watermark,
-      loaded,
-      connection,
-      pending_count: pending.size,
-      window_samples: windowSamples,
-    });
-    return snapshot;
-  }
-
-  function subscribe(listener) {
-    listeners.add(listener);
-    return () => listeners.delete(listener);
+    return publisher.getSnapshot(() => ({
+      order,
+      base,
+      pending,
+      conflicts,
+      fields: { notices, watermark, loaded, connection, pending_count: pending.size, window_samples: windowSamples },
+    }));
   }
 
   return {
-    subscribe,
+    subscribe: publisher.subscribe,
     getSnapshot,
     issue,
     accepted,
