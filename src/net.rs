@@ -26,10 +26,11 @@ use std::time::Duration;
 
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
+use axum::Router;
 use bytes::{BufMut, Bytes, BytesMut};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use std::io::Cursor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -97,6 +98,8 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
         // hyper bounds its write buffer by the same size: a larger response is flushed
         // in parts, as a body stream is anyway.
         .max_buf_size(head::MAX_HEAD_BYTES);
+    // Shared: every connection's task holds it, a subscriber's too.
+    let builder = Arc::new(builder);
     let reserve = Reserve::new();
     let mut out_of_files = OutOfFiles::default();
     loop {
@@ -145,7 +148,7 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
             tracing::debug!(error = %err, "cannot set TCP_NODELAY");
         }
         let service = TowerToHyperService::new(app.clone());
-        let builder = builder.clone();
+        let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
         let state = state.clone();
         let shutdown = shutdown.clone();
@@ -162,39 +165,13 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
                 Some(First::Refused(problem)) => {
                     Box::pin(refuse(stream, problem, REFUSAL_LINGER)).await;
                 }
+                // Boxed too: a subscriber's task would otherwise carry hyper's
+                // connection state, which it never uses, for as long as it is open.
                 Some(First::Http(read)) => {
-                    // hyper reads the bytes read so far, then the socket's.
-                    let (reader, writer) = stream.into_split();
-                    // What it writes is counted: after the shutdown, a response that
-                    // goes on coming out may finish (up to the drain timeout); one
-                    // whose client stopped reading is closed.
-                    let written = Arc::new(AtomicU64::new(0));
-                    let counted = Arc::clone(&written);
-                    let writer = InspectWriter::new(writer, move |bytes: &[u8]| {
-                        counted.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    });
-                    let io = tokio::io::join(Cursor::new(read).chain(reader), writer);
-                    let connection = builder.serve_connection(TokioIo::new(io), service);
-                    let grace_over = async {
-                        shutdown.cancelled().await;
-                        loop {
-                            let before = written.load(Ordering::Relaxed);
-                            tokio::time::sleep(SHUTDOWN_STALL).await;
-                            if written.load(Ordering::Relaxed) == before {
-                                break;
-                            }
-                        }
-                    };
-                    tokio::select! {
-                        served = watcher.watch(connection) => {
-                            if let Err(err) = served {
-                                tracing::debug!(error = %err, "connection ended with an error");
-                            }
-                        }
-                        () = grace_over => {
-                            tracing::debug!("connection's response stalled after the shutdown; closed");
-                        }
-                    }
+                    Box::pin(serve_http(
+                        stream, read, &builder, service, watcher, &shutdown,
+                    ))
+                    .await;
                 }
                 None => {}
             }
@@ -211,6 +188,48 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
             open = connections.len(),
             "connections still open after the drain timeout; closing"
         );
+    }
+}
+
+/// Serves a connection with hyper, which reads `read` (the bytes read from it so far)
+/// and then the socket's.
+async fn serve_http(
+    stream: TcpStream,
+    read: Bytes,
+    builder: &http1::Builder,
+    service: TowerToHyperService<Router>,
+    watcher: Watcher,
+    shutdown: &CancellationToken,
+) {
+    let (reader, writer) = stream.into_split();
+    // What it writes is counted: after the shutdown, a response that goes on coming out
+    // may finish (up to the drain timeout); one whose client stopped reading is closed.
+    let written = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&written);
+    let writer = InspectWriter::new(writer, move |bytes: &[u8]| {
+        counted.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    });
+    let io = tokio::io::join(Cursor::new(read).chain(reader), writer);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    let grace_over = async {
+        shutdown.cancelled().await;
+        loop {
+            let before = written.load(Ordering::Relaxed);
+            tokio::time::sleep(SHUTDOWN_STALL).await;
+            if written.load(Ordering::Relaxed) == before {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        served = watcher.watch(connection) => {
+            if let Err(err) = served {
+                tracing::debug!(error = %err, "connection ended with an error");
+            }
+        }
+        () = grace_over => {
+            tracing::debug!("connection's response stalled after the shutdown; closed");
+        }
     }
 }
 
