@@ -16,7 +16,8 @@ const RETRY_AFTER_MAX_MS = 1_500;
 /**
  * Longest one attempt may wait for its answer (a 202 takes milliseconds): then it is
  * abandoned and the next goes, under the same key. A request that hangs (a server frozen
- * with its socket open) would otherwise hold its key for ever, and Retry with it.
+ * with its socket open) would otherwise hold its key for ever, and Retry with it. Reads
+ * wait as long for their answer to begin (`fetchAnswered`).
  */
 const SEND_ATTEMPT_TIMEOUT_MS = 5_000;
 
@@ -56,8 +57,26 @@ export function createTransport({
   sleep = defaultSleep,
   attemptTimeoutMs = SEND_ATTEMPT_TIMEOUT_MS,
 } = {}) {
+  /**
+   * A request whose answer must begin within `attemptTimeoutMs`: a server frozen with its
+   * socket open would otherwise hold it, and what waits on it (an overdue op's status
+   * check, a resync), for as long as the browser lets a request hang. Once the answer has
+   * begun, its body takes what it takes: a snapshot may be large.
+   */
+  async function fetchAnswered(url, init) {
+    const controller = new AbortController();
+    const timer = setTimeout(() => {
+      controller.abort(new DOMException(`no answer within ${attemptTimeoutMs} ms`, 'TimeoutError'));
+    }, attemptTimeoutMs);
+    try {
+      return await fetchImpl(url, { ...init, signal: controller.signal });
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   async function getJson(path) {
-    const response = await fetchImpl(baseUrl + path, { headers: { Accept: 'application/json' }, cache: 'no-store' });
+    const response = await fetchAnswered(baseUrl + path, { headers: { Accept: 'application/json' }, cache: 'no-store' });
     if (response.status === 404) return null;
     if (!response.ok) throw new Error(`GET ${path}: ${response.status} ${await problemDetail(response)}`);
     return response.json();
@@ -139,7 +158,7 @@ export function createTransport({
   }
 
   async function putFaults(settings) {
-    const response = await fetchImpl(`${baseUrl}/api/faults`, {
+    const response = await fetchAnswered(`${baseUrl}/api/faults`, {
       method: 'PUT',
       headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
       body: JSON.stringify(settings),

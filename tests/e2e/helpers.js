@@ -35,6 +35,14 @@ export async function startServer(flags = []) {
       child.kill('SIGKILL');
       await exited;
     },
+    /** SIGSTOP: the server answers nothing, its sockets open (the kernel still takes connections). */
+    freeze() {
+      child.kill('SIGSTOP');
+    },
+    /** SIGCONT: it goes on where it stopped. */
+    thaw() {
+      child.kill('SIGCONT');
+    },
     /** Start again on the same address and data dir. */
     async restart() {
       ({ child } = await spawnSettle(['--addr', new URL(url).host, '--data-dir', dataDir, ...flags]));
@@ -46,6 +54,7 @@ export async function startServer(flags = []) {
     },
     async stop() {
       if (child.exitCode === null && child.signalCode === null) {
+        child.kill('SIGCONT'); // a frozen one would not stop
         const exited = new Promise((resolve) => child.once('exit', resolve));
         child.kill('SIGTERM');
         const killTimer = setTimeout(() => child.kill('SIGKILL'), 5_000);

@@ -96,6 +96,36 @@ test('Discard drops a stuck prediction and says the server may still apply it', 
   }
 });
 
+test('with the server frozen, its sockets open, a change waiting for its event ends offering Retry, and settles once the server goes on', async () => {
+  const server = await startServer();
+  try {
+    const task = await server.api.createSettled('before');
+    await server.api.setFaults({ delay_ms: 3000 });
+    const { page, pageErrors } = await openApp(browser, server.url, '?stuck_ms=1500');
+    const item = taskItem(page, task.id);
+    await item.waitFor();
+
+    const accepted = page.waitForResponse((response) => response.request().method() === 'PATCH' && response.status() === 202);
+    await renameViaUi(page, task.id, 'made before the freeze');
+    await accepted;
+    server.freeze();
+    // Overdue after 1.5 s, its status read then hangs: it waits at most 5 s for an
+    // answer, and the row offers Retry instead of showing "saving…" for as long as the
+    // browser lets a request hang.
+    await item.getByTestId('stuck').waitFor({ timeout: 15_000 });
+    assert.match(await item.getByTestId('stuck').textContent(), /still processing/);
+    assert.ok(await item.getByRole('button', { name: 'Retry' }).isVisible());
+    assert.equal((await shown(page, task.id)).title, 'made before the freeze');
+
+    server.thaw();
+    await waitSettled(page, task.id);
+    assert.equal((await server.api.task(task.id)).title, 'made before the freeze');
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});
+
 test('a change made while the server is down says no answer came, and goes out by itself when it is back', async () => {
   const server = await startServer(['--delay-ms', '300']);
   try {

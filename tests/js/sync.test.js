@@ -425,6 +425,22 @@ describe('the sync engine', () => {
     assert.equal(core.getOp('slow').state, 'pending');
   });
 
+  test('an overdue op whose status read gets no answer is offered Retry, not left checking', async () => {
+    let time = 1_000_000;
+    const transport = fakeTransport({
+      fetchCommand: async () => { throw new DOMException('no answer within 5000 ms', 'TimeoutError'); },
+    });
+    const { core, sync, tick } = setup({ transport, now: () => time });
+    await sync.start();
+    sync.like('a', 1, 'slow');
+    await flush();
+    time += 5000;
+    tick();
+    assert.equal(core.getOp('slow').state, 'checking');
+    await flush();
+    assert.equal(core.getOp('slow').state, 'stuck');
+  });
+
   test('ops taken over are asked after first: the done ones leave as restored, never shown pending', async () => {
     const statuses = { 'cmd-done': 'settled', 'cmd-refused': 'failed', 'cmd-later': 'pending' };
     const transport = fakeTransport({
@@ -561,6 +577,22 @@ describe('the transport', () => {
     assert.deepEqual([result.outcome, result.offline], ['unavailable', true]);
     assert.match(result.detail, /network error: .*timed? ?out/i);
     assert.deepEqual(keys, ['k', 'k', 'k', 'k']);
+  });
+
+  test('a read that gets no answer is abandoned after the timeout; one whose answer began may take longer', async () => {
+    const frozen = (url, init) => new Promise((_, reject) => init.signal.addEventListener('abort', () => reject(init.signal.reason)));
+    await assert.rejects(createTransport({ fetch: frozen, attemptTimeoutMs: 20 }).fetchCommand('c1'), { name: 'TimeoutError' });
+
+    // Headers at once, the body after three timeouts: not cut.
+    const slowBody = async (url, init) => ({
+      ok: true,
+      status: 200,
+      json: () => new Promise((resolve, reject) => setTimeout(() => {
+        if (init.signal.aborted) reject(init.signal.reason);
+        else resolve({ tasks: [], watermark: 7 });
+      }, 60)),
+    });
+    assert.deepEqual(await createTransport({ fetch: slowBody, attemptTimeoutMs: 20 }).fetchSnapshot(), { tasks: [], watermark: 7 });
   });
 
   test('a command is looked up by its key percent-encoded, and an unknown one is null', async () => {
