@@ -523,7 +523,12 @@ function refreshSyncText(syncState) {
   setText(syncDot.lastChild, text);
 }
 
-const CONNECTION_TEXT = { connecting: 'connecting…', live: 'live', reconnecting: 'reconnecting…' };
+const CONNECTION_TEXT = {
+  connecting: 'connecting…',
+  live: 'live',
+  reconnecting: 'reconnecting…',
+  unreachable: 'server unreachable, trying again…',
+};
 
 function renderConnection(state) {
   const node = $('connection');

@@ -227,7 +227,29 @@ export function createCore({
     ownVersions.delete(taskId);
     if (tombstone) deleted.add(taskId);
     conflicts.delete(taskId);
+    dropUnaccepted(taskId);
     if (!pending.has(taskId)) order = order.filter((id) => id !== taskId);
+  }
+
+  /**
+   * Ops the server never took, on a task that is gone with no create of ours to bring it
+   * back: no event will ever come for them, and without a row they could be neither shown
+   * nor retried nor discarded (a like refused 503 four times, say, when someone else's
+   * delete of the task settles). They fail as the server would fail them, `not_found`.
+   * One it took fails by its own event.
+   */
+  function dropUnaccepted(taskId) {
+    if (base.has(taskId) || pending.of(taskId).some((op) => op.kind === 'create')) return;
+    for (;;) {
+      // Found again each time: removing one may send the next (`sendQueued`).
+      const op = pending.of(taskId).find((candidate) => !candidate.command_id);
+      if (!op) return;
+      const title = titleOf(op);
+      removeOp(op, 'failed', 'not_found');
+      if (!op.compensating) {
+        addNotice(noticeOf(op, 'error', 'not_found', failureText(op, title, { reason: 'not_found' })));
+      }
+    }
   }
 
   function addNotice(notice) {
@@ -435,6 +457,7 @@ export function createCore({
     for (const id of conflicts.keys()) refreshConflict(id);
     watermark = snapshotWatermark;
     loaded = true;
+    for (const { task_id: taskId } of pending.all()) dropUnaccepted(taskId);
     for (const outcome of outcomes) {
       const op = pending.find(outcome.key);
       if (outcome.event_id == null || outcome.event_id > snapshotWatermark) continue;

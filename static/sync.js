@@ -199,6 +199,8 @@ export function createSync({
           snapshot = await transport.fetchSnapshot();
         } catch (error) {
           log('snapshot failed', error);
+          // Said, not only logged: the page waits on the server, and says it is trying.
+          core.setConnection('unreachable');
           await new Promise((resolve) => later(resolve, Math.min(MAX_RECONNECT_DELAY_MS, 500 * 2 ** attempt)));
         }
       }
@@ -235,6 +237,11 @@ export function createSync({
       else if (command && command.status !== 'pending') task = await transport.fetchTask(op.task_id);
     } catch (error) {
       log('status check failed', error);
+      if (ifDone) return;
+      // Done, but the row it left could not be read: taken off its stack now, the op
+      // would leave the task shown as before it (an edit undone, a deleted row back)
+      // until the next snapshot. As not asked: stuck, its event or a Retry settles it.
+      command = null;
     }
     core.statusChecked(op.key, command, task);
   }

@@ -16,10 +16,16 @@ const RETRY_AFTER_MAX_MS = 1_500;
 /**
  * Longest one attempt may wait for its answer (a 202 takes milliseconds): then it is
  * abandoned and the next goes, under the same key. A request that hangs (a server frozen
- * with its socket open) would otherwise hold its key for ever, and Retry with it. Reads
- * wait as long for their answer to begin (`fetchAnswered`).
+ * with its socket open) would otherwise hold its key for ever, and Retry with it. A read
+ * waits as long for its answer to begin, and as long again for a small body (`fetchRead`).
  */
 const SEND_ATTEMPT_TIMEOUT_MS = 5_000;
+/**
+ * How long the snapshot may take to read whole once its answer has begun: it holds every
+ * task (the largest this server keeps, 4000 tasks of the longest notes, is 164 MB and
+ * reads in 1–3 s on loopback). A body that stalls for longer is given up and fetched again.
+ */
+const SNAPSHOT_READ_MS = 60_000;
 
 const defaultSleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -58,28 +64,42 @@ export function createTransport({
   attemptTimeoutMs = SEND_ATTEMPT_TIMEOUT_MS,
 } = {}) {
   /**
-   * A request whose answer must begin within `attemptTimeoutMs`: a server frozen with its
-   * socket open would otherwise hold it, and what waits on it (an overdue op's status
-   * check, a resync), for as long as the browser lets a request hang. Once the answer has
-   * begun, its body takes what it takes: a snapshot may be large.
+   * A request, and `read` of its response, under two deadlines: the answer must begin
+   * within `attemptTimeoutMs`, and be read whole within `wholeMs`. A server frozen with its
+   * socket open, or a body that stalls half-way, would otherwise hold the read, and what
+   * waits on it (an overdue op's status check, a resync), for as long as the browser lets
+   * a request hang.
    */
-  async function fetchAnswered(url, init) {
+  async function fetchRead(url, init, read, { wholeMs = attemptTimeoutMs } = {}) {
     const controller = new AbortController();
-    const timer = setTimeout(() => {
-      controller.abort(new DOMException(`no answer within ${attemptTimeoutMs} ms`, 'TimeoutError'));
-    }, attemptTimeoutMs);
+    const abortAfter = (ms, what) => setTimeout(() => {
+      controller.abort(new DOMException(`${what} within ${ms} ms`, 'TimeoutError'));
+    }, ms);
+    const answer = abortAfter(attemptTimeoutMs, 'no answer');
+    const whole = abortAfter(wholeMs, 'not read whole');
+    // Raced as well: a body read ends on the abort only if the fetch ties them together.
+    const aborted = new Promise((_, reject) => {
+      controller.signal.addEventListener('abort', () => reject(controller.signal.reason), { once: true });
+    });
+    const reading = (async () => {
+      const response = await fetchImpl(url, { ...init, signal: controller.signal });
+      clearTimeout(answer);
+      return read(response);
+    })();
     try {
-      return await fetchImpl(url, { ...init, signal: controller.signal });
+      return await Promise.race([reading, aborted]);
     } finally {
-      clearTimeout(timer);
+      clearTimeout(answer);
+      clearTimeout(whole);
     }
   }
 
-  async function getJson(path) {
-    const response = await fetchAnswered(baseUrl + path, { headers: { Accept: 'application/json' }, cache: 'no-store' });
-    if (response.status === 404) return null;
-    if (!response.ok) throw new Error(`GET ${path}: ${response.status} ${await problemDetail(response)}`);
-    return response.json();
+  function getJson(path, options) {
+    return fetchRead(baseUrl + path, { headers: { Accept: 'application/json' }, cache: 'no-store' }, async (response) => {
+      if (response.status === 404) return null;
+      if (!response.ok) throw new Error(`GET ${path}: ${response.status} ${await problemDetail(response)}`);
+      return response.json();
+    }, options);
   }
 
   /**
@@ -157,14 +177,16 @@ export function createTransport({
     return { close: () => source.close() };
   }
 
-  async function putFaults(settings) {
-    const response = await fetchAnswered(`${baseUrl}/api/faults`, {
+  function putFaults(settings) {
+    const request = {
       method: 'PUT',
       headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
       body: JSON.stringify(settings),
+    };
+    return fetchRead(`${baseUrl}/api/faults`, request, async (response) => {
+      if (!response.ok) throw new Error(await problemDetail(response));
+      return response.json();
     });
-    if (!response.ok) throw new Error(await problemDetail(response));
-    return response.json();
   }
 
   return {
@@ -172,7 +194,7 @@ export function createTransport({
     openEvents,
     /** `{tasks, watermark}` */
     fetchSnapshot: async () => {
-      const snapshot = await getJson('/api/tasks');
+      const snapshot = await getJson('/api/tasks', { wholeMs: SNAPSHOT_READ_MS });
       if (!snapshot) throw new Error('GET /api/tasks: 404');
       return snapshot;
     },

@@ -241,10 +241,45 @@ describe('failure removes only the failed operation', () => {
     // Another tab deletes the task while both likes are on their way.
     const clicked = core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });
     const page = core.issue({ kind: 'like', key: 'c', task_id: 'b', delta: -1, compensating: true });
+    core.accepted('l', { command_id: 'cmd-l' });
+    core.accepted('c', { command_id: 'cmd-c' });
     core.applyEvent(failed(clicked, 'not_found', null, { id: 12 }));
     core.applyEvent(failed(page, 'not_found', null, { id: 13 }));
     assert.deepEqual(core.getSnapshot().notices.map((notice) => notice.text), ['Like “task b” failed: the task no longer exists.']);
     assert.deepEqual([core.pendingOps().length, core.getSnapshot().items.some((item) => item.id === 'b')], [0, false]);
+  });
+
+  test('ops the server never took on a task deleted elsewhere fail as not_found; one it took waits for its event', () => {
+    const { core } = setup();
+    core.issue({ kind: 'like', key: 'refused', task_id: 'a', delta: 1 });
+    core.unreached('refused', { offline: false, detail: '503: overloaded' });
+    const taken = core.issue({ kind: 'update', key: 'taken', task_id: 'a', patch: { done: true } });
+    core.accepted('taken', { command_id: 'cmd-taken' });
+    core.issue({ kind: 'like', key: 'page', task_id: 'a', delta: -1, compensating: true });
+    // Someone else's delete of the task settles.
+    core.applyEvent({
+      id: 20,
+      type: EVENT_SETTLED,
+      data: { command_id: 'theirs', idempotency_key: 'their-key', task_id: 'a', kind: 'delete', version: 2, task: null },
+    });
+    assert.deepEqual(core.pendingOps().map((op) => op.key), ['taken']);
+    assert.deepEqual(core.getSnapshot().notices.map((notice) => notice.text), ['Like “task a” failed: the task no longer exists.']);
+    assert.deepEqual(core.takeDeparted().map(({ op, outcome, reason }) => [op.key, outcome, reason]),
+      [['refused', 'failed', 'not_found'], ['page', 'failed', 'not_found']]);
+
+    core.applyEvent(failed(taken, 'not_found', null, { id: 21 }));
+    assert.deepEqual([core.pendingOps().length, core.getSnapshot().sync.count], [0, 0]);
+  });
+
+  test('a snapshot without the task fails the ops the server never took on it, not a create of ours', () => {
+    const { core } = setup();
+    core.issue({ kind: 'like', key: 'refused', task_id: 'c', delta: 1 });
+    core.unreached('refused', { offline: true, detail: 'network error' });
+    core.issue({ kind: 'create', key: 'new', task_id: 'n', title: 'new one' });
+    core.issue({ kind: 'like', key: 'on-new', task_id: 'n', delta: 1 });
+    core.loadSnapshot({ tasks: [task('a'), task('b', { likes: 3, version: 4 })], watermark: 30 });
+    assert.deepEqual(core.pendingOps().map((op) => op.key), ['new', 'on-new']);
+    assert.deepEqual(core.getSnapshot().notices.map((notice) => notice.text), ['Like “task c” failed: the task no longer exists.']);
   });
 
   test('the server message is shown where it says more than the reason', () => {

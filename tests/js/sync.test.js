@@ -90,6 +90,31 @@ describe('the sync engine', () => {
     assert.equal(core.getSnapshot().connection, 'live');
   });
 
+  test('while the snapshot cannot be had the page says the server is unreachable, and goes live once it comes', async () => {
+    let reachable = false;
+    const transport = fakeTransport();
+    const snapshot = transport.fetchSnapshot;
+    transport.fetchSnapshot = async () => {
+      if (!reachable) throw new Error('GET /api/tasks: 503 overloaded');
+      return snapshot();
+    };
+    const timers = [];
+    const core = createCore({ now: () => 1_000_000, stuckMs: 5000, syncMs: 800 });
+    const sync = createSync({
+      core, transport, setInterval: () => 1, clearInterval: () => {}, setTimeout: (fn, ms) => timers.push({ fn, ms }),
+    });
+    const started = sync.start();
+    await flush();
+    assert.deepEqual([core.getSnapshot().connection, core.getSnapshot().loaded], ['unreachable', false]);
+    timers.shift().fn(); // the next try: still nothing
+    await flush();
+    assert.equal(core.getSnapshot().connection, 'unreachable');
+    reachable = true;
+    timers.shift().fn();
+    await started;
+    assert.deepEqual([core.getSnapshot().connection, core.getSnapshot().loaded], ['live', true]);
+  });
+
   test('a command no attempt could send is stuck at once, and sent again under its key when the stream is back', async () => {
     let reachable = true;
     const transport = fakeTransport();
@@ -441,6 +466,42 @@ describe('the sync engine', () => {
     assert.equal(core.getOp('slow').state, 'stuck');
   });
 
+  test('an op the status says is done stays until the row it left can be read: nothing shown undone meanwhile', async () => {
+    let time = 1_000_000;
+    let readable = false;
+    const sent = new Set();
+    const transport = fakeTransport({
+      // The server answers a key sent before as a replay (`Idempotent-Replayed`).
+      sendCommand: async (request, key) => {
+        const replayed = sent.has(key);
+        sent.add(key);
+        return { outcome: 'accepted', command_id: `cmd-${key}`, accepted_at: 'now', replayed };
+      },
+      fetchCommand: async (commandId) => ({ command_id: commandId, status: 'settled', event_id: 9 }),
+      fetchTask: async (id) => {
+        if (!readable) throw new Error(`GET /api/tasks/${id}: 503`);
+        return task(id, { title: 'renamed', version: 2 });
+      },
+    });
+    const { core, sync, tick } = setup({ transport, now: () => time });
+    await sync.start();
+    sync.editTask('a', { title: 'renamed' }, 'edit');
+    await flush();
+    time += 5000;
+    tick();
+    await flush();
+    await flush();
+    assert.equal(core.getOp('edit').state, 'stuck', 'left for its event or a Retry');
+    assert.equal(core.getSnapshot().items[0].task.title, 'renamed', 'not shown as before it');
+
+    readable = true;
+    await sync.retry('edit');
+    await flush();
+    await flush();
+    assert.equal(core.getOp('edit'), null);
+    assert.deepEqual([core.getSnapshot().items[0].task.title, core.getSnapshot().items[0].pending], ['renamed', false]);
+  });
+
   test('ops taken over are asked after first: the done ones leave as restored, never shown pending', async () => {
     const statuses = { 'cmd-done': 'settled', 'cmd-refused': 'failed', 'cmd-later': 'pending' };
     const transport = fakeTransport({
@@ -579,11 +640,17 @@ describe('the transport', () => {
     assert.deepEqual(keys, ['k', 'k', 'k', 'k']);
   });
 
-  test('a read that gets no answer is abandoned after the timeout; one whose answer began may take longer', async () => {
+  test('a read that gets no answer, or whose body stalls, is abandoned; the snapshot has longer for its body', async () => {
     const frozen = (url, init) => new Promise((_, reject) => init.signal.addEventListener('abort', () => reject(init.signal.reason)));
     await assert.rejects(createTransport({ fetch: frozen, attemptTimeoutMs: 20 }).fetchCommand('c1'), { name: 'TimeoutError' });
 
-    // Headers at once, the body after three timeouts: not cut.
+    // The head at once, then the body stops half-way.
+    const stalled = async () => new Response(new ReadableStream({
+      start(controller) { controller.enqueue(new TextEncoder().encode('{"command_id":')); },
+    }), { status: 200, headers: { 'Content-Type': 'application/json' } });
+    await assert.rejects(createTransport({ fetch: stalled, attemptTimeoutMs: 20 }).fetchCommand('c1'), { name: 'TimeoutError' });
+
+    // The head at once, the body after three timeouts: a snapshot's is not cut.
     const slowBody = async (url, init) => ({
       ok: true,
       status: 200,
