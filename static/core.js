@@ -484,7 +484,12 @@ export function createCore({
     const toCheck = [];
     let stateChanged = false;
     for (const op of pending.all()) {
-      if ((op.state === 'sending' || op.state === 'pending') && at - op.sent_at >= stuckMs) {
+      if (op.state !== 'sending' && op.state !== 'pending') continue;
+      if (at < op.sent_at) {
+        // The clock was set back: how long the op has waited is not known. Its timeout
+        // starts over, rather than waiting for the clock to come back to where it was.
+        pending.replace(op, { sent_at: at });
+      } else if (at - op.sent_at >= stuckMs) {
         const next = pending.replace(op, { state: op.command_id ? 'checking' : 'stuck' });
         if (next.state === 'checking') toCheck.push(next);
         stateChanged = true;

@@ -649,6 +649,18 @@ describe('timeouts and the sync indicator', () => {
     assert.deepEqual(core.takeDeparted(), []);
   });
 
+  test('a clock set back starts the timeout over instead of waiting for the clock to come back', () => {
+    const { core, time } = setup();
+    core.issue({ kind: 'like', key: 'l', task_id: 'a', delta: 1 });
+    core.accepted('l', { command_id: 'cmd-l' });
+    time.advance(-3_600_000); // the system clock is set back an hour
+    core.tick();
+    assert.equal(core.getOp('l').state, 'pending');
+    time.advance(5000);
+    assert.deepEqual(core.tick().map((op) => op.key), ['l']);
+    assert.equal(core.getOp('l').state, 'checking');
+  });
+
   test('the sync figures count ops older than syncMs and clear on settle', () => {
     const { core, time } = setup();
     const op = core.issue({ kind: 'like', key: 'l', task_id: 'a', delta: 1 });
