@@ -66,7 +66,11 @@ function fakeTransport(overrides = {}) {
   return transport;
 }
 
-function setup({ transport = fakeTransport(), storage = memoryStorage(), now = () => 1_000_000 } = {}) {
+/**
+ * A core and a sync engine over `transport`. With `timers` (an array), the engine's
+ * `setTimeout` only records `{fn, ms}` there: a test runs them when it chooses.
+ */
+function setup({ transport = fakeTransport(), storage = memoryStorage(), now = () => 1_000_000, timers = null } = {}) {
   const core = createCore({ now, stuckMs: 5000, syncMs: 800 });
   let tick = null;
   let id = 0;
@@ -77,8 +81,19 @@ function setup({ transport = fakeTransport(), storage = memoryStorage(), now = (
     newId: () => `id-${(id += 1)}`,
     setInterval: (fn) => { tick = fn; return 1; },
     clearInterval: () => {},
+    ...(timers ? { setTimeout: (fn, ms) => timers.push({ fn, ms }) } : {}),
   });
   return { core, sync, transport, storage, tick: () => tick() };
+}
+
+/** `transport`'s sends find no answer (recorded as `unreachable`) while `reachable()` is false. */
+function unansweredWhile(transport, reachable) {
+  const accept = transport.sendCommand;
+  transport.sendCommand = async (request, key) => {
+    if (reachable()) return accept(request, key);
+    transport.calls.push(['unreachable', key]);
+    return { outcome: 'unavailable', offline: true, detail: 'network error: Failed to fetch' };
+  };
 }
 
 describe('the sync engine', () => {
@@ -99,10 +114,7 @@ describe('the sync engine', () => {
       return snapshot();
     };
     const timers = [];
-    const core = createCore({ now: () => 1_000_000, stuckMs: 5000, syncMs: 800 });
-    const sync = createSync({
-      core, transport, setInterval: () => 1, clearInterval: () => {}, setTimeout: (fn, ms) => timers.push({ fn, ms }),
-    });
+    const { core, sync } = setup({ transport, timers });
     const started = sync.start();
     await flush();
     assert.deepEqual([core.getSnapshot().connection, core.getSnapshot().loaded], ['unreachable', false]);
@@ -118,12 +130,7 @@ describe('the sync engine', () => {
   test('a command no attempt could send is stuck at once, and sent again under its key when the stream is back', async () => {
     let reachable = true;
     const transport = fakeTransport();
-    const accept = transport.sendCommand;
-    transport.sendCommand = async (request, key) => {
-      if (reachable) return accept(request, key);
-      transport.calls.push(['unreachable', key]);
-      return { outcome: 'unavailable', offline: true, detail: 'network error: Failed to fetch' };
-    };
+    unansweredWhile(transport, () => reachable);
     const { core, sync } = setup({ transport });
     await sync.start();
     reachable = false;
@@ -143,22 +150,9 @@ describe('the sync engine', () => {
   test('a command whose attempts failed after the stream came back is sent again after a pause, longer each time', async () => {
     let reachable = false;
     const transport = fakeTransport();
-    const accept = transport.sendCommand;
-    transport.sendCommand = async (request, key) => {
-      if (reachable) return accept(request, key);
-      transport.calls.push(['unreachable', key]);
-      return { outcome: 'unavailable', offline: true, detail: 'network error: Failed to fetch' };
-    };
+    unansweredWhile(transport, () => reachable);
     const timers = [];
-    const core = createCore({ now: () => 1_000_000, stuckMs: 5000, syncMs: 800 });
-    const sync = createSync({
-      core,
-      transport,
-      newId: () => 'unused',
-      setInterval: () => 1,
-      clearInterval: () => {},
-      setTimeout: (fn, ms) => timers.push({ fn, ms }),
-    });
+    const { core, sync } = setup({ transport, timers });
     await sync.start();
     // The stream is open (`live`) when the last attempt gives up: no `onOpen` is coming.
     sync.editTask('a', { title: 'sent as the server came back' }, 'k');
@@ -180,14 +174,10 @@ describe('the sync engine', () => {
   });
 
   test('a command that found no answer while the stream was down waits for the stream, not a timer', async () => {
-    const transport = fakeTransport({
-      sendCommand: async () => ({ outcome: 'unavailable', offline: true, detail: 'network error: Failed to fetch' }),
-    });
+    const transport = fakeTransport();
+    unansweredWhile(transport, () => false);
     const timers = [];
-    const core = createCore({ now: () => 1_000_000, stuckMs: 5000, syncMs: 800 });
-    const sync = createSync({
-      core, transport, setInterval: () => 1, clearInterval: () => {}, setTimeout: (fn, ms) => timers.push({ fn, ms }),
-    });
+    const { core, sync } = setup({ transport, timers });
     await sync.start();
     transport.streams[0].handlers.onError({ closed: false });
     sync.editTask('a', { title: 'offline' }, 'k');
