@@ -342,6 +342,10 @@ function updateTaskNode(parts, item) {
  * the row's terse word, `text` the line of its stuck row.
  */
 function stuckWording(op) {
+  if (!op.unreached && !op.accepted) {
+    // Its send is still on its way (behind a slow one on the task, or a slow answer).
+    return { marker: 'still sending', text: `${op.description}: no answer from the server yet. It is still being sent (same key).` };
+  }
   if (!op.unreached) {
     return { marker: 'not confirmed', text: `${op.description}: still processing. The server has not confirmed it yet.` };
   }

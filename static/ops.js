@@ -137,6 +137,8 @@ export function itemOf(id, confirmed, ops, conflict) {
       kind: op.kind,
       delta: op.delta,
       state: op.state,
+      // Whether the server took it (a 202): a stuck op it took is still processing there.
+      accepted: Boolean(op.command_id),
       unreached: op.unreached,
       issued_at: op.issued_at,
       description: describeOp(op, confirmed?.title ?? task.title),

@@ -158,11 +158,15 @@ export function createSync({
     });
   }
 
-  /** Send `ops` again under their own keys, those not on their way already; their timeouts start over. */
+  /**
+   * Send `ops` again under their own keys; their timeouts start over. One on its way
+   * already (queued behind a slow send on its task, say) is not sent twice, but shows as
+   * being sent all the same: a Retry that changed nothing on screen would look ignored.
+   */
   function sendAgain(ops) {
-    return Promise.all(ops.filter((op) => !sendingKeys.has(op.key)).map((op) => {
+    return Promise.all(ops.map((op) => {
       core.resending(op.key);
-      return enqueueSend(core.getOp(op.key));
+      return sendingKeys.has(op.key) ? undefined : enqueueSend(core.getOp(op.key));
     }));
   }
 

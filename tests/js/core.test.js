@@ -489,7 +489,7 @@ describe('timeouts and the sync indicator', () => {
     core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'offline' } });
     core.unreached('u', { offline: true, detail: 'network error: Failed to fetch' });
     const [op] = item(core, 'a').ops;
-    assert.deepEqual([op.state, { ...op.unreached }], ['stuck', { offline: true, detail: 'network error: Failed to fetch' }]);
+    assert.deepEqual([op.state, { ...op.unreached }, op.accepted], ['stuck', { offline: true, detail: 'network error: Failed to fetch' }, false]);
     assert.equal(item(core, 'a').task.title, 'offline', 'still shown: it may yet apply');
     core.resending('u');
     assert.deepEqual([item(core, 'a').ops[0].state, item(core, 'a').ops[0].unreached], ['sending', undefined]);
@@ -509,6 +509,7 @@ describe('timeouts and the sync indicator', () => {
     assert.deepEqual(core.tick().map((op) => op.key), ['u'], 'asked about like any op the server holds');
     core.statusChecked('u', { status: 'pending' }, undefined);
     assert.deepEqual([item(core, 'a').ops[0].state, item(core, 'a').ops[0].unreached], ['stuck', undefined]);
+    assert.equal(item(core, 'a').ops[0].accepted, true, 'the view tells "still processing" from "still being sent"');
   });
 
   test('a burst of failures leaves a notice for each until dismissed, one or all', () => {

@@ -204,6 +204,9 @@ describe('the sync engine', () => {
     assert.deepEqual(core.pendingOps().map((op) => op.state), ['stuck', 'stuck']);
     transport.streams[0].handlers.onOpen();
     await sync.retry('behind');
+    // Both shown as being sent again (they are: one on the wire, one waiting its turn),
+    // neither sent a second time.
+    assert.deepEqual(core.pendingOps().map((op) => op.state), ['sending', 'sending']);
     release();
     await flush();
     await flush();
