@@ -454,7 +454,11 @@ export function createCore({
     const optimisticCreates = order.filter((id) => !base.has(id) && pending.of(id).some((op) => op.kind === 'create'));
     order = [...base.keys(), ...optimisticCreates];
     for (const [id, task] of before) if (!base.has(id)) goneTitles.set(id, task.title);
-    for (const id of conflicts.keys()) refreshConflict(id);
+    // A conflict on a task gone meanwhile has nothing left to choose between.
+    for (const id of [...conflicts.keys()]) {
+      if (base.has(id)) refreshConflict(id);
+      else conflicts.delete(id);
+    }
     watermark = snapshotWatermark;
     loaded = true;
     for (const { task_id: taskId } of pending.all()) dropUnaccepted(taskId);

@@ -708,6 +708,16 @@ describe('conflicts', () => {
     assert.equal(core.resolveConflict('a', 'mine').base_version, 3);
   });
 
+  test('a snapshot without the task closes its conflict, which is then not kept across a reload', () => {
+    const { core } = setup();
+    const op = core.issue({ kind: 'update', key: 'u', task_id: 'c', patch: { title: 'mine' }, base_version: 1 });
+    core.applyEvent(failed(op, 'conflict', task('c', { title: 'theirs', version: 2 }), { id: 40 }));
+    assert.deepEqual(core.persistedConflicts().map((conflict) => conflict.task_id), ['c']);
+    core.loadSnapshot({ tasks: [task('a')], watermark: 50 });
+    assert.deepEqual(core.persistedConflicts(), []);
+    assert.equal(core.resolveConflict('c', 'mine'), null);
+  });
+
   test('take theirs closes the conflict and sends nothing', () => {
     const { core } = setup();
     const op = core.issue({ kind: 'update', key: 'u', task_id: 'a', patch: { title: 'mine' }, base_version: 1 });
