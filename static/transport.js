@@ -17,7 +17,8 @@ const RETRY_AFTER_MAX_MS = 1_500;
  * Longest one attempt may wait for its answer (a 202 takes milliseconds): then it is
  * abandoned and the next goes, under the same key. A request that hangs (a server frozen
  * with its socket open) would otherwise hold its key for ever, and Retry with it. A read
- * waits as long for its answer to begin, and as long again for a small body (`fetchRead`).
+ * waits as long for its answer to begin, and a small one must be whole by then too
+ * (`fetchRead`).
  */
 const SEND_ATTEMPT_TIMEOUT_MS = 5_000;
 /**
