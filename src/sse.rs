@@ -67,11 +67,12 @@ struct ResetEvent {
 
 /// An event id as the stream sends it: decimal digits only (no sign), at most u64.
 fn parse_event_id(text: &str, source: &str) -> Result<u64, ApiError> {
-    let digits = text.trim();
-    let id = digits
+    // No trimming: the header's surrounding whitespace is gone before it gets here, and
+    // the query's (`%205`, `+5`) is not part of an id.
+    let id = text
         .bytes()
         .all(|byte| byte.is_ascii_digit())
-        .then(|| digits.parse().ok())
+        .then(|| text.parse().ok())
         .flatten();
     id.ok_or_else(|| {
         ApiError::BadRequest(format!(

@@ -175,7 +175,16 @@ async fn a_malformed_last_event_id_is_a_problem() {
         .await
         .unwrap();
     assert_problem(response, 400, "Last-Event-ID").await;
-    for query in ["-1", "%2B5", "18446744073709551616"] {
+    // `+` in a query is a space.
+    for query in [
+        "-1",
+        "%2B5",
+        "18446744073709551616",
+        "%205",
+        "5%20",
+        "+5",
+        "",
+    ] {
         let response = app
             .http
             .get(app.url(&format!("/api/events?last_event_id={query}")))
