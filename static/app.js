@@ -343,8 +343,9 @@ function updateTaskNode(parts, item) {
  */
 function stuckWording(op) {
   if (!op.unreached && !op.accepted) {
-    // Its send is still on its way (behind a slow one on the task, or a slow answer).
-    return { marker: 'still sending', text: `${op.description}: no answer from the server yet. It is still being sent (same key).` };
+    // No 202 yet, and no attempt has failed: its send is on its way (behind a slow one on
+    // the task, or a slow answer), or waits for the page to reach the server again.
+    return { marker: 'no answer yet', text: `${op.description}: no answer from the server yet.` };
   }
   if (!op.unreached) {
     return { marker: 'not confirmed', text: `${op.description}: still processing. The server has not confirmed it yet.` };

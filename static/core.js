@@ -232,24 +232,35 @@ export function createCore({
   }
 
   /**
-   * Ops the server never took, on a task that is gone with no create of ours to bring it
-   * back: no event will ever come for them, and without a row they could be neither shown
-   * nor retried nor discarded (a like refused 503 four times, say, when someone else's
-   * delete of the task settles). They fail as the server would fail them, `not_found`.
-   * One it took fails by its own event.
+   * Ops with no 202 yet, on a task that is gone with no create of ours to bring it back:
+   * without a row they could be neither shown nor retried nor discarded (a like refused
+   * 503 four times, say, when someone else's delete of the task settles). They fail as
+   * the server fails a change to a missing task, `not_found`, which is what a late 202
+   * would come to. A delete among them has what it asked for, whoever deleted the task
+   * (its own request may have been taken, its answer lost): it leaves without a word.
+   * One the server took leaves by its own event.
    */
   function dropUnaccepted(taskId) {
     if (base.has(taskId) || pending.of(taskId).some((op) => op.kind === 'create')) return;
+    const orphaned = failedCreates.has(taskId);
     for (;;) {
       // Found again each time: removing one may send the next (`sendQueued`).
       const op = pending.of(taskId).find((candidate) => !candidate.command_id);
       if (!op) return;
       const title = titleOf(op);
       removeOp(op, 'failed', 'not_found');
-      if (!op.compensating) {
-        addNotice(noticeOf(op, 'error', 'not_found', failureText(op, title, { reason: 'not_found' })));
-      }
+      if (op.kind !== 'delete') sayFailed(op, title, { reason: 'not_found', orphaned });
     }
+  }
+
+  /**
+   * The notice of a failed op. None for a like the page sent by itself on a task now
+   * gone: the user did not click it, and the task's going is what there is to see.
+   */
+  function sayFailed(op, title, { reason, message, orphaned = false, fate = null }) {
+    if (op.compensating && reason === 'not_found') return;
+    const text = failureText(op, title, { reason, message, orphaned, keptMoving: fate === 'kept_moving' });
+    addNotice(noticeOf(op, 'error', fate ?? reason, text));
   }
 
   function addNotice(notice) {
@@ -271,15 +282,10 @@ export function createCore({
     const fate = reason === 'conflict' ? rebase(op, later) : null;
     if (fate === 'resent') return;
     if (op.kind === 'create' && pending.has(op.task_id)) failedCreates.set(op.task_id, title);
-    // A like the page sent by itself on a task now gone: the user did not click it, and
-    // the task's going is what there is to see.
-    if (op.compensating && reason === 'not_found') return;
-    const keptMoving = fate === 'kept_moving';
-    const text = failureText(op, title, { reason, message, orphaned, keptMoving });
-    addNotice(noticeOf(op, 'error', fate ?? reason, text));
+    sayFailed(op, title, { reason, message, orphaned, fate });
     const theirs = current ?? base.get(op.task_id);
     if (reason === 'conflict' && theirs && (op.kind === 'update' || op.kind === 'delete')) {
-      conflicts.set(op.task_id, conflictOf(op, theirs, keptMoving));
+      conflicts.set(op.task_id, conflictOf(op, theirs, fate === 'kept_moving'));
     }
   }
 
@@ -413,7 +419,6 @@ export function createCore({
     const op = opOfEvent(data);
     if (type === EVENT_SETTLED) {
       if (data.task) confirm(data.task);
-      else if (data.kind === 'delete') forget(data.task_id, { tombstone: true });
       if (op) {
         if (data.task && data.version != null) noteOwnVersion(op.task_id, data.version);
         removeOp(op, 'settled');
@@ -421,6 +426,9 @@ export function createCore({
         windowSamples = [...windowSamples, Object.freeze({ at, ms: Math.max(0, at - op.issued_at) })]
           .slice(-MAX_WINDOW_SAMPLES);
       }
+      // After the event's own op has left as settled: a delete of ours whose 202 has not
+      // come is not taken for one that the deleted task left behind (`dropUnaccepted`).
+      if (!data.task && data.kind === 'delete') forget(data.task_id, { tombstone: true });
     } else if (type === EVENT_FAILED) {
       if (op) failOp(op, data);
       else if (data.current) confirm(data.current);
@@ -461,7 +469,6 @@ export function createCore({
     }
     watermark = snapshotWatermark;
     loaded = true;
-    for (const { task_id: taskId } of pending.all()) dropUnaccepted(taskId);
     for (const outcome of outcomes) {
       const op = pending.find(outcome.key);
       if (outcome.event_id == null || outcome.event_id > snapshotWatermark) continue;
@@ -473,6 +480,9 @@ export function createCore({
         failOp(op, { ...outcome.error, current: base.get(op.task_id) ?? null });
       }
     }
+    // After the outcomes: a create of ours that they settle, on a task deleted since,
+    // no longer keeps the ops made on it.
+    for (const { task_id: taskId } of pending.all()) dropUnaccepted(taskId);
     changed();
     return true;
   }

@@ -209,6 +209,7 @@ export function createSync({
         }
       }
       if (stopped) return;
+      core.setConnection('connecting'); // reached: no longer "unreachable" while the rest runs
       await sendAgain(core.pendingOps().filter((op) => !op.command_id && op.state !== 'queued'));
       // Discarded ops too: one applied after all while the page was away is inside the
       // snapshot, and its event will not come again. One discarded before its 202 is

@@ -271,6 +271,46 @@ describe('failure removes only the failed operation', () => {
     assert.deepEqual([core.pendingOps().length, core.getSnapshot().sync.count], [0, 0]);
   });
 
+  test('a delete of ours whose event comes before its 202 leaves once, as settled, without a notice', () => {
+    const { core } = setup();
+    core.takeDeparted();
+    const remove = core.issue({ kind: 'delete', key: 'd', task_id: 'a', base_version: 1 });
+    core.issue({ kind: 'like', key: 'l', task_id: 'a', delta: 1 }); // queued behind it, never sent
+    core.applyEvent(settled(remove, null, { id: 30 }));
+    assert.deepEqual(core.takeDeparted().map(({ op, outcome, reason }) => [op.key, outcome, reason]),
+      [['d', 'settled', undefined], ['l', 'failed', 'not_found']]);
+    assert.deepEqual(core.getSnapshot().notices.map((notice) => notice.text), ['Like “task a” failed: the task no longer exists.']);
+    assert.deepEqual(core.getSnapshot().window_samples.length, 1);
+  });
+
+  test('after a create that failed, the ops never sent on its task say why, as those sent do', () => {
+    const { core } = setup();
+    const create = core.issue({ kind: 'create', key: 'c', task_id: 'n', title: 'new one' });
+    core.accepted('c', { command_id: 'cmd-c' });
+    const sent = core.issue({ kind: 'like', key: 'l1', task_id: 'n', delta: 1 });
+    core.accepted('l1', { command_id: 'cmd-l1' });
+    core.issue({ kind: 'like', key: 'l2', task_id: 'n', delta: -1 });
+    core.unreached('l2', { offline: false, detail: '503: overloaded' });
+    core.applyEvent(failed(create, 'injected', null, { id: 30 }));
+    core.applyEvent(failed(sent, 'not_found', null, { id: 31 }));
+    assert.deepEqual(core.pendingOps(), []);
+    assert.deepEqual(core.getSnapshot().notices.map((notice) => notice.text).slice(1), [
+      'Unlike “new one” was dropped: creating the task failed.',
+      'Like “new one” was dropped: creating the task failed.',
+    ]);
+  });
+
+  test('a snapshot whose outcomes settle our create of a task deleted since fails the ops never sent on it', () => {
+    const { core } = setup();
+    core.issue({ kind: 'create', key: 'c', task_id: 'n', title: 'new one' });
+    core.accepted('c', { command_id: 'cmd-c' });
+    core.issue({ kind: 'like', key: 'l', task_id: 'n', delta: 1 });
+    core.unreached('l', { offline: true, detail: 'network error' });
+    core.loadSnapshot({ tasks: [task('a')], watermark: 40 }, { outcomes: [{ key: 'c', status: 'settled', event_id: 35 }] });
+    assert.deepEqual(core.pendingOps(), []);
+    assert.deepEqual(core.getSnapshot().notices.map((notice) => notice.text), ['Like “new one” failed: the task no longer exists.']);
+  });
+
   test('a snapshot without the task fails the ops the server never took on it, not a create of ours', () => {
     const { core } = setup();
     core.issue({ kind: 'like', key: 'refused', task_id: 'c', delta: 1 });

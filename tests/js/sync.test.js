@@ -427,6 +427,21 @@ describe('the sync engine', () => {
     assert.deepEqual([item.task.title, item.ops[0].state], ['mine', 'pending']);
   });
 
+  test('a delete the server applied before a reload, whose resend then finds the server refusing, just leaves', async () => {
+    // The tab closed right after the click: the delete was kept without its 202.
+    const saved = [{ key: 'd', task_id: 'b', kind: 'delete', base_version: 1, made_on: 1, issued_at: 999_000, named: 'task b' }];
+    const transport = fakeTransport({
+      sendCommand: async () => ({ outcome: 'unavailable', offline: false, detail: '503: overloaded' }),
+      // It applied: the task is gone from the snapshot.
+      fetchSnapshot: async () => ({ tasks: [task('a')], watermark: 9 }),
+    });
+    const { core, sync } = setup({ transport, storage: memoryStorage({ [STORAGE_KEY]: JSON.stringify(saved) }) });
+    await sync.start();
+    await flush();
+    assert.deepEqual([core.pendingOps(), core.getSnapshot().notices], [[], []]);
+    assert.deepEqual(core.getSnapshot().items.map((item) => item.id), ['a']);
+  });
+
   test('an overdue op is checked on the status endpoint, then Retry re-sends its key', async () => {
     let time = 1_000_000;
     const { core, sync, transport, tick } = setup({ now: () => time });
@@ -443,7 +458,7 @@ describe('the sync engine', () => {
     assert.equal(core.getOp('slow').state, 'pending');
   });
 
-  test('an overdue op whose status read gets no answer is offered Retry, not left checking', async () => {
+  test('an overdue op whose status read fails (no answer in time, `fetchRead`) is offered Retry, not left checking', async () => {
     let time = 1_000_000;
     const transport = fakeTransport({
       fetchCommand: async () => { throw new DOMException('no answer within 5000 ms', 'TimeoutError'); },
