@@ -509,8 +509,9 @@ export function createCore({
         stateChanged = true;
       }
     }
+    // Counted once: a tick changes ops' states, not which ops there are or their ages.
     const syncChanged = publisher.recountSync(pending.all(), at);
-    if (stateChanged || syncChanged) changed();
+    if (stateChanged || syncChanged) publisher.publish();
     return toCheck;
   }
 

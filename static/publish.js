@@ -42,11 +42,16 @@ export function createPublisher({ syncMs }) {
     return true;
   }
 
-  /** The state changed: recount the sync figures, drop the snapshot, tell the listeners. */
-  function changed(ops, at) {
-    recountSync(ops, at);
+  /** Drop the snapshot and tell the listeners (the sync figures as last counted). */
+  function publish() {
     snapshot = null;
     for (const listener of [...listeners]) listener();
+  }
+
+  /** The state changed: recount the sync figures, then `publish`. */
+  function changed(ops, at) {
+    recountSync(ops, at);
+    publish();
   }
 
   function itemFor(id, confirmed, ops, conflict) {
@@ -81,5 +86,5 @@ export function createPublisher({ syncMs }) {
     return () => listeners.delete(listener);
   }
 
-  return { changed, recountSync, getSnapshot, subscribe };
+  return { changed, publish, recountSync, getSnapshot, subscribe };
 }

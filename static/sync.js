@@ -12,8 +12,14 @@ export const STORAGE_KEY = 'settle.pending-ops.v1';
 export const CONFLICTS_KEY = 'settle.conflicts.v1';
 /** Where discarded ops are remembered across a reload, to tell if one applies after all. */
 export const DISCARDED_KEY = 'settle.discarded.v1';
-/** Longest wait between two attempts to re-open a closed stream. */
-const MAX_RECONNECT_DELAY_MS = 10_000;
+/**
+ * Longest pause between two tries: to re-open a closed stream, to fetch the snapshot,
+ * to send again an op that found no answer.
+ */
+const MAX_PAUSE_MS = 10_000;
+
+/** The pause before try `attempt` (from 0): `firstMs`, doubling, up to MAX_PAUSE_MS. */
+const pauseMs = (firstMs, attempt) => Math.min(MAX_PAUSE_MS, firstMs * 2 ** attempt);
 
 /**
  * @param {{core: object, transport: object, newId?: () => string, storage?: Storage | null,
@@ -42,6 +48,8 @@ export function createSync({
   const sendChains = new Map();
   /** Key -> how often an op found no answer while the stream was open (`sendWhenBack`). */
   const unansweredSends = new Map();
+  /** Keys whose pause before going again runs now: one pause at a time per op. */
+  const pausedSends = new Set();
   /** Storage key -> what was last written there. */
   const lastPersisted = new Map();
 
@@ -76,14 +84,16 @@ export function createSync({
    * not come: the op goes again after a pause, longer each time it finds no answer.
    */
   function sendWhenBack(key) {
-    if (core.getSnapshot().connection !== 'live') return;
+    if (core.getSnapshot().connection !== 'live' || pausedSends.has(key)) return;
     const pauses = unansweredSends.get(key) ?? 0;
     unansweredSends.set(key, pauses + 1);
+    pausedSends.add(key);
     later(() => {
+      pausedSends.delete(key);
       const op = !stopped && core.getOp(key);
       if (!op) unansweredSends.delete(key);
       else if (op.unreached?.offline && core.getSnapshot().connection === 'live') sendAgain([op]);
-    }, Math.min(MAX_RECONNECT_DELAY_MS, 1_000 * 2 ** pauses));
+    }, pauseMs(1_000, pauses));
   }
 
   /**
@@ -150,9 +160,8 @@ export function createSync({
         // While CONNECTING the browser resumes by itself with Last-Event-ID. Once CLOSED
         // (the server answered with an error) it is ours to do: snapshot, then reopen.
         if (closed) {
-          const delay = Math.min(MAX_RECONNECT_DELAY_MS, 500 * 2 ** reconnectAttempts);
+          later(() => resync(), pauseMs(500, reconnectAttempts));
           reconnectAttempts += 1;
-          later(() => resync(), delay);
         }
       },
     });
@@ -205,7 +214,7 @@ export function createSync({
           log('snapshot failed', error);
           // Said, not only logged: the page waits on the server, and says it is trying.
           core.setConnection('unreachable');
-          await new Promise((resolve) => later(resolve, Math.min(MAX_RECONNECT_DELAY_MS, 500 * 2 ** attempt)));
+          await new Promise((resolve) => later(resolve, pauseMs(500, attempt)));
         }
       }
       if (stopped) return;
