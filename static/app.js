@@ -499,9 +499,11 @@ $('dismiss-notices').addEventListener('click', () => sync.dismissNotice());
 let syncDot = null;
 
 function syncDescription(syncState) {
-  const ageSeconds = ((Date.now() - syncState.oldest_issued_at) / 1000).toFixed(1);
+  const ageMs = Date.now() - syncState.oldest_issued_at;
   const changes = syncState.count === 1 ? '1 change' : `${syncState.count} changes`;
-  return `${changes} waiting for the server, the oldest for ${ageSeconds} s`;
+  // A negative age: the clock was set back since they were made.
+  if (ageMs < 0) return `${changes} waiting for the server`;
+  return `${changes} waiting for the server, the oldest for ${(ageMs / 1000).toFixed(1)} s`;
 }
 
 /** The dot exists only while some pending op is older than sync_ms: absent, not hidden. */

@@ -32,7 +32,9 @@ export function createPublisher({ syncMs }) {
     let count = 0;
     let oldest = null;
     for (const op of ops) {
-      if (at - op.issued_at >= syncMs) {
+      // Issued "after" now: the clock was set back, and how long it has waited is not
+      // known. It is counted, rather than left out until the clock comes back.
+      if (at - op.issued_at >= syncMs || at < op.issued_at) {
         count += 1;
         if (oldest === null || op.issued_at < oldest) oldest = op.issued_at;
       }

@@ -17,16 +17,10 @@ const RETRY_AFTER_MAX_MS = 1_500;
  * Longest one attempt may wait for its answer (a 202 takes milliseconds): then it is
  * abandoned and the next goes, under the same key. A request that hangs (a server frozen
  * with its socket open) would otherwise hold its key for ever, and Retry with it. A read
- * waits as long for its answer to begin, and a small one must be whole by then too
- * (`fetchRead`).
+ * waits as long for its answer to begin; a small one must be whole by then too, and the
+ * snapshot must not go that long without a byte (`fetchRead`).
  */
 const SEND_ATTEMPT_TIMEOUT_MS = 5_000;
-/**
- * How long the snapshot may take to read whole once its answer has begun: it holds every
- * task (the largest this server keeps, 4000 tasks of the longest notes, is 164 MB and
- * reads in 1–3 s on loopback). A body that stalls for longer is given up and fetched again.
- */
-const SNAPSHOT_READ_MS = 60_000;
 
 const defaultSleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -65,33 +59,51 @@ export function createTransport({
   attemptTimeoutMs = SEND_ATTEMPT_TIMEOUT_MS,
 } = {}) {
   /**
-   * A request, and `read` of its response, under two deadlines: the answer must begin
-   * within `attemptTimeoutMs`, and be read whole within `wholeMs`. A server frozen with its
-   * socket open, or a body that stalls half-way, would otherwise hold the read, and what
-   * waits on it (an overdue op's status check, a resync), for as long as the browser lets
-   * a request hang.
+   * A request, and `read` of its response, under one deadline at a time: the answer must
+   * begin within `attemptTimeoutMs`, and then a small read must be whole by that same
+   * deadline, while a large one (`streamed`: the snapshot, up to 164 MB) may take as long
+   * as it needs so long as it never goes `attemptTimeoutMs` without a byte. A server frozen
+   * with its socket open, or a body that stalls half-way, would otherwise hold the read,
+   * and what waits on it (an overdue op's status check, a resync), for as long as the
+   * browser lets a request hang; a slow link that is still delivering is not cut off.
    */
-  async function fetchRead(url, init, read, { wholeMs = attemptTimeoutMs } = {}) {
+  async function fetchRead(url, init, read, { streamed = false } = {}) {
     const controller = new AbortController();
-    const abortAfter = (ms, what) => setTimeout(() => {
-      controller.abort(new DOMException(`${what} within ${ms} ms`, 'TimeoutError'));
-    }, ms);
-    const answer = abortAfter(attemptTimeoutMs, 'no answer');
-    const whole = abortAfter(wholeMs, 'not read whole');
+    let deadline;
+    const giveUpAfter = (what) => {
+      clearTimeout(deadline);
+      deadline = setTimeout(() => {
+        controller.abort(new DOMException(`${what} within ${attemptTimeoutMs} ms`, 'TimeoutError'));
+      }, attemptTimeoutMs);
+    };
+    giveUpAfter(streamed ? 'no answer' : 'no whole answer');
     // Raced as well: a body read ends on the abort only if the fetch ties them together.
     const aborted = new Promise((_, reject) => {
       controller.signal.addEventListener('abort', () => reject(controller.signal.reason), { once: true });
     });
     const reading = (async () => {
       const response = await fetchImpl(url, { ...init, signal: controller.signal });
-      clearTimeout(answer);
-      return read(response);
+      if (!streamed) return read(response);
+      if (!response.body) {
+        clearTimeout(deadline);
+        return read(response);
+      }
+      giveUpAfter('no data');
+      const watched = response.body.pipeThrough(new TransformStream({
+        transform(chunk, out) {
+          giveUpAfter('no data');
+          out.enqueue(chunk);
+        },
+        // Whole: parsing it is not the link's doing.
+        flush: () => clearTimeout(deadline),
+      }));
+      const { status, statusText, headers } = response;
+      return read(new Response(watched, { status, statusText, headers }));
     })();
     try {
       return await Promise.race([reading, aborted]);
     } finally {
-      clearTimeout(answer);
-      clearTimeout(whole);
+      clearTimeout(deadline);
     }
   }
 
@@ -195,7 +207,7 @@ export function createTransport({
     openEvents,
     /** `{tasks, watermark}` */
     fetchSnapshot: async () => {
-      const snapshot = await getJson('/api/tasks', { wholeMs: SNAPSHOT_READ_MS });
+      const snapshot = await getJson('/api/tasks', { streamed: true });
       if (!snapshot) throw new Error('GET /api/tasks: 404');
       return snapshot;
     },

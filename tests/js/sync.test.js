@@ -648,26 +648,36 @@ describe('the transport', () => {
     assert.deepEqual(keys, ['k', 'k', 'k', 'k']);
   });
 
-  test('a read that gets no answer, or whose body stalls, is abandoned; the snapshot has longer for its body', async () => {
+  test('a read that gets no answer, or whose body stalls, is abandoned; the snapshot may take long while it keeps coming', async () => {
     const frozen = (url, init) => new Promise((_, reject) => init.signal.addEventListener('abort', () => reject(init.signal.reason)));
     await assert.rejects(createTransport({ fetch: frozen, attemptTimeoutMs: 20 }).fetchCommand('c1'), { name: 'TimeoutError' });
+    await assert.rejects(createTransport({ fetch: frozen, attemptTimeoutMs: 20 }).fetchSnapshot(), { name: 'TimeoutError' });
 
-    // The head at once, then the body stops half-way.
-    const stalled = async () => new Response(new ReadableStream({
-      start(controller) { controller.enqueue(new TextEncoder().encode('{"command_id":')); },
+    const encoder = new TextEncoder();
+    // A body in `parts`, one every `everyMs` after the head, then (unless `stalls`) its end.
+    const trickle = (parts, everyMs, { stalls = false } = {}) => async () => new Response(new ReadableStream({
+      async start(controller) {
+        for (const part of parts) {
+          controller.enqueue(encoder.encode(part));
+          await new Promise((resolve) => setTimeout(resolve, everyMs));
+        }
+        if (!stalls) controller.close();
+      },
     }), { status: 200, headers: { 'Content-Type': 'application/json' } });
-    await assert.rejects(createTransport({ fetch: stalled, attemptTimeoutMs: 20 }).fetchCommand('c1'), { name: 'TimeoutError' });
 
-    // The head at once, the body after three timeouts: a snapshot's is not cut.
-    const slowBody = async (url, init) => ({
-      ok: true,
-      status: 200,
-      json: () => new Promise((resolve, reject) => setTimeout(() => {
-        if (init.signal.aborted) reject(init.signal.reason);
-        else resolve({ tasks: [], watermark: 7 });
-      }, 60)),
-    });
-    assert.deepEqual(await createTransport({ fetch: slowBody, attemptTimeoutMs: 20 }).fetchSnapshot(), { tasks: [], watermark: 7 });
+    // The head at once, then the body stops half-way: a small read and the snapshot alike.
+    const stalled = trickle(['{"command_id":'], 1, { stalls: true });
+    await assert.rejects(createTransport({ fetch: stalled, attemptTimeoutMs: 20 }).fetchCommand('c1'), { name: 'TimeoutError' });
+    const snapshotStalls = trickle(['{"tasks":[],', '"watermark"'], 5, { stalls: true });
+    await assert.rejects(createTransport({ fetch: snapshotStalls, attemptTimeoutMs: 20 }).fetchSnapshot(), { name: 'TimeoutError' });
+
+    // A body that keeps coming, in five times the timeout: a small read must be whole by
+    // its deadline, the snapshot is read to its end.
+    const parts = ['{"tasks"', ':[]', ',', '"watermark"', ':', '7', '}'];
+    const slow = trickle(parts, 15);
+    await assert.rejects(createTransport({ fetch: slow, attemptTimeoutMs: 20 }).fetchCommand('c1'), { name: 'TimeoutError' });
+    assert.deepEqual(await createTransport({ fetch: slow, attemptTimeoutMs: 20 }).fetchSnapshot(), { tasks: [], watermark: 7 });
+
   });
 
   test('a command is looked up by its key percent-encoded, and an unknown one is null', async () => {
