@@ -118,6 +118,55 @@ fn the_bench_ends_a_phase_whose_server_dies_under_it() {
 }
 
 #[test]
+fn a_phase_whose_own_server_dies_exits_1_and_says_why() {
+    let mut run = bench()
+        .args(["fanout", "--smoke", "--subscribers", "200", "--json", "-"])
+        .args(["--server-bin", env!("CARGO_BIN_EXE_settle")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("settle-bench starts");
+    // Its server up and its subscribers' workers started: the phase is measuring.
+    let mut servers = Vec::new();
+    assert!(
+        eventually(|| {
+            servers = children_named(run.id(), "settle");
+            !servers.is_empty() && !children_named(run.id(), "settle-bench").is_empty()
+        }),
+        "the bench started its server and workers"
+    );
+    let server = i32::try_from(servers[0].pid).expect("a pid");
+    // SAFETY: kill(2) on a pid this test read from /proc; no memory is involved.
+    assert_eq!(
+        unsafe { libc::kill(server, libc::SIGKILL) },
+        0,
+        "the server is killed"
+    );
+
+    let mut status = None;
+    let ended = eventually(|| {
+        status = run.try_wait().expect("the bench can be waited for");
+        status.is_some()
+    });
+    if !ended {
+        let _ = run.kill();
+    }
+    let output = run.wait_with_output().expect("the bench's output");
+    assert!(
+        ended,
+        "the bench still ran {ENDS_WITHIN:?} after its server died"
+    );
+    // A run with problems, not one that could not run (2).
+    assert_eq!(status.and_then(|status| status.code()), Some(1));
+    let document: Value = serde_json::from_slice(&output.stdout).expect("the JSON document");
+    let errors = document["errors"].to_string();
+    assert!(
+        errors.contains("the server exited during the run") && errors.contains("SIGKILL"),
+        "the report says the server died, and how: {errors}"
+    );
+}
+
+#[test]
 fn a_bench_killed_with_sigkill_takes_its_server_with_it() {
     let mut run = bench()
         .args(["accept", "--duration", "30", "--json", "-"])

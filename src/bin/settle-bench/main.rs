@@ -160,6 +160,8 @@ pub struct Ctx {
     data_parent: Option<PathBuf>,
     /// A `--target`'s process, as the last phase found it.
     target_process: std::sync::Mutex<Option<server::ServerProcess>>,
+    /// Why the server a failed phase started is gone, if it exited by itself.
+    death_note: server::DeathNote,
 }
 
 impl Ctx {
@@ -188,6 +190,7 @@ impl Ctx {
             delay_ms,
             data_parent: common.data_parent.clone(),
             target_process: std::sync::Mutex::default(),
+            death_note: server::DeathNote::default(),
         })
     }
 
@@ -213,18 +216,49 @@ impl Ctx {
     /// # Errors
     /// When the server cannot be started or does not answer.
     pub async fn server(&self) -> anyhow::Result<Server> {
-        match (&self.target, &self.server_bin) {
+        let server = match (&self.target, &self.server_bin) {
             (Some(addr), _) => {
                 let found = self.found_target().clone();
-                let server = Server::attach(*addr, self.server_pid, found).await?;
-                *self.found_target() = server.process();
-                Ok(server)
+                Server::attach(*addr, self.server_pid, found)
+                    .await
+                    .inspect(|server| *self.found_target() = server.process())
             }
             (None, Some(binary)) => {
-                Server::start(binary, self.delay_ms, self.data_parent.as_deref()).await
+                let note = self.death_note.clone();
+                Server::start(binary, self.delay_ms, self.data_parent.as_deref(), note).await
             }
-            (None, None) => anyhow::bail!("no server to measure"),
-        }
+            (None, None) => Err(anyhow::anyhow!("no server to measure")),
+        };
+        server.map_err(not_started)
+    }
+
+    /// What a started server that exited by itself left in the death note, once.
+    fn take_death_note(&self) -> Option<server::Death> {
+        self.death_note.lock().ok()?.take()
+    }
+}
+
+/// A phase's failure before it measured anything: its server would not start or
+/// answer, or had no room for the subscribers asked for. When every phase failed so,
+/// the bench could not run (exit 2); a phase that fails once it measures (its server
+/// died, a connection broke) makes a run with problems (exit 1).
+#[derive(Debug)]
+pub struct NotStarted(anyhow::Error);
+
+impl std::fmt::Display for NotStarted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for NotStarted {}
+
+/// Marks `err` as a phase's failure to begin ([`NotStarted`]).
+pub fn not_started(err: anyhow::Error) -> anyhow::Error {
+    if err.is::<NotStarted>() {
+        err
+    } else {
+        NotStarted(err).into()
     }
 }
 
@@ -391,6 +425,8 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
     // and removes the server's data directory.
     let interrupted = settle::signal::stop_requested();
     tokio::pin!(interrupted);
+    // Whether every phase that failed did so before measuring.
+    let mut could_not_run = true;
     for (name, phase) in phases {
         let outcome = tokio::select! {
             // A signal that came between two phases stops the run before the next starts.
@@ -414,6 +450,16 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
                 document.phases.push(report);
             }
             Err(err) => {
+                let death = ctx.take_death_note();
+                let err = match death {
+                    Some(server::Death { status, last_lines }) if !err.is::<NotStarted>() => {
+                        anyhow::anyhow!(
+                            "the server exited during the run ({status}), so: {err:#}; its last lines:\n{last_lines}"
+                        )
+                    }
+                    _ => err,
+                };
+                could_not_run &= err.is::<NotStarted>();
                 eprintln!("settle-bench: the {name} phase failed: {err:#}");
                 document.errors.push(format!("{name}: {err:#}"));
             }
@@ -426,7 +472,7 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
     if let Some(signal) = futures::FutureExt::now_or_never(&mut interrupted) {
         return Ok(Outcome::Interrupted(signal));
     }
-    if document.phases.is_empty() {
+    if document.phases.is_empty() && could_not_run {
         anyhow::bail!("no phase could run");
     }
     Ok(if document.ok {

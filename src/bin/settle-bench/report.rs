@@ -14,21 +14,49 @@ use crate::sys::{self, Machine};
 pub struct TargetCheck {
     pub target: String,
     pub measured: String,
-    /// `None` when the run's parameters are not the target's (fewer subscribers,
-    /// another rate or concurrency, as in a smoke run's defaults): then it says nothing
-    /// about the target. `--smoke` itself changes only defaults, not the verdict.
+    /// `None` when the run says nothing about the target: `not_judged` says why.
     pub met: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_judged: Option<&'static str>,
 }
 
 impl TargetCheck {
-    pub fn new(target: impl Into<String>, measured: impl Into<String>, met: Option<bool>) -> Self {
+    pub fn new(target: impl Into<String>, measured: impl Into<String>, verdict: Verdict) -> Self {
+        let (met, not_judged) = match verdict {
+            Verdict::Judged(met) => (Some(met), None),
+            Verdict::NotJudged(why) => (None, Some(why)),
+        };
         Self {
             target: target.into(),
             measured: measured.into(),
             met,
+            not_judged,
         }
     }
 }
+
+/// Whether a run meets a target, or why it says nothing about it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Verdict {
+    Judged(bool),
+    NotJudged(&'static str),
+}
+
+impl Verdict {
+    /// Not judged for the first of `reasons` whose condition holds (the run's parameters
+    /// are not the target's: another rate, fewer subscribers, a shorter run; or the run
+    /// had problems, so its figures stand for nothing); else judged by `met`. `--smoke`
+    /// changes defaults, not these rules.
+    pub fn unless(reasons: &[(bool, &'static str)], met: impl FnOnce() -> bool) -> Self {
+        match reasons.iter().find(|(holds, _)| *holds) {
+            Some((_, why)) => Self::NotJudged(why),
+            None => Self::Judged(met()),
+        }
+    }
+}
+
+/// Why a run with problems is not judged: its figures are not a measurement.
+pub const HAD_PROBLEMS: &str = "the run had problems";
 
 /// The CPU used during one measured interval of a phase.
 #[derive(Debug, Serialize)]
@@ -78,10 +106,10 @@ impl PhaseReport {
             rows.push((format!("cpu ({during})"), usage.brief()));
         }
         for check in &self.targets {
-            let verdict = match check.met {
-                Some(true) => "MET",
-                Some(false) => "NOT MET",
-                None => "n/a (other parameters)",
+            let verdict = match (check.met, check.not_judged) {
+                (Some(true), _) => "MET".to_owned(),
+                (Some(false), _) => "NOT MET".to_owned(),
+                (None, why) => format!("n/a ({})", why.unwrap_or("not judged")),
             };
             rows.push((
                 format!("target: {}", check.target),
@@ -213,4 +241,38 @@ pub fn server_row(info: &ServerInfo) -> (String, String) {
                 .map_or(String::new(), |dir| format!(", data in {dir}")),
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_is_judged_only_when_no_reason_not_to_holds_and_the_first_reason_is_given() {
+        let met = || true;
+        assert_eq!(Verdict::unless(&[], met), Verdict::Judged(true));
+        assert_eq!(
+            Verdict::unless(&[(false, "a lower rate"), (false, HAD_PROBLEMS)], || false),
+            Verdict::Judged(false)
+        );
+        assert_eq!(
+            Verdict::unless(
+                &[
+                    (false, "a lower rate"),
+                    (true, "shorter"),
+                    (true, HAD_PROBLEMS)
+                ],
+                met
+            ),
+            Verdict::NotJudged("shorter")
+        );
+        let check = TargetCheck::new("t", "m", Verdict::NotJudged(HAD_PROBLEMS));
+        let json = serde_json::to_value(&check).expect("serializes");
+        assert_eq!(json["met"], serde_json::Value::Null);
+        assert_eq!(json["not_judged"], HAD_PROBLEMS);
+        let judged = serde_json::to_value(TargetCheck::new("t", "m", Verdict::Judged(true)))
+            .expect("serializes");
+        assert_eq!(judged["met"], true);
+        assert!(judged.get("not_judged").is_none());
+    }
 }

@@ -68,21 +68,53 @@ pub struct Server {
     log_tail: Arc<Mutex<VecDeque<String>>>,
 }
 
+/// Where a started server that is dropped having exited by itself says so: the phase
+/// that held it failed, and the error it failed with (a connection closed) would not
+/// tell why. `main` takes it into that phase's error.
+pub type DeathNote = Arc<Mutex<Option<Death>>>;
+
+/// How a started server ended by itself: its exit status and its last log lines.
+#[derive(Debug)]
+pub struct Death {
+    pub status: std::process::ExitStatus,
+    pub last_lines: String,
+}
+
+/// How long a dropped server that has not exited yet is given to show that it did: a
+/// phase can see its connections close (the dying process's files are closed) a moment
+/// before the process can be waited for.
+const EXIT_GRACE: Duration = Duration::from_millis(20);
+
 /// A started server's process and fresh data directory.
 struct Started {
     /// `None` once the process has been waited for.
     child: Option<Child>,
     pid: u32,
     _data_dir: tempfile::TempDir,
+    log_tail: Arc<Mutex<VecDeque<String>>>,
+    death_note: DeathNote,
 }
 
 impl Drop for Started {
     /// Kills the process unless it was waited for, and waits (briefly, blocking) for it
     /// to die, so that the data directory, removed next, is no longer being written.
+    /// One that had exited by itself is written in the death note.
     fn drop(&mut self) {
         let Some(child) = self.child.as_mut() else {
             return;
         };
+        let mut exited = child.try_wait().ok().flatten();
+        if exited.is_none() {
+            std::thread::sleep(EXIT_GRACE);
+            exited = child.try_wait().ok().flatten();
+        }
+        if let Some(status) = exited {
+            let last_lines = tail_text(&self.log_tail);
+            if let Ok(mut slot) = self.death_note.lock() {
+                *slot = Some(Death { status, last_lines });
+            }
+            return;
+        }
         if child.start_kill().is_err() {
             return; // Exited already.
         }
@@ -273,11 +305,13 @@ impl Server {
     /// `data_parent`, else in the system's temporary directory.
     ///
     /// # Errors
-    /// When it cannot start, exits, or does not log its address in time.
+    /// When it cannot start, exits, or does not log its address in time. Should it exit
+    /// by itself later, dropping it writes why in `death_note`.
     pub async fn start(
         binary: &Path,
         delay_ms: u64,
         data_parent: Option<&Path>,
+        death_note: DeathNote,
     ) -> anyhow::Result<Self> {
         let mut builder = tempfile::Builder::new();
         builder.prefix("settle-bench-");
@@ -320,6 +354,8 @@ impl Server {
             child: Some(child),
             pid,
             _data_dir: data_dir,
+            log_tail: log_tail.clone(),
+            death_note,
         };
         let Ok(Ok(addr)) = tokio::time::timeout(START_TIMEOUT, addr_receiver).await else {
             bail!(
