@@ -64,11 +64,30 @@ fn accepted(base: &str) -> Option<u64> {
     serde_json::from_str::<Value>(body).ok()?["accepted"].as_u64()
 }
 
+/// Waits for a bench whose server was just killed to end by itself (killing it if it
+/// does not within [`ENDS_WITHIN`], and failing), and gives its exit code and output.
+fn ends_after_its_server(mut run: std::process::Child) -> (Option<i32>, std::process::Output) {
+    let mut status = None;
+    let ended = eventually(|| {
+        status = run.try_wait().expect("the bench can be waited for");
+        status.is_some()
+    });
+    if !ended {
+        let _ = run.kill();
+    }
+    let output = run.wait_with_output().expect("the bench's output");
+    assert!(
+        ended,
+        "the bench still ran {ENDS_WITHIN:?} after its server died"
+    );
+    (status.and_then(|status| status.code()), output)
+}
+
 #[test]
 fn the_bench_ends_a_phase_whose_server_dies_under_it() {
     let data_dir = tempfile::tempdir().expect("a temp dir");
     let server = BinaryServer::start(data_dir.path(), 100, "info", Logs::Drained);
-    let mut run = bench()
+    let run = bench()
         .args(["overhead", "--target", &server.base])
         .args([
             "--duration",
@@ -91,24 +110,8 @@ fn the_bench_ends_a_phase_whose_server_dies_under_it() {
     );
     server.kill_9();
 
-    let mut status = None;
-    let ended = eventually(|| {
-        status = run.try_wait().expect("the bench can be waited for");
-        status.is_some()
-    });
-    if !ended {
-        let _ = run.kill();
-    }
-    let output = run.wait_with_output().expect("the bench's output");
-    assert!(
-        ended,
-        "the bench still ran {ENDS_WITHIN:?} after its server died"
-    );
-    assert_eq!(
-        status.and_then(|status| status.code()),
-        Some(1),
-        "a phase that lost commands exits 1"
-    );
+    let (code, output) = ends_after_its_server(run);
+    assert_eq!(code, Some(1), "a phase that lost commands exits 1");
     let document: Value = serde_json::from_slice(&output.stdout).expect("the JSON document");
     let problems = document["phases"][0]["problems"].to_string();
     assert!(
@@ -119,7 +122,7 @@ fn the_bench_ends_a_phase_whose_server_dies_under_it() {
 
 #[test]
 fn a_phase_whose_own_server_dies_exits_1_and_says_why() {
-    let mut run = bench()
+    let run = bench()
         .args(["fanout", "--smoke", "--subscribers", "200", "--json", "-"])
         .args(["--server-bin", env!("CARGO_BIN_EXE_settle")])
         .stdout(Stdio::piped())
@@ -143,21 +146,9 @@ fn a_phase_whose_own_server_dies_exits_1_and_says_why() {
         "the server is killed"
     );
 
-    let mut status = None;
-    let ended = eventually(|| {
-        status = run.try_wait().expect("the bench can be waited for");
-        status.is_some()
-    });
-    if !ended {
-        let _ = run.kill();
-    }
-    let output = run.wait_with_output().expect("the bench's output");
-    assert!(
-        ended,
-        "the bench still ran {ENDS_WITHIN:?} after its server died"
-    );
+    let (code, output) = ends_after_its_server(run);
     // A run with problems, not one that could not run (2).
-    assert_eq!(status.and_then(|status| status.code()), Some(1));
+    assert_eq!(code, Some(1));
     let document: Value = serde_json::from_slice(&output.stdout).expect("the JSON document");
     let errors = document["errors"].to_string();
     assert!(
