@@ -554,6 +554,9 @@ let draft = null;
 function bindNewTaskForm() {
   const form = $('new-task');
   const input = $('new-title');
+  // Disabled in the page until now: Enter in the (focused) field would otherwise submit
+  // the form to the page itself before this handler is there to take it.
+  form.querySelector('button[type="submit"]').disabled = false;
   input.addEventListener('input', () => {
     draft = null;
   });

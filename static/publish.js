@@ -32,9 +32,10 @@ export function createPublisher({ syncMs }) {
     let count = 0;
     let oldest = null;
     for (const op of ops) {
-      // Issued "after" now: the clock was set back, and how long it has waited is not
-      // known. It is counted, rather than left out until the clock comes back.
-      if (at - op.issued_at >= syncMs || at < op.issued_at) {
+      // Issued well "after" now: the clock was set back, and how long it has waited is
+      // not known. It is counted, rather than left out until the clock comes back (a
+      // step of less than syncMs, such as NTP's, is only a moment's difference).
+      if (at - op.issued_at >= syncMs || op.issued_at - at > syncMs) {
         count += 1;
         if (oldest === null || op.issued_at < oldest) oldest = op.issued_at;
       }

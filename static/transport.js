@@ -84,11 +84,9 @@ export function createTransport({
     const reading = (async () => {
       const response = await fetchImpl(url, { ...init, signal: controller.signal });
       if (!streamed) return read(response);
-      if (!response.body) {
-        clearTimeout(deadline);
-        return read(response);
-      }
       giveUpAfter('no data');
+      // No stream to watch (a body-less status): read under the one deadline.
+      if (!response.body) return read(response);
       const watched = response.body.pipeThrough(new TransformStream({
         transform(chunk, out) {
           giveUpAfter('no data');

@@ -138,7 +138,7 @@ fn a_phase_whose_own_server_dies_exits_1_and_says_why() {
         }),
         "the bench started its server and workers"
     );
-    let server = i32::try_from(servers[0].pid).expect("a pid");
+    let server = servers[0].pid;
     // SAFETY: kill(2) on a pid this test read from /proc; no memory is involved.
     assert_eq!(
         unsafe { libc::kill(server, libc::SIGKILL) },

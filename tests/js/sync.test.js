@@ -670,6 +670,9 @@ describe('the transport', () => {
     await assert.rejects(createTransport({ fetch: stalled, attemptTimeoutMs: 20 }).fetchCommand('c1'), { name: 'TimeoutError' });
     const snapshotStalls = trickle(['{"tasks":[],', '"watermark"'], 5, { stalls: true });
     await assert.rejects(createTransport({ fetch: snapshotStalls, attemptTimeoutMs: 20 }).fetchSnapshot(), { name: 'TimeoutError' });
+    // No stream to watch (a fake, or a polyfill): still bounded.
+    const bodiless = async () => ({ ok: true, status: 200, body: null, json: () => new Promise(() => {}) });
+    await assert.rejects(createTransport({ fetch: bodiless, attemptTimeoutMs: 20 }).fetchSnapshot(), { name: 'TimeoutError' });
 
     // A body that keeps coming, in five times the timeout: a small read must be whole by
     // its deadline, the snapshot is read to its end.

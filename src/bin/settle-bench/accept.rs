@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::client::{self, Conn};
 use crate::commands;
+use crate::not_started;
 use crate::report::{self, CpuDuring, PhaseReport, TargetCheck, Verdict, HAD_PROBLEMS};
 use crate::stats::{round3, CpuMeter, CpuPerRequest, CpuUsage, Summary};
 use crate::Ctx;
@@ -117,7 +118,7 @@ pub async fn run(ctx: &Ctx, args: &AcceptArgs) -> anyhow::Result<PhaseReport> {
 
     let mut conns = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
-        conns.push(client::connect(addr).await?);
+        conns.push(client::connect(addr).await.map_err(not_started)?);
     }
 
     let pid = server.info.pid;

@@ -171,10 +171,13 @@ pub async fn run(ctx: &Ctx, args: &FanoutArgs) -> anyhow::Result<PhaseReport> {
     let settle_timeout =
         Duration::from_millis(server.info.delay_ms + server.info.jitter_ms) + SETTLE_GRACE;
     let run = commands::run_id();
-    let mut conn = client::connect(addr).await?;
-    let mut observer = Observer::connect(addr).await?;
+    // Until the subscribers connect, a failure is one to begin (`NotStarted`).
+    let mut conn = client::connect(addr).await.map_err(not_started)?;
+    let mut observer = Observer::connect(addr).await.map_err(not_started)?;
     // The task the published likes go to, created before the memory baseline.
-    let task = commands::create_tasks(&mut conn, &mut observer, 1, &run, settle_timeout).await?[0];
+    let task = commands::create_tasks(&mut conn, &mut observer, 1, &run, settle_timeout)
+        .await
+        .map_err(not_started)?[0];
     let subscribers = match (args.subscribers, fd_limit) {
         (Some(Subscribers::Max), Some(fd_limit)) => max_subscribers(fd_limit),
         (Some(Subscribers::Count(count)), _) => check_room(count, fd_limit),

@@ -450,14 +450,18 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
                 document.phases.push(report);
             }
             Err(err) => {
-                let death = ctx.take_death_note();
-                let err = match death {
-                    Some(server::Death { status, last_lines }) if !err.is::<NotStarted>() => {
-                        anyhow::anyhow!(
+                let err = match ctx.take_death_note() {
+                    Some(server::Death { status, last_lines }) => {
+                        let explained = anyhow::anyhow!(
                             "the server exited during the run ({status}), so: {err:#}; its last lines:\n{last_lines}"
-                        )
+                        );
+                        if err.is::<NotStarted>() {
+                            not_started(explained)
+                        } else {
+                            explained
+                        }
                     }
-                    _ => err,
+                    None => err,
                 };
                 could_not_run &= err.is::<NotStarted>();
                 eprintln!("settle-bench: the {name} phase failed: {err:#}");

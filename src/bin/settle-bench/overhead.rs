@@ -23,6 +23,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::client::{self, Conn};
 use crate::commands::{self, LIKE_BODY};
+use crate::not_started;
 use crate::report::{self, CpuDuring, PhaseReport, TargetCheck, Verdict, HAD_PROBLEMS};
 use crate::sse::Observer;
 use crate::stats::{self, round3, CpuMeter, Summary};
@@ -187,26 +188,26 @@ pub async fn run(ctx: &Ctx, args: &OverheadArgs) -> anyhow::Result<PhaseReport> 
     let settle_timeout = delay + Duration::from_millis(server.info.jitter_ms) + SETTLE_GRACE;
     let run = commands::run_id();
 
-    let mut observer = Observer::connect(addr).await?;
+    // Until the first paced command, a failure is one to begin (`NotStarted`).
+    let mut observer = Observer::connect(addr).await.map_err(not_started)?;
     // Used in turn (first out, last back in): at the default rate no connection sits
     // idle long enough for the server to close it (`settle::net::HEADER_READ_TIMEOUT`),
     // as the bottom of a stack would while a steady rate needs only its top. At rates
     // too low for that, `send_one` replaces a closed connection before sending.
     let mut pool = VecDeque::with_capacity(args.max_in_flight);
     for _ in 0..args.max_in_flight {
-        pool.push_back(client::connect(addr).await?);
+        pool.push_back(client::connect(addr).await.map_err(not_started)?);
     }
     let tasks = match args.workload {
-        Workload::Like => {
-            commands::create_tasks(
-                pool.front_mut().expect("at least one connection"),
-                &mut observer,
-                args.tasks,
-                &run,
-                settle_timeout,
-            )
-            .await?
-        }
+        Workload::Like => commands::create_tasks(
+            pool.front_mut().expect("at least one connection"),
+            &mut observer,
+            args.tasks,
+            &run,
+            settle_timeout,
+        )
+        .await
+        .map_err(not_started)?,
         Workload::Create => Vec::new(),
     };
 

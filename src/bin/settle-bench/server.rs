@@ -65,7 +65,7 @@ pub struct Server {
     started: Option<Started>,
     /// A `--target` server's process, if one was found.
     process: Option<ServerProcess>,
-    log_tail: Arc<Mutex<VecDeque<String>>>,
+    log: Log,
 }
 
 /// Where a started server that is dropped having exited by itself says so: the phase
@@ -80,10 +80,13 @@ pub struct Death {
     pub last_lines: String,
 }
 
-/// How long a dropped server that has not exited yet is given to show that it did: a
-/// phase can see its connections close (the dying process's files are closed) a moment
-/// before the process can be waited for.
-const EXIT_GRACE: Duration = Duration::from_millis(20);
+/// How long a dropped server that is on its way out is given to end: a phase sees its
+/// connections close as the dying process closes its files, which for 20000 sockets
+/// takes a quarter of a second or more before the process can be waited for.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+/// How long the server's output is read on once it has exited, for its last lines (a
+/// panic's message may still be in the pipe).
+const LAST_LINES_WAIT: Duration = Duration::from_millis(500);
 
 /// A started server's process and fresh data directory.
 struct Started {
@@ -91,25 +94,75 @@ struct Started {
     child: Option<Child>,
     pid: u32,
     _data_dir: tempfile::TempDir,
-    log_tail: Arc<Mutex<VecDeque<String>>>,
+    log: Log,
     death_note: DeathNote,
+    /// Set once the bench asked it to stop: an exit after that is not a death.
+    stopping: bool,
+}
+
+/// The last lines of the server's output, and how many of its two streams were read to
+/// their end.
+#[derive(Clone, Default)]
+struct Log {
+    tail: Arc<Mutex<VecDeque<String>>>,
+    streams_ended: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Log {
+    /// The last lines so far.
+    fn tail_text(&self) -> String {
+        self.tail
+            .lock()
+            .map(|tail| tail.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
+    }
+
+    fn streams_ended(&self) -> bool {
+        self.streams_ended
+            .load(std::sync::atomic::Ordering::Acquire)
+            == 2
+    }
+
+    /// The last lines of a server that has exited, once both streams have ended or
+    /// [`LAST_LINES_WAIT`] has passed (blocking: the draining tasks run on the runtime's
+    /// worker threads).
+    fn last_lines(&self) -> String {
+        let deadline = std::time::Instant::now() + LAST_LINES_WAIT;
+        while !self.streams_ended() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.tail_text()
+    }
+
+    /// [`Log::last_lines`], waiting without blocking.
+    async fn last_lines_async(&self) -> String {
+        let deadline = tokio::time::Instant::now() + LAST_LINES_WAIT;
+        while !self.streams_ended() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.tail_text()
+    }
 }
 
 impl Drop for Started {
     /// Kills the process unless it was waited for, and waits (briefly, blocking) for it
     /// to die, so that the data directory, removed next, is no longer being written.
-    /// One that had exited by itself is written in the death note.
+    /// One that had exited by itself (or was on its way out) is written in the death
+    /// note.
     fn drop(&mut self) {
         let Some(child) = self.child.as_mut() else {
             return;
         };
         let mut exited = child.try_wait().ok().flatten();
-        if exited.is_none() {
-            std::thread::sleep(EXIT_GRACE);
-            exited = child.try_wait().ok().flatten();
+        if exited.is_none() && !self.stopping && sys::is_exiting(self.pid) {
+            let deadline = std::time::Instant::now() + EXIT_GRACE;
+            while exited.is_none() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+                exited = child.try_wait().ok().flatten();
+            }
         }
-        if let Some(status) = exited {
-            let last_lines = tail_text(&self.log_tail);
+        if let Some(status) = exited.filter(|_| !self.stopping) {
+            let last_lines = self.log.last_lines();
             if let Ok(mut slot) = self.death_note.lock() {
                 *slot = Some(Death { status, last_lines });
             }
@@ -342,25 +395,26 @@ impl Server {
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
         let pid = child.id().context("the server exited at once")?;
-        let log_tail = Arc::new(Mutex::new(VecDeque::new()));
+        let log = Log::default();
         let stdout = child.stdout.take().context("server stdout")?;
         let stderr = child.stderr.take().context("server stderr")?;
-        tokio::spawn(drain(stderr, log_tail.clone(), None));
+        tokio::spawn(drain(stderr, log.clone(), None));
         let (addr_sender, addr_receiver) = tokio::sync::oneshot::channel();
-        tokio::spawn(drain(stdout, log_tail.clone(), Some(addr_sender)));
+        tokio::spawn(drain(stdout, log.clone(), Some(addr_sender)));
         let data_dir_path = data_dir.path().display().to_string();
         // From here on a failure, or an interrupt, kills it and removes its directory.
         let started = Started {
             child: Some(child),
             pid,
             _data_dir: data_dir,
-            log_tail: log_tail.clone(),
+            log: log.clone(),
             death_note,
+            stopping: false,
         };
         let Ok(Ok(addr)) = tokio::time::timeout(START_TIMEOUT, addr_receiver).await else {
             bail!(
                 "the server did not log `listening on http://ADDR` within {START_TIMEOUT:?}; its last lines:\n{}",
-                tail_text(&log_tail)
+                log.tail_text()
             );
         };
         let version = sys::command_line_output(&binary.to_string_lossy(), &["--version"]);
@@ -379,7 +433,7 @@ impl Server {
             },
             started: Some(started),
             process: None,
-            log_tail,
+            log,
         };
         server.describe().await?;
         server.read_limits();
@@ -420,7 +474,7 @@ impl Server {
             },
             started: None,
             process: None,
-            log_tail: Arc::default(),
+            log: Log::default(),
         };
         // Whether it answers, first: the process is looked for only then.
         server.describe().await?;
@@ -492,7 +546,7 @@ impl Server {
 
     /// The last lines the server logged (empty for a `--target`).
     pub fn log_tail(&self) -> String {
-        tail_text(&self.log_tail)
+        self.log.tail_text()
     }
 
     /// Stops a started server with SIGTERM (graceful shutdown), killing it if it does
@@ -513,9 +567,10 @@ impl Server {
             started.child = None;
             bail!(
                 "the server exited during the run ({status}); its last lines:\n{}",
-                tail_text(&self.log_tail)
+                self.log.last_lines_async().await
             );
         }
+        started.stopping = true;
         sys::terminate(started.pid).context("stopping the server")?;
         match tokio::time::timeout(STOP_TIMEOUT, child.wait()).await {
             Err(_) => bail!("the server did not stop within {STOP_TIMEOUT:?} of SIGTERM (killed)"),
@@ -525,7 +580,7 @@ impl Server {
                 if !status.success() {
                     bail!(
                         "the server exited with {status} on SIGTERM; its last lines:\n{}",
-                        tail_text(&self.log_tail)
+                        self.log.last_lines_async().await
                     );
                 }
                 Ok(())
@@ -539,7 +594,7 @@ impl Server {
 /// pipe would block the server's logging.
 async fn drain(
     stream: impl AsyncRead + Unpin,
-    log_tail: Arc<Mutex<VecDeque<String>>>,
+    log: Log,
     mut addr_sender: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) {
     let mut lines = BufReader::new(stream).lines();
@@ -557,20 +612,15 @@ async fn drain(
                 None => addr_sender = Some(sender),
             }
         }
-        if let Ok(mut tail) = log_tail.lock() {
+        if let Ok(mut tail) = log.tail.lock() {
             if tail.len() == LOG_TAIL_LINES {
                 tail.pop_front();
             }
             tail.push_back(line);
         }
     }
-}
-
-fn tail_text(log_tail: &Mutex<VecDeque<String>>) -> String {
-    log_tail
-        .lock()
-        .map(|tail| tail.iter().cloned().collect::<Vec<_>>().join("\n"))
-        .unwrap_or_default()
+    log.streams_ended
+        .fetch_add(1, std::sync::atomic::Ordering::Release);
 }
 
 #[cfg(test)]

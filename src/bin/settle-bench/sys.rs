@@ -86,6 +86,20 @@ pub fn cpu_ticks(pid: Option<u32>) -> anyhow::Result<u64> {
     Ok(field(11)? + field(12)?)
 }
 
+/// Whether process `pid` is on its way out (the kernel's `PF_EXITING`, set before it
+/// closes its files): its sockets may be seen closed before it can be waited for.
+pub fn is_exiting(pid: u32) -> bool {
+    /// `PF_EXITING` in include/linux/sched.h.
+    const PF_EXITING: u64 = 0x4;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // After the name: state is field 3, so flags (9) are at 6.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(6)?.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_EXITING != 0)
+}
+
 /// CPU time of the whole machine (all cores), in ticks.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SystemTicks {
