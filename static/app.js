@@ -293,7 +293,7 @@ function submitEditor(taskId) {
 
 function updateTaskNode(parts, item) {
   const { task } = item;
-  const stuckOps = item.ops.filter((op) => op.state === 'stuck');
+  const stuckOps = item.ops.filter((op) => op.state === 'stuck' || op.overdue);
   const state = item.conflict ? 'conflict' : stuckOps.length ? 'stuck' : item.pending ? 'pending' : 'settled';
   setAttr(parts.li, 'data-pending', String(item.pending));
   setAttr(parts.li, 'data-state', state);
@@ -342,6 +342,9 @@ function updateTaskNode(parts, item) {
  * the row's terse word, `text` the line of its stuck row.
  */
 function stuckWording(op) {
+  if (op.state === 'queued') {
+    return { marker: 'waiting', text: `${op.description}: not sent yet, it waits for the change before it on this task.` };
+  }
   if (!op.unreached && !op.accepted) {
     // No 202 yet, and no attempt has failed: its send is on its way (behind a slow one on
     // the task, or a slow answer), or waits for the page to reach the server again.

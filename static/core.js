@@ -180,7 +180,34 @@ export function createCore({
       base_version: baseFor(taskId, first.made_on),
       state: 'sending',
       sent_at: now(),
+      overdue: undefined,
     }));
+  }
+
+  /**
+   * Retry of an edit or a delete still queued behind ours after the timeout (`overdue`):
+   * it goes now, on the version the task has by the user's own doing (`baseFor`), so that
+   * an op ahead of it that applies first makes it conflict (and be rebased), never apply
+   * over a change. Not while the task's create is still ahead of it: there is nothing on
+   * the server to edit yet.
+   * @returns {object[]} the ops ahead of it that it still waits for (for the caller to send
+   *   again), none when it went
+   */
+  function sendNow(key) {
+    const op = pending.find(key);
+    if (op?.state !== 'queued') return [];
+    if (!base.has(op.task_id)) {
+      const stack = pending.of(op.task_id);
+      return stack.slice(0, stack.indexOf(op)).filter((ahead) => ahead.state !== 'queued');
+    }
+    send(pending.replace(op, {
+      base_version: baseFor(op.task_id, op.made_on),
+      state: 'sending',
+      sent_at: now(),
+      overdue: undefined,
+    }));
+    changed();
+    return [];
   }
 
   /** Put `op` out for the sync engine to send (`takeOutbox`). */
@@ -379,7 +406,8 @@ export function createCore({
   /** Retry: the op is being sent again under its own key; its timeout starts over. */
   function resending(key) {
     const op = pending.find(key);
-    if (!op) return;
+    // A queued one has no version to go out on yet (`sendNow`).
+    if (!op || op.state === 'queued') return;
     pending.replace(op, { state: 'sending', sent_at: now(), unreached: undefined });
     changed();
   }
@@ -498,6 +526,16 @@ export function createCore({
     const toCheck = [];
     let stateChanged = false;
     for (const op of pending.all()) {
+      if (op.state === 'queued') {
+        // Waiting on ours ahead of it: past the timeout it is offered Retry and Discard
+        // too (`overdue`), rather than wait unseen behind one the user may never retry.
+        if (at < op.sent_at) pending.replace(op, { sent_at: at });
+        else if (!op.overdue && at - op.sent_at >= stuckMs) {
+          pending.replace(op, { overdue: true });
+          stateChanged = true;
+        }
+        continue;
+      }
       if (op.state !== 'sending' && op.state !== 'pending') continue;
       if (at < op.sent_at) {
         // The clock was set back: how long the op has waited is not known. Its timeout
@@ -747,6 +785,7 @@ export function createCore({
     issue,
     accepted,
     resending,
+    sendNow,
     unreached,
     rejected,
     applyEvent,

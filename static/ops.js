@@ -137,6 +137,8 @@ export function itemOf(id, confirmed, ops, conflict) {
       kind: op.kind,
       delta: op.delta,
       state: op.state,
+      // Queued behind ours past the timeout: offered Retry and Discard as a stuck one is.
+      overdue: Boolean(op.overdue),
       // Whether the server took it (a 202): a stuck op it took is still processing there.
       accepted: Boolean(op.command_id),
       unreached: op.unreached,
@@ -197,9 +199,17 @@ export function refusedText(op, title, { status, detail }) {
   return `${describeOp(op, title)} was refused: ${detail || `HTTP ${status}`}.`;
 }
 
+/**
+ * What a like the server applies after a Discard turns into: the page keeps this
+ * browser's likes where the user's clicks left them (likes.js), so it is taken back
+ * unless a later click wants it.
+ */
+const LIKE_SET_BACK = 'the page sets the like back to where your clicks left it';
+
 /** What the notice of a discarded op that the server applied after all says. */
 export function appliedLateText(op) {
-  return `${describeOp(op, op.title_then)}, which you stopped waiting for, was applied after all.`;
+  const text = `${describeOp(op, op.title_then)}, which you stopped waiting for, was applied after all`;
+  return op.kind === 'like' ? `${text}: ${LIKE_SET_BACK}.` : `${text}.`;
 }
 
 /** What the notice of a Discard says; `along`: how many changes stacked on a create went with it. */
@@ -207,5 +217,6 @@ export function discardText(op, title, along) {
   return along
     ? `${describeOp(op, title)} and ${along === 1 ? 'a change' : `${along} changes`} made to it: `
       + 'stopped waiting. If the server applies them later, they will show up.'
-    : `${describeOp(op, title)}: stopped waiting. If the server applies it later, it will show up.`;
+    : `${describeOp(op, title)}: stopped waiting. If the server applies it later, `
+      + `${op.kind === 'like' ? LIKE_SET_BACK : 'it will show up'}.`;
 }

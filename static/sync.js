@@ -173,7 +173,8 @@ export function createSync({
    * being sent all the same: a Retry that changed nothing on screen would look ignored.
    */
   function sendAgain(ops) {
-    return Promise.all(ops.map((op) => {
+    // Not one queued behind ours: it has no version to go out on yet (`core.sendNow`).
+    return Promise.all(ops.filter((op) => core.getOp(op.key)?.state !== 'queued').map((op) => {
       core.resending(op.key);
       return sendingKeys.has(op.key) ? undefined : enqueueSend(core.getOp(op.key));
     }));
@@ -397,7 +398,11 @@ export function createSync({
     /** Send a stuck op again under its own key: the server answers a replay, never a second effect. */
     retry(key) {
       const op = core.getOp(key);
-      return op ? sendAgain([op]) : undefined;
+      if (!op) return undefined;
+      // One still queued behind ours goes now, or, while its task's create is ahead of
+      // it, what it waits for is sent again.
+      if (op.state === 'queued') return sendAgain(core.sendNow(key));
+      return sendAgain([op]);
     },
     discard(key) {
       core.discard(key);

@@ -96,6 +96,47 @@ test('Discard drops a stuck prediction and says the server may still apply it', 
   }
 });
 
+test('a rename queued behind a change that never settles is offered Retry and Discard too, and Retry sends it on its version', async () => {
+  const server = await startServer(DROP_EVERYTHING);
+  try {
+    await server.api.setFaults({ drop_rate: 0 });
+    const confirmed = await server.api.createSettled('queued title');
+    await server.api.setFaults({ drop_rate: 1 });
+    const { page, pageErrors } = await openApp(browser, server.url, '?stuck_ms=1000');
+    const commands = recordCommands(page);
+    const item = taskItem(page, confirmed.id);
+    await item.getByTestId('done').click();
+    await renameViaUi(page, confirmed.id, 'renamed behind it');
+    const renames = () => commands.filter((command) => command.method === 'PATCH' && command.body?.title);
+
+    // Both say where they stand, each with its own Retry and Discard; the rename has not
+    // gone out, as it waits for the done ahead of it.
+    await eventually(async () => assert.equal(await item.getByTestId('stuck').count(), 2));
+    const queued = item.getByTestId('stuck').filter({ hasText: 'not sent yet' });
+    assert.equal(await queued.count(), 1);
+    assert.deepEqual(renames(), []);
+    assert.equal((await shown(page, confirmed.id)).title, 'renamed behind it');
+
+    await queued.getByRole('button', { name: 'Retry' }).click();
+    await eventually(() => assert.equal(renames().length, 1));
+    assert.equal(renames()[0].body.base_version, confirmed.version, 'on the version the user saw: the done is not counted');
+
+    // Let everything through: the done applies first (it was accepted first), the rename
+    // then finds the version moved by our own change and goes again on it.
+    await server.api.setFaults({ drop_rate: 0 });
+    await waitSettled(page, confirmed.id);
+    const { tasks } = await server.api.tasks();
+    const [task] = tasks.filter((each) => each.id === confirmed.id);
+    assert.deepEqual([task.title, task.done], ['renamed behind it', true]);
+    assert.deepEqual(await shown(page, confirmed.id), {
+      title: 'renamed behind it', likes: 0, done: true, pending: false, state: 'settled',
+    });
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});
+
 test('with the server frozen, its sockets open, a change waiting for its event ends offering Retry, and settles once the server goes on', async () => {
   const server = await startServer();
   try {

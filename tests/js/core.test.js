@@ -605,11 +605,14 @@ describe('timeouts and the sync indicator', () => {
     const like = core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });
     core.accepted('l', { command_id: 'cmd-l' });
     core.discard('l');
+    // Not "it will show up": the page keeps this browser's likes where the clicks left them.
+    assert.equal(core.getSnapshot().notices.at(-1).text,
+      'Like “task b”: stopped waiting. If the server applies it later, the page sets the like back to where your clicks left it.');
     core.applyEvent(settled(core.getOp('l') ?? { ...like, command_id: 'cmd-l' }, task('b', { likes: 4, version: 5 })));
     const notice = core.getSnapshot().notices.at(-1);
     assert.deepEqual(
       [notice.reason, notice.op_kind, notice.delta, notice.text],
-      ['applied_late', 'like', 1, 'Like “task b”, which you stopped waiting for, was applied after all.'],
+      ['applied_late', 'like', 1, 'Like “task b”, which you stopped waiting for, was applied after all: the page sets the like back to where your clicks left it.'],
     );
     assert.equal(item(core, 'b').task.likes, 4);
     core.applyEvent(settled({ ...like, command_id: 'cmd-l' }, task('b', { likes: 4, version: 5 })));
@@ -784,6 +787,42 @@ describe('conflicts', () => {
     const [sent] = core.takeOutbox();
     assert.equal(sent.key, 'u', 'its own key: it was never sent');
     assert.deepEqual(commandRequest(sent).body, { title: 't', base_version: 5 });
+  });
+
+  test('an edit queued past the timeout is offered Retry and Discard; Retry sends it on the version by our own doing, once', () => {
+    const { core, time } = setup();
+    const like = core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });
+    core.accepted('l', { command_id: 'cmd-l' });
+    core.issue({ kind: 'update', key: 'u', task_id: 'b', patch: { title: 't' }, ...core.editBase('b') });
+    core.takeOutbox();
+    time.advance(4999);
+    core.tick();
+    assert.equal(item(core, 'b').ops.find((op) => op.key === 'u').overdue, false);
+    time.advance(1);
+    core.tick();
+    const shownOp = item(core, 'b').ops.find((op) => op.key === 'u');
+    assert.deepEqual([shownOp.state, shownOp.overdue], ['queued', true], 'still waiting, and said to');
+    assert.equal(core.resending('u'), undefined);
+    assert.equal(core.getOp('u').state, 'queued', 'a plain re-send does not send it without its version');
+
+    assert.deepEqual(core.sendNow('u'), []);
+    const [sent] = core.takeOutbox();
+    assert.deepEqual([sent.key, commandRequest(sent).body], ['u', { title: 't', base_version: 4 }], 'the like ahead is not counted');
+    assert.equal(core.getOp('u').overdue, undefined);
+    core.applyEvent(settled(like, task('b', { likes: 4, version: 5 })));
+    assert.deepEqual(core.takeOutbox(), [], 'not sent a second time when its turn would have come');
+  });
+
+  test('an overdue edit behind a create not applied yet waits for it: Retry sends the create again', () => {
+    const { core, time } = setup();
+    core.issue({ kind: 'create', key: 'c', task_id: 'n', title: 'new' });
+    core.issue({ kind: 'update', key: 'u', task_id: 'n', patch: { title: 'newer' }, ...core.editBase('n') });
+    core.takeOutbox();
+    time.advance(5000);
+    core.tick();
+    assert.deepEqual(core.sendNow('u').map((op) => op.key), ['c']);
+    assert.deepEqual(core.takeOutbox(), []);
+    assert.equal(core.getOp('u').state, 'queued');
   });
 
   test('an edit queued on a create goes out once the create settles, on version 1; discarded with the create, never', () => {
