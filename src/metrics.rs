@@ -10,7 +10,7 @@
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram as HdrHistogram;
 use prometheus_client::encoding::text::encode;
@@ -28,6 +28,10 @@ const WINDOW_BUCKETS_SECONDS: [f64; 16] = [
 ];
 /// Largest window the percentile histogram records exactly; longer ones are clamped.
 const WINDOW_MAX_MS: u64 = 3_600_000;
+/// The recent window (`window_recent_ms`) covers the commands settled in the last one or
+/// two of these spans: long enough for a steady percentile, short enough that a change
+/// of the delay shows within a minute.
+const RECENT_SPAN: Duration = Duration::from_secs(30);
 /// Apply step buckets in seconds (transaction, flush, release sync): sub-millisecond on a fast disk,
 /// tens of milliseconds when a flush waits on a busy one.
 const STEP_BUCKETS_SECONDS: [f64; 12] = [
@@ -60,7 +64,7 @@ struct Inner {
     lag_seconds: Gauge<f64, AtomicU64>,
     window_seconds: Histogram,
     // A std lock: one record or one percentile read at a time, never across an await.
-    window_ms: Mutex<HdrHistogram<u64>>,
+    window_ms: Mutex<WindowHistograms>,
     transaction_seconds: Histogram,
     flush_seconds: Histogram,
     release_sync_seconds: Histogram,
@@ -94,8 +98,63 @@ pub struct MetricsReport {
     /// How far behind their due times the consumer applies now: how long the oldest
     /// command that may apply has been due (0 when none waits).
     pub lag_ms: u64,
+    /// Since the server started.
     pub window_ms: Distribution,
+    /// Of the commands settled in the last 30 to 60 s (`RECENT_SPAN`): what a live chart
+    /// plots, where the figures since start barely move after a change of the delay.
+    pub window_recent_ms: Distribution,
     pub apply_steps: StepsReport,
+}
+
+/// The consistency window since start, and of the last one or two [`RECENT_SPAN`]s.
+struct WindowHistograms {
+    since_start: HdrHistogram<u64>,
+    /// The span being filled, since `current_from`, and the one before it.
+    current: HdrHistogram<u64>,
+    previous: HdrHistogram<u64>,
+    current_from: Instant,
+}
+
+impl WindowHistograms {
+    fn new(empty: HdrHistogram<u64>, now: Instant) -> Self {
+        Self {
+            since_start: empty.clone(),
+            current: empty.clone(),
+            previous: empty,
+            current_from: now,
+        }
+    }
+
+    fn record(&mut self, window_ms: u64, now: Instant) {
+        self.roll(now);
+        let value = window_ms.clamp(1, WINDOW_MAX_MS);
+        self.since_start.saturating_record(value);
+        self.current.saturating_record(value);
+    }
+
+    /// Starts a new span if the current one is over; the one before it is dropped, and
+    /// both once two spans have passed with nothing recorded.
+    fn roll(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.current_from);
+        if elapsed < RECENT_SPAN {
+            return;
+        }
+        if elapsed < 2 * RECENT_SPAN {
+            std::mem::swap(&mut self.previous, &mut self.current);
+        } else {
+            self.previous.reset();
+        }
+        self.current.reset();
+        self.current_from = now;
+    }
+
+    fn recent(&mut self, now: Instant) -> Distribution {
+        self.roll(now);
+        let mut recent = self.previous.clone();
+        // Same bounds: adding cannot fail.
+        let _ = recent.add(&self.current);
+        Distribution::of(&recent)
+    }
 }
 
 /// The consumer's apply steps since start: each one decision of its batch
@@ -219,7 +278,7 @@ impl Metrics {
             HdrHistogram::new_with_bounds(1, max, digits)
                 .expect("static histogram bounds are valid")
         };
-        let window_ms = histogram(WINDOW_MAX_MS, 3);
+        let window_ms = WindowHistograms::new(histogram(WINDOW_MAX_MS, 3), Instant::now());
         // Two significant digits are plenty for step times, and a tenth of the memory.
         let steps = StepHistograms {
             commands: histogram(STEP_MAX_COMMANDS, 2),
@@ -287,7 +346,7 @@ impl Metrics {
             .window_ms
             .lock()
             .expect("window histogram lock poisoned");
-        window.saturating_record(window_ms.clamp(1, WINDOW_MAX_MS));
+        window.record(window_ms, Instant::now());
     }
 
     pub fn command_failed(&self, dead_lettered: bool) {
@@ -336,12 +395,14 @@ impl Metrics {
 
     pub fn report(&self) -> MetricsReport {
         let inner = &self.inner;
-        let window_ms = Distribution::of(
-            &inner
+        let (window_ms, window_recent_ms) = {
+            let mut window = inner
                 .window_ms
                 .lock()
-                .expect("window histogram lock poisoned"),
-        );
+                .expect("window histogram lock poisoned");
+            let recent = window.recent(Instant::now());
+            (Distribution::of(&window.since_start), recent)
+        };
         let apply_steps = {
             let steps = inner.steps.lock().expect("step histograms lock poisoned");
             StepsReport {
@@ -362,6 +423,7 @@ impl Metrics {
             subscribers: inner.subscribers.get(),
             lag_ms: u64::try_from(inner.lag.current().as_millis()).unwrap_or(u64::MAX),
             window_ms,
+            window_recent_ms,
             apply_steps,
         }
     }
@@ -436,5 +498,51 @@ pub struct SubscriberGuard {
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {
         self.metrics.inner.subscribers.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn windows(now: Instant) -> WindowHistograms {
+        let empty = HdrHistogram::new_with_bounds(1, WINDOW_MAX_MS, 3).expect("valid bounds");
+        WindowHistograms::new(empty, now)
+    }
+
+    #[test]
+    fn the_recent_window_follows_a_change_of_the_delay_within_two_spans_and_the_total_keeps_all() {
+        let start = Instant::now();
+        let mut window = windows(start);
+        for _ in 0..300 {
+            window.record(700, start);
+        }
+        assert_eq!(window.recent(start).p50, 700);
+
+        // The delay becomes 3 s: a span later both are in the recent figures...
+        let later = start + RECENT_SPAN;
+        for _ in 0..100 {
+            window.record(3000, later);
+        }
+        let recent = window.recent(later);
+        // (3000 ms is recorded to three significant digits: its bucket reads 3001.)
+        assert_eq!((recent.count, recent.max), (400, 3001));
+        // ...two spans later only the new ones, while the total holds every command.
+        let latest = later + RECENT_SPAN;
+        window.record(3000, latest);
+        let recent = window.recent(latest);
+        assert_eq!((recent.count, recent.p50), (101, 3001));
+        assert_eq!(Distribution::of(&window.since_start).count, 401);
+        assert_eq!(Distribution::of(&window.since_start).p50, 700);
+    }
+
+    #[test]
+    fn nothing_settled_for_two_spans_leaves_the_recent_window_empty() {
+        let start = Instant::now();
+        let mut window = windows(start);
+        window.record(700, start);
+        assert_eq!(window.recent(start + RECENT_SPAN).count, 1);
+        assert_eq!(window.recent(start + 3 * RECENT_SPAN).count, 0);
+        assert_eq!(Distribution::of(&window.since_start).count, 1);
     }
 }

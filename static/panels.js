@@ -74,11 +74,17 @@ export function createPanels({ transport, windowSamples }) {
     try {
       const metrics = await transport.fetchMetrics();
       const window = metrics.window_ms ?? {};
-      if (window.count > 0) {
-        serverSeries = [...serverSeries, { at: Date.now(), p50: window.p50, p99: window.p99 }].slice(-MAX_SERVER_POINTS);
+      // The chart plots the recent figures (the last 30 to 60 s): those since start barely
+      // move after a change of the delay. A server without them: those since start.
+      const recent = metrics.window_recent_ms ?? window;
+      if (recent.count > 0) {
+        serverSeries = [...serverSeries, { at: Date.now(), p50: recent.p50, p99: recent.p99 }].slice(-MAX_SERVER_POINTS);
       }
       setText($('server-figures'), window.count > 0
         ? `p50 ${formatMs(window.p50)}, p99 ${formatMs(window.p99)}, max ${formatMs(window.max)} over ${window.count}`
+          + (metrics.window_recent_ms && recent.count !== window.count
+            ? `; in the last minute p50 ${formatMs(recent.p50)}, p99 ${formatMs(recent.p99)} over ${recent.count}`
+            : '')
         : 'no settled command yet');
       // Dead letters are among the failed: commands the server gave up on after repeated
       // transient faults, which the transient fault rate makes happen.
@@ -154,14 +160,35 @@ export function createPanels({ transport, windowSamples }) {
     return faultChain;
   }
 
+  /**
+   * Whether `input` holds a value the server would take; else it is not sent, and the
+   * field and the status line say why, as the server would. Its range and its being a
+   * number count, not its step: the arrows step by 0.05, and a rate of 0.33 is as good
+   * (the form is `novalidate` for that).
+   */
+  function acceptable(input) {
+    const { badInput, rangeOverflow, rangeUnderflow } = input.validity;
+    if (!badInput && !rangeOverflow && !rangeUnderflow) return true;
+    const why = badInput
+      ? `${input.name} must be a number`
+      : `${input.name} must be in [${input.min}, ${input.max}], got ${input.value}`;
+    setText($('fault-status'), `Refused: ${why}`);
+    input.setCustomValidity(`${why}.`);
+    input.reportValidity();
+    input.setCustomValidity('');
+    return false;
+  }
+
   function bindFaultPanel() {
     const form = $('faults');
     form.addEventListener('submit', (event) => {
       event.preventDefault();
-      applyFaults(readFaults(FAULT_FIELDS));
+      if (FAULT_FIELDS.every((field) => acceptable(form.elements[field]))) applyFaults(readFaults(FAULT_FIELDS));
     });
     // A changed field applies on its own too: only that field, so it never resets the others.
-    form.addEventListener('change', (event) => applyFaults(readFaults([event.target.name])));
+    form.addEventListener('change', (event) => {
+      if (acceptable(event.target)) applyFaults(readFaults([event.target.name]));
+    });
     pollFaults();
   }
 

@@ -33,14 +33,17 @@ export function rollingPercentiles(samples, spanMs = 30_000) {
 export function linePath(points, pick, { from, to, maxMs, width, height }) {
   const span = Math.max(1, to - from);
   const top = Math.max(1, maxMs);
-  return points
+  const steps = points
     .filter((point) => point.at >= from && pick(point) != null)
     .map((point, index) => {
       const x = ((point.at - from) / span) * width;
       const y = height - (Math.min(pick(point), top) / top) * height;
       return `${index === 0 ? 'M' : 'L'}${x.toFixed(1)},${y.toFixed(1)}`;
-    })
-    .join(' ');
+    });
+  // One point alone draws nothing as a line: a step of no length, drawn as a dot by the
+  // series' round line caps.
+  if (steps.length === 1) steps.push('h0');
+  return steps.join(' ');
 }
 
 /** A round upper bound for the y axis: 1, 2 or 5 times a power of ten, at least `floor`. */

@@ -640,8 +640,12 @@ async fn metrics_are_served_as_json_and_as_prometheus_text_or_openmetrics() {
     // transaction and its flush.
     let (_, metrics) = app.get_json("/api/metrics").await;
     assert_eq!(
-        (&metrics["settled"], &metrics["window_ms"]["count"]),
-        (&json!(1), &json!(1))
+        (
+            &metrics["settled"],
+            &metrics["window_ms"]["count"],
+            &metrics["window_recent_ms"]["count"]
+        ),
+        (&json!(1), &json!(1), &json!(1))
     );
     let steps = &metrics["apply_steps"];
     assert_eq!(

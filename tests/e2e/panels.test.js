@@ -34,10 +34,18 @@ test('the fault panel shows the live settings, applies changes and reports refus
       assert.deepEqual([applied.delay_ms, applied.jitter_ms, applied.failure_rate, applied.drop_rate], [250, 10, 0.3, 0.1]);
     });
 
+    const puts = [];
+    page.on('request', (request) => { if (request.method() === 'PUT') puts.push(request.url()); });
     await page.getByTestId('fault-failure-rate').fill('2');
     await page.getByTestId('fault-apply').click();
-    await eventually(async () => assert.match(await page.getByTestId('fault-status').textContent(), /^Refused: /));
+    await eventually(async () => assert.equal(await page.getByTestId('fault-status').textContent(),
+      'Refused: failure_rate must be in [0, 1], got 2'));
+    assert.deepEqual(puts, [], 'out of range: not sent');
     assert.equal((await faultsOnServer(server)).failure_rate, 0.3, 'a refused value changes nothing');
+    // A rate between the arrows' steps is a rate all the same.
+    await page.getByTestId('fault-failure-rate').fill('0.33');
+    await page.getByTestId('fault-apply').click();
+    await eventually(async () => assert.equal((await faultsOnServer(server)).failure_rate, 0.33));
   } finally {
     await server.stop();
   }

@@ -25,6 +25,7 @@ test('line paths map time to x and milliseconds to y, clamped at the top', () =>
   const d = linePath([{ at: 0, v: 0 }, { at: 50, v: 500 }, { at: 100, v: 5000 }], (point) => point.v, box);
   assert.equal(d, 'M0.0,100.0 L100.0,50.0 L200.0,0.0');
   assert.equal(linePath([], (point) => point.v, box), '');
+  assert.equal(linePath([{ at: 50, v: 500 }], (point) => point.v, box), 'M100.0,50.0 h0', 'one point: a dot');
 });
 
 test('the y axis rounds up to 1, 2 or 5 times a power of ten', () => {
