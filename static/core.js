@@ -299,7 +299,9 @@ export function createCore({
    * say why, and open a conflict record when the server refused a stale edit.
    */
   function failOp(op, { reason, message, current }) {
-    const title = titleOf(op);
+    // A conflict is named by the title the user saw when making the edit: the task's
+    // title now may be the one that beat it.
+    const title = (reason === 'conflict' && op.named) || titleOf(op);
     const orphaned = reason === 'not_found' && failedCreates.has(op.task_id);
     const stack = pending.of(op.task_id);
     const later = stack.slice(stack.indexOf(op) + 1);
@@ -640,6 +642,8 @@ export function createCore({
     const conflict = conflicts.get(taskId);
     if (!conflict) return null;
     conflicts.delete(taskId);
+    // Its notice goes with it: the choice made, there is nothing left to tell.
+    notices = notices.filter((notice) => notice.task_id !== taskId || notice.reason !== 'conflict');
     changed();
     if (choice !== 'mine') return null;
     const intent = { kind: conflict.kind, task_id: taskId, ...editBase(taskId) };

@@ -171,8 +171,11 @@ const REASON_TEXT = Object.freeze({
   injected: 'the server rejected it (injected failure)',
   dead_lettered: 'the server gave up after repeated faults',
 });
-/** Reasons whose server message says more than REASON_TEXT (which versions, which fault). */
-const REASON_WITH_DETAIL = new Set(['conflict', 'dead_lettered']);
+/**
+ * Reasons whose server message says more than REASON_TEXT (which fault). Not a conflict:
+ * its yours / theirs view says what changed, where the message's versions are jargon.
+ */
+const REASON_WITH_DETAIL = new Set(['dead_lettered']);
 
 /** A notice about one op: what it says, and the op's task and kind. */
 export function noticeOf(op, level, reason, text) {

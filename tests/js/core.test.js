@@ -326,7 +326,11 @@ describe('failure removes only the failed operation', () => {
     const { core } = setup();
     const edit = core.issue({ kind: 'update', key: 'u1', task_id: 'a', patch: { title: 'x' }, base_version: 1 });
     core.applyEvent(failed(edit, 'conflict', task('a', { title: 'theirs', version: 2 })));
-    assert.match(core.getSnapshot().notices.at(-1).text, /someone else changed it first\. \(it conflict\)$/);
+    // Not for a conflict: its yours / theirs view says what changed. Named by the title
+    // the user renamed from, not theirs.
+    assert.equal(core.getSnapshot().notices.at(-1).text, 'Rename “task a” to “x” failed: someone else changed it first.');
+    core.resolveConflict('a', 'theirs');
+    assert.equal(core.getSnapshot().notices.length, 0, 'the conflict settled, its notice goes');
     const like = core.issue({ kind: 'like', key: 'l1', task_id: 'b', delta: 1 });
     core.applyEvent(failed(like, 'dead_lettered', task('b', { likes: 3, version: 4 })));
     assert.equal(core.getSnapshot().notices.at(-1).text,
