@@ -2,7 +2,7 @@
 //! and, killed with SIGKILL, it takes the server it started with it. It refuses, by name,
 //! a flag it cannot honour.
 
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -64,9 +64,35 @@ fn accepted(base: &str) -> Option<u64> {
     serde_json::from_str::<Value>(body).ok()?["accepted"].as_u64()
 }
 
+/// The bench running `args` on a server it starts itself (the `settle` built with it).
+fn bench_on_its_own_server(args: &[&str], stdout: Stdio) -> Child {
+    bench()
+        .args(args)
+        .args(["--server-bin", env!("CARGO_BIN_EXE_settle")])
+        .stdout(stdout)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("settle-bench starts")
+}
+
+/// The server `run` started, once it runs (and, with `workers`, once the fan-out's
+/// worker processes do too).
+fn its_server(run: &Child, workers: bool) -> procfs::process::Process {
+    let mut servers = Vec::new();
+    assert!(
+        eventually(|| {
+            servers = children_named(run.id(), "settle");
+            !servers.is_empty()
+                && (!workers || !children_named(run.id(), "settle-bench").is_empty())
+        }),
+        "the bench started its server"
+    );
+    servers.remove(0)
+}
+
 /// Waits for a bench whose server was just killed to end by itself (killing it if it
 /// does not within [`ENDS_WITHIN`], and failing), and gives its exit code and output.
-fn ends_after_its_server(mut run: std::process::Child) -> (Option<i32>, std::process::Output) {
+fn ends_after_its_server(mut run: Child) -> (Option<i32>, std::process::Output) {
     let mut status = None;
     let ended = eventually(|| {
         status = run.try_wait().expect("the bench can be waited for");
@@ -122,23 +148,12 @@ fn the_bench_ends_a_phase_whose_server_dies_under_it() {
 
 #[test]
 fn a_phase_whose_own_server_dies_exits_1_and_says_why() {
-    let run = bench()
-        .args(["fanout", "--smoke", "--subscribers", "200", "--json", "-"])
-        .args(["--server-bin", env!("CARGO_BIN_EXE_settle")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("settle-bench starts");
-    // Its server up and its subscribers' workers started: the phase is measuring.
-    let mut servers = Vec::new();
-    assert!(
-        eventually(|| {
-            servers = children_named(run.id(), "settle");
-            !servers.is_empty() && !children_named(run.id(), "settle-bench").is_empty()
-        }),
-        "the bench started its server and workers"
+    let run = bench_on_its_own_server(
+        &["fanout", "--smoke", "--subscribers", "200", "--json", "-"],
+        Stdio::piped(),
     );
-    let server = servers[0].pid;
+    // Its server up and its subscribers' workers started: the phase is measuring.
+    let server = its_server(&run, true).pid;
     // SAFETY: kill(2) on a pid this test read from /proc; no memory is involved.
     assert_eq!(
         unsafe { libc::kill(server, libc::SIGKILL) },
@@ -159,23 +174,13 @@ fn a_phase_whose_own_server_dies_exits_1_and_says_why() {
 
 #[test]
 fn a_bench_killed_with_sigkill_takes_its_server_with_it() {
-    let mut run = bench()
-        .args(["accept", "--duration", "30", "--json", "-"])
-        .args(["--server-bin", env!("CARGO_BIN_EXE_settle")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("settle-bench starts");
-    let mut servers = Vec::new();
-    assert!(
-        eventually(|| {
-            servers = children_named(run.id(), "settle");
-            !servers.is_empty()
-        }),
-        "the bench started its server"
+    let mut run = bench_on_its_own_server(
+        &["accept", "--duration", "30", "--json", "-"],
+        Stdio::null(),
     );
-    let server = u32::try_from(servers[0].pid).expect("a pid");
-    let data_dir = servers[0].cmdline().ok().and_then(|args| {
+    let started = its_server(&run, false);
+    let server = u32::try_from(started.pid).expect("a pid");
+    let data_dir = started.cmdline().ok().and_then(|args| {
         let at = args.iter().position(|arg| arg == "--data-dir")?;
         args.get(at + 1).cloned()
     });
