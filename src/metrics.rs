@@ -133,19 +133,21 @@ impl WindowHistograms {
     }
 
     /// Starts a new span if the current one is over; the one before it is dropped, and
-    /// both once two spans have passed with nothing recorded.
+    /// both once two spans have passed since the current one began.
     fn roll(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.current_from);
         if elapsed < RECENT_SPAN {
             return;
         }
         if elapsed < 2 * RECENT_SPAN {
+            // The spans keep their cadence, so the figures never reach back past two.
             std::mem::swap(&mut self.previous, &mut self.current);
+            self.current_from += RECENT_SPAN;
         } else {
             self.previous.reset();
+            self.current_from = now;
         }
         self.current.reset();
-        self.current_from = now;
     }
 
     fn recent(&mut self, now: Instant) -> Distribution {
@@ -534,6 +536,17 @@ mod tests {
         assert_eq!((recent.count, recent.p50), (101, 3001));
         assert_eq!(Distribution::of(&window.since_start).count, 401);
         assert_eq!(Distribution::of(&window.since_start).p50, 700);
+    }
+
+    #[test]
+    fn the_recent_window_never_reaches_back_past_two_spans() {
+        let start = Instant::now();
+        let mut window = windows(start);
+        window.record(700, start);
+        let almost_two_spans = start + 2 * RECENT_SPAN - Duration::from_secs(1);
+        assert_eq!(window.recent(almost_two_spans).count, 1);
+        let past_two_spans = start + 2 * RECENT_SPAN + Duration::from_secs(1);
+        assert_eq!(window.recent(past_two_spans).count, 0);
     }
 
     #[test]

@@ -186,26 +186,32 @@ export function createCore({
 
   /**
    * Retry of an edit or a delete still queued behind ours after the timeout (`overdue`):
-   * it goes now, on the version the task has by the user's own doing (`baseFor`), so that
-   * an op ahead of it that applies first makes it conflict (and be rebased), never apply
-   * over a change. Not while the task's create is still ahead of it: there is nothing on
-   * the server to edit yet.
-   * @returns {object[]} the ops ahead of it that it still waits for (for the caller to send
-   *   again), none when it went
+   * it goes now, with the ones queued ahead of it, in their order (the server applies a
+   * task's commands in the order it took them, so a later edit never ends under an earlier
+   * one), each on the version the task has by the user's own doing (`baseFor`). An op
+   * ahead that then applies first makes them conflict and be rebased, never apply over a
+   * change. Not while something ahead has not reached the server (the task's create, an
+   * edit refused 503): sent after it, it would apply first.
+   * @returns {object[]} the ops ahead that it still waits for, for the caller to send
+   *   again; none when it went
    */
   function sendNow(key) {
     const op = pending.find(key);
     if (op?.state !== 'queued') return [];
-    if (!base.has(op.task_id)) {
-      const stack = pending.of(op.task_id);
-      return stack.slice(0, stack.indexOf(op)).filter((ahead) => ahead.state !== 'queued');
+    const stack = pending.of(op.task_id);
+    const ahead = stack.slice(0, stack.indexOf(op));
+    const waitedFor = ahead.filter((other) => other.state !== 'queued');
+    if (!base.has(op.task_id)) return waitedFor;
+    const unsent = waitedFor.filter((other) => !other.command_id);
+    if (unsent.length) return unsent;
+    for (const queued of [...ahead.filter((other) => other.state === 'queued'), op]) {
+      send(pending.replace(queued, {
+        base_version: baseFor(queued.task_id, queued.made_on),
+        state: 'sending',
+        sent_at: now(),
+        overdue: undefined,
+      }));
     }
-    send(pending.replace(op, {
-      base_version: baseFor(op.task_id, op.made_on),
-      state: 'sending',
-      sent_at: now(),
-      overdue: undefined,
-    }));
     changed();
     return [];
   }
@@ -643,7 +649,8 @@ export function createCore({
     if (!conflict) return null;
     conflicts.delete(taskId);
     // Its notice goes with it: the choice made, there is nothing left to tell.
-    notices = notices.filter((notice) => notice.task_id !== taskId || notice.reason !== 'conflict');
+    notices = notices.filter((notice) => notice.task_id !== taskId
+      || (notice.reason !== 'conflict' && notice.reason !== 'kept_moving'));
     changed();
     if (choice !== 'mine') return null;
     const intent = { kind: conflict.kind, task_id: taskId, ...editBase(taskId) };

@@ -128,20 +128,23 @@ export function createPanels({ transport, windowSamples }) {
     return update;
   }
 
+  /** The fault panel's status line: "Applied." or why a value was refused. */
+  function sayFaultStatus(ok, text) {
+    const status = $('fault-status');
+    status.setAttribute('role', ok ? 'status' : 'alert');
+    status.className = `fault-status ${ok ? 'ok' : 'error'}`;
+    setText(status, text);
+  }
+
   /** PUT a subset of the settings (the server accepts any subset) and report the outcome. */
   function applyFaults(update) {
-    const status = $('fault-status');
     putsWaiting += 1;
     faultChain = faultChain.then(async () => {
       try {
         showFaults(await transport.putFaults(update));
-        status.setAttribute('role', 'status');
-        status.className = 'fault-status ok';
-        setText(status, 'Applied.');
+        sayFaultStatus(true, 'Applied.');
       } catch (error) {
-        status.setAttribute('role', 'alert');
-        status.className = 'fault-status error';
-        setText(status, `Refused: ${error.message}`);
+        sayFaultStatus(false, `Refused: ${error.message}`);
       } finally {
         putsWaiting -= 1;
       }
@@ -172,7 +175,9 @@ export function createPanels({ transport, windowSamples }) {
     const why = badInput
       ? `${input.name} must be a number`
       : `${input.name} must be in [${input.min}, ${input.max}], got ${input.value}`;
-    setText($('fault-status'), `Refused: ${why}`);
+    // In line after the PUTs already sent, so that an "Applied." of theirs does not
+    // replace it.
+    faultChain = faultChain.then(() => sayFaultStatus(false, `Refused: ${why}`));
     input.setCustomValidity(`${why}.`);
     input.reportValidity();
     input.setCustomValidity('');

@@ -817,6 +817,25 @@ describe('conflicts', () => {
     assert.deepEqual(core.takeOutbox(), [], 'not sent a second time when its turn would have come');
   });
 
+  test('Retry of the later of two queued edits sends both, in their order; behind an op the server has not taken, neither', () => {
+    const { core, time } = setup();
+    core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });
+    core.issue({ kind: 'update', key: 'a', task_id: 'b', patch: { title: 'A' }, ...core.editBase('b') });
+    core.issue({ kind: 'update', key: 'b2', task_id: 'b', patch: { title: 'B' }, ...core.editBase('b') });
+    core.takeOutbox();
+    time.advance(5000);
+    core.tick();
+    // The like has no 202: sent after it, the edits would apply first.
+    assert.deepEqual(core.sendNow('b2').map((op) => op.key), ['l']);
+    assert.deepEqual(core.takeOutbox(), []);
+
+    core.accepted('l', { command_id: 'cmd-l' });
+    assert.deepEqual(core.sendNow('b2'), []);
+    assert.deepEqual(core.takeOutbox().map((op) => [op.key, commandRequest(op).body]),
+      [['a', { title: 'A', base_version: 4 }], ['b2', { title: 'B', base_version: 4 }]],
+      'the earlier first: the later one never ends under it');
+  });
+
   test('an overdue edit behind a create not applied yet waits for it: Retry sends the create again', () => {
     const { core, time } = setup();
     core.issue({ kind: 'create', key: 'c', task_id: 'n', title: 'new' });
