@@ -536,6 +536,7 @@ function refreshSyncText(syncState) {
 const CONNECTION_TEXT = {
   connecting: 'connecting…',
   live: 'live',
+  unresponsive: 'server not answering…',
   reconnecting: 'reconnecting…',
   unreachable: 'server unreachable, trying again…',
 };

@@ -84,7 +84,7 @@ export function createSync({
    * not come: the op goes again after a pause, longer each time it finds no answer.
    */
   function sendWhenBack(key) {
-    if (core.getSnapshot().connection !== 'live' || pausedSends.has(key)) return;
+    if (!streamOpen() || pausedSends.has(key)) return;
     const pauses = unansweredSends.get(key) ?? 0;
     unansweredSends.set(key, pauses + 1);
     pausedSends.add(key);
@@ -92,7 +92,7 @@ export function createSync({
       pausedSends.delete(key);
       const op = !stopped && core.getOp(key);
       if (!op) unansweredSends.delete(key);
-      else if (op.unreached?.offline && core.getSnapshot().connection === 'live') sendAgain([op]);
+      else if (op.unreached?.offline && streamOpen()) sendAgain([op]);
     }, pauseMs(1_000, pauses));
   }
 
@@ -134,7 +134,25 @@ export function createSync({
     return undefined;
   }
 
+  /**
+   * Whether the event stream is open: 'live', or 'unresponsive' while requests find no
+   * answer over it (a server frozen with its sockets open).
+   */
+  function streamOpen() {
+    const { connection } = core.getSnapshot();
+    return connection === 'live' || connection === 'unresponsive';
+  }
+
+  /** A live stream over which requests find no answer says so; an answer, or an event, ends that. */
+  function answerHeard(answered) {
+    const { connection } = core.getSnapshot();
+    if (!answered && connection === 'live') core.setConnection('unresponsive');
+    else if (answered && connection === 'unresponsive') core.setConnection('live');
+  }
+  const unwatchAnswers = transport.watchAnswers?.(answerHeard);
+
   function onEvent(event) {
+    answerHeard(true);
     if (event.type === EVENT_RESET) {
       resync();
       return;
@@ -339,6 +357,7 @@ export function createSync({
       stream?.close();
       unsubscribePersist();
       unsubscribeOutbox();
+      unwatchAnswers?.();
     },
     resync,
     /** A fresh identifier for a task or an intent's key. */

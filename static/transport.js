@@ -58,6 +58,13 @@ export function createTransport({
   sleep = defaultSleep,
   attemptTimeoutMs = SEND_ATTEMPT_TIMEOUT_MS,
 } = {}) {
+  /** Who hears whether requests find an answer (`watchAnswers`). */
+  const answerListeners = new Set();
+  /** A request was answered (`true`), or found no answer in time (`false`). */
+  function heard(answered) {
+    for (const listener of [...answerListeners]) listener(answered);
+  }
+
   /**
    * A request, and `read` of its response, under one deadline at a time: the answer must
    * begin within `attemptTimeoutMs`, and then a small read must be whole by that same
@@ -81,8 +88,11 @@ export function createTransport({
     const aborted = new Promise((_, reject) => {
       controller.signal.addEventListener('abort', () => reject(controller.signal.reason), { once: true });
     });
+    let answered = false;
     const reading = (async () => {
       const response = await fetchImpl(url, { ...init, signal: controller.signal });
+      answered = true;
+      heard(true);
       if (!streamed) return read(response);
       giveUpAfter('no data');
       // No stream to watch (a body-less status): read under the one deadline.
@@ -100,6 +110,9 @@ export function createTransport({
     })();
     try {
       return await Promise.race([reading, aborted]);
+    } catch (error) {
+      if (!answered && error?.name === 'TimeoutError') heard(false);
+      throw error;
     } finally {
       clearTimeout(deadline);
     }
@@ -143,8 +156,10 @@ export function createTransport({
       } catch (error) {
         lastProblem = `network error: ${error.message}`;
         offline = true;
+        if (error?.name === 'TimeoutError') heard(false);
         continue;
       }
+      heard(true);
       if (response.status === 202 || response.ok) {
         const accepted = await response.json();
         return {
@@ -203,6 +218,16 @@ export function createTransport({
   return {
     sendCommand,
     openEvents,
+    /**
+     * Hear, per request, whether it was answered or found no answer in time (a server
+     * frozen with its sockets open keeps the event stream open, and only this tells).
+     * @param {(answered: boolean) => void} listener
+     * @returns {() => void} stop hearing
+     */
+    watchAnswers(listener) {
+      answerListeners.add(listener);
+      return () => answerListeners.delete(listener);
+    },
     /** `{tasks, watermark}` */
     fetchSnapshot: async () => {
       const snapshot = await getJson('/api/tasks', { streamed: true });

@@ -157,8 +157,14 @@ test('with the server frozen, its sockets open, a change waiting for its event e
     assert.match(await item.getByTestId('stuck').textContent(), /still processing/);
     assert.ok(await item.getByRole('button', { name: 'Retry' }).isVisible());
     assert.equal((await shown(page, task.id)).title, 'made before the freeze');
+    // The event stream is still open, but the page does not say "live" of a server that
+    // answers nothing.
+    const connection = page.getByTestId('connection');
+    await eventually(async () => assert.equal(await connection.getAttribute('data-state'), 'unresponsive'));
+    assert.equal(await connection.textContent(), 'server not answering…');
 
     server.thaw();
+    await eventually(async () => assert.equal(await connection.getAttribute('data-state'), 'live'));
     await waitSettled(page, task.id);
     assert.equal((await server.api.task(task.id)).title, 'made before the freeze');
     assert.deepEqual(pageErrors, []);

@@ -550,6 +550,26 @@ describe('the sync engine', () => {
     assert.deepEqual(core.pendingOps().map((op) => op.key), ['first'], 'the replayed one settled by its status');
   });
 
+  test('a live stream over which requests find no answer says the server is not answering, until an answer or an event', async () => {
+    let hear = null;
+    const transport = fakeTransport({ watchAnswers: (listener) => { hear = listener; return () => { hear = null; }; } });
+    const { core, sync } = setup({ transport });
+    await sync.start();
+    assert.equal(core.getSnapshot().connection, 'live');
+    hear(false); // a read timed out with the stream still open: a server frozen, say
+    assert.equal(core.getSnapshot().connection, 'unresponsive');
+    hear(true);
+    assert.equal(core.getSnapshot().connection, 'live');
+    hear(false);
+    transport.streams.at(-1).handlers.onEvent({ id: 6, type: 'projection:settled', data: { command_id: 'x', task_id: 'a', kind: 'like', version: 2, task: task('a', { version: 2 }) } });
+    assert.equal(core.getSnapshot().connection, 'live', 'an event is an answer too');
+    transport.streams.at(-1).handlers.onError({ closed: false });
+    hear(false);
+    assert.equal(core.getSnapshot().connection, 'reconnecting', 'only a live stream turns unresponsive');
+    sync.stop();
+    assert.equal(hear, null, 'stopped, it no longer listens');
+  });
+
   test('a reset event refetches the snapshot and reopens the stream from its watermark', async () => {
     const snapshots = [
       { tasks: [task('a')], watermark: 5 },
@@ -681,6 +701,26 @@ describe('the transport', () => {
     await assert.rejects(createTransport({ fetch: slow, attemptTimeoutMs: 20 }).fetchCommand('c1'), { name: 'TimeoutError' });
     assert.deepEqual(await createTransport({ fetch: slow, attemptTimeoutMs: 20 }).fetchSnapshot(), { tasks: [], watermark: 7 });
 
+  });
+
+  test('every request says whether it found an answer: a timeout without one is heard as none', async () => {
+    const heard = [];
+    const frozen = (url, init) => new Promise((_, reject) => init.signal.addEventListener('abort', () => reject(init.signal.reason)));
+    const frozenTransport = createTransport({ fetch: frozen, sleep: async () => {}, attemptTimeoutMs: 20 });
+    const stopHearing = frozenTransport.watchAnswers((answered) => heard.push(answered));
+    await assert.rejects(frozenTransport.fetchCommand('c1'), { name: 'TimeoutError' });
+    const keepAlive = setInterval(() => {}, 1_000); // Node does not wait for AbortSignal.timeout's timer
+    await frozenTransport.sendCommand({ method: 'POST', path: '/api/tasks', body: { title: 't' } }, 'k', { attempts: 1 })
+      .finally(() => clearInterval(keepAlive));
+    assert.deepEqual(heard, [false, false]);
+    stopHearing();
+
+    const { fetch } = fakeFetch([{ status: 200, body: { command_id: 'c1' } }, { status: 503, body: { detail: 'busy' } }]);
+    const answering = createTransport({ fetch, sleep: async () => {} });
+    answering.watchAnswers((answered) => heard.push(answered));
+    await answering.fetchCommand('c1');
+    await answering.sendCommand({ method: 'POST', path: '/api/tasks', body: { title: 't' } }, 'k', { attempts: 1 });
+    assert.deepEqual(heard, [false, false, true, true], 'a 503 is an answer');
   });
 
   test('a command is looked up by its key percent-encoded, and an unknown one is null', async () => {
