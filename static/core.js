@@ -534,24 +534,20 @@ export function createCore({
     const toCheck = [];
     let stateChanged = false;
     for (const op of pending.all()) {
-      if (op.state === 'queued') {
-        // Waiting on ours ahead of it: past the timeout it is offered Retry and Discard
-        // too (`overdue`), rather than wait unseen behind one the user may never retry.
-        if (at < op.sent_at) pending.replace(op, { sent_at: at });
-        else if (!op.overdue && at - op.sent_at >= stuckMs) {
-          pending.replace(op, { overdue: true });
-          stateChanged = true;
-        }
-        continue;
-      }
-      if (op.state !== 'sending' && op.state !== 'pending') continue;
+      // One queued behind ours waits on them: past the timeout it is offered Retry and
+      // Discard too (`overdue`), rather than wait unseen behind one never retried.
+      const waiting = op.state === 'queued' ? !op.overdue : op.state === 'sending' || op.state === 'pending';
+      if (!waiting) continue;
       if (at < op.sent_at) {
         // The clock was set back: how long the op has waited is not known. Its timeout
         // starts over, rather than waiting for the clock to come back to where it was.
         pending.replace(op, { sent_at: at });
       } else if (at - op.sent_at >= stuckMs) {
-        const next = pending.replace(op, { state: op.command_id ? 'checking' : 'stuck' });
-        if (next.state === 'checking') toCheck.push(next);
+        if (op.state === 'queued') pending.replace(op, { overdue: true });
+        else {
+          const next = pending.replace(op, { state: op.command_id ? 'checking' : 'stuck' });
+          if (next.state === 'checking') toCheck.push(next);
+        }
         stateChanged = true;
       }
     }

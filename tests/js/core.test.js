@@ -18,6 +18,20 @@ function task(id, fields = {}) {
   return { id, title: `task ${id}`, notes: '', done: false, likes: 0, version: 1, updated_at: '2025-01-01T00:00:00Z', ...fields };
 }
 
+/**
+ * A core where `ahead` was issued, then edits `[key, task_id, patch]` queued behind it,
+ * and the timeout has passed: the edits are overdue, nothing is in the outbox.
+ */
+function overdueBehind(ahead, ...edits) {
+  const { core, time } = setup();
+  core.issue(ahead);
+  for (const [key, taskId, patch] of edits) core.issue({ kind: 'update', key, task_id: taskId, patch, ...core.editBase(taskId) });
+  core.takeOutbox();
+  time.advance(5000);
+  core.tick();
+  return { core, time };
+}
+
 /** A core with tasks a, b, c confirmed at watermark 10. */
 function setup(options = {}) {
   const time = clock();
@@ -818,13 +832,8 @@ describe('conflicts', () => {
   });
 
   test('Retry of the later of two queued edits sends both, in their order; behind an op the server has not taken, neither', () => {
-    const { core, time } = setup();
-    core.issue({ kind: 'like', key: 'l', task_id: 'b', delta: 1 });
-    core.issue({ kind: 'update', key: 'a', task_id: 'b', patch: { title: 'A' }, ...core.editBase('b') });
-    core.issue({ kind: 'update', key: 'b2', task_id: 'b', patch: { title: 'B' }, ...core.editBase('b') });
-    core.takeOutbox();
-    time.advance(5000);
-    core.tick();
+    const { core } = overdueBehind({ kind: 'like', key: 'l', task_id: 'b', delta: 1 },
+      ['a', 'b', { title: 'A' }], ['b2', 'b', { title: 'B' }]);
     // The like has no 202: sent after it, the edits would apply first.
     assert.deepEqual(core.sendNow('b2').map((op) => op.key), ['l']);
     assert.deepEqual(core.takeOutbox(), []);
@@ -837,12 +846,7 @@ describe('conflicts', () => {
   });
 
   test('an overdue edit behind a create not applied yet waits for it: Retry sends the create again', () => {
-    const { core, time } = setup();
-    core.issue({ kind: 'create', key: 'c', task_id: 'n', title: 'new' });
-    core.issue({ kind: 'update', key: 'u', task_id: 'n', patch: { title: 'newer' }, ...core.editBase('n') });
-    core.takeOutbox();
-    time.advance(5000);
-    core.tick();
+    const { core } = overdueBehind({ kind: 'create', key: 'c', task_id: 'n', title: 'new' }, ['u', 'n', { title: 'newer' }]);
     assert.deepEqual(core.sendNow('u').map((op) => op.key), ['c']);
     assert.deepEqual(core.takeOutbox(), []);
     assert.equal(core.getOp('u').state, 'queued');
