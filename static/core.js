@@ -16,23 +16,22 @@
 // acknowledgements may arrive in any order, and a failure must remove exactly one
 // operation and leave the others standing. Folding the remaining ops over the confirmed
 // base gives all three for free.
+//
+// Its helpers: the stacks (stacks.js), when a queued edit goes out and on which version
+// (send-order.js), and what is remembered of ops once they left (departures.js).
 
 import {
   appliedLateText, discardText, EVENT_FAILED, EVENT_SETTLED, failureText, isSavedOp, KINDS,
   noticeOf, persistedFields, refusedText,
 } from './ops.js';
+import { createDepartures } from './departures.js';
 import { createPublisher } from './publish.js';
 import {
   conflictOf, rebasePlan, refreshedConflict, revivedConflict, seenValues,
 } from './conflicts.js';
+import { createSendOrder } from './send-order.js';
 import { createStacks } from './stacks.js';
 
-/** How many outcomes of events that matched no op are remembered (`restore`). */
-const MAX_UNMATCHED = 500;
-/** How many keys of ops that left their stacks are remembered (`restore`). */
-const MAX_LEFT = 1000;
-/** How many discarded ops are remembered, to tell when one is applied after all. */
-const MAX_DISCARDED = 100;
 /**
  * How many notices are kept until dismissed; past it the oldest drop off. Enough that
  * a burst of failures leaves each on screen to be read (the view scrolls them).
@@ -40,8 +39,6 @@ const MAX_DISCARDED = 100;
 const MAX_NOTICES = 50;
 /** How many client-measured windows are kept for the chart. */
 const MAX_WINDOW_SAMPLES = 500;
-/** How many versions of a task's own settled changes are remembered (`baseFor`). */
-const MAX_OWN_VERSIONS = 32;
 
 /**
  * Create a client core.
@@ -73,38 +70,8 @@ export function createCore({
   const failedCreates = new Map();
   /** Task id -> last confirmed title of a task that is gone, to name it in a notice. */
   const goneTitles = new Map();
-  /**
-   * Idempotency key -> op the user stopped waiting for (Discard), newest last, so that its
-   * event, if the server applies it after all, says so instead of passing for someone
-   * else's change.
-   */
-  const discarded = new Map();
-  /**
-   * Key -> {type, reason} of recent events that matched no op of this tab: an op taken over
-   * from a tab that closed (`restore`) may have had its event already, and is settled or
-   * failed at once instead of waiting for a status check.
-   */
-  const unmatched = new Map();
-  /**
-   * Keys of the ops that left their stacks here (the last MAX_LEFT): one is never put back.
-   * A reload's own op can settle before the page takes back what it left as orphans, where
-   * the same op is listed; put back, it would leave again and count twice.
-   */
-  const left = new Set();
-  /**
-   * Task id -> the versions our own ops settled at, as their events said (the last
-   * MAX_OWN_VERSIONS): how far our own changes moved a task since an edit's base was taken
-   * (`baseFor`).
-   */
-  const ownVersions = new Map();
-  /**
-   * Ops to send, in the order they are due: a new one not queued behind ours, a queued one
-   * whose turn came, a rebased edit. The sync engine takes and sends them (`takeOutbox`);
-   * the core alone decides when an op goes out.
-   */
-  let outbox = [];
-  /** How ops left their stacks since the last `takeDeparted` (the view's like toggle reads it). */
-  let departed = [];
+  /** What is remembered of ops that left their stacks (departures.js). */
+  const departures = createDepartures();
   let watermark = 0;
   /** Whether a snapshot of the server's tasks has come: before it, only pending creates are known. */
   let loaded = false;
@@ -114,6 +81,8 @@ export function createCore({
   let connection = 'connecting';
   /** The snapshot for the view, and who listens for its changes (publish.js). */
   const publisher = createPublisher({ syncMs });
+  /** When a task's edits go out, on which version, and the ops due to be sent (send-order.js). */
+  const sendOrder = createSendOrder({ pending, now, confirmed: (taskId) => base.has(taskId) });
 
   function changed() {
     publisher.changed(pending.all(), now());
@@ -139,101 +108,19 @@ export function createCore({
 
   // ---- mutations of the stacks -----------------------------------------------------
 
-  /** Note how `op` left, or was done before it could be put back (`takeDeparted`). */
-  function depart(op, outcome, reason) {
-    departed = [...departed, Object.freeze({ op, outcome, reason })];
-    left.add(op.key);
-    if (left.size > MAX_LEFT) left.delete(left.values().next().value);
-  }
-
   /** Take `op` off its stack, and note how it left. */
   function removeOp(op, outcome, reason) {
-    depart(op, outcome, reason);
+    departures.depart(op, outcome, reason);
     pending.remove(op);
     if (!pending.has(op.task_id)) failedCreates.delete(op.task_id);
     // A failed or discarded create leaves no orphan row in the order.
     if (!base.has(op.task_id) && !pending.has(op.task_id)) order = order.filter((id) => id !== op.task_id);
-    sendQueued(op.task_id);
-  }
-
-  /**
-   * The version an edit made on `madeOn` goes out on: that one and our own changes to the
-   * task since, those whose events came. One that applied without its event here yet is
-   * not counted: the edit then conflicts and is re-sent (`rebase`), never applied over a
-   * change unseen.
-   */
-  function baseFor(taskId, madeOn) {
-    return madeOn + (ownVersions.get(taskId) ?? []).filter((settled) => settled > madeOn).length;
-  }
-
-  /**
-   * An edit or a delete goes out only once every op of ours ahead of it on the task has
-   * settled or failed, on the version the task then has by the user's own doing: the
-   * version the edit was made on (`made_on`) and our changes since. Counted ahead of
-   * time, an op of ours that then failed while someone else's change applied would make
-   * the count come out right, and the edit would replace a change the user never saw.
-   */
-  function sendQueued(taskId) {
-    const first = pending.of(taskId)[0];
-    if (first?.state !== 'queued') return;
-    send(pending.replace(first, {
-      base_version: baseFor(taskId, first.made_on),
-      state: 'sending',
-      sent_at: now(),
-      overdue: undefined,
-    }));
-  }
-
-  /**
-   * Retry of an edit or a delete still queued behind ours after the timeout (`overdue`):
-   * it goes now, with the ones queued ahead of it, in their order (the server applies a
-   * task's commands in the order it took them, so a later edit never ends under an earlier
-   * one), each on the version the task has by the user's own doing (`baseFor`). An op
-   * ahead that then applies first makes them conflict and be rebased, never apply over a
-   * change. Not while something ahead has not reached the server (the task's create, an
-   * edit refused 503): sent after it, it would apply first.
-   * @returns {object[]} the ops ahead that it still waits for, for the caller to send
-   *   again; none when it went
-   */
-  function sendNow(key) {
-    const op = pending.find(key);
-    if (op?.state !== 'queued') return [];
-    const stack = pending.of(op.task_id);
-    const ahead = stack.slice(0, stack.indexOf(op));
-    const waitedFor = ahead.filter((other) => other.state !== 'queued');
-    if (!base.has(op.task_id)) return waitedFor;
-    const unsent = waitedFor.filter((other) => !other.command_id);
-    if (unsent.length) return unsent;
-    for (const queued of [...ahead.filter((other) => other.state === 'queued'), op]) {
-      send(pending.replace(queued, {
-        base_version: baseFor(queued.task_id, queued.made_on),
-        state: 'sending',
-        sent_at: now(),
-        overdue: undefined,
-      }));
-    }
-    changed();
-    return [];
-  }
-
-  /** Put `op` out for the sync engine to send (`takeOutbox`). */
-  function send(op) {
-    outbox = [...outbox, op];
-  }
-
-  /** An edit or a delete made on `made_on`: sent at once with nothing of ours ahead of it, else queued. */
-  function queuedOrSent(taskId, madeOn) {
-    if (pending.has(taskId)) return { made_on: madeOn, base_version: undefined, state: 'queued' };
-    return { made_on: madeOn, base_version: baseFor(taskId, madeOn), state: 'sending' };
+    sendOrder.sendQueued(op.task_id);
   }
 
   function pushOp(op) {
     pending.push(op);
     if (op.kind === 'create' && !order.includes(op.task_id)) order = [...order, op.task_id];
-  }
-
-  function noteOwnVersion(taskId, version) {
-    ownVersions.set(taskId, [...(ownVersions.get(taskId) ?? []), version].slice(-MAX_OWN_VERSIONS));
   }
 
   /** Confirmed state moves forward only: a newer version, never an older one. */
@@ -257,7 +144,7 @@ export function createCore({
     const gone = base.get(taskId);
     if (gone) goneTitles.set(taskId, gone.title);
     base.delete(taskId);
-    ownVersions.delete(taskId);
+    sendOrder.forget(taskId);
     if (tombstone) deleted.add(taskId);
     conflicts.delete(taskId);
     dropUnaccepted(taskId);
@@ -277,7 +164,7 @@ export function createCore({
     if (base.has(taskId) || pending.of(taskId).some((op) => op.kind === 'create')) return;
     const orphaned = failedCreates.has(taskId);
     for (;;) {
-      // Found again each time: removing one may send the next (`sendQueued`).
+      // Found again each time: removing one may send the next (`sendOrder.sendQueued`).
       const op = pending.of(taskId).find((candidate) => !candidate.command_id);
       if (!op) return;
       const title = titleOf(op);
@@ -346,10 +233,10 @@ export function createCore({
         seen: seenNow(op.task_id),
         rebased: (op.rebased ?? 0) + 1,
         sent_at: now(),
-        ...queuedOrSent(op.task_id, base.get(op.task_id)?.version ?? 0),
+        ...sendOrder.placed(op.task_id, base.get(op.task_id)?.version ?? 0),
       });
       pushOp(next);
-      if (next.state === 'sending') send(next);
+      if (next.state === 'sending') sendOrder.send(next);
     }
     return 'resent';
   }
@@ -391,10 +278,10 @@ export function createCore({
       issued_at: issuedAt,
       sent_at: issuedAt,
       state: 'sending',
-      ...(onBase ? queuedOrSent(intent.task_id, intent.base_version) : {}),
+      ...(onBase ? sendOrder.placed(intent.task_id, intent.base_version) : {}),
     });
     pushOp(op);
-    if (op.state === 'sending') send(op);
+    if (op.state === 'sending') sendOrder.send(op);
     changed();
     return op;
   }
@@ -402,10 +289,11 @@ export function createCore({
   /** The server answered 202: the op is durable and waits for its event. */
   function accepted(key, { command_id }) {
     const op = pending.find(key);
-    const gone = !op && discarded.get(key);
     // Discarded while its request was on the way: its status can be asked after a reload.
-    if (gone) discarded.set(key, Object.freeze({ ...gone, command_id }));
-    if (!op) return;
+    if (!op) {
+      departures.discardedAccepted(key, command_id);
+      return;
+    }
     // Taken after all: a concurrent attempt's failure (`unreached`) no longer holds.
     pending.replace(op, { command_id, state: op.state === 'checking' ? 'checking' : 'pending', unreached: undefined });
     changed();
@@ -456,7 +344,7 @@ export function createCore({
     if (type === EVENT_SETTLED) {
       if (data.task) confirm(data.task);
       if (op) {
-        if (data.task && data.version != null) noteOwnVersion(op.task_id, data.version);
+        if (data.task && data.version != null) sendOrder.settledAt(op.task_id, data.version);
         removeOp(op, 'settled');
         const at = now();
         windowSamples = [...windowSamples, Object.freeze({ at, ms: Math.max(0, at - op.issued_at) })]
@@ -470,10 +358,7 @@ export function createCore({
       else if (data.current) confirm(data.current);
     }
     if (!op) discardedOutcome(type, data);
-    if (!op && data.idempotency_key) {
-      unmatched.set(data.idempotency_key, Object.freeze({ type, reason: data.reason }));
-      if (unmatched.size > MAX_UNMATCHED) unmatched.delete(unmatched.keys().next().value);
-    }
+    if (!op && data.idempotency_key) departures.unmatched(data.idempotency_key, type, data.reason);
     changed();
     return { applied: true, op };
   }
@@ -587,13 +472,12 @@ export function createCore({
     const along = op.kind === 'create' && !base.has(op.task_id)
       ? pending.of(op.task_id).filter((other) => other !== op) : [];
     for (const key of [op, ...along].map((each) => each.key)) {
-      // Found again: removing one may send the next (`sendQueued`), which replaces it.
+      // Found again: removing one may send the next (send-order.js), which replaces it.
       const gone = pending.find(key);
       const goneTitle = titleOf(gone);
       removeOp(gone, 'discarded');
       // Even one whose 202 has not come: its request may have reached the server.
-      discarded.set(gone.key, Object.freeze({ ...gone, title_then: goneTitle }));
-      if (discarded.size > MAX_DISCARDED) discarded.delete(discarded.keys().next().value);
+      departures.discarded(gone, goneTitle);
     }
     addNotice(noticeOf(op, 'info', 'discarded', discardText(op, title, along.length)));
     changed();
@@ -601,11 +485,9 @@ export function createCore({
 
   /** The event of an op the user stopped waiting for: applied after all, it says so. */
   function discardedOutcome(type, data) {
-    const op = data.idempotency_key && discarded.get(data.idempotency_key);
-    if (!op) return;
-    discarded.delete(op.key);
-    if (type !== EVENT_SETTLED) return;
-    depart(op, 'applied_late');
+    const op = data.idempotency_key && departures.takeDiscarded(data.idempotency_key);
+    if (!op || type !== EVENT_SETTLED) return;
+    departures.depart(op, 'applied_late');
     addNotice(noticeOf(op, 'info', 'applied_late', appliedLateText(op)));
   }
 
@@ -658,34 +540,12 @@ export function createCore({
    * What an edit opened now is made on: the confirmed version (0 before the task's create
    * settles) and the values the user is shown. An editor takes it when it opens, so a
    * change by someone else while it is open conflicts; the user's own changes meanwhile
-   * are counted when the edit goes out (`sendQueued`).
+   * are counted when the edit goes out (send-order.js).
    */
   function editBase(taskId) {
     return { base_version: base.get(taskId)?.version ?? 0, seen: seenNow(taskId) };
   }
 
-  /**
-   * How ops left their stacks since the last call, in order: `{op, outcome, reason?}` with
-   * outcome `settled`, `failed` (and its reason), `rejected` or `discarded`, or
-   * `applied_late` for a discarded op whose settled event came after all.
-   */
-  function takeDeparted() {
-    const taken = departed;
-    departed = [];
-    return taken;
-  }
-
-  /**
-   * The ops due to be sent since the last call, in order: issued ones not queued behind
-   * ours, queued ones whose turn came (`sendQueued`), rebased edits (under new keys).
-   */
-  function takeOutbox() {
-    // Not one that left its stack meanwhile (a queued edit discarded with the create it
-    // waited for, say).
-    const taken = outbox.filter((op) => pending.find(op.key) !== null);
-    outbox = [];
-    return taken;
-  }
 
   /** Dismiss the notice `id`, or every notice when `id` is omitted. */
   function dismissNotice(id) {
@@ -719,13 +579,13 @@ export function createCore({
   function restore(saved, known = new Map()) {
     const at = now();
     for (const fields of saved) {
-      if (!isSavedOp(fields) || pending.find(fields.key) || left.has(fields.key)) continue;
-      const seen = unmatched.get(fields.key) ?? known.get(fields.key);
+      if (!isSavedOp(fields) || pending.find(fields.key) || departures.hasLeft(fields.key)) continue;
+      const seen = departures.outcomeOf(fields.key) ?? known.get(fields.key);
       if (seen) {
         // Its event came before it did (an op taken over from a tab that closed), or its
         // status says it is done (`known`: {type, reason}, as an event would).
         const outcome = seen.type === EVENT_SETTLED ? 'settled' : 'failed';
-        depart(Object.freeze({ ...fields }), outcome, seen.reason);
+        departures.depart(Object.freeze({ ...fields }), outcome, seen.reason);
         continue;
       }
       // Queued before the reload: never sent, it still waits for the ops ahead of it.
@@ -739,25 +599,13 @@ export function createCore({
       }));
     }
     // The ops ahead of one may have been left out (done meanwhile): its turn may have come.
-    for (const taskId of new Set(saved.map((fields) => fields?.task_id))) if (taskId) sendQueued(taskId);
+    for (const taskId of new Set(saved.map((fields) => fields?.task_id))) if (taskId) sendOrder.sendQueued(taskId);
     changed();
   }
 
   /** The open conflicts, in the shape `restoreConflicts` takes back after a reload. */
   function persistedConflicts() {
     return [...conflicts.values()];
-  }
-
-  /** The discarded ops still remembered, in the shape `restoreDiscarded` takes back. */
-  function persistedDiscarded() {
-    return [...discarded.values()];
-  }
-
-  /** Put back discarded ops persisted before a reload, so a late apply is told still. */
-  function restoreDiscarded(saved) {
-    for (const op of saved) {
-      if (isSavedOp(op) && !discarded.has(op.key)) discarded.set(op.key, Object.freeze({ ...op }));
-    }
   }
 
   /** Put back conflicts persisted before a reload: a refused edit waits for the user still. */
@@ -792,7 +640,16 @@ export function createCore({
     issue,
     accepted,
     resending,
-    sendNow,
+    /**
+     * Retry of an edit or a delete queued behind ours past the timeout (send-order.js).
+     * @returns {object[]} the ops ahead that it still waits for, for the caller to send
+     *   again; none when it went
+     */
+    sendNow(key) {
+      const { waitFor, sent } = sendOrder.sendNow(key);
+      if (sent) changed();
+      return waitFor;
+    },
     unreached,
     rejected,
     applyEvent,
@@ -804,19 +661,20 @@ export function createCore({
     countsFetched,
     resolveConflict,
     editBase,
-    takeOutbox,
-    takeDeparted,
+    takeOutbox: sendOrder.takeOutbox,
+    /** How ops left their stacks since the last call, in order (departures.js). */
+    takeDeparted: departures.take,
     dismissNotice,
     setConnection,
     persistedOps,
     restore,
     persistedConflicts,
     restoreConflicts,
-    persistedDiscarded,
-    restoreDiscarded,
+    persistedDiscarded: departures.persistedDiscarded,
+    restoreDiscarded: departures.restoreDiscarded,
     getOp: (key) => pending.find(key),
     /** Whether the op of this key is on a stack here, or was and left (`restore` skips both). */
-    holds: (key) => Boolean(pending.find(key)) || left.has(key),
+    holds: (key) => Boolean(pending.find(key)) || departures.hasLeft(key),
     /** Every pending op, flat (for the transport: re-send, status checks). */
     pendingOps: () => pending.all(),
     get watermark() {
