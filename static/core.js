@@ -17,8 +17,8 @@
 // operation and leave the others standing. Folding the remaining ops over the confirmed
 // base gives all three for free.
 //
-// Its helpers: the stacks (stacks.js), when a queued edit goes out and on which version
-// (send-order.js), and what is remembered of ops once they left (departures.js).
+// See also send-order.js (when a queued edit goes out, and on which version) and
+// departures.js (what is remembered of ops once they left their stacks).
 
 import {
   appliedLateText, discardText, EVENT_FAILED, EVENT_SETTLED, failureText, isSavedOp, KINDS,
@@ -236,7 +236,7 @@ export function createCore({
         ...sendOrder.placed(op.task_id, base.get(op.task_id)?.version ?? 0),
       });
       pushOp(next);
-      if (next.state === 'sending') sendOrder.send(next);
+      sendOrder.sendIfDue(next);
     }
     return 'resent';
   }
@@ -281,7 +281,7 @@ export function createCore({
       ...(onBase ? sendOrder.placed(intent.task_id, intent.base_version) : {}),
     });
     pushOp(op);
-    if (op.state === 'sending') sendOrder.send(op);
+    sendOrder.sendIfDue(op);
     changed();
     return op;
   }
@@ -358,7 +358,7 @@ export function createCore({
       else if (data.current) confirm(data.current);
     }
     if (!op) discardedOutcome(type, data);
-    if (!op && data.idempotency_key) departures.unmatched(data.idempotency_key, type, data.reason);
+    if (!op && data.idempotency_key) departures.noteUnmatched(data.idempotency_key, type, data.reason);
     changed();
     return { applied: true, op };
   }
@@ -477,7 +477,7 @@ export function createCore({
       const goneTitle = titleOf(gone);
       removeOp(gone, 'discarded');
       // Even one whose 202 has not come: its request may have reached the server.
-      departures.discarded(gone, goneTitle);
+      departures.noteDiscarded(gone, goneTitle);
     }
     addNotice(noticeOf(op, 'info', 'discarded', discardText(op, title, along.length)));
     changed();
@@ -663,7 +663,7 @@ export function createCore({
     editBase,
     takeOutbox: sendOrder.takeOutbox,
     /** How ops left their stacks since the last call, in order (departures.js). */
-    takeDeparted: departures.take,
+    takeDeparted: departures.takeDeparted,
     dismissNotice,
     setConnection,
     persistedOps,

@@ -1,11 +1,12 @@
 // What the core remembers of ops once they left their stacks (core.js):
-// - how each left, until the view takes it (`take`: the like toggle reads it);
+// - how each left, until the view takes it (`takeDeparted`: the like toggle reads it);
 // - which keys left here, so that a reload's copy of one is never put back;
 // - the outcomes of recent events that matched no op of this tab, so that an op taken
 //   over from a tab that closed, whose event came first, is done at once;
 // - the ops the user stopped waiting for (Discard), so that an apply after all says so
 //   instead of passing for someone else's change.
-// Each is bounded: the oldest drop off.
+// The keys, outcomes and discarded ops kept are bounded, the oldest dropping off (a
+// restore puts back whatever was saved); how ops left is kept until taken.
 //
 // Pure: no DOM, no fetch, no timers.
 
@@ -25,14 +26,14 @@ function remember(map, key, value, max) {
 }
 
 export function createDepartures() {
-  /** How ops left since the last `take`: `{op, outcome, reason?}`, in order. */
+  /** How ops left since the last `takeDeparted`: `{op, outcome, reason?}`, in order. */
   let departed = [];
   /** Keys of the ops that left their stacks here (the last MAX_LEFT). */
   const left = new Set();
   /** Idempotency key -> `{type, reason}` of a recent event that matched no op here. */
-  const unmatched = new Map();
+  const unmatchedOutcomes = new Map();
   /** Idempotency key -> op the user stopped waiting for, newest last. */
-  const discarded = new Map();
+  const discardedOps = new Map();
 
   return {
     /** Note how `op` left, or was done before it could be put back. */
@@ -47,7 +48,7 @@ export function createDepartures() {
      * `settled`, `failed` (and its reason), `rejected` or `discarded`, or `applied_late`
      * for a discarded op whose settled event came after all.
      */
-    take() {
+    takeDeparted() {
       const taken = departed;
       departed = [];
       return taken;
@@ -57,38 +58,38 @@ export function createDepartures() {
     hasLeft: (key) => left.has(key),
 
     /** An event of type `type` matched no op here. */
-    unmatched(key, type, reason) {
-      remember(unmatched, key, Object.freeze({ type, reason }), MAX_UNMATCHED);
+    noteUnmatched(key, type, reason) {
+      remember(unmatchedOutcomes, key, Object.freeze({ type, reason }), MAX_UNMATCHED);
     },
 
     /** The `{type, reason}` of the event under `key` that matched no op here, if one came. */
-    outcomeOf: (key) => unmatched.get(key),
+    outcomeOf: (key) => unmatchedOutcomes.get(key),
 
     /** The user stopped waiting for `op` (as it was titled then). */
-    discarded(op, titleThen) {
-      remember(discarded, op.key, Object.freeze({ ...op, title_then: titleThen }), MAX_DISCARDED);
+    noteDiscarded(op, titleThen) {
+      remember(discardedOps, op.key, Object.freeze({ ...op, title_then: titleThen }), MAX_DISCARDED);
     },
 
     /** A discarded op's 202 came: its status can be asked after a reload. */
     discardedAccepted(key, commandId) {
-      const gone = discarded.get(key);
-      if (gone) discarded.set(key, Object.freeze({ ...gone, command_id: commandId }));
+      const gone = discardedOps.get(key);
+      if (gone) discardedOps.set(key, Object.freeze({ ...gone, command_id: commandId }));
     },
 
     /** The discarded op of `key`, forgotten now that its outcome came (null if none). */
     takeDiscarded(key) {
-      const op = discarded.get(key) ?? null;
-      if (op) discarded.delete(key);
+      const op = discardedOps.get(key) ?? null;
+      if (op) discardedOps.delete(key);
       return op;
     },
 
     /** The discarded ops still remembered, in the shape `restoreDiscarded` takes back. */
-    persistedDiscarded: () => [...discarded.values()],
+    persistedDiscarded: () => [...discardedOps.values()],
 
     /** Put back discarded ops persisted before a reload, so a late apply is told still. */
     restoreDiscarded(saved) {
       for (const op of saved) {
-        if (isSavedOp(op) && !discarded.has(op.key)) discarded.set(op.key, Object.freeze({ ...op }));
+        if (isSavedOp(op) && !discardedOps.has(op.key)) discardedOps.set(op.key, Object.freeze({ ...op }));
       }
     },
   };

@@ -57,8 +57,10 @@ export function createSendOrder({ pending, now, confirmed }) {
   }
 
   return {
-    baseFor,
-    send,
+    /** A new op goes out now unless it is queued behind ours (`placed`). */
+    sendIfDue(op) {
+      if (op.state === 'sending') send(op);
+    },
 
     /** The placement of an edit or a delete made on `madeOn`: sent at once with nothing of ours ahead of it, else queued. */
     placed(taskId, madeOn) {

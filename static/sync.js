@@ -374,7 +374,7 @@ export function createSync({
      * Edit title and/or notes on `base` ({base_version, seen}, from `core.editBase`): by
      * default the confirmed version and the values shown now; an editor passes the base it
      * took when it opened. Behind our own pending ops on the task it waits for them, and
-     * goes out on the version they led to (the core's `sendQueued`), so only someone
+     * goes out on the version they led to (`sendQueued`, send-order.js), so only someone
      * else's change conflicts.
      */
     editTask(taskId, patch, key = newId(), base = core.editBase(taskId)) {

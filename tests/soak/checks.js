@@ -5,7 +5,7 @@
 // They judge by versions, never by the clock: a `projection:settled` event carries the
 // task as it stands at its version, and the page reports the confirmed version each edit
 // was made on, as its editor opened (its op's `made_on`; the PATCH's or DELETE's
-// `base_version` adds the tab's own changes since, static/core.js `sendQueued`).
+// `base_version` adds the tab's own changes since, static/send-order.js `sendQueued`).
 
 import { fold, EVENT_SETTLED, EVENT_FAILED } from '../../static/ops.js';
 import { EDIT_FIELDS } from '../../static/conflicts.js';
