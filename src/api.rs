@@ -36,8 +36,8 @@ mod snapshot;
 
 pub use extract::{
     guard_bodies, AppJson, AppPath, AppQuery, BodyDeadlineExceeded, CreateTask, DeleteTask,
-    IdempotencyKey, LikeTask, UpdateTask, BODY_DEADLINE, BODY_LIMIT_BYTES, BODY_STALL_TIMEOUT,
-    IDEMPOTENCY_KEY_MAX,
+    IdempotencyKey, LikeTask, PathId, UpdateTask, BODY_DEADLINE, BODY_LIMIT_BYTES,
+    BODY_STALL_TIMEOUT, IDEMPOTENCY_KEY_MAX,
 };
 use extract::{optional_json, valid_notes, valid_title};
 pub use snapshot::{Snapshots, TaskList};
@@ -82,7 +82,7 @@ fn task_not_found(id: Uuid) -> ApiError {
 
 async fn tasks_get(
     State(state): State<AppState>,
-    AppPath(id): AppPath<Uuid>,
+    PathId(id): PathId,
 ) -> Result<Json<Arc<Task>>, ApiError> {
     state
         .store
@@ -100,7 +100,7 @@ struct TaskCounts {
 
 async fn tasks_counts(
     State(state): State<AppState>,
-    AppPath(id): AppPath<Uuid>,
+    PathId(id): PathId,
 ) -> Result<Json<TaskCounts>, ApiError> {
     let task = state.store.task(id).ok_or_else(|| task_not_found(id))?;
     Ok(Json(TaskCounts {
@@ -112,7 +112,7 @@ async fn tasks_counts(
 
 async fn commands_get(
     State(state): State<AppState>,
-    AppPath(command_id): AppPath<Uuid>,
+    PathId(command_id): PathId,
 ) -> Result<Json<CommandView>, ApiError> {
     let record = state.store.command_by_id(command_id).await?;
     record.map(|record| Json(record.view())).ok_or_else(|| {
@@ -241,7 +241,7 @@ async fn tasks_create(
 
 async fn tasks_update(
     State(state): State<AppState>,
-    AppPath(id): AppPath<Uuid>,
+    PathId(id): PathId,
     key: IdempotencyKey,
     AppJson(input): AppJson<UpdateTask>,
 ) -> Result<Response, ApiError> {
@@ -262,7 +262,7 @@ async fn tasks_update(
 
 async fn tasks_delete(
     State(state): State<AppState>,
-    AppPath(id): AppPath<Uuid>,
+    PathId(id): PathId,
     key: IdempotencyKey,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -277,7 +277,7 @@ async fn tasks_delete(
 
 async fn tasks_like(
     State(state): State<AppState>,
-    AppPath(id): AppPath<Uuid>,
+    PathId(id): PathId,
     key: IdempotencyKey,
     AppJson(input): AppJson<LikeTask>,
 ) -> Result<Response, ApiError> {

@@ -41,12 +41,19 @@ pub enum ApiError {
     /// 408: the request body stalled (`api::guard_bodies`).
     #[error("{0}")]
     RequestTimeout(String),
+    /// 408: a connection's first request head began but was not whole in time (`net`).
+    #[error("{0}")]
+    HeadTimeout(String),
     /// 414: the request line is longer than a request head may be (`head`).
     #[error("{0}")]
     UriTooLong(String),
     /// 415: the body is not JSON.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// 415: the body is encoded (`Content-Encoding`) in a way this server does not
+    /// decode; answered with `Accept-Encoding: identity` (RFC 9110, 15.5.16).
+    #[error("{0}")]
+    UnsupportedContentCoding(String),
     /// 422: well-formed JSON that breaks a rule (a field, a range, a length).
     #[error("{0}")]
     Invalid(String),
@@ -121,11 +128,21 @@ impl ApiError {
                 "request-timeout",
                 "Request body timed out",
             ),
+            HeadTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                "Request head timed out",
+            ),
             UriTooLong(_) => (StatusCode::URI_TOO_LONG, "uri-too-long", "URI too long"),
             UnsupportedMediaType(_) => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported-media-type",
                 "Unsupported media type",
+            ),
+            UnsupportedContentCoding(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-content-coding",
+                "Unsupported content coding",
             ),
             Invalid(_) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -199,6 +216,12 @@ impl IntoResponse for ApiError {
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if matches!(self, ApiError::UnsupportedContentCoding(_)) {
+            response.headers_mut().insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()

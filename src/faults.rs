@@ -106,9 +106,16 @@ impl Faults {
         let mut settings = self.settings.write().expect("fault settings lock poisoned");
         settings.delay_ms = update.delay_ms.unwrap_or(settings.delay_ms);
         settings.jitter_ms = update.jitter_ms.unwrap_or(settings.jitter_ms);
-        settings.failure_rate = update.failure_rate.unwrap_or(settings.failure_rate);
-        settings.drop_rate = update.drop_rate.unwrap_or(settings.drop_rate);
-        settings.transient_rate = update.transient_rate.unwrap_or(settings.transient_rate);
+        // `+ 0.0`: a rate sent as -0.0 is held (and shown) as 0.
+        settings.failure_rate = update
+            .failure_rate
+            .map_or(settings.failure_rate, |rate| rate + 0.0);
+        settings.drop_rate = update
+            .drop_rate
+            .map_or(settings.drop_rate, |rate| rate + 0.0);
+        settings.transient_rate = update
+            .transient_rate
+            .map_or(settings.transient_rate, |rate| rate + 0.0);
         *settings
     }
 

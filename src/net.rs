@@ -244,10 +244,13 @@ enum First {
 }
 
 /// Waits for a new connection's first request head (as long as hyper would wait for
-/// one) and tells what it opens with. `None`: the head did not come in time, the client
-/// hung up, or shutdown started first (an idle connection must not hold up the drain).
+/// one) and tells what it opens with. A head begun but not whole in that time is
+/// refused 408. `None`: nothing came in time (a browser opens connections ahead of
+/// its requests: closed without a word), the client hung up, or shutdown started first
+/// (an idle connection must not hold up the drain).
 async fn sniff(stream: &mut TcpStream, shutdown: &CancellationToken) -> Option<First> {
-    let first = tokio::time::timeout(HEADER_READ_TIMEOUT, first_request(stream));
+    let mut read = BytesMut::with_capacity(FIRST_LOOK_BYTES);
+    let first = tokio::time::timeout(HEADER_READ_TIMEOUT, first_request(stream, &mut read));
     tokio::select! {
         _ = shutdown.cancelled() => None,
         sniffed = first => match sniffed {
@@ -256,7 +259,11 @@ async fn sniff(stream: &mut TcpStream, shutdown: &CancellationToken) -> Option<F
                 tracing::debug!(error = %err, "connection closed before its first request");
                 None
             }
-            Err(_) => None,
+            Err(_) if read.is_empty() => None,
+            Err(_) => Some(First::Refused(ApiError::HeadTimeout(format!(
+                "the request head was not whole {} s after the connection opened",
+                HEADER_READ_TIMEOUT.as_secs()
+            )))),
         },
     }
 }
@@ -268,8 +275,7 @@ async fn sniff(stream: &mut TcpStream, shutdown: &CancellationToken) -> Option<F
 /// only when the bytes read may have ended it (an empty line): a head sent a byte at a
 /// time costs one parse, not one per byte. One still not whole after [`MAX_LOOKS`]
 /// (empty lines before its request line) is left to hyper.
-async fn first_request(stream: &mut TcpStream) -> io::Result<First> {
-    let mut read = BytesMut::with_capacity(FIRST_LOOK_BYTES);
+async fn first_request(stream: &mut TcpStream, read: &mut BytesMut) -> io::Result<First> {
     let mut looks = 0;
     loop {
         if read.len() == read.capacity() {
@@ -277,12 +283,12 @@ async fn first_request(stream: &mut TcpStream) -> io::Result<First> {
         }
         let before = read.len();
         let room = head::MAX_HEAD_BYTES - before;
-        if stream.read_buf(&mut (&mut read).limit(room)).await? == 0 {
+        if stream.read_buf(&mut (&mut *read).limit(room)).await? == 0 {
             if read.is_empty() {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             // The client stopped sending mid-head: hyper answers that as it does.
-            return Ok(First::Http(read.freeze()));
+            return Ok(First::Http(read.split().freeze()));
         }
         let full = read.len() == head::MAX_HEAD_BYTES;
         let may_end = ends_a_line_on_an_empty_one(&read[before.saturating_sub(2)..]);
@@ -290,15 +296,17 @@ async fn first_request(stream: &mut TcpStream) -> io::Result<First> {
             continue;
         }
         looks += 1;
-        if let Some(request) = direct::parse(&read) {
+        if let Some(request) = direct::parse(read) {
             return Ok(First::Events(request));
         }
-        match head::judge(&read) {
+        match head::judge(read) {
             // Copied: the head alone, not the buffer's room, stays with the connection.
-            Verdict::Pass => return Ok(First::Http(Bytes::copy_from_slice(&read))),
+            Verdict::Pass => return Ok(First::Http(Bytes::copy_from_slice(read))),
             Verdict::Refuse(problem) => return Ok(First::Refused(problem)),
-            Verdict::Partial if full => return Ok(First::Refused(head::too_long(&read))),
-            Verdict::Partial if looks == MAX_LOOKS => return Ok(First::Http(read.freeze())),
+            Verdict::Partial if full => return Ok(First::Refused(head::too_long(read))),
+            Verdict::Partial if looks == MAX_LOOKS => {
+                return Ok(First::Http(read.split().freeze()))
+            }
             Verdict::Partial => {}
         }
     }
@@ -448,4 +456,36 @@ pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
 /// When the limit cannot be read or raised.
 pub fn raise_open_file_limit() -> io::Result<u64> {
     rlimit::increase_nofile_limit(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A first head begun but not whole within [`HEADER_READ_TIMEOUT`] is refused 408,
+    /// a problem; a connection on which nothing came (a browser's spare) is closed
+    /// without a word.
+    #[tokio::test(start_paused = true)]
+    async fn a_first_head_that_stalls_is_refused_408_and_a_silent_connection_is_not() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        let address = listener.local_addr().expect("its address");
+        let shutdown = CancellationToken::new();
+        for (sent, answer) in [(&b"GET /api/ta"[..], Some(408)), (&b""[..], None)] {
+            let mut client = TcpStream::connect(address).await.expect("a connection");
+            client.write_all(sent).await.expect("sent");
+            let (mut server, _) = listener.accept().await.expect("accepted");
+            let started = tokio::time::Instant::now();
+            let status = match sniff(&mut server, &shutdown).await {
+                Some(First::Refused(problem)) => Some(problem.into_response().status().as_u16()),
+                Some(_) => panic!("{sent:?}: not refused"),
+                None => None,
+            };
+            assert_eq!(status, answer, "{sent:?}");
+            assert_eq!(
+                started.elapsed(),
+                HEADER_READ_TIMEOUT,
+                "{sent:?}: after the timeout"
+            );
+        }
+    }
 }

@@ -20,6 +20,7 @@ use http_body::{Frame, SizeHint};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tower_http::timeout::RequestBodyTimeoutLayer;
+use uuid::fmt::Hyphenated;
 use uuid::Uuid;
 
 use crate::error::ApiError;
@@ -62,9 +63,27 @@ async fn guard_body(request: Request, next: Next) -> Response {
         // No body to wait for (a GET): no timer either.
         return next.run(request).await;
     }
+    if let Some(coding) = content_coding(request.headers()) {
+        return ApiError::UnsupportedContentCoding(format!(
+            "the body is sent with Content-Encoding {coding}; send it unencoded (identity)"
+        ))
+        .into_response();
+    }
     let deadline = tokio::time::Instant::now() + BODY_DEADLINE;
     next.run(request.map(|body| Body::new(Deadline::new(body, deadline))))
         .await
+}
+
+/// A content coding the request's body is sent in, other than `identity`: the server
+/// decodes none, and would otherwise read the encoded bytes as JSON (RFC 9110, 8.4).
+fn content_coding(headers: &HeaderMap) -> Option<String> {
+    let mut codings = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|value| value.to_str().unwrap_or("(not visible ASCII)").split(','))
+        .map(str::trim)
+        .filter(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("identity"));
+    codings.next().map(str::to_owned)
 }
 
 /// A request body past its deadline ([`BODY_DEADLINE`]): the error its read fails with,
@@ -127,6 +146,21 @@ pub struct AppJson<T>(pub T);
 #[derive(FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct AppPath<T>(pub T);
+
+/// A task's or a command's id in a path: a UUID in the one form the API writes ids in,
+/// hyphenated (8-4-4-4-12 hex digits, either case; written back in lowercase). A braced,
+/// URN or unhyphenated spelling is a 400 problem, as in a body (`CreateTask::id`): an
+/// id a client chose is found in the events and the task list as it wrote it, up to case.
+pub struct PathId(pub Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let AppPath(id) = AppPath::<Hyphenated>::from_request_parts(parts, state).await?;
+        Ok(Self(id.into_uuid()))
+    }
+}
 
 /// A query string whose rejection is a 400 problem.
 #[derive(FromRequestParts)]
@@ -202,7 +236,8 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
 #[serde(deny_unknown_fields)]
 pub struct CreateTask {
     /// Chosen by the client so an optimistic UI has a stable id; generated if absent.
-    #[serde(default)]
+    /// Hyphenated only, as a path's id ([`PathId`]).
+    #[serde(default, with = "uuid::serde::hyphenated::option")]
     pub id: Option<Uuid>,
     pub title: String,
     #[serde(default)]

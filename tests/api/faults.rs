@@ -162,6 +162,13 @@ async fn fault_settings_are_live_and_validated() {
         (Some(10), Some(0.5))
     );
     assert_eq!(updated["drop_rate"], 0.0, "absent fields keep their value");
+    let zero = app.put_faults(json!({ "failure_rate": -0.0 })).await;
+    assert!(
+        zero["failure_rate"]
+            .as_f64()
+            .is_some_and(|rate| rate == 0.0 && rate.is_sign_positive()),
+        "a rate of -0.0 is held as 0: {zero}"
+    );
     for bad in [
         json!({ "failure_rate": 1.5 }),
         json!({ "drop_rate": -0.1 }),

@@ -157,6 +157,33 @@ async fn each_bad_input_gets_a_problem_and_no_command() {
             422,
         ),
         (
+            "braced id in body",
+            Method::POST,
+            "/api/tasks".into(),
+            Some("k7b".into()),
+            json_type,
+            json_body(json!({ "id": format!("{{{id}}}"), "title": "a" })),
+            422,
+        ),
+        (
+            "unhyphenated id in body",
+            Method::POST,
+            "/api/tasks".into(),
+            Some("k7c".into()),
+            json_type,
+            json_body(json!({ "id": id.simple().to_string(), "title": "a" })),
+            422,
+        ),
+        (
+            "URN id in body",
+            Method::POST,
+            "/api/tasks".into(),
+            Some("k7d".into()),
+            json_type,
+            json_body(json!({ "id": id.urn().to_string(), "title": "a" })),
+            422,
+        ),
+        (
             "unknown field",
             Method::POST,
             "/api/tasks".into(),
@@ -409,6 +436,33 @@ async fn each_bad_input_gets_a_problem_and_no_command() {
             404,
         ),
         (
+            "unhyphenated task id in path",
+            Method::GET,
+            format!("/api/tasks/{}", id.simple()),
+            None,
+            None,
+            Vec::new(),
+            400,
+        ),
+        (
+            "braced task id in a like's path",
+            Method::POST,
+            format!("/api/tasks/%7B{id}%7D/likes"),
+            Some("k26".into()),
+            json_type,
+            json_body(json!({ "delta": 1 })),
+            400,
+        ),
+        (
+            "URN command id",
+            Method::GET,
+            format!("/api/commands/{}", id.urn()),
+            None,
+            None,
+            Vec::new(),
+            400,
+        ),
+        (
             "malformed command id",
             Method::GET,
             "/api/commands/42".into(),
@@ -506,6 +560,35 @@ async fn limits_are_inclusive_and_quoted_keys_are_keys() {
     let (status, command) = app.get_json("/api/commands?key=a%22b").await;
     assert_eq!(status, 200, "found by its key unquoted: {command}");
     assert_eq!(command["idempotency_key"], "a\"b");
+    // An id in capitals is the same id, hyphenated as the API writes them.
+    let id = Uuid::now_v7();
+    let upper = id.hyphenated().to_string().to_uppercase();
+    let response = send(
+        &app,
+        Method::POST,
+        "/api/tasks",
+        Some("upper"),
+        json_type,
+        json_body(json!({ "id": upper, "title": "capitals" })),
+    )
+    .await;
+    assert_eq!(response.status(), 202, "an id in capitals is accepted");
+    let accepted: Value = response.json().await.unwrap();
+    assert_eq!(
+        accepted["task_id"],
+        id.to_string(),
+        "and written back in lowercase"
+    );
+    let response = send(
+        &app,
+        Method::POST,
+        &format!("/api/tasks/{upper}/likes"),
+        Some("upper-like"),
+        json_type,
+        json_body(json!({ "delta": 1 })),
+    )
+    .await;
+    assert_eq!(response.status(), 202, "in a path too");
     // A DELETE needs no body at all.
     let id = Uuid::now_v7();
     let response = send(
@@ -518,6 +601,49 @@ async fn limits_are_inclusive_and_quoted_keys_are_keys() {
     )
     .await;
     assert_eq!(response.status(), 202);
+    app.stop().await;
+}
+
+/// A body in a content coding the server does not decode is refused 415, saying which
+/// it takes (RFC 9110, 15.5.16), rather than read as JSON; `identity` is no coding.
+#[tokio::test]
+async fn an_encoded_body_is_refused_415_and_identity_is_taken() {
+    let app = spawn_app().await;
+    for (coding, key) in [("gzip", "gz"), ("identity, br", "br")] {
+        let response = app
+            .http
+            .post(app.url("/api/tasks"))
+            .header("Idempotency-Key", key)
+            .header("Content-Type", "application/json")
+            .header("Content-Encoding", coding)
+            .body(json_body(json!({ "title": "packed" })))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.headers()["accept-encoding"],
+            "identity",
+            "{coding}: says what it takes"
+        );
+        let problem = assert_problem(response, 415, coding).await;
+        assert_eq!(problem["type"], "/problems/unsupported-content-coding");
+    }
+    let response = app
+        .http
+        .post(app.url("/api/tasks"))
+        .header("Idempotency-Key", "plain")
+        .header("Content-Type", "application/json")
+        .header("Content-Encoding", "identity")
+        .body(json_body(json!({ "title": "plain" })))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let (_, metrics) = app.get_json("/api/metrics").await;
+    assert_eq!(
+        metrics["accepted"], 1,
+        "only the unencoded body became a command"
+    );
     app.stop().await;
 }
 
