@@ -195,8 +195,10 @@ fn excerpt(detail: String) -> String {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The problem as a response whose body is at hand: for a writer that cannot wait
+    /// for a body to be read (`net`), and for [`IntoResponse`].
+    pub fn into_parts(self) -> (axum::http::response::Parts, Vec<u8>) {
         let (status, slug, title) = self.parts();
         let detail = match &self {
             ApiError::Internal(err) => {
@@ -212,22 +214,30 @@ impl IntoResponse for ApiError {
             detail,
         };
         let body = serde_json::to_vec(&problem).unwrap_or_default();
-        let mut response = (status, body).into_response();
-        response
-            .headers_mut()
+        let (mut parts, ()) = axum::http::Response::new(()).into_parts();
+        parts.status = status;
+        parts
+            .headers
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         if matches!(self, ApiError::UnsupportedContentCoding(_)) {
-            response.headers_mut().insert(
+            parts.headers.insert(
                 header::ACCEPT_ENCODING,
                 HeaderValue::from_static("identity"),
             );
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
+            parts
+                .headers
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        response
+        (parts, body)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (parts, body) = self.into_parts();
+        Response::from_parts(parts, axum::body::Body::from(body))
     }
 }
 

@@ -15,7 +15,8 @@
 //!
 //! `net` reads the first head until it is whole, however many segments it comes in,
 //! and hands hyper what it read. A later request on a keep-alive connection is hyper's
-//! alone, which answers a head it cannot take as it does.
+//! to read: its bare answer to a head it cannot take is written as a problem on its way
+//! out (`net::bare_errors`).
 
 use axum::http::Uri;
 

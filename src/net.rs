@@ -17,7 +17,11 @@
 //! skips hyper altogether (`sse::direct`): an idle subscriber then costs a few KiB. One
 //! that opens with a head hyper would refuse with an empty body is answered here with
 //! a problem (`head`). To tell them apart, the loop reads each connection's first head
-//! itself; hyper then reads those bytes before the socket's.
+//! itself; hyper then reads those bytes before the socket's. What hyper refuses of a
+//! later request on the connection, it answers bare; the writer it is given puts that
+//! status's problem in its place (`bare_errors`).
+
+mod bare_errors;
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{header, HeaderValue};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Router;
 use bytes::{BufMut, Bytes, BytesMut};
 use hyper::server::conn::http1;
@@ -39,6 +43,7 @@ use tokio_util::io::InspectWriter;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use self::bare_errors::ProblemWriter;
 use crate::error::ApiError;
 use crate::head::{self, Verdict};
 use crate::sse::direct;
@@ -206,7 +211,7 @@ async fn serve_http(
     // may finish (up to the drain timeout); one whose client stopped reading is closed.
     let written = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&written);
-    let writer = InspectWriter::new(writer, move |bytes: &[u8]| {
+    let writer = InspectWriter::new(ProblemWriter::new(writer), move |bytes: &[u8]| {
         counted.fetch_add(bytes.len() as u64, Ordering::Relaxed);
     });
     let io = tokio::io::join(Cursor::new(read).chain(reader), writer);
@@ -321,21 +326,24 @@ fn ends_a_line_on_an_empty_one(bytes: &[u8]) -> bool {
         .any(|(at, pair)| pair == b"\n\n" || pair == b"\n\r" && bytes.get(at + 2) == Some(&b'\n'))
 }
 
+/// `problem` as it goes on the wire: a head that closes the connection, and the body.
+pub(crate) fn problem_bytes(problem: ApiError) -> Vec<u8> {
+    let (mut parts, body) = problem.into_parts();
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    let mut answer = direct::closing_head(&Response::from_parts(parts, ()));
+    answer.extend_from_slice(&body);
+    answer
+}
+
 /// Answers a refused connection with its problem and closes it, after reading for up
 /// to `linger_for` what the client still sends.
 async fn refuse(mut stream: TcpStream, problem: ApiError, linger_for: Duration) {
     tracing::debug!(detail = %problem, "request head refused");
-    let (mut parts, body) = problem.into_response().into_parts();
-    let body = axum::body::to_bytes(body, usize::MAX)
-        .await
-        .unwrap_or_default();
-    parts
-        .headers
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    let head = direct::closing_head(&Response::from_parts(parts, ()));
+    let answer = problem_bytes(problem);
     let answered = async {
-        stream.write_all(&head).await?;
-        stream.write_all(&body).await?;
+        stream.write_all(&answer).await?;
         stream.shutdown().await
     };
     if let Err(err) = answered.await {
@@ -461,6 +469,7 @@ pub fn raise_open_file_limit() -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::response::IntoResponse;
 
     /// A first head begun but not whole within [`HEADER_READ_TIMEOUT`] is refused 408,
     /// a problem; a connection on which nothing came (a browser's spare) is closed
