@@ -22,6 +22,18 @@ pub struct FaultSettings {
     pub transient_rate: f64,
 }
 
+impl FaultSettings {
+    /// The same settings, a rate given as -0.0 held (and shown) as 0.
+    fn normalized(self) -> Self {
+        Self {
+            failure_rate: self.failure_rate + 0.0,
+            drop_rate: self.drop_rate + 0.0,
+            transient_rate: self.transient_rate + 0.0,
+            ..self
+        }
+    }
+}
+
 /// A partial update, as sent to `PUT /api/faults`: absent fields keep their value.
 #[derive(Clone, Copy, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,7 +91,7 @@ impl Faults {
             None => StdRng::from_os_rng(),
         };
         Self {
-            settings: Arc::new(RwLock::new(settings)),
+            settings: Arc::new(RwLock::new(settings.normalized())),
             rng: Arc::new(Mutex::new(rng)),
         }
     }
@@ -106,16 +118,10 @@ impl Faults {
         let mut settings = self.settings.write().expect("fault settings lock poisoned");
         settings.delay_ms = update.delay_ms.unwrap_or(settings.delay_ms);
         settings.jitter_ms = update.jitter_ms.unwrap_or(settings.jitter_ms);
-        // `+ 0.0`: a rate sent as -0.0 is held (and shown) as 0.
-        settings.failure_rate = update
-            .failure_rate
-            .map_or(settings.failure_rate, |rate| rate + 0.0);
-        settings.drop_rate = update
-            .drop_rate
-            .map_or(settings.drop_rate, |rate| rate + 0.0);
-        settings.transient_rate = update
-            .transient_rate
-            .map_or(settings.transient_rate, |rate| rate + 0.0);
+        settings.failure_rate = update.failure_rate.unwrap_or(settings.failure_rate);
+        settings.drop_rate = update.drop_rate.unwrap_or(settings.drop_rate);
+        settings.transient_rate = update.transient_rate.unwrap_or(settings.transient_rate);
+        *settings = settings.normalized();
         *settings
     }
 
