@@ -31,6 +31,7 @@ import {
 } from './conflicts.js';
 import { createSendOrder } from './send-order.js';
 import { createStacks } from './stacks.js';
+import { createTaskOrder } from './task-order.js';
 
 /**
  * How many notices are kept until dismissed; past it the oldest drop off. Enough that
@@ -55,8 +56,8 @@ export function createCore({
 } = {}) {
   /** @type {Map<string, object>} confirmed tasks, frozen */
   let base = new Map();
-  /** @type {string[]} display order: the snapshot's creation order, then later creates */
-  let order = [];
+  /** The order the list shows tasks in: the server's, as far as it is known (task-order.js). */
+  const taskOrder = createTaskOrder();
   /** Task id -> the user's ops not yet settled, in issue order (stacks.js). */
   const pending = createStacks();
   /** Tasks whose delete settled: a late re-fetch must not bring them back. */
@@ -114,13 +115,13 @@ export function createCore({
     pending.remove(op);
     if (!pending.has(op.task_id)) failedCreates.delete(op.task_id);
     // A failed or discarded create leaves no orphan row in the order.
-    if (!base.has(op.task_id) && !pending.has(op.task_id)) order = order.filter((id) => id !== op.task_id);
+    if (!base.has(op.task_id) && !pending.has(op.task_id)) taskOrder.remove(op.task_id);
     sendOrder.sendQueued(op.task_id);
   }
 
   function pushOp(op) {
     pending.push(op);
-    if (op.kind === 'create' && !order.includes(op.task_id)) order = [...order, op.task_id];
+    if (op.kind === 'create') taskOrder.add(op.task_id);
   }
 
   /** Confirmed state moves forward only: a newer version, never an older one. */
@@ -129,7 +130,7 @@ export function createCore({
     const known = base.get(task.id);
     if (known && known.version >= task.version) return false;
     base.set(task.id, Object.freeze({ ...task }));
-    if (!order.includes(task.id)) order = [...order, task.id];
+    taskOrder.add(task.id);
     refreshConflict(task.id);
     return true;
   }
@@ -148,7 +149,7 @@ export function createCore({
     if (tombstone) deleted.add(taskId);
     conflicts.delete(taskId);
     dropUnaccepted(taskId);
-    if (!pending.has(taskId)) order = order.filter((id) => id !== taskId);
+    if (!pending.has(taskId)) taskOrder.remove(taskId);
   }
 
   /**
@@ -286,8 +287,11 @@ export function createCore({
     return op;
   }
 
-  /** The server answered 202: the op is durable and waits for its event. */
-  function accepted(key, { command_id }) {
+  /**
+   * The server answered 202: the op is durable and waits for its event. A create's task
+   * is listed where the server lists it (task-order.js).
+   */
+  function accepted(key, { command_id, accepted_at }) {
     const op = pending.find(key);
     // Discarded while its request was on the way: its status can be asked after a reload.
     if (!op) {
@@ -296,6 +300,7 @@ export function createCore({
     }
     // Taken after all: a concurrent attempt's failure (`unreached`) no longer holds.
     pending.replace(op, { command_id, state: op.state === 'checking' ? 'checking' : 'pending', unreached: undefined });
+    if (op.kind === 'create') taskOrder.created(op.task_id, accepted_at);
     changed();
   }
 
@@ -343,6 +348,7 @@ export function createCore({
     const op = opOfEvent(data);
     if (type === EVENT_SETTLED) {
       if (data.task) confirm(data.task);
+      if (data.task && data.kind === 'create') taskOrder.created(data.task_id, data.accepted_at);
       if (op) {
         if (data.task && data.version != null) sendOrder.settledAt(op.task_id, data.version);
         removeOp(op, 'settled');
@@ -380,8 +386,7 @@ export function createCore({
     if (!force && snapshotWatermark < watermark) return false;
     const before = base;
     base = new Map(tasks.filter((task) => !deleted.has(task.id)).map((task) => [task.id, Object.freeze({ ...task })]));
-    const optimisticCreates = order.filter((id) => !base.has(id) && pending.of(id).some((op) => op.kind === 'create'));
-    order = [...base.keys(), ...optimisticCreates];
+    taskOrder.snapshot([...base.keys()], (id) => pending.of(id).some((op) => op.kind === 'create'));
     for (const [id, task] of before) if (!base.has(id)) goneTitles.set(id, task.title);
     // A conflict on a task gone meanwhile has nothing left to choose between.
     for (const id of [...conflicts.keys()]) {
@@ -626,7 +631,7 @@ export function createCore({
    */
   function getSnapshot() {
     return publisher.getSnapshot(() => ({
-      order,
+      order: taskOrder.ids,
       base,
       pending,
       conflicts,

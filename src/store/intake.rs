@@ -80,6 +80,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 
+use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -87,7 +88,7 @@ use self::bound::RefusalLog;
 use self::segments::open_segment;
 use super::frames::encode_frame;
 use super::{Accepted, Refusal, Store, StoreError};
-use crate::model::CommandRecord;
+use crate::model::{unix_ms_ceil, CommandRecord};
 
 /// Most accepts written in one batch. Larger batches amortize the fsync further, but
 /// every request in a batch waits for the whole batch.
@@ -164,6 +165,8 @@ struct IntakeWriter {
     buffer: Vec<u8>,
     /// New keys are refused while this bound is reached.
     bound: PendingBound,
+    /// The latest acceptance time given to a command ([`Self::keep_acceptance_order`]).
+    last_accepted_at: OffsetDateTime,
     /// Whether the last new key the writer decided was refused, shared with the
     /// handlers ([`Intake::refusing`]); only the writer changes it. A refusal is logged
     /// when it starts and when it ends, not per request.
@@ -205,6 +208,7 @@ impl Intake {
             segment,
             written: 0,
             buffer: Vec::with_capacity(64 * 1024),
+            last_accepted_at: OffsetDateTime::UNIX_EPOCH,
             bound,
             refusing,
             refusal_log: RefusalLog::default(),
@@ -373,11 +377,27 @@ impl IntakeWriter {
             self.refusal_log.ended();
         }
         record.seq = self.store.next_seq()?;
+        self.keep_acceptance_order(&mut record);
         let bytes = encode_frame(&mut self.buffer, self.segment, &record)?;
         self.store
             .pending_table()
             .insert(record.clone(), self.segment, bytes);
         Ok(Accepted::New(record))
+    }
+
+    /// Acceptance times rise with the seqs. The task list is in the order of its creates'
+    /// seqs, and a client sees none of them, only each create's `accepted_at` (its 202,
+    /// its event): with the two in the same order, a client can place a task it learns
+    /// of where the list has it. Two handlers may stamp their commands in the other
+    /// order than they reach this thread; the later seq's time then moves to a
+    /// nanosecond after the one before, and its due time by as much.
+    fn keep_acceptance_order(&mut self, record: &mut CommandRecord) {
+        if record.accepted_at <= self.last_accepted_at {
+            let moved = self.last_accepted_at + time::Duration::nanoseconds(1);
+            record.due_at_ms += unix_ms_ceil(moved) - unix_ms_ceil(record.accepted_at);
+            record.accepted_at = moved;
+        }
+        self.last_accepted_at = record.accepted_at;
     }
 
     /// The command already under `key`: pending, or finished (logged, or in sled: read

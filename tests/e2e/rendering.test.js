@@ -104,6 +104,28 @@ test('two tabs see each other’s changes live', async () => {
   }
 });
 
+test('two tabs that create in the same window list the tasks alike, in the server’s order', async () => {
+  // Each tab learns of the other's task only when it settles, after its own was
+  // predicted: both list them in the order the server took the creates.
+  const server = await startServer(['--delay-ms', '1500']);
+  try {
+    const { page: tabA, context } = await openApp(browser, server.url);
+    const { page: tabB } = await openTab(context, server.url);
+    await createViaUi(tabA, 'first');
+    await sleep(300);
+    await tabB.bringToFront();
+    await createViaUi(tabB, 'second');
+    assert.deepEqual(await listedTitles(tabB), ['second'], 'tab B has not heard of first yet');
+    const listed = async () => (await server.api.tasks()).tasks.map((task) => task.title);
+    await eventually(async () => assert.deepEqual(await listed(), ['first', 'second']));
+    for (const [name, tab] of [['A', tabA], ['B', tabB]]) {
+      await eventually(async () => assert.deepEqual(await listedTitles(tab), ['first', 'second'], `tab ${name}`));
+    }
+  } finally {
+    await server.stop();
+  }
+});
+
 test('two tabs of one browser that both like in one window end at one like', async () => {
   const server = await startServer(['--delay-ms', '1500']);
   try {

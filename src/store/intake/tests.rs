@@ -95,6 +95,7 @@ fn a_batch_whose_write_fails_is_refused_with_its_replays_and_leaves_nothing_pend
         segment: 1,
         written: 0,
         buffer: Vec::new(),
+        last_accepted_at: time::OffsetDateTime::UNIX_EPOCH,
         bound: PendingBound::none(),
         refusing: Arc::default(),
         refusal_log: RefusalLog::default(),
@@ -270,6 +271,7 @@ fn a_rotation_makes_the_closed_segment_releasable_once_if_all_of_it_finished() {
         segment: active,
         written: 0,
         buffer: Vec::new(),
+        last_accepted_at: time::OffsetDateTime::UNIX_EPOCH,
         bound: PendingBound::none(),
         refusing: Arc::default(),
         refusal_log: RefusalLog::default(),
@@ -616,4 +618,47 @@ impl Store {
         });
         assert!(poisoner.join().is_err());
     }
+}
+
+/// A command stamped before the one the writer took last gets a time a nanosecond after
+/// it, and its due time moves by as much: acceptance times rise with the seqs.
+#[tokio::test]
+async fn acceptance_times_rise_with_the_seqs() {
+    let Bounded { intake, thread, .. } = Bounded::new(PendingBound::none());
+    let stamped = |key: &str, at: time::OffsetDateTime| CommandRecord {
+        accepted_at: at,
+        due_at_ms: unix_ms_ceil(at) + 700,
+        ..record(key)
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let ms_end = now.replace_nanosecond(999_999_999).expect("a time");
+    let mut taken = Vec::new();
+    // Out of order: the second and third stamped before the first, the third at the
+    // last nanosecond of a millisecond, so its move crosses into the next one.
+    for (key, at) in [
+        ("a", ms_end),
+        ("b", now),
+        ("c", ms_end - time::Duration::nanoseconds(1)),
+    ] {
+        match intake.accept(stamped(key, at)).await.expect("answered") {
+            Accepted::New(record) => taken.push(record),
+            other => panic!("{key} is new: {other:?}"),
+        }
+    }
+    let times: Vec<_> = taken.iter().map(|record| record.accepted_at).collect();
+    assert_eq!(
+        times,
+        [
+            ms_end,
+            ms_end + time::Duration::nanoseconds(1),
+            ms_end + time::Duration::nanoseconds(2)
+        ]
+    );
+    let delays: Vec<_> = taken
+        .iter()
+        .map(|record| record.due_at_ms - unix_ms_ceil(record.accepted_at))
+        .collect();
+    assert_eq!(delays, [700, 700, 700], "each keeps its delay");
+    assert!(taken.windows(2).all(|pair| pair[0].seq < pair[1].seq));
+    assert!(intake.stop(thread).await);
 }
