@@ -121,7 +121,10 @@ export function createCore({
 
   function pushOp(op) {
     pending.push(op);
-    if (op.kind === 'create') taskOrder.add(op.task_id);
+    if (op.kind !== 'create') return;
+    // Listed last until the server's time for it is known (its 202, kept across a reload).
+    taskOrder.add(op.task_id, { awaiting: true });
+    if (op.accepted_at) taskOrder.created(op.task_id, op.accepted_at);
   }
 
   /** Confirmed state moves forward only: a newer version, never an older one. */
@@ -299,7 +302,12 @@ export function createCore({
       return;
     }
     // Taken after all: a concurrent attempt's failure (`unreached`) no longer holds.
-    pending.replace(op, { command_id, state: op.state === 'checking' ? 'checking' : 'pending', unreached: undefined });
+    pending.replace(op, {
+      command_id,
+      accepted_at,
+      state: op.state === 'checking' ? 'checking' : 'pending',
+      unreached: undefined,
+    });
     if (op.kind === 'create') taskOrder.created(op.task_id, accepted_at);
     changed();
   }
@@ -455,6 +463,7 @@ export function createCore({
   function statusChecked(key, command, task) {
     const op = pending.find(key);
     if (!op) return;
+    if (op.kind === 'create' && command?.accepted_at) taskOrder.created(op.task_id, command.accepted_at);
     if (command?.status === 'settled') {
       if (task) confirm(task);
       else if (task === null && op.kind === 'delete') forget(op.task_id, { tombstone: true });

@@ -152,7 +152,7 @@ export function itemOf(id, confirmed, ops, conflict) {
 /** The fields of an operation that survive a page reload (see the core's `restore`). */
 const PERSISTED_FIELDS = Object.freeze([
   'key', 'command_id', 'task_id', 'kind', 'title', 'notes', 'patch', 'delta', 'base_version',
-  'made_on', 'seen', 'rebased', 'named', 'issued_at', 'compensating',
+  'made_on', 'seen', 'rebased', 'named', 'issued_at', 'compensating', 'accepted_at',
 ]);
 
 /** An op in the shape that is stored across a reload: its persisted fields that are set. */

@@ -96,6 +96,10 @@ pub const INTAKE_BATCH_MAX: usize = 512;
 /// How many accepts may wait for the writer. When it is full, handlers wait for room
 /// (backpressure); nothing is dropped.
 pub const INTAKE_CAPACITY: usize = 8_192;
+/// The furthest a command's acceptance time is moved to keep acceptance times rising
+/// with the seqs (`IntakeWriter::keep_acceptance_order`): handlers racing each other
+/// are microseconds apart; a clock set back further is taken as it is.
+pub const ACCEPTANCE_REORDER_MAX: time::Duration = time::Duration::SECOND;
 /// A segment is closed and a new one started once it holds this many bytes. Small
 /// enough that segments finish (and can be recycled) soon after they close.
 pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
@@ -389,10 +393,15 @@ impl IntakeWriter {
     /// seqs, and a client sees none of them, only each create's `accepted_at` (its 202,
     /// its event): with the two in the same order, a client can place a task it learns
     /// of where the list has it. Two handlers may stamp their commands in the other
-    /// order than they reach this thread; the later seq's time then moves to a
-    /// nanosecond after the one before, and its due time by as much.
+    /// order than they reach this thread, microseconds apart; the later seq's time then
+    /// moves to a nanosecond after the one before, and its due time by as much. A clock
+    /// set back further than [`ACCEPTANCE_REORDER_MAX`] is taken as it is (logged):
+    /// holding every command after the old time would delay each by the step.
     fn keep_acceptance_order(&mut self, record: &mut CommandRecord) {
-        if record.accepted_at <= self.last_accepted_at {
+        let behind = self.last_accepted_at - record.accepted_at;
+        if behind >= ACCEPTANCE_REORDER_MAX {
+            tracing::warn!(%behind, "the clock went back; acceptance times start over from it");
+        } else if behind >= time::Duration::ZERO {
             let moved = self.last_accepted_at + time::Duration::nanoseconds(1);
             record.due_at_ms += unix_ms_ceil(moved) - unix_ms_ceil(record.accepted_at);
             record.accepted_at = moved;

@@ -107,7 +107,7 @@ test('two tabs see each other’s changes live', async () => {
 test('two tabs that create in the same window list the tasks alike, in the server’s order', async () => {
   // Each tab learns of the other's task only when it settles, after its own was
   // predicted: both list them in the order the server took the creates.
-  const server = await startServer(['--delay-ms', '1500']);
+  const server = await startServer(['--delay-ms', '3000']);
   try {
     const { page: tabA, context } = await openApp(browser, server.url);
     const { page: tabB } = await openTab(context, server.url);

@@ -28,39 +28,56 @@ describe('creationKey', () => {
 
 describe('task order', () => {
   const at = (seconds) => `2026-11-28T08:00:${String(seconds).padStart(2, '0')}.5Z`;
+  /** A task learned of by its create's event: listed, then placed by its time. */
+  const heard = (order, id, seconds) => {
+    order.add(id);
+    order.created(id, at(seconds));
+  };
 
-  test('a snapshot’s tasks come first; those created since go by when the server took them, unknown ones last', () => {
+  test('a snapshot’s tasks come first; those created since go by when the server took them, the tab’s own untaken creates last', () => {
     const order = createTaskOrder();
     order.snapshot(['s1', 's2'], () => false);
-    for (const id of ['mine', 'late', 'c3', 'c1']) order.add(id);
-    order.created('c3', at(3));
-    order.created('c1', at(1));
-    assert.deepEqual(order.ids, ['s1', 's2', 'c1', 'c3', 'mine', 'late']);
+    order.add('mine', { awaiting: true });
+    heard(order, 'c3', 3);
+    heard(order, 'c1', 1);
+    assert.deepEqual(order.ids, ['s1', 's2', 'c1', 'c3', 'mine']);
     order.created('mine', at(2));
-    assert.deepEqual(order.ids, ['s1', 's2', 'c1', 'mine', 'c3', 'late']);
-    // Told again (its event after its 202): it stays where it is.
+    assert.deepEqual(order.ids, ['s1', 's2', 'c1', 'mine', 'c3']);
+    // Told again (its event after its 202): the same list, not a copy.
     const before = order.ids;
     order.created('mine', at(2));
-    assert.deepEqual(order.ids, before);
-    // A snapshot's task is where the snapshot has it; an unlisted task is not added.
+    assert.equal(order.ids, before);
+    // A snapshot's task stays where the snapshot has it; an unlisted task is not added.
     order.created('s1', at(9));
     order.created('gone', at(0));
-    assert.deepEqual(order.ids, before);
+    assert.equal(order.ids, before);
+  });
+
+  test('a task known without its create’s time stays where it came: later creates go after it', () => {
+    const order = createTaskOrder();
+    order.snapshot(['s1'], () => false);
+    heard(order, 'c1', 1);
+    order.add('fetched');
+    heard(order, 'c2', 2);
+    heard(order, 'c0', 0);
+    assert.deepEqual(order.ids, ['s1', 'c1', 'fetched', 'c0', 'c2']);
   });
 
   test('a new snapshot lists its tasks first and keeps only the creates still on their way', () => {
     const order = createTaskOrder();
     order.snapshot(['s1'], () => false);
-    for (const id of ['c1', 'mine', 'c2']) order.add(id);
-    order.created('c2', at(2));
-    order.created('c1', at(1));
+    order.add('mine', { awaiting: true });
+    heard(order, 'c2', 2);
+    heard(order, 'c1', 1);
     order.snapshot(['s1', 'c1', 'c2'], (id) => id === 'mine');
     assert.deepEqual(order.ids, ['s1', 'c1', 'c2', 'mine']);
-    order.add('c3');
-    order.created('c3', at(0));
+    heard(order, 'c3', 0);
     assert.deepEqual(order.ids, ['s1', 'c1', 'c2', 'c3', 'mine'], 'after the snapshot’s tasks, whatever its time');
-    order.remove('c1');
-    assert.deepEqual(order.ids, ['s1', 'c2', 'c3', 'mine']);
+    // A snapshot's task gone and back (fetched again) is one created since like any other.
+    order.remove('s1');
+    order.add('s1');
+    order.created('s1', at(5));
+    assert.deepEqual(order.ids, ['c1', 'c2', 'c3', 's1', 'mine']);
   });
 });
 
@@ -81,5 +98,27 @@ describe('the core lists tasks in the server’s order', () => {
     });
     assert.deepEqual(core.getSnapshot().items.map((item) => item.id), ['first', 'second']);
     assert.equal(mine.task_id, 'second');
+  });
+
+  test('a tab’s own create goes by the time its 202 gave, ahead of a later create heard of first, also after a reload', () => {
+    const core = createCore({ now: () => 1_000_000 });
+    core.loadSnapshot({ tasks: [], watermark: 0 });
+    core.issue({ kind: 'create', key: 'k1', task_id: 'mine', title: 'mine' });
+    core.accepted('k1', { command_id: 'cmd-1', accepted_at: '2026-11-28T08:00:01.1Z' });
+    const theirs = (id, version) => ({ id, title: id, notes: '', done: false, likes: 0, version, updated_at: '2026-11-28T08:00:02Z' });
+    const event = (id, accepted_at) => ({
+      id: id === 'theirs' ? 1 : 2,
+      type: EVENT_SETTLED,
+      data: { command_id: `cmd-${id}`, idempotency_key: `k-${id}`, task_id: id, kind: 'create', version: 1, task: theirs(id, 1), accepted_at },
+    });
+    core.applyEvent(event('theirs', '2026-11-28T08:00:01.2Z'));
+    assert.deepEqual(core.getSnapshot().items.map((item) => item.id), ['mine', 'theirs']);
+
+    // Reloaded: the op comes back with the time of its 202.
+    const reloaded = createCore({ now: () => 1_000_000 });
+    reloaded.restore(core.persistedOps());
+    reloaded.loadSnapshot({ tasks: [], watermark: 0 });
+    reloaded.applyEvent(event('theirs', '2026-11-28T08:00:01.2Z'));
+    assert.deepEqual(reloaded.getSnapshot().items.map((item) => item.id), ['mine', 'theirs']);
   });
 });

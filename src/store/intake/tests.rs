@@ -621,7 +621,8 @@ impl Store {
 }
 
 /// A command stamped before the one the writer took last gets a time a nanosecond after
-/// it, and its due time moves by as much: acceptance times rise with the seqs.
+/// it, and its due time moves by as much: acceptance times rise with the seqs (unless
+/// the clock went back further than handlers race).
 #[tokio::test]
 async fn acceptance_times_rise_with_the_seqs() {
     let Bounded { intake, thread, .. } = Bounded::new(PendingBound::none());
@@ -660,5 +661,19 @@ async fn acceptance_times_rise_with_the_seqs() {
         .collect();
     assert_eq!(delays, [700, 700, 700], "each keeps its delay");
     assert!(taken.windows(2).all(|pair| pair[0].seq < pair[1].seq));
+    // A clock set back by more than a race between handlers is taken as it is: holding
+    // the command after the old time would delay it by the step.
+    let set_back = ms_end - ACCEPTANCE_REORDER_MAX;
+    match intake
+        .accept(stamped("d", set_back))
+        .await
+        .expect("answered")
+    {
+        Accepted::New(record) => assert_eq!(
+            (record.accepted_at, record.due_at_ms),
+            (set_back, unix_ms_ceil(set_back) + 700)
+        ),
+        other => panic!("d is new: {other:?}"),
+    }
     assert!(intake.stop(thread).await);
 }
