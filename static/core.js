@@ -17,8 +17,9 @@
 // operation and leave the others standing. Folding the remaining ops over the confirmed
 // base gives all three for free.
 //
-// See also send-order.js (when a queued edit goes out, and on which version) and
-// departures.js (what is remembered of ops once they left their stacks).
+// See also send-order.js (when a queued edit goes out, and on which version),
+// departures.js (what is remembered of ops once they left their stacks) and
+// task-order.js (the order the list shows tasks in).
 
 import {
   appliedLateText, discardText, EVENT_FAILED, EVENT_SETTLED, failureText, isSavedOp, KINDS,

@@ -77,13 +77,13 @@ async fn guard_body(request: Request, next: Next) -> Response {
 /// A content coding the request's body is sent in, other than `identity`: the server
 /// decodes none, and would otherwise read the encoded bytes as JSON (RFC 9110, 8.4).
 fn content_coding(headers: &HeaderMap) -> Option<String> {
-    let mut codings = headers
+    headers
         .get_all(header::CONTENT_ENCODING)
         .iter()
         .flat_map(|value| value.to_str().unwrap_or("(not visible ASCII)").split(','))
         .map(str::trim)
-        .filter(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("identity"));
-    codings.next().map(str::to_owned)
+        .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("identity"))
+        .map(str::to_owned)
 }
 
 /// A request body past its deadline ([`BODY_DEADLINE`]): the error its read fails with,
