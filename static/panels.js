@@ -108,10 +108,17 @@ export function createPanels({ transport, windowSamples }) {
    */
   let faultChain = Promise.resolve();
   let putsWaiting = 0;
+  /**
+   * Per field, the value the server holds as far as this page knows: the last one it
+   * answered or was sent. Apply sends only the fields that differ from it, so a value the
+   * `change` of its field already sent does not go out again with the click that blurred it.
+   */
+  const held = new Map();
 
   function showFaults(settings) {
     const form = $('faults');
     for (const field of FAULT_FIELDS) {
+      if (typeof settings[field] === 'number') held.set(field, settings[field]);
       const input = form.elements[field];
       // Never overwrite what the user is typing.
       if (input && settings[field] !== undefined && input !== document.activeElement) input.value = String(settings[field]);
@@ -136,14 +143,23 @@ export function createPanels({ transport, windowSamples }) {
     setText(status, text);
   }
 
+  /** The fields whose value in the form is not the one the server is known to hold. */
+  function unsent(fields) {
+    const typed = readFaults(fields);
+    return Object.keys(typed).filter((field) => typed[field] !== held.get(field));
+  }
+
   /** PUT a subset of the settings (the server accepts any subset) and report the outcome. */
   function applyFaults(update) {
     putsWaiting += 1;
+    for (const [field, value] of Object.entries(update)) held.set(field, value);
     faultChain = faultChain.then(async () => {
       try {
         showFaults(await transport.putFaults(update));
         sayFaultStatus(true, 'Applied.');
       } catch (error) {
+        // What the server holds is not known now: the next Apply sends these again.
+        for (const field of Object.keys(update)) held.delete(field);
         sayFaultStatus(false, `Refused: ${error.message}`);
       } finally {
         putsWaiting -= 1;
@@ -188,11 +204,17 @@ export function createPanels({ transport, windowSamples }) {
     const form = $('faults');
     form.addEventListener('submit', (event) => {
       event.preventDefault();
-      if (FAULT_FIELDS.every((field) => acceptable(form.elements[field]))) applyFaults(readFaults(FAULT_FIELDS));
+      if (!FAULT_FIELDS.every((field) => acceptable(form.elements[field]))) return;
+      const fields = unsent(FAULT_FIELDS);
+      if (fields.length) applyFaults(readFaults(fields));
+      // Nothing to send and nothing on its way: the server holds what the form shows.
+      else if (!putsWaiting) sayFaultStatus(true, 'Applied.');
     });
     // A changed field applies on its own too: only that field, so it never resets the others.
     form.addEventListener('change', (event) => {
-      if (acceptable(event.target)) applyFaults(readFaults([event.target.name]));
+      if (!acceptable(event.target)) return;
+      const fields = unsent([event.target.name]);
+      if (fields.length) applyFaults(readFaults(fields));
     });
     pollFaults();
   }

@@ -23,6 +23,9 @@ test('the fault panel shows the live settings, applies changes and reports refus
       assert.equal(await page.getByTestId('fault-jitter-ms').inputValue(), '10');
     });
 
+    // Every PUT's body, in the order sent.
+    const sent = [];
+    page.on('request', (request) => { if (request.method() === 'PUT') sent.push(request.postDataJSON()); });
     await page.getByTestId('fault-failure-rate').fill('0.3');
     await page.getByTestId('fault-drop-rate').fill('0.1');
     await page.getByTestId('fault-apply').click();
@@ -33,6 +36,18 @@ test('the fault panel shows the live settings, applies changes and reports refus
       const applied = await faultsOnServer(server);
       assert.deepEqual([applied.delay_ms, applied.jitter_ms, applied.failure_rate, applied.drop_rate], [250, 10, 0.3, 0.1]);
     });
+    // The click that blurred the drop rate sent it (its change); the submit after it sends
+    // nothing again.
+    assert.deepEqual(sent, [{ failure_rate: 0.3 }, { drop_rate: 0.1 }], 'each value sent once');
+
+    // Enter in a field: the value goes out once, whichever of change and submit comes first.
+    await page.getByTestId('fault-jitter-ms').fill('20');
+    await page.getByTestId('fault-jitter-ms').press('Enter');
+    await eventually(async () => assert.equal((await faultsOnServer(server)).jitter_ms, 20));
+    // Apply with nothing changed: nothing to send, and the status says the server holds it.
+    await page.getByTestId('fault-apply').click();
+    await eventually(async () => assert.equal(await page.getByTestId('fault-status').textContent(), 'Applied.'));
+    assert.deepEqual(sent.slice(2), [{ jitter_ms: 20 }], 'Enter, then Apply with nothing changed: one PUT');
 
     const puts = [];
     page.on('request', (request) => { if (request.method() === 'PUT') puts.push(request.url()); });
