@@ -8,7 +8,8 @@
 // - someone else changed what it sets: the user decides (`conflictOf`), shown theirs as
 //   the task is now (`refreshedConflict`).
 //
-// Pure: the core (core.js) holds the open conflicts and the stacks of ops.
+// Pure but for the book of open conflicts (`createConflictBook`), which the core (core.js)
+// holds beside the stacks of ops.
 
 import { applyOp } from './ops.js';
 
@@ -109,4 +110,45 @@ export function revivedConflict(saved) {
     theirs: Object.freeze({ ...saved.theirs }),
     changed: Object.freeze(Array.isArray(saved.changed) ? saved.changed.filter((field) => typeof field === 'string') : []),
   });
+}
+
+/**
+ * The open conflicts, one per task at most: a refused edit that waits for the user's
+ * choice, with theirs kept as the task is now (`refresh`). The core holds one.
+ */
+export function createConflictBook() {
+  /** Task id -> open conflict (frozen). */
+  const open = new Map();
+  return {
+    /** Task id -> open conflict, for the view's snapshot. */
+    byTask: open,
+    open: (conflict) => open.set(conflict.task_id, conflict),
+    /** @returns {object | undefined} the conflict closed */
+    close(taskId) {
+      const conflict = open.get(taskId);
+      open.delete(taskId);
+      return conflict;
+    },
+    /** Theirs as the task is now (`current`: the confirmed task; `refreshedConflict`). */
+    refresh(taskId, current) {
+      const conflict = open.get(taskId);
+      if (conflict) open.set(taskId, refreshedConflict(conflict, current));
+    },
+    /** The open conflicts, in the shape `restore` takes back after a reload. */
+    persisted: () => [...open.values()],
+    /**
+     * Put back conflicts persisted before a reload: a refused edit waits for the user still.
+     * @returns {boolean} whether any came back
+     */
+    restore(saved) {
+      let restored = false;
+      for (const stored of saved) {
+        const conflict = revivedConflict(stored);
+        if (!conflict || open.has(conflict.task_id)) continue;
+        open.set(conflict.task_id, conflict);
+        restored = true;
+      }
+      return restored;
+    },
+  };
 }

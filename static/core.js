@@ -26,19 +26,13 @@ import {
   noticeOf, persistedFields, refusedText,
 } from './ops.js';
 import { createDepartures } from './departures.js';
+import { createNotices } from './notices.js';
 import { createPublisher } from './publish.js';
-import {
-  conflictOf, rebasePlan, refreshedConflict, revivedConflict, seenValues,
-} from './conflicts.js';
+import { conflictOf, createConflictBook, rebasePlan, seenValues } from './conflicts.js';
 import { createSendOrder } from './send-order.js';
 import { createStacks } from './stacks.js';
 import { createTaskOrder } from './task-order.js';
 
-/**
- * How many notices are kept until dismissed; past it the oldest drop off. Enough that
- * a burst of failures leaves each on screen to be read (the view scrolls them).
- */
-const MAX_NOTICES = 50;
 /** How many client-measured windows are kept for the chart. */
 const MAX_WINDOW_SAMPLES = 500;
 
@@ -63,8 +57,8 @@ export function createCore({
   const pending = createStacks();
   /** Tasks whose delete settled: a late re-fetch must not bring them back. */
   const deleted = new Set();
-  /** @type {Map<string, object>} task id -> open conflict (yours vs theirs) */
-  const conflicts = new Map();
+  /** The open conflicts, yours against theirs, one per task (conflicts.js). */
+  const conflicts = createConflictBook();
   /**
    * Task id -> title of a create that failed while later ops on the predicted task were
    * still pending: they fail too (`not_found`), and their notices name the task and say why.
@@ -77,8 +71,8 @@ export function createCore({
   let watermark = 0;
   /** Whether a snapshot of the server's tasks has come: before it, only pending creates are known. */
   let loaded = false;
-  let notices = [];
-  let nextNoticeId = 1;
+  /** Why ops failed, were refused or discarded, kept until dismissed (notices.js). */
+  const notices = createNotices({ now });
   let windowSamples = [];
   let connection = 'connecting';
   /** The snapshot for the view, and who listens for its changes (publish.js). */
@@ -135,14 +129,8 @@ export function createCore({
     if (known && known.version >= task.version) return false;
     base.set(task.id, Object.freeze({ ...task }));
     taskOrder.add(task.id);
-    refreshConflict(task.id);
+    conflicts.refresh(task.id, base.get(task.id));
     return true;
-  }
-
-  /** An open conflict shows theirs as the task is now (`refreshedConflict`). */
-  function refreshConflict(taskId) {
-    const conflict = conflicts.get(taskId);
-    if (conflict) conflicts.set(taskId, refreshedConflict(conflict, base.get(taskId)));
   }
 
   function forget(taskId, { tombstone }) {
@@ -151,7 +139,7 @@ export function createCore({
     base.delete(taskId);
     sendOrder.forget(taskId);
     if (tombstone) deleted.add(taskId);
-    conflicts.delete(taskId);
+    conflicts.close(taskId);
     dropUnaccepted(taskId);
     if (!pending.has(taskId)) taskOrder.remove(taskId);
   }
@@ -185,11 +173,7 @@ export function createCore({
   function sayFailed(op, title, { reason, message, orphaned = false, fate = null }) {
     if (op.compensating && reason === 'not_found') return;
     const text = failureText(op, title, { reason, message, orphaned, keptMoving: fate === 'kept_moving' });
-    addNotice(noticeOf(op, 'error', fate ?? reason, text));
-  }
-
-  function addNotice(notice) {
-    notices = [...notices, Object.freeze({ id: nextNoticeId++, at: now(), ...notice })].slice(-MAX_NOTICES);
+    notices.add(noticeOf(op, 'error', fate ?? reason, text));
   }
 
   /**
@@ -212,7 +196,7 @@ export function createCore({
     sayFailed(op, title, { reason, message, orphaned, fate });
     const theirs = current ?? base.get(op.task_id);
     if (reason === 'conflict' && theirs && (op.kind === 'update' || op.kind === 'delete')) {
-      conflicts.set(op.task_id, conflictOf(op, theirs, fate === 'kept_moving'));
+      conflicts.open(conflictOf(op, theirs, fate === 'kept_moving'));
     }
   }
 
@@ -341,7 +325,7 @@ export function createCore({
     if (!op) return;
     const title = titleOf(op);
     removeOp(op, 'rejected');
-    addNotice(noticeOf(op, 'error', `http_${status}`, refusedText(op, title, { status, detail })));
+    notices.add(noticeOf(op, 'error', `http_${status}`, refusedText(op, title, { status, detail })));
     changed();
   }
 
@@ -398,9 +382,9 @@ export function createCore({
     taskOrder.snapshot([...base.keys()], (id) => pending.of(id).some((op) => op.kind === 'create'));
     for (const [id, task] of before) if (!base.has(id)) goneTitles.set(id, task.title);
     // A conflict on a task gone meanwhile has nothing left to choose between.
-    for (const id of [...conflicts.keys()]) {
-      if (base.has(id)) refreshConflict(id);
-      else conflicts.delete(id);
+    for (const id of [...conflicts.byTask.keys()]) {
+      if (base.has(id)) conflicts.refresh(id, base.get(id));
+      else conflicts.close(id);
     }
     watermark = snapshotWatermark;
     loaded = true;
@@ -494,7 +478,7 @@ export function createCore({
       // Even one whose 202 has not come: its request may have reached the server.
       departures.noteDiscarded(gone, goneTitle);
     }
-    addNotice(noticeOf(op, 'info', 'discarded', discardText(op, title, along.length)));
+    notices.add(noticeOf(op, 'info', 'discarded', discardText(op, title, along.length)));
     changed();
   }
 
@@ -503,7 +487,7 @@ export function createCore({
     const op = data.idempotency_key && departures.takeDiscarded(data.idempotency_key);
     if (!op || type !== EVENT_SETTLED) return;
     departures.depart(op, 'applied_late');
-    addNotice(noticeOf(op, 'info', 'applied_late', appliedLateText(op)));
+    notices.add(noticeOf(op, 'info', 'applied_late', appliedLateText(op)));
   }
 
   /** Ground truth from GET /api/tasks/{id} (`null` on 404). Only moves forward. */
@@ -538,12 +522,10 @@ export function createCore({
    * current version (the caller gives it a new key: it is a new intent); `theirs` drops it.
    */
   function resolveConflict(taskId, choice) {
-    const conflict = conflicts.get(taskId);
+    const conflict = conflicts.close(taskId);
     if (!conflict) return null;
-    conflicts.delete(taskId);
     // Its notice goes with it: the choice made, there is nothing left to tell.
-    notices = notices.filter((notice) => notice.task_id !== taskId
-      || (notice.reason !== 'conflict' && notice.reason !== 'kept_moving'));
+    notices.dropConflict(taskId);
     changed();
     if (choice !== 'mine') return null;
     const intent = { kind: conflict.kind, task_id: taskId, ...editBase(taskId) };
@@ -564,11 +546,7 @@ export function createCore({
 
   /** Dismiss the notice `id`, or every notice when `id` is omitted. */
   function dismissNotice(id) {
-    const rest = id === undefined ? [] : notices.filter((notice) => notice.id !== id);
-    if (rest.length !== notices.length) {
-      notices = rest;
-      changed();
-    }
+    if (notices.dismiss(id)) changed();
   }
 
   function setConnection(state) {
@@ -618,21 +596,9 @@ export function createCore({
     changed();
   }
 
-  /** The open conflicts, in the shape `restoreConflicts` takes back after a reload. */
-  function persistedConflicts() {
-    return [...conflicts.values()];
-  }
-
-  /** Put back conflicts persisted before a reload: a refused edit waits for the user still. */
+  /** Put back conflicts persisted before a reload (`persistedConflicts`). */
   function restoreConflicts(saved) {
-    let restored = false;
-    for (const stored of saved) {
-      const conflict = revivedConflict(stored);
-      if (!conflict || conflicts.has(conflict.task_id)) continue;
-      conflicts.set(conflict.task_id, conflict);
-      restored = true;
-    }
-    if (restored) changed();
+    if (conflicts.restore(saved)) changed();
   }
 
   /**
@@ -644,8 +610,8 @@ export function createCore({
       order: taskOrder.ids,
       base,
       pending,
-      conflicts,
-      fields: { notices, watermark, loaded, connection, pending_count: pending.size, window_samples: windowSamples },
+      conflicts: conflicts.byTask,
+      fields: { notices: notices.list, watermark, loaded, connection, pending_count: pending.size, window_samples: windowSamples },
     }));
   }
 
@@ -683,7 +649,8 @@ export function createCore({
     setConnection,
     persistedOps,
     restore,
-    persistedConflicts,
+    /** The open conflicts, in the shape `restoreConflicts` takes back after a reload. */
+    persistedConflicts: conflicts.persisted,
     restoreConflicts,
     persistedDiscarded: departures.persistedDiscarded,
     restoreDiscarded: departures.restoreDiscarded,

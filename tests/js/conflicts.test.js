@@ -5,7 +5,9 @@
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { conflictOf, rebasePlan, refreshedConflict, revivedConflict, seenValues } from '../../static/conflicts.js';
+import {
+  conflictOf, createConflictBook, rebasePlan, refreshedConflict, revivedConflict, seenValues,
+} from '../../static/conflicts.js';
 import { createStacks, NO_OPS } from '../../static/stacks.js';
 
 function task(fields = {}) {
@@ -135,4 +137,31 @@ describe('stacks', () => {
     assert.equal(stacks.replace(op, { state: 'pending' }), op, 'an op on no stack is left as it is');
     assert.equal(stacks.has('a'), false);
   });
+});
+
+test('the book of open conflicts: one per task, refreshed to the task as it is, persisted and restored', () => {
+  const book = createConflictBook();
+  const theirs = { id: 't', title: 'theirs', notes: '', done: false, likes: 0, version: 2 };
+  const op = { task_id: 't', kind: 'update', patch: { title: 'mine' }, seen: { title: ['old'], notes: [''], done: [false] } };
+  book.open(conflictOf(op, theirs, false));
+  assert.deepEqual(book.byTask.get('t').changed, ['title']);
+
+  book.refresh('t', { ...theirs, done: true, version: 3 });
+  assert.equal(book.byTask.get('t').theirs.version, 3);
+  assert.deepEqual(book.byTask.get('t').changed, ['title', 'done']);
+  book.refresh('t', { ...theirs, version: 1 });
+  assert.equal(book.byTask.get('t').theirs.version, 3, 'an older task changes nothing');
+  book.refresh('u', theirs);
+  assert.equal(book.byTask.has('u'), false, 'no conflict is opened by a refresh');
+
+  const saved = JSON.parse(JSON.stringify(book.persisted()));
+  const again = createConflictBook();
+  assert.equal(again.restore([...saved, { task_id: 'v' }, null]), true);
+  assert.deepEqual([...again.byTask.keys()], ['t'], 'what is not a conflict is left out');
+  assert.ok(Object.isFrozen(again.byTask.get('t').theirs));
+  assert.equal(again.restore(saved), false, 'one per task: an open one is kept');
+
+  assert.equal(book.close('t').kind, 'update');
+  assert.equal(book.close('t'), undefined);
+  assert.deepEqual(book.persisted(), []);
 });
