@@ -40,11 +40,13 @@ pub const MAX_DELAY_MS: u64 = 60_000;
     about = "A task server whose writes are asynchronous: 202 Accepted, applied ~700 ms later, reconciled over SSE."
 )]
 pub struct Config {
-    /// Address to listen on; port 0 picks a free port (logged as `listening on http://ADDR`).
+    /// Address to listen on, an IP address and a port (127.0.0.1:3000, [::1]:3000; not a host
+    /// name); port 0 picks a free port (logged as `listening on http://ADDR`).
     #[arg(long, env = "SETTLE_ADDR", default_value = DEFAULT_ADDR)]
     pub addr: SocketAddr,
 
-    /// Directory of the embedded sled store.
+    /// Directory of the embedded sled store; one server at a time (a second start on it waits
+    /// up to 5 s for its lock, then exits).
     #[arg(long, env = "SETTLE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
 

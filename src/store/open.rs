@@ -23,6 +23,8 @@ const SLED_FILE: &str = "db";
 const SLED_BLOBS: &str = "blobs";
 /// Pause between attempts to open a locked directory ([`Store::open_waiting`]).
 const LOCK_RETRY: Duration = Duration::from_millis(10);
+/// How long a start waits for a locked directory before it says that it waits.
+const LOCK_SAY_AFTER: Duration = Duration::from_millis(250);
 
 /// Whether sled could not open a directory because its lock is held. sled 0.34 says
 /// so only in the message.
@@ -47,15 +49,25 @@ impl Store {
         wait: Duration,
         stop: &CancellationToken,
     ) -> Result<Self, StoreError> {
-        let deadline = std::time::Instant::now() + wait;
+        let started = std::time::Instant::now();
+        let mut said = false;
         loop {
             match Self::open(dir) {
                 Err(StoreError::Sled(sled::Error::Io(err))) if is_locked(&err) => {
                     if stop.is_cancelled() {
                         return Err(StoreError::Stopped(dir.to_owned()));
                     }
-                    if std::time::Instant::now() >= deadline {
+                    let waited = started.elapsed();
+                    if waited >= wait {
                         return Err(StoreError::Locked(dir.to_owned()));
+                    }
+                    // Not at once: a store reopened in the same process waits a moment.
+                    if !said && waited >= LOCK_SAY_AFTER {
+                        tracing::warn!(
+                            dir = %dir.display(),
+                            "the data directory is locked (another settle running on it?): waiting up to {wait:?} for it"
+                        );
+                        said = true;
                     }
                     std::thread::sleep(LOCK_RETRY);
                 }

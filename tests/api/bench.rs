@@ -225,3 +225,26 @@ fn the_bench_refuses_flags_it_cannot_honour() {
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
 }
+
+/// A server that refuses its start (here a `--delay-ms` the server takes but no server
+/// accepts: the bench passes it on) is reported as such, its last lines once: not as a
+/// server that was too slow to listen.
+#[test]
+fn a_server_that_exits_at_start_is_reported_once_as_such() {
+    let output = bench()
+        .args(["overhead", "--delay-ms", "70000", "--duration", "1"])
+        .output()
+        .expect("settle-bench runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the server exited before it was listening (exit status: 2)"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("within 30s"), "{stderr}");
+    assert_eq!(
+        stderr.matches("--delay-ms").count(),
+        1,
+        "the server's refusal, once: {stderr}"
+    );
+}

@@ -403,7 +403,7 @@ impl Server {
         tokio::spawn(drain(stdout, log.clone(), Some(addr_sender)));
         let data_dir_path = data_dir.path().display().to_string();
         // From here on a failure, or an interrupt, kills it and removes its directory.
-        let started = Started {
+        let mut started = Started {
             child: Some(child),
             pid,
             _data_dir: data_dir,
@@ -411,11 +411,32 @@ impl Server {
             death_note,
             stopping: false,
         };
-        let Ok(Ok(addr)) = tokio::time::timeout(START_TIMEOUT, addr_receiver).await else {
-            bail!(
+        let addr = match tokio::time::timeout(START_TIMEOUT, addr_receiver).await {
+            Ok(Ok(addr)) => addr,
+            Ok(Err(_)) => {
+                // Its output ended without the line: it is on its way out (a flag refused,
+                // the data directory held by another process). Waited for here, so its
+                // drop has no death to tell of a second time.
+                let exited = match started.child.as_mut() {
+                    Some(child) => tokio::time::timeout(EXIT_GRACE, child.wait()).await,
+                    None => Ok(Err(std::io::ErrorKind::NotFound.into())),
+                };
+                let status = match exited {
+                    Ok(Ok(status)) => {
+                        started.child = None;
+                        status.to_string()
+                    }
+                    _ => "its output closed, the process still running".to_owned(),
+                };
+                bail!(
+                    "the server exited before it was listening ({status}); its last lines:\n{}",
+                    log.last_lines_async().await
+                );
+            }
+            Err(_) => bail!(
                 "the server did not log `listening on http://ADDR` within {START_TIMEOUT:?}; its last lines:\n{}",
                 log.tail_text()
-            );
+            ),
         };
         let version = sys::command_line_output(&binary.to_string_lossy(), &["--version"]);
         let mut server = Self {
