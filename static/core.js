@@ -340,6 +340,9 @@ export function createCore({
     watermark = id;
     const op = opOfEvent(data);
     if (type === EVENT_SETTLED) {
+      // The id of a deleted task may be created again (another client chose it): a new
+      // life of it, which the tombstone of the last one does not hide.
+      if (data.task && data.kind === 'create') deleted.delete(data.task_id);
       if (data.task) confirm(data.task);
       if (data.task && data.kind === 'create') taskOrder.created(data.task_id, data.accepted_at);
       if (op) {

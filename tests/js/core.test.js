@@ -167,6 +167,15 @@ describe('acknowledgements', () => {
     core.taskFetched('a', task('a', { version: 1 }));
     assert.deepEqual(ids(core), ['b', 'c']);
   });
+
+  test("a deleted task's id created again (by another client) is a new task, at version 1", () => {
+    const { core } = setup();
+    const op = core.issue({ kind: 'delete', key: 'd', task_id: 'b' });
+    core.applyEvent(settled(op, null));
+    core.applyEvent(settled({ key: 'again', task_id: 'b', kind: 'create' }, task('b', { title: 'b again' })));
+    assert.deepEqual(ids(core), ['a', 'c', 'b']);
+    assert.deepEqual([item(core, 'b').task.title, item(core, 'b').task.version], ['b again', 1]);
+  });
 });
 
 describe('failure removes only the failed operation', () => {
