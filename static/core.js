@@ -55,8 +55,11 @@ export function createCore({
   const taskOrder = createTaskOrder();
   /** Task id -> the user's ops not yet settled, in issue order (stacks.js). */
   const pending = createStacks();
-  /** Tasks whose delete settled: a late re-fetch must not bring them back. */
-  const deleted = new Set();
+  /**
+   * Task id -> the id of the event its delete settled by (Infinity when not known): a late
+   * re-fetch, or a snapshot from before that event, must not bring the task back.
+   */
+  const deleted = new Map();
   /** The open conflicts, yours against theirs, one per task (conflicts.js). */
   const conflicts = createConflictBook();
   /**
@@ -133,12 +136,13 @@ export function createCore({
     return true;
   }
 
+  /** `tombstone`: the id of the event the task's delete settled by, or true when not known. */
   function forget(taskId, { tombstone }) {
     const gone = base.get(taskId);
     if (gone) goneTitles.set(taskId, gone.title);
     base.delete(taskId);
     sendOrder.forget(taskId);
-    if (tombstone) deleted.add(taskId);
+    if (tombstone) deleted.set(taskId, tombstone === true ? Infinity : tombstone);
     conflicts.close(taskId);
     dropUnaccepted(taskId);
     if (!pending.has(taskId)) taskOrder.remove(taskId);
@@ -354,7 +358,7 @@ export function createCore({
       }
       // After the event's own op has left as settled: a delete of ours whose 202 has not
       // come is not taken for one that the deleted task left behind (`dropUnaccepted`).
-      if (!data.task && data.kind === 'delete') forget(data.task_id, { tombstone: true });
+      if (!data.task && data.kind === 'delete') forget(data.task_id, { tombstone: id });
     } else if (type === EVENT_FAILED) {
       if (op) failOp(op, data);
       else if (data.current) confirm(data.current);
@@ -381,7 +385,14 @@ export function createCore({
   function loadSnapshot({ tasks, watermark: snapshotWatermark }, { outcomes = [], force = false } = {}) {
     if (!force && snapshotWatermark < watermark) return false;
     const before = base;
-    base = new Map(tasks.filter((task) => !deleted.has(task.id)).map((task) => [task.id, Object.freeze({ ...task })]));
+    // A deleted task's id in a snapshot taken after its delete is a new life of it
+    // (created again by another client); in an older one it is the task as it was.
+    const alive = tasks.filter((task) => {
+      if (!(deleted.get(task.id) <= snapshotWatermark)) return !deleted.has(task.id);
+      deleted.delete(task.id);
+      return true;
+    });
+    base = new Map(alive.map((task) => [task.id, Object.freeze({ ...task })]));
     taskOrder.snapshot([...base.keys()], (id) => pending.of(id).some((op) => op.kind === 'create'));
     for (const [id, task] of before) if (!base.has(id)) goneTitles.set(id, task.title);
     // A conflict on a task gone meanwhile has nothing left to choose between.
@@ -454,7 +465,7 @@ export function createCore({
     if (op.kind === 'create' && command?.accepted_at) taskOrder.created(op.task_id, command.accepted_at);
     if (command?.status === 'settled') {
       if (task) confirm(task);
-      else if (task === null && op.kind === 'delete') forget(op.task_id, { tombstone: true });
+      else if (task === null && op.kind === 'delete') forget(op.task_id, { tombstone: command.event_id ?? true });
       removeOp(op, 'settled');
     } else if (command?.status === 'failed') {
       failOp(op, { ...(command.error ?? { reason: 'failed' }), current: task ?? null });

@@ -176,6 +176,20 @@ describe('acknowledgements', () => {
     assert.deepEqual(ids(core), ['a', 'c', 'b']);
     assert.deepEqual([item(core, 'b').task.title, item(core, 'b').task.version], ['b again', 1]);
   });
+
+  test("a snapshot taken after a task's delete shows its id's new life; an older one does not bring it back", () => {
+    const { core } = setup();
+    const op = core.issue({ kind: 'delete', key: 'd', task_id: 'b' });
+    core.applyEvent(settled(op, null, { id: 50 }));
+    const again = task('b', { title: 'b again' });
+    // Forced, as after a reset: a snapshot from before the delete.
+    core.loadSnapshot({ tasks: [task('a'), task('b', { version: 4 }), task('c')], watermark: 49 }, { force: true });
+    assert.deepEqual(ids(core), ['a', 'c']);
+    core.loadSnapshot({ tasks: [task('a'), task('c'), again], watermark: 60 });
+    assert.deepEqual(ids(core), ['a', 'c', 'b']);
+    assert.equal(item(core, 'b').task.title, 'b again');
+    assert.equal(core.isDeleted('b'), false);
+  });
 });
 
 describe('failure removes only the failed operation', () => {
