@@ -388,7 +388,9 @@ export function createCore({
     // A deleted task's id in a snapshot taken after its delete is a new life of it
     // (created again by another client); in an older one it is the task as it was.
     const alive = tasks.filter((task) => {
-      if (!(deleted.get(task.id) <= snapshotWatermark)) return !deleted.has(task.id);
+      const deletedBy = deleted.get(task.id);
+      if (deletedBy === undefined) return true;
+      if (deletedBy > snapshotWatermark) return false;
       deleted.delete(task.id);
       return true;
     });

@@ -418,15 +418,18 @@ impl Server {
                 // the data directory held by another process). Waited for here, so its
                 // drop has no death to tell of a second time.
                 let exited = match started.child.as_mut() {
-                    Some(child) => tokio::time::timeout(EXIT_GRACE, child.wait()).await,
-                    None => Ok(Err(std::io::ErrorKind::NotFound.into())),
+                    Some(child) => tokio::time::timeout(EXIT_GRACE, child.wait())
+                        .await
+                        .ok()
+                        .and_then(Result::ok),
+                    None => None,
                 };
                 let status = match exited {
-                    Ok(Ok(status)) => {
+                    Some(status) => {
                         started.child = None;
                         status.to_string()
                     }
-                    _ => "its output closed, the process still running".to_owned(),
+                    None => "its output closed, the process still running".to_owned(),
                 };
                 bail!(
                     "the server exited before it was listening ({status}); its last lines:\n{}",
