@@ -46,6 +46,11 @@ export function createSync({
   const sendingKeys = new Set();
   /** Per-task promise chain: a task's commands reach the server in issue order. */
   const sendChains = new Map();
+  /**
+   * The tab's creates in one chain too, across tasks: the server takes them, and lists
+   * them, in the order they were typed (sent at once, a later one could be taken first).
+   */
+  let createChain = null;
   /** Key -> how often an op found no answer while the stream was open (`sendWhenBack`). */
   const unansweredSends = new Map();
   /** Keys whose pause before going again runs now: one pause at a time per op. */
@@ -97,17 +102,21 @@ export function createSync({
   }
 
   /**
-   * Queue a send behind the task's earlier sends (202s are quick; this keeps their order).
-   * A key already queued or on the wire is not sent again meanwhile.
+   * Queue a send behind the task's earlier sends, and a create behind the tab's earlier
+   * creates too (202s are quick; this keeps their order). A key already queued or on the
+   * wire is not sent again meanwhile.
    */
   function enqueueSend(op) {
     if (sendingKeys.has(op.key)) return sendChains.get(op.task_id) ?? Promise.resolve();
     sendingKeys.add(op.key);
-    const previous = sendChains.get(op.task_id) ?? Promise.resolve();
+    const create = op.kind === 'create';
+    const previous = Promise.all([sendChains.get(op.task_id), create ? createChain : null]);
     const next = previous.then(() => send(op)).catch((error) => log('send failed', error));
     sendChains.set(op.task_id, next);
+    if (create) createChain = next;
     next.then(() => {
       if (sendChains.get(op.task_id) === next) sendChains.delete(op.task_id);
+      if (createChain === next) createChain = null;
     });
     return next;
   }

@@ -126,6 +126,37 @@ test('two tabs that create in the same window list the tasks alike, in the serve
   }
 });
 
+test('tasks entered in a burst are listed in the order typed, by the page and by the server', async () => {
+  // Sent at once, a later create could be taken first, and the list (which follows the
+  // server's order) would move the rows out of the order typed.
+  const server = await startServer(['--delay-ms', '200']);
+  try {
+    const { page } = await openApp(browser, server.url);
+    const typed = [];
+    for (let round = 0; round < 6; round += 1) {
+      const titles = ['a', 'b', 'c', 'd', 'e'].map((letter) => `r${round}-${letter}`);
+      typed.push(...titles);
+      // As fast as a paste-and-Enter macro: every submit in one task of the page.
+      await page.evaluate((burst) => {
+        const input = document.getElementById('new-title');
+        const form = document.getElementById('new-task');
+        for (const title of burst) {
+          input.value = title;
+          input.dispatchEvent(new Event('input'));
+          form.requestSubmit();
+        }
+      }, titles);
+      assert.deepEqual(await listedTitles(page), typed, 'predicted in the order typed');
+    }
+    const listed = async () => (await server.api.tasks()).tasks.map((task) => task.title);
+    await eventually(async () => assert.deepEqual(await listed(), typed, 'the server took them in that order'));
+    await eventually(async () => assert.equal(await page.locator('[data-testid="task"][data-pending="true"]').count(), 0));
+    assert.deepEqual(await listedTitles(page), typed);
+  } finally {
+    await server.stop();
+  }
+});
+
 test('two tabs of one browser that both like in one window end at one like', async () => {
   const server = await startServer(['--delay-ms', '1500']);
   try {

@@ -246,6 +246,38 @@ describe('the sync engine', () => {
     assert.deepEqual(order, ['start first', 'end first', 'start second', 'end second']);
   });
 
+  test("the tab's creates are sent one after the other, in the order typed, beside other tasks' commands", async () => {
+    const order = [];
+    const release = new Map();
+    const transport = fakeTransport({
+      sendCommand: async (request, key) => {
+        order.push(`start ${key}`);
+        if (key !== 'like') await new Promise((resolve) => { release.set(key, resolve); });
+        order.push(`end ${key}`);
+        return { outcome: 'accepted', command_id: `cmd-${key}`, accepted_at: `at-${key}` };
+      },
+    });
+    const { sync } = setup({ transport });
+    await sync.start();
+    sync.createTask({ title: 'one', id: 'n1', key: 'c1' });
+    sync.createTask({ title: 'two', id: 'n2', key: 'c2' });
+    sync.createTask({ title: 'three', id: 'n3', key: 'c3' });
+    sync.like('a', 1, 'like');
+    await flush();
+    assert.deepEqual(order, ['start c1', 'start like', 'end like'], 'a like on another task does not wait for them');
+    release.get('c1')();
+    await flush();
+    await flush();
+    assert.deepEqual(order.slice(3), ['end c1', 'start c2']);
+    release.get('c2')();
+    await flush();
+    await flush();
+    release.get('c3')();
+    await flush();
+    await flush();
+    assert.deepEqual(order.slice(5), ['end c2', 'start c3', 'end c3']);
+  });
+
   test('pending ops persist, and after a reload they are reconciled against the snapshot', async () => {
     const first = setup();
     await first.sync.start();
