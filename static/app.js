@@ -300,6 +300,8 @@ function scheduleRender() {
 
 function main() {
   core.subscribe(scheduleRender);
+  // Back online: what could not be sent goes at once.
+  window.addEventListener('online', () => sync.online());
   bindNewTaskForm();
   render();
   sync.start();

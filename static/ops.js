@@ -221,5 +221,5 @@ export function discardText(op, title, along) {
     ? `${describeOp(op, title)} and ${along === 1 ? 'a change' : `${along} changes`} made to it: `
       + 'stopped waiting. If the server applies them later, they will show up.'
     : `${describeOp(op, title)}: stopped waiting. If the server applies it later, `
-      + `${op.kind === 'like' ? LIKE_SET_BACK : 'it will show up'}.`;
+      + `${op.kind === 'like' ? LIKE_SET_BACK : op.kind === 'delete' ? 'the task will go then' : 'it will show up'}.`;
 }

@@ -20,6 +20,11 @@ const MAX_PAUSE_MS = 10_000;
 
 /** The pause before try `attempt` (from 0): `firstMs`, doubling, up to MAX_PAUSE_MS. */
 const pauseMs = (firstMs, attempt) => Math.min(MAX_PAUSE_MS, firstMs * 2 ** attempt);
+/**
+ * How many times running the event stream may fail to open again (the browser tries
+ * about once a second) before the page says the server cannot be reached.
+ */
+const STREAM_ERRORS_UNREACHABLE = 3;
 
 /**
  * @param {{core: object, transport: object, newId?: () => string, storage?: Storage | null,
@@ -40,6 +45,8 @@ export function createSync({
   let stream = null;
   let resyncing = null;
   let reconnectAttempts = 0;
+  /** Errors of the event stream since it was last open. */
+  let streamErrors = 0;
   let tickHandle = null;
   let stopped = false;
   /** Keys with a request on the wire, so a resync does not send them twice at once. */
@@ -51,7 +58,7 @@ export function createSync({
    * them, in the order they were typed (sent at once, a later one could be taken first).
    */
   let createChain = null;
-  /** Key -> how often an op found no answer while the stream was open (`sendWhenBack`). */
+  /** Key -> how often an op's attempts failed while the stream was open (`sendAgainLater`). */
   const unansweredSends = new Map();
   /** Keys whose pause before going again runs now: one pause at a time per op. */
   const pausedSends = new Set();
@@ -72,23 +79,25 @@ export function createSync({
       } else if (result.outcome === 'rejected') {
         core.rejected(op.key, result);
       } else {
-        // 'unavailable': stuck, saying so; sent again when the stream opens (`openStream`).
+        // 'unavailable': stuck, saying so; sent again when the stream opens (`openStream`),
+        // or after a pause (`sendAgainLater`).
         log(`command ${op.key} not sent: ${result.detail}`);
         core.unreached(op.key, result);
       }
     } finally {
       sendingKeys.delete(op.key);
     }
-    if (core.getOp(op.key)?.unreached?.offline) sendWhenBack(op.key);
+    if (core.getOp(op.key)?.unreached) sendAgainLater(op.key);
     else unansweredSends.delete(op.key);
   }
 
   /**
-   * An op whose attempts all got no answer waits for the stream to open (`openStream`).
-   * If the stream is open already (it came back while the attempts failed), that would
-   * not come: the op goes again after a pause, longer each time it finds no answer.
+   * An op whose attempts all failed waits for the stream to open (`openStream`). If the
+   * stream is open already (it came back while the attempts found no answer, or the
+   * server refused them for now: a full backlog, a 503), that would not come: the op goes
+   * again after a pause, longer each time.
    */
-  function sendWhenBack(key) {
+  function sendAgainLater(key) {
     if (!streamOpen() || pausedSends.has(key)) return;
     const pauses = unansweredSends.get(key) ?? 0;
     unansweredSends.set(key, pauses + 1);
@@ -97,7 +106,7 @@ export function createSync({
       pausedSends.delete(key);
       const op = !stopped && core.getOp(key);
       if (!op) unansweredSends.delete(key);
-      else if (op.unreached?.offline && streamOpen()) sendAgain([op]);
+      else if (op.unreached && streamOpen()) sendAgain([op]);
     }, pauseMs(1_000, pauses));
   }
 
@@ -177,13 +186,16 @@ export function createSync({
       onEvent,
       onOpen: () => {
         reconnectAttempts = 0;
+        streamErrors = 0;
         core.setConnection('live');
         // The server is there: what could not reach it (`core.unreached`), or got no 202
         // in time, goes again.
         sendAgain(core.pendingOps().filter((op) => !op.command_id && op.state === 'stuck'));
       },
       onError: ({ closed }) => {
-        core.setConnection('reconnecting');
+        streamErrors += 1;
+        // Not a moment's drop but every try failing: the server is down, or out of reach.
+        core.setConnection(streamErrors >= STREAM_ERRORS_UNREACHABLE ? 'unreachable' : 'reconnecting');
         // While CONNECTING the browser resumes by itself with Last-Event-ID. Once CLOSED
         // (the server answered with an error) it is ours to do: snapshot, then reopen.
         if (closed) {
@@ -422,6 +434,14 @@ export function createSync({
         if (status === 'failed') known.set(key, { type: EVENT_FAILED, reason: error?.reason });
       }
       return known;
+    },
+    /**
+     * The browser is online again: what no attempt could send goes now, not at the end of
+     * its pause (`sendAgainLater`).
+     */
+    online() {
+      unansweredSends.clear();
+      return sendAgain(core.pendingOps().filter((op) => op.unreached));
     },
     /** Send a stuck op again under its own key: the server answers a replay, never a second effect. */
     retry(key) {

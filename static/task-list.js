@@ -209,7 +209,7 @@ export function createTaskList({ core, sync, likeToggle }) {
     if (op.unreached.offline) {
       return { marker: 'no answer', text: `${op.description}: no answer, the server cannot be reached. It is sent again (same key) when the connection is back.` };
     }
-    return { marker: 'not sent', text: `${op.description}: not sent, the server did not take it (${op.unreached.detail}).` };
+    return { marker: 'not sent', text: `${op.description}: not sent, the server did not take it (${op.unreached.detail}). It is sent again (same key) in a few seconds.` };
   }
 
   /** One row per stuck op, keyed by its idempotency key: Retry sends it again, same key. */
@@ -235,9 +235,14 @@ export function createTaskList({ core, sync, likeToggle }) {
       retry.addEventListener('click', () => sync.retry(op.key));
       discard.addEventListener('click', () => sync.discard(op.key));
       row.append(text, retry, discard);
-      parts.stuck.append(row);
       parts.stuckRows.set(op.key, { row, text });
     }
+    // In the ops' order: one stuck again after a Retry goes back to its place, not last.
+    stuckOps.forEach((op, index) => {
+      const { row } = parts.stuckRows.get(op.key);
+      const atIndex = parts.stuck.children[index];
+      if (atIndex !== row) parts.stuck.insertBefore(row, atIndex ?? null);
+    });
   }
 
   const FIELD_LABELS = { title: 'Title', notes: 'Notes', done: 'Done', deleted: 'Deleted' };

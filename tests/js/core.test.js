@@ -611,6 +611,10 @@ describe('timeouts and the sync indicator', () => {
     core.discard('u');
     assert.equal(item(core, 'a').task.title, 'task a');
     assert.equal(core.getSnapshot().notices[0].level, 'info');
+    assert.equal(core.getSnapshot().notices[0].text, 'Rename “task a” to “never mind”: stopped waiting. If the server applies it later, it will show up.');
+    core.issue({ kind: 'delete', key: 'd', task_id: 'b' });
+    core.discard('d');
+    assert.equal(core.getSnapshot().notices[1].text, 'Delete “task b”: stopped waiting. If the server applies it later, the task will go then.');
   });
 
   test('a discarded create that never applied takes the changes stacked on it along', () => {

@@ -173,6 +173,33 @@ describe('the sync engine', () => {
     assert.equal(timers.length, 0, 'nothing more is scheduled once it is taken');
   });
 
+  test('a command the server refused for now (503 on every attempt) is sent again after a pause, until it is taken', async () => {
+    let full = true;
+    const transport = fakeTransport();
+    const accept = transport.sendCommand;
+    transport.sendCommand = async (request, key) => {
+      if (!full) return accept(request, key);
+      transport.calls.push(['refused', key]);
+      return { outcome: 'unavailable', offline: false, detail: '503: the backlog is full' };
+    };
+    const timers = [];
+    const { core, sync } = setup({ transport, timers });
+    await sync.start();
+    sync.editTask('a', { title: 'sent while the backlog is full' }, 'k');
+    await flush();
+    assert.deepEqual([core.getOp('k').state, core.getOp('k').unreached?.offline], ['stuck', false]);
+    assert.deepEqual(timers.map((timer) => timer.ms), [1000]);
+    timers.shift().fn();
+    await flush();
+    assert.deepEqual(timers.map((timer) => timer.ms), [2000], 'refused again: a longer pause');
+    full = false;
+    timers.shift().fn();
+    await flush();
+    assert.deepEqual(transport.calls.filter((call) => call[0] === 'send' || call[0] === 'refused').map((call) => call[0]), ['refused', 'refused', 'send']);
+    assert.deepEqual([core.getOp('k').state, core.getOp('k').command_id], ['pending', 'cmd-k']);
+    assert.equal(timers.length, 0);
+  });
+
   test('a command that found no answer while the stream was down waits for the stream, not a timer', async () => {
     const transport = fakeTransport();
     unansweredWhile(transport, () => false);
@@ -183,6 +210,40 @@ describe('the sync engine', () => {
     sync.editTask('a', { title: 'offline' }, 'k');
     await flush();
     assert.deepEqual([core.getOp('k').state, timers.length], ['stuck', 0]);
+  });
+
+  test('back online, what no attempt could send goes at once, not at the end of its pause', async () => {
+    let reachable = false;
+    const transport = fakeTransport();
+    unansweredWhile(transport, () => reachable);
+    const timers = [];
+    const { core, sync } = setup({ transport, timers });
+    await sync.start();
+    sync.editTask('a', { title: 'made offline' }, 'k');
+    await flush();
+    assert.deepEqual([core.getOp('k').state, timers.map((timer) => timer.ms)], ['stuck', [1000]]);
+    reachable = true;
+    await sync.online();
+    assert.deepEqual([core.getOp('k').state, core.getOp('k').command_id], ['pending', 'cmd-k']);
+    timers.shift().fn(); // the pause ends: nothing left to send
+    await flush();
+    assert.equal(transport.calls.filter((call) => call[0] === 'send').length, 1);
+  });
+
+  test('a stream that fails to open again three times running says the server is unreachable; open, live', async () => {
+    const transport = fakeTransport();
+    const { core, sync } = setup({ transport });
+    await sync.start();
+    const stream = transport.streams[0].handlers;
+    stream.onError({ closed: false });
+    stream.onError({ closed: false });
+    assert.equal(core.getSnapshot().connection, 'reconnecting', 'a drop, and one failed try');
+    stream.onError({ closed: false });
+    assert.equal(core.getSnapshot().connection, 'unreachable');
+    stream.onOpen();
+    assert.equal(core.getSnapshot().connection, 'live');
+    stream.onError({ closed: false });
+    assert.equal(core.getSnapshot().connection, 'reconnecting', 'counted again from the last open');
   });
 
   test('a command waiting its turn behind a slow send is not sent twice when the stream opens', async () => {
