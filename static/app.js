@@ -286,7 +286,10 @@ function render() {
   if (snapshot.items !== rendered?.items || snapshot.loaded !== rendered?.loaded) taskList.render(snapshot.items, snapshot.loaded);
   if (snapshot.notices !== rendered?.notices) renderNotices(snapshot.notices);
   if (snapshot.sync !== rendered?.sync) renderSync(snapshot.sync);
-  if (snapshot.connection !== rendered?.connection) renderConnection(snapshot.connection);
+  if (snapshot.connection !== rendered?.connection) {
+    renderConnection(snapshot.connection);
+    taskList.setConnection(snapshot.connection);
+  }
   if (snapshot.window_samples !== rendered?.window_samples) panels.renderChart(snapshot.window_samples);
   rendered = snapshot;
 }

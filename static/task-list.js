@@ -9,7 +9,8 @@ import { $, element, setAttr, setText } from './dom.js';
  * @param {{core: object, sync: object, likeToggle: object}} options
  *   `core`: for the base an editor opens on (`editBase`); `likeToggle`: the browser's like
  *   toggle (`toggle`, `isLiked`)
- * @returns {{render: (items: object[], loaded: boolean) => void, redrawLikes: () => void}}
+ * @returns {{render: (items: object[], loaded: boolean) => void, redrawLikes: () => void,
+ *   setConnection: (state: string) => void}}
  */
 export function createTaskList({ core, sync, likeToggle }) {
   /** An item's toggle: its own ops give the pending deltas (no scan of every op). */
@@ -31,6 +32,8 @@ export function createTaskList({ core, sync, likeToggle }) {
    * conflicts (or, to another field, is kept) instead of being overwritten.
    */
   const editors = new Map();
+  /** The connection as the core last said (`setConnection`): a stuck row's text says it. */
+  let connection = 'connecting';
 
   /**
    * A click handler that ignores the second click of a double click (`detail` 2 and up; a
@@ -204,7 +207,9 @@ export function createTaskList({ core, sync, likeToggle }) {
       return { marker: 'no answer yet', text: `${op.description}: no answer from the server yet.` };
     }
     if (!op.unreached) {
-      return { marker: 'not confirmed', text: `${op.description}: still processing. The server has not confirmed it yet.` };
+      // The server has it (its 202 came); that it cannot be asked now is worth saying.
+      const away = connection === 'unreachable' ? ' The server cannot be reached now.' : '';
+      return { marker: 'not confirmed', text: `${op.description}: still processing. The server has not confirmed it yet.${away}` };
     }
     if (op.unreached.offline) {
       return { marker: 'no answer', text: `${op.description}: no answer, the server cannot be reached. It is sent again (same key) when the connection is back.` };
@@ -323,5 +328,17 @@ export function createTaskList({ core, sync, likeToggle }) {
     for (const parts of taskNodes.values()) if (parts.item) drawLike(parts, parts.item);
   }
 
-  return { render: renderList, redrawLikes };
+  /** The connection changed: the stuck rows' texts follow it. */
+  function setConnection(state) {
+    if (state === connection) return;
+    connection = state;
+    for (const parts of taskNodes.values()) {
+      for (const op of parts.item?.ops ?? []) {
+        const known = parts.stuckRows.get(op.key);
+        if (known) setText(known.text, stuckWording(op).text);
+      }
+    }
+  }
+
+  return { render: renderList, redrawLikes, setConnection };
 }

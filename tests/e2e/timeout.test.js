@@ -203,3 +203,32 @@ test('a change made while the server is down says no answer came, and goes out b
     await server.stop();
   }
 });
+
+test('a change the server took says, while the server cannot be reached, that it is still processing there', async () => {
+  const server = await startServer(['--delay-ms', '300']);
+  try {
+    const task = await server.api.createSettled('before');
+    await server.api.setFaults({ delay_ms: 8000 });
+    const { page, pageErrors } = await openApp(browser, server.url, '?stuck_ms=1000');
+    const item = taskItem(page, task.id);
+    await item.waitFor();
+    await renameViaUi(page, task.id, 'taken before the crash');
+    // Its 202 came, and its status says pending: still processing, with nothing more to say.
+    await eventually(async () => assert.equal(await item.getByTestId('stuck').textContent(),
+      'Rename “before” to “taken before the crash”: still processing. The server has not confirmed it yet.RetryDiscard'));
+
+    await server.crash();
+    await eventually(async () => assert.equal(await page.getByTestId('connection').textContent(), 'server unreachable, trying again…'));
+    assert.match(await item.getByTestId('stuck').textContent(),
+      /still processing\. The server has not confirmed it yet\. The server cannot be reached now\./);
+
+    // Back, the server applies it (its 202 was a promise): settled by its event.
+    await server.restart();
+    await waitSettled(page, task.id);
+    assert.equal((await shown(page, task.id)).title, 'taken before the crash');
+    assert.equal(await page.getByTestId('connection').textContent(), 'live');
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await server.stop();
+  }
+});
