@@ -316,10 +316,11 @@ export function createCore({
    * page knows of. It is `stuck` at once, saying why (`unreached`: `{offline, detail}`),
    * with Retry and Discard; the sync engine sends it again when the connection is back.
    */
-  function unreached(key, { offline, detail }) {
+  function unreached(key, { offline, status = null, detail }) {
     const op = pending.find(key);
     if (!op || op.command_id) return;
-    pending.replace(op, { state: 'stuck', unreached: Object.freeze({ offline, detail }) });
+    const why = status == null ? { offline, detail } : { offline, status, detail };
+    pending.replace(op, { state: 'stuck', unreached: Object.freeze(why) });
     changed();
   }
 

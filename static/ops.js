@@ -21,6 +21,18 @@ export const KINDS = Object.freeze(['create', 'update', 'delete', 'like']);
  */
 export const OP_STATES = Object.freeze(['sending', 'pending', 'checking', 'stuck']);
 
+/**
+ * Answers that say "not now" (a duplicate's accept in progress, a full backlog, a gateway
+ * that cannot reach the server): an op refused with one goes again by itself, as one
+ * that found no answer does. Any other 5xx waits for the user's Retry.
+ */
+const RESENT_STATUSES = new Set([409, 502, 503, 504]);
+
+/** Whether an op whose attempts all failed (`unreached`) is sent again without a click. */
+export function resentByItself(unreached) {
+  return Boolean(unreached) && (unreached.offline || RESENT_STATUSES.has(unreached.status));
+}
+
 export const EVENT_SETTLED = 'projection:settled';
 export const EVENT_FAILED = 'command:failed';
 export const EVENT_RESET = 'reset';

@@ -180,6 +180,26 @@ export function createPanels({ transport, windowSamples }) {
   }
 
   /**
+   * Apply with nothing to send, as far as the page knows: what the server holds is read
+   * again (another tab or a script may have turned a knob since the last poll), and what
+   * differs from the form is sent.
+   */
+  function confirmHeld() {
+    faultChain = faultChain.then(async () => {
+      if (putsWaiting) return; // a PUT still on its way says how it went
+      const settings = await transport.fetchFaults().catch(() => null);
+      if (!settings) {
+        sayFaultStatus(false, 'Not applied: the server did not answer.');
+        return;
+      }
+      for (const field of FAULT_FIELDS) if (typeof settings[field] === 'number') held.set(field, settings[field]);
+      const fields = unsent(FAULT_FIELDS);
+      if (fields.length) applyFaults(readFaults(fields));
+      else sayFaultStatus(true, 'Applied.');
+    });
+  }
+
+  /**
    * Whether `input` holds a value the server would take; else it is not sent, and the
    * field and the status line say why, as the server would. Its range and its being a
    * number count, not its step: the arrows step by 0.05, and a rate of 0.33 is as good
@@ -207,8 +227,7 @@ export function createPanels({ transport, windowSamples }) {
       if (!FAULT_FIELDS.every((field) => acceptable(form.elements[field]))) return;
       const fields = unsent(FAULT_FIELDS);
       if (fields.length) applyFaults(readFaults(fields));
-      // Nothing to send and nothing on its way: the server holds what the form shows.
-      else if (!putsWaiting) sayFaultStatus(true, 'Applied.');
+      else confirmHeld();
     });
     // A changed field applies on its own too: only that field, so it never resets the others.
     form.addEventListener('change', (event) => {

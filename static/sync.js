@@ -4,7 +4,7 @@
 //
 // Time, ids, storage and the interval are injected so this layer runs under node too.
 
-import { commandRequest, EVENT_FAILED, EVENT_RESET, EVENT_SETTLED } from './ops.js';
+import { commandRequest, EVENT_FAILED, EVENT_RESET, EVENT_SETTLED, resentByItself } from './ops.js';
 
 /** Where pending ops survive a reload. Per tab (sessionStorage): each tab owns its ops. */
 export const STORAGE_KEY = 'settle.pending-ops.v1';
@@ -87,15 +87,15 @@ export function createSync({
     } finally {
       sendingKeys.delete(op.key);
     }
-    if (core.getOp(op.key)?.unreached) sendAgainLater(op.key);
+    if (resentByItself(core.getOp(op.key)?.unreached)) sendAgainLater(op.key);
     else unansweredSends.delete(op.key);
   }
 
   /**
    * An op whose attempts all failed waits for the stream to open (`openStream`). If the
    * stream is open already (it came back while the attempts found no answer, or the
-   * server refused them for now: a full backlog, a 503), that would not come: the op goes
-   * again after a pause, longer each time.
+   * server refused them for now: a full backlog, a 503; `resentByItself`), that would not
+   * come: the op goes again after a pause, longer each time.
    */
   function sendAgainLater(key) {
     if (!streamOpen() || pausedSends.has(key)) return;
@@ -106,21 +106,28 @@ export function createSync({
       pausedSends.delete(key);
       const op = !stopped && core.getOp(key);
       if (!op) unansweredSends.delete(key);
-      else if (op.unreached && streamOpen()) sendAgain([op]);
+      else if (resentByItself(op.unreached) && streamOpen()) sendAgain([op]);
     }, pauseMs(1_000, pauses));
   }
 
   /**
-   * Queue a send behind the task's earlier sends, and a create behind the tab's earlier
-   * creates too (202s are quick; this keeps their order). A key already queued or on the
-   * wire is not sent again meanwhile.
+   * Queue a send behind the task's earlier sends, and a create's first send behind the
+   * tab's earlier creates too (202s are quick; this keeps their order). A create sent
+   * again (`again`: it could not be sent, or the page was reloaded) goes out without
+   * waiting for those typed after it. A key already queued or on the wire is not sent
+   * again meanwhile; one discarded while it waited is not sent at all.
    */
-  function enqueueSend(op) {
+  function enqueueSend(op, { again = false } = {}) {
     if (sendingKeys.has(op.key)) return sendChains.get(op.task_id) ?? Promise.resolve();
     sendingKeys.add(op.key);
-    const create = op.kind === 'create';
+    const create = op.kind === 'create' && !again;
     const previous = Promise.all([sendChains.get(op.task_id), create ? createChain : null]);
-    const next = previous.then(() => send(op)).catch((error) => log('send failed', error));
+    const next = previous.then(() => {
+      const current = core.getOp(op.key);
+      if (current) return send(current);
+      sendingKeys.delete(op.key);
+      return undefined;
+    }).catch((error) => log('send failed', error));
     sendChains.set(op.task_id, next);
     if (create) createChain = next;
     next.then(() => {
@@ -193,8 +200,9 @@ export function createSync({
         sendAgain(core.pendingOps().filter((op) => !op.command_id && op.state === 'stuck'));
       },
       onError: ({ closed }) => {
-        streamErrors += 1;
         // Not a moment's drop but every try failing: the server is down, or out of reach.
+        // One that answered with an error (`closed`) was reached.
+        streamErrors = closed ? 0 : streamErrors + 1;
         core.setConnection(streamErrors >= STREAM_ERRORS_UNREACHABLE ? 'unreachable' : 'reconnecting');
         // While CONNECTING the browser resumes by itself with Last-Event-ID. Once CLOSED
         // (the server answered with an error) it is ours to do: snapshot, then reopen.
@@ -215,7 +223,7 @@ export function createSync({
     // Not one queued behind ours: it has no version to go out on yet (`core.sendNow`).
     return Promise.all(ops.filter((op) => core.getOp(op.key)?.state !== 'queued').map((op) => {
       core.resending(op.key);
-      return sendingKeys.has(op.key) ? undefined : enqueueSend(core.getOp(op.key));
+      return sendingKeys.has(op.key) ? undefined : enqueueSend(core.getOp(op.key), { again: true });
     }));
   }
 
@@ -259,6 +267,7 @@ export function createSync({
       }
       if (stopped) return;
       core.setConnection('connecting'); // reached: no longer "unreachable" while the rest runs
+      streamErrors = 0;
       await sendAgain(core.pendingOps().filter((op) => !op.command_id && op.state !== 'queued'));
       // Discarded ops too: one applied after all while the page was away is inside the
       // snapshot, and its event will not come again. One discarded before its 202 is
@@ -441,7 +450,7 @@ export function createSync({
      */
     online() {
       unansweredSends.clear();
-      return sendAgain(core.pendingOps().filter((op) => op.unreached));
+      return sendAgain(core.pendingOps().filter((op) => resentByItself(op.unreached)));
     },
     /** Send a stuck op again under its own key: the server answers a replay, never a second effect. */
     retry(key) {

@@ -4,6 +4,7 @@
 // goes to the sync engine (sync.js) or the likes toggle (likes.js).
 
 import { $, element, setAttr, setText } from './dom.js';
+import { resentByItself } from './ops.js';
 
 /**
  * @param {{core: object, sync: object, likeToggle: object}} options
@@ -214,7 +215,8 @@ export function createTaskList({ core, sync, likeToggle }) {
     if (op.unreached.offline) {
       return { marker: 'no answer', text: `${op.description}: no answer, the server cannot be reached. It is sent again (same key) when the connection is back.` };
     }
-    return { marker: 'not sent', text: `${op.description}: not sent, the server did not take it (${op.unreached.detail}). It is sent again (same key) in a few seconds.` };
+    const again = resentByItself(op.unreached) ? ' It is sent again (same key) after a pause.' : '';
+    return { marker: 'not sent', text: `${op.description}: not sent, the server did not take it (${op.unreached.detail}).${again}` };
   }
 
   /** One row per stuck op, keyed by its idempotency key: Retry sends it again, same key. */

@@ -137,13 +137,15 @@ export function createTransport({
    * @param {string} key
    * @returns {Promise<{outcome: 'accepted', command_id: string, accepted_at: string, replayed: boolean}
    *   | {outcome: 'rejected', status: number, detail: string}
-   *   | {outcome: 'unavailable', offline: boolean, detail: string}>}
+   *   | {outcome: 'unavailable', offline: boolean, status: number | null, detail: string}>}
    */
   async function sendCommand({ method, path, body }, key, { attempts = SEND_ATTEMPTS } = {}) {
     const headers = { 'Idempotency-Key': key, Accept: 'application/json' };
     if (body) headers['Content-Type'] = 'application/json';
     const payload = body ? JSON.stringify(body) : undefined;
     let lastProblem = 'no answer';
+    // The status of the last answer that refused it, if one came.
+    let lastStatus = null;
     // Whether the last attempt got no answer at all (rather than a 5xx or a 409).
     let offline = true;
     let askedWaitMs = 0;
@@ -155,6 +157,7 @@ export function createTransport({
         response = await fetchImpl(baseUrl + path, { method, headers, body: payload, signal: AbortSignal.timeout(attemptTimeoutMs) });
       } catch (error) {
         lastProblem = `network error: ${error.message}`;
+        lastStatus = null;
         offline = true;
         if (error?.name === 'TimeoutError') heard(false);
         continue;
@@ -172,12 +175,13 @@ export function createTransport({
       if (response.status === 409 || response.status >= 500) {
         askedWaitMs = retryAfterMs(response);
         lastProblem = `${response.status}: ${await problemDetail(response)}`;
+        lastStatus = response.status;
         offline = false;
         continue;
       }
       return { outcome: 'rejected', status: response.status, detail: await problemDetail(response) };
     }
-    return { outcome: 'unavailable', offline, detail: lastProblem };
+    return { outcome: 'unavailable', offline, status: lastStatus, detail: lastProblem };
   }
 
   /**

@@ -4,7 +4,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { startServer, launchBrowser, openApp, eventually, createViaUi, waitSettled } from './helpers.js';
+import { startServer, launchBrowser, openApp, eventually, createViaUi, waitSettled, sleep } from './helpers.js';
 
 let browser;
 before(async () => { browser = await launchBrowser(); });
@@ -48,6 +48,21 @@ test('the fault panel shows the live settings, applies changes and reports refus
     await page.getByTestId('fault-apply').click();
     await eventually(async () => assert.equal(await page.getByTestId('fault-status').textContent(), 'Applied.'));
     assert.deepEqual(sent.slice(2), [{ jitter_ms: 20 }], 'Enter, then Apply with nothing changed: one PUT');
+
+    // A knob turned elsewhere since the page's last poll: Apply reads the server again, and
+    // sends what the form says rather than saying "Applied." of a value it no longer holds.
+    let pollsPass = false;
+    await page.route('**/api/faults', (route) => (route.request().method() === 'GET' && !pollsPass ? route.abort() : route.continue()));
+    await server.api.setFaults({ failure_rate: 0.5 });
+    await sleep(2500); // a poll, refused: the page has not seen it
+    assert.equal(await page.getByTestId('fault-failure-rate').inputValue(), '0.3');
+    await page.getByTestId('fault-failure-rate').focus(); // so that a poll does not rewrite it
+    pollsPass = true;
+    await page.getByTestId('fault-failure-rate').press('Enter');
+    await eventually(async () => assert.equal((await faultsOnServer(server)).failure_rate, 0.3));
+    assert.deepEqual(sent.at(-1), { failure_rate: 0.3 });
+    await eventually(async () => assert.equal(await page.getByTestId('fault-status').textContent(), 'Applied.'));
+    await page.unroute('**/api/faults');
 
     const puts = [];
     page.on('request', (request) => { if (request.method() === 'PUT') puts.push(request.url()); });

@@ -180,7 +180,7 @@ describe('the sync engine', () => {
     transport.sendCommand = async (request, key) => {
       if (!full) return accept(request, key);
       transport.calls.push(['refused', key]);
-      return { outcome: 'unavailable', offline: false, detail: '503: the backlog is full' };
+      return { outcome: 'unavailable', offline: false, status: 503, detail: '503: the backlog is full' };
     };
     const timers = [];
     const { core, sync } = setup({ transport, timers });
@@ -198,6 +198,28 @@ describe('the sync engine', () => {
     assert.deepEqual(transport.calls.filter((call) => call[0] === 'send' || call[0] === 'refused').map((call) => call[0]), ['refused', 'refused', 'send']);
     assert.deepEqual([core.getOp('k').state, core.getOp('k').command_id], ['pending', 'cmd-k']);
     assert.equal(timers.length, 0);
+  });
+
+  test('a command refused with a 500 on every attempt waits for the Retry: no pause, nothing sent by itself', async () => {
+    const transport = fakeTransport();
+    const accept = transport.sendCommand;
+    let broken = true;
+    transport.sendCommand = async (request, key) => {
+      if (!broken) return accept(request, key);
+      transport.calls.push(['refused', key]);
+      return { outcome: 'unavailable', offline: false, status: 500, detail: '500: internal error' };
+    };
+    const timers = [];
+    const { core, sync } = setup({ transport, timers });
+    await sync.start();
+    sync.editTask('a', { title: 'while the server is broken' }, 'k');
+    await flush();
+    assert.deepEqual([core.getOp('k').state, core.getOp('k').unreached.status, timers.length], ['stuck', 500, 0]);
+    await sync.online();
+    assert.equal(transport.calls.filter((call) => call[0] === 'refused').length, 1, 'not even when the browser comes online');
+    broken = false;
+    await sync.retry('k');
+    assert.deepEqual([core.getOp('k').state, core.getOp('k').command_id], ['pending', 'cmd-k']);
   });
 
   test('a command that found no answer while the stream was down waits for the stream, not a timer', async () => {
@@ -244,6 +266,11 @@ describe('the sync engine', () => {
     assert.equal(core.getSnapshot().connection, 'live');
     stream.onError({ closed: false });
     assert.equal(core.getSnapshot().connection, 'reconnecting', 'counted again from the last open');
+    stream.onError({ closed: false });
+    stream.onError({ closed: true });
+    assert.equal(core.getSnapshot().connection, 'reconnecting', 'an error answer: the server was reached');
+    stream.onError({ closed: false });
+    assert.equal(core.getSnapshot().connection, 'reconnecting', 'counted again from the answer');
   });
 
   test('a command waiting its turn behind a slow send is not sent twice when the stream opens', async () => {
@@ -337,6 +364,59 @@ describe('the sync engine', () => {
     await flush();
     await flush();
     assert.deepEqual(order.slice(5), ['end c2', 'start c3', 'end c3']);
+  });
+
+  test('a create discarded while it waits behind an earlier one is not sent', async () => {
+    const order = [];
+    let releaseFirst;
+    const transport = fakeTransport({
+      sendCommand: async (request, key) => {
+        order.push(key);
+        if (key === 'c1') await new Promise((resolve) => { releaseFirst = resolve; });
+        return { outcome: 'accepted', command_id: `cmd-${key}`, accepted_at: `at-${key}` };
+      },
+    });
+    const { core, sync } = setup({ transport });
+    await sync.start();
+    sync.createTask({ title: 'one', id: 'n1', key: 'c1' });
+    sync.createTask({ title: 'two', id: 'n2', key: 'c2' });
+    sync.createTask({ title: 'three', id: 'n3', key: 'c3' });
+    await flush();
+    sync.discard('c2');
+    releaseFirst();
+    await flush();
+    await flush();
+    assert.deepEqual(order, ['c1', 'c3'], 'the discarded create never left the page');
+    assert.ok(!core.getOp('c2'));
+    assert.equal(core.getOp('c3').command_id, 'cmd-c3');
+  });
+
+  test('a create sent again (it could not be sent) does not hold up the creates typed after it', async () => {
+    let reachable = false;
+    const transport = fakeTransport();
+    unansweredWhile(transport, () => reachable);
+    const timers = [];
+    const { core, sync } = setup({ transport, timers });
+    await sync.start();
+    sync.createTask({ title: 'one', id: 'n1', key: 'c1' });
+    await flush();
+    assert.equal(core.getOp('c1').state, 'stuck');
+    // Sent again, and again no answer: meanwhile the server comes back for the next.
+    let holdAgain;
+    transport.sendCommand = async (request, key) => {
+      if (key === 'c1') {
+        await new Promise((resolve) => { holdAgain = resolve; });
+        return { outcome: 'unavailable', offline: true, detail: 'network error' };
+      }
+      transport.calls.push(['send', request.method, request.path, key]);
+      return { outcome: 'accepted', command_id: `cmd-${key}`, accepted_at: `at-${key}` };
+    };
+    sync.retry('c1');
+    sync.createTask({ title: 'two', id: 'n2', key: 'c2' });
+    await flush();
+    assert.equal(core.getOp('c2').command_id, 'cmd-c2', 'two went while one was being sent again');
+    holdAgain();
+    await flush();
   });
 
   test('pending ops persist, and after a reload they are reconciled against the snapshot', async () => {
