@@ -96,6 +96,16 @@ function unansweredWhile(transport, reachable) {
   };
 }
 
+/** `transport`'s sends are refused with `status` (recorded as `refused`) while `refusing()` holds. */
+function refusedWhile(transport, refusing, status) {
+  const accept = transport.sendCommand;
+  transport.sendCommand = async (request, key) => {
+    if (!refusing()) return accept(request, key);
+    transport.calls.push(['refused', key]);
+    return { outcome: 'unavailable', offline: false, status, detail: `${status}: refused for now` };
+  };
+}
+
 describe('the sync engine', () => {
   test('start loads the snapshot and opens the stream at its watermark', async () => {
     const { core, sync, transport } = setup();
@@ -176,12 +186,7 @@ describe('the sync engine', () => {
   test('a command the server refused for now (503 on every attempt) is sent again after a pause, until it is taken', async () => {
     let full = true;
     const transport = fakeTransport();
-    const accept = transport.sendCommand;
-    transport.sendCommand = async (request, key) => {
-      if (!full) return accept(request, key);
-      transport.calls.push(['refused', key]);
-      return { outcome: 'unavailable', offline: false, status: 503, detail: '503: the backlog is full' };
-    };
+    refusedWhile(transport, () => full, 503);
     const timers = [];
     const { core, sync } = setup({ transport, timers });
     await sync.start();
@@ -201,14 +206,9 @@ describe('the sync engine', () => {
   });
 
   test('a command refused with a 500 on every attempt waits for the Retry: no pause, nothing sent by itself', async () => {
-    const transport = fakeTransport();
-    const accept = transport.sendCommand;
     let broken = true;
-    transport.sendCommand = async (request, key) => {
-      if (!broken) return accept(request, key);
-      transport.calls.push(['refused', key]);
-      return { outcome: 'unavailable', offline: false, status: 500, detail: '500: internal error' };
-    };
+    const transport = fakeTransport();
+    refusedWhile(transport, () => broken, 500);
     const timers = [];
     const { core, sync } = setup({ transport, timers });
     await sync.start();
