@@ -143,10 +143,10 @@ export function createPanels({ transport, windowSamples }) {
     setText(status, text);
   }
 
-  /** The fields whose value in the form is not the one the server is known to hold. */
+  /** What the form says that the server is not known to hold: the update to send, or null. */
   function unsent(fields) {
-    const typed = readFaults(fields);
-    return Object.keys(typed).filter((field) => typed[field] !== held.get(field));
+    const differing = Object.entries(readFaults(fields)).filter(([field, value]) => value !== held.get(field));
+    return differing.length ? Object.fromEntries(differing) : null;
   }
 
   /** PUT a subset of the settings (the server accepts any subset) and report the outcome. */
@@ -193,8 +193,8 @@ export function createPanels({ transport, windowSamples }) {
         return;
       }
       for (const field of FAULT_FIELDS) if (typeof settings[field] === 'number') held.set(field, settings[field]);
-      const fields = unsent(FAULT_FIELDS);
-      if (fields.length) applyFaults(readFaults(fields));
+      const update = unsent(FAULT_FIELDS);
+      if (update) applyFaults(update);
       else sayFaultStatus(true, 'Applied.');
     });
   }
@@ -225,15 +225,15 @@ export function createPanels({ transport, windowSamples }) {
     form.addEventListener('submit', (event) => {
       event.preventDefault();
       if (!FAULT_FIELDS.every((field) => acceptable(form.elements[field]))) return;
-      const fields = unsent(FAULT_FIELDS);
-      if (fields.length) applyFaults(readFaults(fields));
+      const update = unsent(FAULT_FIELDS);
+      if (update) applyFaults(update);
       else confirmHeld();
     });
     // A changed field applies on its own too: only that field, so it never resets the others.
     form.addEventListener('change', (event) => {
       if (!acceptable(event.target)) return;
-      const fields = unsent([event.target.name]);
-      if (fields.length) applyFaults(readFaults(fields));
+      const update = unsent([event.target.name]);
+      if (update) applyFaults(update);
     });
     pollFaults();
   }

@@ -188,7 +188,7 @@ export function createTaskList({ core, sync, likeToggle }) {
     setText(parts.marker, stuckOps.length ? stuckWording(stuckOps[0]).marker : item.deleting ? 'deleting…' : 'saving…');
     setAttr(parts.marker, 'title', item.ops.map((op) => `${op.description}: ${op.state}`).join('\n'));
 
-    renderStuckRows(parts, item.id, stuckOps);
+    renderStuckRows(parts, stuckOps);
     renderConflict(parts, item);
     parts.item = item;
   }
@@ -220,7 +220,7 @@ export function createTaskList({ core, sync, likeToggle }) {
   }
 
   /** One row per stuck op, keyed by its idempotency key: Retry sends it again, same key. */
-  function renderStuckRows(parts, taskId, stuckOps) {
+  function renderStuckRows(parts, stuckOps) {
     const keys = new Set(stuckOps.map((op) => op.key));
     for (const [key, { row }] of parts.stuckRows) {
       if (!keys.has(key)) {

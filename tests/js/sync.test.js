@@ -106,6 +106,21 @@ function refusedWhile(transport, refusing, status) {
   };
 }
 
+/**
+ * A started engine whose sends `failing(transport)` makes fail (`unansweredWhile`,
+ * `refusedWhile`), its timers held in `timers`, after the edit `k` of task a was issued.
+ */
+async function editWhileFailing(failing, title) {
+  const transport = fakeTransport();
+  failing(transport);
+  const timers = [];
+  const { core, sync } = setup({ transport, timers });
+  await sync.start();
+  sync.editTask('a', { title }, 'k');
+  await flush();
+  return { core, sync, transport, timers };
+}
+
 describe('the sync engine', () => {
   test('start loads the snapshot and opens the stream at its watermark', async () => {
     const { core, sync, transport } = setup();
@@ -159,14 +174,9 @@ describe('the sync engine', () => {
 
   test('a command whose attempts failed after the stream came back is sent again after a pause, longer each time', async () => {
     let reachable = false;
-    const transport = fakeTransport();
-    unansweredWhile(transport, () => reachable);
-    const timers = [];
-    const { core, sync } = setup({ transport, timers });
-    await sync.start();
     // The stream is open (`live`) when the last attempt gives up: no `onOpen` is coming.
-    sync.editTask('a', { title: 'sent as the server came back' }, 'k');
-    await flush();
+    const { core, transport, timers } = await editWhileFailing(
+      (transport) => unansweredWhile(transport, () => reachable), 'sent as the server came back');
     assert.equal(core.getOp('k').state, 'stuck');
     assert.deepEqual(timers.map((timer) => timer.ms), [1000]);
 
@@ -185,13 +195,8 @@ describe('the sync engine', () => {
 
   test('a command the server refused for now (503 on every attempt) is sent again after a pause, until it is taken', async () => {
     let full = true;
-    const transport = fakeTransport();
-    refusedWhile(transport, () => full, 503);
-    const timers = [];
-    const { core, sync } = setup({ transport, timers });
-    await sync.start();
-    sync.editTask('a', { title: 'sent while the backlog is full' }, 'k');
-    await flush();
+    const { core, transport, timers } = await editWhileFailing(
+      (transport) => refusedWhile(transport, () => full, 503), 'sent while the backlog is full');
     assert.deepEqual([core.getOp('k').state, core.getOp('k').unreached?.offline], ['stuck', false]);
     assert.deepEqual(timers.map((timer) => timer.ms), [1000]);
     timers.shift().fn();
@@ -207,13 +212,8 @@ describe('the sync engine', () => {
 
   test('a command refused with a 500 on every attempt waits for the Retry: no pause, nothing sent by itself', async () => {
     let broken = true;
-    const transport = fakeTransport();
-    refusedWhile(transport, () => broken, 500);
-    const timers = [];
-    const { core, sync } = setup({ transport, timers });
-    await sync.start();
-    sync.editTask('a', { title: 'while the server is broken' }, 'k');
-    await flush();
+    const { core, sync, transport, timers } = await editWhileFailing(
+      (transport) => refusedWhile(transport, () => broken, 500), 'while the server is broken');
     assert.deepEqual([core.getOp('k').state, core.getOp('k').unreached.status, timers.length], ['stuck', 500, 0]);
     await sync.online();
     assert.equal(transport.calls.filter((call) => call[0] === 'refused').length, 1, 'not even when the browser comes online');
@@ -236,13 +236,8 @@ describe('the sync engine', () => {
 
   test('back online, what no attempt could send goes at once, not at the end of its pause', async () => {
     let reachable = false;
-    const transport = fakeTransport();
-    unansweredWhile(transport, () => reachable);
-    const timers = [];
-    const { core, sync } = setup({ transport, timers });
-    await sync.start();
-    sync.editTask('a', { title: 'made offline' }, 'k');
-    await flush();
+    const { core, sync, transport, timers } = await editWhileFailing(
+      (transport) => unansweredWhile(transport, () => reachable), 'made offline');
     assert.deepEqual([core.getOp('k').state, timers.map((timer) => timer.ms)], ['stuck', [1000]]);
     reachable = true;
     await sync.online();
